@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny models built from config, a character-level tokenizer, no network."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# never reach the network from tests
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture
+def tiny_llama():
+    from peft_safety.testing import tiny_llama as build
+
+    return build(seed=0)
+
+
+@pytest.fixture
+def tiny_moe():
+    from peft_safety.testing import tiny_qwen2_moe
+
+    return tiny_qwen2_moe(seed=0)
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    from peft_safety.testing import tiny_tokenizer as build
+
+    return build()
