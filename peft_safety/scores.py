@@ -1,0 +1,433 @@
+"""``Scores``: per-unit fp32 importance of a model's parameters, the input of :func:`peft_safety.select`.
+
+A :class:`Scores` is an ordered, read-only mapping ``{parameter name: fp32 tensor}`` with, for every name, the unit
+each score entry stands for (its granularity), the full shape of the parameter, and a provenance dict (method,
+aggregation, sign convention, data hash, seed, base model). The order of the names matters: it is the first key of
+:func:`~peft_safety.select`'s tie-break.
+
+The library never writes scores to disk on its own: they are as large as the model (fp32). Users who want to keep
+them call :meth:`Scores.to_safetensors` explicitly; :meth:`Scores.histogram` gives a compact diagnostic instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from .mask.granularity import Granularity, Layer, Weight, granularity_from_dict, is_granularity
+
+__all__ = ["Scores", "expected_score_shape"]
+
+_FORMAT = "peft_safety.scores"
+_FORMAT_VERSION = "1"
+
+GranularitySpec = Granularity | Mapping[str, Granularity] | None
+
+
+def expected_score_shape(shape: Iterable[int], granularity: Granularity, name: str = "parameter") -> tuple[int, ...]:
+    """Shape of the score tensor of one parameter under ``granularity``.
+
+    ``Weight()``: the parameter's shape; ``Neuron``/``Head``: ``(num_units,)`` (rows or columns, numbered per expert
+    for fused 3-D expert tensors; see :mod:`peft_safety.mask.granularity`); ``Layer()``: ``()``.
+
+    Raises:
+        ValueError: when the granularity cannot address a parameter of this shape.
+        TypeError: when ``granularity`` is not a granularity.
+    """
+    shape = tuple(int(s) for s in shape)
+    if not is_granularity(granularity):
+        raise TypeError(
+            f"{name!r}: {granularity!r} is not a granularity; use Weight(), Neuron(axis), Head(head_dim) or Layer()."
+        )
+    granularity.check_shape(shape, name)
+    if isinstance(granularity, Weight):
+        return shape
+    if isinstance(granularity, Layer):
+        return ()
+    return (granularity.num_units(shape),)
+
+
+def _to_fp32(name: str, value: Any) -> torch.Tensor:
+    if not isinstance(name, str):
+        raise TypeError(f"score names must be str (parameter names), got {type(name).__name__} {name!r}.")
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"scores[{name!r}] must be a torch.Tensor, got {type(value).__name__}.")
+    if not value.is_floating_point():
+        raise TypeError(f"scores[{name!r}] has dtype {value.dtype}; scores must be floating point (they become fp32).")
+    t = value.detach()
+    if t.dtype != torch.float32:
+        t = t.float()
+    t = t.contiguous()
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        n_nan = int(torch.isnan(t).sum())
+        n_inf = int(torch.isinf(t).sum())
+        raise ValueError(
+            f"scores[{name!r}] has {n_nan} NaN and {n_inf} inf value(s) (after conversion to fp32); scores must be "
+            "finite. Check the scorer's accumulators (fp32, no overflow) or replace them, e.g. torch.nan_to_num."
+        )
+    return t
+
+
+def _granularity_map(names: Iterable[str], granularity: GranularitySpec) -> dict[str, Granularity]:
+    names = list(names)
+    if granularity is None:
+        return dict.fromkeys(names, Weight())
+    if is_granularity(granularity):
+        return dict.fromkeys(names, granularity)
+    if isinstance(granularity, Mapping):
+        missing = [n for n in names if n not in granularity]
+        if missing:
+            raise ValueError(f"granularity has no entry for {missing[:3]}; give one granularity or one per name.")
+        out = {}
+        for n in names:
+            g = granularity[n]
+            if not is_granularity(g):
+                raise TypeError(f"granularity[{n!r}] must be a Granularity (e.g. Weight()), got {type(g).__name__}.")
+            out[n] = g
+        return out
+    raise TypeError(
+        f"granularity must be a Granularity or a mapping name -> Granularity, got {type(granularity).__name__}."
+    )
+
+
+class Scores(Mapping[str, torch.Tensor]):
+    """Ordered fp32 scores per parameter, with granularity, parameter shapes and provenance.
+
+    Args:
+        scores: mapping ``name -> tensor``. Floating tensors are converted to contiguous fp32 (detached); the
+            order of the mapping is kept.
+        granularity: one :class:`Granularity` for every name or a mapping ``name -> Granularity``; default
+            ``Weight()``. ``Weight()`` scores have the parameter's shape, ``Neuron(axis)`` and ``Head`` scores are
+            1-D over the units, ``Layer()`` scores are 0-D.
+        shapes: full shape of each parameter. Optional for ``Weight()`` scores (the score shape), required for
+            the others.
+        provenance: method, aggregation, sign convention, data hash, seed, base model, ... (copied).
+
+    Raises:
+        TypeError: non-tensor or non-floating scores, bad granularity types.
+        ValueError: NaN/inf scores (named, with counts), a score shape that does not fit the parameter shape and
+            granularity, missing shapes.
+
+    Example:
+        >>> import torch
+        >>> from peft_safety.mask import Neuron
+        >>> s = Scores({"w": torch.rand(4, 3)}, provenance={"method": "magnitude"})
+        >>> s.numel(), s.shapes["w"]
+        (12, (4, 3))
+        >>> n = Scores({"w": torch.rand(4)}, granularity=Neuron(0), shapes={"w": (4, 3)})
+        >>> n.numel()
+        4
+    """
+
+    def __init__(
+        self,
+        scores: Mapping[str, torch.Tensor],
+        *,
+        granularity: GranularitySpec = None,
+        shapes: Mapping[str, Iterable[int]] | None = None,
+        provenance: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(scores, Mapping):
+            raise TypeError(f"scores must be a mapping name -> tensor, got {type(scores).__name__}.")
+        if provenance is not None and not isinstance(provenance, Mapping):
+            raise TypeError(f"provenance must be a dict, got {type(provenance).__name__}.")
+        self._tensors: dict[str, torch.Tensor] = {n: _to_fp32(n, v) for n, v in scores.items()}
+        self._granularity = _granularity_map(self._tensors, granularity)
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for n, t in self._tensors.items():
+            g = self._granularity[n]
+            if shapes is not None and n in shapes:
+                shape = tuple(int(s) for s in shapes[n])
+            elif isinstance(g, Weight):
+                shape = tuple(t.shape)
+            else:
+                raise ValueError(
+                    f"shapes[{n!r}] is needed for {g} scores (the parameter's full shape), e.g. shapes={{{n!r}: "
+                    "tuple(param.shape)}."
+                )
+            want = expected_score_shape(shape, g, n)
+            if tuple(t.shape) != want:
+                raise ValueError(
+                    f"scores[{n!r}] has shape {tuple(t.shape)} but a parameter of shape {shape} with {g} "
+                    f"granularity needs scores of shape {want}."
+                )
+            self._shapes[n] = shape
+        self.provenance: dict[str, Any] = dict(provenance or {})
+
+    # --- mapping -------------------------------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> torch.Tensor:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise KeyError(f"no scores for {name!r}; {len(self._tensors)} names are scored (see .names).") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Scored parameter names, in order."""
+        return tuple(self._tensors)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Full parameter shape per name (a copy)."""
+        return dict(self._shapes)
+
+    @property
+    def granularity(self) -> dict[str, Granularity]:
+        """Granularity per name (a copy)."""
+        return dict(self._granularity)
+
+    def granularity_of(self, name: str) -> Granularity:
+        """The granularity of one parameter's scores."""
+        if name not in self._granularity:
+            self[name]  # raises the helpful KeyError
+        return self._granularity[name]
+
+    def numel(self) -> int:
+        """Total number of units (score entries) over every tensor."""
+        return sum(t.numel() for t in self._tensors.values())
+
+    def __repr__(self) -> str:
+        grans = sorted({str(g) for g in self._granularity.values()})
+        gran = grans[0] if len(grans) == 1 else "{" + ", ".join(grans) + "}"
+        method = self.provenance.get("method")
+        extra = f", method={method!r}" if method is not None else ""
+        device = {str(t.device) for t in self._tensors.values()}
+        dev = f", device={device.pop()}" if len(device) == 1 else ""
+        return f"Scores({len(self)} tensors, {self.numel():,} units, granularity={gran}{extra}{dev})"
+
+    # --- derived scores ------------------------------------------------------------------------------------------
+    def _replace(self, tensors: Mapping[str, torch.Tensor], provenance: Mapping[str, Any] | None = None) -> Scores:
+        return Scores(
+            tensors,
+            granularity={n: self._granularity[n] for n in tensors},
+            shapes={n: self._shapes[n] for n in tensors},
+            provenance=self.provenance if provenance is None else provenance,
+        )
+
+    def to(self, device: torch.device | str) -> Scores:
+        """A copy on ``device`` (tensors already there are shared, not copied)."""
+        return self._replace({n: t.to(device) for n, t in self._tensors.items()})
+
+    def restrict(self, names: Iterable[str]) -> Scores:
+        """Scores of the given names only, in the order of ``self``.
+
+        Raises:
+            KeyError: for a name that is not scored.
+        """
+        wanted = set(names)
+        unknown = sorted(wanted - set(self._tensors))
+        if unknown:
+            raise KeyError(f"cannot restrict to unscored names {unknown[:5]}; scored names are in .names.")
+        return self._replace({n: t for n, t in self._tensors.items() if n in wanted})
+
+    def filter(self, fn: Callable[[str], bool]) -> Scores:
+        """Scores of the names for which ``fn(name)`` is true (e.g. ``lambda n: "mlp" in n``)."""
+        return self._replace({n: t for n, t in self._tensors.items() if fn(n)})
+
+    def with_granularity(
+        self, granularity: GranularitySpec, shapes: Mapping[str, Iterable[int]] | None = None
+    ) -> Scores:
+        """The same score tensors read with another granularity (validated against ``shapes`` or the current ones)."""
+        return Scores(
+            self._tensors, granularity=granularity, shapes=shapes or self._shapes, provenance=self.provenance
+        )
+
+    def map(
+        self, fn: Callable[..., torch.Tensor], *others: Scores, provenance: Mapping[str, Any] | None = None
+    ) -> Scores:
+        """Apply ``fn`` tensor by tensor: ``fn(self[name], other1[name], ...)`` for every name.
+
+        Use it to transform or combine scores, e.g. ``safety.map(lambda s, u: s - 0.5 * u, utility)``. Every other
+        :class:`Scores` must have the same names, shapes and granularity; ``fn`` must return a tensor of the same
+        shape.
+
+        Args:
+            fn: the function applied to the tensors of one name.
+            others: further :class:`Scores` to combine with.
+            provenance: provenance of the result; default: ``self``'s plus ``"derived": True``.
+
+        Raises:
+            ValueError: mismatching names/shapes/granularity, or ``fn`` changing the shape.
+        """
+        for o in others:
+            if not isinstance(o, Scores):
+                raise TypeError(f"Scores.map combines Scores only, got {type(o).__name__}.")
+            if o.names != self.names:
+                diff = sorted(set(o.names) ^ set(self.names))[:5]
+                raise ValueError(f"cannot combine scores over different names (differing: {diff}); use .restrict().")
+            for n in self.names:
+                if o._shapes[n] != self._shapes[n] or o._granularity[n] != self._granularity[n]:
+                    raise ValueError(
+                        f"cannot combine scores for {n!r}: {self._shapes[n]} {self._granularity[n]} vs "
+                        f"{o._shapes[n]} {o._granularity[n]}."
+                    )
+        out = {}
+        for n, t in self._tensors.items():
+            r = fn(t, *(o._tensors[n] for o in others))
+            if not isinstance(r, torch.Tensor) or tuple(r.shape) != tuple(t.shape):
+                got = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
+                raise ValueError(
+                    f"Scores.map: fn returned {got} for {n!r}, expected a tensor of shape {tuple(t.shape)}."
+                )
+            out[n] = r
+        prov = {**self.provenance, "derived": True} if provenance is None else provenance
+        return self._replace(out, prov)
+
+    def abs(self) -> Scores:
+        """Element-wise absolute value."""
+        return self.map(torch.abs)
+
+    def __neg__(self) -> Scores:
+        return self.map(torch.neg)
+
+    def _binary(self, other: Any, op: Callable[[torch.Tensor, Any], torch.Tensor]) -> Scores:
+        if isinstance(other, Scores):
+            return self.map(op, other)
+        if isinstance(other, (int, float)) and not isinstance(other, bool):
+            return self.map(lambda t: op(t, other))
+        return NotImplemented
+
+    def __add__(self, other: Any) -> Scores:
+        return self._binary(other, torch.add)
+
+    __radd__ = __add__
+
+    def __sub__(self, other: Any) -> Scores:
+        return self._binary(other, torch.sub)
+
+    def __mul__(self, other: Any) -> Scores:
+        return self._binary(other, torch.mul)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other: Any) -> Scores:
+        return self._binary(other, torch.div)
+
+    # --- diagnostics ---------------------------------------------------------------------------------------------
+    def histogram(
+        self, bins: int = 64, *, range: tuple[float, float] | None = None, chunk: int = 1 << 20
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Histogram of every score, computed tensor by tensor (never concatenated).
+
+        Args:
+            bins: number of equal-width bins.
+            range: ``(low, high)``; default: the global min and max. Scores outside are not counted.
+            chunk: entries counted at once (counts stay exact in fp32 below 2**24 per chunk).
+
+        Returns:
+            ``(counts, edges)``: int64 counts of shape ``(bins,)`` and fp64 edges of shape ``(bins + 1,)``.
+
+        Raises:
+            ValueError: ``bins < 1``, an empty ``Scores``, or ``low > high``.
+        """
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+            raise ValueError(f"bins={bins!r} must be an int >= 1.")
+        if self.numel() == 0:
+            raise ValueError("cannot build a histogram of empty scores.")
+        if range is None:
+            lo = min(float(t.min()) for t in self._tensors.values() if t.numel())
+            hi = max(float(t.max()) for t in self._tensors.values() if t.numel())
+        else:
+            lo, hi = float(range[0]), float(range[1])
+            if lo > hi:
+                raise ValueError(f"range={range!r} has low > high.")
+        if lo == hi:  # every score equal: one bin of width one around the value, like numpy
+            lo, hi = lo - 0.5, hi + 0.5
+        counts = torch.zeros(bins, dtype=torch.int64)
+        chunk = min(chunk, 1 << 24)
+        for t in self._tensors.values():
+            flat = t.reshape(-1)
+            for s in builtins_range(0, flat.numel(), chunk):
+                counts += torch.histc(flat[s : s + chunk], bins=bins, min=lo, max=hi).round().long().cpu()
+        edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
+        return counts, edges
+
+    # --- explicit files ------------------------------------------------------------------------------------------
+    def to_safetensors(self, path: str | os.PathLike) -> None:
+        """Write the scores **densely** to one safetensors file (as large as the parameters, fp32), atomically.
+
+        The library never calls this; it is for users who want to re-select from the same scores later (``peft-safety
+        select SCORES.safetensors``). Granularity, shapes and provenance go into the header metadata.
+        """
+        from safetensors.torch import save_file
+
+        path = os.fspath(path)
+        meta = {
+            "format": _FORMAT,
+            "format_version": _FORMAT_VERSION,
+            "names": json.dumps(list(self.names)),
+            "granularity": json.dumps({n: g.to_dict() for n, g in self._granularity.items()}),
+            "shapes": json.dumps({n: list(s) for n, s in self._shapes.items()}),
+            "provenance": json.dumps(self.provenance, default=str),
+        }
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".scores-", suffix=".tmp", dir=directory)
+        os.close(fd)
+        try:
+            save_file({n: t.cpu() for n, t in self._tensors.items()}, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    @classmethod
+    def from_safetensors(
+        cls,
+        path: str | os.PathLike,
+        *,
+        granularity: GranularitySpec = None,
+        shapes: Mapping[str, Iterable[int]] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Scores:
+        """Read scores written by :meth:`to_safetensors`, or any safetensors file of floating tensors.
+
+        A file without our metadata is read as ``Weight()`` scores in the file's tensor order, unless
+        ``granularity``/``shapes`` are given. Arguments given here override the file's metadata.
+
+        Raises:
+            FileNotFoundError: when ``path`` does not exist.
+            ValueError: a newer ``format_version`` or invalid scores.
+        """
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no scores file at {path!r}.")
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            keys = list(f.keys())
+            names = json.loads(meta["names"]) if "names" in meta else keys
+            tensors = {n: f.get_tensor(n) for n in names}
+        provenance: dict[str, Any] = {}
+        if meta.get("format") == _FORMAT:
+            version = meta.get("format_version", "1")
+            if int(version) > int(_FORMAT_VERSION):
+                raise ValueError(
+                    f"{path!r} has scores format_version {version}, newer than this library reads "
+                    f"({_FORMAT_VERSION}); upgrade peft-safety."
+                )
+            if granularity is None and "granularity" in meta:
+                granularity = {n: granularity_from_dict(d) for n, d in json.loads(meta["granularity"]).items()}
+            if shapes is None and "shapes" in meta:
+                shapes = {n: tuple(s) for n, s in json.loads(meta["shapes"]).items()}
+            provenance = json.loads(meta.get("provenance", "{}"))
+        return cls(tensors, granularity=granularity, shapes=shapes, provenance=provenance)
+
+
+builtins_range = range  # ``histogram`` takes a ``range=`` argument that shadows the builtin inside it

@@ -1,0 +1,505 @@
+"""Turn :class:`~peft_safety.scores.Scores` into a :class:`~peft_safety.mask.SafetyMask`.
+
+Three scopes pick the units (entries of the score tensors) with the highest scores:
+
+* ``"global"``: the top ``k`` over every tensor at once. The threshold is found by an exact radix select on an
+  order-preserving integer encoding of the fp32 scores, tensor by tensor and chunk by chunk, so the scores are never
+  concatenated and the extra memory is a few chunk-sized buffers plus the selected indices.
+* ``"per_tensor"``: the top ``k_t`` of each tensor on its own (same exact algorithm, one tensor at a time).
+* ``"per_row"``: the top ``k_r`` of each row of each 2-D ``Weight()`` score (Wanda's comparison group: one output
+  row, over its input entries).
+
+Ties are broken deterministically: among equal scores, the unit of the tensor that comes first in the order of the
+scores wins, and inside a tensor (or a row) the lower flat index wins. The selection therefore equals the first ``k``
+entries of a *stable* descending sort of the concatenated scores (``largest=False``: ascending), which is what the
+property tests check.
+
+Counting rule for fractions: ``k = floor(fraction * n + 1/2)`` (round half up) where ``n`` is the number of units in
+the group (all tensors, one tensor, one row). Round half up instead of Python's ``round`` (half to even) so that the
+count grows monotonically with ``fraction``; instead of ``floor`` so that a float product like ``0.29 * 100 =
+28.999...`` gives 29 and not 28.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["SCOPES", "TIE_BREAK", "count_for_fraction", "isolate", "select", "topk_indices", "topk_indices_per_row"]
+
+#: the scopes :func:`select` accepts
+SCOPES: tuple[str, ...] = ("global", "per_tensor", "per_row")
+
+#: the tie-break rule, recorded in the mask's provenance
+TIE_BREAK = "equal scores: earlier tensor in scores order first, then lower flat index"
+
+# Scores are processed in chunks of this many entries (4 MiB of fp32): every temporary buffer of the selection is
+# proportional to the chunk, not to the tensor, so peak extra memory stays far below the largest tensor's scores.
+_CHUNK = 1 << 20
+
+_INT32_MIN = -(2**31)
+
+
+def count_for_fraction(fraction: float, n: int) -> int:
+    """Number of units a fraction selects out of ``n``: ``floor(fraction * n + 1/2)`` (round half up).
+
+    Args:
+        fraction: a float in ``(0, 1]``.
+        n: the number of units in the group.
+
+    Returns:
+        The count, between ``0`` and ``n``.
+
+    Example:
+        >>> count_for_fraction(0.01, 250), count_for_fraction(0.29, 100)
+        (3, 29)
+    """
+    return min(n, math.floor(fraction * n + 0.5))
+
+
+def _order_keys(chunk: torch.Tensor, largest: bool) -> torch.Tensor:
+    """Map fp32 values to int32 keys whose signed order is the order of the values (reversed if ``largest=False``).
+
+    Non-negative floats keep their bit pattern; negative floats flip every bit but the sign, so more negative values
+    get smaller keys. ``-0.0`` is mapped to the key of ``+0.0`` because the two compare equal as floats and must tie.
+    """
+    bits = chunk.contiguous().view(torch.int32)
+    keys = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    keys = torch.where(keys == -1, torch.zeros((), dtype=torch.int32), keys)  # -0.0 -> +0.0
+    if not largest:
+        keys = torch.bitwise_not(keys)  # exact order reversal on int32, no overflow
+    return keys
+
+
+def _chunks(tensor: torch.Tensor, chunk: int) -> Iterable[tuple[int, torch.Tensor]]:
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), chunk):
+        yield start, flat[start : start + chunk]
+
+
+def _kth_key(tensors: Sequence[torch.Tensor], k: int, largest: bool, chunk: int) -> tuple[int, int]:
+    """Exact key of the ``k``-th best unit over all tensors, and how many units have a strictly better key.
+
+    Two histogram passes of 16 bits each: pass 1 counts the high 16 bits of every key and finds the bucket that holds
+    the ``k``-th best; pass 2 counts the low 16 bits of the keys inside that bucket. The counts are int64 and are
+    summed over tensors, so no score is ever copied out of its tensor beyond one chunk.
+    """
+    device = tensors[0].device
+    high = torch.zeros(1 << 16, dtype=torch.int64, device=device)
+    for t in tensors:
+        for _, c in _chunks(t, chunk):
+            keys = _order_keys(c, largest)
+            high += torch.bincount(((keys >> 16) + 32768).long(), minlength=1 << 16)
+    # walk from the best bucket down: cumulative count from the top
+    from_top = high.flip(0).cumsum(0)
+    pos = int(torch.searchsorted(from_top, torch.tensor([k], device=device)).item())
+    bucket = (1 << 16) - 1 - pos  # index into ``high``
+    above = int(from_top[pos - 1].item()) if pos > 0 else 0
+    bucket_signed = bucket - 32768
+
+    low = torch.zeros(1 << 16, dtype=torch.int64, device=device)
+    for t in tensors:
+        for _, c in _chunks(t, chunk):
+            keys = _order_keys(c, largest)
+            inside = keys[(keys >> 16) == bucket_signed]
+            if inside.numel():
+                low += torch.bincount((inside & 0xFFFF).long(), minlength=1 << 16)
+    need = k - above
+    from_top = low.flip(0).cumsum(0)
+    pos = int(torch.searchsorted(from_top, torch.tensor([need], device=device)).item())
+    low_bits = (1 << 16) - 1 - pos
+    above += int(from_top[pos - 1].item()) if pos > 0 else 0
+    key = (bucket_signed << 16) | low_bits
+    return key, above
+
+
+def _index_dtype(n: int) -> torch.dtype:
+    return torch.int32 if n < 2**31 else torch.int64
+
+
+def topk_indices(
+    tensors: Sequence[torch.Tensor], k: int, *, largest: bool = True, chunk: int = _CHUNK
+) -> list[torch.Tensor]:
+    """Exact top-``k`` units over several tensors, without concatenating them.
+
+    The result equals the first ``k`` positions of ``torch.sort(torch.cat([t.flatten() for t in tensors]),
+    descending=largest, stable=True)``, split back per tensor. Pass 1 and 2 find the exact ``k``-th best value
+    (see :func:`_kth_key`); pass 3 keeps, per tensor, every unit strictly better than it plus the first units equal to
+    it, in tensor order then flat-index order, until ``k`` units are chosen.
+
+    Memory: a few buffers of ``chunk`` entries (int32 keys, booleans, int64 positions) plus the returned indices; the
+    tensors are read, never copied whole. Time: three reads of every score.
+
+    Args:
+        tensors: fp32 tensors (any shape, all on one device, finite values).
+        k: how many units to select, ``1 <= k <= total number of entries``.
+        largest: ``True`` for the highest scores, ``False`` for the lowest.
+        chunk: entries processed at once (memory/speed trade-off).
+
+    Returns:
+        One sorted 1-D index tensor per input tensor (flat indices; int32, int64 for tensors of ``>= 2**31``
+        entries), possibly empty.
+
+    Raises:
+        ValueError: if ``k`` is out of range.
+    """
+    total = sum(t.numel() for t in tensors)
+    if not 1 <= k <= total:
+        raise ValueError(f"k={k} is out of range: there are {total} units; use 1 <= k <= {total}.")
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be at least 1.")
+    for t in tensors:
+        if t.dtype != torch.float32:
+            raise TypeError(f"topk_indices needs float32 tensors, got {t.dtype}; convert with .float() first.")
+    threshold, above = _kth_key(tensors, k, largest, chunk)
+    ties_left = k - above
+    out: list[torch.Tensor] = []
+    for t in tensors:
+        parts: list[torch.Tensor] = []
+        for start, c in _chunks(t, chunk):
+            keys = _order_keys(c, largest)
+            keep = keys > threshold
+            if ties_left > 0:
+                eq = (keys == threshold).nonzero().flatten()
+                if eq.numel():
+                    take = eq[:ties_left]
+                    keep[take] = True
+                    ties_left -= take.numel()
+            idx = keep.nonzero().flatten()
+            if idx.numel():
+                parts.append(idx + start)
+        dtype = _index_dtype(t.numel())
+        out.append(torch.cat(parts).to(dtype) if parts else torch.empty(0, dtype=dtype, device=t.device))
+    return out
+
+
+def topk_indices_per_row(tensor: torch.Tensor, k: int, *, largest: bool = True, chunk: int = _CHUNK) -> torch.Tensor:
+    """Top-``k`` entries of every row of a score tensor (rows = all dimensions but the last), as flat indices.
+
+    Ties inside a row go to the lower column index (a stable sort of each row). Rows are processed a block at a time
+    so the sort buffers stay near ``chunk`` entries.
+
+    Args:
+        tensor: fp32 scores with at least 2 dimensions; rows are ``tensor.reshape(-1, tensor.shape[-1])``.
+        k: entries to keep per row, ``0 <= k <= row length``.
+        largest: ``True`` for the highest scores.
+        chunk: entries processed at once.
+
+    Returns:
+        A sorted 1-D tensor of flat indices into ``tensor.reshape(-1)``.
+
+    Raises:
+        ValueError: if the tensor has fewer than 2 dimensions or ``k`` exceeds the row length.
+    """
+    if tensor.dim() < 2:
+        raise ValueError(
+            f"per-row selection needs a score tensor with at least 2 dimensions, got shape {tuple(tensor.shape)}."
+        )
+    width = tensor.shape[-1]
+    if not 0 <= k <= width:
+        raise ValueError(f"k={k} per row is out of range for rows of {width} entries; use 0 <= k <= {width}.")
+    dtype = _index_dtype(tensor.numel())
+    if k == 0 or tensor.numel() == 0:
+        return torch.empty(0, dtype=dtype, device=tensor.device)
+    rows = tensor.reshape(-1, width)
+    block = max(1, chunk // width)
+    parts: list[torch.Tensor] = []
+    for r0 in range(0, rows.shape[0], block):
+        sub = rows[r0 : r0 + block]
+        # canonicalise -0.0 so that it ties with +0.0 exactly as float comparison does
+        order = torch.sort(sub + 0.0, dim=1, descending=largest, stable=True).indices[:, :k]
+        order, _ = order.sort(dim=1)
+        base = (torch.arange(r0, r0 + sub.shape[0], device=tensor.device) * width).unsqueeze(1)
+        parts.append((order + base).reshape(-1))
+    return torch.cat(parts).to(dtype)
+
+
+def _did_you_mean(value: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(value, choices, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"{hint} Available: {', '.join(repr(c) for c in choices)}."
+
+
+def _check_count_args(fraction: float | None, k: int | None) -> None:
+    if (fraction is None) == (k is None):
+        raise ValueError(
+            "Give exactly one of fraction= (share of units, in (0, 1]) or k= (number of units), "
+            f"got fraction={fraction!r} and k={k!r}."
+        )
+    if fraction is not None:
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+            raise TypeError(f"fraction must be a float in (0, 1], got {type(fraction).__name__} {fraction!r}.")
+        if not (0.0 < float(fraction) <= 1.0) or math.isnan(fraction):
+            raise ValueError(f"fraction={fraction!r} is outside (0, 1]; e.g. fraction=0.01 selects 1% of the units.")
+    if k is not None:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"k must be an int >= 1, got {type(k).__name__} {k!r}.")
+        if k < 1:
+            raise ValueError(f"k={k} must be >= 1.")
+
+
+def _as_scores(scores: Any):
+    from .scores import Scores
+
+    if isinstance(scores, Scores):
+        return scores
+    if isinstance(scores, Mapping):
+        return Scores(scores)
+    raise TypeError(f"scores must be a Scores or a mapping of name -> tensor, got {type(scores).__name__}.")
+
+
+def _select_indices(
+    scores: Any,
+    *,
+    fraction: float | None,
+    k: int | None,
+    scope: str,
+    largest: bool,
+) -> dict[str, torch.Tensor]:
+    """The selected unit indices per name (names with no selected unit are left out)."""
+    _check_count_args(fraction, k)
+    if not isinstance(scope, str):
+        raise TypeError(f"scope must be a str, got {type(scope).__name__}.")
+    if scope not in SCOPES:
+        raise ValueError(f"Unknown scope {scope!r}.{_did_you_mean(scope, SCOPES)}")
+    names = list(scores.names)
+    if not names:
+        raise ValueError("scores is empty: there is nothing to select from.")
+    result: dict[str, torch.Tensor] = {}
+    if scope == "global":
+        total = scores.numel()
+        n = k if k is not None else count_for_fraction(fraction, total)
+        if k is not None and k > total:
+            raise ValueError(f"k={k} is larger than the number of units ({total}); use k <= {total} or fraction=.")
+        if n == 0:
+            raise ValueError(
+                f"fraction={fraction} of {total} units selects no unit; use a larger fraction or k= instead."
+            )
+        picked = topk_indices([scores[nm] for nm in names], n, largest=largest)
+        result = {nm: idx for nm, idx in zip(names, picked) if idx.numel()}
+    elif scope == "per_tensor":
+        for nm in names:
+            t = scores[nm]
+            n_t = t.numel()
+            if k is not None and k > n_t:
+                raise ValueError(
+                    f"k={k} per tensor is larger than the {n_t} units of {nm!r}; use a smaller k, fraction=, "
+                    "or scores.restrict(...) to drop small tensors."
+                )
+            kt = k if k is not None else count_for_fraction(fraction, n_t)
+            if kt > 0:
+                result[nm] = topk_indices([t], kt, largest=largest)[0]
+    else:  # per_row
+        from .mask.granularity import Weight
+
+        for nm in names:
+            t = scores[nm]
+            if scores.granularity_of(nm) != Weight() or t.dim() < 2:
+                raise ValueError(
+                    f"scope='per_row' needs Weight() scores with at least 2 dimensions, but {nm!r} has "
+                    f"{scores.granularity_of(nm)} scores of shape {tuple(t.shape)}; use scope='per_tensor' or "
+                    "'global', or scores.restrict(...) to the matrices."
+                )
+            width = t.shape[-1]
+            if k is not None and k > width:
+                raise ValueError(
+                    f"k={k} per row is larger than the rows of {nm!r} ({width} entries); use a smaller k or fraction=."
+                )
+            kr = k if k is not None else count_for_fraction(fraction, width)
+            if kr > 0:
+                result[nm] = topk_indices_per_row(t, kr, largest=largest)
+    return result
+
+
+def _apply_exclude(indices: dict[str, torch.Tensor], scores: Any, exclude: Any) -> dict[str, torch.Tensor]:
+    from .mask import SafetyMask
+
+    if not isinstance(exclude, SafetyMask):
+        raise TypeError(f"exclude must be a SafetyMask, got {type(exclude).__name__}.")
+    out: dict[str, torch.Tensor] = {}
+    for nm, idx in indices.items():
+        if nm not in exclude.shapes:
+            out[nm] = idx
+            continue
+        if tuple(exclude.shapes[nm]) != tuple(scores.shapes[nm]):
+            raise ValueError(
+                f"exclude mask has shape {tuple(exclude.shapes[nm])} for {nm!r} but the scores are for shape "
+                f"{tuple(scores.shapes[nm])}; the two come from different models."
+            )
+        g_sel, g_exc = scores.granularity_of(nm), exclude.granularity_of(nm)
+        if g_sel != g_exc:
+            raise ValueError(
+                f"exclude mask has granularity {g_exc} for {nm!r} but the selection has {g_sel}; convert both to "
+                "the same unit first, e.g. exclude.to_weight() together with Weight() scores."
+            )
+        if nm in exclude.names:
+            drop = exclude[nm].to(device=idx.device, dtype=idx.dtype)
+            idx = idx[~torch.isin(idx, drop)]
+        if idx.numel():
+            out[nm] = idx
+    return out
+
+
+def _build_mask(indices: dict[str, torch.Tensor], scores: Any, provenance: dict[str, Any]):
+    from .mask import SafetyMask
+
+    granularity = {nm: scores.granularity_of(nm) for nm in scores.names}
+    return SafetyMask(
+        indices={nm: idx.cpu() for nm, idx in indices.items()},
+        shapes={nm: tuple(scores.shapes[nm]) for nm in scores.names},
+        granularity=granularity,
+        provenance=provenance,
+    )
+
+
+def select(
+    scores: Any,
+    *,
+    fraction: float | None = None,
+    k: int | None = None,
+    scope: str = "global",
+    exclude: Any = None,
+    largest: bool = True,
+    granularity: Any = None,
+    provenance: Mapping[str, Any] | None = None,
+):
+    """Select the units with the highest (or lowest) scores and return them as a :class:`SafetyMask`.
+
+    Args:
+        scores: a :class:`~peft_safety.scores.Scores` (or a mapping ``name -> tensor`` of ``Weight()`` scores).
+        fraction: share of units to select, in ``(0, 1]``, counted per group as ``floor(fraction * n + 1/2)``
+            (group = all units for ``"global"``, one tensor for ``"per_tensor"``, one row for ``"per_row"``).
+        k: number of units to select per group instead of a fraction. Exactly one of ``fraction`` / ``k``.
+        scope: ``"global"``, ``"per_tensor"`` or ``"per_row"`` (2-D ``Weight()`` scores only; the rows are the
+            output channels, Wanda's comparison group).
+        exclude: a :class:`SafetyMask` whose units are removed after selection (Wei et al.'s set difference
+            ``safety - utility``). Its granularity must equal the scores' for every shared parameter.
+        largest: ``True`` selects the highest scores, ``False`` the lowest.
+        granularity: optional granularity (or ``{name: granularity}``) to re-interpret the scores with; by default
+            the scores' own. ``Neuron``/``Layer`` scores give ``Neuron``/``Layer`` masks.
+        provenance: extra provenance entries for the mask (override those derived from the scores).
+
+    Returns:
+        A :class:`SafetyMask` whose ``shapes`` list every scored parameter. Its provenance holds the scores'
+        provenance plus ``selection_scope``, ``selection_fraction``, ``selection_k`` (units selected before
+        ``exclude``), ``selection_largest``, ``selection_tie_break`` and, with a fraction, ``sparsity``.
+
+    Raises:
+        ValueError: neither or both of ``fraction``/``k``; ``fraction`` outside ``(0, 1]``; ``k`` larger than a
+            group; unknown ``scope``; ``per_row`` on non-matrix scores; ``exclude`` of another granularity/shape.
+        TypeError: wrong argument types.
+
+    Example:
+        >>> import torch
+        >>> from peft_safety.scores import Scores
+        >>> s = Scores({"a": torch.tensor([[0.1, 0.9], [0.5, 0.5]])})
+        >>> select(s, k=2)["a"].tolist()
+        [1, 2]
+    """
+    scores = _as_scores(scores)
+    if granularity is not None:
+        scores = scores.with_granularity(granularity)
+    if not isinstance(largest, bool):
+        raise TypeError(f"largest must be a bool, got {type(largest).__name__}.")
+    indices = _select_indices(scores, fraction=fraction, k=k, scope=scope, largest=largest)
+    n_selected = sum(int(i.numel()) for i in indices.values())
+    if exclude is not None:
+        indices = _apply_exclude(indices, scores, exclude)
+    prov: dict[str, Any] = dict(scores.provenance)
+    prov.update(
+        {
+            "selection_scope": scope,
+            "selection_fraction": fraction,
+            "selection_k": n_selected if k is None else k,
+            "selection_largest": largest,
+            "selection_tie_break": TIE_BREAK,
+        }
+    )
+    if fraction is not None:
+        prov["sparsity"] = fraction
+    if exclude is not None:
+        prov["selection_exclude"] = dict(getattr(exclude, "provenance", {}) or {})
+        prov["selection_excluded"] = n_selected - sum(int(i.numel()) for i in indices.values())
+    if provenance:
+        prov.update(provenance)
+    return _build_mask(indices, scores, prov)
+
+
+def isolate(
+    safety_scores: Any,
+    utility_scores: Any,
+    *,
+    p: float,
+    q: float,
+    scope: str = "per_tensor",
+    largest: bool = True,
+):
+    """Wei et al.'s utility-isolated mask: ``top-q(S_safety) - top-p(S_utility)``, per matrix by default.
+
+    The units with high safety scores that are *not* among the top utility units: "relatively high safety importance
+    and not in top utility" (Wei et al. 2024, §2.4 set difference). The resulting density is at most ``q``.
+
+    Deviation from the reference code: the reference counts ``int(q * numel)`` (floor); here the count is
+    ``floor(q * numel + 1/2)``, the rule of :func:`select` (at most one unit apart per matrix). Ties are broken as in
+    :func:`select` (the reference uses ``torch.topk``, whose tie order is unspecified).
+
+    Args:
+        safety_scores: :class:`Scores` computed on safety (refusal) data.
+        utility_scores: :class:`Scores` on utility data, over the same parameters with the same granularity.
+        p: share of top utility units to remove, in ``(0, 1]``.
+        q: share of top safety units to start from, in ``(0, 1]``.
+        scope: ``"per_tensor"`` (Wei et al.), ``"global"`` or ``"per_row"``; the same for both selections.
+        largest: ``True`` for the highest scores.
+
+    Returns:
+        A :class:`SafetyMask` with provenance ``isolation_p``, ``isolation_q`` and the utility scores' provenance
+        under ``isolation_utility``.
+
+    Raises:
+        ValueError: when the two scores cover different parameters, shapes or granularities, or on bad ``p``/``q``.
+
+    Example:
+        >>> import torch
+        >>> from peft_safety.scores import Scores
+        >>> s = Scores({"w": torch.tensor([[4.0, 3.0], [2.0, 1.0]])})
+        >>> u = Scores({"w": torch.tensor([[9.0, 0.0], [0.0, 0.0]])})
+        >>> isolate(s, u, p=0.25, q=0.5)["w"].tolist()
+        [1]
+    """
+    safety_scores = _as_scores(safety_scores)
+    utility_scores = _as_scores(utility_scores)
+    if list(safety_scores.names) != list(utility_scores.names):
+        missing = sorted(set(safety_scores.names) ^ set(utility_scores.names))
+        raise ValueError(
+            "safety and utility scores must cover the same parameters in the same order; differing: "
+            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}. Use .restrict(names) on both."
+        )
+    for nm in safety_scores.names:
+        if tuple(safety_scores[nm].shape) != tuple(utility_scores[nm].shape) or safety_scores.granularity_of(
+            nm
+        ) != utility_scores.granularity_of(nm):
+            raise ValueError(
+                f"safety and utility scores differ for {nm!r}: shape {tuple(safety_scores[nm].shape)} "
+                f"{safety_scores.granularity_of(nm)} vs {tuple(utility_scores[nm].shape)} "
+                f"{utility_scores.granularity_of(nm)}; score both with the same method and granularity."
+            )
+    for label, value in (("p", p), ("q", q)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+            raise ValueError(f"{label}={value!r} must be a float in (0, 1], e.g. p=0.1, q=0.1 as in Wei et al.")
+    utility = select(utility_scores, fraction=p, scope=scope, largest=largest)
+    return select(
+        safety_scores,
+        fraction=q,
+        scope=scope,
+        largest=largest,
+        exclude=utility,
+        provenance={
+            "isolation_p": p,
+            "isolation_q": q,
+            "isolation_utility": dict(utility_scores.provenance),
+        },
+    )
