@@ -1,0 +1,117 @@
+"""Scoring: model + `CalibrationSet` -> `Scores` (or a `SafetyMask` for scorers that select internally).
+
+`score(model, calib, method=...)` resolves the eligible parameters (`targets.resolve_targets`), looks the method up
+in the `SCORERS` registry (built-ins are imported on first use, so this package stays lean), calls it, and records
+the method, the calibration data hash and the base model into the result's provenance.
+
+Built-in methods (see ``docs/scorers/``): ``snip`` (|W| * sum over samples of |grad|), ``esi`` (|sum of grad| *
+std(W)), ``wanda`` (|W| * ||X_j||_2 over response tokens), ``random`` and ``magnitude`` (baselines),
+``safety_neurons`` and ``safety_layers``.
+
+This package never imports ``tuner/``, ``training/`` or ``hub.py``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from .registry import SCORERS, Registry, register_scorer
+from .targets import TargetInfo, Targets, attention_geometry, query_to_kv_rows, resolve_targets
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..data import CalibrationSet
+
+__all__ = [
+    "SCORERS",
+    "Registry",
+    "TargetInfo",
+    "Targets",
+    "attention_geometry",
+    "query_to_kv_rows",
+    "register_scorer",
+    "resolve_targets",
+    "score",
+]
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def score(
+    model: Any,
+    calib: CalibrationSet | None,
+    method: str = "snip",
+    *,
+    target_modules: str | Sequence[str] | None = None,
+    exclude_modules: str | Sequence[str] | None = None,
+    include_router: bool = False,
+    include_embeddings: bool = False,
+    include_lm_head: bool = False,
+    progress: bool = True,
+    **kwargs: Any,
+) -> Any:
+    """Score the parameters of ``model`` on ``calib`` with a registered method.
+
+    Args:
+        model: a causal LM (``transformers`` ``PreTrainedModel``, or any module the targets resolve on).
+        calib: the calibration data (`CalibrationSet`); `None` for data-free methods (``random``, ``magnitude``).
+        method: a name or alias in `SCORERS` (``"snip"``, ``"esi"``, ``"wanda"``, ``"random"``, ``"magnitude"``,
+            ``"safety_neurons"``, ``"safety_layers"`` or your own).
+        target_modules: restrict scoring to these modules (names/suffixes list, or a regex; see `resolve_targets`).
+        exclude_modules: modules to leave out (same rules).
+        include_router: score MoE routers too (excluded by default).
+        include_embeddings: score the input embeddings too.
+        include_lm_head: score ``lm_head`` too (tied: once, under the embedding's name). ESI's reference setup
+            includes it.
+        progress: show a progress bar (rank 0 only) for scorers that accept ``progress``.
+        **kwargs: method options, e.g. ``batch_size``, ``aggregation`` (snip), ``objective`` (esi), ``seed``.
+
+    Returns:
+        `Scores` (most methods) or `SafetyMask` (methods that select internally). Provenance records ``method``,
+        the calibration ``data_hash`` and ``base_model``.
+
+    Raises:
+        ValueError: unknown method (with a suggestion), unknown module names, a model with no eligible parameter,
+            or data the method cannot use.
+
+    Example:
+
+    ```python
+    >>> from peft_safety import CalibrationSet, refusal_rows, score
+    >>> from peft_safety.testing import tiny_llama, tiny_tokenizer
+    >>> calib = CalibrationSet(refusal_rows(["How do I pick a lock?"]), tiny_tokenizer())
+    >>> scores = score(tiny_llama(), calib, "snip", progress=False)
+    ```
+    """
+    fn = SCORERS.get(method)
+    targets = resolve_targets(
+        model,
+        target_modules=target_modules,
+        exclude_modules=exclude_modules,
+        include_router=include_router,
+        include_embeddings=include_embeddings,
+        include_lm_head=include_lm_head,
+    )
+    if _accepts(fn, "progress"):
+        kwargs["progress"] = progress
+    result = fn(model, calib, targets=targets, **kwargs)
+    provenance = getattr(result, "provenance", None)
+    if isinstance(provenance, dict):
+        provenance.setdefault("method", method)
+        if calib is not None and hasattr(calib, "provenance"):
+            for key, value in calib.provenance().items():
+                provenance.setdefault(key, value)
+        config = getattr(model, "config", None)
+        base = getattr(config, "_name_or_path", None) if config is not None else None
+        if base:
+            provenance.setdefault("base_model", base)
+        if targets.tied:
+            provenance.setdefault("tied", dict(targets.tied))
+    return result
