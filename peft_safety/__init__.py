@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
+from .tuner import _registration as _registration  # registers the SAFETY PEFT type
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
@@ -23,6 +24,11 @@ _EXPORTS: dict[str, str] = {
     "SafetyMask": "peft_safety.mask",
     "Weight": "peft_safety.mask",
     "fingerprint_tensor": "peft_safety.mask",
+    # tuner
+    "SafetyConfig": "peft_safety.tuner",
+    "SafetyLinear": "peft_safety.tuner",
+    "SafetyModel": "peft_safety.tuner",
+    "SafetyPeftType": "peft_safety.tuner",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

@@ -1,0 +1,94 @@
+"""The one place where peft-safety extends PEFT's closed set of adapter types.
+
+PEFT keeps its adapter types in a closed ``str`` enum (``peft.utils.peft_types.PeftType``) and its public hook,
+``peft.utils.register_peft_method(name=..., ...)``, refuses any name that is not already a member of that enum
+(``ValueError: Unknown PEFT type SAFETY, please add an entry to peft.utils.peft_types.PeftType``; peft 0.21.2,
+``peft/utils/peft_types.py:173``; upstream: https://github.com/huggingface/peft/blob/main/src/peft/utils/peft_types.py).
+Every lookup PEFT performs afterwards goes through three module-level dicts in ``peft.mapping`` keyed by the
+``peft_type`` string read from ``adapter_config.json``. A member of our own ``str`` enum hashes and compares equal to
+its value, so writing our member into those three dicts makes ``"SAFETY"`` resolvable everywhere (``PeftConfig``,
+``PeftModel.from_pretrained``, ``AutoPeftModel*``, transformers' ``load_adapter``) without touching PEFT's enum.
+
+The workaround is guarded (it refuses to overwrite another library's entry) and idempotent (importing twice, or
+reloading this module, is a no-op). ``tests/test_tuner_registration.py`` fails as soon as upstream makes it
+unnecessary (``register_peft_method`` accepting new names, or ``PeftType`` gaining ``SAFETY``), so that we then switch
+to the public API.
+
+Important: PEFT has no plugin discovery. **Import ``peft_safety`` before loading a SAFETY adapter**; otherwise PEFT
+raises ``KeyError: 'SAFETY'`` from its own code, where we cannot intercept it.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["SAFETY_PREFIX", "SafetyPeftType", "is_registered", "register"]
+
+#: Prefix of every adapter attribute (``safety_values``, ``safety_indices``); PEFT uses it to find adapter weights.
+SAFETY_PREFIX = "safety_"
+
+
+class SafetyPeftType(str, enum.Enum):
+    """The PEFT type of peft-safety adapters.
+
+    A ``str`` enum like ``peft.PeftType``: ``SafetyPeftType.SAFETY == "SAFETY"`` and both hash alike, so PEFT's
+    dict lookups by the string stored in ``adapter_config.json`` find our entries.
+    """
+
+    SAFETY = "SAFETY"
+
+
+def _tables():
+    from peft.mapping import (
+        PEFT_TYPE_TO_CONFIG_MAPPING,
+        PEFT_TYPE_TO_PREFIX_MAPPING,
+        PEFT_TYPE_TO_TUNER_MAPPING,
+    )
+
+    return PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING
+
+
+def is_registered() -> bool:
+    """Whether the ``SAFETY`` type currently resolves to peft-safety's classes in PEFT's mapping tables."""
+    from .config import SafetyConfig
+    from .model import SafetyModel
+
+    config_map, tuner_map, prefix_map = _tables()
+    key = SafetyPeftType.SAFETY
+    return (
+        config_map.get(key) is SafetyConfig
+        and tuner_map.get(key) is SafetyModel
+        and prefix_map.get(key) == (SAFETY_PREFIX)
+    )
+
+
+def register() -> None:
+    """Insert the ``SAFETY`` type into PEFT's three mapping tables (idempotent).
+
+    Raises:
+        RuntimeError: if another library already registered a different class under ``"SAFETY"`` (we refuse to
+            overwrite it silently; uninstall or stop importing the other library).
+    """
+    from .config import SafetyConfig
+    from .model import SafetyModel
+
+    config_map, tuner_map, prefix_map = _tables()
+    key = SafetyPeftType.SAFETY
+    wanted = ((config_map, SafetyConfig), (tuner_map, SafetyModel), (prefix_map, SAFETY_PREFIX))
+    for table, value in wanted:
+        current = table.get(key)
+        # Compare by qualified name too: a module reload creates new class objects for the same code.
+        if (
+            current is not None
+            and current != value
+            and getattr(current, "__qualname__", None) != getattr(value, "__qualname__", object())
+        ):
+            raise RuntimeError(
+                f"PEFT type 'SAFETY' is already registered to {current!r}, not peft-safety's {value!r}. Another "
+                "library claims the same name; import only one of them."
+            )
+    for table, value in wanted:
+        table[key] = value
+
+
+register()

@@ -1,0 +1,213 @@
+"""``SafetyConfig``: the PEFT config of peft-safety's sparse-delta adapter (SET, mode ``"train_only"``)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from peft.config import PeftConfig
+
+from ._registration import SafetyPeftType
+
+__all__ = ["VALUES_DTYPES", "SafetyConfig"]
+
+#: Accepted ``values_dtype`` strings (kept as strings so the config stays JSON-serialisable).
+VALUES_DTYPES = ("float32", "bfloat16", "float16")
+
+_MODES = ("train_only",)
+
+
+@dataclass
+class SafetyConfig(PeftConfig):
+    """Configuration of a SET adapter: trainable deltas at the entries of a ``SafetyMask``, the base model frozen.
+
+    Only the ``nn.Linear`` modules the mask touches are wrapped. Each wrapped module stores the mask's indices in a
+    persistent int32 buffer (``safety_indices``) and the trainable deltas in ``safety_values``; both are written into
+    ``adapter_model.safetensors``, so a saved adapter is self-contained: reloading it never needs the mask file.
+
+    The mask object itself is not JSON-serialisable. ``adapter_config.json`` keeps ``mask_source`` (the path or Hub id
+    the mask came from, when known) and ``mask_layout`` (for each wrapped module: how its indices are stored and how
+    many there are), which is what ``PeftModel.from_pretrained`` needs to rebuild the layers.
+
+    Args:
+        mask: a ``SafetyMask``, or a local path / Hub repo id that ``SafetyMask.from_pretrained`` can load. `None` only
+            when loading a saved adapter (then ``mask_layout`` describes the layers).
+        mode: ``"train_only"`` (SET). ``"freeze"`` (SPA) is not an adapter: see the error message for where it lives.
+        target_modules / exclude_modules / layers_to_transform / layers_pattern: PEFT's usual module filters. They do
+            not select a subset of the mask: a mask entry on a module the filters reject is an error (restrict the
+            mask instead, ``mask.restrict(names)``), so that no selected entry is silently dropped.
+        init_weights: `True` starts every delta at zero (the adapter is the identity); `False` draws small random
+            deltas (for tests).
+        values_dtype: dtype of the trainable deltas.
+
+    Example:
+
+    ```python
+    >>> from peft import get_peft_model
+    >>> from peft_safety import SafetyConfig
+    >>> model = get_peft_model(base_model, SafetyConfig(mask=mask))      # doctest: +SKIP
+    >>> model.save_pretrained("set-adapter")                              # doctest: +SKIP
+    ```
+    """
+
+    mask: Any = field(
+        default=None,
+        metadata={
+            "help": "The SafetyMask whose entries become trainable, or a local path / Hub repo id of a saved mask "
+            "(loaded with SafetyMask.from_pretrained). Not written to adapter_config.json (the indices live in the "
+            "adapter weights); None when loading a saved adapter."
+        },
+    )
+    mask_source: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the mask came from (path or Hub repo id). Filled from `mask` when it is a string, or from "
+            "the mask's provenance; informational only."
+        },
+    )
+    mask_layout: dict[str, dict[str, Any]] | None = field(
+        default=None,
+        metadata={
+            "help": "Filled by the tuner: for each wrapped module, {'kind': 'entries'|'rows'|'cols'|'dense', "
+            "'n': number of indices, 'shape': [out, in]}. Lets from_pretrained rebuild the layers without the mask. "
+            "Do not set by hand."
+        },
+    )
+    mode: Literal["train_only"] = field(
+        default="train_only",
+        metadata={
+            "help": "'train_only' (SET): train only the mask's entries. 'freeze' (SPA) is handled by "
+            "SafetySFTTrainer / mask_lora_config, not by this adapter.",
+            "choices": list(_MODES),
+        },
+    )
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Optional filter: module names (suffix match) or a regex (full match). None means every module "
+            "the mask touches. A mask entry outside the filter is an error."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Modules that must not be adapted (suffix match or regex). Mask entries there are an error."
+        },
+    )
+    target_parameters: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Read by PEFT's generic matching code; must stay None. Fused 3-D expert parameters are not "
+            "supported by SET (exclude them from the mask)."
+        },
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None,
+        metadata={"help": "Optional filter: decoder layer indices that may be adapted (with `layers_pattern`)."},
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Name of the layer list (e.g. 'layers'), used with `layers_to_transform`."},
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Extra modules trained in full and saved with the adapter (PEFT's usual meaning)."},
+    )
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = field(
+        default=None,
+        metadata={"help": "PEFT's trainable-token option; read by TRL when it adds chat-template tokens."},
+    )
+    bias: Literal["none"] = field(
+        default="none", metadata={"help": "Bias terms are never trained by SET.", "choices": ["none"]}
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: deltas start at zero, so the adapter is the identity. False: small random deltas "
+            "(std 0.02), for tests."
+        },
+    )
+    values_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype of the trainable deltas. Note PEFT's get_peft_model upcasts bf16/fp16 adapter weights to "
+            "fp32 unless autocast_adapter_dtype=False.",
+            "choices": list(VALUES_DTYPES),
+        },
+    )
+    gradient_method: Literal["sampled", "dense"] = field(
+        default="sampled",
+        metadata={
+            "help": "How the gradient of entry-wise deltas is computed. 'sampled': a chunked sampled matmul "
+            "(grad_out[:, rows] * x[:, cols] summed over tokens at the index pairs), never materialising a "
+            "weight-sized gradient. 'dense': grad_outᵀ·x then gather (the documented fallback; one transient "
+            "weight-sized buffer per layer, sometimes faster at high density).",
+            "choices": ["sampled", "dense"],
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = SafetyPeftType.SAFETY
+        if self.mode == "freeze":
+            raise ValueError(
+                "SafetyConfig(mode='freeze') is not an adapter: freezing the mask's entries happens while training "
+                "the model itself. Use SafetySFTTrainer(args=SafetySFTConfig(safety_mask=..., "
+                "safety_mode='freeze'), peft_config=LoraConfig(...) or None), or mask_lora_config(lora_config, mask) "
+                "for LoRA, or apply_mask_(model, mask, mode='freeze') for full fine-tuning."
+            )
+        if self.mode not in _MODES:
+            raise ValueError(f"Unknown mode {self.mode!r} for SafetyConfig; the only adapter mode is 'train_only'.")
+        if self.values_dtype not in VALUES_DTYPES:
+            raise ValueError(f"values_dtype={self.values_dtype!r} is not supported; use one of {list(VALUES_DTYPES)}.")
+        if self.gradient_method not in ("sampled", "dense"):
+            raise ValueError(f"gradient_method={self.gradient_method!r} is invalid; use 'sampled' or 'dense'.")
+        if self.bias != "none":
+            raise ValueError(f"bias={self.bias!r} is not supported by SafetyConfig; only 'none'.")
+        if self.target_parameters:
+            raise ValueError(
+                f"SafetyConfig does not support target_parameters={self.target_parameters!r}: SET wraps nn.Linear "
+                "modules only. Remove fused expert parameters from the mask (mask.filter(...)) instead."
+            )
+        if not isinstance(self.init_weights, bool):
+            raise TypeError(f"init_weights must be a bool, got {type(self.init_weights).__name__}.")
+        if isinstance(self.target_modules, list):
+            self.target_modules = list(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = list(self.exclude_modules)
+        if self.mask is None:
+            if self.mask_layout is None:
+                raise ValueError(
+                    "SafetyConfig needs a mask: pass mask=SafetyMask(...) or mask='path/or/hub-id' of a saved mask."
+                )
+        elif isinstance(self.mask, str):
+            self.mask_source = self.mask
+        else:
+            _check_mask_type(self.mask)
+            if self.mask_source is None:
+                provenance = getattr(self.mask, "provenance", None) or {}
+                source = provenance.get("source") if isinstance(provenance, dict) else None
+                self.mask_source = source if isinstance(source, str) else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-serialisable dict; ``mask`` is written as `None` (see ``mask_source``)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "mask":
+                out[f.name] = None
+            else:
+                out[f.name] = copy.deepcopy(getattr(self, f.name))
+        if isinstance(out.get("peft_type"), SafetyPeftType):
+            out["peft_type"] = out["peft_type"].value
+        return out
+
+
+def _check_mask_type(mask: Any) -> None:
+    from ..mask import SafetyMask
+
+    if not isinstance(mask, SafetyMask):
+        raise TypeError(
+            f"SafetyConfig(mask=...) takes a SafetyMask or a path / Hub repo id string, got {type(mask).__name__}."
+        )
