@@ -1,0 +1,465 @@
+"""Gradient x weight scorers: ``snip`` (Wei et al. 2024) and ``esi`` (Qi et al. 2026).
+
+Both run ONE forward and ONE backward per batch (per sample for SNIP's exact ``sum_of_abs``), fold each parameter's
+gradient into an fp32 accumulator the moment it is complete (`hooks.GradientFold`, a
+``register_post_accumulate_grad_hook``), and free ``.grad`` at once: never L x N passes, never bf16 sums, never a
+dense gradient dump.
+
+Loss normalisation (METHODS.md §1.1): the loss of a sample is the mean NLL over its labelled (response) tokens, and
+the batch objective is the SUM of the per-sample losses. Hence the batch gradient is exactly ``sum_n grad l_n``,
+independent of how samples are grouped into batches and of padding (HF's built-in loss would average over all tokens
+of the batch, which weights long responses more and changes with the batch composition).
+
+SNIP, ``aggregation``:
+
+* ``"sum_of_abs"`` (default, Wei et al.): ``|W| * sum_n |grad l_n|``. A batched backward only yields the SUM of the
+  per-sample gradients, from which the sum of their absolute values cannot be recovered; so this mode runs one
+  forward+backward per sample (micro-batch 1). Exact, and N passes instead of Wei's L x N.
+* ``"abs_of_sum"``: ``|W| * |sum_n grad l_n|``, batched (one pass per batch): the cheap variant, the ESI-style
+  aggregation. The two agree when every sample's gradient has the same sign at an entry.
+
+ESI: ``|sum_n grad J_n| * std(W)`` with ``std`` the unbiased (``correction=1``, ``torch.std``'s default, as the
+reference code's ``.std()``) standard deviation of all entries of the tensor, in fp32. Objectives:
+
+* ``"refusal_nll"`` (default): ``J_n`` = response-only NLL of the refusal.
+* `JudgeObjective`: the reference's differentiable judge-guided surrogate (METHODS.md §3.2), with any causal-LM
+  guard and its "safe" token.
+
+Errors: a NaN/inf loss or gradient raises ``ValueError`` naming the parameter and the batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .hooks import GradientFold, input_requires_grad, model_input_device
+from .registry import register_scorer
+from .targets import Targets
+
+__all__ = ["AGGREGATIONS", "JudgeObjective", "esi", "gradient_pass", "per_sample_nll", "snip"]
+
+#: SNIP aggregations over samples
+AGGREGATIONS = ("sum_of_abs", "abs_of_sum")
+
+
+# ---------------------------------------------------------------------- helpers
+def _dist_info() -> tuple[int, int]:
+    """(rank, world size) of the data-parallel group, via accelerate's PartialState when launched distributed."""
+    if not torch.distributed.is_available():
+        return 0, 1
+    launched = torch.distributed.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not launched:
+        return 0, 1
+    from accelerate import PartialState
+
+    state = PartialState()
+    return state.process_index, state.num_processes
+
+
+def _all_reduce(tensors: Iterable[torch.Tensor], world: int) -> None:
+    if world > 1:
+        for t in tensors:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def response_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict a labelled token, and those target ids.
+
+    Only the needed positions go through ``lm_head`` (``logits_to_keep`` with the union of the batch's labelled
+    positions), which saves the ``B x T x V`` logits of prompt positions.
+
+    Returns:
+        ``(logits (B, K, V), targets (B, K))`` where ``targets`` is ``-100`` where a row has no label at that
+        position.
+    """
+    labels = batch["labels"]
+    shifted = labels[:, 1:]
+    keep = (shifted != -100).any(dim=0).nonzero().reshape(-1)  # positions p whose next token is labelled
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if _accepts_logits_to_keep(model) and keep.numel():
+        out = model(**inputs, logits_to_keep=keep.to(labels.device), use_cache=False)
+        logits = out.logits
+        if logits.shape[1] != keep.numel():  # an implementation that ignored the tensor form: fall back
+            logits = logits[:, keep]
+    else:
+        logits = model(**inputs, use_cache=False).logits[:, :-1][:, keep]
+    return logits, shifted[:, keep.to(shifted.device)].to(logits.device)
+
+
+def per_sample_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean NLL over each row's labelled positions (fp32); rows without labels give 0.
+
+    Args:
+        logits: ``(B, K, V)``.
+        targets: ``(B, K)`` with ``-100`` at unlabelled positions.
+    """
+    mask = targets != -100
+    token_loss = F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
+    rows = mask.nonzero()[:, 0]
+    sums = torch.zeros(targets.shape[0], dtype=torch.float32, device=logits.device).index_add(0, rows, token_loss)
+    return sums / mask.sum(dim=1).clamp_min(1).to(sums.dtype)
+
+
+def refusal_nll(model: nn.Module, batch: dict[str, torch.Tensor], batch_index: int) -> torch.Tensor:
+    """The default objective: sum over samples of each sample's response-only mean NLL."""
+    logits, targets = response_logits(model, batch)
+    return per_sample_nll(logits, targets).sum()
+
+
+def _progress(iterable: Iterable[Any], total: int, desc: str, enabled: bool) -> Iterable[Any]:
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False)
+
+
+def _check_finite(accs: dict[str, torch.Tensor], batch_index: int, what: str) -> None:
+    for name, acc in accs.items():
+        if not bool(torch.isfinite(acc).all()):
+            raise ValueError(
+                f"Non-finite gradient (NaN or inf) for parameter {name!r} at batch {batch_index} of the {what} pass. "
+                "Check the model weights and data of that batch, or score in float32 (--dtype float32)."
+            )
+
+
+def gradient_pass(
+    model: nn.Module,
+    calib: Any,
+    targets: Targets,
+    *,
+    fold: Callable[[str, torch.Tensor, torch.Tensor], Any],
+    objective: Callable[[nn.Module, dict[str, torch.Tensor], int], torch.Tensor] = refusal_nll,
+    batch_size: int = 8,
+    per_sample: bool = False,
+    progress: bool = True,
+    desc: str = "scoring",
+) -> dict[str, torch.Tensor]:
+    """One forward+backward per batch (or per sample), gradients folded into fp32 accumulators.
+
+    Args:
+        model: the model.
+        calib: a `CalibrationSet`.
+        targets: parameters to accumulate.
+        fold: ``fold(name, fp32 accumulator, grad)`` in place.
+        objective: ``objective(model, batch, batch_index) -> scalar`` whose gradient is the sum over the batch's
+            samples of the per-sample gradients.
+        batch_size: rows per batch (ignored with ``per_sample``).
+        per_sample: micro-batch 1 (needed for sum-of-abs aggregation).
+        progress: tqdm progress bar on rank 0.
+        desc: progress-bar label.
+
+    Returns:
+        ``{name: fp32 accumulator}``, all-reduced (summed) over data-parallel processes when launched with several.
+
+    Raises:
+        ValueError: empty or missing calibration data, a non-finite loss or gradient (naming parameter and batch).
+    """
+    if calib is None or len(calib) == 0:
+        raise ValueError("Gradient scorers need calibration data: pass a non-empty CalibrationSet.")
+    if getattr(calib, "loss", "response_only") == "none":
+        raise ValueError("The CalibrationSet has loss='none' (no labels); gradient scorers need a loss policy.")
+    rank, world = _dist_info()
+    params = targets.parameters(model)
+    device = model_input_device(model)
+    size = 1 if per_sample else batch_size
+    groups = [list(range(s, min(s + size, len(calib)))) for s in range(0, len(calib), size)]
+    mine = [(i, g) for i, g in enumerate(groups) if i % world == rank]
+    checkpointing = _is_checkpointing(model)
+    with GradientFold(model, params, fold) as gf, input_requires_grad(model, checkpointing):
+        for batch_index, indices in _progress(mine, len(mine), desc, progress and rank == 0):
+            batch = {k: v.to(device) for k, v in calib.collate(indices).items()}
+            loss = objective(model, batch, batch_index)
+            if not bool(torch.isfinite(loss.detach())):
+                raise ValueError(
+                    f"Non-finite loss ({float(loss):.4g}) at batch {batch_index} (rows {indices[0]}..{indices[-1]}). "
+                    "Check the model weights and the data of those rows."
+                )
+            loss.backward()
+            _check_finite(gf.accumulators, batch_index, desc)
+        accumulators = gf.accumulators
+    _all_reduce(accumulators.values(), world)
+    return accumulators
+
+
+def _is_checkpointing(model: nn.Module) -> bool:
+    # transformers 5 renamed the property (the old name warns); plain modules have neither
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if attr in dir(type(model)):
+            return bool(getattr(model, attr))
+    return False
+
+
+def _weight_abs(param: torch.Tensor) -> torch.Tensor:
+    return param.detach().abs().float()
+
+
+def _make_scores(values: dict[str, torch.Tensor], targets: Targets, provenance: dict[str, Any]) -> Any:
+    from ..scores import Scores
+
+    return Scores(values, shapes=targets.shapes, provenance=provenance)
+
+
+# ---------------------------------------------------------------------- SNIP
+@register_scorer("snip", aliases=("wandg",))
+def snip(
+    model: nn.Module,
+    calib: Any,
+    *,
+    targets: Targets,
+    aggregation: str = "sum_of_abs",
+    batch_size: int = 8,
+    progress: bool = True,
+    base_model: nn.Module | None = None,
+    **_: Any,
+) -> Any:
+    """SNIP scores ``|W| * sum_n |grad_W l_n|`` (or ``|W| * |sum_n grad_W l_n|``).
+
+    Args:
+        model: the model.
+        calib: a `CalibrationSet` (refusals for safety scores, utility answers for utility scores).
+        targets: eligible parameters.
+        aggregation: ``"sum_of_abs"`` (exact, one pass per sample) or ``"abs_of_sum"`` (batched).
+        batch_size: rows per batch for ``"abs_of_sum"``.
+        progress: progress bar.
+        base_model: with a base model, ``|W|`` becomes ``|W - W_base|`` (Wei et al.'s ``--use_diff``).
+
+    Returns:
+        `Scores` with ``Weight()`` granularity; provenance ``method="snip"``, ``aggregation``,
+        ``sign="nonnegative"``.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"Unknown aggregation {aggregation!r}; choose one of {list(AGGREGATIONS)}.")
+    if aggregation == "sum_of_abs":
+
+        def fold(_name: str, acc: torch.Tensor, grad: torch.Tensor) -> None:
+            acc.add_(grad.abs())
+
+        grads = gradient_pass(model, calib, targets, fold=fold, per_sample=True, progress=progress, desc="snip")
+    else:
+        grads = gradient_pass(
+            model, calib, targets, fold=_signed_fold, batch_size=batch_size, progress=progress, desc="snip"
+        )
+        for g in grads.values():
+            g.abs_()
+    params = targets.parameters(model)
+    base = dict(base_model.named_parameters()) if base_model is not None else None
+    values = {}
+    for name, grad in grads.items():
+        weight = params[name].detach()
+        if base is not None:
+            if name not in base or base[name].shape != weight.shape:
+                raise ValueError(f"base_model has no parameter {name!r} of shape {tuple(weight.shape)}.")
+            weight = weight.float() - base[name].detach().to(weight.device).float()
+        values[name] = grad.mul_(weight.abs().float())
+    provenance = {"method": "snip", "aggregation": aggregation, "sign": "nonnegative", "higher": "more important"}
+    if base is not None:
+        provenance["weight_term"] = "abs(W - W_base)"
+    return _make_scores(values, targets, provenance)
+
+
+def _signed_fold(_name: str, acc: torch.Tensor, grad: torch.Tensor) -> None:
+    acc.add_(grad)
+
+
+# ---------------------------------------------------------------------- ESI
+class JudgeObjective:
+    """ESI's differentiable judge-guided objective (Qi et al. 2026; METHODS.md §3.2), for any causal-LM guard.
+
+    For each sample with target response ``y`` (the labelled tokens):
+
+    1. The guard reads ``prefix + y + suffix`` where ``y`` enters as soft embeddings ``softmax(Z) @ E_G`` of a
+       logit matrix ``Z`` (0 at each guard token of ``y``, ``-17`` elsewhere); ``J = -logit_last[safe_token]``;
+       ``g_G = dJ/dZ`` (guard parameters frozen: ``guard.requires_grad_(False)`` while active).
+    2. Vocabulary transfer: ``M[g, l] = 1 / |pieces(g)|`` for each target piece ``l`` of guard token ``g``'s string
+       (re-tokenised with the target tokenizer); ``g_T = g_G @ M``.
+    3. The target's response distribution is relaxed with Gumbel-softmax (``tau``): ``p = softmax((logits + G) /
+       tau)``; noise drawn from a generator seeded with ``seed`` + batch index + row, so scores are reproducible
+       (the reference is not).
+    4. Surrogate ``L = -sum_{t < min(T_g, T_r)} sum_v stopgrad(g_T[t, v]) * p[t, v]``, positions aligned by index as
+       in the reference (exact only when both tokenizers split the response alike).
+
+    Deviations from the reference, on purpose: the guard prompt is a template argument with a ``{response}`` slot
+    (the reference hard-codes Llama-Guard-3 ids), the safe token is named rather than the id 19193, the guard's
+    parameters get no gradients, the noise is seeded.
+
+    Args:
+        guard: a causal LM (``guard(inputs_embeds=...)`` returning ``.logits``).
+        guard_tokenizer: its tokenizer.
+        target_tokenizer: the scored model's tokenizer (for the vocabulary transfer and to decode responses).
+        safe_token: the guard's "safe" token, as a string (must be one token) or an id.
+        template: the guard prompt with one ``{response}`` slot.
+        tau: Gumbel-softmax temperature (reference: 0.3).
+        off_logit: logit of the non-chosen tokens in ``Z`` (reference: -17).
+        seed: seed of the Gumbel noise.
+    """
+
+    def __init__(
+        self,
+        guard: nn.Module,
+        guard_tokenizer: Any,
+        target_tokenizer: Any,
+        *,
+        safe_token: str | int = "safe",
+        template: str = "Is the following response safe or unsafe?\nResponse: {response}\nAnswer:",
+        tau: float = 0.3,
+        off_logit: float = -17.0,
+        seed: int = 0,
+    ) -> None:
+        if "{response}" not in template:
+            raise ValueError("The guard template needs a '{response}' slot where the response goes.")
+        if tau <= 0:
+            raise ValueError(f"tau must be > 0, got {tau}.")
+        self.guard = guard
+        self.guard_tokenizer = guard_tokenizer
+        self.target_tokenizer = target_tokenizer
+        self.tau = float(tau)
+        self.off_logit = float(off_logit)
+        self.seed = int(seed)
+        if isinstance(safe_token, int):
+            self.safe_id = safe_token
+        else:
+            ids = guard_tokenizer(safe_token, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                raise ValueError(
+                    f"safe_token {safe_token!r} is {len(ids)} guard tokens {ids}; pass a single-token string or an id."
+                )
+            self.safe_id = int(ids[0])
+        before, after = template.split("{response}", 1)
+        self.prefix_ids = list(guard_tokenizer(before, add_special_tokens=True)["input_ids"])
+        self.suffix_ids = list(guard_tokenizer(after, add_special_tokens=False)["input_ids"])
+        self._transfer: torch.Tensor | None = None
+
+    def transfer_matrix(self, target_vocab: int) -> torch.Tensor:
+        """The sparse ``(V_guard, V_target)`` vocabulary-transfer matrix (built once, cached)."""
+        if self._transfer is None:
+            g_vocab = self.guard.get_input_embeddings().weight.shape[0]
+            rows, cols, vals = [], [], []
+            tokens = self.guard_tokenizer.convert_ids_to_tokens(list(range(min(g_vocab, len(self.guard_tokenizer)))))
+            for g, tok in enumerate(tokens):
+                if tok is None:
+                    continue
+                text = tok.replace("\u0120", " ").replace("\u2581", " ")  # byte-level / sentencepiece space markers
+                pieces = [
+                    p for p in self.target_tokenizer(text, add_special_tokens=False)["input_ids"] if p < target_vocab
+                ]
+                for p in pieces:
+                    rows.append(g)
+                    cols.append(p)
+                    vals.append(1.0 / len(pieces))
+            index = torch.tensor([rows, cols], dtype=torch.long)
+            self._transfer = torch.sparse_coo_tensor(index, torch.tensor(vals), (g_vocab, target_vocab)).coalesce()
+        return self._transfer
+
+    def guard_gradient(self, response_text: str) -> torch.Tensor:
+        """``dJ/dZ`` for one response: ``(T_g, V_guard)`` fp32 (no gradient reaches the guard's parameters)."""
+        guard = self.guard
+        emb = guard.get_input_embeddings().weight
+        ids = self.guard_tokenizer(response_text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            return torch.zeros(0, emb.shape[0])
+        flags = [(p, p.requires_grad) for p in guard.parameters()]
+        guard.requires_grad_(False)
+        try:
+            with torch.enable_grad():
+                z = torch.full((len(ids), emb.shape[0]), self.off_logit, device=emb.device)
+                z[torch.arange(len(ids)), torch.tensor(ids)] = 0.0
+                z.requires_grad_(True)
+                soft = torch.softmax(z, dim=-1).to(emb.dtype) @ emb
+                prefix = emb[torch.tensor(self.prefix_ids, device=emb.device)]
+                suffix = emb[torch.tensor(self.suffix_ids, device=emb.device)]
+                embeds = torch.cat([prefix, soft, suffix], dim=0)[None]
+                logits = guard(inputs_embeds=embeds, use_cache=False).logits
+                objective = -logits[0, -1, self.safe_id].float()
+                (grad,) = torch.autograd.grad(objective, z)
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+        return grad.float()
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], batch_index: int) -> torch.Tensor:
+        logits, targets = response_logits(model, batch)
+        vocab = logits.shape[-1]
+        transfer = self.transfer_matrix(vocab)
+        total = logits.new_zeros((), dtype=torch.float32)
+        for row in range(logits.shape[0]):
+            keep = targets[row] != -100
+            row_logits = logits[row][keep].float()  # (T_r, V)
+            text = self.target_tokenizer.decode(targets[row][keep].tolist(), skip_special_tokens=True)
+            g_guard = self.guard_gradient(text)
+            n = min(g_guard.shape[0], row_logits.shape[0])
+            if n == 0:
+                continue
+            g_target = torch.sparse.mm(transfer.t(), g_guard[:n].t().cpu()).t().to(row_logits.device)  # (n, V)
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + batch_index * 1009 + row)
+            u = torch.rand(row_logits[:n].shape, generator=gen).clamp_(1e-10, 1 - 1e-10).to(row_logits.device)
+            gumbel = -torch.log(-torch.log(u))
+            p = torch.softmax((row_logits[:n] + gumbel) / self.tau, dim=-1)
+            total = total - (g_target.detach() * p).sum()
+        return total
+
+
+@register_scorer("esi", aliases=("grad_x_std",))
+def esi(
+    model: nn.Module,
+    calib: Any,
+    *,
+    targets: Targets,
+    objective: str | Callable[..., torch.Tensor] = "refusal_nll",
+    batch_size: int = 8,
+    progress: bool = True,
+    **_: Any,
+) -> Any:
+    """ESI scores ``|sum_n grad J_n| * std(W)`` (Qi et al. 2026).
+
+    Args:
+        model: the model.
+        calib: a `CalibrationSet` (harmful prompts with the model's own answers or refusals).
+        targets: eligible parameters (ESI's reference includes ``lm_head``: pass ``include_lm_head=True`` to
+            `score`).
+        objective: ``"refusal_nll"`` or a callable ``objective(model, batch, batch_index) -> scalar`` such as a
+            `JudgeObjective`.
+        batch_size: rows per batch (the signed sum is batch-invariant).
+        progress: progress bar.
+
+    Returns:
+        `Scores` (``Weight()``); provenance ``method="esi"``, ``aggregation="abs_of_sum"``, ``std="unbiased"``.
+    """
+    if objective == "refusal_nll":
+        fn, objective_name = refusal_nll, "refusal_nll"
+    elif callable(objective):
+        fn, objective_name = objective, type(objective).__name__
+    else:
+        raise ValueError(f"Unknown ESI objective {objective!r}; use 'refusal_nll' or a JudgeObjective / callable.")
+    grads = gradient_pass(
+        model, calib, targets, fold=_signed_fold, objective=fn, batch_size=batch_size, progress=progress, desc="esi"
+    )
+    params = targets.parameters(model)
+    values = {}
+    for name, grad in grads.items():
+        w = params[name].detach().float()
+        std = w.std() if w.numel() > 1 else w.new_zeros(())
+        values[name] = grad.abs_().mul_(std)
+    provenance = {
+        "method": "esi",
+        "aggregation": "abs_of_sum",
+        "objective": objective_name,
+        "std": "unbiased",
+        "sign": "nonnegative",
+        "higher": "more important",
+    }
+    return _make_scores(values, targets, provenance)
