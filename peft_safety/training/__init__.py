@@ -44,6 +44,6 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .callbacks import FreezerCallback, RefusalEvalCallback, SafetyDriftCallback  # noqa: F401
-    from .config import SafetySFTConfig  # noqa: F401
-    from .trainer import SafetySFTTrainer  # noqa: F401
+    from .callbacks import FreezerCallback, RefusalEvalCallback, SafetyDriftCallback
+    from .config import SafetySFTConfig
+    from .trainer import SafetySFTTrainer
