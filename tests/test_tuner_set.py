@@ -1,0 +1,435 @@
+"""SET adapter (SafetyConfig / SafetyModel / SafetyLinear): invariants on tiny Llama (GQA) and tiny Qwen2-MoE."""
+
+from __future__ import annotations
+
+import json
+import os
+from unittest import mock
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+import peft_safety  # noqa: F401  (registers the SAFETY type)
+from peft_safety.mask import Head, Layer, Neuron, SafetyMask, Weight, fingerprint_tensor
+from peft_safety.testing import tiny_llama, tiny_qwen2_moe
+from peft_safety.tuner import SafetyConfig, SafetyLinear
+from peft_safety.tuner.layer import _SparseDeltaLinear, sampled_matmul
+
+LLAMA_GRANULARITY = {
+    "model.layers.0.self_attn.q_proj.weight": Weight(),
+    "model.layers.0.self_attn.v_proj.weight": Weight(),
+    "model.layers.0.mlp.down_proj.weight": Neuron(axis=1),
+    "model.layers.1.self_attn.k_proj.weight": Head(head_dim=8, axis=0),
+    "model.layers.1.self_attn.o_proj.weight": Head(head_dim=8, axis=1),
+    "model.layers.1.mlp.gate_proj.weight": Neuron(axis=0),
+    "model.layers.1.mlp.up_proj.weight": Layer(),
+    "lm_head.weight": Weight(),
+}
+
+MOE_GRANULARITY = {
+    "model.layers.0.self_attn.q_proj.weight": Weight(),
+    "model.layers.0.mlp.shared_expert.down_proj.weight": Neuron(axis=1),
+    "model.layers.1.self_attn.v_proj.weight": Neuron(axis=0),
+    "model.layers.1.mlp.shared_expert.up_proj.weight": Weight(),
+}
+
+
+def make_mask(model, granularity, fraction=0.2, seed=0, fingerprints=False):
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(seed)
+    indices, shapes = {}, {}
+    for name, gran in granularity.items():
+        shape = tuple(params[name].shape)
+        units = gran.num_units(shape)
+        k = max(1, int(units * fraction)) if not isinstance(gran, Layer) else 1
+        indices[name] = torch.randperm(units, generator=gen)[:k].sort().values.to(torch.int32)
+        shapes[name] = shape
+    fps = {n: fingerprint_tensor(params[n]) for n in granularity} if fingerprints else None
+    return SafetyMask(indices=indices, shapes=shapes, granularity=granularity, fingerprints=fps)
+
+
+def tokens(seed=0, batch=2, length=12):
+    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def train(model, steps=3, lr=1e-2, weight_decay=0.1):
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    for step in range(steps):
+        ids = tokens(seed=step)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+@pytest.fixture(params=["llama", "moe"])
+def model_and_mask(request):
+    if request.param == "llama":
+        model = tiny_llama(seed=0)
+        return model, make_mask(model, LLAMA_GRANULARITY)
+    model = tiny_qwen2_moe(seed=0)
+    return model, make_mask(model, MOE_GRANULARITY)
+
+
+# ---- identity, structure ----------------------------------------------------------------------------------------------
+
+
+def test_identity_at_init_and_only_masked_modules_wrapped(model_and_mask):
+    model, mask = model_and_mask
+    ids = tokens()
+    with torch.no_grad():
+        ref = model(ids).logits
+    peft_model = get_peft_model(model, SafetyConfig(mask=mask))
+    wrapped = {
+        n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, SafetyLinear)
+    }
+    assert wrapped == {name.rsplit(".", 1)[0] for name in mask.names}
+    with torch.no_grad():
+        out = peft_model(ids).logits
+    assert torch.equal(out, ref)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all(".safety_values.default" in n for n in trainable)
+
+
+def test_values_count_matches_mask_numel(model_and_mask):
+    model, mask = model_and_mask
+    peft_model = get_peft_model(model, SafetyConfig(mask=mask))
+    n_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert n_trainable == mask.numel()
+
+
+def test_forward_matches_dense_reference(model_and_mask):
+    model, mask = model_and_mask
+    peft_model = get_peft_model(model, SafetyConfig(mask=mask, init_weights=False))
+    ids = tokens()
+    with torch.no_grad():
+        out = peft_model(ids).logits
+        # the reference: add each module's dense delta to a copy of the weights
+        ref_model = peft_model.merge_and_unload(safe_merge=True)
+        ref = ref_model(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+# ---- gradients --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["sampled", "dense"])
+def test_sparse_delta_gradients_match_autograd(method):
+    torch.manual_seed(0)
+    weight = torch.randn(12, 9)
+    idx = torch.tensor([0, 5, 17, 40, 41, 99, 107], dtype=torch.int32)
+    values = torch.randn(idx.numel(), requires_grad=True)
+    x = torch.randn(3, 4, 9, requires_grad=True)
+    y = _SparseDeltaLinear.apply(x, values, idx, weight, 12, 9, method)
+    grad_out = torch.randn_like(y)
+    gx, gv = torch.autograd.grad(y, (x, values), grad_out)
+
+    values_ref = values.detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    dense = weight.reshape(-1).index_add(0, idx.long(), values_ref).view(12, 9)
+    y_ref = x_ref @ dense.t()
+    gx_ref, gv_ref = torch.autograd.grad(y_ref, (x_ref, values_ref), grad_out)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(gx, gx_ref)
+    torch.testing.assert_close(gv, gv_ref)
+
+
+def test_sampled_matmul_chunks_agree_with_dense(monkeypatch):
+    import peft_safety.tuner.layer as layer
+
+    torch.manual_seed(1)
+    g, x = torch.randn(7, 10), torch.randn(7, 6)
+    idx = torch.tensor([1, 2, 13, 30, 59], dtype=torch.int32)
+    monkeypatch.setattr(layer, "_SDDMM_CHUNK_ELEMENTS", 14)  # two entries per chunk
+    torch.testing.assert_close(sampled_matmul(g, x, idx, 6), (g.t() @ x).reshape(-1)[idx.long()])
+
+
+def test_merged_weight_not_saved_for_backward():
+    weight = torch.randn(64, 64)
+    idx = torch.arange(0, 4096, 97, dtype=torch.int32)
+    values = torch.zeros(idx.numel(), requires_grad=True)
+    x = torch.randn(5, 64)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _SparseDeltaLinear.apply(x, values, idx, weight, 64, 64, "sampled").sum()
+    # only x, the values, the indices and the (frozen, shared) base weight itself are kept
+    assert all(t.numel() < weight.numel() or t.data_ptr() == weight.data_ptr() for t in saved)
+
+
+# ---- training invariants ---------------------------------------------------------------------------------------------
+
+
+def test_training_changes_only_masked_entries(model_and_mask):
+    model, mask = model_and_mask
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    peft_model = get_peft_model(model, SafetyConfig(mask=mask))
+    train(peft_model, steps=3)
+    merged = peft_model.merge_and_unload()
+    after = dict(merged.named_parameters())
+    assert set(after) == set(before)
+    for name, old in before.items():
+        new = after[name].detach()
+        if name in mask:
+            dense = mask.to_dense(name)
+            assert torch.equal(new[~dense], old[~dense]), name  # outside the mask: bit-identical
+            assert not torch.equal(new[dense], old[dense]), name  # inside: trained
+        else:
+            assert torch.equal(new, old), name
+
+
+def test_merge_unmerge_and_disable(model_and_mask):
+    model, mask = model_and_mask
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    peft_model = get_peft_model(model, SafetyConfig(mask=mask, init_weights=False))
+    ids = tokens()
+    with torch.no_grad():
+        unmerged = peft_model(ids).logits
+        with peft_model.disable_adapter():
+            disabled = peft_model(ids).logits
+        peft_model.merge_adapter()
+        merged = peft_model(ids).logits
+        peft_model.unmerge_adapter()
+        again = peft_model(ids).logits
+        base_out = peft_model.unload()(ids).logits
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, unmerged, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(disabled, unmerged)
+    torch.testing.assert_close(disabled, base_out)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, base[name], rtol=0, atol=1e-6)
+
+
+# ---- save / load ------------------------------------------------------------------------------------------------------
+
+
+def test_save_load_roundtrip_exact(tmp_path):
+    model = tiny_llama(seed=0)
+    mask = make_mask(model, LLAMA_GRANULARITY)
+    peft_model = get_peft_model(model, SafetyConfig(mask=mask, init_weights=False))
+    ids = tokens()
+    with torch.no_grad():
+        ref = peft_model(ids).logits
+    peft_model.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "SAFETY" and cfg["mask"] is None and cfg["mode"] == "train_only"
+    assert set(cfg["mask_layout"]) == {n.rsplit(".", 1)[0] for n in mask.names}
+
+    from safetensors.torch import load_file
+
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    q = "model.layers.0.self_attn.q_proj"
+    saved = state["base_model.model." + q + ".safety_indices"]
+    assert saved.dtype == torch.int32
+    assert torch.equal(saved, mask[q + ".weight"])
+
+    loaded = PeftModel.from_pretrained(tiny_llama(seed=0), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ref)
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+    trainable = PeftModel.from_pretrained(tiny_llama(seed=0), tmp_path, is_trainable=True)
+    assert sum(p.numel() for p in trainable.parameters() if p.requires_grad) == mask.numel()
+    train(trainable, steps=1)
+    merged = trainable.merge_and_unload()
+    base = dict(tiny_llama(seed=0).named_parameters())
+    for name, p in merged.named_parameters():
+        keep = ~mask.to_dense(name) if name in mask else torch.ones_like(p, dtype=torch.bool)
+        assert torch.equal(p.detach()[keep], base[name].detach()[keep]), name
+
+
+def test_autopeft_and_transformers_load_adapter(tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    base = tiny_llama(seed=0)
+    base.save_pretrained(tmp_path / "base")
+    base = type(base).from_pretrained(tmp_path / "base")
+    mask = make_mask(base, LLAMA_GRANULARITY)
+    peft_model = get_peft_model(base, SafetyConfig(mask=mask, init_weights=False))
+    ids = tokens()
+    with torch.no_grad():
+        ref = peft_model(ids).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(auto(ids).logits, ref, rtol=0, atol=0)
+
+    plain = type(base).from_pretrained(tmp_path / "base")
+    plain.load_adapter(str(tmp_path / "adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, ref, rtol=0, atol=0)
+
+
+def test_push_to_hub_uploads_adapter_files():
+    model = tiny_llama(seed=0)
+    peft_model = get_peft_model(model, SafetyConfig(mask=make_mask(model, LLAMA_GRANULARITY)))
+    with (
+        mock.patch("transformers.utils.hub.hf_api") as api,
+        mock.patch("transformers.utils.hub.create_and_tag_model_card"),
+    ):
+        peft_model.push_to_hub("me/toy-safety-adapter")
+    ops = api.return_value.create_commit.call_args.kwargs["operations"]
+    assert sorted(op.path_in_repo for op in ops) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_load_resizes_placeholders_when_mask_differs(tmp_path):
+    model = tiny_llama(seed=0)
+    big = make_mask(model, LLAMA_GRANULARITY, fraction=0.3, seed=1)
+    small = make_mask(model, LLAMA_GRANULARITY, fraction=0.1, seed=2)
+    peft_model = get_peft_model(model, SafetyConfig(mask=big, init_weights=False))
+    ids = tokens()
+    with torch.no_grad():
+        ref = peft_model(ids).logits
+    peft_model.save_pretrained(tmp_path)
+    # a config whose layout (placeholder sizes) comes from another mask: the checkpoint's sizes must win
+    other = get_peft_model(tiny_llama(seed=0), SafetyConfig(mask=small))
+    layout = other.peft_config["default"].mask_layout
+    config = SafetyConfig.from_pretrained(tmp_path)
+    config.mask_layout = layout
+    loaded = PeftModel.from_pretrained(tiny_llama(seed=0), tmp_path, config=config)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ref)
+
+
+def test_load_keeps_parameter_objects_when_shapes_agree(tmp_path):
+    from peft import set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict
+
+    model = tiny_llama(seed=0)
+    mask = make_mask(model, LLAMA_GRANULARITY)
+    peft_model = get_peft_model(model, SafetyConfig(mask=mask, init_weights=False))
+    state = get_peft_model_state_dict(peft_model)
+    before = {n: id(p) for n, p in peft_model.named_parameters() if p.requires_grad}
+    set_peft_model_state_dict(peft_model, state)
+    assert before == {n: id(p) for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+# ---- several adapters -------------------------------------------------------------------------------------------------
+
+
+def test_multiple_named_adapters(tmp_path):
+    model = tiny_llama(seed=0)
+    mask_a = make_mask(model, LLAMA_GRANULARITY, seed=0)
+    mask_b = make_mask(model, {"model.layers.0.self_attn.q_proj.weight": Weight()}, seed=3)
+    peft_model = get_peft_model(model, SafetyConfig(mask=mask_a, init_weights=False))
+    peft_model.add_adapter("other", SafetyConfig(mask=mask_b, init_weights=False))
+    assert not any(p.requires_grad for n, p in peft_model.named_parameters() if ".other" in n)
+    ids = tokens()
+    with torch.no_grad():
+        out_a = peft_model(ids).logits
+        peft_model.set_adapter("other")
+        out_b = peft_model(ids).logits
+    assert not torch.allclose(out_a, out_b)
+    assert all(p.requires_grad for n, p in peft_model.named_parameters() if n.endswith(".other"))
+    peft_model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(seed=0), tmp_path)
+    loaded.load_adapter(tmp_path / "other", adapter_name="other")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, out_a, rtol=0, atol=0)
+        loaded.set_adapter("other")
+        torch.testing.assert_close(loaded(ids).logits, out_b, rtol=0, atol=0)
+
+
+# ---- bad inputs -------------------------------------------------------------------------------------------------------
+
+
+def test_freeze_mode_points_to_trainer():
+    with pytest.raises(ValueError, match="SafetySFTTrainer"):
+        SafetyConfig(mask="some/mask", mode="freeze")
+
+
+def test_unknown_mode():
+    with pytest.raises(ValueError, match="Unknown mode 'sparse'"):
+        SafetyConfig(mask="some/mask", mode="sparse")
+
+
+def test_missing_mask_and_wrong_type():
+    with pytest.raises(ValueError, match="needs a mask"):
+        SafetyConfig()
+    with pytest.raises(TypeError, match="takes a SafetyMask"):
+        SafetyConfig(mask={"a": 1})
+    with pytest.raises(ValueError, match="values_dtype='int8'"):
+        SafetyConfig(mask="m", values_dtype="int8")
+
+
+def test_mask_for_another_model_shape():
+    other = tiny_llama(seed=0, hidden_size=48, head_dim=12)
+    mask = make_mask(other, {"model.layers.0.self_attn.q_proj.weight": Weight()})
+    with pytest.raises(ValueError, match="mask was built for another model"):
+        get_peft_model(tiny_llama(seed=0), SafetyConfig(mask=mask))
+
+
+def test_mask_for_another_model_fingerprint():
+    mask = make_mask(tiny_llama(seed=1), LLAMA_GRANULARITY, fingerprints=True)
+    with pytest.raises(ValueError, match="fingerprint of"):
+        get_peft_model(tiny_llama(seed=0), SafetyConfig(mask=mask))
+    # the same model passes
+    get_peft_model(tiny_llama(seed=1), SafetyConfig(mask=mask))
+
+
+def test_unknown_parameter():
+    mask = SafetyMask(
+        indices={"model.layers.7.mlp.up_proj.weight": [1]}, shapes={"model.layers.7.mlp.up_proj.weight": (64, 32)}
+    )
+    with pytest.raises(ValueError, match="which this model does not have"):
+        get_peft_model(tiny_llama(seed=0), SafetyConfig(mask=mask))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"exclude_modules": ["v_proj"]}, "filters exclude module 'model.layers.0.self_attn.v_proj'"),
+        ({"target_modules": ["q_proj"]}, "filters exclude module"),
+        ({"layers_to_transform": [0], "layers_pattern": "layers"}, "filters exclude module 'model.layers.1"),
+    ],
+)
+def test_mask_entries_on_excluded_modules(kwargs, fragment):
+    model = tiny_llama(seed=0)
+    with pytest.raises(ValueError, match=fragment):
+        get_peft_model(model, SafetyConfig(mask=make_mask(model, LLAMA_GRANULARITY), **kwargs))
+
+
+def test_filters_that_keep_every_mask_module_are_fine():
+    model = tiny_llama(seed=0)
+    mask = make_mask(model, {"model.layers.1.mlp.gate_proj.weight": Neuron(axis=0)})
+    cfg = SafetyConfig(mask=mask, layers_to_transform=[1], layers_pattern="layers", exclude_modules=["q_proj"])
+    assert get_peft_model(model, cfg).peft_config["default"].mask_layout
+
+
+def test_fused_moe_experts_are_refused_with_advice():
+    model = tiny_qwen2_moe(seed=0)
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    mask = make_mask(model, {name: Weight()})
+    with pytest.raises(ValueError, match=r"fused MoE expert parameter.*'\.experts\.' not in name"):
+        get_peft_model(model, SafetyConfig(mask=mask))
+
+
+def test_non_linear_parameter_refused():
+    model = tiny_llama(seed=0)
+    mask = make_mask(model, {"model.embed_tokens.weight": Neuron(axis=0)})
+    with pytest.raises(ValueError, match="belongs to a Embedding"):
+        get_peft_model(model, SafetyConfig(mask=mask))
+
+
+def test_target_parameters_refused():
+    with pytest.raises(ValueError, match="target_parameters"):
+        SafetyConfig(mask="m", target_parameters=["mlp.experts.gate_up_proj"])
+
+
+def test_mask_from_path(tmp_path):
+    model = tiny_llama(seed=0)
+    mask = make_mask(model, LLAMA_GRANULARITY)
+    mask.save_pretrained(tmp_path)
+    cfg = SafetyConfig(mask=str(tmp_path))
+    assert cfg.mask_source == str(tmp_path)
+    peft_model = get_peft_model(model, cfg)
+    assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == mask.numel()
