@@ -132,7 +132,11 @@ def _index_dtype(shape: Sequence[int]) -> torch.dtype:
 
 
 def _closest(name: str, candidates: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
+    candidates = list(candidates)
+    # a name that differs only by a wrapper prefix (PeftModel's "base_model.model.", DDP's "module.") is the most
+    # likely intended one, and difflib ranks it below siblings such as other layers' copies of the same module
+    close = [c for c in candidates if c.endswith("." + name) or name.endswith("." + c)][:3]
+    close = close or difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
     return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 
