@@ -100,7 +100,7 @@ def test_bad_inputs(tok):
         CalibrationSet([], tok)
     with pytest.raises(ValueError, match="needs a response in every row"):
         CalibrationSet([{"prompt": "hi"}], tok)
-    with pytest.raises(ValueError, match="no chat template.*template='raw', 'inst' or 'alpaca'"):
+    with pytest.raises(ValueError, match=r"no chat template.*template='raw', 'inst' or 'alpaca'"):
         CalibrationSet(ROWS, tiny_tokenizer(chat_template=None))
     assert CalibrationSet(ROWS, tiny_tokenizer(chat_template=None), chat_fallback="inst").template == "inst"
     with pytest.raises(ValueError, match="Unknown template 'llama'"):

@@ -60,7 +60,7 @@ def test_unknown_architecture():
             super().__init__()
             self.conv = nn.Conv1d(3, 3, 1)
 
-    with pytest.raises(ValueError, match="No parameter of Conv is eligible.*target_modules"):
+    with pytest.raises(ValueError, match=r"No parameter of Conv is eligible.*target_modules"):
         resolve_targets(Conv())
 
 
