@@ -69,7 +69,7 @@ def _order_keys(chunk: torch.Tensor, largest: bool) -> torch.Tensor:
     """
     bits = chunk.contiguous().view(torch.int32)
     keys = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    keys = torch.where(keys == -1, torch.zeros((), dtype=torch.int32), keys)  # -0.0 -> +0.0
+    keys.masked_fill_(keys == -1, 0)  # -0.0 -> +0.0
     if not largest:
         keys = torch.bitwise_not(keys)  # exact order reversal on int32, no overflow
     return keys
@@ -79,6 +79,22 @@ def _chunks(tensor: torch.Tensor, chunk: int) -> Iterable[tuple[int, torch.Tenso
     flat = tensor.reshape(-1)
     for start in range(0, flat.numel(), chunk):
         yield start, flat[start : start + chunk]
+
+
+def _count_into(hist: torch.Tensor, buckets: torch.Tensor) -> None:
+    """``hist[b] += 1`` for every ``b`` in ``buckets``. ``bincount`` is fastest on large chunks, but it allocates the
+    full 65536-bin result each call; for small chunks a scatter-add into the accumulator is ~40x cheaper."""
+    if buckets.numel() >= hist.numel() // 4:
+        hist += torch.bincount(buckets, minlength=hist.numel()).to(hist.device)
+    elif buckets.numel():
+        hist.index_add_(0, buckets.to(hist.device), torch.ones_like(buckets, device=hist.device))
+
+
+def _best_bucket(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """The highest bucket ``b`` such that at least ``k`` counts lie in buckets ``>= b``, and the count above ``b``."""
+    at_or_above = int(hist.sum()) - hist.cumsum(0) + hist  # non-increasing in the bucket index
+    bucket = int((at_or_above >= k).sum()) - 1
+    return bucket, int(at_or_above[bucket]) - int(hist[bucket])
 
 
 def _kth_key(tensors: Sequence[torch.Tensor], k: int, largest: bool, chunk: int) -> tuple[int, int]:
@@ -93,28 +109,18 @@ def _kth_key(tensors: Sequence[torch.Tensor], k: int, largest: bool, chunk: int)
     for t in tensors:
         for _, c in _chunks(t, chunk):
             keys = _order_keys(c, largest)
-            high += torch.bincount(((keys >> 16) + 32768).long(), minlength=1 << 16)
-    # walk from the best bucket down: cumulative count from the top
-    from_top = high.flip(0).cumsum(0)
-    pos = int(torch.searchsorted(from_top, torch.tensor([k], device=device)).item())
-    bucket = (1 << 16) - 1 - pos  # index into ``high``
-    above = int(from_top[pos - 1].item()) if pos > 0 else 0
-    bucket_signed = bucket - 32768
+            _count_into(high, ((keys >> 16) + 32768).long())
+    bucket, above = _best_bucket(high, k)
+    bucket_signed = bucket - 32768  # the high 16 bits of the k-th key, as a signed value
 
     low = torch.zeros(1 << 16, dtype=torch.int64, device=device)
     for t in tensors:
         for _, c in _chunks(t, chunk):
             keys = _order_keys(c, largest)
             inside = keys[(keys >> 16) == bucket_signed]
-            if inside.numel():
-                low += torch.bincount((inside & 0xFFFF).long(), minlength=1 << 16)
-    need = k - above
-    from_top = low.flip(0).cumsum(0)
-    pos = int(torch.searchsorted(from_top, torch.tensor([need], device=device)).item())
-    low_bits = (1 << 16) - 1 - pos
-    above += int(from_top[pos - 1].item()) if pos > 0 else 0
-    key = (bucket_signed << 16) | low_bits
-    return key, above
+            _count_into(low, (inside & 0xFFFF).long())
+    low_bits, above_low = _best_bucket(low, k - above)
+    return (bucket_signed << 16) | low_bits, above + above_low
 
 
 def _index_dtype(n: int) -> torch.dtype:
@@ -322,7 +328,7 @@ def _apply_exclude(indices: dict[str, torch.Tensor], scores: Any, exclude: Any) 
         raise TypeError(f"exclude must be a SafetyMask, got {type(exclude).__name__}.")
     out: dict[str, torch.Tensor] = {}
     for nm, idx in indices.items():
-        if nm not in exclude.shapes:
+        if nm not in exclude.names:  # no entry to remove; shapes/granularity of empty parameters do not matter
             out[nm] = idx
             continue
         if tuple(exclude.shapes[nm]) != tuple(scores.shapes[nm]):
@@ -336,9 +342,8 @@ def _apply_exclude(indices: dict[str, torch.Tensor], scores: Any, exclude: Any) 
                 f"exclude mask has granularity {g_exc} for {nm!r} but the selection has {g_sel}; convert both to "
                 "the same unit first, e.g. exclude.to_weight() together with Weight() scores."
             )
-        if nm in exclude.names:
-            drop = exclude[nm].to(device=idx.device, dtype=idx.dtype)
-            idx = idx[~torch.isin(idx, drop)]
+        drop = exclude[nm].to(device=idx.device, dtype=idx.dtype)
+        idx = idx[~torch.isin(idx, drop)]
         if idx.numel():
             out[nm] = idx
     return out

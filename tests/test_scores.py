@@ -42,9 +42,9 @@ def test_fp64_overflow_to_inf_is_caught():
 
 
 def test_type_errors():
-    with pytest.raises(TypeError, match="dtype torch.int64"):
+    with pytest.raises(TypeError, match=r"dtype torch\.int64"):
         Scores({"w": torch.arange(3)})
-    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"must be a torch\.Tensor"):
         Scores({"w": [1.0, 2.0]})
     with pytest.raises(TypeError, match="mapping name -> tensor"):
         Scores([torch.ones(2)])
@@ -57,7 +57,9 @@ def test_granularity_shapes():
     assert n.numel() == 12 and n.shapes["w"] == (2, 3, 6)
     h = Scores({"q": torch.rand(4)}, granularity=Head(head_dim=2), shapes={"q": (8, 5)})
     assert h.numel() == 4
-    lay = Scores({"a": torch.tensor(2.0), "b": torch.tensor(1.0)}, granularity=Layer(), shapes={"a": (3, 3), "b": (4,)})
+    lay = Scores(
+        {"a": torch.tensor(2.0), "b": torch.tensor(1.0)}, granularity=Layer(), shapes={"a": (3, 3), "b": (4,)}
+    )
     assert lay.numel() == 2
     assert expected_score_shape((3, 4), Neuron(0)) == (3,)
     assert expected_score_shape((3, 4), Layer()) == ()
