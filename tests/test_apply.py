@@ -111,7 +111,7 @@ def test_bad_inputs():
     mask = _mask(model)
     with pytest.raises(ValueError, match="Unknown safety mode 'spa'"):
         apply_mask_(model, mask, mode="spa")
-    with pytest.raises(TypeError, match="torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         apply_mask_("model", mask)
     other = tiny_llama(seed=0, num_hidden_layers=1)
     with pytest.raises(ValueError, match="does not fit this model"):

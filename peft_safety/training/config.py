@@ -1,0 +1,112 @@
+"""``SafetySFTConfig``: TRL's ``SFTConfig`` plus the safety-mask fields (HfArgumentParser-compatible)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+try:
+    from trl import SFTConfig
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise ImportError("SafetySFTConfig needs trl: install it with `pip install 'peft-safety[trl]'`.") from err
+
+__all__ = ["SAFETY_MODES", "SafetySFTConfig"]
+
+SAFETY_MODES = ("freeze", "train_only")
+_FINGERPRINT_CHECKS = ("error", "warn", "ignore")
+
+
+@dataclass
+class SafetySFTConfig(SFTConfig):
+    r"""Configuration of `SafetySFTTrainer`: every `trl.SFTConfig` field, plus the fields below.
+
+    Parameters that control the safety mask:
+
+    > Which mask, and what to do with it
+
+    safety_mask (`str` or `None`, defaults to `None`):
+        Folder, ``safety_mask.safetensors`` file or Hub repo id of a `SafetyMask` (a `SafetyMask` object can be given
+        to the trainer directly through ``SafetySFTTrainer(..., safety_mask=mask)``).
+    safety_mode (`str` or `None`, defaults to `None`):
+        ``"freeze"`` (SPA: keep the mask's entries unchanged while fine-tuning with LoRA, QLoRA or full weights) or
+        ``"train_only"`` (SET: train only the mask's entries). Required whenever a mask is given.
+    safety_train_only_full_weights (`bool`, defaults to `False`):
+        With ``safety_mode="train_only"`` and no ``peft_config``, train the mask's entries directly in the full
+        weights instead of through a sparse SET adapter. Opt-in because it keeps dense gradients and optimizer state
+        for every tensor the mask touches; the adapter holds state only for the mask's entries.
+
+    > Checks and logging
+
+    safety_verify (`bool`, defaults to `True`):
+        At the end of training, verify that the guarantee holds (frozen entries bit-identical, or the unmasked part
+        of an adapter zero) and raise if it does not.
+    safety_log_drift (`bool`, defaults to `True`):
+        Log ``safety/masked_drift`` and ``safety/unmasked_drift`` (relative change of the masked vs the other
+        entries of the covered weights) at each logging step.
+    safety_eval_steps (`int` or `None`, defaults to `None`):
+        Run the refusal-evaluation callback every this many steps (needs an evaluator, see `RefusalEvalCallback`).
+    safety_fingerprint_check (`str`, defaults to `"error"`):
+        What to do when the mask's recorded weight fingerprints differ from the model's: ``"error"``, ``"warn"`` or
+        ``"ignore"``.
+    """
+
+    safety_mask: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder, safety_mask.safetensors file or Hub repo id of a SafetyMask. A SafetyMask object can be "
+            "passed to SafetySFTTrainer(safety_mask=...) instead."
+        },
+    )
+    safety_mode: str | None = field(
+        default=None,
+        metadata={
+            "help": "'freeze' (SPA: keep the mask's entries unchanged) or 'train_only' (SET: train only the mask's "
+            "entries). Required when a mask is given.",
+            "choices": list(SAFETY_MODES),
+        },
+    )
+    safety_train_only_full_weights: bool = field(
+        default=False,
+        metadata={
+            "help": "With safety_mode='train_only' and no peft_config: train the mask's entries in the full weights "
+            "instead of a sparse SET adapter (dense gradients and optimizer state: prefer the adapter for small masks)."
+        },
+    )
+    safety_verify: bool = field(
+        default=True,
+        metadata={"help": "Verify the guarantee at the end of training and raise if it is violated."},
+    )
+    safety_log_drift: bool = field(
+        default=True,
+        metadata={"help": "Log safety/masked_drift and safety/unmasked_drift at each logging step."},
+    )
+    safety_eval_steps: int | None = field(
+        default=None,
+        metadata={"help": "Run the refusal-evaluation callback every N steps (None: never)."},
+    )
+    safety_fingerprint_check: str = field(
+        default="error",
+        metadata={
+            "help": "When the mask's weight fingerprints differ from the model's: 'error', 'warn' or 'ignore'.",
+            "choices": list(_FINGERPRINT_CHECKS),
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.safety_mode is not None and self.safety_mode not in SAFETY_MODES:
+            raise ValueError(
+                f"safety_mode={self.safety_mode!r} is not a mode; use 'freeze' (SPA: keep the mask's entries "
+                "unchanged) or 'train_only' (SET: train only the mask's entries)."
+            )
+        if self.safety_mask is not None and self.safety_mode is None:
+            raise ValueError(
+                f"safety_mask={self.safety_mask!r} is set but safety_mode is not: pass safety_mode='freeze' (SPA) or "
+                "safety_mode='train_only' (SET)."
+            )
+        if self.safety_fingerprint_check not in _FINGERPRINT_CHECKS:
+            raise ValueError(
+                f"safety_fingerprint_check={self.safety_fingerprint_check!r} is invalid; use 'error', 'warn' or "
+                "'ignore'."
+            )
+        if self.safety_eval_steps is not None and self.safety_eval_steps <= 0:
+            raise ValueError(f"safety_eval_steps must be a positive int or None, got {self.safety_eval_steps}.")
