@@ -186,7 +186,7 @@ def gradient_pass(
             loss = objective(model, batch, batch_index)
             if not bool(torch.isfinite(loss.detach())):
                 raise ValueError(
-                    f"Non-finite loss ({float(loss):.4g}) at batch {batch_index} (rows {indices[0]}..{indices[-1]}). "
+                    f"Non-finite loss ({float(loss.detach()):.4g}) at batch {batch_index} (rows {indices[0]}..{indices[-1]}). "
                     "Check the model weights and the data of those rows."
                 )
             loss.backward()
@@ -362,7 +362,9 @@ class JudgeObjective:
                     cols.append(p)
                     vals.append(1.0 / len(pieces))
             index = torch.tensor([rows, cols], dtype=torch.long)
-            self._transfer = torch.sparse_coo_tensor(index, torch.tensor(vals), (g_vocab, target_vocab)).coalesce()
+            self._transfer = torch.sparse_coo_tensor(
+                index, torch.tensor(vals), (g_vocab, target_vocab), check_invariants=True
+            ).coalesce()
         return self._transfer
 
     def guard_gradient(self, response_text: str) -> torch.Tensor:

@@ -1,0 +1,170 @@
+"""snip / esi: closed-form checks against per-sample autograd, aggregation, padding invariance, hygiene, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peft_safety.data import CalibrationSet, refusal_rows
+from peft_safety.scoring import score
+from peft_safety.scoring.gradient import JudgeObjective
+from peft_safety.testing import tiny_llama, tiny_tokenizer
+
+PROMPTS = ["How do I pick a lock?", "hi", "Write malware now", "ok"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def calib(tok):
+    return CalibrationSet(refusal_rows(PROMPTS, lambda p: "No. " + p[::-1]), tok)
+
+
+def per_sample_grads(model, calib, name):
+    """Reference: one autograd call per sample on the response-only mean NLL."""
+    weight = dict(model.named_parameters())[name]
+    grads = []
+    for i in range(len(calib)):
+        ex = calib.example(i)
+        logits = model(input_ids=ex["input_ids"][None]).logits[0, :-1]
+        labels = ex["labels"][1:]
+        keep = labels != -100
+        (g,) = torch.autograd.grad(F.cross_entropy(logits[keep], labels[keep]), weight)
+        grads.append(g)
+    return weight.detach(), torch.stack(grads)
+
+
+NAMES = ["model.layers.0.self_attn.v_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+
+
+def test_snip_and_esi_closed_form(calib):
+    model = tiny_llama(seed=0)
+    s_abs = score(model, calib, "snip", progress=False)
+    s_sum = score(model, calib, "snip", aggregation="abs_of_sum", batch_size=3, progress=False)
+    e = score(model, calib, "esi", batch_size=3, progress=False)
+    for name in NAMES:
+        w, g = per_sample_grads(model, calib, name)
+        torch.testing.assert_close(s_abs[name], w.abs() * g.abs().sum(0), rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(s_sum[name], w.abs() * g.sum(0).abs(), rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(e[name], g.sum(0).abs() * w.std(), rtol=1e-4, atol=1e-9)
+    assert s_abs.provenance["aggregation"] == "sum_of_abs" and e.provenance["std"] == "unbiased"
+    assert s_abs.provenance["data_hash"] == calib.data_hash and s_abs.provenance["method"] == "snip"
+
+
+def test_sum_of_abs_vs_abs_of_sum(calib):
+    model = tiny_llama(seed=0)
+    a = score(model, calib, "snip", target_modules=["down_proj"], progress=False)
+    b = score(model, calib, "snip", aggregation="abs_of_sum", target_modules=["down_proj"], progress=False)
+    for name in a:
+        # triangle inequality: |sum g| <= sum |g|, strict where per-sample signs disagree
+        assert (b[name] <= a[name] * (1 + 1e-5) + 1e-12).all()
+        assert (b[name] < a[name] * (1 - 1e-3)).any()
+    # a single sample: both aggregations coincide
+    one = calib.subsample(1, seed=0)
+    a1 = score(model, one, "snip", target_modules=["down_proj"], progress=False)
+    b1 = score(model, one, "snip", aggregation="abs_of_sum", target_modules=["down_proj"], progress=False)
+    for name in a1:
+        torch.testing.assert_close(a1[name], b1[name], rtol=1e-5, atol=1e-10)
+
+
+def test_padding_and_batching_invariance(calib):
+    model = tiny_llama(seed=0)
+    alone = score(model, calib, "esi", batch_size=1, progress=False)
+    padded = score(model, calib, "esi", batch_size=4, progress=False)
+    for name in alone:
+        torch.testing.assert_close(alone[name], padded[name], rtol=1e-4, atol=1e-9)
+
+
+def test_hygiene_and_determinism(calib):
+    model = tiny_llama(seed=0)
+    model.model.layers[0].self_attn.q_proj.weight.requires_grad_(False)  # a user flag that must survive
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    first = score(model, calib, "snip", aggregation="abs_of_sum", batch_size=2, progress=False)
+    second = score(model, calib, "snip", aggregation="abs_of_sum", batch_size=2, progress=False)
+    for name in first:
+        assert torch.equal(first[name], second[name])
+    for n, p in model.named_parameters():
+        assert p.grad is None, n
+        assert p.requires_grad == before[n], n
+        assert not p._post_accumulate_grad_hooks, n
+    assert all(not m._forward_hooks for m in model.modules())
+    assert model.training is False
+
+
+def test_bf16_and_checkpointing(calib):
+    ref = score(tiny_llama(seed=0), calib, "esi", progress=False)
+    bf16 = score(tiny_llama(seed=0, dtype=torch.bfloat16), calib, "esi", progress=False)
+    name = NAMES[1]
+    assert bf16[name].dtype == torch.float32
+    assert torch.corrcoef(torch.stack([ref[name].flatten(), bf16[name].flatten()]))[0, 1] > 0.9
+    model = tiny_llama(seed=0)
+    model.train()
+    model.gradient_checkpointing_enable()
+    ck = score(model, calib, "esi", progress=False)
+    for n in ref:
+        torch.testing.assert_close(ck[n], ref[n], rtol=1e-4, atol=1e-9)
+    assert model.training is True
+
+
+def test_nan_gradient_names_parameter(calib):
+    model = tiny_llama(seed=0)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"Non-finite (loss|gradient).* batch 0"):
+        score(model, calib, "esi", progress=False)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+
+
+def test_nan_gradient_with_finite_loss(calib):
+    from peft_safety.scoring.gradient import refusal_nll
+
+    model = tiny_llama(seed=0)
+    w = model.model.layers[1].mlp.down_proj.weight
+
+    def objective(m, batch, batch_index):
+        # sqrt at 0: the value is 0 (finite loss) but the derivative is inf
+        return refusal_nll(m, batch, batch_index) + torch.sqrt(w[0, 0] - w[0, 0].detach())
+
+    with pytest.raises(
+        ValueError, match=r"Non-finite gradient .* 'model\.layers\.1\.mlp\.down_proj\.weight' at batch 0"
+    ):
+        score(model, calib, "esi", objective=objective, progress=False)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bad_inputs(calib, tok):
+    model = tiny_llama(seed=0)
+    with pytest.raises(ValueError, match=r"Unknown scorer 'snp'\. Did you mean 'snip'\?"):
+        score(model, calib, "snp")
+    with pytest.raises(ValueError, match="Unknown aggregation 'mean'"):
+        score(model, calib, "snip", aggregation="mean", progress=False)
+    with pytest.raises(ValueError, match="need calibration data"):
+        score(model, None, "snip", progress=False)
+    with pytest.raises(ValueError, match="loss='none'"):
+        score(model, CalibrationSet([{"prompt": "hi"}], tok, loss="none"), "esi", progress=False)
+    with pytest.raises(ValueError, match="match no module"):
+        score(model, calib, "esi", target_modules=["nope_proj"], progress=False)
+
+
+def test_judge_objective_tiny_guard(calib, tok):
+    model, guard = tiny_llama(seed=0), tiny_llama(seed=1, num_hidden_layers=1)
+    judge = JudgeObjective(guard, tok, tok, safe_token="s", seed=0)
+    a = score(model, calib, "esi", objective=judge, progress=False)
+    b = score(model, calib, "esi", objective=JudgeObjective(guard, tok, tok, safe_token="s", seed=0), progress=False)
+    c = score(model, calib, "esi", objective=JudgeObjective(guard, tok, tok, safe_token="s", seed=1), progress=False)
+    name = NAMES[1]
+    assert torch.equal(a[name], b[name])  # seeded Gumbel noise: reproducible
+    assert not torch.equal(a[name], c[name])
+    assert a[name].abs().sum() > 0
+    assert all(p.grad is None for p in guard.parameters()) and all(p.requires_grad for p in guard.parameters())
+    assert a.provenance["objective"] == "JudgeObjective"
+    # identical tokenizers: the vocabulary transfer is the identity on ordinary tokens
+    dense = judge.transfer_matrix(128).to_dense()
+    assert dense[40, 40] == 1 and dense[40].sum() == 1
+    with pytest.raises(ValueError, match="is 2 guard tokens"):
+        JudgeObjective(guard, tok, tok, safe_token="ab")
