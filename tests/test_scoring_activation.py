@@ -56,7 +56,7 @@ def test_wanda_prompt_tokens_do_not_count(calib):
 
 
 def test_wanda_rejects_non_linear(calib):
-    with pytest.raises(ValueError, match="wanda cannot score 'model.embed_tokens.weight'"):
+    with pytest.raises(ValueError, match=r"wanda cannot score .model\.embed_tokens\.weight."):
         score(tiny_llama(), calib, "wanda", include_embeddings=True, progress=False)
     with pytest.raises(ValueError, match="non-empty CalibrationSet"):
         score(tiny_llama(), None, "wanda", progress=False)
