@@ -1,0 +1,404 @@
+"""Masked LoRA for SPA (mode ``"freeze"``): a LoRA adapter whose update is exactly zero on a ``SafetyMask``.
+
+The mechanism depends on the mask's granularity, always the cheapest one that is **exact with any optimizer**:
+
+| granularity | mechanism | extra cost per step |
+|---|---|---|
+| ``Layer()`` | the module is added to ``exclude_modules``: LoRA never adapts it | none |
+| ``Neuron(axis=0)``, ``Head(axis=0)`` | rows ``i`` of ``lora_B`` enter forward and merge as zeros (``B.index_fill(0, rows, 0)``) | an index fill on a ``(d_out, r)`` tensor |
+| ``Neuron(axis=1)``, ``Head(axis=1)`` | columns ``j`` of ``lora_A`` enter forward and merge as zeros (and start at zero) | an index fill on an ``(r, d_in)`` tensor |
+| ``Weight()`` | the dense delta ``(B A) * scaling`` with the masked entries filled with zero, in forward and in merge | one dense ``(d_out, d_in)`` delta and matmul per layer |
+
+Masking the *effective* weights inside forward (rather than zeroing gradients and re-zeroing after each optimizer
+step) means the guarantee does not depend on the optimizer: the masked rows/columns never reach the output or the
+merged weight, whatever AdamW decay, momentum or a foreign optimizer state does to the stored tensors. Their gradient
+is zero as a side effect, so with AdamW they also stay at their initial zeros, which keeps even a plain-LoRA reload of
+a rows/columns adapter exact. No low-rank parametrisation can keep arbitrary entries at zero, hence the dense masked
+delta for ``Weight()`` masks.
+
+Refused, with a clear error: DoRA (rescales whole rows through its magnitude vector), LoRA biases, initialisations
+with a non-zero ``B`` (``init_lora_weights`` other than ``True``/``"gaussian"``: pissa, olora, eva, corda, loftq,
+orthogonal, ...), ``lm_head`` targets (TRL rejects ``lm_head`` adapters), and ``target_parameters`` over masked
+parameters (fused MoE experts).
+
+The masks are stored per layer in persistent buffers (``lora_safety_rows`` / ``lora_safety_cols`` /
+``lora_safety_entries``), so they are written into ``adapter_model.safetensors``. PEFT does not serialise custom LoRA
+layer classes: reload with :func:`load_masked_lora`, which rebuilds the masked layers from those buffers.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
+from torch import nn
+
+__all__ = [
+    "SafetyLoraLinear",
+    "check_masked_lora_model",
+    "get_masked_lora_model",
+    "load_masked_lora",
+    "mask_lora_config",
+]
+
+_MASK_KINDS = ("rows", "cols", "entries")
+_BUFFER = {kind: f"lora_safety_{kind}" for kind in _MASK_KINDS}
+_ZERO_B_INITS = (True, "gaussian")
+
+
+class SafetyLoraLinear(LoraLinear):
+    """A LoRA ``Linear`` whose delta is zero on the mask's rows, columns or entries (see the module docstring).
+
+    Do not instantiate directly: :func:`mask_lora_config` registers a subclass bound to a mask through
+    ``LoraConfig._register_custom_module``. Modules without mask entries behave exactly like ``peft``'s LoRA
+    ``Linear``.
+    """
+
+    #: ``{module key: {"rows"|"cols"|"entries": int tensor}}``, set on the subclass made by ``_layer_class``.
+    _safety_masks: dict[str, dict[str, torch.Tensor]] = {}
+
+    other_param_names = (*LoraLinear.other_param_names, *_BUFFER.values())
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> None:
+        # The buffers must exist before LoraLinear.__init__ calls update_layer; nn.Module is not initialised yet, so
+        # record the target name on the class-independent kwargs and create the buffers lazily in update_layer.
+        self._pending_target = kwargs.get("target_name", "")
+        super().__init__(base_layer, adapter_name, config=config, **kwargs)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "_pending_target" and "_parameters" not in self.__dict__:
+            object.__setattr__(self, name, value)
+            return
+        super().__setattr__(name, value)
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs: Any) -> None:
+        super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+        for attr in _BUFFER.values():
+            if not hasattr(self, attr) or not isinstance(getattr(self, attr), BufferDict):
+                # persistent=True: PEFT's BufferDict defaults to non-persistent, which would drop the mask on save.
+                setattr(self, attr, BufferDict({}, persistent=True))
+        target = kwargs.get("target_name") or getattr(self, "_pending_target", "")
+        self._safety_target = target
+        masks = type(self)._safety_masks.get(_strip_peft_prefix(target), {})
+        device = self.lora_A[adapter_name].weight.device
+        for kind, idx in masks.items():
+            getattr(self, _BUFFER[kind])[adapter_name] = idx.to(device=device, dtype=torch.int32)
+        if "cols" in masks:
+            # A is Kaiming-initialised, so masked columns are not zero by default; zero them so the stored adapter
+            # is clean too (forward and merge mask them regardless).
+            with torch.no_grad():
+                self.lora_A[adapter_name].weight.index_fill_(1, masks["cols"].to(device=device, dtype=torch.int64), 0)
+        if "rows" in masks:
+            with torch.no_grad():
+                self.lora_B[adapter_name].weight.index_fill_(0, masks["rows"].to(device=device, dtype=torch.int64), 0)
+
+    def _mask_of(self, adapter_name: str) -> tuple[str, torch.Tensor] | None:
+        for kind, attr in _BUFFER.items():
+            buffers = getattr(self, attr, None)
+            if buffers is not None and adapter_name in buffers:
+                return kind, buffers[adapter_name].to(torch.int64)
+        return None
+
+    def _masked_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` weights with masked columns of A / rows of B replaced by zeros (out of place, autograd-safe)."""
+        weight_a = self.lora_A[adapter_name].weight
+        weight_b = self.lora_B[adapter_name].weight
+        mask = self._mask_of(adapter_name)
+        if mask is not None:
+            kind, idx = mask
+            if kind == "rows":
+                weight_b = weight_b.index_fill(0, idx.to(weight_b.device), 0)
+            elif kind == "cols":
+                weight_a = weight_a.index_fill(1, idx.to(weight_a.device), 0)
+        return weight_a, weight_b
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``(B A) * scaling`` with the masked rows, columns or entries exactly zero (used by merge)."""
+        delta = super().get_delta_weight(adapter)
+        mask = self._mask_of(adapter)
+        if mask is None:
+            return delta
+        kind, idx = mask
+        idx = idx.to(delta.device)
+        if kind == "rows":
+            return delta.index_fill(0, idx, 0)
+        if kind == "cols":
+            return delta.index_fill(1, idx, 0)
+        return delta.reshape(-1).index_fill(0, idx, 0).view_as(delta)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        from peft.utils.quantization_utils import resolve_quantization_backend
+
+        if resolve_quantization_backend(self.get_base_layer()) is not None:
+            raise ValueError(
+                "Merging a masked LoRA adapter into a quantised (bitsandbytes) base re-quantises the whole weight and "
+                "moves the protected entries. Keep the adapter unmerged, or load the base in bf16/fp32 and merge there."
+            )
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        masked = [a for a in active if self._mask_of(a) is not None]
+        if self.disable_adapters or self.merged or not masked:
+            return super().forward(x, *args, **kwargs)
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "Mixed-batch inference (adapter_names=...) is not supported by masked LoRA layers; "
+                "use set_adapter(...) instead."
+            )
+        result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype
+        for name in active:
+            dropout = self.lora_dropout[name]
+            scaling = self.scaling[name]
+            xa = self._cast_input_dtype(x, self.lora_A[name].weight.dtype)
+            mask = self._mask_of(name)
+            if mask is not None and mask[0] == "entries":
+                idx = mask[1]
+                weight_a = self.lora_A[name].weight
+                weight_b = self.lora_B[name].weight
+                delta = (weight_b @ weight_a) * scaling
+                delta = delta.reshape(-1).index_fill(0, idx.to(delta.device), 0).view_as(delta)
+                result = result + F.linear(dropout(xa), delta).to(result_dtype)
+            else:
+                weight_a, weight_b = self._masked_factors(name)
+                result = result + (F.linear(F.linear(dropout(xa), weight_a), weight_b) * scaling).to(result_dtype)
+        return result.to(result_dtype)
+
+    def __repr__(self) -> str:
+        return "safety_masked_" + super().__repr__()
+
+
+def _strip_peft_prefix(key: str) -> str:
+    for prefix in ("base_model.model.",):
+        key = key.removeprefix(prefix)
+    return key
+
+
+def _layer_class(masks: dict[str, dict[str, torch.Tensor]]) -> type[SafetyLoraLinear]:
+    """A ``SafetyLoraLinear`` subclass bound to ``masks`` (PEFT instantiates custom layers by class)."""
+    return type("SafetyLoraLinear", (SafetyLoraLinear,), {"_safety_masks": masks, "__module__": __name__})
+
+
+def _check_lora_config(config: LoraConfig) -> None:
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"mask_lora_config expects a peft.LoraConfig, got {type(config).__name__}.")
+    if config.use_dora:
+        raise ValueError(
+            "use_dora=True cannot keep masked entries frozen: DoRA rescales whole rows through its magnitude vector, "
+            "so every protected entry moves. Use plain LoRA (use_dora=False) with a safety mask."
+        )
+    if config.init_lora_weights not in _ZERO_B_INITS:
+        raise ValueError(
+            f"init_lora_weights={config.init_lora_weights!r} starts LoRA with a non-zero update (or rewrites the base "
+            "weights), which moves protected entries before training. Use init_lora_weights=True or 'gaussian'."
+        )
+    if config.lora_bias:
+        raise ValueError("lora_bias=True adds a trainable bias to every output, masked rows included; use False.")
+
+
+def _exclude(config: LoraConfig, keys: list[str]) -> None:
+    """Add full module keys to ``config.exclude_modules`` (a list, or a regex string extended by alternation)."""
+    if not keys:
+        return
+    current = config.exclude_modules
+    if current is None:
+        config.exclude_modules = sorted(keys)
+    elif isinstance(current, str):
+        config.exclude_modules = "|".join([f"(?:{current})", *(re.escape(k) for k in sorted(keys))])
+    else:
+        config.exclude_modules = sorted({*current, *keys})
+
+
+def _granularity_kind(granularity: Any, idx: torch.Tensor, name: str) -> tuple[str | None, torch.Tensor | None]:
+    from ..mask import Head, Layer, Neuron, Weight
+
+    if isinstance(granularity, Layer):
+        return None, None
+    if isinstance(granularity, Weight):
+        return "entries", idx
+    if isinstance(granularity, Neuron):
+        return ("rows" if granularity.axis == 0 else "cols"), idx
+    if isinstance(granularity, Head):
+        hd = int(granularity.head_dim)
+        rows = (idx.to(torch.int64)[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)
+        return ("rows" if granularity.axis == 0 else "cols"), rows
+    raise TypeError(f"Unsupported granularity {granularity!r} for {name!r}.")
+
+
+def mask_lora_config(lora_config: LoraConfig, mask: Any) -> LoraConfig:
+    """A copy of ``lora_config`` whose LoRA update is exactly zero on ``mask`` (SPA with LoRA).
+
+    Layer-masked modules are excluded from the adapter; every other masked ``nn.Linear`` gets a ``SafetyLoraLinear``
+    (registered through ``LoraConfig._register_custom_module``) that keeps masked rows, columns or entries of its
+    delta at zero in forward and merge.
+
+    Args:
+        lora_config: the LoRA config to protect (not modified).
+        mask: the ``SafetyMask`` of entries to keep frozen.
+
+    Returns:
+        A new ``LoraConfig``; pass it to ``get_peft_model`` (or use :func:`get_masked_lora_model`, which also checks
+        the result), or as ``peft_config`` to a trainer.
+
+    Raises:
+        TypeError: for a non-``LoraConfig`` or non-``SafetyMask`` argument.
+        ValueError: DoRA, LoRA bias, a non-zero-B initialisation, mask entries on an ``lm_head`` the config targets,
+            or masked parameters targeted through ``target_parameters``.
+
+    Example:
+
+    ```python
+    >>> cfg = mask_lora_config(LoraConfig(r=16, target_modules="all-linear"), mask)    # doctest: +SKIP
+    >>> model = get_peft_model(base_model, cfg)                                         # doctest: +SKIP
+    ```
+    """
+    from ..mask import SafetyMask
+
+    _check_lora_config(lora_config)
+    if not isinstance(mask, SafetyMask):
+        raise TypeError(f"mask_lora_config expects a SafetyMask, got {type(mask).__name__}.")
+    config = copy.deepcopy(lora_config)
+    layer_keys: list[str] = []
+    masks: dict[str, dict[str, torch.Tensor]] = {}
+    for name in mask.names:
+        module_key, _, attr = name.rpartition(".")
+        if module_key.rsplit(".", 1)[-1] == "lm_head" and _targets(config, module_key):
+            raise ValueError(
+                f"The mask has entries on {name!r} and the LoRA config targets lm_head. TRL's SFTTrainer rejects "
+                "lm_head adapters, and a LoRA layer there cannot keep its entries frozen under TRL's fused loss. "
+                "Leave lm_head out of target_modules (it then stays frozen), or protect it with full fine-tuning "
+                "(SafetySFTTrainer with safety_mode='freeze' and peft_config=None, or apply_mask_(model, mask, "
+                "mode='freeze'))."
+            )
+        if attr != "weight":
+            targeted = config.target_parameters and any(name.endswith(p) for p in config.target_parameters)
+            if targeted:
+                raise ValueError(
+                    f"The mask has entries on {name!r}, which the LoRA config adapts through target_parameters. "
+                    "Masked LoRA supports nn.Linear modules only: drop it from target_parameters (it then stays "
+                    "frozen) or protect it with full fine-tuning (safety_mode='freeze', peft_config=None)."
+                )
+            continue  # not an nn.Linear weight and not targeted: LoRA never changes it
+        kind, idx = _granularity_kind(mask.granularity_of(name), mask[name], name)
+        if kind is None:
+            layer_keys.append(module_key)
+        else:
+            masks[module_key] = {kind: idx.to(torch.int32)}
+    _exclude(config, layer_keys)
+    if masks:
+        config._register_custom_module({nn.Linear: _layer_class(masks)})
+    return config
+
+
+def _targets(config: LoraConfig, module_key: str) -> bool:
+    if config.target_modules in (None, "all-linear"):
+        # PEFT's "all-linear" never includes the output layer; None defers to PEFT's per-model defaults (attention)
+        return False
+    result = check_target_module_exists(config, module_key)
+    return bool(result) and type(result).__name__ != "_ExcludedModule"
+
+
+def check_masked_lora_model(peft_model: nn.Module, mask: Any) -> None:
+    """Verify that every module of ``peft_model`` that carries a LoRA adapter and mask entries masks them.
+
+    Args:
+        peft_model: a model with LoRA layers (a ``PeftModel`` or a model with injected adapters).
+        mask: the ``SafetyMask`` the adapter must respect.
+
+    Raises:
+        ValueError: if a LoRA layer sits on a masked module without masking it (e.g. an embedding or a layer
+            created without the custom module registration), or a ``Layer()``-masked module got a LoRA adapter.
+    """
+    from ..mask import Layer
+
+    modules = {_strip_peft_prefix(k): m for k, m in peft_model.named_modules()}
+    for name in mask.names:
+        module_key = name.rpartition(".")[0]
+        module = modules.get(module_key)
+        if not isinstance(module, BaseTunerLayer) or not hasattr(module, "lora_A") or not len(module.lora_A):
+            continue
+        if isinstance(mask.granularity_of(name), Layer):
+            raise ValueError(f"{module_key!r} is Layer()-masked but carries a LoRA adapter; use mask_lora_config.")
+        if not isinstance(module, SafetyLoraLinear) or any(module._mask_of(a) is None for a in module.lora_A):
+            raise ValueError(
+                f"{module_key!r} has mask entries and a LoRA adapter that does not mask them "
+                f"({type(module).__name__}). Build the config with mask_lora_config(...) and load adapters with "
+                "load_masked_lora(...); masked LoRA supports nn.Linear modules only."
+            )
+
+
+def get_masked_lora_model(model: nn.Module, lora_config: LoraConfig, mask: Any, **kwargs: Any) -> PeftModel:
+    """``get_peft_model(model, mask_lora_config(lora_config, mask))``, checked with :func:`check_masked_lora_model`.
+
+    Args:
+        model: the base model.
+        lora_config: the LoRA config to protect.
+        mask: the ``SafetyMask`` of entries to keep frozen.
+        **kwargs: passed to ``peft.get_peft_model`` (e.g. ``adapter_name``).
+
+    Returns:
+        The ``PeftModel``.
+
+    Raises:
+        ValueError: see :func:`mask_lora_config` and :func:`check_masked_lora_model`; also a mask that does not fit
+            the model (``SafetyMask.validate``).
+    """
+    mask.validate(model)
+    peft_model = get_peft_model(model, mask_lora_config(lora_config, mask), **kwargs)
+    check_masked_lora_model(peft_model, mask)
+    return peft_model
+
+
+def load_masked_lora(
+    model: nn.Module, model_id: str, adapter_name: str = "default", is_trainable: bool = False, **kwargs: Any
+) -> PeftModel:
+    """Load a masked LoRA adapter saved from :func:`mask_lora_config` / :func:`get_masked_lora_model`.
+
+    PEFT does not serialise custom LoRA layer classes, so a plain ``PeftModel.from_pretrained`` would rebuild ordinary
+    LoRA layers (and warn about unexpected ``lora_safety_*`` keys). This reads the masks back from
+    ``adapter_model.safetensors``, re-registers the masked layer class and loads the adapter.
+
+    Args:
+        model: the base model.
+        model_id: local folder or Hub repo id of the adapter.
+        adapter_name: name to give the adapter.
+        is_trainable: load the adapter trainable (to continue training with the same guarantee).
+        **kwargs: passed to ``PeftModel.from_pretrained`` and ``load_peft_weights`` (``subfolder``, ``revision``...).
+
+    Returns:
+        The ``PeftModel``.
+
+    Raises:
+        ValueError: if the adapter is not a LoRA adapter or has no ``lora_safety_*`` buffers.
+    """
+    from peft import PeftConfig
+    from peft.utils import load_peft_weights
+
+    config = PeftConfig.from_pretrained(
+        model_id, **{k: v for k, v in kwargs.items() if k in ("subfolder", "revision", "token")}
+    )
+    if not isinstance(config, LoraConfig):
+        raise ValueError(f"{model_id!r} is a {type(config).__name__} adapter, not a LoRA adapter.")
+    state = load_peft_weights(model_id, **{k: v for k, v in kwargs.items() if k in ("subfolder", "revision", "token")})
+    masks: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        for kind, attr in _BUFFER.items():
+            if key.endswith("." + attr):
+                masks.setdefault(_strip_peft_prefix(key[: -len(attr) - 1]), {})[kind] = tensor.to(torch.int32)
+    if not masks:
+        raise ValueError(
+            f"{model_id!r} has no lora_safety_* buffers: it is not a masked LoRA adapter. Load it with "
+            "PeftModel.from_pretrained."
+        )
+    config._register_custom_module({nn.Linear: _layer_class(masks)})
+    return PeftModel.from_pretrained(
+        model, model_id, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
+    )
