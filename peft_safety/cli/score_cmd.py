@@ -1,0 +1,103 @@
+"""``peft-safety score MODEL --data FILE``: build a calibration set, score, select and save a mask.
+
+Examples:
+
+```bash
+peft-safety score ./my-model --data refusals.jsonl --method snip --fraction 0.01 --out ./snip-mask
+peft-safety score default --data harmful.csv --method esi --scope global --dtype bfloat16 --out ./esi-mask
+```
+
+The data file is ``.jsonl`` / ``.json`` (a list of objects, or ``{"rows": [...]}``) / ``.csv`` with ``messages`` or
+``prompt`` (+ ``response``) fields (CSV: ``prompt`` and ``response`` columns).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+
+HELP = "score a model's parameters on a calibration set and save a mask"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="model folder, Hub id, or 'default' (the embedded model)")
+    parser.add_argument("--data", required=True, help="calibration rows: .jsonl, .json or .csv")
+    parser.add_argument("--method", default="snip", help="scorer name (snip, esi, wanda, random, magnitude, ...)")
+    parser.add_argument("--fraction", type=float, default=0.01, help="share of units to select (default 0.01)")
+    parser.add_argument("--scope", default="global", choices=["global", "per_tensor", "per_row"])
+    parser.add_argument("--out", required=True, help="output folder for safety_mask.safetensors")
+    parser.add_argument("--template", default="chat", choices=["chat", "raw", "inst", "alpaca"])
+    parser.add_argument("--loss", default="response_only", choices=["response_only", "full_text", "last_token"])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--max-rows", type=int, default=None, help="deterministic subsample of this many rows")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--aggregation", default=None, choices=["sum_of_abs", "abs_of_sum"], help="snip only")
+    parser.add_argument("--target-modules", nargs="+", default=None, help="module names or suffixes to score")
+    parser.add_argument("--include-lm-head", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def read_rows(path: str) -> list[dict]:
+    """Rows from a .jsonl / .json / .csv file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--data {path!r} does not exist.")
+    ext = os.path.splitext(path)[1].lower()
+    with open(path, encoding="utf-8", newline="") as fh:
+        if ext == ".jsonl":
+            return [json.loads(line) for line in fh if line.strip()]
+        if ext == ".json":
+            data = json.load(fh)
+            return data["rows"] if isinstance(data, dict) and "rows" in data else data
+        if ext == ".csv":
+            return [dict(r) for r in csv.DictReader(fh)]
+    raise ValueError(f"--data {path!r}: unsupported extension {ext!r}; use .jsonl, .json or .csv.")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from peft_safety.data import CalibrationSet
+    from peft_safety.scoring import score
+    from peft_safety.selection import select
+
+    torch.manual_seed(args.seed)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    if args.model == "default":
+        from peft_safety.models import load_default_model
+
+        model, tokenizer = load_default_model(dtype=dtype)
+    else:
+        from peft_safety.models import load_model
+
+        model, tokenizer = load_model(args.model, dtype=dtype)
+    calib = CalibrationSet(
+        read_rows(args.data), tokenizer, template=args.template, loss=args.loss, max_length=args.max_length
+    )
+    if args.max_rows:
+        calib = calib.subsample(args.max_rows, seed=args.seed)
+    kwargs = {"batch_size": args.batch_size}
+    if args.method in ("random",):
+        kwargs = {"seed": args.seed}
+    if args.aggregation:
+        kwargs["aggregation"] = args.aggregation
+    scores = score(
+        model,
+        calib,
+        args.method,
+        target_modules=args.target_modules,
+        include_lm_head=args.include_lm_head,
+        progress=not args.no_progress,
+        **kwargs,
+    )
+    if hasattr(scores, "save_pretrained"):  # scorers that select internally return a SafetyMask
+        mask = scores
+    else:
+        mask = select(scores, fraction=args.fraction, scope=args.scope, provenance={"seed": args.seed})
+    path = mask.save_pretrained(args.out)
+    print(mask.summary())
+    print(f"saved {len(mask)} units ({mask.density:.4%} of {mask.total_numel()} eligible entries) to {path}")
+    return 0
