@@ -310,3 +310,12 @@ def test_refusal_eval_callback_and_model_card(tmp_path):
     card = (tmp_path / "out" / "README.md").read_text()
     assert "Safety mask (peft-safety)" in card and "`freeze`" in card
     assert os.path.isfile(tmp_path / "out" / "README.md")
+
+
+def test_cli_train_parses_the_same_flags():
+    from peft_safety.cli.main import build_parser
+
+    argv = ["train", "--model_name_or_path", "m", "--dataset_name", "d.jsonl", "--output_dir", "o"]
+    argv += ["--safety_mask", "x", "--safety_mode", "freeze", "--use_peft", "--bf16", "false"]
+    args = build_parser(argv).parse_args(argv)
+    assert (args.safety_mask, args.safety_mode, args.use_peft, args.dataset_name) == ("x", "freeze", True, "d.jsonl")
