@@ -185,3 +185,29 @@ def test_plots_without_matplotlib(tmp_path, monkeypatch):
         plot_layer_heatmap(A, tmp_path / "heat.png")
     with pytest.raises(ImportError, match=r"pip install peft-safety\[plot\]"):
         plot_angle_gap([1.0, 2.0], tmp_path / "gap.png")
+
+
+def test_cli_compare(tmp_path, capsys):
+    from peft_safety.cli.main import main
+
+    for name, m in (("a", A), ("b", B), ("c", C)):
+        m.save_pretrained(tmp_path / name)
+    paths = [str(tmp_path / n) for n in "abc"]
+    assert main(["compare", *paths]) == 0
+    out = capsys.readouterr().out
+    assert "IoU (weight entries, global)" in out and "0.4286" in out and "core/union" in out
+    assert main(["compare", *paths[:2], "--json", "--labels", "x", "y"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["labels"] == ["x", "y"] and d["stability"]["core"] == 3
+    pytest.importorskip("matplotlib")
+    assert main(["compare", *paths, "--plot", str(tmp_path / "iou.png")]) == 0
+    assert _is_png(tmp_path / "iou.png")
+
+
+def test_cli_compare_errors(tmp_path, capsys):
+    from peft_safety.cli.main import main
+
+    A.save_pretrained(tmp_path / "a")
+    assert main(["compare", str(tmp_path / "a"), "--labels", "x", "y"]) == 2
+    assert "--labels has 2 entries for 1 masks" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "nothing")]) == 2

@@ -317,3 +317,45 @@ def test_isolate_errors():
 def test_weight_default_granularity():
     mask = select(Scores({"w": torch.rand(3, 3)}), k=1)
     assert mask.granularity_of("w") == Weight()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI: peft-safety select
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_cli_select_round_trip(tmp_path, capsys):
+    from peft_safety.cli.main import main
+
+    g = torch.Generator().manual_seed(0)
+    scores = Scores(
+        {"a": torch.rand(6, 5, generator=g), "b": torch.rand(4, generator=g)}, provenance={"method": "snip"}
+    )
+    scores.to_safetensors(tmp_path / "scores.safetensors")
+    rc = main(["select", str(tmp_path / "scores.safetensors"), "--fraction", "0.2", "--out", str(tmp_path / "m")])
+    assert rc == 0
+    assert "selected 7 units" in capsys.readouterr().out
+    mask = SafetyMask.from_pretrained(tmp_path / "m")
+    assert mask == select(scores, fraction=0.2)
+    assert mask.provenance["method"] == "snip"
+
+    # --exclude: the set difference with another mask
+    util = select(scores, k=3, largest=False)
+    util.save_pretrained(tmp_path / "u")
+    args = ["select", str(tmp_path / "scores.safetensors"), "--k", "33", "--exclude", str(tmp_path / "u")]
+    assert main([*args, "--out", str(tmp_path / "iso")]) == 0
+    iso = SafetyMask.from_pretrained(tmp_path / "iso")
+    assert len(iso) == 31  # the top 33 of 34 units minus the 2 of the bottom 3 they contain
+    assert iso == select(scores, k=33, exclude=util)
+
+
+def test_cli_select_errors(tmp_path, capsys):
+    from peft_safety.cli.main import main
+
+    Scores({"a": torch.rand(2, 2)}).to_safetensors(tmp_path / "s.safetensors")
+    rc = main(["select", str(tmp_path / "s.safetensors"), "--fraction", "2", "--out", str(tmp_path / "m")])
+    assert rc == 2 and "fraction=2.0 is outside (0, 1]" in capsys.readouterr().err
+    rc = main(["select", str(tmp_path / "s.safetensors"), "--k", "1", "--scope", "pertensor", "--out", str(tmp_path)])
+    assert rc == 2 and "Did you mean 'per_tensor'?" in capsys.readouterr().err
+    rc = main(["select", str(tmp_path / "missing.safetensors"), "--k", "1", "--out", str(tmp_path / "m")])
+    assert rc == 2 and "no scores file" in capsys.readouterr().err
