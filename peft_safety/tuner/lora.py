@@ -351,10 +351,34 @@ def get_masked_lora_model(model: nn.Module, lora_config: LoraConfig, mask: Any, 
         ValueError: see :func:`mask_lora_config` and :func:`check_masked_lora_model`; also a mask that does not fit
             the model (``SafetyMask.validate``).
     """
-    mask.validate(model)
+    _check_mask_fits(mask, model)
     peft_model = get_peft_model(model, mask_lora_config(lora_config, mask), **kwargs)
     check_masked_lora_model(peft_model, mask)
     return peft_model
+
+
+def _check_mask_fits(mask: Any, model: nn.Module) -> None:
+    """``mask.validate(model)``, except that quantised ``nn.Linear`` weights are compared by their logical shape.
+
+    bitsandbytes stores packed weights (e.g. ``(512, 1)`` uint8 for a 32x32 layer), which a plain shape check
+    would reject; fingerprints are only checked on floating-point weights.
+    """
+    from ..mask import SafetyMask
+
+    if not isinstance(mask, SafetyMask):
+        raise TypeError(f"expected a SafetyMask, got {type(mask).__name__}.")
+    state: dict[str, torch.Tensor] = {}
+    quantised = False
+    for module_name, module in model.named_modules():
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        for attr, param in base.named_parameters(recurse=False):
+            key = f"{_strip_peft_prefix(module_name)}.{attr}" if module_name else attr
+            key = key.replace(".base_layer.", ".")
+            if isinstance(base, nn.Linear) and attr == "weight" and not param.dtype.is_floating_point:
+                quantised = True
+                param = torch.empty((base.out_features, base.in_features), device="meta")
+            state.setdefault(key, param)
+    mask.validate(state, fingerprint="ignore" if quantised else "error")
 
 
 def load_masked_lora(
