@@ -1,0 +1,81 @@
+"""``peft-safety eval``: refusal, over-refusal and utility of a model or adapter.
+
+Examples::
+
+    peft-safety eval default --harmful harmbench_test --n 64 --benign chat_pairs --out runs/base
+    peft-safety eval default --adapter runs/set_adapter --harmful harmbench_test --n 64 --mc arc_easy --out runs/set
+    peft-safety eval my_prompts.jsonl ...   # any .csv/.json/.jsonl file works where a data source is expected
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "refusal, over-refusal and utility evaluation of a model or adapter"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL_OR_ADAPTER",
+                        help="'default' (SmolLM2-135M-Instruct, offline copy), a local folder, a Hub id, or an adapter folder")  # fmt: skip
+    parser.add_argument("--adapter", default=None, help="adapter folder (or Hub id) to load on top of MODEL")
+    parser.add_argument("--harmful", default="harmbench_test", help="harmful prompts: source name or file")
+    parser.add_argument("--benign", default=None, help="benign prompts for over-refusal: source name or file")
+    parser.add_argument("--utility", default=None, help="rows with responses for perplexity: source name or file")
+    parser.add_argument("--mc", default=None, help="multiple-choice rows for accuracy: source name or file")
+    parser.add_argument("--n", type=int, default=64, help="prompts per set (a seeded subsample)")
+    parser.add_argument("--n-utility", type=int, default=64, help="rows for perplexity and for multiple choice")
+    parser.add_argument("--judges", nargs="+", default=None,
+                        help="judge presets (default: wei2024 wei2024_min20 gcg_extended refusal_prefix)")  # fmt: skip
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--system-prompt", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--source", default="auto", choices=["auto", "offline", "hub"],
+                        help="where named models and data come from")  # fmt: skip
+    parser.add_argument("--out", default=None, help="folder for generations.jsonl, report.json and report.md")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _rows(name: str | None, n: int, seed: int, source: str) -> list | None:
+    from ..datasets import load_rows
+
+    if name is None:
+        return None
+    rows = load_rows(name, source=source)
+    if len(rows) > n:
+        rows = load_rows(name, n=n, seed=seed, source=source)
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..evaluation import DEFAULT_JUDGES, evaluate
+    from ..models import load_model
+
+    if args.n < 1 or args.n_utility < 1:
+        raise ValueError(f"--n and --n-utility must be >= 1, got {args.n} and {args.n_utility}.")
+    model_source = "hub" if args.source == "hub" else "auto"
+    model, tokenizer = load_model(args.model, getattr(torch, args.dtype), args.device, adapter=args.adapter,
+                                  source=model_source)  # fmt: skip
+    report = evaluate(
+        model,
+        tokenizer,
+        _rows(args.harmful, args.n, args.seed, args.source),
+        _rows(args.benign, args.n, args.seed, args.source),
+        utility_rows=_rows(args.utility, args.n_utility, args.seed, args.source),
+        mc_rows=_rows(args.mc, args.n_utility, args.seed, args.source),
+        judges=tuple(args.judges) if args.judges else DEFAULT_JUDGES,
+        out_dir=args.out,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        system_prompt=args.system_prompt,
+        progress=not args.no_progress,
+    )
+    print(report.to_markdown())
+    for what, path in report.files.items():
+        print(f"{what}: {path}")
+    return 0
