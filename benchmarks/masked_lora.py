@@ -1,0 +1,162 @@
+"""Benchmark: masked LoRA (SPA) step time against plain LoRA with the same rank and modules, on CPU.
+
+For each mask granularity (``neuron`` rows/columns, ``layer``, ``weight`` entries) one training step (forward,
+backward, AdamW) of ``get_masked_lora_model(model, cfg, mask)`` is timed against ``get_peft_model(model, cfg)`` with
+the same ``LoraConfig``, interleaved step by step so machine noise hits both alike. For ``layer`` masks the masked
+modules carry no adapter at all, so the comparison is against plain LoRA on every module (the masked model does less
+work).
+
+Examples:
+
+```bash
+python benchmarks/masked_lora.py --threads 2
+python benchmarks/masked_lora.py --small --threads 1      # smoke test
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+GRANULARITIES = ("neuron", "layer", "weight")
+TARGETS = {"neuron": 1.05, "layer": 1.05, "weight": 1.5}
+
+
+@dataclass
+class Args:
+    threads: int = field(default=2, metadata={"help": "torch CPU threads"})
+    rank: int = field(default=16, metadata={"help": "LoRA rank"})
+    density: float = field(default=0.01, metadata={"help": "fraction of units masked (neuron/weight)"})
+    tokens: int = field(default=256, metadata={"help": "sequence length (batch 1)"})
+    steps: int = field(default=6, metadata={"help": "timed steps per model (after 2 warm-up steps)"})
+    small: bool = field(default=False, metadata={"help": "tiny model smoke mode"})
+    output: str = field(default="benchmarks/results/masked_lora.json", metadata={"help": "JSON output path"})
+
+
+def build_model(small: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if small:
+        cfg = LlamaConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        )
+    else:
+        cfg = LlamaConfig(
+            vocab_size=8192,
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=4,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            tie_word_embeddings=False,
+        )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg)
+
+
+def build_mask(model, granularity: str, density: float):
+    from peft_safety.mask import Layer, Neuron, SafetyMask, Weight
+
+    gen = torch.Generator().manual_seed(0)
+    indices, shapes, grans = {}, {}, {}
+    n_layers = model.config.num_hidden_layers
+    for name, p in model.named_parameters():
+        if ".layers." not in name or p.ndim != 2:
+            continue
+        shapes[name] = tuple(p.shape)
+        if granularity == "layer":
+            grans[name] = Layer()
+            # the first quarter of the decoder layers (at least one), as in "safety layers"
+            if int(name.split(".layers.")[1].split(".")[0]) < max(1, n_layers // 4):
+                indices[name] = torch.tensor([0], dtype=torch.int32)
+            continue
+        if granularity == "neuron":
+            gran = Neuron(axis=1) if name.endswith(("down_proj.weight", "o_proj.weight")) else Neuron(axis=0)
+        else:
+            gran = Weight()
+        grans[name] = gran
+        units = gran.num_units(p.shape)
+        k = max(1, int(units * density))
+        indices[name] = torch.randperm(units, generator=gen)[:k].sort().values.to(torch.int32)
+    return SafetyMask(indices=indices, shapes=shapes, granularity=grans)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in Args.__dataclass_fields__.values():
+        if f.type in (bool, "bool"):
+            parser.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
+        else:
+            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
+    args = Args(**vars(parser.parse_args()))
+    torch.set_num_threads(args.threads)
+
+    from peft import LoraConfig, get_peft_model
+
+    from peft_safety.tuner.lora import get_masked_lora_model
+
+    tokens = 32 if args.small else args.tokens
+    ids = torch.randint(0, 128 if args.small else 8192, (1, tokens), generator=torch.Generator().manual_seed(0))
+    results = []
+    for granularity in GRANULARITIES:
+        cfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
+        plain = get_peft_model(build_model(args.small), cfg)
+        base = build_model(args.small)
+        masked = get_masked_lora_model(base, cfg, build_mask(base, granularity, args.density))
+        models = {"plain": plain, "masked": masked}
+        optimizers = {
+            k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
+            for k, m in models.items()
+        }
+        times: dict[str, list[float]] = {"plain": [], "masked": []}
+        for step in range(args.steps + 2):
+            for key, model in models.items():  # interleaved: contention hits both alike
+                model.train()
+                start = time.perf_counter()
+                model(input_ids=ids, labels=ids).loss.backward()
+                optimizers[key].step()
+                optimizers[key].zero_grad(set_to_none=True)
+                if step >= 2:
+                    times[key].append(time.perf_counter() - start)
+        plain_s, masked_s = statistics.median(times["plain"]), statistics.median(times["masked"])
+        results.append(
+            {
+                "granularity": granularity,
+                "plain_step_s": plain_s,
+                "masked_step_s": masked_s,
+                "ratio": masked_s / plain_s,
+                "target_max": TARGETS[granularity],
+                "trainable_plain": sum(p.numel() for p in plain.parameters() if p.requires_grad),
+                "trainable_masked": sum(p.numel() for p in masked.parameters() if p.requires_grad),
+            }
+        )
+    report = {"args": asdict(args), "results": results, "torch": torch.__version__}
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+    tmp = args.output + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(report, fh, indent=2)
+    os.replace(tmp, args.output)
+    print(f"{'mask':<8} {'plain s':>9} {'masked s':>9} {'ratio':>7} {'target':>7}")
+    for r in results:
+        print(
+            f"{r['granularity']:<8} {r['plain_step_s']:>9.4f} {r['masked_step_s']:>9.4f} {r['ratio']:>7.3f} "
+            f"{'<= ' + str(r['target_max']):>7}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,250 @@
+"""Benchmark: SET adapter (sparse deltas at 1% of the entries) against the alternatives, on CPU.
+
+Variants, all on the same Llama built from config (>= 50M parameters, no download):
+
+* ``frozen``: frozen base, forward + backward (gradient w.r.t. the input embeddings only): the floor.
+* ``set``: ``get_peft_model(model, SafetyConfig(mask=...))``: 1-D values + int32 indices, custom autograd with a
+  sampled-matmul value gradient, AdamW over the values.
+* ``dense_mask``: the masked weights trainable in full, gradient multiplied by the mask, AdamW over the full tensors.
+* ``dense_copy``: SHiRA/Supertuning-style forward ``F.linear(x, W.view(-1).index_add(0, idx, v))`` with plain
+  autograd (a dense merged copy kept for backward, a dense weight-sized gradient), AdamW over the values.
+
+Each variant runs in its own subprocess so that peak RSS (``ru_maxrss``, glibc malloc told to return memory) is per
+variant; "state" is the exact byte count of trainable parameters, their gradients and the optimizer state.
+
+Examples:
+
+```bash
+python benchmarks/set_adapter.py --threads 2                 # ~68M-parameter Llama, 256 tokens
+python benchmarks/set_adapter.py --small --threads 1         # smoke test (seconds)
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+VARIANTS = ("frozen", "set", "dense_mask", "dense_copy")
+
+
+@dataclass
+class Args:
+    threads: int = field(default=2, metadata={"help": "torch CPU threads"})
+    density: float = field(default=0.01, metadata={"help": "fraction of each decoder linear weight in the mask"})
+    tokens: int = field(default=256, metadata={"help": "sequence length (batch 1)"})
+    steps: int = field(default=6, metadata={"help": "timed steps per variant (after 2 warm-up steps)"})
+    small: bool = field(default=False, metadata={"help": "tiny model smoke mode"})
+    output: str = field(default="benchmarks/results/set_adapter.json", metadata={"help": "JSON output path"})
+
+
+def build_model(small: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if small:
+        cfg = LlamaConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        )
+    else:
+        cfg = LlamaConfig(
+            vocab_size=8192,
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=4,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            tie_word_embeddings=False,
+        )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    model.requires_grad_(False)
+    return model
+
+
+def build_mask(model, density: float):
+    from peft_safety.mask import SafetyMask, Weight
+
+    gen = torch.Generator().manual_seed(0)
+    indices, shapes = {}, {}
+    for name, p in model.named_parameters():
+        if ".layers." in name and p.ndim == 2:
+            k = max(1, int(p.numel() * density))
+            indices[name] = torch.randperm(p.numel(), generator=gen)[:k].sort().values.to(torch.int32)
+            shapes[name] = tuple(p.shape)
+    return SafetyMask(indices=indices, shapes=shapes, granularity=Weight())
+
+
+class _DenseCopyLinear(torch.nn.Module):
+    """SHiRA/Supertuning-style forward: a dense merged copy built with plain autograd."""
+
+    def __init__(self, base: torch.nn.Linear, idx: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.register_buffer("idx", idx.to(torch.int64))
+        self.values = torch.nn.Parameter(torch.zeros(idx.numel()))
+
+    def forward(self, x):
+        w = self.base.weight.reshape(-1).index_add(0, self.idx, self.values).view_as(self.base.weight)
+        return F.linear(x, w, self.base.bias)
+
+
+def prepare(variant: str, model, mask):
+    """Return (model, trainable parameters)."""
+    if variant == "frozen":
+        return model, []
+    if variant == "set":
+        from peft import get_peft_model
+
+        from peft_safety.tuner import SafetyConfig
+
+        peft_model = get_peft_model(model, SafetyConfig(mask=mask))
+        return peft_model, [p for p in peft_model.parameters() if p.requires_grad]
+    params = []
+    for name, idx in mask:
+        module_name = name.rsplit(".", 1)[0]
+        parent_name, _, child = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child)
+        if variant == "dense_mask":
+            keep = mask.to_dense(name).to(base.weight.dtype)
+            base.weight.requires_grad_(True)
+            base.weight.register_hook(lambda g, keep=keep: g * keep)
+            params.append(base.weight)
+        else:
+            new = _DenseCopyLinear(base, idx)
+            setattr(parent, child, new)
+            params.append(new.values)
+    return model, params
+
+
+def state_bytes(params, optimizer) -> int:
+    total = sum(p.numel() * p.element_size() for p in params)
+    total += sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    for state in optimizer.state.values() if optimizer is not None else ():
+        total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.ndim > 0)
+    return total
+
+
+def run_variant(variant: str, args: Args) -> dict:
+    torch.set_num_threads(args.threads)
+    model = build_model(args.small)
+    mask = build_mask(model, args.density)
+    model, params = prepare(variant, model, mask)
+    model.train()
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1) if params else None
+    tokens = 32 if args.small else args.tokens
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=gen)
+    embed = model.get_input_embeddings()
+    rss_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for step in range(args.steps + 2):
+        start = time.perf_counter()
+        inputs = embed(ids).detach().requires_grad_(True)  # backward always reaches the input, as in training
+        loss = model(inputs_embeds=inputs, labels=ids).loss
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            measured = state_bytes(params, optimizer) if step == 0 else None
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            measured = 0 if step == 0 else None
+        if measured is not None:
+            state = measured
+        if step >= 2:
+            times.append(time.perf_counter() - start)
+    return {
+        "variant": variant,
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in params),
+        "mask_numel": mask.numel(),
+        "state_MiB": state / 2**20,
+        "peak_rss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_over_setup_MiB": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_setup) / 1024,
+        "step_s_median": statistics.median(times),
+        "step_s_min": min(times),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in Args.__dataclass_fields__.values():
+        if f.type in (bool, "bool"):
+            parser.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
+        else:
+            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    ns = parser.parse_args()
+    args = Args(**{k: v for k, v in vars(ns).items() if k != "variant"})
+    if ns.variant:
+        print(json.dumps(run_variant(ns.variant, args)))
+        return 0
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    results = []
+    for variant in VARIANTS:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--variant",
+            variant,
+            "--threads",
+            str(args.threads),
+            "--density",
+            str(args.density),
+            "--tokens",
+            str(args.tokens),
+            "--steps",
+            str(args.steps),
+        ]
+        if args.small:
+            cmd.append("--small")
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout.strip().splitlines()[-1]
+        results.append(json.loads(out))
+    by = {r["variant"]: r for r in results}
+    for r in results:
+        r["time_vs_frozen"] = r["step_s_median"] / by["frozen"]["step_s_median"]
+        r["state_vs_set"] = r["state_MiB"] / by["set"]["state_MiB"] if by["set"]["state_MiB"] else None
+    summary = {
+        "memory_ratio_dense_mask_over_set": by["dense_mask"]["state_MiB"] / by["set"]["state_MiB"],
+        "time_ratio_set_over_frozen": by["set"]["step_s_median"] / by["frozen"]["step_s_median"],
+        "targets": {"memory_ratio_min": 10.0, "time_ratio_max": 1.3},
+    }
+    report = {"args": asdict(args), "results": results, "summary": summary, "torch": torch.__version__}
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+    tmp = args.output + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(report, fh, indent=2)
+    os.replace(tmp, args.output)
+    print(
+        f"{'variant':<11} {'params':>10} {'trainable':>10} {'state MiB':>10} {'peak RSS':>9} {'step s':>8} {'x frozen':>8}"
+    )
+    for r in results:
+        print(
+            f"{r['variant']:<11} {r['params']:>10,} {r['trainable']:>10,} {r['state_MiB']:>10.2f} "
+            f"{r['peak_rss_MiB']:>9.0f} {r['step_s_median']:>8.3f} {r['time_vs_frozen']:>8.2f}"
+        )
+    print(
+        f"state memory dense_mask / set = {summary['memory_ratio_dense_mask_over_set']:.1f}x (target >= 10x); "
+        f"step time set / frozen = {summary['time_ratio_set_over_frozen']:.2f}x (target <= 1.3x)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
