@@ -214,10 +214,10 @@ class SafetySFTTrainer(SFTTrainer):
             )
         self._check_lora(model, peft_config)
         try:
-            from ..tuner import get_masked_lora_model
+            from ..tuner.lora import get_masked_lora_model
         except ImportError as err:
             raise ImportError(
-                "SPA with LoRA needs peft_safety.tuner.get_masked_lora_model (the masked LoRA), which this install "
+                "SPA with LoRA needs peft_safety.tuner.lora.get_masked_lora_model (the masked LoRA), which this install "
                 "lacks; upgrade peft-safety."
             ) from err
         if getattr(args, "gradient_checkpointing", False):
