@@ -61,18 +61,29 @@ def count_for_fraction(fraction: float, n: int) -> int:
     return min(n, math.floor(fraction * n + 0.5))
 
 
-def _order_keys(chunk: torch.Tensor, largest: bool) -> torch.Tensor:
-    """Map fp32 values to int32 keys whose signed order is the order of the values (reversed if ``largest=False``).
+def _oriented(chunk: torch.Tensor, largest: bool) -> torch.Tensor:
+    """The chunk as fp32 where larger is better (negated for ``largest=False``), with ``-0.0`` folded into ``+0.0``.
 
-    Non-negative floats keep their bit pattern; negative floats flip every bit but the sign, so more negative values
-    get smaller keys. ``-0.0`` is mapped to the key of ``+0.0`` because the two compare equal as floats and must tie.
+    ``x + 0.0`` and ``0.0 - x`` are exact and both turn ``-0.0`` into ``+0.0`` (round to nearest), so the two zeros,
+    which compare equal as floats and must tie, get the same bit pattern.
     """
-    bits = chunk.contiguous().view(torch.int32)
-    keys = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    keys.masked_fill_(keys == -1, 0)  # -0.0 -> +0.0
-    if not largest:
-        keys = torch.bitwise_not(keys)  # exact order reversal on int32, no overflow
-    return keys
+    return chunk + 0.0 if largest else 0.0 - chunk
+
+
+def _order_key(bits: int) -> int:
+    """The order-preserving signed key of an fp32 bit pattern (given as a signed int32): non-negative floats keep
+    their bits; negative floats flip every bit but the sign, so more negative values get smaller keys. The map is its
+    own inverse."""
+    return bits ^ 0x7FFFFFFF if bits < 0 else bits
+
+
+def _bits_to_float(bits: int) -> float:
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32).item())
+
+
+# raw high 16 bits (sign and exponent first) -> position in key order, as a permutation of the 65536 histogram bins
+_HIGH = torch.arange(-32768, 32768, dtype=torch.int64)
+_RAW_HIGH_TO_KEY = torch.where(_HIGH >= 0, _HIGH, _HIGH ^ 0x7FFF) + 32768
 
 
 def _chunks(tensor: torch.Tensor, chunk: int) -> Iterable[tuple[int, torch.Tensor]]:
@@ -87,7 +98,7 @@ def _count_into(hist: torch.Tensor, buckets: torch.Tensor) -> None:
     if buckets.numel() >= hist.numel() // 4:
         hist += torch.bincount(buckets, minlength=hist.numel()).to(hist.device)
     elif buckets.numel():
-        hist.index_add_(0, buckets.to(hist.device), torch.ones_like(buckets, device=hist.device))
+        hist.index_add_(0, buckets.to(hist.device), torch.ones(buckets.shape, dtype=hist.dtype, device=hist.device))
 
 
 def _best_bucket(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -97,30 +108,38 @@ def _best_bucket(hist: torch.Tensor, k: int) -> tuple[int, int]:
     return bucket, int(at_or_above[bucket]) - int(hist[bucket])
 
 
-def _kth_key(tensors: Sequence[torch.Tensor], k: int, largest: bool, chunk: int) -> tuple[int, int]:
-    """Exact key of the ``k``-th best unit over all tensors, and how many units have a strictly better key.
+def _kth_key(tensors: Sequence[torch.Tensor], k: int, largest: bool, chunk: int) -> tuple[float, int]:
+    """Exact ``k``-th best value over all tensors (in the oriented space of :func:`_oriented`), and how many units are
+    strictly better.
 
-    Two histogram passes of 16 bits each: pass 1 counts the high 16 bits of every key and finds the bucket that holds
-    the ``k``-th best; pass 2 counts the low 16 bits of the keys inside that bucket. The counts are int64 and are
-    summed over tensors, so no score is ever copied out of its tensor beyond one chunk.
+    The fp32 bit patterns are histogrammed directly and the 65536 bins are then permuted into the order of the values
+    (see :func:`_order_key`), which is cheaper than encoding every value. Pass 1 counts the high 16 bits (sign,
+    exponent, top of the mantissa) and finds the bucket holding the ``k``-th best; pass 2 counts the low 16 bits of
+    the values inside that bucket, which pins the exact value. Counts are int64, summed over tensors and chunks.
     """
     device = tensors[0].device
-    high = torch.zeros(1 << 16, dtype=torch.int64, device=device)
+    raw = torch.zeros(1 << 16, dtype=torch.int64, device=device)
     for t in tensors:
         for _, c in _chunks(t, chunk):
-            keys = _order_keys(c, largest)
-            _count_into(high, ((keys >> 16) + 32768).long())
+            bits = _oriented(c, largest).view(torch.int32)
+            _count_into(raw, (bits >> 16) + 32768)
+    high = torch.zeros_like(raw)
+    high[_RAW_HIGH_TO_KEY.to(device)] = raw
     bucket, above = _best_bucket(high, k)
-    bucket_signed = bucket - 32768  # the high 16 bits of the k-th key, as a signed value
+    key_high = bucket - 32768
+    raw_high = key_high ^ 0x7FFF if key_high < 0 else key_high  # the bucket's high 16 bits as stored in the floats
 
     low = torch.zeros(1 << 16, dtype=torch.int64, device=device)
     for t in tensors:
         for _, c in _chunks(t, chunk):
-            keys = _order_keys(c, largest)
-            inside = keys[(keys >> 16) == bucket_signed]
-            _count_into(low, (inside & 0xFFFF).long())
+            bits = _oriented(c, largest).view(torch.int32)
+            inside = bits[(bits >> 16) == raw_high]
+            _count_into(low, inside & 0xFFFF)
+    if raw_high < 0:  # negative floats: a larger low half of the bit pattern is a smaller value
+        low = low.flip(0)
     low_bits, above_low = _best_bucket(low, k - above)
-    return (bucket_signed << 16) | low_bits, above + above_low
+    key = (key_high << 16) | low_bits
+    return _bits_to_float(_order_key(key)), above + above_low
 
 
 def _index_dtype(n: int) -> torch.dtype:
@@ -162,15 +181,16 @@ def topk_indices(
         if t.dtype != torch.float32:
             raise TypeError(f"topk_indices needs float32 tensors, got {t.dtype}; convert with .float() first.")
     threshold, above = _kth_key(tensors, k, largest, chunk)
+    # back from the oriented space to the scores: "better than t" is "> t", or "< -t" for the smallest
+    threshold = threshold if largest else -threshold
     ties_left = k - above
     out: list[torch.Tensor] = []
     for t in tensors:
         parts: list[torch.Tensor] = []
         for start, c in _chunks(t, chunk):
-            keys = _order_keys(c, largest)
-            keep = keys > threshold
+            keep = c > threshold if largest else c < threshold  # float comparison: -0.0 == +0.0 as required
             if ties_left > 0:
-                eq = (keys == threshold).nonzero().flatten()
+                eq = (c == threshold).nonzero().flatten()
                 if eq.numel():
                     take = eq[:ties_left]
                     keep[take] = True
