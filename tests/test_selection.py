@@ -77,7 +77,7 @@ def test_topk_equals_stable_sort_of_concatenation(tensors, data, largest, chunk)
     assert all(g.dtype == torch.int32 for g in got)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(data=st.data(), largest=st.booleans())
 def test_topk_random_floats(data, largest):
     seed = data.draw(st.integers(0, 2**16))
@@ -145,7 +145,7 @@ def test_select_global_fraction_matches_reference(tensors, data, largest):
     assert mask.shapes == scores.shapes
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(tensors=tensor_lists(), fraction=st.floats(min_value=0.01, max_value=1.0), largest=st.booleans())
 def test_select_per_tensor_matches_reference(tensors, fraction, largest):
     scores = Scores({f"p{i}": t for i, t in enumerate(tensors)})
@@ -252,7 +252,7 @@ def test_select_per_row_k_too_large_and_empty_scores():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(tensors=tensor_lists(min_total=2), data=st.data())
 def test_exclude_is_set_difference_after_selection(tensors, data):
     scores = Scores({f"p{i}": t for i, t in enumerate(tensors)})
