@@ -359,3 +359,31 @@ def test_cli_select_errors(tmp_path, capsys):
     assert rc == 2 and "Did you mean 'per_tensor'?" in capsys.readouterr().err
     rc = main(["select", str(tmp_path / "missing.safetensors"), "--k", "1", "--out", str(tmp_path / "m")])
     assert rc == 2 and "no scores file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# benchmark smoke run
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_selection_benchmark_smoke(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "selection.py"
+    spec = importlib.util.spec_from_file_location("_bench_selection", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        rc = bench.main(["--small", "--in-process", "--threads", "1", "--out", str(tmp_path / "sel.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    result = json.loads((tmp_path / "sel.json").read_text())
+    assert result["same_selection"] is True
+    assert result["config"]["threads"] == 1 and result["config"]["tensors"] == 20
+    assert result["ours"]["selected"] == result["naive"]["selected"] == result["config"]["k"]
+    assert result["ours"]["time_s"] > 0 and result["time_ratio_naive_over_ours"] > 0
+    assert "time ratio naive/ours" in capsys.readouterr().out
