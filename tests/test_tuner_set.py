@@ -433,3 +433,10 @@ def test_mask_from_path(tmp_path):
     assert cfg.mask_source == str(tmp_path)
     peft_model = get_peft_model(model, cfg)
     assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == mask.numel()
+
+
+def test_mixed_batch_inference_refused():
+    model = tiny_llama(seed=0)
+    peft_model = get_peft_model(model, SafetyConfig(mask=make_mask(model, LLAMA_GRANULARITY)))
+    with pytest.raises(ValueError, match="Mixed-batch inference"):
+        peft_model(tokens(), adapter_names=["default", "default"])

@@ -349,6 +349,11 @@ class SafetyLinear(nn.Module, SafetyLayer):
                 self._apply_delta_(self.get_base_layer().weight.data, name, -1.0)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if kwargs.pop("adapter_names", None) is not None:
+            raise ValueError(
+                "Mixed-batch inference (adapter_names=...) is not supported by SAFETY adapters; use "
+                "set_adapter(...) to switch adapters."
+            )
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -183,6 +185,17 @@ class SafetyModel(BaseTuner):
             # Loading a saved adapter: the layout comes from adapter_config.json; placeholder indices are replaced
             # by the checkpoint's (see _remap_adapter_state_dict_for_load).
             peft_config._safety_indices = {}
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        # PeftModel.forward silently drops `adapter_names` for tuners without this hook; refuse instead of running
+        # the batch through the wrong adapter.
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "Mixed-batch inference (adapter_names=...) is not supported by SAFETY adapters; use "
+                "set_adapter(...) to switch adapters."
+            )
+        yield
 
     @staticmethod
     def _check_target_module_exists(peft_config: SafetyConfig, key: str) -> bool:
