@@ -25,6 +25,7 @@ __all__ = ["Scores", "expected_score_shape"]
 
 _FORMAT = "peft_safety.scores"
 _FORMAT_VERSION = "1"
+_CHECK_CHUNK = 1 << 22
 
 GranularitySpec = Granularity | Mapping[str, Granularity] | None
 
@@ -63,7 +64,10 @@ def _to_fp32(name: str, value: Any) -> torch.Tensor:
     if t.dtype != torch.float32:
         t = t.float()
     t = t.contiguous()
-    if t.numel() and not bool(torch.isfinite(t).all()):
+    # checked chunk by chunk so that the boolean temporaries stay small next to a large tensor
+    flat = t.reshape(-1)
+    finite = all(bool(torch.isfinite(flat[s : s + _CHECK_CHUNK]).all()) for s in range(0, flat.numel(), _CHECK_CHUNK))
+    if not finite:
         n_nan = int(torch.isnan(t).sum())
         n_inf = int(torch.isinf(t).sum())
         raise ValueError(
@@ -199,6 +203,20 @@ class Scores(Mapping[str, torch.Tensor]):
     def numel(self) -> int:
         """Total number of units (score entries) over every tensor."""
         return sum(t.numel() for t in self._tensors.values())
+
+    def __eq__(self, other: object) -> bool:
+        """Same names in the same order, same shapes, granularities, provenance and bit-identical tensors."""
+        if not isinstance(other, Scores):
+            return NotImplemented
+        return (
+            self.names == other.names
+            and self._shapes == other._shapes
+            and self._granularity == other._granularity
+            and self.provenance == other.provenance
+            and all(torch.equal(self._tensors[n], other._tensors[n].to(self._tensors[n].device)) for n in self.names)
+        )
+
+    __hash__ = None  # mutable provenance; like dict
 
     def __repr__(self) -> str:
         grans = sorted({str(g) for g in self._granularity.values()})

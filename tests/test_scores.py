@@ -138,6 +138,7 @@ def test_safetensors_round_trip(tmp_path):
     assert back.granularity == s.granularity and back.shapes == s.shapes
     assert back.provenance == {"method": "wanda", "seed": 1}
     assert all(torch.equal(back[n], s[n]) for n in s)
+    assert back == s and back != s * 2.0 and s != {"w": s["w"]}
 
 
 def test_from_plain_safetensors_file(tmp_path):
