@@ -314,6 +314,14 @@ def test_isolate_errors():
         isolate(a, a, p=0, q=0.1)
 
 
+def test_select_granularity_reinterprets_scores():
+    s = Scores({"w": torch.tensor([0.3, 0.9, 0.1])}, shapes={"w": (3,)})
+    mask = select(s, k=1, granularity=Neuron(0))
+    assert mask.granularity_of("w") == Neuron(0) and mask["w"].tolist() == [1]
+    with pytest.raises(ValueError, match=r"needs scores of shape \(\)"):
+        select(s, k=1, granularity=Layer())
+
+
 def test_weight_default_granularity():
     mask = select(Scores({"w": torch.rand(3, 3)}), k=1)
     assert mask.granularity_of("w") == Weight()
