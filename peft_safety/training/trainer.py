@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import os
@@ -249,8 +250,24 @@ class SafetySFTTrainer(SFTTrainer):
         from peft.tuners.tuners_utils import check_target_module_exists
 
         targeted = set()
+        resolved = cfg
+        if cfg.target_modules is None:
+            # PEFT fills in per-architecture defaults inside get_peft_model; resolve them the same way here
+            from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            resolved = copy.copy(cfg)
+            resolved.target_modules = set(defaults.get(model_type, ()))
+        output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         for module_name, module in model.named_modules():
-            if isinstance(module, nn.Linear) and check_target_module_exists(cfg, module_name):
+            if not isinstance(module, nn.Linear):
+                continue
+            if cfg.target_modules == "all-linear":
+                # PEFT's "all-linear" is every Linear except the output layer (a plain string, not a regex)
+                hit = module is not output_layer
+            else:
+                hit = bool(check_target_module_exists(resolved, module_name))
+            if hit:
                 targeted.add(f"{module_name}.weight")
         if not targeted & set(mask.names):
             raise ValueError(

@@ -1,0 +1,36 @@
+"""``peft-safety demo``: the main job (baseline -> score -> SET -> SPA, with evaluation) on the embedded model."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+
+HELP = "the main job: score, SET, SPA and evaluation on the embedded default model"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..main_job import MainJobConfig
+
+    for f in dataclasses.fields(MainJobConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_text)  # fmt: skip
+            continue
+        kind = {"int": int, "float": float, "str": str, "int | None": int}.get(str(f.type), str)
+        parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f"{help_text} (default: %(default)s)")
+    parser.add_argument("--out", dest="out_dir", help="alias of --out-dir")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..main_job import MainJobConfig, run_main_job
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    names = {f.name for f in dataclasses.fields(MainJobConfig)}
+    cfg = MainJobConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    result = run_main_job(cfg)
+    print(result.to_markdown())
+    print(f"Results: {result.files['results_md']} and {result.files['results_json']}")
+    return 0
