@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -256,22 +257,26 @@ def _did_you_mean(value: str, choices: Sequence[str]) -> str:
     return f"{hint} Available: {', '.join(repr(c) for c in choices)}."
 
 
-def _check_count_args(fraction: float | None, k: int | None) -> None:
+def _check_count_args(fraction: Any, k: Any) -> tuple[float | None, int | None]:
+    """Validate ``fraction`` / ``k`` and return them as plain Python ``float`` / ``int`` (numpy scalars accepted)."""
     if (fraction is None) == (k is None):
         raise ValueError(
             "Give exactly one of fraction= (share of units, in (0, 1]) or k= (number of units), "
             f"got fraction={fraction!r} and k={k!r}."
         )
     if fraction is not None:
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
             raise TypeError(f"fraction must be a float in (0, 1], got {type(fraction).__name__} {fraction!r}.")
-        if not (0.0 < float(fraction) <= 1.0) or math.isnan(fraction):
+        fraction = float(fraction)
+        if math.isnan(fraction) or not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction={fraction!r} is outside (0, 1]; e.g. fraction=0.01 selects 1% of the units.")
     if k is not None:
-        if isinstance(k, bool) or not isinstance(k, int):
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
             raise TypeError(f"k must be an int >= 1, got {type(k).__name__} {k!r}.")
+        k = int(k)
         if k < 1:
             raise ValueError(f"k={k} must be >= 1.")
+    return fraction, k
 
 
 def _as_scores(scores: Any):
@@ -293,7 +298,7 @@ def _select_indices(
     largest: bool,
 ) -> dict[str, torch.Tensor]:
     """The selected unit indices per name (names with no selected unit are left out)."""
-    _check_count_args(fraction, k)
+    fraction, k = _check_count_args(fraction, k)
     if not isinstance(scope, str):
         raise TypeError(f"scope must be a str, got {type(scope).__name__}.")
     if scope not in SCOPES:
@@ -436,6 +441,7 @@ def select(
         scores = scores.with_granularity(granularity)
     if not isinstance(largest, bool):
         raise TypeError(f"largest must be a bool, got {type(largest).__name__}.")
+    fraction, k = _check_count_args(fraction, k)  # plain Python numbers from here on (JSON provenance)
     indices = _select_indices(scores, fraction=fraction, k=k, scope=scope, largest=largest)
     n_selected = sum(int(i.numel()) for i in indices.values())
     if exclude is not None:
@@ -519,8 +525,9 @@ def isolate(
                 f"{utility_scores.granularity_of(nm)}; score both with the same method and granularity."
             )
     for label, value in (("p", p), ("q", q)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) <= 1.0:
             raise ValueError(f"{label}={value!r} must be a float in (0, 1], e.g. p=0.1, q=0.1 as in Wei et al.")
+    p, q = float(p), float(q)
     utility = select(utility_scores, fraction=p, scope=scope, largest=largest)
     return select(
         safety_scores,

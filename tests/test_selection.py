@@ -202,6 +202,15 @@ def test_select_provenance():
     assert mask["w"].tolist() == [8, 9]
 
 
+def test_select_accepts_numpy_numbers():
+    import numpy as np
+
+    s = Scores({"w": torch.arange(10.0)})
+    assert select(s, k=np.int64(3))["w"].tolist() == [7, 8, 9]
+    mask = select(s, fraction=np.float32(0.2))
+    assert mask["w"].tolist() == [8, 9] and isinstance(mask.provenance["selection_fraction"], float)
+
+
 def test_select_accepts_plain_mapping():
     mask = select({"w": torch.tensor([[0.1, 0.9], [0.5, 0.5]])}, k=2)
     assert mask["w"].tolist() == [1, 2]
