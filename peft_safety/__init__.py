@@ -10,12 +10,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
+from ._version import __version__ as __version__
 from .tuner import _registration as _registration  # registers the SAFETY PEFT type
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
-    # mask
     "Granularity": "peft_safety.mask",
     "Head": "peft_safety.mask",
     "Layer": "peft_safety.mask",
@@ -24,11 +23,85 @@ _EXPORTS: dict[str, str] = {
     "SafetyMask": "peft_safety.mask",
     "Weight": "peft_safety.mask",
     "fingerprint_tensor": "peft_safety.mask",
-    # tuner
+    "granularity_from_dict": "peft_safety.mask",
+    "mask_model_card": "peft_safety.hub",
+    "push_mask_to_hub": "peft_safety.hub",
+    "Scores": "peft_safety.scores",
+    "isolate": "peft_safety.selection",
+    "select": "peft_safety.selection",
+    "LayerDistribution": "peft_safety.analysis",
+    "StabilityReport": "peft_safety.analysis",
+    "iou_matrix": "peft_safety.analysis",
+    "layer_distribution": "peft_safety.analysis",
+    "overlap_report": "peft_safety.analysis",
+    "plot_angle_gap": "peft_safety.analysis",
+    "plot_iou_matrix": "peft_safety.analysis",
+    "plot_layer_heatmap": "peft_safety.analysis",
+    "stability": "peft_safety.analysis",
+    "CalibrationSet": "peft_safety.data",
+    "build_refusal_set": "peft_safety.data",
+    "build_utility_set": "peft_safety.data",
+    "refusal_rows": "peft_safety.data",
+    "utility_rows": "peft_safety.data",
+    "SCORERS": "peft_safety.scoring",
+    "Targets": "peft_safety.scoring",
+    "attention_geometry": "peft_safety.scoring",
+    "query_to_kv_rows": "peft_safety.scoring",
+    "register_scorer": "peft_safety.scoring",
+    "resolve_targets": "peft_safety.scoring",
+    "score": "peft_safety.scoring",
+    "SafetyNeuronResult": "peft_safety.scoring.neuron",
+    "detect_safety_neurons": "peft_safety.scoring.neuron",
+    "rsn_tune_mask": "peft_safety.scoring.neuron",
+    "angle_gap": "peft_safety.scoring.layer",
+    "locate_safety_layers": "peft_safety.scoring.layer",
+    "over_rejection_probe": "peft_safety.scoring.layer",
+    "safety_layer_mask": "peft_safety.scoring.layer",
+    "mask_drift": "peft_safety.interventions",
+    "noised": "peft_safety.interventions",
+    "restored_from": "peft_safety.interventions",
+    "rewind_": "peft_safety.interventions",
+    "scaled": "peft_safety.interventions",
+    "zeroed": "peft_safety.interventions",
     "SafetyConfig": "peft_safety.tuner",
+    "SafetyLayer": "peft_safety.tuner",
     "SafetyLinear": "peft_safety.tuner",
     "SafetyModel": "peft_safety.tuner",
     "SafetyPeftType": "peft_safety.tuner",
+    "check_masked_lora_model": "peft_safety.tuner.lora",
+    "get_masked_lora_model": "peft_safety.tuner.lora",
+    "load_masked_lora": "peft_safety.tuner.lora",
+    "mask_lora_config": "peft_safety.tuner.lora",
+    "SafetySFTConfig": "peft_safety.training.config",
+    "SafetySFTTrainer": "peft_safety.training.trainer",
+    "FreezerCallback": "peft_safety.training.callbacks",
+    "RefusalEvalCallback": "peft_safety.training.callbacks",
+    "SafetyDriftCallback": "peft_safety.training.callbacks",
+    "mask_drift_metrics": "peft_safety.training.callbacks",
+    "FreezeReport": "peft_safety.training.freeze",
+    "FreezeViolationError": "peft_safety.training.freeze",
+    "Freezer": "peft_safety.training.freeze",
+    "SafetyHandle": "peft_safety.apply",
+    "apply_mask_": "peft_safety.apply",
+    "MODEL_SOURCES": "peft_safety.models",
+    "load_default_model": "peft_safety.models",
+    "load_model": "peft_safety.models",
+    "resolve_model": "peft_safety.models",
+    "DATA_SOURCES": "peft_safety.datasets",
+    "assert_disjoint": "peft_safety.datasets",
+    "deduplicate": "peft_safety.datasets",
+    "load_rows": "peft_safety.datasets",
+    "EvalReport": "peft_safety.evaluation",
+    "KeywordJudge": "peft_safety.evaluation",
+    "ModelJudge": "peft_safety.evaluation",
+    "Verdict": "peft_safety.evaluation",
+    "evaluate": "peft_safety.evaluation",
+    "generate_responses": "peft_safety.evaluation",
+    "multiple_choice_accuracy": "peft_safety.evaluation",
+    "perplexity": "peft_safety.evaluation",
+    "MainJobConfig": "peft_safety.main_job",
+    "MainJobResult": "peft_safety.main_job",
+    "run_main_job": "peft_safety.main_job",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -48,4 +121,61 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .mask import Granularity, Head, Layer, MaskSummary, Neuron, SafetyMask, Weight, fingerprint_tensor  # noqa: F401
+    from .analysis import (  # noqa: F401
+        LayerDistribution,
+        StabilityReport,
+        iou_matrix,
+        layer_distribution,
+        overlap_report,
+        plot_angle_gap,
+        plot_iou_matrix,
+        plot_layer_heatmap,
+        stability,
+    )
+    from .apply import SafetyHandle, apply_mask_  # noqa: F401
+    from .data import CalibrationSet, build_refusal_set, build_utility_set, refusal_rows, utility_rows  # noqa: F401
+    from .datasets import DATA_SOURCES, assert_disjoint, deduplicate, load_rows  # noqa: F401
+    from .evaluation import (  # noqa: F401
+        EvalReport,
+        KeywordJudge,
+        ModelJudge,
+        Verdict,
+        evaluate,
+        generate_responses,
+        multiple_choice_accuracy,
+        perplexity,
+    )
+    from .hub import mask_model_card, push_mask_to_hub  # noqa: F401
+    from .interventions import mask_drift, noised, restored_from, rewind_, scaled, zeroed  # noqa: F401
+    from .main_job import MainJobConfig, MainJobResult, run_main_job  # noqa: F401
+    from .mask import (  # noqa: F401
+        Granularity,
+        Head,
+        Layer,
+        MaskSummary,
+        Neuron,
+        SafetyMask,
+        Weight,
+        fingerprint_tensor,
+        granularity_from_dict,
+    )
+    from .models import MODEL_SOURCES, load_default_model, load_model, resolve_model  # noqa: F401
+    from .scores import Scores  # noqa: F401
+    from .scoring import (  # noqa: F401
+        SCORERS,
+        Targets,
+        attention_geometry,
+        query_to_kv_rows,
+        register_scorer,
+        resolve_targets,
+        score,
+    )
+    from .scoring.layer import angle_gap, locate_safety_layers, over_rejection_probe, safety_layer_mask  # noqa: F401
+    from .scoring.neuron import SafetyNeuronResult, detect_safety_neurons, rsn_tune_mask  # noqa: F401
+    from .selection import isolate, select  # noqa: F401
+    from .training.callbacks import FreezerCallback, RefusalEvalCallback, SafetyDriftCallback, mask_drift_metrics  # noqa: F401
+    from .training.config import SafetySFTConfig  # noqa: F401
+    from .training.freeze import Freezer, FreezeReport, FreezeViolationError  # noqa: F401
+    from .training.trainer import SafetySFTTrainer  # noqa: F401
+    from .tuner import SafetyConfig, SafetyLayer, SafetyLinear, SafetyModel, SafetyPeftType  # noqa: F401
+    from .tuner.lora import check_masked_lora_model, get_masked_lora_model, load_masked_lora, mask_lora_config  # noqa: F401
