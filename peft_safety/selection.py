@@ -2,9 +2,10 @@
 
 Three scopes pick the units (entries of the score tensors) with the highest scores:
 
-* ``"global"``: the top ``k`` over every tensor at once. The threshold is found by an exact radix select on an
-  order-preserving integer encoding of the fp32 scores, tensor by tensor and chunk by chunk, so the scores are never
-  concatenated and the extra memory is a few chunk-sized buffers plus the selected indices.
+* ``"global"``: the top ``k`` over every tensor at once. The exact ``k``-th value is found by a radix select on the
+  fp32 bit patterns (two passes of 16-bit histograms whose bins are permuted into value order), tensor by tensor and
+  chunk by chunk; a third pass keeps what beats it. The scores are never concatenated and the extra memory is a few
+  chunk-sized buffers plus the selected indices.
 * ``"per_tensor"``: the top ``k_t`` of each tensor on its own (same exact algorithm, one tensor at a time).
 * ``"per_row"``: the top ``k_r`` of each row of each 2-D ``Weight()`` score (Wanda's comparison group: one output
   row, over its input entries).
@@ -42,8 +43,6 @@ TIE_BREAK = "equal scores: earlier tensor in scores order first, then lower flat
 # Scores are processed in chunks of this many entries (4 MiB of fp32): every temporary buffer of the selection is
 # proportional to the chunk, not to the tensor, so peak extra memory stays far below the largest tensor's scores.
 _CHUNK = 1 << 20
-
-_INT32_MIN = -(2**31)
 
 
 def count_for_fraction(fraction: float, n: int) -> int:
@@ -83,9 +82,11 @@ def _bits_to_float(bits: int) -> float:
     return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32).item())
 
 
-# raw high 16 bits (sign and exponent first) -> position in key order, as a permutation of the 65536 histogram bins
-_HIGH = torch.arange(-32768, 32768, dtype=torch.int64)
-_RAW_HIGH_TO_KEY = torch.where(_HIGH >= 0, _HIGH, _HIGH ^ 0x7FFF) + 32768
+def _raw_high_to_key(device: torch.device) -> torch.Tensor:
+    """Raw high 16 bits of an fp32 (sign, exponent, top of the mantissa; offset by 32768) -> position in value order:
+    a permutation of the 65536 histogram bins."""
+    high = torch.arange(-32768, 32768, dtype=torch.int64, device=device)
+    return torch.where(high >= 0, high, high ^ 0x7FFF) + 32768
 
 
 def _chunks(tensor: torch.Tensor, chunk: int) -> Iterable[tuple[int, torch.Tensor]]:
@@ -131,7 +132,7 @@ def _kth_key(tensors: Sequence[torch.Tensor], k: int, largest: bool, chunk: int)
             bits = _oriented(c, largest).view(torch.int32)
             _count_into(raw, (bits >> 16) + 32768)
     high = torch.zeros_like(raw)
-    high[_RAW_HIGH_TO_KEY.to(device)] = raw
+    high[_raw_high_to_key(device)] = raw
     bucket, above = _best_bucket(high, k)
     key_high = bucket - 32768
     raw_high = key_high ^ 0x7FFF if key_high < 0 else key_high  # the bucket's high 16 bits as stored in the floats
@@ -167,7 +168,7 @@ def topk_indices(
     tensors are read, never copied whole. Time: three reads of every score.
 
     Args:
-        tensors: fp32 tensors (any shape, all on one device, finite values).
+        tensors: fp32 tensors (any shape, finite values; contiguous, or each is copied once to flatten it).
         k: how many units to select, ``1 <= k <= total number of entries``.
         largest: ``True`` for the highest scores, ``False`` for the lowest.
         chunk: entries processed at once (memory/speed trade-off).
