@@ -47,7 +47,6 @@ __all__ = [
     "CalibrationSet",
     "build_refusal_set",
     "build_utility_set",
-    "generate_responses",
     "refusal_rows",
     "utility_rows",
 ]
@@ -483,71 +482,40 @@ def _check_prompts(prompts: Sequence[str]) -> list[str]:
     return prompts
 
 
-@torch.no_grad()
-def generate_responses(
+def __getattr__(name: str) -> Any:
+    # `peft_safety.data.generate_responses` predates the evaluation package; it is now the evaluation
+    # implementation, resolved lazily so that importing data.py does not import the evaluation package
+    if name == "generate_responses":
+        from .evaluation.generation import generate_responses
+
+        return generate_responses
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _generate(
     model: Any,
     tokenizer: Any,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int = 64,
-    batch_size: int = 8,
-    system_prompt: str | None = None,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    calib_kwargs: dict[str, Any],
     response_prefix: str | None = None,
-    template: str = "chat",
 ) -> list[str]:
-    """Greedy, batched answers of ``model`` to ``prompts`` (left padding, the chat template by default).
+    """Greedy answers rendered with the same template and system turn as the calibration set they will fill."""
+    # imported here: the evaluation package is not needed (nor imported) by scoring-only users of data.py
+    from .evaluation.generation import generate_responses
 
-    Args:
-        model: a causal LM.
-        tokenizer: its tokenizer.
-        prompts: the prompts.
-        max_new_tokens: generation budget per prompt.
-        batch_size: prompts per `generate` call.
-        system_prompt: optional system turn.
-        response_prefix: text forced at the start of every answer (e.g. ``"I cannot"``); it is part of the
-            returned responses.
-        template: ``"chat"`` or one of the legacy templates of `CalibrationSet`.
-
-    Returns:
-        One decoded response per prompt (special tokens removed).
-    """
-    prompts = _check_prompts(prompts)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-    # reuse the CalibrationSet templating so generation and scoring see the same prompt text
-    calib = CalibrationSet(
-        [{"prompt": p} for p in prompts], tokenizer, template=template, loss="none", system_prompt=system_prompt
+    return generate_responses(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        system_prompt=calib_kwargs.get("system_prompt"),
+        template=calib_kwargs.get("template", "chat"),
+        response_prefix=response_prefix,
+        progress=False,
     )
-    prefix_ids = [] if not response_prefix else calib._encode(response_prefix, False)
-    pad = calib.pad_token_id
-    eos = getattr(tokenizer, "eos_token_id", None)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            seqs = [list(e.prompt_ids) + prefix_ids for e in calib._examples[start : start + batch_size]]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, s in enumerate(seqs):
-                ids[r, width - len(s) :] = torch.tensor(s)
-                mask[r, width - len(s) :] = 1
-            gen = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-                eos_token_id=eos,
-            )
-            for row in gen[:, width:].tolist():
-                text = tokenizer.decode(row, skip_special_tokens=True)
-                out.append((response_prefix or "") + text)
-    finally:
-        model.train(was_training)
-    return out
 
 
 def build_refusal_set(
@@ -584,15 +552,8 @@ def build_refusal_set(
     if generate:
         if model is None:
             raise ValueError("generate=True needs a model to write the refusals; pass the model or generate=False.")
-        responses = generate_responses(
-            model,
-            tokenizer,
-            prompts,
-            max_new_tokens=max_new_tokens,
-            batch_size=generation_batch_size,
-            system_prompt=calib_kwargs.get("system_prompt"),
-            response_prefix=refusal_prefix,
-            template=calib_kwargs.get("template", "chat"),
+        responses = _generate(
+            model, tokenizer, prompts, max_new_tokens, generation_batch_size, calib_kwargs, refusal_prefix
         )
         rows = utility_rows(prompts, responses)
     else:
@@ -621,13 +582,6 @@ def build_utility_set(
         generation_batch_size: prompts per `generate` call.
         **calib_kwargs: forwarded to `CalibrationSet`.
     """
-    responses = generate_responses(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        batch_size=generation_batch_size,
-        system_prompt=calib_kwargs.get("system_prompt"),
-        template=calib_kwargs.get("template", "chat"),
-    )
+    prompts = _check_prompts(prompts)
+    responses = _generate(model, tokenizer, prompts, max_new_tokens, generation_batch_size, calib_kwargs)
     return CalibrationSet(utility_rows(prompts, responses), tokenizer, **calib_kwargs)

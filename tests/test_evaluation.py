@@ -186,6 +186,36 @@ def test_generation_errors(tiny_llama, tiny_tokenizer):
     assert len(raw) == 1
 
 
+def test_one_generation_implementation_shared_with_data(tiny_llama, tiny_tokenizer):
+    import peft_safety.data as data
+    from peft_safety.data import CalibrationSet
+
+    # data.generate_responses is the evaluation implementation, not a copy of it
+    assert data.generate_responses is generate_responses
+    assert "generate_responses" not in data.__all__
+    # prompts are rendered by CalibrationSet's templating for every template, so scoring and generation agree
+    for template in ("chat", "raw", "inst", "alpaca"):
+        ids = render_prompts(tiny_tokenizer, ["hi", "bake bread"], system_prompt="Be kind.", template=template)
+        calib = CalibrationSet([{"prompt": "hi"}, {"prompt": "bake bread"}], tiny_tokenizer, template=template,
+                               loss="none", system_prompt="Be kind.")  # fmt: skip
+        assert ids == [calib.example(i)["input_ids"].tolist() for i in range(2)], template
+    with pytest.raises(ValueError, match="template must be one of"):
+        render_prompts(tiny_tokenizer, ["x"], template="vicuna")
+    # a forced opening is part of the answer and is continued greedily from its own tokens
+    forced = generate_responses(tiny_llama, tiny_tokenizer, ["a", "bb"], max_new_tokens=3, response_prefix="I cannot",
+                                progress=False)  # fmt: skip
+    assert all(r.startswith("I cannot") for r in forced)
+    prefix_ids = tiny_tokenizer("I cannot", add_special_tokens=False)["input_ids"]
+    start = render_prompts(tiny_tokenizer, ["a"])[0] + prefix_ids
+    with torch.no_grad():
+        out = tiny_llama.generate(torch.tensor([start]), attention_mask=torch.ones(1, len(start), dtype=torch.long),
+                                  max_new_tokens=3, do_sample=False, pad_token_id=tiny_tokenizer.pad_token_id)  # fmt: skip
+    continuation = tiny_tokenizer.decode(out[0, len(start) :].tolist(), skip_special_tokens=True)
+    assert forced[0] == ("I cannot" + continuation).strip()
+    with pytest.raises(TypeError, match="response_prefix must be a str"):
+        generate_responses(tiny_llama, tiny_tokenizer, ["a"], response_prefix=3)
+
+
 # ----------------------------------------------------------------------------------------------------------- utility
 
 

@@ -1,6 +1,7 @@
-"""Batched greedy generation with the chat template, for evaluation.
+"""Batched greedy generation: the one implementation behind evaluation, model judges and generated calibration sets.
 
-Prompts are rendered with the tokenizer's chat template (a user turn, optionally after a system turn, plus the
+`peft_safety.data.build_refusal_set` / `build_utility_set` and the over-rejection probe call it too. Prompts are
+rendered by `CalibrationSet`'s templating (by default the tokenizer's chat template (a user turn, optionally after a system turn, plus the
 generation prompt), sorted by length so each batch wastes little padding, left-padded (decoder-only models continue
 from the right edge), generated greedily under `torch.inference_mode`, and returned in the input order. Greedy
 decoding makes the output a function of the inputs only; ``seed`` is still set so sampling-free code paths that draw
@@ -52,31 +53,36 @@ def render_prompts(
 ) -> list[list[int]]:
     """Token ids of each prompt as the model sees it before answering.
 
+    The text is rendered by `peft_safety.data.CalibrationSet` (prompt only, ``loss="none"``), so generation,
+    evaluation and scoring see byte-identical prompts for the same template.
+
     Args:
         tokenizer: a tokenizer; ``template="chat"`` needs its ``chat_template``.
         prompts: strings or rows with ``"prompt"``.
-        system_prompt: optional system turn (chat template only).
-        template: ``"chat"`` (the tokenizer's chat template with the generation prompt) or ``"raw"`` (the text).
+        system_prompt: optional system turn (with a non-chat template its text comes first, then a blank line).
+        template: ``"chat"`` (the tokenizer's chat template with the generation prompt), ``"raw"`` (the text),
+            ``"inst"`` or ``"alpaca"`` (see `peft_safety.data.TEMPLATES`).
 
     Returns:
         One list of token ids per prompt.
+
+    Raises:
+        ValueError: an unknown template, or ``template="chat"`` with a tokenizer that has no chat template.
+        TypeError: a prompt that is neither a string nor a row with a ``"prompt"`` string.
     """
-    if template not in ("chat", "raw"):
-        raise ValueError(f"template must be 'chat' or 'raw', got {template!r}.")
+    from ..data import TEMPLATES, CalibrationSet
+
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {list(TEMPLATES)}, got {template!r}.")
     texts = [_prompt_text(p, i) for i, p in enumerate(prompts)]
-    if template == "raw":
-        return [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
-    if not getattr(tokenizer, "chat_template", None):
+    if not texts:
+        return []
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ValueError("The tokenizer has no chat_template; set one (tokenizer.chat_template = ...) or use template='raw'.")  # fmt: skip
-    out = []
-    for text in texts:
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": text}
-        ]
-        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        # the template already wrote any BOS/special tokens: do not add them twice
-        out.append(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-    return out
+    calib = CalibrationSet(
+        [{"prompt": t} for t in texts], tokenizer, template=template, loss="none", system_prompt=system_prompt
+    )
+    return [list(example.prompt_ids) for example in calib._examples]
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -98,13 +104,21 @@ def generate_with_stats(
     template: str = "chat",
     seed: int = 0,
     progress: bool = True,
+    response_prefix: str | None = None,
 ) -> tuple[list[str], GenerationStats]:
     """`generate_responses` that also returns a `GenerationStats` (tokens generated, seconds)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    if response_prefix is not None and not isinstance(response_prefix, str):
+        raise TypeError(f"response_prefix must be a str or None, got {type(response_prefix).__name__}.")
     ids = render_prompts(tokenizer, prompts, system_prompt=system_prompt, template=template)
+    if response_prefix:
+        # the forced opening is tokenized on its own, exactly as CalibrationSet tokenizes responses, so a refusal
+        # set built from these answers has the same prompt/response boundary as the generation
+        prefix_ids = list(tokenizer(response_prefix, add_special_tokens=False)["input_ids"])
+        ids = [[*p, *prefix_ids] for p in ids]
     pad = _pad_id(tokenizer)
     eos = getattr(tokenizer, "eos_token_id", None)
     stop = {int(eos)} if eos is not None else set()
@@ -144,7 +158,9 @@ def generate_with_stats(
                     # count tokens up to and including the first stop token: the rest is padding
                     cut = next((k + 1 for k, t in enumerate(gen) if t in stop), len(gen))
                     new_tokens += cut
-                    responses[i] = tokenizer.decode(gen[:cut], skip_special_tokens=True).strip()
+                    text = tokenizer.decode(gen[:cut], skip_special_tokens=True)
+                    # strip the whole answer, not the continuation alone: "I cannot" + " help" keeps its space
+                    responses[i] = ((response_prefix or "") + text).strip()
     finally:
         model.train(was_training)
     stats = GenerationStats(len(ids), new_tokens, time.perf_counter() - start, batch_size)
@@ -163,6 +179,7 @@ def generate_responses(
     template: str = "chat",
     seed: int = 0,
     progress: bool = True,
+    response_prefix: str | None = None,
 ) -> list[str]:
     """Greedy answers of ``model`` to ``prompts``, batched with left padding, in the input order.
 
@@ -173,15 +190,18 @@ def generate_responses(
         max_new_tokens: generation budget per prompt.
         batch_size: prompts per ``generate`` call.
         system_prompt: optional system turn.
-        template: ``"chat"`` (chat template) or ``"raw"`` (the prompt text as is).
+        template: ``"chat"`` (chat template), ``"raw"`` (the prompt text as is), ``"inst"`` or ``"alpaca"``.
         seed: seeds torch before generating (greedy decoding does not sample).
         progress: show a progress bar over batches.
+        response_prefix: text forced at the start of every answer (e.g. ``"I cannot"``, which steers a weakly
+            aligned model into a refusal); it is part of the returned responses.
 
     Returns:
-        One decoded response per prompt (new tokens only, special tokens removed, stripped).
+        One decoded response per prompt (the prefix plus the new tokens, special tokens removed, stripped).
 
     Raises:
         ValueError: bad ``max_new_tokens``/``batch_size``/``template``, or a tokenizer without a chat template.
+        TypeError: a prompt that is not a string or a row with a ``"prompt"``, a ``response_prefix`` not a str.
 
     Example:
 
@@ -194,6 +214,6 @@ def generate_responses(
     """
     responses, _ = generate_with_stats(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, system_prompt=system_prompt,
-        template=template, seed=seed, progress=progress,
+        template=template, seed=seed, progress=progress, response_prefix=response_prefix,
     )  # fmt: skip
     return responses
