@@ -232,10 +232,13 @@ def _parse_chat_pairs(blobs: list[bytes]) -> list[dict[str, Any]]:
         data = yaml.safe_load(blob.decode("utf-8"))
         categories = data.get("categories") or [""]
         for conv in data.get("conversations") or []:
-            turns = [t for t in conv if isinstance(t, str)]
-            # conversations alternate user/bot: pair turn 2k (user) with 2k+1 (bot)
+            if not isinstance(conv, list):
+                continue  # a few files hold a malformed entry (a bare string); iterating it would yield characters
+            turns = [t.strip() for t in conv if isinstance(t, str)]
+            # conversations alternate user/bot: pair turn 2k (user) with 2k+1 (bot); skip pairs with an empty side
             for k in range(0, len(turns) - 1, 2):
-                rows.append({"prompt": turns[k].strip(), "response": turns[k + 1].strip(), "category": categories[0]})
+                if turns[k] and turns[k + 1]:
+                    rows.append({"prompt": turns[k], "response": turns[k + 1], "category": categories[0]})
     for i, row in enumerate(rows):
         row["id"] = f"chat-{i}"
     return rows
