@@ -41,30 +41,10 @@ class Args:
 
 
 def build_model(small: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from peft_safety.testing import benchmark_llama
 
-    if small:
-        cfg = LlamaConfig(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=False,
-        )
-    else:
-        cfg = LlamaConfig(
-            vocab_size=8192,
-            hidden_size=1024,
-            intermediate_size=2816,
-            num_hidden_layers=4,
-            num_attention_heads=16,
-            num_key_value_heads=4,
-            tie_word_embeddings=False,
-        )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg)
+    model = benchmark_llama(small)
+    return model
 
 
 def build_mask(model, granularity: str, density: float):

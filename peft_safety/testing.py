@@ -20,7 +20,7 @@ import string
 
 import torch
 
-__all__ = ["TINY_CHAT_TEMPLATE", "tiny_llama", "tiny_mixtral", "tiny_qwen2_moe", "tiny_tokenizer"]
+__all__ = ["TINY_CHAT_TEMPLATE", "benchmark_llama", "tiny_llama", "tiny_mixtral", "tiny_qwen2_moe", "tiny_tokenizer"]
 
 #: A minimal chat template (ChatML-like), with ``{% generation %}`` markers so TRL's ``assistant_only_loss`` works.
 TINY_CHAT_TEMPLATE = (
@@ -155,4 +155,25 @@ def tiny_mixtral(seed: int = 0, num_hidden_layers: int = 2, **overrides):
     torch.manual_seed(seed)
     model = MixtralForCausalLM(MixtralConfig(**cfg))
     model.eval()
+    return model
+
+
+def benchmark_llama(small: bool = False, seed: int = 0, **overrides):
+    """A Llama built from config for benchmarks: ~62M parameters (4 layers, hidden 1024, MLP 2816, 16 heads / 4 KV
+    heads, vocabulary 8192), or with ``small=True`` a 2-layer smoke-test model. Gradients are left enabled.
+
+    Args:
+        small: the tiny smoke-test size (hidden 64) instead of the benchmark size.
+        seed: seed of the weight initialisation.
+        **overrides: any other ``LlamaConfig`` field.
+    """
+    if small:
+        size = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16)  # fmt: skip
+    else:
+        size = dict(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                    num_attention_heads=16, num_key_value_heads=4, head_dim=64)  # fmt: skip
+    size.update(overrides)
+    model = tiny_llama(seed=seed, **size)
+    model.train()
     return model

@@ -207,12 +207,12 @@ def test_chat_pairs_parser_skips_malformed_conversations_and_empty_turns():
     from peft_safety.datasets import _parse_chat_pairs
 
     blob = (
-        "categories:\n- trivia\nconversations:\n"
-        "- - Hello\n  - Hi there\n"
-        "- not a list of turns\n"  # a bare string: must not be split into characters
-        "- - Who are you?\n  - ''\n"  # empty bot turn: dropped
-        "- - What is 2+2?\n  - '4'\n  - Thanks\n"  # odd count: the trailing turn has no answer
-    ).encode()
+        b"categories:\n- trivia\nconversations:\n"
+        b"- - Hello\n  - Hi there\n"
+        b"- not a list of turns\n"  # a bare string: must not be split into characters
+        b"- - Who are you?\n  - ''\n"  # empty bot turn: dropped
+        b"- - What is 2+2?\n  - '4'\n  - Thanks\n"  # odd count: the trailing turn has no answer
+    )
     rows = _parse_chat_pairs([blob])
     assert [(r["prompt"], r["response"]) for r in rows] == [("Hello", "Hi there"), ("What is 2+2?", "4")]
     assert all(r["category"] == "trivia" for r in rows)
