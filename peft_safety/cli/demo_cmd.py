@@ -20,7 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 help=help_text)  # fmt: skip
             continue
         kind = {"int": int, "float": float, "str": str, "int | None": int}.get(str(f.type), str)
-        parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f"{help_text} (default: %(default)s)")
+        parser.add_argument(
+            flag, dest=f.name, type=kind, default=f.default, help=f"{help_text} (default: %(default)s)"
+        )
     parser.add_argument("--out", dest="out_dir", help="alias of --out-dir")
 
 
