@@ -1,15 +1,112 @@
-"""One rank of the 2-process DDP freeze test (launched by tests/test_trainer_ddp.py with torch.distributed env vars).
+"""Ranks of the 2-process CPU (gloo) tests, and `launch`, which starts them with torch.distributed env vars.
 
-Trains a tiny Llama with SafetySFTTrainer (full fine-tuning, safety_mode="freeze") under DDP on CPU (gloo) and writes
-this rank's final parameters to ``<out>/rank<r>.pt``.
+* ``python _ddp_worker.py train OUT`` (tests/test_trainer_ddp.py): trains a tiny Llama with SafetySFTTrainer (full
+  fine-tuning, safety_mode="freeze") under DDP and writes this rank's final parameters to ``OUT/rank<r>.pt``.
+* ``python _ddp_worker.py score OUT`` (tests/test_scoring_ddp.py): scores the shared calibration set of
+  `score_calibration` with snip and esi; each rank runs only its share of the batches and the scorers all-reduce
+  the accumulators. Writes this rank's scores and the number of forward passes it ran to ``OUT/rank<r>.pt``.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
+
+#: scorer runs of the score mode: (name, method, kwargs); each rank and the single-process reference run the same
+SCORE_RUNS = (
+    ("snip", "snip", {}),
+    ("snip_abs_of_sum", "snip", {"aggregation": "abs_of_sum", "batch_size": 2}),
+    ("esi", "esi", {"batch_size": 2}),
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(mode: str, out: Path, world: int = 2, timeout: float = 240.0) -> None:
+    """Run ``world`` ranks of this script in ``mode`` on CPU; raise with the failing rank's output if one fails."""
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            HF_HUB_OFFLINE="1",
+            HF_DATASETS_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, __file__, mode, str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+        )
+    outputs = []
+    try:
+        for p in procs:
+            stdout, _ = p.communicate(timeout=timeout)
+            outputs.append(stdout.decode(errors="replace"))
+    finally:
+        # a rank that hangs (e.g. its peer died inside a collective) must not outlive the test
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for rank, (p, text) in enumerate(zip(procs, outputs)):
+        if p.returncode != 0:
+            raise AssertionError(f"rank {rank} exited with {p.returncode}:\n{text[-4000:]}")
+
+
+def score_calibration():
+    """The calibration set every rank and the reference score: 7 rows (an odd count, so the shares differ)."""
+    from peft_safety.data import CalibrationSet, refusal_rows
+    from peft_safety.testing import tiny_tokenizer
+
+    prompts = ["How do I pick a lock?", "hi", "Write malware now", "ok", "build a bomb", "x", "steal a car please"]
+    return CalibrationSet(refusal_rows(prompts, lambda p: "No. " + p[::-1]), tiny_tokenizer())
+
+
+def run_scorers(model, calib) -> dict[str, dict[str, torch.Tensor]]:
+    from peft_safety.scoring import score
+
+    out = {}
+    for label, method, kwargs in SCORE_RUNS:
+        scores = score(model, calib, method, target_modules=["v_proj", "down_proj"], progress=False, **kwargs)
+        out[label] = {name: scores[name].clone() for name in scores.names}
+    return out
+
+
+def score_main(out: str) -> None:
+    from peft_safety.testing import tiny_llama
+
+    torch.set_num_threads(1)
+    model = tiny_llama(seed=0)
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        results = run_scorers(model, score_calibration())
+    finally:
+        handle.remove()
+    rank = int(os.environ["RANK"])
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    torch.save(
+        {"scores": results, "forwards": len(forwards), "world_size": world}, os.path.join(out, f"rank{rank}.pt")
+    )
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def main(out: str) -> None:
@@ -65,4 +162,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    {"train": main, "score": score_main}[sys.argv[1]](sys.argv[2])

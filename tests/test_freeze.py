@@ -129,6 +129,9 @@ def test_storage_is_compact_and_hooks_removed():
     masks = _masks(model)
     optimizer = torch.optim.AdamW(model.parameters())
     freezer = Freezer(masks).install(model, optimizer)
+    # hooks fire on plain parameters: the trainer skips the redundant pre-clip mask_grads_() pass
+    assert freezer.resolved_backend == "single" and freezer.needs_grad_mask_call is False
+    assert Freezer(masks, backend="fsdp1").needs_grad_mask_call is False  # not installed: no backend yet
     kinds = {e.name: e.kind for e in freezer._entries}
     assert kinds == {
         "model.layers.0.self_attn.q_proj.weight": "flat",

@@ -2,62 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from _ddp_worker import launch
 
 pytest.importorskip("trl")
-
-WORKER = Path(__file__).with_name("_ddp_worker.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.multiprocess
 def test_ddp_two_processes_freeze_exact(tmp_path):
     from peft_safety.testing import tiny_llama
 
-    port, world = _free_port(), 2
-    procs = []
-    for rank in range(world):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(world),
-            LOCAL_WORLD_SIZE=str(world),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-            HF_HUB_OFFLINE="1",
-            HF_DATASETS_OFFLINE="1",
-            TOKENIZERS_PARALLELISM="false",
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(WORKER), str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-            )
-        )
-    outputs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        outputs.append(out.decode(errors="replace"))
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-4000:]
+    world = 2
+    launch("train", tmp_path, world=world)
 
     before = {n: t.detach() for n, t in tiny_llama(seed=0).named_parameters()}
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]

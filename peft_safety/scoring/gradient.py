@@ -51,15 +51,26 @@ AGGREGATIONS = ("sum_of_abs", "abs_of_sum")
 
 # ---------------------------------------------------------------------- helpers
 def _dist_info() -> tuple[int, int]:
-    """(rank, world size) of the data-parallel group, via accelerate's PartialState when launched distributed."""
+    """(rank, world size) of the data-parallel group.
+
+    An initialised ``torch.distributed`` group is authoritative (``torchrun``, ``accelerate launch`` after any
+    accelerate object was built, or the user's own ``init_process_group``). Launched with ``WORLD_SIZE > 1`` but not
+    yet initialised, accelerate's ``PartialState`` sets the group up. It must be told ``cpu=True`` on a machine
+    without an accelerator: with ``cpu=False`` there it reports one process (``DistributedType.NO``) although
+    ``WORLD_SIZE`` says otherwise, and every rank would silently score all the data (accelerate 1.15,
+    ``PartialState._prepare_backend``; tests/test_scoring_ddp.py covers this path).
+    """
     if not torch.distributed.is_available():
         return 0, 1
-    launched = torch.distributed.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if not launched:
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
     from accelerate import PartialState
 
-    state = PartialState()
+    accelerator = getattr(torch, "accelerator", None)
+    has_accelerator = bool(accelerator.is_available()) if accelerator is not None else torch.cuda.is_available()
+    state = PartialState(cpu=not has_accelerator)
     return state.process_index, state.num_processes
 
 

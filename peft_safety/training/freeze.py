@@ -353,6 +353,13 @@ class Freezer:
         return self._resolved_backend
 
     @property
+    def needs_grad_mask_call(self) -> bool:
+        """True when gradient hooks cannot fire (FSDP1 flat parameters): the training loop must then call
+        :meth:`mask_grads_` before clipping. Elsewhere the hooks already zeroed the frozen gradients and a second pass
+        would only cost one more kernel per tensor each step."""
+        return self._resolved_backend == "fsdp1"
+
+    @property
     def num_frozen(self) -> int:
         """Number of frozen entries held by this rank (with a hook or a restore), plus those of switched-off tensors."""
         return sum(e.num_frozen for e in self._entries) + sum(p.numel() for p, _ in self._digests.values())

@@ -310,8 +310,8 @@ class SafetySFTTrainer(SFTTrainer):
         return model, train_dataloader
 
     def _clip_grad_norm(self, model):
-        if self.freezer is not None:
-            self.freezer.mask_grads_()  # where hooks cannot fire (FSDP1); a no-op repeat elsewhere
+        if self.freezer is not None and self.freezer.needs_grad_mask_call:
+            self.freezer.mask_grads_()  # FSDP1: hooks do not fire on the flat parameter's views
         return super()._clip_grad_norm(model)
 
     def train(self, *args: Any, **kwargs: Any):
