@@ -2,6 +2,9 @@
 
 * ``python _ddp_worker.py train OUT`` (tests/test_trainer_ddp.py): trains a tiny Llama with SafetySFTTrainer (full
   fine-tuning, safety_mode="freeze") under DDP and writes this rank's final parameters to ``OUT/rank<r>.pt``.
+* ``python _ddp_worker.py fsdp2 OUT`` (tests/test_fsdp2.py): shards a tiny Llama with ``fully_shard`` (FSDP2) on a
+  CPU device mesh, trains it under a `Freezer` with AdamW (weight decay), clipping and gradient accumulation, and
+  writes the full (gathered) parameters and the freezer's report to ``OUT/rank<r>.pt``.
 * ``python _ddp_worker.py score OUT`` (tests/test_scoring_ddp.py): scores the shared calibration set of
   `score_calibration` with snip and esi; each rank runs only its share of the batches and the scorers all-reduce
   the accumulators. Writes this rank's scores and the number of forward passes it ran to ``OUT/rank<r>.pt``.
@@ -109,6 +112,79 @@ def score_main(out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+#: the FSDP2 test's mask: flat entries, whole rows, whole columns, and entries on both shards of each tensor
+FSDP2_MASK = {
+    "model.layers.0.self_attn.q_proj.weight": ("flat", [0, 7, 99, 512, 1000]),
+    "model.layers.1.self_attn.v_proj.weight": ("rows", [2, 5, 12]),
+    "model.layers.0.mlp.down_proj.weight": ("cols", [1, 30]),
+}
+
+
+def fsdp2_dense_masks(model) -> dict[str, torch.Tensor]:
+    """``{name: bool tensor}`` of `FSDP2_MASK` for ``model``'s (full) parameter shapes."""
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    masks = {}
+    for name, (kind, ids) in FSDP2_MASK.items():
+        m = torch.zeros(shapes[name], dtype=torch.bool)
+        if kind == "flat":
+            m.view(-1)[ids] = True
+        elif kind == "rows":
+            m[ids] = True
+        else:
+            m[:, ids] = True
+        masks[name] = m
+    return masks
+
+
+def fsdp2_main(out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from peft_safety.testing import tiny_llama
+    from peft_safety.training.freeze import Freezer
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    model = tiny_llama(seed=0)
+    masks = fsdp2_dense_masks(model)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    freezer = Freezer(masks).install(model, optimizer)
+    generator = torch.Generator().manual_seed(100 + rank)  # each rank its own data, as data parallelism has
+    accumulation = 2
+    for _step in range(3):
+        for micro in range(accumulation):
+            # FSDP2 reduces gradients on the last micro-batch only; the hooks fire then, on the reduced shard
+            model.set_requires_gradient_sync(micro == accumulation - 1)
+            ids = torch.randint(6, model.config.vocab_size, (2, 12), generator=generator)
+            (model(input_ids=ids, labels=ids).loss / accumulation).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        optimizer.step()
+        optimizer.zero_grad()
+    report = freezer.verify(strict=False)
+    reference = freezer.verify(tiny_llama(seed=0), strict=False)
+    backend = freezer.resolved_backend
+    freezer.remove()
+    full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    torch.save(
+        {
+            "params": full,
+            "backend": backend,
+            "ok": report.ok,
+            "ok_reference": reference.ok,
+            "checked": report.checked_entries,
+            "world_size": world,
+        },
+        os.path.join(out, f"rank{rank}.pt"),
+    )
+    torch.distributed.destroy_process_group()
+
+
 def main(out: str) -> None:
     from datasets import Dataset
 
@@ -162,4 +238,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    {"train": main, "score": score_main}[sys.argv[1]](sys.argv[2])
+    {"train": main, "score": score_main, "fsdp2": fsdp2_main}[sys.argv[1]](sys.argv[2])
