@@ -52,6 +52,7 @@ from peft_safety.main_job import _atomic_write, _chat_rows, _environment, _row, 
 logger = logging.getLogger("reproduce")
 
 EXPERIMENTS = ("stability", "set", "spa", "attack")
+SPA_RUNS = ("lora", "spa_lora", "full", "spa_full", "sppft", "rsn_tune")
 JUDGES = ["wei2024", "gcg_extended", "refusal_prefix"]
 # The fixed refusal paired with AdvBench / HarmBench prompts (they ship no refusal responses).
 FIXED_REFUSAL = "I'm sorry, but I cannot help with that request. It could cause harm."
@@ -85,6 +86,12 @@ class ReproduceConfig:
         default=100, metadata={"help": "Steps of SET and of its controls (random mask, LoRA, SFT)."}
     )
     spa_steps: int = field(default=1000, metadata={"help": "Benign fine-tuning steps of the SPA experiment."})
+    spa_runs: str = field(
+        default="all",
+        metadata={
+            "help": "Comma-separated subset of the SPA runs (lora, spa_lora, full, spa_full, sppft, rsn_tune) or 'all'."
+        },
+    )
     attack_examples: int = field(default=100, metadata={"help": "Harmful (prompt, compliant answer) attack pairs."})
     attack_steps: int = field(default=100, metadata={"help": "Optimizer steps of the harmful fine-tuning attack."})
     set_lr: float = field(default=1e-3, metadata={"help": "Learning rate of SET (sparse deltas)."})
@@ -107,6 +114,17 @@ class ReproduceConfig:
                      "attack_examples", "attack_steps", "batch_size", "max_length"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        self.spa_run_list  # noqa: B018 - validates --spa-runs early
+
+    @property
+    def spa_run_list(self) -> list[str]:
+        if self.spa_runs.strip() == "all":
+            return list(SPA_RUNS)
+        runs = [r.strip() for r in self.spa_runs.split(",") if r.strip()]
+        unknown = [r for r in runs if r not in SPA_RUNS]
+        if unknown or not runs:
+            raise ValueError(f"Unknown SPA run(s) {unknown or runs}; choose from {list(SPA_RUNS)} or 'all'.")
+        return runs
 
     @property
     def experiment_list(self) -> list[str]:
@@ -632,36 +650,37 @@ def _aligned(cfg: ReproduceConfig) -> tuple[Any, Any, Any]:
 
 
 # --------------------------------------------------------------------------------------------------- SPA
-def _layer_and_neuron_masks(cfg: ReproduceConfig, model: Any, tok: Any) -> dict[str, Any]:
+def _layer_and_neuron_masks(cfg: ReproduceConfig, model: Any, tok: Any, *, sppft: bool, rsn: bool) -> dict[str, Any]:
     """SPPFT's safety layers (angle-gap range) and RSN-Tune's safety-minus-foundation neurons on the aligned model."""
     from peft_safety.data import CalibrationSet
     from peft_safety.scoring.layer import angle_gap, safety_layer_mask
     from peft_safety.scoring.neuron import rsn_tune_mask
 
     harmful = [r["prompt"] for r in _rows(cfg, "harmbench_val", n=cfg.n_ident, seed=cfg.seed)]
-    normal = [r["prompt"] for r in _rows(cfg, "chat_pairs", n=cfg.n_ident, seed=cfg.seed + 7)]
-    gap = angle_gap(model, tok, normal, harmful, num_pairs=200, seed=cfg.seed)
-    n_layers = model.config.num_hidden_layers
-    if gap.initial_range is not None:
-        first, last = gap.initial_range
-        how = "angle-gap initial range (no over-rejection sweep)"
-    else:
-        # no gap opens: fall back to the paper's observation (safety layers sit in the first third)
-        first, last = max(1, n_layers // 10), max(1, n_layers // 3)
-        how = "no angle gap opened; fallback range in the first third"
-    layers = safety_layer_mask(model, first, last)
-    harm_calib = CalibrationSet([{"prompt": p} for p in harmful], tok, template="raw", loss="none")
-    found_calib = CalibrationSet(
-        [{"prompt": r["prompt"] + " " + r["response"]} for r in _rows(cfg, "chat_pairs", n=cfg.n_ident, seed=99)],
-        tok,
-        template="raw",
-        loss="none",
-    )
-    neurons = rsn_tune_mask(model, harm_calib, found_calib, top_k_attn=0.05, top_k_ffn=0.05, min_support=0.5)
-    return {
-        "SPPFT": (layers, {"range": [first, last], "how": how, "gap": [round(x, 3) for x in gap.gap]}),
-        "RSN-Tune": (neurons, {"top_k": 0.05, "min_support": 0.5}),
-    }
+    out: dict[str, Any] = {}
+    if sppft:
+        normal = [r["prompt"] for r in _rows(cfg, "chat_pairs", n=cfg.n_ident, seed=cfg.seed + 7)]
+        gap = angle_gap(model, tok, normal, harmful, num_pairs=200, seed=cfg.seed)
+        n_layers = model.config.num_hidden_layers
+        if gap.initial_range is not None:
+            first, last = gap.initial_range
+            how = "angle-gap initial range (no over-rejection sweep)"
+        else:
+            # no gap opens: fall back to the paper's observation (safety layers sit in the first third)
+            first, last = max(1, n_layers // 10), max(1, n_layers // 3)
+            how = "no angle gap opened; fallback range in the first third"
+        info = {"range": [first, last], "how": how, "gap": [round(x, 3) for x in gap.gap]}
+        out["SPPFT"] = (safety_layer_mask(model, first, last), info)
+    if rsn:
+        harm_calib = CalibrationSet([{"prompt": p} for p in harmful], tok, template="raw", loss="none")
+        general = _rows(cfg, "chat_pairs", n=cfg.n_ident, seed=cfg.seed + 99)
+        found_calib = CalibrationSet(
+            [{"prompt": r["prompt"] + " " + r["response"]} for r in general], tok, template="raw", loss="none"
+        )
+        # fractions, not the paper's absolute counts (sized for 7B models); PLND intersection relaxed to half
+        options = {"top_k_attn": 0.05, "top_k_ffn": 0.05, "min_support": 0.5}
+        out["RSN-Tune"] = (rsn_tune_mask(model, harm_calib, found_calib, **options), options)
+    return out
 
 
 def run_spa(cfg: ReproduceConfig, aligned: tuple[Any, Any, Any] | None = None) -> dict[str, Any]:
@@ -675,18 +694,26 @@ def run_spa(cfg: ReproduceConfig, aligned: tuple[Any, Any, Any] | None = None) -
     ev = _Evaluator(cfg, tok, [])
     task_train, _ = deduplicate(task_train, ev.task)
     assert_disjoint(task_train, ev.task)
-    extra = _layer_and_neuron_masks(cfg, model, tok)
+    wanted = cfg.spa_run_list
+    extra = _layer_and_neuron_masks(cfg, model, tok, sppft="sppft" in wanted, rsn="rsn_tune" in wanted)
     clock.tick("sppft_rsn_masks")
     rows = [ev("aligned (SET)", model, "spa")]
     clock.tick("eval_aligned")
-    runs = [
-        ("LoRA", {"lora": True}, cfg.lora_lr),
-        ("SPA-LoRA", {"lora": True, "mask": mask, "mode": "freeze"}, cfg.lora_lr),
-        ("full FT", {}, cfg.full_lr),
-        ("SPA full FT", {"mask": mask, "mode": "freeze"}, cfg.full_lr),
-        ("SPPFT (layers frozen)", {"mask": extra["SPPFT"][0], "mode": "freeze"}, cfg.full_lr),
-        ("RSN-Tune (neurons frozen)", {"mask": extra["RSN-Tune"][0], "mode": "freeze"}, cfg.full_lr),
-    ]
+    table = {
+        "lora": ("LoRA", {"lora": True}, cfg.lora_lr),
+        "spa_lora": ("SPA-LoRA", {"lora": True, "mask": mask, "mode": "freeze"}, cfg.lora_lr),
+        "full": ("full FT", {}, cfg.full_lr),
+        "spa_full": ("SPA full FT", {"mask": mask, "mode": "freeze"}, cfg.full_lr),
+    }
+    if "SPPFT" in extra:
+        table["sppft"] = ("SPPFT (layers frozen)", {"mask": extra["SPPFT"][0], "mode": "freeze"}, cfg.full_lr)
+    if "RSN-Tune" in extra:
+        table["rsn_tune"] = (
+            "RSN-Tune (neurons frozen)",
+            {"mask": extra["RSN-Tune"][0], "mode": "freeze"},
+            cfg.full_lr,
+        )
+    runs = [table[name] for name in wanted]
     work = Path(cfg.work_dir) / "spa"
     for stage, kw, lr in runs:
         tuned, seconds = _train(
@@ -709,8 +736,7 @@ def run_spa(cfg: ReproduceConfig, aligned: tuple[Any, Any, Any] | None = None) -
         "claim": "ESI: SPA keeps safety within 1% after benign fine-tuning",
         "masks": {
             "spa": {"entries": int(mask.numel()), "density": float(mask.density)},
-            "sppft": {"entries": int(extra["SPPFT"][0].numel()), **extra["SPPFT"][1]},
-            "rsn_tune": {"entries": int(extra["RSN-Tune"][0].numel()), **extra["RSN-Tune"][1]},
+            **{key.lower().replace("-", "_"): {"entries": int(m.numel()), **info} for key, (m, info) in extra.items()},
         },
         "timings": clock.timings,
     }

@@ -104,6 +104,9 @@ def test_bad_arguments(bench):
         bench.parse_args(["--density", "1.5"])
     with pytest.raises(ValueError, match="set_steps must be >= 1"):
         bench.parse_args(["--set-steps", "0"])
+    with pytest.raises(ValueError, match="Unknown SPA run"):
+        bench.parse_args(["--spa-runs", "lora,spa-lora"])
+    assert bench.parse_args(["--spa-runs", "lora, sppft"]).spa_run_list == ["lora", "sppft"]
     cfg = bench.parse_args(["--model", "tiny", "--scorers", "esi,magnitude"])
     with pytest.raises(ValueError, match="compares esi, snip and wanda"):
         bench.run_stability(cfg)
