@@ -23,7 +23,7 @@ from .judges import (
     parse_thescore,
     resolve_judges,
 )
-from .refusal import JudgeSummary, judge_all, summarize_verdicts
+from .refusal import JudgeSummary, RefusalEvaluator, judge_all, refusal_evaluator, summarize_verdicts
 from .report import DEFAULT_JUDGES, EvalReport, evaluate, write_jsonl
 from .utility import choice_loglikelihoods, multiple_choice_accuracy, perplexity, sequence_logprobs
 
@@ -38,6 +38,7 @@ __all__ = [
     "JudgeSummary",
     "KeywordJudge",
     "ModelJudge",
+    "RefusalEvaluator",
     "Verdict",
     "choice_loglikelihoods",
     "count_words",
@@ -49,6 +50,7 @@ __all__ = [
     "multiple_choice_accuracy",
     "parse_thescore",
     "perplexity",
+    "refusal_evaluator",
     "render_prompts",
     "resolve_judges",
     "sequence_logprobs",

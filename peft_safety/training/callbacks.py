@@ -161,8 +161,11 @@ class RefusalEvalCallback(TrainerCallback):
     """Run ``evaluator(model, tokenizer) -> dict[str, float]`` every ``eval_steps`` optimizer steps and log the result
     with a ``safety/`` prefix (on the main process only; the model is put back in train mode afterwards).
 
-    A typical evaluator generates answers to held-out harmful prompts and returns ``{"refusal_rate": ...}``;
-    ``peft_safety.evaluation`` provides ready-made ones when installed.
+    A typical evaluator generates answers to held-out harmful prompts and returns ``{"refusal_rate": ...}``:
+    `peft_safety.evaluation.refusal_evaluator(prompts, judges=("wei2024",))` builds one (logged as
+    ``safety/refusal_rate/<judge>``, ``safety/judge_errors/<judge>``, ...; see ``docs/trainer.md``). Under FSDP or
+    DeepSpeed ZeRO-3 a generation on one rank alone would wait forever for the other ranks' shards: evaluate after
+    training there.
 
     Args:
         evaluator: the callable.
