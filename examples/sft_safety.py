@@ -30,34 +30,6 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
-
-
-@dataclass
-class ScriptArguments:
-    """Data and setup arguments (TRL's ScriptArguments plus a local-file dataset and the tiny-setup helper)."""
-
-    dataset_name: str | None = field(
-        default=None, metadata={"help": "Hub dataset id, or a local .json/.jsonl/.csv/.parquet file."}
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name (Hub only)."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    make_tiny: str | None = field(
-        default=None,
-        metadata={"help": "Write a tiny model, data set and mask into this folder (for offline runs) and exit."},
-    )
-
-
-def load_dataset_any(name: str, config: str | None, split: str):
-    from datasets import load_dataset
-
-    ext = os.path.splitext(name)[1].lower()
-    if os.path.isfile(name):
-        kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(ext)
-        if kind is None:
-            raise ValueError(f"Unsupported local dataset file {name!r}: use .json, .jsonl, .csv or .parquet.")
-        return load_dataset(kind, data_files=name, split="train")
-    return load_dataset(name, config, split=split)
 
 
 def make_tiny(folder: str) -> None:
@@ -93,43 +65,17 @@ def make_tiny(folder: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from transformers import HfArgumentParser
-    from trl import ModelConfig, get_peft_config
 
-    from peft_safety.training.config import SafetySFTConfig
+    from peft_safety.sft_script import run_sft, sft_dataclasses
 
     argv = sys.argv[1:] if argv is None else argv
     if "--make_tiny" in argv:
         make_tiny(argv[argv.index("--make_tiny") + 1])
         return 0
-    parser = HfArgumentParser((ScriptArguments, SafetySFTConfig, ModelConfig))
+    parser = HfArgumentParser(sft_dataclasses())
     script_args, training_args, model_args = parser.parse_args_into_dataclasses(argv)
-    if script_args.dataset_name is None:
-        parser.error("--dataset_name is required (a Hub id or a local .jsonl file)")
-    if model_args.model_name_or_path is None:
-        parser.error("--model_name_or_path is required")
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from peft_safety.training.trainer import SafetySFTTrainer
-
-    dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(__import__("torch"), model_args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path, revision=model_args.model_revision, dtype=dtype
-    )
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
-    dataset = load_dataset_any(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
-    trainer = SafetySFTTrainer(
-        model,
-        args=training_args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-    )
-    trainer.train()
-    trainer.save_model(training_args.output_dir)
+    run_sft(script_args, training_args, model_args)
     print(f"saved to {training_args.output_dir}")
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
     return 0
 
 

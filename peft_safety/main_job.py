@@ -26,7 +26,6 @@ Or from the shell: ``peft-safety demo --out outputs/main_job``.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -236,7 +235,7 @@ def run_main_job(cfg: MainJobConfig | None = None) -> MainJobResult:
         import trl  # noqa: F401
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("The main job needs trl and datasets: pip install 'peft-safety[trl]'.") from err
-    from peft import LoraConfig
+    from peft import LoraConfig, PeftModel
 
     from .data import CalibrationSet
     from .datasets import assert_disjoint, deduplicate, load_rows
@@ -330,12 +329,19 @@ def run_main_job(cfg: MainJobConfig | None = None) -> MainJobResult:
     t = tick("eval_set", t)
 
     # ---------------------------------------------------------------- SPA: benign LoRA fine-tuning, plain vs masked
+    def fresh_set_model() -> Any:
+        # a new copy of the SET model, from disk: never copy.deepcopy a model TRL trained, because SFTTrainer leaves
+        # an instance-level `forward` closure on it that still points at the original object, so a deep copy would
+        # run the original model's weights and silently ignore any adapter added to the copy
+        base, _ = load_model(cfg.model)
+        return PeftModel.from_pretrained(base, out / "set" / "adapter").merge_and_unload()
+
     if not cfg.skip_spa:
         task_data = Dataset.from_list(_chat_rows(task_train))
         lora = {"r": cfg.lora_r, "lora_alpha": 2 * cfg.lora_r, "lora_dropout": 0.0, "target_modules": "all-linear"}
         for stage, safety in (("SET+LoRA", {}), ("SET+SPA-LoRA", {"safety_mode": "freeze"})):
             trainer = SafetySFTTrainer(
-                model=copy.deepcopy(set_model),
+                model=fresh_set_model(),
                 args=_sft_args(cfg, out / stage, cfg.spa_steps, cfg.spa_learning_rate, **safety),
                 train_dataset=task_data,
                 processing_class=tokenizer,
