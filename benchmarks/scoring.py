@@ -6,7 +6,7 @@ Measures, per method, wall time and peak RSS growth (CPU) or peak CUDA memory:
 * ``ours_abs_of_sum`` / ``ours_esi``: our batched scorers (one pass per batch, fp32 post-accumulate folding);
 * ``ours_sum_of_abs``: our exact per-sample SNIP (one pass per sample);
 * ``reference_per_sample_bf16``: the reference's loop, one pass per sample with ``.grad`` accumulated in the weight
-  dtype (ESI's approach, METHODS.md §3.6); ``reference_per_layer`` (Wei's L x N passes, §2.9) is extrapolated as
+  dtype (ESI's reference approach); ``reference_per_layer`` (Wei et al.'s reference code: L x N passes) is extrapolated as
   ``n_layers x`` that time, since it repeats the same per-sample loop once per layer.
 
 Examples:

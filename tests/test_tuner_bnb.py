@@ -1,6 +1,6 @@
 """SET and masked LoRA on bitsandbytes 4-bit / 8-bit base layers, on CPU.
 
-Trap (INTEGRATION.md §6.2): an eval-mode forward without grad permanently repacks 4-bit weights on some CPUs and
+Trap: an eval-mode forward without grad permanently repacks 4-bit weights on some CPUs and
 silently kills gradients, so every model here is put in train mode before its first forward.
 """
 

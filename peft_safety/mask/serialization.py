@@ -116,7 +116,7 @@ def save_mask(mask: SafetyMask, save_directory: str | os.PathLike) -> str:
     data = mask_to_bytes(mask)
     os.makedirs(directory, exist_ok=True)
     target = os.path.join(directory, MASK_FILENAME)
-    # never start the temporary name with "_": Trainer.push_to_hub ignores "_*" (INTEGRATION.md §7.2)
+    # never start the temporary name with "_": Trainer.push_to_hub ignores "_*" (transformers' Trainer.push_to_hub ignore_patterns)
     fd, tmp = tempfile.mkstemp(prefix=".safety_mask.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:

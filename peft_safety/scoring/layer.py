@@ -9,7 +9,7 @@ Three steps, each a public function:
    (``interventions.scaled``: exact restore afterwards), answer borderline benign prompts greedily, count refusals
    (``R_o``). Strengthening the real safety layers (``alpha > 1``) raises over-rejection most.
 3. `locate_safety_layers`: from the initial range, sweep the upper bound, then the lower bound, keeping the argmax of
-   ``R_o`` (METHODS.md §5.2), and return the `Layer()`-granularity `SafetyMask` of the range (all ``self_attn`` and
+   ``R_o`` (Li et al. 2025, §3.3), and return the `Layer()`-granularity `SafetyMask` of the range (all ``self_attn`` and
    ``mlp`` parameters of layers ``i*..j*``; norms only on request), for ``mode="freeze"`` (SPPFT).
 
 Ranges are inclusive everywhere (the reference's scaling loop is end-exclusive and SPPFT excludes both ends). Generation
@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 #: Response openings counted as refusals by the default judge. Li et al. count responses that *start with* the
-#: model's own refusal template (METHODS.md §7.2.2: "I cannot", "I'm sorry, but I can't", "I'm unable to", ...); this
+#: model's own refusal template (Li et al. 2025, App. A.3.3: "I cannot", "I'm sorry, but I can't", "I'm unable to", ...); this
 #: list is the union of those openings plus common variants. Pass ``judge=`` for a model-specific rule.
 REFUSAL_PREFIXES: tuple[str, ...] = (
     "I cannot",
@@ -298,7 +298,7 @@ def angle_gap(
     batch_size: int = 8,
     threshold: float = 0.05,
 ) -> AngleGap:
-    """Per-layer angle gap between N-M and N-N pairs of last-position hidden states (METHODS.md §5.1).
+    """Per-layer angle gap between N-M and N-N pairs of last-position hidden states (Li et al. 2025, §3.2).
 
     Every prompt is encoded once (batched, the last non-padding position taken per row, hidden states cast to fp32);
     ``num_pairs`` pairs of each type are then drawn from one generator seeded with ``seed`` (N-N: two distinct
@@ -516,7 +516,7 @@ def locate_safety_layers(
     batch_size: int = 8,
     include_norms: bool = False,
 ) -> SafetyLayersResult:
-    """Locate the safety layers: angle gap for the initial range, then the over-rejection sweeps (METHODS.md §5.2).
+    """Locate the safety layers: angle gap for the initial range, then the over-rejection sweeps (Li et al. 2025, §3.3).
 
     1. Initial ``[i, j]``: ``initial_range`` if given, else `angle_gap`'s `AngleGap.initial_range`.
     2. Upper bound: with ``i`` fixed, probe ``[i, j']`` for ``j' in [j - radius, j + radius]`` (clipped to valid

@@ -14,7 +14,7 @@ Default eligibility:
   ``(E, h, ff)`` in transformers 5 MoE models);
 * MoE routers (``mlp.gate``, ``block_sparse_moe.gate``, ``shared_expert_gate``) only with ``include_router=True``;
   they are always recognised by name, so excluding them is explicit (ESI's substring filter misses Qwen2-MoE's
-  ``shared_expert_gate``, METHODS.md §1.2);
+  ``shared_expert_gate``);
 * embeddings with ``include_embeddings=True``, ``lm_head`` with ``include_lm_head=True``; a tied ``lm_head`` is the
   embedding tensor itself, scored once under the embedding's name (`Targets.tied` records the alias);
 * norms and biases never (a bias is not a weight in the `SafetyMask` sense).

@@ -180,7 +180,7 @@ class SafetyLayer(BaseTunerLayer):
         self.base_layer = base_layer
         self.safety_values = nn.ParameterDict({})
         # persistent=True: PEFT's BufferDict defaults to non-persistent, which would silently drop the indices from
-        # adapter_model.safetensors (INTEGRATION.md §1.1).
+        # adapter_model.safetensors (peft's BufferDict defaults to persistent=False).
         self.safety_indices = BufferDict({}, persistent=True)
         self.safety_kind: dict[str, str] = {}
         self.safety_gradient_method: dict[str, str] = {}
