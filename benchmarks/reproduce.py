@@ -317,9 +317,12 @@ def _stats(masks: dict[str, Any]) -> dict[str, Any]:
     k = len(labels)
     # pairs split by what differs: the seed only (same data set) or the data set
     same_set, cross_set = [], []
+    by_pair: dict[str, list[float]] = {}
     for i in range(k):
         for j in range(i + 1, k):
-            (same_set if labels[i].split("/")[0] == labels[j].split("/")[0] else cross_set).append(float(m[i, j]))
+            a, b = labels[i].split("/")[0], labels[j].split("/")[0]
+            (same_set if a == b else cross_set).append(float(m[i, j]))
+            by_pair.setdefault(" | ".join(sorted((a, b))), []).append(float(m[i, j]))
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     return {
         "labels": labels,
@@ -328,6 +331,7 @@ def _stats(masks: dict[str, Any]) -> dict[str, Any]:
         "min_iou": rep.min_iou,
         "mean_iou_same_data_seeds": mean(same_set),
         "mean_iou_across_data": mean(cross_set),
+        "mean_iou_by_source_pair": {pair: round(mean(v), 4) for pair, v in by_pair.items()},
         "core": int(rep.core),
         "union": int(rep.union),
         "core_fraction": rep.core_fraction,

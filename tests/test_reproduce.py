@@ -69,6 +69,9 @@ def test_stability_writes_iou_stats_before_and_after_isolation(bench, tmp_path, 
         iou = torch.tensor(before["iou"])
         assert torch.allclose(iou.diagonal(), torch.ones(3)) and torch.allclose(iou, iou.T)
         assert 0.0 <= before["mean_iou"] <= 1.0 and before["core"] <= before["union"]
+        # one seed: every pair crosses data sets, so the by-source mean covers the 3 cross pairs
+        assert len(before["mean_iou_by_source_pair"]) == 3
+        assert before["mean_iou_across_data"] == pytest.approx(before["mean_iou"])
         # 1% global masks; isolation only removes entries, so it never grows a mask
         for label, density in before["density"].items():
             assert density == pytest.approx(0.01, abs=1e-3)
