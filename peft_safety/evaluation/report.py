@@ -182,7 +182,7 @@ def evaluate(
         max_new_tokens: generation budget per prompt.
         batch_size: prompts per generation call (and sequences per scoring pass).
         system_prompt: optional system turn.
-        template: ``"chat"`` or ``"raw"``.
+        template: ``"chat"`` (default), ``"raw"``, ``"inst"`` or ``"alpaca"`` (see `render_prompts`).
         progress: progress bars.
 
     Returns:

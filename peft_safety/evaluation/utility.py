@@ -102,7 +102,7 @@ def perplexity(
         rows: dicts with ``"prompt"`` and ``"response"``.
         batch_size: sequences per forward pass.
         system_prompt: optional system turn of the chat template.
-        template: ``"chat"`` or ``"raw"`` (see `peft_safety.evaluation.generation.render_prompts`).
+        template: ``"chat"``, ``"raw"``, ``"inst"`` or ``"alpaca"`` (see `peft_safety.evaluation.generation.render_prompts`).
         max_length: responses are cut so that prompt + response fit (``None``: no cut).
 
     Returns:
