@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from _single_thread import one_intra_op_thread  # noqa: F401 (autouse)
 
 from peft_safety.cli.main import main
 

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _single_thread import one_intra_op_thread  # noqa: F401 (autouse)
 
 from peft_safety.evaluation import (
     KEYWORD_PRESETS,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _single_thread import one_intra_op_thread  # noqa: F401 (autouse)
 
 from peft_safety.testing import tiny_llama
 from peft_safety.training.freeze import (

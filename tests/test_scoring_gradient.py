@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _single_thread import one_intra_op_thread  # noqa: F401 (autouse)
 
 from peft_safety.data import CalibrationSet, refusal_rows
 from peft_safety.scoring import score

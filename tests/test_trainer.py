@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-from _single_thread import one_intra_op_thread  # noqa: F401 (autouse)
 
 pytest.importorskip("trl")
 from datasets import Dataset
