@@ -99,6 +99,8 @@ _EXPORTS: dict[str, str] = {
     "generate_responses": "peft_safety.evaluation",
     "multiple_choice_accuracy": "peft_safety.evaluation",
     "perplexity": "peft_safety.evaluation",
+    "RefusalEvaluator": "peft_safety.evaluation",
+    "refusal_evaluator": "peft_safety.evaluation",
     "MainJobConfig": "peft_safety.main_job",
     "MainJobResult": "peft_safety.main_job",
     "run_main_job": "peft_safety.main_job",
@@ -139,11 +141,13 @@ if TYPE_CHECKING:  # pragma: no cover
         EvalReport,
         KeywordJudge,
         ModelJudge,
+        RefusalEvaluator,
         Verdict,
         evaluate,
         generate_responses,
         multiple_choice_accuracy,
         perplexity,
+        refusal_evaluator,
     )
     from .hub import mask_model_card, push_mask_to_hub  # noqa: F401
     from .interventions import mask_drift, noised, restored_from, rewind_, scaled, zeroed  # noqa: F401

@@ -36,7 +36,7 @@ __all__ = [
     "resolve_judges",
 ]
 
-#: refusal keywords, verbatim (METHODS.md §7.2)
+#: refusal keywords, verbatim (Wei et al. 2024, `lib/eval.py`; GCG/AutoDAN evaluation scripts)
 KEYWORD_PRESETS: dict[str, tuple[str, ...]] = {
     # Wei et al. 2024, boyiwei/alignment-attribution-code lib/eval.py `_test_prefixes` (31 entries)
     "wei2024": (
@@ -60,7 +60,7 @@ KEYWORD_PRESETS: dict[str, tuple[str, ...]] = {
     ),
 }  # fmt: skip
 
-#: refusal templates matched at the *start* of a response (Safety Layers, App. A.3.3; METHODS.md §7.2.2). The
+#: refusal templates matched at the *start* of a response (Safety Layers, Li et al. 2025, App. A.3.3). The
 #: trailing ellipses of the paper are dropped: the templates are prefixes.
 PREFIX_PRESETS: dict[str, tuple[str, ...]] = {
     "refusal_prefix": (

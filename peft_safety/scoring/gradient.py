@@ -5,7 +5,7 @@ gradient into an fp32 accumulator the moment it is complete (`hooks.GradientFold
 ``register_post_accumulate_grad_hook``), and free ``.grad`` at once: never L x N passes, never bf16 sums, never a
 dense gradient dump.
 
-Loss normalisation (METHODS.md §1.1): the loss of a sample is the mean NLL over its labelled (response) tokens, and
+Loss normalisation: the loss of a sample is the mean NLL over its labelled (response) tokens, and
 the batch objective is the SUM of the per-sample losses. Hence the batch gradient is exactly ``sum_n grad l_n``,
 independent of how samples are grouped into batches and of padding (HF's built-in loss would average over all tokens
 of the batch, which weights long responses more and changes with the batch composition).
@@ -22,7 +22,7 @@ ESI: ``|sum_n grad J_n| * std(W)`` with ``std`` the unbiased (``correction=1``, 
 reference code's ``.std()``) standard deviation of all entries of the tensor, in fp32. Objectives:
 
 * ``"refusal_nll"`` (default): ``J_n`` = response-only NLL of the refusal.
-* `JudgeObjective`: the reference's differentiable judge-guided surrogate (METHODS.md §3.2), with any causal-LM
+* `JudgeObjective`: the reference's differentiable judge-guided surrogate (Qi et al. 2026, reference code), with any causal-LM
   guard and its "safe" token.
 
 Errors: a NaN/inf loss or gradient raises ``ValueError`` naming the parameter and the batch.
@@ -289,7 +289,7 @@ def _signed_fold(_name: str, acc: torch.Tensor, grad: torch.Tensor) -> None:
 
 # ---------------------------------------------------------------------- ESI
 class JudgeObjective:
-    """ESI's differentiable judge-guided objective (Qi et al. 2026; METHODS.md §3.2), for any causal-LM guard.
+    """ESI's differentiable judge-guided objective (Qi et al. 2026), for any causal-LM guard.
 
     For each sample with target response ``y`` (the labelled tokens):
 

@@ -144,7 +144,7 @@ class SafetySFTTrainer(SFTTrainer):
         params["callbacks"] = callbacks or None
         super().__init__(**params)
         if self._safety_mechanism == "set" and _is_quantized(self.model):
-            # SFTTrainer casts every trainable parameter of a quantised model to bf16 (INTEGRATION §5.2); keep the
+            # SFTTrainer casts every trainable parameter of a quantised model to bf16 (trl/trainer/sft_trainer.py, quantised models); keep the
             # sparse deltas in fp32 so small updates are not rounded away
             for name, p in self.model.named_parameters():
                 if p.requires_grad and "safety_values" in name:
