@@ -13,7 +13,7 @@ Examples:
 
 ```bash
 python benchmarks/scoring.py --model tiny --threads 1
-python benchmarks/scoring.py --model default --rows 8 --batch-size 4 --max-length 128 --threads 2 --out bench.json
+python benchmarks/scoring.py --model default --rows 8 --batch-size 4 --max-length 128 --threads 2
 ```
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import time
 
@@ -66,7 +67,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-reference", action="store_true")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "scoring.json"),
+        help="JSON results file",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -152,9 +157,12 @@ def main() -> None:
     for name, r in results.items():
         rss = "-" if r["peak_rss_growth_mb"] is None else f"{r['peak_rss_growth_mb']:.0f}"
         print(f"{name:34s} {r['seconds']:9.3f} {r['ratio_vs_plain']:8.2f} {rss:>8s}")
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump({"meta": meta, "results": results}, fh, indent=2)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = f"{args.out}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump({"meta": meta, "results": results}, fh, indent=2)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ caches), so machine noise and ordering hit both; the median step time is reporte
 (one ``index_fill_`` per frozen gradient, one ``index_copy_`` per frozen tensor) is also timed in isolation: on a
 shared machine that number is the noise-free overhead. Writes JSON (atomically) and a table.
 
-    python benchmarks/spa_training.py --small --threads 1 --out spa_training.json
+    python benchmarks/spa_training.py --small --threads 1
     python benchmarks/spa_training.py --threads 1 --density 0.01     # ~21M-parameter Llama, 4 x 128 tokens
 
 Masks: ``weight`` (random entries at ``--density`` of every q/k/v/o/gate/up/down weight), ``neuron`` (rows of
@@ -48,7 +48,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--density", type=float, default=0.01)
-    parser.add_argument("--out", default="spa_training.json")
+    parser.add_argument(
+        "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "spa_training.json")
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -116,6 +118,7 @@ def main() -> None:
         row["freezer_work_fraction"] = row["freezer_work_s"] / row["plain_step_s"]
         results["rows"].append(row)
         freezer.remove()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = f"{args.out}.tmp"
     with open(tmp, "w") as f:
         json.dump(results, f, indent=2)
