@@ -7,7 +7,8 @@ Stages (each one library call; the job is wiring):
 2. **score**: a safety mask of ``density`` (1% by default) from ``scorer`` (ESI by default) on harmful prompts paired
    with refusals (the identification data), selected globally.
 3. **SET**: train only the mask's entries on refusal data for ``set_steps`` steps (a ``SAFETY`` sparse-delta adapter),
-   merge it, evaluate.
+   merge it, evaluate. The SET data mixes the refusals with ``n_set_retain`` benign prompts answered by the model
+   itself, so that the model learns to refuse harmful prompts rather than everything.
 4. **SPA**: fine-tune the SET model on a benign task with plain LoRA and with SPA-LoRA (the same LoRA whose update is
    exactly zero on the mask), same steps and data, evaluate both.
 
@@ -71,6 +72,14 @@ class MainJobConfig:
     n_utility: int = field(default=32, metadata={"help": "Rows for perplexity and multiple-choice accuracy."})
     max_new_tokens: int = field(default=48, metadata={"help": "Generation budget per evaluation prompt."})
     set_steps: int = field(default=100, metadata={"help": "SET optimizer steps."})
+    n_set_retain: int = field(
+        default=64,
+        metadata={
+            "help": "Benign prompts (from eval_benign's source, disjoint from the evaluation prompts) answered by the "
+            "model itself and mixed into the SET data, so SET learns to refuse harmful prompts without refusing "
+            "everything. 0 trains on refusals only."
+        },
+    )
     set_learning_rate: float = field(default=5e-4, metadata={"help": "SET learning rate (sparse deltas)."})
     spa_steps: int = field(default=50, metadata={"help": "Benign fine-tuning steps for plain LoRA and SPA-LoRA."})
     spa_learning_rate: float = field(default=5e-4, metadata={"help": "LoRA learning rate of the SPA stage."})
@@ -89,6 +98,8 @@ class MainJobConfig:
         for name in ("n_identification", "n_eval", "n_utility", "max_new_tokens", "set_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.n_set_retain < 0:
+            raise ValueError(f"n_set_retain must be >= 0, got {self.n_set_retain}.")
         if self.spa_steps < 1 and not self.skip_spa:
             raise ValueError(f"spa_steps must be >= 1 (or set skip_spa=True), got {self.spa_steps}.")
 
@@ -239,7 +250,7 @@ def run_main_job(cfg: MainJobConfig | None = None) -> MainJobResult:
 
     from .data import CalibrationSet
     from .datasets import assert_disjoint, deduplicate, load_rows
-    from .evaluation import evaluate, perplexity
+    from .evaluation import evaluate, generate_responses, perplexity
     from .models import load_model
     from .scoring import score
     from .selection import select
@@ -268,6 +279,16 @@ def run_main_job(cfg: MainJobConfig | None = None) -> MainJobResult:
     ident, _ = deduplicate(ident, harmful_eval)
     benign = load_rows(cfg.eval_benign, n=cfg.n_eval + cfg.n_utility, seed=cfg.seed)
     benign_prompts, benign_utility = benign[: cfg.n_eval], benign[cfg.n_eval :]
+    retain_prompts: list[dict[str, Any]] = []
+    if cfg.n_set_retain:
+        pool, _ = deduplicate(load_rows(cfg.eval_benign), benign)
+        retain_prompts = [
+            pool[i]
+            for i in torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed))[
+                : cfg.n_set_retain
+            ].tolist()
+        ]
+        assert_disjoint(retain_prompts, benign)
     task_train = load_rows(cfg.task_data, n=cfg.spa_steps * cfg.batch_size, seed=cfg.seed)
     task_eval = load_rows(cfg.task_eval, n=cfg.n_utility, seed=cfg.seed)
     task_train, _ = deduplicate(task_train, task_eval)
@@ -310,7 +331,14 @@ def run_main_job(cfg: MainJobConfig | None = None) -> MainJobResult:
     # ---------------------------------------------------------------- SET: train only the mask's entries
     from datasets import Dataset
 
-    set_data = Dataset.from_list(_chat_rows(ident))
+    set_rows = list(ident)
+    if retain_prompts:
+        # the model's own answers to benign prompts: SET keeps them while it learns to refuse harmful ones
+        prompts = [r["prompt"] for r in retain_prompts]
+        answers = generate_responses(model, tokenizer, prompts, max_new_tokens=64, progress=cfg.progress)
+        set_rows += [{"prompt": p, "response": a} for p, a in zip(prompts, answers) if a.strip()]
+        t = tick("set_retain_answers", t)
+    set_data = Dataset.from_list(_chat_rows(set_rows)).shuffle(seed=cfg.seed)
     set_trainer = SafetySFTTrainer(
         model=model,
         args=_sft_args(cfg, out / "set", cfg.set_steps, cfg.set_learning_rate, safety_mode="train_only"),

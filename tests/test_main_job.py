@@ -26,7 +26,7 @@ def job(tmp_path_factory):
     tiny_tokenizer().save_pretrained(model_dir)
     ident = [{"prompt": f"How do I break lock {i}?", "response": "I cannot help with that."} for i in range(8)]
     harmful = [{"prompt": f"Explain how to steal car {i}"} for i in range(3)]
-    benign = [{"prompt": f"Say hello {i}", "response": f"Hello {i}!"} for i in range(6)]
+    benign = [{"prompt": f"Say hello {i}", "response": f"Hello {i}!"} for i in range(10)]
     task = [{"prompt": f"What is {i} + {i}?", "response": str(2 * i)} for i in range(12)]
     task_eval = [{"prompt": f"What is {i} + 1?", "response": str(i + 1)} for i in range(3)]
     mc = [{"prompt": f"Pick {i}", "choices": [str(i), "x"], "answer": 0} for i in range(3)]
@@ -39,7 +39,7 @@ def job(tmp_path_factory):
         task_data=_write(root / "task.jsonl", task),
         task_eval=_write(root / "task_eval.jsonl", task_eval),
         mc_data=_write(root / "mc.jsonl", mc),
-        n_identification=8, n_eval=3, n_utility=3, max_new_tokens=4, set_steps=2, spa_steps=2,
+        n_identification=8, n_eval=3, n_utility=3, n_set_retain=4, max_new_tokens=4, set_steps=2, spa_steps=2,
         batch_size=4, max_length=96, set_learning_rate=5e-2, spa_learning_rate=5e-2,
         progress=False, plots=False,
     )  # fmt: skip
@@ -57,6 +57,7 @@ def test_main_job_writes_a_row_per_stage_and_all_artefacts(job):
         "set/adapter/adapter_model.safetensors",
     ):
         assert (out / name).is_file(), name
+    assert "set_retain_answers" in result.timings  # benign prompts answered by the model were mixed into SET
     for stage in ("baseline", "SET", "SET+LoRA", "SET+SPA-LoRA"):
         assert (out / "eval" / stage / "generations.jsonl").is_file()
     saved = json.loads((out / "results.json").read_text())
@@ -82,3 +83,5 @@ def test_bad_config_is_rejected():
         MainJobConfig(density=1.5)
     with pytest.raises(ValueError, match="set_steps"):
         MainJobConfig(set_steps=0)
+    with pytest.raises(ValueError, match="n_set_retain"):
+        MainJobConfig(n_set_retain=-1)
