@@ -65,8 +65,13 @@ class MainJobConfig:
     n_identification: int = field(default=64, metadata={"help": "Rows of the identification data used for scoring."})
     eval_harmful: str = field(default="harmbench_test", metadata={"help": "Held-out harmful prompts."})
     eval_benign: str = field(default="chat_pairs", metadata={"help": "Benign prompts (over-refusal) and responses."})
-    task_data: str = field(default="gsm8k_train", metadata={"help": "Benign task data for the SPA fine-tuning stage."})
-    task_eval: str = field(default="gsm8k_test", metadata={"help": "Held-out task rows (task perplexity)."})
+    task_data: str = field(
+        default="chat_pairs",
+        metadata={
+            "help": "Benign task data for the SPA fine-tuning stage (rows overlapping any evaluation row are dropped)."
+        },
+    )
+    task_eval: str = field(default="chat_pairs", metadata={"help": "Held-out task rows (task perplexity)."})
     mc_data: str = field(default="arc_easy", metadata={"help": "Multiple-choice utility rows."})
     n_eval: int = field(default=32, metadata={"help": "Prompts per evaluation set (harmful, benign)."})
     n_utility: int = field(default=32, metadata={"help": "Rows for perplexity and multiple-choice accuracy."})
@@ -128,13 +133,14 @@ class MainJobResult:
             return "n/a" if x is None else format(x, fmt)
 
         lines = [
-            "| model | refusal (wei2024) | refusal (gcg_extended) | refusal (prefix) | over-refusal (wei2024) "
-            "| benign ppl | task ppl | MC acc | repetitive (harmful) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| model | refusal (wei2024) | ASR (wei2024, >=20 words) | refusal (gcg_extended) | refusal (prefix) "
+            "| over-refusal (wei2024) | benign ppl | task ppl | MC acc | repetitive (harmful) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in self.rows:
             lines.append(
-                f"| {r['stage']} | {pct(r['refusal_wei2024'])} | {pct(r['refusal_gcg_extended'])} "
+                f"| {r['stage']} | {pct(r['refusal_wei2024'])} | {pct(r['attack_success_wei2024_min20'])} "
+                f"| {pct(r['refusal_gcg_extended'])} "
                 f"| {pct(r['refusal_prefix'])} | {pct(r['over_refusal_wei2024'])} | {num(r['benign_ppl'])} "
                 f"| {num(r['task_ppl'])} | {pct(r['mc_accuracy'])} | {pct(r['repetition_harmful'])} |"
             )
@@ -184,6 +190,12 @@ def _chat_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def _sample(rows: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:
+    """Up to ``n`` rows drawn without replacement by a seeded permutation (fewer if the pool is smaller)."""
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    return [rows[i] for i in order]
+
+
 def _sft_args(cfg: MainJobConfig, out: Path, steps: int, lr: float, **safety: Any):
     from .training import SafetySFTConfig
 
@@ -215,6 +227,7 @@ def _row(stage: str, report: Any, task_ppl: float | None) -> dict[str, Any]:
     return {
         "stage": stage,
         "refusal_wei2024": report.refusal_rate("wei2024"),
+        "attack_success_wei2024_min20": report.attack_success_rate("wei2024_min20"),
         "refusal_gcg_extended": report.refusal_rate("gcg_extended"),
         "refusal_prefix": report.refusal_rate("refusal_prefix"),
         "over_refusal_wei2024": report.over_refusal_rate("wei2024"),
@@ -282,16 +295,12 @@ def run_main_job(cfg: MainJobConfig | None = None) -> MainJobResult:
     retain_prompts: list[dict[str, Any]] = []
     if cfg.n_set_retain:
         pool, _ = deduplicate(load_rows(cfg.eval_benign), benign)
-        retain_prompts = [
-            pool[i]
-            for i in torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed))[
-                : cfg.n_set_retain
-            ].tolist()
-        ]
+        retain_prompts = _sample(pool, cfg.n_set_retain, cfg.seed)
         assert_disjoint(retain_prompts, benign)
-    task_train = load_rows(cfg.task_data, n=cfg.spa_steps * cfg.batch_size, seed=cfg.seed)
-    task_eval = load_rows(cfg.task_eval, n=cfg.n_utility, seed=cfg.seed)
-    task_train, _ = deduplicate(task_train, task_eval)
+    # task rows: disjoint from every evaluation row (the task and benign sets may come from the same source)
+    task_eval = load_rows(cfg.task_eval, n=cfg.n_utility, seed=cfg.seed + 1)
+    task_train, _ = deduplicate(load_rows(cfg.task_data), task_eval + benign + retain_prompts)
+    task_train = _sample(task_train, cfg.spa_steps * cfg.batch_size, cfg.seed + 2)
     mc_rows = load_rows(cfg.mc_data, n=cfg.n_utility, seed=cfg.seed)
     assert_disjoint(ident, harmful_eval)
     assert_disjoint(task_train, task_eval)
@@ -305,7 +314,7 @@ def run_main_job(cfg: MainJobConfig | None = None) -> MainJobResult:
             benign_prompts,
             utility_rows=benign_utility,
             mc_rows=mc_rows,
-            judges=["wei2024", "gcg_extended", "refusal_prefix"],
+            judges=["wei2024", "wei2024_min20", "gcg_extended", "refusal_prefix"],
             out_dir=out / "eval" / stage,
             seed=cfg.seed,
             max_new_tokens=cfg.max_new_tokens,
