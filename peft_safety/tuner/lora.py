@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -41,6 +42,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from torch import nn
 
 __all__ = [
+    "ENTRIES_METHODS",
+    "SPARSE_MAX_DENSITY",
     "SafetyLoraLinear",
     "check_masked_lora_model",
     "get_masked_lora_model",
@@ -51,6 +54,117 @@ __all__ = [
 _MASK_KINDS = ("rows", "cols", "entries")
 _BUFFER = {kind: f"lora_safety_{kind}" for kind in _MASK_KINDS}
 _ZERO_B_INITS = (True, "gaussian")
+
+#: How a ``Weight()``-masked layer removes its masked entries in forward: ``"auto"`` picks ``"sparse"`` up to
+#: :data:`SPARSE_MAX_DENSITY` and ``"dense"`` above it.
+ENTRIES_METHODS = ("auto", "sparse", "dense")
+
+#: ``"auto"`` uses the sparse correction for entry masks covering at most this fraction of their weight. The sparse
+#: path costs O(nnz * tokens) and the dense masked delta O(d_out * d_in * tokens), both memory-bound differently;
+#: ``benchmarks/masked_lora.py --sweep`` measured the crossover on CPU (see docs/tuner.md).
+SPARSE_MAX_DENSITY = 0.1
+
+
+class _EntryPattern:
+    """The fixed sparsity structure of an entry mask, as CSR index arrays of ``D`` and of ``Dᵀ``.
+
+    Built once per layer and adapter from the mask buffer (cached on the layer): every step only fills in new values.
+    """
+
+    def __init__(self, flat_indices: torch.Tensor, out_features: int, in_features: int) -> None:
+        # unique() also sorts: sorted flat indices are in CSR (row-major) order, and a duplicate would be subtracted
+        # twice by the sparse product (the dense path's index_fill is idempotent, so both paths agree on any buffer).
+        flat = torch.unique(flat_indices.to(torch.int64))
+        rows = torch.div(flat, in_features, rounding_mode="floor")
+        cols = flat - rows * in_features
+        self.shape = (out_features, in_features)
+        self.nnz = flat.numel()
+        self.crow = _crow(rows, out_features)
+        self.cols = cols
+        # Dᵀ in CSR order: sort the entries by (column, row); the permutation maps D's values to Dᵀ's.
+        self.perm_t = torch.argsort(cols * out_features + rows)
+        self.crow_t = _crow(cols, in_features)
+        self.rows_t = rows[self.perm_t]
+
+    def matrix(self, values: torch.Tensor) -> torch.Tensor:
+        """``D`` as a ``(d_out, d_in)`` CSR tensor with ``values`` in sorted flat order."""
+        return _csr(self.crow, self.cols, values, self.shape)
+
+    def matrix_t(self, values: torch.Tensor) -> torch.Tensor:
+        """``Dᵀ`` as a ``(d_in, d_out)`` CSR tensor, for ``D``'s ``values`` in sorted flat order."""
+        return _csr(self.crow_t, self.rows_t, values[self.perm_t], (self.shape[1], self.shape[0]))
+
+    def sample(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """The entries of ``left @ right`` at the pattern (SDDMM), in sorted flat order, without the full product."""
+        pattern = self.matrix(torch.zeros(self.nnz, dtype=left.dtype, device=left.device))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            return torch.sparse.sampled_addmm(pattern, left, right, beta=0.0).values()
+
+
+def _crow(major: torch.Tensor, size: int) -> torch.Tensor:
+    crow = torch.zeros(size + 1, dtype=torch.int64, device=major.device)
+    crow[1:] = torch.bincount(major, minlength=size).cumsum(0)
+    return crow
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # The CPU CSR kernels exist for fp32/fp64 only; lower precisions are computed (and accumulated) in fp32.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _MaskedEntryCorrection(torch.autograd.Function):
+    """``c = x @ Dᵀ`` with ``D`` sparse on the mask and ``D[i, j] = s * (B @ A)[i, j]``: what LoRA adds at the masked
+    entries, so ``base(x) + s * x Aᵀ Bᵀ - c`` is the masked-delta forward without any ``(d_out, d_in)`` tensor.
+
+    Forward: the values by SDDMM of ``B`` and ``A`` (O(nnz * r)), then one CSR product (O(nnz * tokens)). Backward,
+    hand-written so that nothing weight-sized appears either: ``grad_x = grad_c @ D`` (CSR product with ``Dᵀ``), the
+    value gradient ``g = (grad_cᵀ x)`` sampled at the mask (SDDMM), then ``grad_B = s * G @ Aᵀ`` and
+    ``grad_A = s * (Gᵀ @ B)ᵀ`` with ``G`` the sparse matrix of ``g``. Computed in fp32 (fp64 for fp64 inputs).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight_a, weight_b, pattern, scaling):
+        dtype = _compute_dtype(x.dtype)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        a, b = weight_a.to(dtype), weight_b.to(dtype)
+        values = pattern.sample(b, a) * scaling
+        # (D @ xᵀ)ᵀ: the CSR kernel wants the sparse operand on the left.
+        c = torch.sparse.mm(pattern.matrix(values), x2.t()).t()
+        ctx.save_for_backward(x, weight_a, weight_b, values)
+        ctx.pattern = pattern
+        ctx.scaling = scaling
+        return c.reshape(*x.shape[:-1], c.shape[-1]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_c):
+        x, weight_a, weight_b, values = ctx.saved_tensors
+        pattern, scaling = ctx.pattern, ctx.scaling
+        dtype = values.dtype
+        g2 = grad_c.reshape(-1, grad_c.shape[-1]).to(dtype)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.sparse.mm(pattern.matrix_t(values), g2.t()).t()
+            grad_x = grad_x.reshape(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            grad_values = pattern.sample(g2.t(), x2) * scaling
+            if ctx.needs_input_grad[2]:
+                grad_b = torch.sparse.mm(pattern.matrix(grad_values), weight_a.to(dtype).t()).to(weight_b.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_a = (
+                    torch.sparse.mm(pattern.matrix_t(grad_values), weight_b.to(dtype))
+                    .t()
+                    .contiguous()
+                    .to(weight_a.dtype)
+                )
+        return grad_x, grad_a, grad_b, None, None
 
 
 class SafetyLoraLinear(LoraLinear):
@@ -63,6 +177,11 @@ class SafetyLoraLinear(LoraLinear):
 
     #: ``{module key: {"rows"|"cols"|"entries": int tensor}}``, set on the subclass made by ``_layer_class``.
     _safety_masks: dict[str, dict[str, torch.Tensor]] = {}
+
+    #: Forward mechanism of entry masks, one of :data:`ENTRIES_METHODS` (class default set by ``mask_lora_config``;
+    #: assign on an instance to override one layer). Both give the same output up to fp rounding; merge always uses
+    #: the exact masked dense delta.
+    entries_method: str = "auto"
 
     other_param_names = (*LoraLinear.other_param_names, *_BUFFER.values())
 
@@ -105,6 +224,36 @@ class SafetyLoraLinear(LoraLinear):
             if buffers is not None and adapter_name in buffers:
                 return kind, buffers[adapter_name].to(torch.int64)
         return None
+
+    def entries_path(self, adapter_name: str) -> str | None:
+        """The forward path an entry-masked adapter takes: ``"sparse"``, ``"dense"``, or None without entry mask.
+
+        ``"auto"`` resolves to ``"sparse"`` when the mask covers at most :data:`SPARSE_MAX_DENSITY` of the weight.
+
+        Raises:
+            ValueError: if ``entries_method`` is not one of :data:`ENTRIES_METHODS`.
+        """
+        mask = self._mask_of(adapter_name)
+        if mask is None or mask[0] != "entries":
+            return None
+        method = self.entries_method
+        if method not in ENTRIES_METHODS:
+            raise ValueError(f"entries_method={method!r} is not one of {ENTRIES_METHODS}.")
+        if method != "auto":
+            return method
+        density = mask[1].numel() / max(1, self.out_features * self.in_features)
+        return "sparse" if density <= SPARSE_MAX_DENSITY else "dense"
+
+    def _entry_pattern(self, adapter_name: str) -> _EntryPattern:
+        """The cached CSR structure of the adapter's entry mask (rebuilt if the buffer moved or was overwritten)."""
+        idx = self.lora_safety_entries[adapter_name]
+        key = (idx.device, idx.data_ptr(), idx._version, idx.numel())
+        cache = self.__dict__.setdefault("_entry_patterns", {})
+        cached = cache.get(adapter_name)
+        if cached is None or cached[0] != key:
+            cached = (key, _EntryPattern(idx, self.out_features, self.in_features))
+            cache[adapter_name] = cached
+        return cached[1]
 
     def _masked_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` weights with masked columns of A / rows of B replaced by zeros (out of place, autograd-safe)."""
@@ -159,9 +308,17 @@ class SafetyLoraLinear(LoraLinear):
             dropout = self.lora_dropout[name]
             scaling = self.scaling[name]
             xa = self._cast_input_dtype(x, self.lora_A[name].weight.dtype)
-            mask = self._mask_of(name)
-            if mask is not None and mask[0] == "entries":
-                idx = mask[1]
+            path = self.entries_path(name)
+            if path == "sparse":
+                # Factored LoRA minus what it adds at the masked entries: no (d_out, d_in) tensor at all.
+                weight_a = self.lora_A[name].weight
+                weight_b = self.lora_B[name].weight
+                xd = dropout(xa)
+                lora_out = F.linear(F.linear(xd, weight_a), weight_b) * scaling
+                correction = _MaskedEntryCorrection.apply(xd, weight_a, weight_b, self._entry_pattern(name), scaling)
+                result = result + (lora_out - correction).to(result_dtype)
+            elif path == "dense":
+                idx = self._mask_of(name)[1]
                 weight_a = self.lora_A[name].weight
                 weight_b = self.lora_B[name].weight
                 delta = (weight_b @ weight_a) * scaling
@@ -182,9 +339,20 @@ def _strip_peft_prefix(key: str) -> str:
     return key
 
 
-def _layer_class(masks: dict[str, dict[str, torch.Tensor]]) -> type[SafetyLoraLinear]:
+def _layer_class(masks: dict[str, dict[str, torch.Tensor]], entries_method: str) -> type[SafetyLoraLinear]:
     """A ``SafetyLoraLinear`` subclass bound to ``masks`` (PEFT instantiates custom layers by class)."""
-    return type("SafetyLoraLinear", (SafetyLoraLinear,), {"_safety_masks": masks, "__module__": __name__})
+    attrs = {"_safety_masks": masks, "entries_method": entries_method, "__module__": __name__}
+    return type("SafetyLoraLinear", (SafetyLoraLinear,), attrs)
+
+
+def _check_entries_method(entries_method: Any) -> None:
+    if not isinstance(entries_method, str):
+        raise TypeError(f"entries_method must be a string, got {type(entries_method).__name__}.")
+    if entries_method not in ENTRIES_METHODS:
+        raise ValueError(
+            f"entries_method={entries_method!r} is not one of {ENTRIES_METHODS}: use 'auto' (sparse correction up to "
+            f"{SPARSE_MAX_DENSITY:.0%} mask density, dense masked delta above), or force 'sparse' or 'dense'."
+        )
 
 
 def _check_lora_config(config: LoraConfig) -> None:
@@ -233,7 +401,7 @@ def _granularity_kind(granularity: Any, idx: torch.Tensor, name: str) -> tuple[s
     raise TypeError(f"Unsupported granularity {granularity!r} for {name!r}.")
 
 
-def mask_lora_config(lora_config: LoraConfig, mask: Any) -> LoraConfig:
+def mask_lora_config(lora_config: LoraConfig, mask: Any, *, entries_method: str = "auto") -> LoraConfig:
     """A copy of ``lora_config`` whose LoRA update is exactly zero on ``mask`` (SPA with LoRA).
 
     Layer-masked modules are excluded from the adapter; every other masked ``nn.Linear`` gets a ``SafetyLoraLinear``
@@ -243,15 +411,19 @@ def mask_lora_config(lora_config: LoraConfig, mask: Any) -> LoraConfig:
     Args:
         lora_config: the LoRA config to protect (not modified).
         mask: the ``SafetyMask`` of entries to keep frozen.
+        entries_method: forward mechanism for ``Weight()`` masks. ``"sparse"``: LoRA's factored path minus a sparse
+            correction at the masked entries (O(nnz) extra work); ``"dense"``: the dense masked delta (one extra
+            ``(d_out, d_in)`` matmul per layer); ``"auto"`` (default): sparse when the mask covers at most
+            :data:`SPARSE_MAX_DENSITY` of the weight. Outputs agree up to fp rounding; merging is exact either way.
 
     Returns:
         A new ``LoraConfig``; pass it to ``get_peft_model`` (or use :func:`get_masked_lora_model`, which also checks
         the result), or as ``peft_config`` to a trainer.
 
     Raises:
-        TypeError: for a non-``LoraConfig`` or non-``SafetyMask`` argument.
-        ValueError: DoRA, LoRA bias, a non-zero-B initialisation, mask entries on an ``lm_head`` the config targets,
-            or masked parameters targeted through ``target_parameters``.
+        TypeError: for a non-``LoraConfig`` or non-``SafetyMask`` argument, or a non-string ``entries_method``.
+        ValueError: an unknown ``entries_method``, DoRA, LoRA bias, a non-zero-B initialisation, mask entries on an
+            ``lm_head`` the config targets, or masked parameters targeted through ``target_parameters``.
 
     Example:
 
@@ -263,6 +435,7 @@ def mask_lora_config(lora_config: LoraConfig, mask: Any) -> LoraConfig:
     from ..mask import SafetyMask
 
     _check_lora_config(lora_config)
+    _check_entries_method(entries_method)
     if not isinstance(mask, SafetyMask):
         raise TypeError(f"mask_lora_config expects a SafetyMask, got {type(mask).__name__}.")
     config = copy.deepcopy(lora_config)
@@ -294,7 +467,7 @@ def mask_lora_config(lora_config: LoraConfig, mask: Any) -> LoraConfig:
             masks[module_key] = {kind: idx.to(torch.int32)}
     _exclude(config, layer_keys)
     if masks:
-        config._register_custom_module({nn.Linear: _layer_class(masks)})
+        config._register_custom_module({nn.Linear: _layer_class(masks, entries_method)})
     return config
 
 
@@ -335,13 +508,16 @@ def check_masked_lora_model(peft_model: nn.Module, mask: Any) -> None:
             )
 
 
-def get_masked_lora_model(model: nn.Module, lora_config: LoraConfig, mask: Any, **kwargs: Any) -> PeftModel:
+def get_masked_lora_model(
+    model: nn.Module, lora_config: LoraConfig, mask: Any, *, entries_method: str = "auto", **kwargs: Any
+) -> PeftModel:
     """``get_peft_model(model, mask_lora_config(lora_config, mask))``, checked with :func:`check_masked_lora_model`.
 
     Args:
         model: the base model.
         lora_config: the LoRA config to protect.
         mask: the ``SafetyMask`` of entries to keep frozen.
+        entries_method: ``"auto"``, ``"sparse"`` or ``"dense"``: see :func:`mask_lora_config`.
         **kwargs: passed to ``peft.get_peft_model`` (e.g. ``adapter_name``).
 
     Returns:
@@ -352,7 +528,7 @@ def get_masked_lora_model(model: nn.Module, lora_config: LoraConfig, mask: Any, 
             the model (``SafetyMask.validate``).
     """
     _check_mask_fits(mask, model)
-    peft_model = get_peft_model(model, mask_lora_config(lora_config, mask), **kwargs)
+    peft_model = get_peft_model(model, mask_lora_config(lora_config, mask, entries_method=entries_method), **kwargs)
     check_masked_lora_model(peft_model, mask)
     return peft_model
 
@@ -382,7 +558,13 @@ def _check_mask_fits(mask: Any, model: nn.Module) -> None:
 
 
 def load_masked_lora(
-    model: nn.Module, model_id: str, adapter_name: str = "default", is_trainable: bool = False, **kwargs: Any
+    model: nn.Module,
+    model_id: str,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    *,
+    entries_method: str = "auto",
+    **kwargs: Any,
 ) -> PeftModel:
     """Load a masked LoRA adapter saved from :func:`mask_lora_config` / :func:`get_masked_lora_model`.
 
@@ -395,15 +577,19 @@ def load_masked_lora(
         model_id: local folder or Hub repo id of the adapter.
         adapter_name: name to give the adapter.
         is_trainable: load the adapter trainable (to continue training with the same guarantee).
+        entries_method: ``"auto"``, ``"sparse"`` or ``"dense"``: see :func:`mask_lora_config`.
         **kwargs: passed to ``PeftModel.from_pretrained`` and ``load_peft_weights`` (``subfolder``, ``revision``...).
 
     Returns:
         The ``PeftModel``.
 
     Raises:
-        ValueError: if the adapter is not a LoRA adapter or has no ``lora_safety_*`` buffers.
+        ValueError: if the adapter is not a LoRA adapter or has no ``lora_safety_*`` buffers, or for an unknown
+            ``entries_method``.
     """
     from peft import PeftConfig
+
+    _check_entries_method(entries_method)
     from peft.utils import load_peft_weights
 
     config = PeftConfig.from_pretrained(
@@ -422,7 +608,7 @@ def load_masked_lora(
             f"{model_id!r} has no lora_safety_* buffers: it is not a masked LoRA adapter. Load it with "
             "PeftModel.from_pretrained."
         )
-    config._register_custom_module({nn.Linear: _layer_class(masks)})
+    config._register_custom_module({nn.Linear: _layer_class(masks, entries_method)})
     return PeftModel.from_pretrained(
         model, model_id, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
     )
