@@ -229,3 +229,190 @@ def test_reloaded_plain_peft_of_row_mask_is_still_exact(tmp_path):
     peft_model.save_pretrained(tmp_path)
     plain = PeftModel.from_pretrained(tiny_llama(seed=0), tmp_path)
     assert_protected(plain.merge_and_unload(), base, mask)
+
+
+# --- Weight() masks: sparse correction vs dense masked delta ------------------------------------------------------
+
+
+def entry_layers(peft_model):
+    return [m for m in peft_model.modules() if isinstance(m, SafetyLoraLinear) and m.entries_path("default")]
+
+
+def randomise_lora_(peft_model, seed=1):
+    # B starts at zero, which would make every comparison trivial
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in entry_layers(peft_model):
+            m.lora_A["default"].weight.copy_(torch.randn(m.lora_A["default"].weight.shape, generator=gen))
+            m.lora_B["default"].weight.copy_(torch.randn(m.lora_B["default"].weight.shape, generator=gen))
+
+
+def layer_outputs(layer, x, method, dropout_seed=None):
+    layer.entries_method = method
+    x = x.clone().requires_grad_(True)
+    if dropout_seed is not None:
+        torch.manual_seed(dropout_seed)
+    y = layer(x)
+    y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y))
+    grads = (x.grad, layer.lora_A["default"].weight.grad.clone(), layer.lora_B["default"].weight.grad.clone())
+    layer.lora_A["default"].weight.grad = None
+    layer.lora_B["default"].weight.grad = None
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_sparse_path_matches_dense_path_forward_and_gradients(dropout):
+    model = tiny_llama(seed=0)
+    mask = make_mask(model, GRANULARITIES["weight"], fraction=0.05)
+    peft_model = get_masked_lora_model(model, lora(lora_dropout=dropout), mask)
+    randomise_lora_(peft_model)
+    peft_model.train()
+    layers = entry_layers(peft_model)
+    assert len(layers) == 2
+    for layer in layers:
+        assert layer.entries_path("default") == "sparse"  # 5% <= SPARSE_MAX_DENSITY
+        x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(3))
+        y_sparse, g_sparse = layer_outputs(layer, x, "sparse", dropout_seed=7)
+        y_dense, g_dense = layer_outputs(layer, x, "dense", dropout_seed=7)
+        torch.testing.assert_close(y_sparse, y_dense, rtol=1e-5, atol=1e-4)
+        for name, gs, gd in zip(("x", "A", "B"), g_sparse, g_dense):
+            torch.testing.assert_close(gs, gd, rtol=1e-4, atol=1e-4, msg=f"grad {name}")
+        # the correction really matters: plain LoRA (no masking) differs from both
+        plain = layer.base_layer(x) + layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"]
+        if dropout == 0.0:
+            assert not torch.allclose(plain, y_dense, atol=1e-3)
+
+
+def test_sparse_correction_backward_passes_gradcheck():
+    from peft_safety.tuner.lora import _EntryPattern, _MaskedEntryCorrection
+
+    gen = torch.Generator().manual_seed(0)
+    out_f, in_f, r = 7, 5, 3
+    flat = torch.randperm(out_f * in_f, generator=gen)[:9].sort().values.to(torch.int32)
+    pattern = _EntryPattern(flat, out_f, in_f)
+    x = torch.randn(2, 4, in_f, dtype=torch.float64, generator=gen, requires_grad=True)
+    a = torch.randn(r, in_f, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(out_f, r, dtype=torch.float64, generator=gen, requires_grad=True)
+    fn = lambda x, a, b: _MaskedEntryCorrection.apply(x, a, b, pattern, 1.5)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, a, b))
+    # and it is exactly what LoRA adds at the masked entries
+    dense = torch.zeros(out_f * in_f, dtype=torch.float64)
+    dense[flat.long()] = ((b @ a) * 1.5).reshape(-1)[flat.long()]
+    torch.testing.assert_close(fn(x, a, b), x @ dense.view(out_f, in_f).t())
+
+
+@pytest.mark.parametrize("method", ["sparse", "dense", "auto"])
+def test_weight_mask_bit_identical_after_training_and_merge_per_method(method):
+    model = tiny_llama(seed=0)
+    mask = make_mask(model, GRANULARITIES["weight"], fraction=0.05)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    peft_model = get_masked_lora_model(model, lora(lora_dropout=0.1), mask, entries_method=method)
+    expected = "sparse" if method == "auto" else method
+    assert {m.entries_path("default") for m in entry_layers(peft_model)} == {expected}
+    train(peft_model, steps=3)
+    ids = tokens()
+    with torch.no_grad():
+        unmerged = peft_model(ids).logits
+    merged = peft_model.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, unmerged, rtol=1e-5, atol=1e-5)
+    assert assert_protected(merged, base, mask) > 0
+
+
+def test_sparse_and_dense_training_runs_agree():
+    logits = {}
+    for method in ("sparse", "dense"):
+        model = tiny_llama(seed=0)
+        mask = make_mask(model, GRANULARITIES["weight"], fraction=0.05)
+        peft_model = get_masked_lora_model(model, lora(), mask, entries_method=method)
+        torch.manual_seed(0)
+        train(peft_model, steps=3)
+        with torch.no_grad():
+            logits[method] = peft_model(tokens()).logits
+    torch.testing.assert_close(logits["sparse"], logits["dense"], rtol=1e-4, atol=1e-4)
+
+
+def test_auto_choice_follows_density_threshold_and_can_be_forced():
+    from peft_safety.tuner.lora import SPARSE_MAX_DENSITY
+
+    model = tiny_llama(seed=0)
+    gran = {"model.layers.0.self_attn.q_proj.weight": Weight(), "model.layers.1.mlp.down_proj.weight": Weight()}
+    params = dict(model.named_parameters())
+    sparse_k = int(params["model.layers.0.self_attn.q_proj.weight"].numel() * SPARSE_MAX_DENSITY)  # at threshold
+    dense_k = int(params["model.layers.1.mlp.down_proj.weight"].numel() * SPARSE_MAX_DENSITY) + 1  # just above
+    mask = SafetyMask(
+        indices={
+            "model.layers.0.self_attn.q_proj.weight": torch.arange(sparse_k, dtype=torch.int32),
+            "model.layers.1.mlp.down_proj.weight": torch.arange(dense_k, dtype=torch.int32),
+        },
+        shapes={k: tuple(params[k].shape) for k in gran},
+        granularity=gran,
+    )
+    peft_model = get_masked_lora_model(model, lora(), mask)
+    modules = dict(peft_model.named_modules())
+    q = modules["base_model.model.model.layers.0.self_attn.q_proj"]
+    down = modules["base_model.model.model.layers.1.mlp.down_proj"]
+    assert (q.entries_path("default"), down.entries_path("default")) == ("sparse", "dense")
+    assert modules["base_model.model.model.layers.0.self_attn.k_proj"].entries_path("default") is None
+    down.entries_method = "sparse"  # per-layer override
+    assert down.entries_path("default") == "sparse"
+    forced = get_masked_lora_model(tiny_llama(seed=0), lora(), mask, entries_method="dense")
+    assert {m.entries_path("default") for m in entry_layers(forced)} == {"dense"}
+
+
+def test_bad_entries_method_refused():
+    model = tiny_llama(seed=0)
+    mask = make_mask(model, GRANULARITIES["weight"])
+    with pytest.raises(ValueError, match=r"entries_method='csr' is not one of.*force 'sparse' or 'dense'"):
+        mask_lora_config(lora(), mask, entries_method="csr")
+    with pytest.raises(TypeError, match="entries_method must be a string, got bool"):
+        get_masked_lora_model(model, lora(), mask, entries_method=True)
+    peft_model = get_masked_lora_model(model, lora(), mask)
+    layer = entry_layers(peft_model)[0]
+    layer.entries_method = "fast"
+    with pytest.raises(ValueError, match="entries_method='fast' is not one of"):
+        peft_model(tokens())
+
+
+def test_pattern_cache_follows_the_mask_buffer():
+    model = tiny_llama(seed=0)
+    mask = make_mask(model, GRANULARITIES["weight"], fraction=0.05)
+    peft_model = get_masked_lora_model(model, lora(), mask, entries_method="sparse")
+    randomise_lora_(peft_model)
+    layer = entry_layers(peft_model)[0]
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
+    first = layer._entry_pattern("default")
+    assert layer._entry_pattern("default") is first  # built once
+    with torch.no_grad():
+        # another mask, in place (wrapped around, so no longer sorted: the pattern sorts it)
+        idx = layer.lora_safety_entries["default"]
+        idx.copy_((idx + 1) % (layer.out_features * layer.in_features))
+    assert layer._entry_pattern("default") is not first
+    y_sparse, _ = layer_outputs(layer, x, "sparse")
+    y_dense, _ = layer_outputs(layer, x, "dense")
+    torch.testing.assert_close(y_sparse, y_dense, rtol=1e-5, atol=1e-4)
+
+
+def test_sparse_path_save_reload_and_switch_method(tmp_path):
+    model = tiny_llama(seed=0)
+    mask = make_mask(model, GRANULARITIES["weight"], fraction=0.05)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    peft_model = get_masked_lora_model(model, lora(), mask)
+    train(peft_model, steps=2)
+    ids = tokens()
+    with torch.no_grad():
+        ref = peft_model(ids).logits
+    peft_model.save_pretrained(tmp_path)
+
+    loaded = load_masked_lora(tiny_llama(seed=0), str(tmp_path), is_trainable=True)
+    assert {m.entries_path("default") for m in entry_layers(loaded)} == {"sparse"}
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ref)
+    dense = load_masked_lora(tiny_llama(seed=0), str(tmp_path), entries_method="dense")
+    assert {m.entries_path("default") for m in entry_layers(dense)} == {"dense"}
+    with torch.no_grad():
+        torch.testing.assert_close(dense(ids).logits, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="entries_method='x' is not one of"):
+        load_masked_lora(tiny_llama(seed=0), str(tmp_path), entries_method="x")
+    train(loaded, steps=2)
+    assert_protected(loaded.merge_and_unload(), base, mask)
