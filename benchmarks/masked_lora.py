@@ -4,12 +4,17 @@ For each mask granularity (``neuron`` rows/columns, ``layer``, ``weight`` entrie
 backward, AdamW) of ``get_masked_lora_model(model, cfg, mask)`` is timed against ``get_peft_model(model, cfg)`` with
 the same ``LoraConfig``, interleaved step by step so machine noise hits both alike. For ``layer`` masks the masked
 modules carry no adapter at all, so the comparison is against plain LoRA on every module (the masked model does less
-work).
+work). ``weight`` masks use ``--entries_method`` (default ``auto``: the sparse correction at 1% density).
+
+``--sweep 0.01,0.05,0.1,0.2`` additionally times weight masks at each density with both forward paths forced
+(``entries_method="sparse"`` and ``"dense"``, interleaved with plain LoRA): the crossover behind
+``peft_safety.tuner.lora.SPARSE_MAX_DENSITY``.
 
 Examples:
 
 ```bash
 python benchmarks/masked_lora.py --threads 2
+python benchmarks/masked_lora.py --threads 1 --granularities weight --sweep 0.01,0.05,0.1,0.2,0.3
 python benchmarks/masked_lora.py --small --threads 1      # smoke test
 ```
 """
@@ -37,6 +42,9 @@ class Args:
     tokens: int = field(default=256, metadata={"help": "sequence length (batch 1)"})
     steps: int = field(default=6, metadata={"help": "timed steps per model (after 2 warm-up steps)"})
     small: bool = field(default=False, metadata={"help": "tiny model smoke mode"})
+    granularities: str = field(default=",".join(GRANULARITIES), metadata={"help": "comma-separated mask kinds"})
+    entries_method: str = field(default="auto", metadata={"help": "weight-mask forward path: auto, sparse, dense"})
+    sweep: str = field(default="", metadata={"help": "comma-separated weight-mask densities to time sparse vs dense"})
     output: str = field(default="benchmarks/results/masked_lora.json", metadata={"help": "JSON output path"})
 
 
@@ -90,28 +98,19 @@ def main() -> int:
 
     tokens = 32 if args.small else args.tokens
     ids = torch.randint(0, 128 if args.small else 8192, (1, tokens), generator=torch.Generator().manual_seed(0))
+    cfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
     results = []
-    for granularity in GRANULARITIES:
-        cfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
-        plain = get_peft_model(build_model(args.small), cfg)
+    for granularity in args.granularities.split(","):
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"--granularities: unknown {granularity!r}; choose from {GRANULARITIES}.")
         base = build_model(args.small)
-        masked = get_masked_lora_model(base, cfg, build_mask(base, granularity, args.density))
-        models = {"plain": plain, "masked": masked}
-        optimizers = {
-            k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
-            for k, m in models.items()
+        mask = build_mask(base, granularity, args.density)
+        models = {
+            "plain": get_peft_model(build_model(args.small), cfg),
+            "masked": get_masked_lora_model(base, cfg, mask, entries_method=args.entries_method),
         }
-        times: dict[str, list[float]] = {"plain": [], "masked": []}
-        for step in range(args.steps + 2):
-            for key, model in models.items():  # interleaved: contention hits both alike
-                model.train()
-                start = time.perf_counter()
-                model(input_ids=ids, labels=ids).loss.backward()
-                optimizers[key].step()
-                optimizers[key].zero_grad(set_to_none=True)
-                if step >= 2:
-                    times[key].append(time.perf_counter() - start)
-        plain_s, masked_s = statistics.median(times["plain"]), statistics.median(times["masked"])
+        times = time_steps(models, ids, args.steps)
+        plain_s, masked_s = times["plain"], times["masked"]
         results.append(
             {
                 "granularity": granularity,
@@ -119,11 +118,32 @@ def main() -> int:
                 "masked_step_s": masked_s,
                 "ratio": masked_s / plain_s,
                 "target_max": TARGETS[granularity],
-                "trainable_plain": sum(p.numel() for p in plain.parameters() if p.requires_grad),
-                "trainable_masked": sum(p.numel() for p in masked.parameters() if p.requires_grad),
+                "entries_paths": sorted(entry_paths(models["masked"])),
+                "trainable_plain": trainable(models["plain"]),
+                "trainable_masked": trainable(models["masked"]),
             }
         )
-    report = {"args": asdict(args), "results": results, "torch": torch.__version__}
+        del models
+    sweep = []
+    for density in [float(d) for d in args.sweep.split(",") if d]:
+        base_sparse, base_dense = build_model(args.small), build_model(args.small)
+        mask = build_mask(base_sparse, "weight", density)
+        models = {
+            "plain": get_peft_model(build_model(args.small), cfg),
+            "sparse": get_masked_lora_model(base_sparse, cfg, mask, entries_method="sparse"),
+            "dense": get_masked_lora_model(base_dense, cfg, mask, entries_method="dense"),
+        }
+        times = time_steps(models, ids, args.steps)
+        sweep.append(
+            {
+                "density": density,
+                **{f"{k}_step_s": v for k, v in times.items()},
+                "sparse_ratio": times["sparse"] / times["plain"],
+                "dense_ratio": times["dense"] / times["plain"],
+            }
+        )
+        del models
+    report = {"args": asdict(args), "results": results, "sweep": sweep, "torch": torch.__version__}
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     tmp = args.output + ".tmp"
     with open(tmp, "w") as fh:
@@ -135,7 +155,49 @@ def main() -> int:
             f"{r['granularity']:<8} {r['plain_step_s']:>9.4f} {r['masked_step_s']:>9.4f} {r['ratio']:>7.3f} "
             f"{'<= ' + str(r['target_max']):>7}"
         )
+    if sweep:
+        print(f"\n{'density':<8} {'plain s':>9} {'sparse s':>9} {'dense s':>9} {'sparse':>7} {'dense':>7}")
+        for r in sweep:
+            print(
+                f"{r['density']:<8} {r['plain_step_s']:>9.4f} {r['sparse_step_s']:>9.4f} {r['dense_step_s']:>9.4f} "
+                f"{r['sparse_ratio']:>7.3f} {r['dense_ratio']:>7.3f}"
+            )
     return 0
+
+
+def time_steps(models: dict, ids: torch.Tensor, steps: int) -> dict[str, float]:
+    """Median seconds of one training step (forward, backward, AdamW) per model, interleaved after 2 warm-ups."""
+    optimizers = {
+        k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
+        for k, m in models.items()
+    }
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for step in range(steps + 2):
+        for key, model in models.items():  # interleaved: contention hits all alike
+            model.train()
+            start = time.perf_counter()
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizers[key].step()
+            optimizers[key].zero_grad(set_to_none=True)
+            if step >= 2:
+                times[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def entry_paths(model) -> set[str]:
+    from peft_safety.tuner.lora import SafetyLoraLinear
+
+    return {
+        path
+        for m in model.modules()
+        if isinstance(m, SafetyLoraLinear)
+        for path in [m.entries_path(a) for a in m.lora_A]
+        if path is not None
+    }
+
+
+def trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 if __name__ == "__main__":
