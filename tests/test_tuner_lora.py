@@ -416,3 +416,21 @@ def test_sparse_path_save_reload_and_switch_method(tmp_path):
         load_masked_lora(tiny_llama(seed=0), str(tmp_path), entries_method="x")
     train(loaded, steps=2)
     assert_protected(loaded.merge_and_unload(), base, mask)
+
+
+def test_sparse_path_in_bf16_accumulates_in_fp32():
+    # CPU CSR kernels are fp32/fp64 only: bf16 adapters are computed in fp32 and cast back
+    model = tiny_llama(seed=0).to(torch.bfloat16)
+    mask = make_mask(model, GRANULARITIES["weight"], fraction=0.05)
+    peft_model = get_masked_lora_model(model, lora(), mask, autocast_adapter_dtype=False)
+    randomise_lora_(peft_model)
+    layer = entry_layers(peft_model)[0]
+    assert layer.lora_A["default"].weight.dtype == torch.bfloat16
+    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    y_sparse, g_sparse = layer_outputs(layer, x, "sparse")
+    y_dense, g_dense = layer_outputs(layer, x, "dense")
+    assert y_sparse.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in g_sparse)
+    scale = y_dense.float().abs().max()
+    assert (y_sparse.float() - y_dense.float()).abs().max() <= 0.02 * scale  # bf16 rounding only
+    for gs, gd in zip(g_sparse, g_dense):
+        assert (gs.float() - gd.float()).abs().max() <= 0.02 * gd.float().abs().max()

@@ -7,14 +7,19 @@ The mechanism depends on the mask's granularity, always the cheapest one that is
 | ``Layer()`` | the module is added to ``exclude_modules``: LoRA never adapts it | none |
 | ``Neuron(axis=0)``, ``Head(axis=0)`` | rows ``i`` of ``lora_B`` enter forward and merge as zeros (``B.index_fill(0, rows, 0)``) | an index fill on a ``(d_out, r)`` tensor |
 | ``Neuron(axis=1)``, ``Head(axis=1)`` | columns ``j`` of ``lora_A`` enter forward and merge as zeros (and start at zero) | an index fill on an ``(r, d_in)`` tensor |
-| ``Weight()`` | the dense delta ``(B A) * scaling`` with the masked entries filled with zero, in forward and in merge | one dense ``(d_out, d_in)`` delta and matmul per layer |
+| ``Weight()`` | forward: LoRA's factored path minus a sparse correction ``x @ Dᵀ``, ``D = (B A) * scaling`` at the masked entries only (``entries_method="sparse"``); or the dense delta with the masked entries filled with zero (``"dense"``). Merge: always the masked dense delta | sparse: O(nnz * (tokens + r)); dense: one ``(d_out, d_in)`` delta and matmul |
 
 Masking the *effective* weights inside forward (rather than zeroing gradients and re-zeroing after each optimizer
 step) means the guarantee does not depend on the optimizer: the masked rows/columns never reach the output or the
 merged weight, whatever AdamW decay, momentum or a foreign optimizer state does to the stored tensors. Their gradient
 is zero as a side effect, so with AdamW they also stay at their initial zeros, which keeps even a plain-LoRA reload of
-a rows/columns adapter exact. No low-rank parametrisation can keep arbitrary entries at zero, hence the dense masked
-delta for ``Weight()`` masks.
+a rows/columns adapter exact. No low-rank parametrisation can keep arbitrary entries at zero, hence the correction for
+``Weight()`` masks: ``y = base(x) + s * x Aᵀ Bᵀ - x Dᵀ`` with ``D[i, j] = s * B[i] . A[:, j]`` on the mask, built
+by a sampled matmul (SDDMM) and applied with CSR products in a hand-written autograd function
+(``_MaskedEntryCorrection``), so no weight-sized tensor exists in forward or backward. It equals the dense masked
+delta up to fp rounding; ``entries_method="auto"`` uses it up to :data:`SPARSE_MAX_DENSITY` mask density and the
+dense delta above (measured crossover, docs/tuner.md). Merging always uses the masked dense delta, so merged masked
+entries are bit-identical.
 
 Refused, with a clear error: DoRA (rescales whole rows through its magnitude vector), LoRA biases, initialisations
 with a non-zero ``B`` (``init_lora_weights`` other than ``True``/``"gaussian"``: pissa, olora, eva, corda, loftq,
