@@ -168,3 +168,21 @@ def test_judge_objective_tiny_guard(calib, tok):
     assert dense[40, 40] == 1 and dense[40].sum() == 1
     with pytest.raises(ValueError, match="is 2 guard tokens"):
         JudgeObjective(guard, tok, tok, safe_token="ab")
+
+
+def test_device_map_model_scores_like_the_plain_model(calib, tmp_path):
+    # a model dispatched by accelerate (device_map) scores exactly like the same weights loaded plainly; the fp32
+    # accumulators live on each parameter's own device
+    from transformers import AutoModelForCausalLM
+
+    from peft_safety.scoring import score
+    from peft_safety.testing import tiny_llama
+
+    tiny_llama(seed=0).save_pretrained(tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path)
+    dispatched = AutoModelForCausalLM.from_pretrained(tmp_path, device_map={"model": "cpu", "lm_head": "cpu"})
+    a = score(plain, calib, "esi", progress=False)
+    b = score(dispatched, calib, "esi", progress=False)
+    for name in a.names:
+        assert torch.equal(a[name], b[name]), name
+        assert b[name].device == dict(dispatched.named_parameters())[name].device
