@@ -53,7 +53,8 @@ logger = logging.getLogger("reproduce")
 
 EXPERIMENTS = ("stability", "set", "spa", "attack")
 SPA_RUNS = ("lora", "spa_lora", "full", "spa_full", "sppft", "rsn_tune")
-JUDGES = ["wei2024", "gcg_extended", "refusal_prefix"]
+# the judges main_job._row reads (it builds the same row schema as the main job)
+JUDGES = ["wei2024", "wei2024_min20", "gcg_extended", "refusal_prefix"]
 # The fixed refusal paired with AdvBench / HarmBench prompts (they ship no refusal responses).
 FIXED_REFUSAL = "I'm sorry, but I cannot help with that request. It could cause harm."
 
