@@ -82,8 +82,11 @@ def test_stability_writes_iou_stats_before_and_after_isolation(bench, tmp_path, 
     assert "| esi | before |" in out and "| wanda | after |" in out
 
 
-def test_set_and_attack_rows_and_derived_numbers(bench, tmp_path, keep_threads):
-    args = _tiny_args(tmp_path, "set,attack", "--set-steps", "2", "--attack-steps", "2", "--attack-examples", "4")
+def test_set_spa_attack_rows_and_derived_numbers(bench, tmp_path, keep_threads):
+    args = _tiny_args(
+        tmp_path, "set,spa,attack", "--set-steps", "2", "--attack-steps", "2", "--attack-examples", "4",
+        "--spa-steps", "2", "--spa-runs", "spa_full,sppft,rsn_tune",
+    )  # fmt: skip
     assert bench.main(args) == 0
     result = json.loads((tmp_path / "out" / "reproduce_set.json").read_text())
     stages = [r["stage"] for r in result["rows"]]
@@ -93,6 +96,13 @@ def test_set_and_attack_rows_and_derived_numbers(bench, tmp_path, keep_threads):
     assert result["mask_entries"]["esi"] == result["mask_entries"]["random"] > 0
     # the aligned (SET) model and its mask are kept for the spa/attack experiments
     assert (tmp_path / "work" / "aligned" / "mask" / "safety_mask.safetensors").exists()
+    spa = json.loads((tmp_path / "out" / "reproduce_spa.json").read_text())
+    assert [r["stage"] for r in spa["rows"]] == [
+        "aligned (SET)", "SPA full FT", "SPPFT (layers frozen)", "RSN-Tune (neurons frozen)",
+    ]  # fmt: skip
+    assert spa["rows"][0]["safety_drift_wei2024"] == 0 and spa["rows"][0]["task_gain_ppl"] == 0
+    assert spa["masks"]["sppft"]["entries"] > 0 and "rsn_tune" in spa["masks"]
+    assert spa["masks"]["spa"]["entries"] == result["mask_entries"]["esi"]
     attack = json.loads((tmp_path / "out" / "reproduce_attack.json").read_text())
     assert [r["stage"] for r in attack["rows"]] == ["aligned (SET)", "attack: LoRA", "attack: SPA-LoRA"]
     assert attack["attack_examples"] == 4
