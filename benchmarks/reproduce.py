@@ -25,9 +25,14 @@ prompts trained or scored on (`assert_disjoint`).
 
     # the full protocol (hours on 2 CPU cores)
     python benchmarks/reproduce.py --threads 2
-    # the reduced run reported in docs/results.md
-    python benchmarks/reproduce.py --experiments stability --threads 1
-    python benchmarks/reproduce.py --experiments set --set-steps 30 --n-eval 16 --max-new-tokens 32 --threads 1
+    # the reduced runs reported in docs/results.md (in this order: spa and attack reuse the SET model)
+    python benchmarks/reproduce.py --experiments stability --threads 1 --batch-size 8
+    python benchmarks/reproduce.py --experiments set --set-steps 50 --n-eval 16 --n-utility 16 --max-new-tokens 48 \
+        --threads 1
+    python benchmarks/reproduce.py --experiments attack --attack-steps 30 --n-eval 16 --n-utility 16 \
+        --max-new-tokens 48 --threads 1
+    python benchmarks/reproduce.py --experiments spa --spa-runs lora,spa_lora --spa-steps 20 --n-eval 16 \
+        --n-utility 16 --max-new-tokens 48 --threads 1
     # seconds: the tiny in-code model and synthetic rows (wiring check, numbers meaningless)
     python benchmarks/reproduce.py --model tiny --out /tmp/repro --work-dir /tmp/repro/work
 """
