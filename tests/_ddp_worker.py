@@ -235,6 +235,11 @@ def main(out: str) -> None:
         },
         os.path.join(out, f"rank{rank}.pt"),
     )
+    # tear the gloo group down before the interpreter exits: leaving it to atexit can abort a rank with
+    # "terminate called without an active exception" (seen as exit code -6 on a loaded machine)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
