@@ -52,13 +52,14 @@ from typing import Any
 
 import torch
 
-from peft_safety.main_job import _atomic_write, _chat_rows, _environment, _row, _sft_args
+from peft_safety._io import atomic_write_text
+from peft_safety.main_job import chat_rows, environment_info, eval_row, sft_args
 
 logger = logging.getLogger("reproduce")
 
 EXPERIMENTS = ("stability", "set", "spa", "attack")
 SPA_RUNS = ("lora", "spa_lora", "full", "spa_full", "sppft", "rsn_tune")
-# the judges main_job._row reads (it builds the same row schema as the main job)
+# the judges main_job.eval_row reads (it builds the same row schema as the main job)
 JUDGES = ["wei2024", "wei2024_min20", "gcg_extended", "refusal_prefix"]
 # The fixed refusal paired with AdvBench / HarmBench prompts (they ship no refusal responses).
 FIXED_REFUSAL = "I'm sorry, but I cannot help with that request. It could cause harm."
@@ -261,11 +262,11 @@ def _write(cfg: ReproduceConfig, experiment: str, payload: dict[str, Any]) -> Pa
     payload = {
         "experiment": experiment,
         "config": asdict(cfg),
-        "environment": _environment(),
+        "environment": environment_info(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
         **payload,
     }
-    _atomic_write(path, json.dumps(payload, indent=2, default=str) + "\n")
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
     return path
 
 
@@ -484,7 +485,7 @@ class _Evaluator:
             max_new_tokens=self.cfg.max_new_tokens,
             progress=self.cfg.progress,
         )
-        row = _row(stage, report, perplexity(model, self.tok, self.task))
+        row = eval_row(stage, report, perplexity(model, self.tok, self.task))
         row["eval_seconds"] = round(time.perf_counter() - t, 1)
         return row
 
@@ -542,8 +543,8 @@ def _train(
     t = time.perf_counter()
     trainer = SafetySFTTrainer(
         model=model,
-        args=_sft_args(cfg, out, steps, lr, **safety),
-        train_dataset=Dataset.from_list(_chat_rows(rows)),
+        args=sft_args(cfg, out, steps, lr, **safety),
+        train_dataset=Dataset.from_list(chat_rows(rows)),
         processing_class=tok,
         peft_config=peft_config,
         safety_mask=mask,

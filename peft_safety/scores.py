@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -392,17 +391,10 @@ class Scores(Mapping[str, torch.Tensor]):
             "shapes": json.dumps({n: list(s) for n, s in self._shapes.items()}),
             "provenance": json.dumps(self.provenance, default=str),
         }
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".scores-", suffix=".tmp", dir=directory)
-        os.close(fd)
-        try:
+        from ._io import atomic_path
+
+        with atomic_path(path) as tmp:
             save_file({n: t.cpu() for n, t in self._tensors.items()}, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
 
     @classmethod
     def from_safetensors(

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._io import atomic_write_text
 from .generation import generate_with_stats
 from .judges import Judge, resolve_judges
 from .refusal import JudgeSummary, judge_all
@@ -28,16 +28,7 @@ DEFAULT_JUDGES = ("wei2024", "wei2024_min20", "gcg_extended", "refusal_prefix")
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, text)
 
 
 def write_jsonl(path: str | os.PathLike, records: Sequence[dict[str, Any]]) -> Path:

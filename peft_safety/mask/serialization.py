@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from typing import Any
 
 import torch
@@ -32,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
+from .._io import atomic_write_bytes
 from .._version import __version__
 from .granularity import granularity_from_dict
 from .safety_mask import SafetyMask
@@ -116,19 +116,7 @@ def save_mask(mask: SafetyMask, save_directory: str | os.PathLike) -> str:
     data = mask_to_bytes(mask)
     os.makedirs(directory, exist_ok=True)
     target = os.path.join(directory, MASK_FILENAME)
-    # never start the temporary name with "_": Trainer.push_to_hub ignores "_*" (transformers' Trainer.push_to_hub ignore_patterns)
-    fd, tmp = tempfile.mkstemp(prefix=".safety_mask.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
+    return atomic_write_bytes(target, data, fsync=True)
 
 
 def _json_field(meta: dict[str, str], key: str, where: str) -> Any:
