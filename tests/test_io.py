@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,7 @@ def test_atomic_write_gives_umask_permissions_and_leaves_no_temporary(tmp_path):
         path = atomic_write_text(tmp_path / "sub" / "report.md", "hello")
     finally:
         os.umask(umask)
-    assert open(path, encoding="utf-8").read() == "hello"
+    assert Path(path).read_text(encoding="utf-8") == "hello"
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o644  # mkstemp alone would give 0o600
     assert sorted(os.listdir(tmp_path / "sub")) == ["report.md"]
 
