@@ -186,3 +186,13 @@ def test_device_map_model_scores_like_the_plain_model(calib, tmp_path):
     for name in a.names:
         assert torch.equal(a[name], b[name]), name
         assert b[name].device == dict(dispatched.named_parameters())[name].device
+
+
+def test_scoring_a_model_with_injected_adapters_is_a_clear_error(calib):
+    # get_peft_model wraps the base model in place: scoring it afterwards would score renamed '...base_layer' weights
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama(seed=0)
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"PEFT adapter layers injected .*merge_and_unload"):
+        score(model, calib, "esi", progress=False)

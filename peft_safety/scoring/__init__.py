@@ -44,6 +44,22 @@ def _accepts(fn: Any, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
+def _reject_injected_adapters(model: Any) -> None:
+    """Scores are per base weight; a model with PEFT layers injected has renamed, partly shadowed weights."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            raise ValueError(
+                f"score() got a model with PEFT adapter layers injected ({name!r} is a {type(module).__name__}). "
+                "get_peft_model() wraps the base model in place, renaming its weights to '...base_layer.weight', and "
+                "the adapter's update is not part of those weights, so the scores would describe neither model. Score "
+                "the base model before get_peft_model(), or merge the adapter first (model = model.merge_and_unload())."
+            )
+
+
 def score(
     model: Any,
     calib: CalibrationSet | None,
@@ -91,6 +107,7 @@ def score(
     ```
     """
     fn = SCORERS.get(method)
+    _reject_injected_adapters(model)
     targets = resolve_targets(
         model,
         target_modules=target_modules,
