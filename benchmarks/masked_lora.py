@@ -83,13 +83,11 @@ def build_mask(model, granularity: str, density: float):
 
 
 def main() -> int:
+    from peft_safety._args import add_dataclass_arguments, dataclass_from_namespace
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in Args.__dataclass_fields__.values():
-        if f.type in (bool, "bool"):
-            parser.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
-        else:
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
-    args = Args(**vars(parser.parse_args()))
+    add_dataclass_arguments(parser, Args, dash_case=False)
+    args = dataclass_from_namespace(Args, parser.parse_args())
     torch.set_num_threads(args.threads)
 
     from peft import LoraConfig, get_peft_model

@@ -46,7 +46,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -808,15 +808,11 @@ def run_attack(cfg: ReproduceConfig, aligned: tuple[Any, Any, Any] | None = None
 
 # --------------------------------------------------------------------------------------------------- entry point
 def parse_args(argv: list[str] | None = None) -> ReproduceConfig:
+    from peft_safety._args import add_dataclass_arguments, dataclass_from_namespace
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in fields(ReproduceConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-            continue
-        kind = {"int": int, "float": float, "str": str, "int | None": int}.get(str(f.type), str)
-        parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
-    return ReproduceConfig(**vars(parser.parse_args(argv)))
+    add_dataclass_arguments(parser, ReproduceConfig)
+    return dataclass_from_namespace(ReproduceConfig, parser.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:

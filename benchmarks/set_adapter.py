@@ -192,15 +192,13 @@ def interleaved_times(args: Args) -> dict[str, float]:
 
 
 def main() -> int:
+    from peft_safety._args import add_dataclass_arguments, dataclass_from_namespace
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in Args.__dataclass_fields__.values():
-        if f.type in (bool, "bool"):
-            parser.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
-        else:
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
+    add_dataclass_arguments(parser, Args, dash_case=False)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     ns = parser.parse_args()
-    args = Args(**{k: v for k, v in vars(ns).items() if k != "variant"})
+    args = dataclass_from_namespace(Args, ns)
     if ns.variant:
         print(json.dumps(run_variant(ns.variant, args)))
         return 0

@@ -10,19 +10,10 @@ HELP = "the main job: score, SET, SPA and evaluation on the embedded default mod
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .._args import add_dataclass_arguments
     from ..main_job import MainJobConfig
 
-    for f in dataclasses.fields(MainJobConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=help_text)  # fmt: skip
-            continue
-        kind = {"int": int, "float": float, "str": str, "int | None": int}.get(str(f.type), str)
-        parser.add_argument(
-            flag, dest=f.name, type=kind, default=f.default, help=f"{help_text} (default: %(default)s)"
-        )
+    add_dataclass_arguments(parser, MainJobConfig)
     parser.add_argument("--out", dest="out_dir", help="alias of --out-dir")
 
 
@@ -31,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     names = {f.name for f in dataclasses.fields(MainJobConfig)}
+    # --out and --out-dir share a destination; an unset --out leaves the default in place
     cfg = MainJobConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
     result = run_main_job(cfg)
     print(result.to_markdown())
