@@ -139,9 +139,10 @@ def test_moe_attention_and_shared_expert_with_frozen_experts():
     assert_protected(peft_model.merge_and_unload(), base, mask)
 
 
-def test_save_reload_then_train_again_keeps_guarantee(tmp_path):
+def _train_save_reload(tmp_path, granularities, **mask_kwargs):
+    """Train a masked LoRA for 2 steps, save it, reload it trainable: (loaded, mask, base weights, ids, logits)."""
     model = tiny_llama(seed=0)
-    mask = make_mask(model, {**GRANULARITIES["weight"], **GRANULARITIES["neuron_rows"], **GRANULARITIES["layer"]})
+    mask = make_mask(model, granularities, **mask_kwargs)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     peft_model = get_masked_lora_model(model, lora(), mask)
     train(peft_model, steps=2)
@@ -149,8 +150,13 @@ def test_save_reload_then_train_again_keeps_guarantee(tmp_path):
     with torch.no_grad():
         ref = peft_model(ids).logits
     peft_model.save_pretrained(tmp_path)
-
     loaded = load_masked_lora(tiny_llama(seed=0), str(tmp_path), is_trainable=True)
+    return loaded, mask, base, ids, ref
+
+
+def test_save_reload_then_train_again_keeps_guarantee(tmp_path):
+    granularities = {**GRANULARITIES["weight"], **GRANULARITIES["neuron_rows"], **GRANULARITIES["layer"]}
+    loaded, mask, base, ids, ref = _train_save_reload(tmp_path, granularities)
     check_masked_lora_model(loaded, mask)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, ref)
@@ -394,17 +400,7 @@ def test_pattern_cache_follows_the_mask_buffer():
 
 
 def test_sparse_path_save_reload_and_switch_method(tmp_path):
-    model = tiny_llama(seed=0)
-    mask = make_mask(model, GRANULARITIES["weight"], fraction=0.05)
-    base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    peft_model = get_masked_lora_model(model, lora(), mask)
-    train(peft_model, steps=2)
-    ids = tokens()
-    with torch.no_grad():
-        ref = peft_model(ids).logits
-    peft_model.save_pretrained(tmp_path)
-
-    loaded = load_masked_lora(tiny_llama(seed=0), str(tmp_path), is_trainable=True)
+    loaded, mask, base, ids, ref = _train_save_reload(tmp_path, GRANULARITIES["weight"], fraction=0.05)
     assert {m.entries_path("default") for m in entry_layers(loaded)} == {"sparse"}
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, ref)
