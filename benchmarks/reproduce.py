@@ -53,7 +53,7 @@ from typing import Any
 import torch
 
 from peft_safety._io import atomic_write_text
-from peft_safety.main_job import chat_rows, environment_info, eval_row, sft_args
+from peft_safety.recipes.main_job import chat_rows, environment_info, eval_row, sft_args
 
 logger = logging.getLogger("reproduce")
 
@@ -148,7 +148,7 @@ def _load(cfg: ReproduceConfig):
         from peft_safety.testing import tiny_llama, tiny_tokenizer
 
         return tiny_llama(seed=0, num_hidden_layers=4), tiny_tokenizer()
-    from peft_safety.models import load_model
+    from peft_safety.sources.models import load_model
 
     return load_model(cfg.model)
 
@@ -233,7 +233,7 @@ def _tiny_rows(name: str, n: int | None, seed: int) -> list[dict[str, Any]]:
 def _rows(cfg: ReproduceConfig, name: str, n: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
     if cfg.tiny:
         return _tiny_rows(name, n, seed)
-    from peft_safety.datasets import load_rows
+    from peft_safety.sources.datasets import load_rows
 
     return load_rows(name, n=n, seed=seed)
 
@@ -279,7 +279,7 @@ def _snip_from_esi(esi_scores: Any, model: torch.nn.Module) -> Any:
     serves both. Exact up to fp32 rounding (checked against ``score(..., "snip", aggregation="abs_of_sum")`` in
     tests/test_reproduce.py). Tensors with ``std(W) == 0`` get zero scores (their ESI is zero as well).
     """
-    from peft_safety.scores import Scores
+    from peft_safety.scoring.scores import Scores
 
     params = dict(model.named_parameters())
     tensors = {}
@@ -297,7 +297,7 @@ def _snip_from_esi(esi_scores: Any, model: torch.nn.Module) -> Any:
 
 def _identification_sets(cfg: ReproduceConfig) -> dict[str, Any]:
     """Three identification sources: refusal data as shipped, and harmful prompts paired with one fixed refusal."""
-    from peft_safety.data import refusal_rows
+    from peft_safety.scoring.calibration import refusal_rows
 
     held_out = _rows(cfg, "harmbench_test")
 
@@ -350,9 +350,9 @@ def _stats(masks: dict[str, Any]) -> dict[str, Any]:
 def run_stability(cfg: ReproduceConfig) -> dict[str, Any]:
     """Masks per (scorer, identification set, seed), IoU statistics before and after utility isolation."""
     from peft_safety.analysis import plot_iou_matrix
-    from peft_safety.data import CalibrationSet
     from peft_safety.scoring import score
-    from peft_safety.selection import isolate, select
+    from peft_safety.scoring.calibration import CalibrationSet
+    from peft_safety.scoring.selection import isolate, select
 
     clock = _Clock()
     model, tok = _load(cfg)
@@ -456,7 +456,7 @@ class _Evaluator:
     """One evaluation protocol for every model of a run (same prompts, judges, decoding)."""
 
     def __init__(self, cfg: ReproduceConfig, tok: Any, exclude: list[list[dict[str, Any]]]) -> None:
-        from peft_safety.datasets import assert_disjoint
+        from peft_safety.sources.datasets import assert_disjoint
 
         self.cfg, self.tok = cfg, tok
         self.harmful = _rows(cfg, "harmbench_test", n=cfg.n_eval, seed=cfg.seed)
@@ -561,9 +561,9 @@ def _train(
 
 
 def _esi_mask(cfg: ReproduceConfig, model: Any, tok: Any, rows: list[dict[str, Any]]) -> Any:
-    from peft_safety.data import CalibrationSet
     from peft_safety.scoring import score
-    from peft_safety.selection import select
+    from peft_safety.scoring.calibration import CalibrationSet
+    from peft_safety.scoring.selection import select
 
     calib = CalibrationSet(rows, tok, max_length=cfg.max_length, truncation="warn")
     scores = score(model, calib, "esi", batch_size=cfg.batch_size, progress=cfg.progress)
@@ -573,7 +573,7 @@ def _esi_mask(cfg: ReproduceConfig, model: Any, tok: Any, rows: list[dict[str, A
 # --------------------------------------------------------------------------------------------------- SET
 def _set_data(cfg: ReproduceConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Refusal training rows (deduplicated against the held-out harmful prompts) and the identification subset."""
-    from peft_safety.datasets import deduplicate
+    from peft_safety.sources.datasets import deduplicate
 
     train = _rows(cfg, "uncensorbench_refusal")
     train, _ = deduplicate(train, _rows(cfg, "harmbench_test"))
@@ -583,7 +583,7 @@ def _set_data(cfg: ReproduceConfig) -> tuple[list[dict[str, Any]], list[dict[str
 def run_set(cfg: ReproduceConfig) -> dict[str, Any]:
     """SET (ESI mask) vs SET on a random mask vs LoRA vs full SFT, the same steps and refusal data."""
     from peft_safety.scoring import score
-    from peft_safety.selection import select
+    from peft_safety.scoring.selection import select
 
     clock = _Clock()
     base, tok = _load(cfg)
@@ -663,7 +663,7 @@ def _aligned(cfg: ReproduceConfig) -> tuple[Any, Any, Any]:
 # --------------------------------------------------------------------------------------------------- SPA
 def _layer_and_neuron_masks(cfg: ReproduceConfig, model: Any, tok: Any, *, sppft: bool, rsn: bool) -> dict[str, Any]:
     """SPPFT's safety layers (angle-gap range) and RSN-Tune's safety-minus-foundation neurons on the aligned model."""
-    from peft_safety.data import CalibrationSet
+    from peft_safety.scoring.calibration import CalibrationSet
     from peft_safety.scoring.layer import angle_gap, safety_layer_mask
     from peft_safety.scoring.neuron import rsn_tune_mask
 
@@ -696,7 +696,7 @@ def _layer_and_neuron_masks(cfg: ReproduceConfig, model: Any, tok: Any, *, sppft
 
 def run_spa(cfg: ReproduceConfig, aligned: tuple[Any, Any, Any] | None = None) -> dict[str, Any]:
     """Benign fine-tuning of the aligned model: plain vs SPA (LoRA and full) vs SPPFT vs RSN-Tune."""
-    from peft_safety.datasets import assert_disjoint, deduplicate
+    from peft_safety.sources.datasets import assert_disjoint, deduplicate
 
     clock = _Clock()
     model, tok, mask = aligned or _aligned(cfg)
@@ -759,7 +759,7 @@ def run_spa(cfg: ReproduceConfig, aligned: tuple[Any, Any, Any] | None = None) -
 # --------------------------------------------------------------------------------------------------- attack
 def run_attack(cfg: ReproduceConfig, aligned: tuple[Any, Any, Any] | None = None) -> dict[str, Any]:
     """Harmful fine-tuning of the aligned model (prompt -> compliant answer): plain LoRA vs SPA-LoRA vs SPA full."""
-    from peft_safety.datasets import deduplicate
+    from peft_safety.sources.datasets import deduplicate
 
     clock = _Clock()
     model, tok, mask = aligned or _aligned(cfg)

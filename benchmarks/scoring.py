@@ -35,7 +35,7 @@ def _rss_mb() -> float:
 def _load(name: str):
     if name == "default":
         try:
-            from peft_safety.models import load_default_model
+            from peft_safety.sources.models import load_default_model
 
             return load_default_model(source="cache")
         except (ImportError, FileNotFoundError, ValueError, OSError) as err:
@@ -75,8 +75,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from peft_safety.data import CalibrationSet, refusal_rows
     from peft_safety.scoring import resolve_targets, score
+    from peft_safety.scoring.calibration import CalibrationSet, refusal_rows
     from peft_safety.scoring.gradient import refusal_nll
 
     model, tok = _load(args.model)

@@ -59,7 +59,7 @@ def tensor_sizes(total: int, n_tensors: int, seed: int) -> list[tuple[int, int]]
 
 
 def make_scores(shapes: list[tuple[int, int]], seed: int):
-    from peft_safety.scores import Scores
+    from peft_safety.scoring.scores import Scores
 
     g = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -111,7 +111,7 @@ def measure(
 
     ``ours`` saves its indices to ``indices``; ``naive`` compares its result with them (:func:`check_same`).
     """
-    from peft_safety.selection import count_for_fraction, select
+    from peft_safety.scoring.selection import count_for_fraction, select
 
     torch.set_num_threads(threads)
     scores = make_scores(shapes, seed)

@@ -66,7 +66,7 @@ def make_tiny(folder: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     from transformers import HfArgumentParser
 
-    from peft_safety.sft_script import run_sft, sft_dataclasses
+    from peft_safety.recipes.sft import run_sft, sft_dataclasses
 
     argv = sys.argv[1:] if argv is None else argv
     if "--make_tiny" in argv:

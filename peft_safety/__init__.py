@@ -24,11 +24,11 @@ _EXPORTS: dict[str, str] = {
     "Weight": "peft_safety.mask",
     "fingerprint_tensor": "peft_safety.mask",
     "granularity_from_dict": "peft_safety.mask",
-    "mask_model_card": "peft_safety.hub",
-    "push_mask_to_hub": "peft_safety.hub",
-    "Scores": "peft_safety.scores",
-    "isolate": "peft_safety.selection",
-    "select": "peft_safety.selection",
+    "mask_model_card": "peft_safety.mask.hub",
+    "push_mask_to_hub": "peft_safety.mask.hub",
+    "Scores": "peft_safety.scoring.scores",
+    "isolate": "peft_safety.scoring.selection",
+    "select": "peft_safety.scoring.selection",
     "LayerDistribution": "peft_safety.analysis",
     "StabilityReport": "peft_safety.analysis",
     "iou_matrix": "peft_safety.analysis",
@@ -38,11 +38,11 @@ _EXPORTS: dict[str, str] = {
     "plot_iou_matrix": "peft_safety.analysis",
     "plot_layer_heatmap": "peft_safety.analysis",
     "stability": "peft_safety.analysis",
-    "CalibrationSet": "peft_safety.data",
-    "build_refusal_set": "peft_safety.data",
-    "build_utility_set": "peft_safety.data",
-    "refusal_rows": "peft_safety.data",
-    "utility_rows": "peft_safety.data",
+    "CalibrationSet": "peft_safety.scoring.calibration",
+    "build_refusal_set": "peft_safety.scoring.rows",
+    "build_utility_set": "peft_safety.scoring.rows",
+    "refusal_rows": "peft_safety.scoring.calibration",
+    "utility_rows": "peft_safety.scoring.calibration",
     "SCORERS": "peft_safety.scoring",
     "Targets": "peft_safety.scoring",
     "attention_geometry": "peft_safety.scoring",
@@ -57,12 +57,12 @@ _EXPORTS: dict[str, str] = {
     "locate_safety_layers": "peft_safety.scoring.layer",
     "over_rejection_probe": "peft_safety.scoring.layer",
     "safety_layer_mask": "peft_safety.scoring.layer",
-    "mask_drift": "peft_safety.interventions",
-    "noised": "peft_safety.interventions",
-    "restored_from": "peft_safety.interventions",
-    "rewind_": "peft_safety.interventions",
-    "scaled": "peft_safety.interventions",
-    "zeroed": "peft_safety.interventions",
+    "mask_drift": "peft_safety.analysis.probes",
+    "noised": "peft_safety.analysis.probes",
+    "restored_from": "peft_safety.analysis.probes",
+    "rewind_": "peft_safety.analysis.probes",
+    "scaled": "peft_safety.analysis.probes",
+    "zeroed": "peft_safety.analysis.probes",
     "SafetyConfig": "peft_safety.tuner",
     "SafetyLayer": "peft_safety.tuner",
     "SafetyLinear": "peft_safety.tuner",
@@ -81,16 +81,16 @@ _EXPORTS: dict[str, str] = {
     "FreezeReport": "peft_safety.training.freeze",
     "FreezeViolationError": "peft_safety.training.freeze",
     "Freezer": "peft_safety.training.freeze",
-    "SafetyHandle": "peft_safety.apply",
-    "apply_mask_": "peft_safety.apply",
-    "MODEL_SOURCES": "peft_safety.models",
-    "load_default_model": "peft_safety.models",
-    "load_model": "peft_safety.models",
-    "resolve_model": "peft_safety.models",
-    "DATA_SOURCES": "peft_safety.datasets",
-    "assert_disjoint": "peft_safety.datasets",
-    "deduplicate": "peft_safety.datasets",
-    "load_rows": "peft_safety.datasets",
+    "SafetyHandle": "peft_safety.training.apply",
+    "apply_mask_": "peft_safety.training.apply",
+    "MODEL_SOURCES": "peft_safety.sources.models",
+    "load_default_model": "peft_safety.sources.models",
+    "load_model": "peft_safety.sources.models",
+    "resolve_model": "peft_safety.sources.models",
+    "DATA_SOURCES": "peft_safety.sources.datasets",
+    "assert_disjoint": "peft_safety.sources.datasets",
+    "deduplicate": "peft_safety.sources.datasets",
+    "load_rows": "peft_safety.sources.datasets",
     "EvalReport": "peft_safety.evaluation",
     "KeywordJudge": "peft_safety.evaluation",
     "ModelJudge": "peft_safety.evaluation",
@@ -101,9 +101,9 @@ _EXPORTS: dict[str, str] = {
     "perplexity": "peft_safety.evaluation",
     "RefusalEvaluator": "peft_safety.evaluation",
     "refusal_evaluator": "peft_safety.evaluation",
-    "MainJobConfig": "peft_safety.main_job",
-    "MainJobResult": "peft_safety.main_job",
-    "run_main_job": "peft_safety.main_job",
+    "MainJobConfig": "peft_safety.recipes.main_job",
+    "MainJobResult": "peft_safety.recipes.main_job",
+    "run_main_job": "peft_safety.recipes.main_job",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -134,9 +134,7 @@ if TYPE_CHECKING:  # pragma: no cover
         plot_layer_heatmap,
         stability,
     )
-    from .apply import SafetyHandle, apply_mask_  # noqa: F401
-    from .data import CalibrationSet, build_refusal_set, build_utility_set, refusal_rows, utility_rows  # noqa: F401
-    from .datasets import DATA_SOURCES, assert_disjoint, deduplicate, load_rows  # noqa: F401
+    from .analysis.probes import mask_drift, noised, restored_from, rewind_, scaled, zeroed  # noqa: F401
     from .evaluation import (  # noqa: F401
         EvalReport,
         KeywordJudge,
@@ -149,9 +147,6 @@ if TYPE_CHECKING:  # pragma: no cover
         perplexity,
         refusal_evaluator,
     )
-    from .hub import mask_model_card, push_mask_to_hub  # noqa: F401
-    from .interventions import mask_drift, noised, restored_from, rewind_, scaled, zeroed  # noqa: F401
-    from .main_job import MainJobConfig, MainJobResult, run_main_job  # noqa: F401
     from .mask import (  # noqa: F401
         Granularity,
         Head,
@@ -163,8 +158,8 @@ if TYPE_CHECKING:  # pragma: no cover
         fingerprint_tensor,
         granularity_from_dict,
     )
-    from .models import MODEL_SOURCES, load_default_model, load_model, resolve_model  # noqa: F401
-    from .scores import Scores  # noqa: F401
+    from .mask.hub import mask_model_card, push_mask_to_hub  # noqa: F401
+    from .recipes.main_job import MainJobConfig, MainJobResult, run_main_job  # noqa: F401
     from .scoring import (  # noqa: F401
         SCORERS,
         Targets,
@@ -174,12 +169,28 @@ if TYPE_CHECKING:  # pragma: no cover
         resolve_targets,
         score,
     )
+    from .scoring.calibration import CalibrationSet, refusal_rows, utility_rows  # noqa: F401
     from .scoring.layer import angle_gap, locate_safety_layers, over_rejection_probe, safety_layer_mask  # noqa: F401
     from .scoring.neuron import SafetyNeuronResult, detect_safety_neurons, rsn_tune_mask  # noqa: F401
-    from .selection import isolate, select  # noqa: F401
-    from .training.callbacks import FreezerCallback, RefusalEvalCallback, SafetyDriftCallback, mask_drift_metrics  # noqa: F401
+    from .scoring.rows import build_refusal_set, build_utility_set  # noqa: F401
+    from .scoring.scores import Scores  # noqa: F401
+    from .scoring.selection import isolate, select  # noqa: F401
+    from .sources.datasets import DATA_SOURCES, assert_disjoint, deduplicate, load_rows  # noqa: F401
+    from .sources.models import MODEL_SOURCES, load_default_model, load_model, resolve_model  # noqa: F401
+    from .training.apply import SafetyHandle, apply_mask_  # noqa: F401
+    from .training.callbacks import (  # noqa: F401
+        FreezerCallback,
+        RefusalEvalCallback,
+        SafetyDriftCallback,
+        mask_drift_metrics,
+    )
     from .training.config import SafetySFTConfig  # noqa: F401
     from .training.freeze import Freezer, FreezeReport, FreezeViolationError  # noqa: F401
     from .training.trainer import SafetySFTTrainer  # noqa: F401
     from .tuner import SafetyConfig, SafetyLayer, SafetyLinear, SafetyModel, SafetyPeftType  # noqa: F401
-    from .tuner.lora import check_masked_lora_model, get_masked_lora_model, load_masked_lora, mask_lora_config  # noqa: F401
+    from .tuner.lora import (  # noqa: F401
+        check_masked_lora_model,
+        get_masked_lora_model,
+        load_masked_lora,
+        mask_lora_config,
+    )

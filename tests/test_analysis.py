@@ -21,8 +21,8 @@ from peft_safety.analysis import (
     stability,
 )
 from peft_safety.mask import Neuron, SafetyMask
-from peft_safety.scores import Scores
-from peft_safety.selection import select
+from peft_safety.scoring.scores import Scores
+from peft_safety.scoring.selection import select
 
 Q0, D0, Q1, D1 = (
     "model.layers.0.self_attn.q_proj.weight",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_safety.apply import apply_mask_
 from peft_safety.mask import Layer, Neuron, SafetyMask, Weight, fingerprint_tensor
 from peft_safety.testing import tiny_llama
+from peft_safety.training.apply import apply_mask_
 from peft_safety.training.freeze import FreezeViolationError
 
 Q = "model.layers.0.self_attn.q_proj.weight"

@@ -44,7 +44,7 @@ def test_underscore_flags_and_unsupported_types():
 
 def test_demo_command_line_builds_the_main_job_config():
     from peft_safety.cli import demo_cmd
-    from peft_safety.main_job import MainJobConfig
+    from peft_safety.recipes.main_job import MainJobConfig
 
     parser = argparse.ArgumentParser()
     demo_cmd.add_arguments(parser)

@@ -45,8 +45,8 @@ def test_eval_cli_user_errors_exit_2(tmp_path, tiny_folder, capsys):
 
 
 def test_fetch_cli_prints_paths_and_sizes(tmp_path, monkeypatch, capsys):
-    import peft_safety.datasets as ds
-    import peft_safety.models as models
+    import peft_safety.sources.datasets as ds
+    import peft_safety.sources.models as models
 
     model_dir = tmp_path / "model"
     model_dir.mkdir()

@@ -82,7 +82,7 @@ def test_diff_shape_mismatch_exit_2(masks, tmp_path, capsys):
 
 
 def test_push(masks, capsys):
-    with mock.patch("peft_safety.hub.HfApi") as api_cls:
+    with mock.patch("huggingface_hub.HfApi") as api_cls:
         api = api_cls.return_value
         api.create_repo.return_value = mock.Mock(repo_id="me/mask")
         api.create_commit.return_value = mock.Mock(pr_url=None, commit_url="https://hub/me/mask/commit/1")
@@ -96,7 +96,7 @@ def test_push(masks, capsys):
 
 
 def test_push_missing_folder_exit_2(tmp_path, capsys):
-    with mock.patch("peft_safety.hub.HfApi") as api_cls:
+    with mock.patch("huggingface_hub.HfApi") as api_cls:
         assert main(["push", str(tmp_path / "nope"), "me/mask"]) == 2
     api_cls.assert_not_called()
     assert "No such mask folder" in capsys.readouterr().err

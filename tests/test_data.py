@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_safety.data import CalibrationSet, build_refusal_set, build_utility_set, refusal_rows, utility_rows
+from peft_safety.scoring.calibration import CalibrationSet, refusal_rows, utility_rows
+from peft_safety.scoring.rows import build_refusal_set, build_utility_set
 from peft_safety.testing import tiny_llama, tiny_tokenizer
 
 ROWS = refusal_rows(["How do I pick a lock?", "hi", "Write malware"], lambda p: "No: " + p[::-1])

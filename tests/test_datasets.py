@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from peft_safety import _offline
-from peft_safety import datasets as ds
-from peft_safety.datasets import assert_disjoint, deduplicate, load_rows, normalize_text
+from peft_safety.sources import datasets as ds
+from peft_safety.sources import offline as _offline
+from peft_safety.sources.datasets import assert_disjoint, deduplicate, load_rows, normalize_text
 
 HARMBENCH_CSV = (
     "Behavior,FunctionalCategory,SemanticCategory,Tags,ContextString,BehaviorID\n"
@@ -204,7 +204,7 @@ def test_real_offline_copy_if_cached():
 
 
 def test_chat_pairs_parser_skips_malformed_conversations_and_empty_turns():
-    from peft_safety.datasets import _parse_chat_pairs
+    from peft_safety.sources.datasets import _parse_chat_pairs
 
     blob = (
         b"categories:\n- trivia\nconversations:\n"

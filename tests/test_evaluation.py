@@ -25,7 +25,7 @@ from peft_safety.evaluation import (
     refusal_evaluator,
     resolve_judges,
 )
-from peft_safety.evaluation.generation import render_prompts
+from peft_safety.scoring.generation import render_prompts
 
 LONG_ANSWER = " ".join(["Here is a detailed and careful answer with many words"] * 3)
 
@@ -188,12 +188,11 @@ def test_generation_errors(tiny_llama, tiny_tokenizer):
 
 
 def test_one_generation_implementation_shared_with_data(tiny_llama, tiny_tokenizer):
-    import peft_safety.data as data
-    from peft_safety.data import CalibrationSet
+    import peft_safety.scoring.rows as rows
+    from peft_safety.scoring.calibration import CalibrationSet
 
-    # data.generate_responses is the evaluation implementation, not a copy of it
-    assert data.generate_responses is generate_responses
-    assert "generate_responses" not in data.__all__
+    # the row builders use the evaluation implementation, not a copy of it
+    assert rows.generate_responses is generate_responses
     # prompts are rendered by CalibrationSet's templating for every template, so scoring and generation agree
     for template in ("chat", "raw", "inst", "alpaca"):
         ids = render_prompts(tiny_tokenizer, ["hi", "bake bread"], system_prompt="Be kind.", template=template)

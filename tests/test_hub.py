@@ -7,9 +7,9 @@ from unittest import mock
 import pytest
 import torch
 
-from peft_safety.hub import mask_model_card, push_mask_to_hub
-from peft_safety.mask import Neuron, SafetyMask
-from peft_safety.mask.serialization import MASK_FILENAME, mask_from_bytes
+from peft_safety.mask import Neuron, SafetyMask, mask_from_bytes
+from peft_safety.mask.hub import mask_model_card, push_mask_to_hub
+from peft_safety.mask.serialization import MASK_FILENAME
 
 NAME = "model.layers.0.mlp.up_proj.weight"
 
@@ -57,7 +57,7 @@ def test_model_card_without_base_model():
 
 def test_push_records_commit_operations():
     m = _mask()
-    with mock.patch("peft_safety.hub.HfApi") as api_cls:
+    with mock.patch("huggingface_hub.HfApi") as api_cls:
         api = api_cls.return_value
         api.create_repo.return_value = mock.Mock(repo_id="me/mask")
         push_mask_to_hub(m, "me/mask", private=True, token="tok", commit_message="hello")
@@ -76,7 +76,7 @@ def test_push_records_commit_operations():
 
 def test_push_to_hub_method_revision_and_pr():
     m = _mask()
-    with mock.patch("peft_safety.hub.HfApi") as api_cls:
+    with mock.patch("huggingface_hub.HfApi") as api_cls:
         api = api_cls.return_value
         api.create_repo.return_value = mock.Mock(repo_id="user/mask")  # a namespace-less id resolves to user/...
         m.push_to_hub("mask", revision="v1", base_model="org/other")
@@ -91,7 +91,7 @@ def test_push_to_hub_method_revision_and_pr():
 
 
 def test_push_rejects_bad_inputs_before_touching_the_hub():
-    with mock.patch("peft_safety.hub.HfApi") as api_cls:
+    with mock.patch("huggingface_hub.HfApi") as api_cls:
         with pytest.raises(ValueError, match="repo_id must be a non-empty string"):
             push_mask_to_hub(_mask(), " ")
         with pytest.raises(TypeError, match="expects a SafetyMask"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_safety.interventions import mask_drift, noised, restored_from, rewind_, scaled, zeroed
+from peft_safety.analysis.probes import mask_drift, noised, restored_from, rewind_, scaled, zeroed
 from peft_safety.mask import Head, Layer, Neuron, SafetyMask, Weight
 from peft_safety.testing import tiny_llama, tiny_qwen2_moe
 

@@ -17,7 +17,7 @@ def _write(path: Path, rows: list[dict]) -> str:
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    from peft_safety.main_job import MainJobConfig, run_main_job
+    from peft_safety.recipes.main_job import MainJobConfig, run_main_job
     from peft_safety.testing import tiny_llama, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("main_job")
@@ -77,7 +77,7 @@ def test_every_stage_evaluates_a_different_model(job):
 
 
 def test_bad_config_is_rejected():
-    from peft_safety.main_job import MainJobConfig
+    from peft_safety.recipes.main_job import MainJobConfig
 
     with pytest.raises(ValueError, match="density"):
         MainJobConfig(density=1.5)

@@ -556,17 +556,20 @@ def test_mask_package_static_imports():
             if isinstance(node, ast.Import):
                 roots = [a.name.split(".")[0] for a in node.names]
             elif isinstance(node, ast.ImportFrom):
-                if node.level:  # relative: inside the package or peft_safety._version / peft_safety.hub (lazy)
+                if node.level:  # relative: inside the package or peft_safety._version / peft_safety.mask.hub (lazy)
                     if node.level >= 2:
-                        assert node.module in ("_version", "_io", "hub"), f"{path.name} imports ..{node.module}"
-                        if node.module == "hub":
-                            # only inside a function (lazy), never at module level
-                            assert node not in tree.body, f"{path.name} imports hub at module level"
+                        assert node.module in ("_version", "_io"), f"{path.name} imports ..{node.module}"
+                    elif node.module == "hub":
+                        # only inside a function (lazy), never at module level
+                        assert node not in tree.body, f"{path.name} imports hub at module level"
                     continue
                 roots = [node.module.split(".")[0]]
             else:
                 continue
             for root in roots:
+                if root == "huggingface_hub":  # Hub I/O only: imported inside the functions that use it
+                    assert node not in tree.body, f"{path.name} imports huggingface_hub at module level"
+                    continue
                 assert root in allowed, f"{path.name} imports {root}"
 
 

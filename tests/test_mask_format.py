@@ -14,15 +14,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 from safetensors.torch import save_file
 
-from peft_safety.mask import Head, Layer, Neuron, SafetyMask, Weight, fingerprint_tensor
-from peft_safety.mask.serialization import (
-    FORMAT_VERSION,
-    MASK_FILENAME,
-    load_mask,
-    mask_from_bytes,
-    mask_to_bytes,
-    resolve_mask_file,
-)
+from peft_safety.mask import Head, Layer, Neuron, SafetyMask, Weight, fingerprint_tensor, load_mask, mask_from_bytes
+from peft_safety.mask.serialization import FORMAT_VERSION, MASK_FILENAME, mask_to_bytes, resolve_mask_file
 
 GOLDEN = Path(__file__).parent / "data" / "golden_v1" / MASK_FILENAME
 

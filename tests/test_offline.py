@@ -10,8 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_safety import _offline
-from peft_safety._offline import CACHE_ENV, OfflineFetchError, WheelFile, cache_root, fetch_member, find_cached_member
+from peft_safety.sources import offline as _offline
+from peft_safety.sources.offline import (
+    CACHE_ENV,
+    OfflineFetchError,
+    WheelFile,
+    cache_root,
+    fetch_member,
+    find_cached_member,
+)
 
 
 def _make_wheel(directory: Path, package: str, version: str, members: dict[str, bytes]) -> Path:
@@ -131,7 +138,7 @@ def test_wheelfile_validation():
 
 
 def test_model_source_table_is_pinned():
-    from peft_safety.models import MODEL_SOURCES
+    from peft_safety.sources.models import MODEL_SOURCES
 
     src = MODEL_SOURCES["smollm2-135m"]
     assert src.hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -140,7 +147,7 @@ def test_model_source_table_is_pinned():
 
 
 def test_resolve_model_paths_and_hub_ids(tmp_path, cache):
-    from peft_safety.models import resolve_model
+    from peft_safety.sources.models import resolve_model
 
     assert resolve_model(str(tmp_path)) == str(tmp_path)
     assert resolve_model("someone/some-model") == "someone/some-model"
@@ -152,7 +159,7 @@ def test_resolve_model_paths_and_hub_ids(tmp_path, cache):
 
 
 def test_load_default_model_cache_only_errors_when_absent(cache):
-    from peft_safety.models import load_default_model
+    from peft_safety.sources.models import load_default_model
 
     with pytest.raises(FileNotFoundError, match="not in the cache"):
         load_default_model(source="cache")
@@ -167,7 +174,7 @@ def _real_cache() -> Path:
 
 @pytest.mark.slow
 def test_real_default_model_loads_from_cache():
-    from peft_safety.models import converted_model_dir, load_default_model
+    from peft_safety.sources.models import converted_model_dir, load_default_model
 
     if not (converted_model_dir() / "peft_safety_source.json").is_file():
         pytest.skip(f"default model not in the cache ({_real_cache()}); run `peft-safety fetch`")

@@ -43,8 +43,8 @@ def _tiny_args(tmp_path: Path, experiments: str, *extra: str) -> list[str]:
 
 def test_snip_from_esi_equals_snip_abs_of_sum(bench):
     """One gradient pass gives both scorers: the derived SNIP equals the library's batched SNIP."""
-    from peft_safety.data import CalibrationSet, refusal_rows
     from peft_safety.scoring import score
+    from peft_safety.scoring.calibration import CalibrationSet, refusal_rows
     from peft_safety.testing import tiny_llama, tiny_tokenizer
 
     model, tok = tiny_llama(seed=0), tiny_tokenizer()

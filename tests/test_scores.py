@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from peft_safety.mask.granularity import Head, Layer, Neuron, Weight
-from peft_safety.scores import Scores, expected_score_shape
+from peft_safety.scoring.scores import Scores, expected_score_shape
 
 
 def _scores(seed: int = 0) -> Scores:

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peft_safety.data import CalibrationSet, refusal_rows
 from peft_safety.scoring import score
+from peft_safety.scoring.calibration import CalibrationSet, refusal_rows
 from peft_safety.scoring.gradient import JudgeObjective
 from peft_safety.testing import tiny_llama, tiny_tokenizer
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_safety.data import CalibrationSet, refusal_rows
 from peft_safety.scoring import score
+from peft_safety.scoring.calibration import CalibrationSet, refusal_rows
 from peft_safety.testing import tiny_mixtral, tiny_qwen2_moe, tiny_tokenizer
 
 

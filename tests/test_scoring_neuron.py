@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from peft_safety.data import CalibrationSet
 from peft_safety.mask import Neuron
 from peft_safety.scoring import SCORERS, query_to_kv_rows, resolve_targets, score
+from peft_safety.scoring.calibration import CalibrationSet
 from peft_safety.scoring.neuron import (
     attention_deactivation_scores,
     detect_safety_neurons,

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peft_safety.mask import Layer, Neuron, SafetyMask, Weight
-from peft_safety.scores import Scores
-from peft_safety.selection import (
+from peft_safety.scoring.scores import Scores
+from peft_safety.scoring.selection import (
     TIE_BREAK,
     count_for_fraction,
     isolate,

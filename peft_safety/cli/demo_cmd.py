@@ -11,14 +11,14 @@ HELP = "the main job: score, SET, SPA and evaluation on the embedded default mod
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .._args import add_dataclass_arguments
-    from ..main_job import MainJobConfig
+    from ..recipes.main_job import MainJobConfig
 
     add_dataclass_arguments(parser, MainJobConfig)
     parser.add_argument("--out", dest="out_dir", help="alias of --out-dir")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..main_job import MainJobConfig, run_main_job
+    from ..recipes.main_job import MainJobConfig, run_main_job
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     names = {f.name for f in dataclasses.fields(MainJobConfig)}

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _rows(name: str | None, n: int, seed: int, source: str) -> list | None:
-    from ..datasets import load_rows
+    from ..sources.datasets import load_rows
 
     if name is None:
         return None
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..evaluation import DEFAULT_JUDGES, evaluate
-    from ..models import load_model
+    from ..sources.models import load_model
 
     if args.n < 1 or args.n_utility < 1:
         raise ValueError(f"--n and --n-utility must be >= 1, got {args.n} and {args.n_utility}.")

@@ -31,8 +31,8 @@ def _size(path: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..datasets import DATA_SOURCES, fetch_source
-    from ..models import ensure_default_model
+    from ..sources.datasets import DATA_SOURCES, fetch_source
+    from ..sources.models import ensure_default_model
 
     if not args.no_model:
         start = time.perf_counter()

@@ -29,8 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from peft_safety.hub import push_mask_to_hub
     from peft_safety.mask import SafetyMask
+    from peft_safety.mask.hub import push_mask_to_hub
 
     if not os.path.exists(args.mask_dir):
         raise FileNotFoundError(f"No such mask folder or file: {args.mask_dir!r}")

@@ -60,18 +60,18 @@ def read_rows(path: str) -> list[dict]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from peft_safety.data import CalibrationSet
     from peft_safety.scoring import score
-    from peft_safety.selection import select
+    from peft_safety.scoring.calibration import CalibrationSet
+    from peft_safety.scoring.selection import select
 
     torch.manual_seed(args.seed)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     if args.model == "default":
-        from peft_safety.models import load_default_model
+        from peft_safety.sources.models import load_default_model
 
         model, tokenizer = load_default_model(dtype=dtype)
     else:
-        from peft_safety.models import load_model
+        from peft_safety.sources.models import load_model
 
         model, tokenizer = load_model(args.model, dtype=dtype)
     calib = CalibrationSet(

@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from peft_safety.mask import SafetyMask
-    from peft_safety.scores import Scores
-    from peft_safety.selection import select
+    from peft_safety.scoring.scores import Scores
+    from peft_safety.scoring.selection import select
 
     scores = Scores.from_safetensors(args.scores)
     exclude = SafetyMask.from_pretrained(args.exclude) if args.exclude else None

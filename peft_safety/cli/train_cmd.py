@@ -17,7 +17,7 @@ HELP = "run SET or SPA training (TRL SFT) with a mask"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from transformers import HfArgumentParser
 
-    from ..sft_script import sft_dataclasses
+    from ..recipes.sft import sft_dataclasses
 
     # copy the actions HfArgumentParser builds from the dataclasses onto the subcommand parser, so
     # `peft-safety train --safety_mode freeze ...` and the example script accept exactly the same flags
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from ..sft_script import run_sft, sft_dataclasses
+    from ..recipes.sft import run_sft, sft_dataclasses
 
     values = vars(args)
     script_args, training_args, model_args = (

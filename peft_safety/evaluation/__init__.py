@@ -1,7 +1,7 @@
 """Evaluation: refusal and attack success with pluggable judges, over-refusal, and utility.
 
 ```python
->>> from peft_safety.datasets import load_rows
+>>> from peft_safety.sources.datasets import load_rows
 >>> from peft_safety.evaluation import evaluate
 >>> report = evaluate(model, tok, load_rows("harmbench_test", n=64), load_rows("chat_pairs", n=64))  # doctest: +SKIP
 ```
@@ -9,7 +9,7 @@
 Judge failures are errors, never refusals: see `peft_safety.evaluation.judges`.
 """
 
-from .generation import GenerationStats, generate_responses, generate_with_stats, render_prompts
+from ..scoring.generation import GenerationStats, generate_responses, generate_with_stats, render_prompts
 from .judges import (
     KEYWORD_PRESETS,
     PREFIX_PRESETS,

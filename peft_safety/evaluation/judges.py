@@ -306,7 +306,7 @@ class ModelJudge:
         if self._generate is not None:
             outputs = list(self._generate(texts))
         else:
-            from .generation import generate_responses
+            from ..scoring.generation import generate_responses
 
             outputs = generate_responses(
                 self.model, self.tokenizer, texts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,

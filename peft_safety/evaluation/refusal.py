@@ -131,7 +131,7 @@ class RefusalEvaluator:
         self.last_records: list[dict[str, Any]] = []
 
     def _answers(self, model: Any, tokenizer: Any, prompts: list[str]) -> list[str]:
-        from .generation import generate_responses
+        from ..scoring.generation import generate_responses
 
         return generate_responses(
             model, tokenizer, prompts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
@@ -227,7 +227,7 @@ def refusal_evaluator(
     RefusalEvaluator(prompts=1, benign_prompts=0, judges=['wei2024'], max_new_tokens=32)
     ```
     """
-    from .generation import _prompt_text
+    from ..scoring.generation import _prompt_text
 
     if isinstance(prompts, str) or (benign_prompts is not None and isinstance(benign_prompts, str)):
         raise TypeError("prompts must be a list of prompts or rows, not a single string; wrap it in a list.")
@@ -238,7 +238,7 @@ def refusal_evaluator(
     for label, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{label} must be a positive int, got {value!r}.")
-    from ..data import TEMPLATES
+    from ..scoring.calibration import TEMPLATES
     from .judges import resolve_judges
 
     if template not in TEMPLATES:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_text
-from .generation import generate_with_stats
+from ..scoring.generation import generate_with_stats
 from .judges import Judge, resolve_judges
 from .refusal import JudgeSummary, judge_all
 from .utility import multiple_choice_accuracy, perplexity
@@ -186,7 +186,7 @@ def evaluate(
     Example:
 
     ```python
-    >>> from peft_safety.datasets import load_rows
+    >>> from peft_safety.sources.datasets import load_rows
     >>> report = evaluate(model, tok, load_rows("harmbench_test", n=32), load_rows("chat_pairs", n=32))  # doctest: +SKIP
     >>> print(report.to_markdown())  # doctest: +SKIP
     ```

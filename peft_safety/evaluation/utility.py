@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .generation import _pad_id, render_prompts
+from ..scoring.generation import _pad_id, render_prompts
 
 __all__ = ["choice_loglikelihoods", "multiple_choice_accuracy", "perplexity", "sequence_logprobs"]
 
@@ -102,7 +102,7 @@ def perplexity(
         rows: dicts with ``"prompt"`` and ``"response"``.
         batch_size: sequences per forward pass.
         system_prompt: optional system turn of the chat template.
-        template: ``"chat"``, ``"raw"``, ``"inst"`` or ``"alpaca"`` (see `peft_safety.evaluation.generation.render_prompts`).
+        template: ``"chat"``, ``"raw"``, ``"inst"`` or ``"alpaca"`` (see `peft_safety.scoring.generation.render_prompts`).
         max_length: responses are cut so that prompt + response fit (``None``: no cut).
 
     Returns:

@@ -1,12 +1,25 @@
-"""Safety masks: which entries of a model carry its safety behaviour.
+"""Safety masks: which entries of a model carry its safety behaviour (the first stage; it imports no other stage).
 
-Imports only torch, safetensors and the standard library.
+* `peft_safety.mask.granularity` -- `Weight`, `Neuron`, `Head`, `Layer`;
+* `peft_safety.mask.serialization` -- the file format v1 (``safety_mask.safetensors``), checked before it is believed;
+* `peft_safety.mask.safety_mask` -- `SafetyMask`: validation, algebra, fingerprints, summaries, files;
+* `peft_safety.mask.hub` -- model cards and uploads (``huggingface_hub`` is imported only when used).
+
+Imports only torch, safetensors, huggingface_hub (lazily) and the standard library.
 """
 
 from __future__ import annotations
 
 from .granularity import Granularity, Head, Layer, Neuron, Weight, granularity_from_dict
-from .safety_mask import MaskSummary, SafetyMask, fingerprint_tensor, layer_index_of, module_type_of
+from .safety_mask import (
+    MaskSummary,
+    SafetyMask,
+    fingerprint_tensor,
+    layer_index_of,
+    load_mask,
+    mask_from_bytes,
+    module_type_of,
+)
 
 __all__ = [
     "Granularity",
@@ -19,5 +32,7 @@ __all__ = [
     "fingerprint_tensor",
     "granularity_from_dict",
     "layer_index_of",
+    "load_mask",
+    "mask_from_bytes",
     "module_type_of",
 ]

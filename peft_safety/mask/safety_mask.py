@@ -5,7 +5,7 @@ parameter-sized tensors are built by `SafetyMask.to_dense` for one parameter at 
 for the dense tensors the caller already holds.
 
 This module imports only torch and the standard library (``peft_safety.mask`` never pulls transformers or the Hub
-client; Hub downloads import ``peft_safety.hub`` lazily).
+client; Hub downloads import ``peft_safety.mask.hub`` lazily).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 
 from .._version import __version__
 from .granularity import Granularity, Weight, is_granularity
+from .serialization import decode_mask, mask_to_bytes, read_mask_file, resolve_mask_file, save_mask
 
 __all__ = [
     "MaskSummary",
@@ -891,8 +892,6 @@ class SafetyMask:
         Returns:
             The path of the written file.
         """
-        from .serialization import save_mask
-
         return save_mask(self, save_directory)
 
     @classmethod
@@ -918,15 +917,40 @@ class SafetyMask:
             FileNotFoundError: if a local folder has no mask file.
             ValueError: if the file is not a valid peft-safety mask (see ``docs/mask_format.md``).
         """
-        from .serialization import load_mask, resolve_mask_file
-
         path = resolve_mask_file(
             path_or_repo_id, revision=revision, cache_dir=cache_dir, token=token, subfolder=subfolder
         )
-        return load_mask(path)
+        return cls._from_file_parts(read_mask_file(path), path)
+
+    @classmethod
+    def _from_file_parts(cls, parts: dict[str, Any], where: str) -> SafetyMask:
+        # the constructor's checks (sorted, unique, in range ...) name the file the bad values came from
+        try:
+            return cls(**parts)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: invalid mask file: {err}") from None
+
+    def to_bytes(self) -> bytes:
+        """The bytes of this mask's ``safety_mask.safetensors`` file (format v1)."""
+        return mask_to_bytes(self)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "<bytes>") -> SafetyMask:
+        """Parse the bytes of a ``safety_mask.safetensors`` file (every check of `from_pretrained` applies)."""
+        return cls._from_file_parts(decode_mask(data, where=where), where)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
-        """Upload this mask and a model card to the Hub; see `peft_safety.hub.push_mask_to_hub` for the arguments."""
-        from ..hub import push_mask_to_hub
+        """Upload this mask and a model card to the Hub; see `peft_safety.mask.hub.push_mask_to_hub` for the arguments."""
+        from .hub import push_mask_to_hub
 
         return push_mask_to_hub(self, repo_id, **kwargs)
+
+
+def mask_from_bytes(data: bytes, where: str = "<bytes>") -> SafetyMask:
+    """Parse the bytes of a ``safety_mask.safetensors`` file; see `SafetyMask.from_bytes`."""
+    return SafetyMask.from_bytes(data, where=where)
+
+
+def load_mask(path: str | Any) -> SafetyMask:
+    """Read a ``safety_mask.safetensors`` file (a path to the file itself); see `SafetyMask.from_pretrained`."""
+    return SafetyMask._from_file_parts(read_mask_file(path), str(path))

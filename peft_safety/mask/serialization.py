@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -34,14 +34,17 @@ from safetensors.torch import save as _st_save
 from .._io import atomic_write_bytes
 from .._version import __version__
 from .granularity import granularity_from_dict
-from .safety_mask import SafetyMask
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .safety_mask import SafetyMask
 
 __all__ = [
     "FORMAT_VERSION",
     "MASK_FILENAME",
-    "load_mask",
-    "mask_from_bytes",
+    "decode_mask",
     "mask_to_bytes",
+    "read_mask_file",
+    "require_mask",
     "resolve_mask_file",
     "save_mask",
 ]
@@ -53,6 +56,12 @@ FORMAT_VERSION = 1
 LIBRARY_NAME = "peft-safety"
 _REQUIRED_KEYS = ("format_version", "library", "shapes", "granularity", "fingerprints", "provenance")
 _INDEX_DTYPES = {"I32": torch.int32, "I64": torch.int64}
+
+
+def require_mask(obj: Any, what: str) -> None:
+    """Raise `TypeError` unless `obj` is a `SafetyMask` (checked by its interface: this module sits below the class)."""
+    if not all(hasattr(obj, attr) for attr in ("shapes", "granularity_of", "items", "fingerprints", "provenance")):
+        raise TypeError(f"{what} expects a SafetyMask, got {type(obj).__name__}")
 
 
 def mask_to_bytes(mask: SafetyMask) -> bytes:
@@ -67,8 +76,7 @@ def mask_to_bytes(mask: SafetyMask) -> bytes:
     Raises:
         TypeError: if `mask` is not a `SafetyMask`.
     """
-    if not isinstance(mask, SafetyMask):
-        raise TypeError(f"expected a SafetyMask, got {type(mask).__name__}")
+    require_mask(mask, "mask_to_bytes")
     shapes = mask.shapes
     grans = {name: mask.granularity_of(name) for name in shapes}
     default = mask.granularity
@@ -129,15 +137,17 @@ def _json_field(meta: dict[str, str], key: str, where: str) -> Any:
     return value
 
 
-def mask_from_bytes(data: bytes, where: str = "<bytes>") -> SafetyMask:
-    """Parse the bytes of a ``safety_mask.safetensors`` file.
+def decode_mask(data: bytes, where: str = "<bytes>") -> dict[str, Any]:
+    """Parse and check the bytes of a ``safety_mask.safetensors`` file (`peft_safety.mask.mask_from_bytes` builds the
+    mask from them).
 
     Args:
         data: the file content.
         where: how to name the source in error messages (a path).
 
     Returns:
-        The mask.
+        The `SafetyMask` constructor arguments: ``indices``, ``shapes``, ``granularity``, ``fingerprints`` and
+        ``provenance``.
 
     Raises:
         ValueError: if the content is truncated or corrupted, is not a peft-safety mask (for instance a model's
@@ -212,28 +222,28 @@ def mask_from_bytes(data: bytes, where: str = "<bytes>") -> SafetyMask:
             if not isinstance(s, list):
                 raise ValueError(f"shape of {n!r} must be a JSON list of ints, got {s!r}")
             shape_tuples[n] = tuple(s)
-        return SafetyMask(tensors, shape_tuples, granularity, fingerprints, provenance)
+        return {
+            "indices": tensors,
+            "shapes": shape_tuples,
+            "granularity": granularity,
+            "fingerprints": fingerprints,
+            "provenance": provenance,
+        }
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: invalid mask file: {err}") from None
 
 
-def load_mask(path: str | os.PathLike) -> SafetyMask:
-    """Read a ``safety_mask.safetensors`` file.
-
-    Args:
-        path: the file.
-
-    Returns:
-        The mask.
+def read_mask_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a ``safety_mask.safetensors`` file; returns the `SafetyMask` constructor arguments.
 
     Raises:
         FileNotFoundError: if the file does not exist.
-        ValueError: see `mask_from_bytes`.
+        ValueError: see `decode_mask`.
     """
     path = os.fspath(path)
     with open(path, "rb") as f:
         data = f.read()
-    return mask_from_bytes(data, where=path)
+    return decode_mask(data, where=path)
 
 
 def _looks_local(p: str) -> bool:
@@ -277,6 +287,8 @@ def resolve_mask_file(
         return p
     if _looks_local(p):
         raise FileNotFoundError(f"No such mask file or folder: {p!r}")
-    from ..hub import download_mask_file  # lazy: peft_safety.mask itself never imports huggingface_hub
+    from huggingface_hub import hf_hub_download  # lazy: importing peft_safety.mask never imports huggingface_hub
 
-    return download_mask_file(p, revision=revision, cache_dir=cache_dir, token=token, subfolder=subfolder)
+    return hf_hub_download(
+        p, MASK_FILENAME, subfolder=subfolder, revision=revision, cache_dir=cache_dir, token=token, repo_type="model"
+    )

@@ -21,7 +21,7 @@ from .registry import SCORERS, Registry, register_scorer
 from .targets import TargetInfo, Targets, attention_geometry, query_to_kv_rows, resolve_targets
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..data import CalibrationSet
+    from .calibration import CalibrationSet
 
 __all__ = [
     "SCORERS",

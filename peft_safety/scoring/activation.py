@@ -170,6 +170,6 @@ def wanda(
         "sign": "nonnegative",
         "higher": "more important",
     }
-    from ..scores import Scores
+    from .scores import Scores
 
     return Scores(values, shapes=targets.shapes, provenance=provenance)

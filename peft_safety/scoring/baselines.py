@@ -31,7 +31,7 @@ def random_scores(model: nn.Module, calib: Any = None, *, targets: Targets, seed
     Returns:
         `Scores` (``Weight()``); provenance ``method="random"``, ``seed``.
     """
-    from ..scores import Scores
+    from .scores import Scores
 
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}.")
@@ -47,7 +47,7 @@ def magnitude(model: nn.Module, calib: Any = None, *, targets: Targets, **_: Any
     Returns:
         `Scores` (``Weight()``); provenance ``method="magnitude"``.
     """
-    from ..scores import Scores
+    from .scores import Scores
 
     params = targets.parameters(model)
     values = {name: params[name].detach().abs().float() for name in targets}

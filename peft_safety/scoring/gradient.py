@@ -220,7 +220,7 @@ def _weight_abs(param: torch.Tensor) -> torch.Tensor:
 
 
 def _make_scores(values: dict[str, torch.Tensor], targets: Targets, provenance: dict[str, Any]) -> Any:
-    from ..scores import Scores
+    from .scores import Scores
 
     return Scores(values, shapes=targets.shapes, provenance=provenance)
 

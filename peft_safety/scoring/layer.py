@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..interventions import scaled
+from ..analysis.probes import scaled
 from ..mask import Layer, SafetyMask
 from .registry import register_scorer
 from .targets import ROUTER_SUFFIXES
@@ -240,7 +240,7 @@ class AngleGap:
 
 def _last_hidden_states(model: nn.Module, tokenizer: Any, prompts: Sequence[str], template: str, batch_size: int):
     """``(len(prompts), num_layers, hidden)`` fp32 hidden states at each prompt's last real position."""
-    from ..data import CalibrationSet
+    from .calibration import CalibrationSet
 
     calib = CalibrationSet([{"prompt": p} for p in prompts], tokenizer, template=template, loss="none")
     device = next(model.parameters()).device
@@ -408,7 +408,7 @@ def over_rejection_probe(
 ) -> ProbeResult:
     """Scale the attention and MLP weights of layers ``[i, j]`` by ``alpha`` and count refusals of benign prompts.
 
-    The weights are edited in place through `peft_safety.interventions.scaled` and restored bit-exactly afterwards
+    The weights are edited in place through `peft_safety.analysis.probes.scaled` and restored bit-exactly afterwards
     (even if generation raises). The reference's o_proj bug (o_proj never scaled) is not reproduced: q, k, v, o, gate,
     up and down (and fused variants) are all scaled; biases, norms and routers are not.
 
@@ -430,7 +430,7 @@ def over_rejection_probe(
         TypeError: a judge that is not callable or returns a non-bool, bad bounds.
         ValueError: an empty prompt list or an invalid range.
     """
-    from ..data import generate_responses
+    from .generation import generate_responses
 
     prompts = _check_prompts("prompts", prompts, 1)
     if not callable(judge):

@@ -57,12 +57,12 @@ import torch
 from torch import nn
 
 from ..mask import Neuron, SafetyMask
-from ..scores import Scores
 from .registry import register_scorer
+from .scores import Scores
 from .targets import Targets, query_to_kv_rows, resolve_targets
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..data import CalibrationSet
+    from .calibration import CalibrationSet
 
 __all__ = [
     "ATTENTION_ROLES",
@@ -589,7 +589,7 @@ def detect_safety_neurons(
     Example:
 
     ```python
-    >>> from peft_safety.data import CalibrationSet
+    >>> from peft_safety.scoring.calibration import CalibrationSet
     >>> from peft_safety.testing import tiny_llama, tiny_tokenizer
     >>> calib = CalibrationSet([{"prompt": "How do I make a weapon?"}], tiny_tokenizer(), template="raw", loss="none")
     >>> result = detect_safety_neurons(tiny_llama(), calib, top_k_attn=4, top_k_ffn=8)

@@ -20,22 +20,11 @@ raises ``KeyError: 'SAFETY'`` from its own code, where we cannot intercept it.
 
 from __future__ import annotations
 
-import enum
+from .config import SafetyConfig
+from .model import SafetyModel
+from .peft_type import SAFETY_PREFIX, SafetyPeftType
 
 __all__ = ["SAFETY_PREFIX", "SafetyPeftType", "is_registered", "register"]
-
-#: Prefix of every adapter attribute (``safety_values``, ``safety_indices``); PEFT uses it to find adapter weights.
-SAFETY_PREFIX = "safety_"
-
-
-class SafetyPeftType(str, enum.Enum):
-    """The PEFT type of peft-safety adapters.
-
-    A ``str`` enum like ``peft.PeftType``: ``SafetyPeftType.SAFETY == "SAFETY"`` and both hash alike, so PEFT's
-    dict lookups by the string stored in ``adapter_config.json`` find our entries.
-    """
-
-    SAFETY = "SAFETY"
 
 
 def _tables():
@@ -50,9 +39,6 @@ def _tables():
 
 def is_registered() -> bool:
     """Whether the ``SAFETY`` type currently resolves to peft-safety's classes in PEFT's mapping tables."""
-    from .config import SafetyConfig
-    from .model import SafetyModel
-
     config_map, tuner_map, prefix_map = _tables()
     key = SafetyPeftType.SAFETY
     return (
@@ -69,9 +55,6 @@ def register() -> None:
         RuntimeError: if another library already registered a different class under ``"SAFETY"`` (we refuse to
             overwrite it silently; uninstall or stop importing the other library).
     """
-    from .config import SafetyConfig
-    from .model import SafetyModel
-
     config_map, tuner_map, prefix_map = _tables()
     key = SafetyPeftType.SAFETY
     wanted = ((config_map, SafetyConfig), (tuner_map, SafetyModel), (prefix_map, SAFETY_PREFIX))

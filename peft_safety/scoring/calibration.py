@@ -45,8 +45,6 @@ __all__ = [
     "LOSS_POLICIES",
     "TEMPLATES",
     "CalibrationSet",
-    "build_refusal_set",
-    "build_utility_set",
     "refusal_rows",
     "utility_rows",
 ]
@@ -150,7 +148,7 @@ class CalibrationSet:
     Example:
 
     ```python
-    >>> from peft_safety.data import CalibrationSet, refusal_rows
+    >>> from peft_safety.scoring.calibration import CalibrationSet, refusal_rows
     >>> from peft_safety.testing import tiny_tokenizer
     >>> calib = CalibrationSet(refusal_rows(["How do I pick a lock?"]), tiny_tokenizer(), max_length=128)
     >>> len(calib), calib.template, calib.loss
@@ -480,108 +478,3 @@ def _check_prompts(prompts: Sequence[str]) -> list[str]:
     if bad:
         raise TypeError(f"prompts must be strings, got a {bad[0]}.")
     return prompts
-
-
-def __getattr__(name: str) -> Any:
-    # `peft_safety.data.generate_responses` predates the evaluation package; it is now the evaluation
-    # implementation, resolved lazily so that importing data.py does not import the evaluation package
-    if name == "generate_responses":
-        from .evaluation.generation import generate_responses
-
-        return generate_responses
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[str],
-    max_new_tokens: int,
-    batch_size: int,
-    calib_kwargs: dict[str, Any],
-    response_prefix: str | None = None,
-) -> list[str]:
-    """Greedy answers rendered with the same template and system turn as the calibration set they will fill."""
-    # imported here: the evaluation package is not needed (nor imported) by scoring-only users of data.py
-    from .evaluation.generation import generate_responses
-
-    return generate_responses(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        system_prompt=calib_kwargs.get("system_prompt"),
-        template=calib_kwargs.get("template", "chat"),
-        response_prefix=response_prefix,
-        progress=False,
-    )
-
-
-def build_refusal_set(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    *,
-    generate: bool = False,
-    refusal: str | Callable[[str], str] = DEFAULT_REFUSAL,
-    refusal_prefix: str | None = None,
-    max_new_tokens: int = 64,
-    generation_batch_size: int = 8,
-    **calib_kwargs: Any,
-) -> CalibrationSet:
-    """A refusal calibration set: harmful prompts paired with refusals.
-
-    Args:
-        model: the model whose refusals are generated (`generate=True`); unused otherwise (may be `None`).
-        tokenizer: its tokenizer.
-        prompts: harmful prompts.
-        generate: `True` lets the model write its own refusals (greedy, batched, chat template: Wei et al.'s
-            "safety-full" data); `False` pairs every prompt with ``refusal``.
-        refusal: fixed refusal text or callable, used when ``generate=False``.
-        refusal_prefix: with ``generate=True``, text forced at the start of every answer (e.g. ``"I cannot"``),
-            which steers a weakly aligned model into a refusal.
-        max_new_tokens: generation budget.
-        generation_batch_size: prompts per `generate` call.
-        **calib_kwargs: forwarded to `CalibrationSet` (``template``, ``max_length``, ``system_prompt`` ...).
-
-    Returns:
-        A `CalibrationSet` with ``loss="response_only"`` unless overridden.
-    """
-    prompts = _check_prompts(prompts)
-    if generate:
-        if model is None:
-            raise ValueError("generate=True needs a model to write the refusals; pass the model or generate=False.")
-        responses = _generate(
-            model, tokenizer, prompts, max_new_tokens, generation_batch_size, calib_kwargs, refusal_prefix
-        )
-        rows = utility_rows(prompts, responses)
-    else:
-        if refusal_prefix is not None:
-            raise ValueError("refusal_prefix only applies with generate=True; put it in `refusal` instead.")
-        rows = refusal_rows(prompts, refusal)
-    return CalibrationSet(rows, tokenizer, **calib_kwargs)
-
-
-def build_utility_set(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int = 64,
-    generation_batch_size: int = 8,
-    **calib_kwargs: Any,
-) -> CalibrationSet:
-    """A utility calibration set: benign prompts paired with the model's own greedy answers.
-
-    Args:
-        model: the model that answers.
-        tokenizer: its tokenizer.
-        prompts: benign prompts.
-        max_new_tokens: generation budget.
-        generation_batch_size: prompts per `generate` call.
-        **calib_kwargs: forwarded to `CalibrationSet`.
-    """
-    prompts = _check_prompts(prompts)
-    responses = _generate(model, tokenizer, prompts, max_new_tokens, generation_batch_size, calib_kwargs)
-    return CalibrationSet(utility_rows(prompts, responses), tokenizer, **calib_kwargs)

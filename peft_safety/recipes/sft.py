@@ -36,7 +36,7 @@ def sft_dataclasses() -> tuple[type, type, type]:
         from trl import ModelConfig
     except ImportError as err:
         raise ImportError("SFT training needs trl: pip install 'peft-safety[trl]'") from err
-    from .training.config import SafetySFTConfig
+    from ..training.config import SafetySFTConfig
 
     return SFTScriptArguments, SafetySFTConfig, ModelConfig
 
@@ -77,7 +77,7 @@ def run_sft(script_args: SFTScriptArguments, training_args: Any, model_args: Any
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import get_peft_config
 
-    from .training.trainer import SafetySFTTrainer
+    from ..training.trainer import SafetySFTTrainer
 
     if not script_args.dataset_name:
         raise ValueError("--dataset_name is required (a Hub id or a local .json/.jsonl/.csv/.parquet file).")

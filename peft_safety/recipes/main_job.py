@@ -18,7 +18,7 @@ Writes ``results.json``, ``results.md``, the mask, the adapters, every generatio
 Example:
 
 ```python
->>> from peft_safety.main_job import MainJobConfig, run_main_job
+>>> from peft_safety.recipes.main_job import MainJobConfig, run_main_job
 >>> result = run_main_job(MainJobConfig(out_dir="outputs/main_job"))  # doctest: +SKIP
 ```
 
@@ -38,8 +38,8 @@ from typing import Any
 
 import torch
 
-from ._io import atomic_write_text
-from ._version import __version__
+from .._io import atomic_write_text
+from .._version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def _sample(rows: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any
 
 
 def sft_args(cfg: MainJobConfig, out: Path, steps: int, lr: float, **safety: Any):
-    from .training import SafetySFTConfig
+    from ..training import SafetySFTConfig
 
     return SafetySFTConfig(
         output_dir=str(out),
@@ -255,13 +255,13 @@ def run_main_job(cfg: MainJobConfig | None = None) -> MainJobResult:
         raise ImportError("The main job needs trl and datasets: pip install 'peft-safety[trl]'.") from err
     from peft import LoraConfig, PeftModel
 
-    from .data import CalibrationSet
-    from .datasets import assert_disjoint, deduplicate, load_rows
-    from .evaluation import evaluate, generate_responses, perplexity
-    from .models import load_model
-    from .scoring import score
-    from .selection import select
-    from .training import SafetySFTTrainer
+    from ..evaluation import evaluate, generate_responses, perplexity
+    from ..scoring import score
+    from ..scoring.calibration import CalibrationSet
+    from ..scoring.selection import select
+    from ..sources.datasets import assert_disjoint, deduplicate, load_rows
+    from ..sources.models import load_model
+    from ..training import SafetySFTTrainer
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -393,7 +393,7 @@ def run_main_job(cfg: MainJobConfig | None = None) -> MainJobResult:
     # ---------------------------------------------------------------- report
     if cfg.plots:
         try:
-            from .analysis import plot_layer_heatmap
+            from ..analysis import plot_layer_heatmap
 
             plot_layer_heatmap(mask, out / "mask_layers.png")
             files["plot_mask_layers"] = str(out / "mask_layers.png")

@@ -8,16 +8,15 @@ cache, ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` behaviours apply.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
+from .serialization import MASK_FILENAME, mask_to_bytes, require_mask
 
-from .mask.safety_mask import SafetyMask
-from .mask.serialization import MASK_FILENAME, mask_to_bytes
+if TYPE_CHECKING:  # pragma: no cover
+    from .safety_mask import SafetyMask
 
-__all__ = ["download_mask_file", "mask_model_card", "push_mask_to_hub"]
+__all__ = ["mask_model_card", "push_mask_to_hub"]
 
 _PROVENANCE_ORDER = (
     "method",
@@ -67,8 +66,7 @@ def mask_model_card(
     Raises:
         TypeError: if `mask` is not a `SafetyMask`.
     """
-    if not isinstance(mask, SafetyMask):
-        raise TypeError(f"mask_model_card expects a SafetyMask, got {type(mask).__name__}")
+    require_mask(mask, "mask_model_card")
     prov = mask.provenance
     base = base_model if base_model is not None else prov.get("base_model")
     method = prov.get("method")
@@ -163,13 +161,14 @@ def push_mask_to_hub(
     >>> push_mask_to_hub(mask, "me/llama-3-8b-snip-mask", private=True)
     ```
     """
-    if not isinstance(mask, SafetyMask):
-        raise TypeError(f"push_mask_to_hub expects a SafetyMask, got {type(mask).__name__}")
+    require_mask(mask, "push_mask_to_hub")
     if not isinstance(repo_id, str) or not repo_id.strip():
         raise ValueError(f"repo_id must be a non-empty string such as 'me/my-safety-mask', got {repo_id!r}")
     # serialise first: an invalid mask must fail before anything is created on the Hub
     data = mask_to_bytes(mask)
     card = mask_model_card(mask, repo_id=repo_id, base_model=base_model)
+    from huggingface_hub import CommitOperationAdd, HfApi  # lazy: importing peft_safety.mask stays light
+
     api = HfApi(token=token)
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     # "name" without a namespace resolves to "<user>/name"; the created repo tells us which
@@ -187,25 +186,5 @@ def push_mask_to_hub(
         commit_message=commit_message,
         revision=revision,
         create_pr=create_pr,
-        repo_type="model",
-    )
-
-
-def download_mask_file(
-    repo_id: str,
-    *,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    token: str | bool | None = None,
-    subfolder: str | None = None,
-) -> str:
-    """Download (or find in the cache) ``safety_mask.safetensors`` of a Hub repository and return its local path."""
-    return hf_hub_download(
-        repo_id,
-        MASK_FILENAME,
-        subfolder=subfolder,
-        revision=revision,
-        cache_dir=cache_dir,
-        token=token,
         repo_type="model",
     )

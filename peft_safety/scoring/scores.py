@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from .mask.granularity import Granularity, Layer, Weight, granularity_from_dict, is_granularity
+from ..mask.granularity import Granularity, Layer, Weight, granularity_from_dict, is_granularity
 
 __all__ = ["Scores", "expected_score_shape"]
 
-_FORMAT = "peft_safety.scores"
+_FORMAT = "peft_safety.scoring.scores"
 _FORMAT_VERSION = "1"
 _CHECK_CHUNK = 1 << 22
 
@@ -391,7 +391,7 @@ class Scores(Mapping[str, torch.Tensor]):
             "shapes": json.dumps({n: list(s) for n, s in self._shapes.items()}),
             "provenance": json.dumps(self.provenance, default=str),
         }
-        from ._io import atomic_path
+        from .._io import atomic_path
 
         with atomic_path(path) as tmp:
             save_file({n: t.cpu() for n, t in self._tensors.items()}, tmp, metadata=meta)

@@ -1,4 +1,4 @@
-"""Turn :class:`~peft_safety.scores.Scores` into a :class:`~peft_safety.mask.SafetyMask`.
+"""Turn :class:`~peft_safety.scoring.scores.Scores` into a :class:`~peft_safety.mask.SafetyMask`.
 
 Three scopes pick the units (entries of the score tensors) with the highest scores:
 
@@ -332,7 +332,7 @@ def _select_indices(
             if kt > 0:
                 result[nm] = topk_indices([t], kt, largest=largest)[0]
     else:  # per_row
-        from .mask.granularity import Weight
+        from ..mask.granularity import Weight
 
         for nm in names:
             t = scores[nm]
@@ -354,7 +354,7 @@ def _select_indices(
 
 
 def _apply_exclude(indices: dict[str, torch.Tensor], scores: Any, exclude: Any) -> dict[str, torch.Tensor]:
-    from .mask import SafetyMask
+    from ..mask import SafetyMask
 
     if not isinstance(exclude, SafetyMask):
         raise TypeError(f"exclude must be a SafetyMask, got {type(exclude).__name__}.")
@@ -382,7 +382,7 @@ def _apply_exclude(indices: dict[str, torch.Tensor], scores: Any, exclude: Any) 
 
 
 def _build_mask(indices: dict[str, torch.Tensor], scores: Any, provenance: dict[str, Any]):
-    from .mask import SafetyMask
+    from ..mask import SafetyMask
 
     granularity = {nm: scores.granularity_of(nm) for nm in scores.names}
     return SafetyMask(
@@ -407,7 +407,7 @@ def select(
     """Select the units with the highest (or lowest) scores and return them as a :class:`SafetyMask`.
 
     Args:
-        scores: a :class:`~peft_safety.scores.Scores` (or a mapping ``name -> tensor`` of ``Weight()`` scores).
+        scores: a :class:`~peft_safety.scoring.scores.Scores` (or a mapping ``name -> tensor`` of ``Weight()`` scores).
         fraction: share of units to select, in ``(0, 1]``, counted per group as ``floor(fraction * n + 1/2)``
             (group = all units for ``"global"``, one tensor for ``"per_tensor"``, one row for ``"per_row"``).
         k: number of units to select per group instead of a fraction. Exactly one of ``fraction`` / ``k``.
@@ -432,7 +432,7 @@ def select(
 
     Example:
         >>> import torch
-        >>> from peft_safety.scores import Scores
+        >>> from peft_safety.scoring.scores import Scores
         >>> s = Scores({"a": torch.tensor([[0.1, 0.9], [0.5, 0.5]])})
         >>> select(s, k=2)["a"].tolist()
         [1, 2]
@@ -502,7 +502,7 @@ def isolate(
 
     Example:
         >>> import torch
-        >>> from peft_safety.scores import Scores
+        >>> from peft_safety.scoring.scores import Scores
         >>> s = Scores({"w": torch.tensor([[4.0, 3.0], [2.0, 1.0]])})
         >>> u = Scores({"w": torch.tensor([[9.0, 0.0], [0.0, 0.0]])})
         >>> isolate(s, u, p=0.25, q=0.5)["w"].tolist()

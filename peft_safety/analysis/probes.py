@@ -16,7 +16,7 @@ Permanent counterparts: `rewind_` (set the masked entries to a reference's value
 Example:
 
 ```python
->>> from peft_safety.interventions import zeroed, scaled
+>>> from peft_safety.analysis.probes import zeroed, scaled
 >>> with zeroed(model, mask):          # the masked entries are 0 inside the block
 ...     refusal_rate_pruned = evaluate(model)
 >>> with scaled(model, layer_mask, 1.2):
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .mask import SafetyMask
+    from ..mask import SafetyMask
 
 __all__ = ["mask_drift", "noised", "restored_from", "rewind_", "scaled", "zeroed"]
 
@@ -93,7 +93,7 @@ def _unit_index(units: torch.Tensor, lead_shape: tuple[int, ...], device: torch.
 
 def _region(name: str, param: torch.Tensor, granularity: Any, indices: torch.Tensor) -> _Region:
     """Build the `_Region` of ``param`` that ``indices`` (in the unit of ``granularity``) covers (concepts.md)."""
-    from .mask import Head, Layer, Neuron, Weight
+    from ..mask import Head, Layer, Neuron, Weight
 
     shape = tuple(param.shape)
     if isinstance(granularity, Layer):
@@ -148,7 +148,7 @@ def _named_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _regions(model: nn.Module, mask: SafetyMask) -> list[_Region]:
     """The regions of ``model``'s parameters that ``mask`` selects (parameters without entries are skipped)."""
-    from .mask import SafetyMask
+    from ..mask import SafetyMask
 
     if not isinstance(mask, SafetyMask):
         raise TypeError(f"mask must be a peft_safety.SafetyMask, got {type(mask).__name__}.")

