@@ -36,12 +36,15 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import hashlib
 import json
 import logging
 import os
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -54,6 +57,9 @@ __all__ = [
     "check_base_fingerprints",
     "check_policy",
     "fingerprint_base",
+    "fingerprint_check_override",
+    "override_policy",
+    "state_dict_digest",
 ]
 
 logger = logging.getLogger(__name__)
@@ -91,6 +97,64 @@ def check_policy(policy: Any, name: str = "base_fingerprint_check") -> str:
     if policy not in FINGERPRINT_POLICIES:
         raise ValueError(f"{name}={policy!r} is invalid; use one of {list(FINGERPRINT_POLICIES)}.")
     return policy
+
+
+_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("peft_safety_fingerprint_check", default=None)
+
+
+@contextlib.contextmanager
+def fingerprint_check_override(policy: str) -> Iterator[None]:
+    """Within the block, every base-fingerprint check of a loading adapter uses ``policy`` (whatever its config says).
+
+    For the load entry points that take no extra keyword argument (``PeftModel.load_adapter``, transformers'
+    ``model.load_adapter``, ``inject_adapter_in_model``).
+
+    Example:
+
+    ```python
+    >>> with fingerprint_check_override("warn"):                           # doctest: +SKIP
+    ...     peft_model.load_adapter("my-set-adapter", adapter_name="other")
+    ```
+    """
+    token = _OVERRIDE.set(check_policy(policy, "policy"))
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
+
+
+def override_policy(default: str) -> str:
+    """The policy in force: the innermost `fingerprint_check_override`, else ``default``."""
+    current = _OVERRIDE.get()
+    return current if current is not None else default
+
+
+def state_dict_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """A digest of a state dict's tensors (dtype, shape and bytes), independent of key names and order.
+
+    Key names are left out on purpose: loaders rename keys (adapter names, ``base_model.model.`` prefixes, checkpoint
+    conversion mappings) but never change values, so the digest of the file at save time equals the digest of the
+    state dict a loader receives. Used to tie a config to the weights file it was saved with.
+
+    Args:
+        state_dict: name -> tensor (non-tensor values are ignored).
+
+    Returns:
+        ``"b2b:<32 hex digits>"``.
+    """
+    per_tensor = []
+    for value in state_dict.values():
+        if not isinstance(value, torch.Tensor):
+            continue
+        t = value.detach().to("cpu").contiguous().reshape(-1)
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{t.dtype}|{tuple(value.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+        per_tensor.append(h.hexdigest())
+    total = hashlib.blake2b(digest_size=16)
+    for item in sorted(per_tensor):
+        total.update(item.encode())
+    return f"b2b:{total.hexdigest()}"
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
