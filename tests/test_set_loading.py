@@ -245,7 +245,7 @@ def test_in_memory_state_dict_round_trip_after_training_is_not_an_interrupted_sa
     path, _ = saved
     model = load(path, is_trainable=True)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.5)
     state = get_peft_model_state_dict(model)
@@ -282,15 +282,14 @@ def test_local_cache_path_recorded_as_hub_id(tmp_path):
 
 
 def test_other_base_is_refused_and_override_warns(saved):
-    path, ref = saved
+    path, _ = saved
     other = tiny_llama(seed=0)
     with torch.no_grad():
         other.model.layers[1].mlp.down_proj.weight.mul_(-3)
     with pytest.raises(ValueError, match=rf"{DOWN}\.weight.*base_fingerprint_check='warn'"):
         PeftModel.from_pretrained(other, path)
     with pytest.warns(UserWarning, match=DOWN):
-        PeftModel.from_pretrained(tiny_llama(seed=0, ).requires_grad_(False).apply(_scale_down), path,
-                                  base_fingerprint_check="warn")
+        PeftModel.from_pretrained(tiny_llama(seed=0).apply(_scale_down), path, base_fingerprint_check="warn")
     loaded = PeftModel.from_pretrained(tiny_llama(seed=0).apply(_scale_down), path, base_fingerprint_check="ignore")
     assert loaded.peft_config["default"].base_fingerprint_check == "ignore"
 

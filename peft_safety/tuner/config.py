@@ -238,7 +238,6 @@ class SafetyConfig(PeftConfig):
             out["peft_type"] = out["peft_type"].value
         return out
 
-
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Write ``adapter_config.json``, recording the digest of the weights file already in ``save_directory``.
 

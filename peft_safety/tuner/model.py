@@ -199,7 +199,9 @@ def validate_layout(layout: Any, model: nn.Module) -> None:
         if kind not in KINDS:
             raise ValueError(f"{where}[{key!r}]['kind'] = {kind!r} is not one of {list(KINDS)}; the file is damaged.")
         if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(d) and d > 0 for d in shape)):
-            raise ValueError(f"{where}[{key!r}]['shape'] = {shape!r} is not [out_features, in_features]; the file is damaged.")
+            raise ValueError(
+                f"{where}[{key!r}]['shape'] = {shape!r} is not [out_features, in_features]; the file is damaged."
+            )
         try:
             module = model.get_submodule(key)
         except AttributeError:
