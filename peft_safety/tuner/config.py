@@ -133,8 +133,9 @@ class SafetyConfig(PeftConfig):
     values_dtype: str = field(
         default="float32",
         metadata={
-            "help": "dtype of the trainable deltas. Note PEFT's get_peft_model upcasts bf16/fp16 adapter weights to "
-            "fp32 unless autocast_adapter_dtype=False.",
+            "help": "dtype of the trainable deltas, whatever the base dtype: 'float32' (default) stays float32 on "
+            "bf16/fp16 bases even with autocast_adapter_dtype=False (on purpose: small deltas would round away). "
+            "'bfloat16'/'float16' deltas are upcast to float32 by PEFT unless autocast_adapter_dtype=False.",
             "choices": list(VALUES_DTYPES),
         },
     )
@@ -196,7 +197,12 @@ class SafetyConfig(PeftConfig):
         if self.gradient_method not in ("sampled", "dense"):
             raise ValueError(f"gradient_method={self.gradient_method!r} is invalid; use 'sampled' or 'dense'.")
         if self.bias != "none":
-            raise ValueError(f"bias={self.bias!r} is not supported by SafetyConfig; only 'none'.")
+            # TypeError, as PEFT's other tuners without bias training raise for `bias=...` (e.g. ShiraConfig,
+            # IA3Config: "unexpected keyword argument 'bias'"); the field exists only so that saved configs load.
+            raise TypeError(
+                f"SafetyConfig does not support bias={self.bias!r}: SET never trains biases (only 'none' is "
+                "accepted). To train biases as well, list their modules in modules_to_save or unfreeze them by hand."
+            )
         if self.target_parameters:
             raise ValueError(
                 f"SafetyConfig does not support target_parameters={self.target_parameters!r}: SET wraps nn.Linear "

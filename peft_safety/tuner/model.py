@@ -251,7 +251,12 @@ class SafetyModel(BaseTuner):
 
     def _prepare_adapter_config(self, peft_config: SafetyConfig, model_config: dict) -> SafetyConfig:
         if not isinstance(peft_config, SafetyConfig):
-            raise TypeError(f"SafetyModel needs a SafetyConfig, got {type(peft_config).__name__}.")
+            raise TypeError(
+                f"SafetyModel needs a SafetyConfig, got {type(peft_config).__name__}. A SAFETY (SET) adapter cannot "
+                "share a model with adapters of another PEFT type (PeftMixedModel accepts PEFT's built-in types "
+                "only). Merge the SET adapter first (base = peft_model.merge_and_unload()), then add the other "
+                "adapter to the merged model."
+            )
         # No default target modules: the mask decides which modules are wrapped.
         return peft_config
 
@@ -328,7 +333,8 @@ class SafetyModel(BaseTuner):
         if isinstance(target, BaseTunerLayer):
             raise TypeError(
                 f"Module {current_key!r} is already wrapped by another PEFT method ({type(target).__name__}); a SAFETY "
-                "adapter cannot be stacked on it."
+                "adapter cannot be stacked on it. Merge the other adapter first (merge_and_unload()), then add the "
+                "SAFETY adapter to the merged model."
             )
         if not isinstance(target, nn.Linear):
             raise TypeError(f"SET supports nn.Linear modules only; {current_key!r} is a {type(target).__name__}.")
