@@ -11,20 +11,26 @@ How a module's mask entries are stored depends on the granularity (``kind``):
 
 Forward, for an input ``x`` and frozen weight ``W``:
 
-* ``entries`` on a dense base: ``_SparseDeltaLinear``, a custom autograd function computing ``x @ (W + scatter(v))ᵀ``.
+* ``entries`` on a float32/float64 base: ``_SparseDeltaLinear``, a custom autograd function computing
+  ``x @ (W + scatter(v))ᵀ``.
   The merged weight is a transient buffer (one weight-sized temporary per layer during forward and again during
   backward) that is **not** saved for backward; the value gradient is a sampled matmul (SDDMM): for each index pair
   ``(r, c)``, ``sum_t grad_out[t, r] * x[t, c]``, computed in chunks so that the working set stays bounded and no
   weight-sized gradient is ever built. ``gradient_method="dense"`` in the config selects the documented fallback
   ``(grad_outᵀ x)[r, c]`` (one transient weight-sized buffer, faster only at high density).
-* ``entries`` on a quantised base (bitsandbytes 4/8-bit): ``base_layer(x) + x @ scatter(v)ᵀ`` with the same function
-  and no base weight, so the quantised kernel is used for the frozen part.
+* ``entries`` on a bf16/fp16 base: ``base_layer(x) + x @ scatter(v)ᵀ`` (the same function without a base weight).
+  Folding the delta into a half-precision ``W`` would round away every delta below half of ``W``'s rounding step
+  (84% of 1e-5 deltas on weights ~N(0, 0.02²)); in the separate pass the delta is rounded relative to itself, so the
+  output equals ``(W + delta) x`` within the dtype's matmul error. Cost: one more matmul of the layer's size.
+* ``entries`` on a quantised base (bitsandbytes 4/8-bit): ``base_layer(x) + x @ scatter(v)ᵀ`` likewise, so the
+  quantised kernel is used for the frozen part.
 * ``rows``/``cols``/``dense``: plain autograd on small tensors, ``y = base_layer(x)`` then
   ``y[..., rows] += x @ Vᵀ``, ``y += x[..., cols] @ Vᵀ`` or ``y += x @ Vᵀ``. No weight-sized temporary for rows and
   columns; a ``Layer()`` mask trains the whole weight, so its delta is weight-sized by definition.
 
 Merging adds the delta into the base weight in place, touching only the masked positions (entries outside the mask
-stay bit-identical). Merging into a bitsandbytes 4-bit weight dequantises, adds and re-quantises the **whole** tensor,
+stay bit-identical). Merging into a bf16/fp16 weight rounds ``W + delta`` to that dtype: deltas below half the
+weight's rounding step are lost; ``merge_rounding_loss`` counts them and a warning says so. Merging into a bitsandbytes 4-bit weight dequantises, adds and re-quantises the **whole** tensor,
 which is lossy: ship such adapters unmerged.
 """
 
