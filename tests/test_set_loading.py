@@ -327,3 +327,33 @@ def test_override_context_for_load_adapter(saved):
     with fingerprint_check_override("warn"), pytest.warns(UserWarning, match=DOWN):
         model.load_adapter(path, adapter_name="second")
     assert "second" in model.peft_config
+
+
+def test_non_finite_values(saved):
+    path, _ = saved
+
+    def poison(state):
+        state[_val(V)] = state[_val(V)].clone()
+        state[_val(V)][0, 0] = float("nan")
+
+    edit_weights(path, poison)
+    with pytest.raises(ValueError, match=rf"{V}\.safety_values.*NaN or infinite"):
+        load(path)
+
+
+def test_truncated_weights_file(saved):
+    path, _ = saved
+    data = (path / "adapter_model.safetensors").read_bytes()
+    (path / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(Exception, match=r"(?i)header|incomplete|deserializ|metadata"):
+        load(path)
+
+
+def test_missing_or_empty_layout(saved):
+    path, _ = saved
+    edit_config(path, lambda cfg: cfg.update(mask_layout={}))
+    with pytest.raises(ValueError, match="mask_layout"):
+        load(path)
+    edit_config(path, lambda cfg: cfg.update(mask_layout=None))
+    with pytest.raises(ValueError, match="needs a mask"):
+        load(path)

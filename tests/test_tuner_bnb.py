@@ -109,3 +109,23 @@ def test_masked_qlora_trains_and_refuses_merge(base_dir, bits):
     assert grad_b and all(g is not None for g in grad_b)
     with pytest.raises(ValueError, match="re-quantises the whole weight"):
         peft_model.merge_adapter()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_base_fingerprints_skip_quantised_weights(base_dir, bits, tmp_path):
+    import json
+
+    # trained on the float base: fingerprints recorded; loading on a quantised copy cannot compare them (the stored
+    # integers are not the float values), so the check skips those tensors instead of refusing a legitimate base
+    float_base = AutoModelForCausalLM.from_pretrained(base_dir)
+    get_peft_model(float_base, SafetyConfig(mask=make_mask(), init_weights=False)).save_pretrained(tmp_path / "f")
+    cfg = json.loads((tmp_path / "f" / "adapter_config.json").read_text())
+    assert set(cfg["base_fingerprints"]) == set(GRAN)
+    assert cfg["base_model_source"] == "local" and cfg["base_model_name_or_path"] == str(base_dir)
+    reloaded = PeftModel.from_pretrained(load_quantized(base_dir, bits), tmp_path / "f")
+    assert any(isinstance(m, SafetyLinear) for m in reloaded.modules())
+    # trained on the quantised base: nothing to fingerprint; loads on the float base
+    quantised = get_peft_model(load_quantized(base_dir, bits), SafetyConfig(mask=make_mask(), init_weights=False))
+    quantised.save_pretrained(tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "adapter_config.json").read_text())["base_fingerprints"] is None
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "q")

@@ -454,6 +454,11 @@ def _check_values(values: Any, kind: str, shape: tuple[int, int], n: int, name: 
         got = values.dtype if isinstance(values, torch.Tensor) else type(values).__name__
         raise ValueError(f"{where} must be a floating-point tensor, got {got}; the weights file is damaged.")
     wanted = {"entries": (n,), "rows": (n, shape[1]), "cols": (shape[0], n), "dense": shape}[kind]
+    if tuple(values.shape) == tuple(wanted) and not bool(torch.isfinite(values).all()):
+        raise ValueError(
+            f"{where} contains NaN or infinite deltas: the adapter would turn this module's outputs non-finite. The "
+            "weights file is damaged or training diverged; load an earlier checkpoint."
+        )
     if tuple(values.shape) != tuple(wanted):
         raise ValueError(
             f"{where} has shape {tuple(values.shape)}, but its {n} {kind} indices on a {shape[0]}x{shape[1]} weight "
