@@ -88,3 +88,15 @@ def test_reference_hub_id_cache_snapshot_marker_and_local(tmp_path):
     plain.mkdir()
     model.config._name_or_path = str(plain)
     assert base_model_reference(model) == {"base_model": str(plain), "revision": None, "source": "local"}
+
+
+def test_sharded_placeholders_are_skipped():
+    model = tiny_llama(seed=0)
+    recorded = fingerprint_base(model, NAMES)
+    # DeepSpeed ZeRO-3 leaves empty placeholders (with `ds_shape`) in the model
+    zero3 = tiny_llama(seed=0)
+    placeholder = torch.nn.Parameter(torch.empty(0))
+    placeholder.ds_shape = (32, 32)
+    zero3.model.layers[0].self_attn.q_proj.weight = placeholder
+    assert check_base_fingerprints(zero3, recorded) == []
+    assert set(fingerprint_base(zero3, NAMES)) == {NAMES[1]}

@@ -17,7 +17,8 @@ that travel with a saved adapter, and the check that runs when it is loaded:
   The message names the first mismatching tensor and how to override.
 
 What the fingerprint cannot see: quantised base weights (bitsandbytes 4/8-bit: the stored integers are not the float
-values) and weights on the ``meta`` device are skipped, both when recording and when checking. A base first saved in
+values), weights on the ``meta`` device and sharded weights (FSDP2 ``DTensor``, DeepSpeed ZeRO-3 placeholders) are
+skipped, both when recording and when checking. A base first saved in
 float16 and then loaded in bfloat16 (or the reverse) may be reported as different (double rounding); override with
 ``"warn"`` when you know it is the same checkpoint.
 
@@ -232,8 +233,11 @@ def _weight_of(model: nn.Module, name: str) -> torch.Tensor | None:
 
 
 def _checkable(tensor: torch.Tensor) -> bool:
-    # bitsandbytes stores packed integers (Params4bit: uint8, Int8Params: int8): not the float values.
-    return tensor.dtype.is_floating_point and tensor.device.type != "meta"
+    # bitsandbytes stores packed integers (Params4bit: uint8, Int8Params: int8): not the float values. Sharded
+    # weights (FSDP2 DTensors, DeepSpeed ZeRO-3 placeholders with `ds_shape`) hold only a part of the values.
+    if not tensor.dtype.is_floating_point or tensor.device.type == "meta" or tensor.numel() == 0:
+        return False
+    return not (hasattr(tensor, "ds_shape") or type(tensor).__name__ == "DTensor")
 
 
 def _fingerprints(tensor: torch.Tensor) -> list[str]:
