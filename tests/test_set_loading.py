@@ -357,3 +357,22 @@ def test_missing_or_empty_layout(saved):
     edit_config(path, lambda cfg: cfg.update(mask_layout=None))
     with pytest.raises(ValueError, match="needs a mask"):
         load(path)
+
+
+def test_autopeft_checks_the_base_it_loads(tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    from peft_safety.tuner.provenance import fingerprint_check_override
+
+    tiny_llama(seed=0).save_pretrained(tmp_path / "base")
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    get_peft_model(base, SafetyConfig(mask=make_mask(base))).save_pretrained(tmp_path / "adapter")
+    AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")  # same base: fine
+    # the folder named by base_model_name_or_path now holds other weights
+    tiny_llama(seed=0).apply(_scale_down).save_pretrained(tmp_path / "base")
+    with pytest.raises(ValueError, match=rf"{DOWN}\.weight"):
+        AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    with fingerprint_check_override("ignore"):
+        AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
