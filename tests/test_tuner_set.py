@@ -530,3 +530,9 @@ def test_mixed_batch_inference_refused():
     peft_model = get_peft_model(model, SafetyConfig(mask=make_mask(model, LLAMA_GRANULARITY)))
     with pytest.raises(ValueError, match="Mixed-batch inference"):
         peft_model(tokens(), adapter_names=["default", "default"])
+
+
+@pytest.mark.parametrize("bad", [[5, 3, 9], [3, 3, 9]], ids=["unsorted", "duplicate"])
+def test_layer_refuses_unsorted_or_duplicate_indices(bad):
+    with pytest.raises(ValueError, match="strictly increasing"):
+        SafetyLinear(torch.nn.Linear(8, 4), "default", kind="entries", indices=torch.tensor(bad))

@@ -242,8 +242,13 @@ class SafetyLayer(BaseTunerLayer):
         if kind not in KINDS:
             raise ValueError(f"Unknown storage kind {kind!r}; expected one of {KINDS}.")
         indices = torch.as_tensor(indices)
-        if indices.ndim != 1 or indices.dtype.is_floating_point:
+        if indices.ndim != 1 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
             raise ValueError(f"indices for adapter {adapter_name!r} must be a 1-D integer tensor, got {indices!r}.")
+        if kind != "dense" and indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+            raise ValueError(
+                f"indices for adapter {adapter_name!r} must be sorted in strictly increasing order (no duplicates): "
+                "the value gradient's sparse pattern assumes it. Sort and deduplicate them (torch.unique)."
+            )
         shape = self._values_shape(kind, indices.numel())
         weight = self.get_base_layer().weight
         device = weight.device if weight.device.type != "meta" else torch.device("cpu")
