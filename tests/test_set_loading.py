@@ -376,3 +376,10 @@ def test_autopeft_checks_the_base_it_loads(tmp_path):
         AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
     with fingerprint_check_override("ignore"):
         AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+
+
+def test_policy_written_into_the_file_does_not_weaken_the_check(saved):
+    path, _ = saved
+    edit_config(path, lambda cfg: cfg.update(base_fingerprint_check="ignore"))
+    with pytest.raises(ValueError, match=rf"{DOWN}\.weight"):
+        PeftModel.from_pretrained(tiny_llama(seed=0).apply(_scale_down), path)

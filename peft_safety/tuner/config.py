@@ -267,8 +267,8 @@ class SafetyConfig(PeftConfig):
         """
         policy = kwargs.pop("base_fingerprint_check", None)
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        if policy is not None:
-            config.base_fingerprint_check = check_policy(policy, "base_fingerprint_check")
+        # a value written into the file by hand does not weaken the loader's check
+        config.base_fingerprint_check = "error" if policy is None else check_policy(policy, "base_fingerprint_check")
         return config
 
 
