@@ -15,12 +15,17 @@ that travel with a saved adapter, and the check that runs when it is loaded:
 * `check_base_fingerprints(model, recorded, policy=...)`: recomputes the fingerprints on the model being loaded into
   and raises (``policy="error"``, the default), warns (``"warn"``) or does nothing (``"ignore"``) when one differs.
   The message names the first mismatching tensor and how to override.
+* `fingerprint_check_override(policy)`: a context manager that sets the policy for every check inside it (for load
+  entry points that take no extra argument); `override_policy(default)` reads it.
+* `state_dict_digest(state_dict)`: a key-independent digest of a state dict's tensors, to tie a saved config to the
+  weights file written with it (an interrupted save leaves new weights next to an old config).
+* `check_policy(value)`: validates ``"error"`` / ``"warn"`` / ``"ignore"``.
 
 What the fingerprint cannot see: quantised base weights (bitsandbytes 4/8-bit: the stored integers are not the float
 values), weights on the ``meta`` device and sharded weights (FSDP2 ``DTensor``, DeepSpeed ZeRO-3 placeholders) are
-skipped, both when recording and when checking. A base first saved in
-float16 and then loaded in bfloat16 (or the reverse) may be reported as different (double rounding); override with
-``"warn"`` when you know it is the same checkpoint.
+skipped, both when recording and when checking. A base first saved in float16 and then loaded in bfloat16 (or the
+reverse) may be reported as different (double rounding); override with ``"warn"`` when you know it is the same
+checkpoint.
 
 Example:
 
