@@ -126,7 +126,7 @@ def _section(
         what.append("a safety mask (`SafetyMask`)")
     lines = [
         BEGIN,
-        "## Safety (peft-safety)",
+        "## Safety mask (peft-safety)" if mask is not None or mask_path else "## Safety (peft-safety)",
         "",
         f"This repository holds {' and '.join(what) or 'peft-safety files'} made with "
         "[peft-safety](https://github.com/peft-safety/peft-safety), which finds the weights that carry a model's "
