@@ -168,7 +168,8 @@ def gradient_pass(
         targets: parameters to accumulate.
         fold: ``fold(name, fp32 accumulator, grad)`` in place.
         objective: ``objective(model, batch, batch_index) -> scalar`` whose gradient is the sum over the batch's
-            samples of the per-sample gradients.
+            samples of the per-sample gradients. An objective that accepts a ``sample_indices`` keyword also gets
+            the calibration-set indices of the batch's rows (for per-sample seeds that do not depend on batching).
         batch_size: rows per batch (ignored with ``per_sample``).
         per_sample: micro-batch 1 (needed for sum-of-abs aggregation).
         progress: tqdm progress bar on rank 0.
@@ -191,10 +192,16 @@ def gradient_pass(
     groups = [list(range(s, min(s + size, len(calib)))) for s in range(0, len(calib), size)]
     mine = [(i, g) for i, g in enumerate(groups) if i % world == rank]
     checkpointing = _is_checkpointing(model)
+    # objectives that draw per-sample randomness (JudgeObjective's Gumbel noise) take the samples' global indices,
+    # so that the result does not depend on how samples are grouped into batches
+    wants_indices = _accepts_keyword(objective, "sample_indices")
     with GradientFold(model, params, fold) as gf, input_requires_grad(model, checkpointing):
         for batch_index, indices in _progress(mine, len(mine), desc, progress and rank == 0):
             batch = {k: v.to(device) for k, v in calib.collate(indices).items()}
-            loss = objective(model, batch, batch_index)
+            if wants_indices:
+                loss = objective(model, batch, batch_index, sample_indices=list(indices))
+            else:
+                loss = objective(model, batch, batch_index)
             if not bool(torch.isfinite(loss.detach())):
                 raise ValueError(
                     f"Non-finite loss ({float(loss.detach()):.4g}) at batch {batch_index} (rows {indices[0]}..{indices[-1]}). "
@@ -205,6 +212,14 @@ def gradient_pass(
         accumulators = gf.accumulators
     _all_reduce(accumulators.values(), world)
     return accumulators
+
+
+def _accepts_keyword(fn: Any, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _is_checkpointing(model: nn.Module) -> bool:
@@ -299,8 +314,9 @@ class JudgeObjective:
     2. Vocabulary transfer: ``M[g, l] = 1 / |pieces(g)|`` for each target piece ``l`` of guard token ``g``'s string
        (re-tokenised with the target tokenizer); ``g_T = g_G @ M``.
     3. The target's response distribution is relaxed with Gumbel-softmax (``tau``): ``p = softmax((logits + G) /
-       tau)``; noise drawn from a generator seeded with ``seed`` + batch index + row, so scores are reproducible
-       (the reference is not).
+       tau)``; the noise of each sample is drawn from a generator seeded with ``seed`` and the sample's index in the
+       calibration set, so scores are reproducible (the reference's are not) and the same for every batch size
+       (the objective is a sum of per-sample terms).
     4. Surrogate ``L = -sum_{t < min(T_g, T_r)} sum_v stopgrad(g_T[t, v]) * p[t, v]``, positions aligned by index as
        in the reference (exact only when both tokenizers split the response alike).
 
@@ -404,8 +420,28 @@ class JudgeObjective:
                 p.requires_grad_(flag)
         return grad.float()
 
-    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], batch_index: int) -> torch.Tensor:
+    def __call__(
+        self,
+        model: nn.Module,
+        batch: dict[str, torch.Tensor],
+        batch_index: int,
+        sample_indices: list[int] | None = None,
+    ) -> torch.Tensor:
+        """The surrogate summed over the batch's samples.
+
+        Args:
+            model: the scored model.
+            batch: a collated batch (``input_ids``, ``attention_mask``, ``labels``).
+            batch_index: the batch's index (used for the noise seed only without `sample_indices`).
+            sample_indices: the calibration-set index of each row; `gradient_pass` passes them, which makes the
+                noise, and hence the scores, independent of the batch size.
+        """
         logits, targets = response_logits(model, batch)
+        if sample_indices is not None and len(sample_indices) != logits.shape[0]:
+            raise ValueError(
+                f"sample_indices has {len(sample_indices)} entries for a batch of {logits.shape[0]} rows; pass one "
+                "calibration-set index per row."
+            )
         vocab = logits.shape[-1]
         transfer = self.transfer_matrix(vocab)
         total = logits.new_zeros((), dtype=torch.float32)
@@ -418,7 +454,8 @@ class JudgeObjective:
             if n == 0:
                 continue
             g_target = torch.sparse.mm(transfer.t(), g_guard[:n].t().cpu()).t().to(row_logits.device)  # (n, V)
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + batch_index * 1009 + row)
+            sample = int(sample_indices[row]) if sample_indices is not None else batch_index * 1009 + row
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + sample)
             u = torch.rand(row_logits[:n].shape, generator=gen).clamp_(1e-10, 1 - 1e-10).to(row_logits.device)
             gumbel = -torch.log(-torch.log(u))
             p = torch.softmax((row_logits[:n] + gumbel) / self.tau, dim=-1)
