@@ -19,7 +19,8 @@ SNIP, ``aggregation``:
   aggregation. The two agree when every sample's gradient has the same sign at an entry.
 
 ESI: ``|sum_n grad J_n| * std(W)`` with ``std`` the unbiased (``correction=1``, ``torch.std``'s default, as the
-reference code's ``.std()``) standard deviation of all entries of the tensor, in fp32. Objectives:
+reference code's ``.std()``) standard deviation of all entries of the tensor, in fp32; for a fused 3-D expert tensor
+``(E, d_out, d_in)`` the std of each expert's own matrix (as in a per-expert checkpoint). Objectives:
 
 * ``"refusal_nll"`` (default): ``J_n`` = response-only NLL of the refusal.
 * `JudgeObjective`: the reference's differentiable judge-guided surrogate (Qi et al. 2026, reference code), with any causal-LM
@@ -463,6 +464,22 @@ class JudgeObjective:
         return total
 
 
+def _esi_std(param: torch.Tensor, info: Any) -> torch.Tensor:
+    """ESI's ``std(W)`` (unbiased, fp32), broadcastable to the parameter.
+
+    A fused expert tensor ``(E, d_out, d_in)`` stacks E weight matrices, each of which is its own tensor in a
+    per-expert layout (Mixtral's ``experts.{e}.w1``): its std is taken per expert, ``W[e].std()``, shape
+    ``(E, 1, 1)``, so that a fused and an unfused checkpoint of the same model score alike. Other tensors: one std.
+    """
+    w = param.detach().float()
+    if getattr(info, "expert_dim", None) == 0 and w.dim() >= 2:
+        per_expert = w.reshape(w.shape[0], -1)
+        if per_expert.shape[1] < 2:
+            return w.new_zeros((w.shape[0],) + (1,) * (w.dim() - 1))
+        return per_expert.std(dim=1).reshape((w.shape[0],) + (1,) * (w.dim() - 1))
+    return w.std() if w.numel() > 1 else w.new_zeros(())
+
+
 @register_scorer("esi", aliases=("grad_x_std",))
 def esi(
     model: nn.Module,
@@ -501,14 +518,12 @@ def esi(
     params = targets.parameters(model)
     values = {}
     for name, grad in grads.items():
-        w = params[name].detach().float()
-        std = w.std() if w.numel() > 1 else w.new_zeros(())
-        values[name] = grad.abs_().mul_(std)
+        values[name] = grad.abs_().mul_(_esi_std(params[name], targets[name]))
     provenance = {
         "method": "esi",
         "aggregation": "abs_of_sum",
         "objective": objective_name,
-        "std": "unbiased",
+        "std": "unbiased, per expert for fused expert tensors",
         "sign": "nonnegative",
         "higher": "more important",
     }
