@@ -700,7 +700,9 @@ class SafetyMask:
         shapes = {n: s for n, s in self._shapes.items() if fn(n)}
         return SafetyMask._trusted(self._indices, shapes, self._gran, self._fingerprints, self._provenance)
 
-    def with_fingerprints(self, fingerprints: Mapping[str, str], *, replace: bool = False) -> SafetyMask:
+    def with_fingerprints(
+        self, fingerprints: Mapping[str, str], *, replace: bool = False, provenance: Mapping[str, Any] | None = None
+    ) -> SafetyMask:
         """A copy of this mask whose fingerprints are updated from `fingerprints` (or replaced, with ``replace=True``).
 
         `score` uses it to record the weights a mask-returning scorer worked on; the trainer uses it to record the
@@ -709,6 +711,8 @@ class SafetyMask:
         Args:
             fingerprints: ``{name: fingerprint_tensor(weight)}`` for names in `shapes` (see `fingerprints_of`).
             replace: drop the existing fingerprints first.
+            provenance: entries added to (or replacing those of) the provenance, e.g. which weights the new
+                fingerprints describe.
 
         Raises:
             TypeError: if `fingerprints` is not a mapping of strings.
@@ -725,7 +729,12 @@ class SafetyMask:
             if not isinstance(fp, str):
                 raise TypeError(f"fingerprints[{name!r}] must be a str from fingerprint_tensor(), got {fp!r}")
             fps[name] = fp
-        return SafetyMask._trusted(self._indices, self._shapes, self._gran, fps, self._provenance)
+        prov = dict(self._provenance)
+        if provenance is not None:
+            if not isinstance(provenance, Mapping):
+                raise TypeError(f"provenance must be a dict, got {type(provenance).__name__}")
+            prov.update(provenance)
+        return SafetyMask._trusted(self._indices, self._shapes, self._gran, fps, prov)
 
     # ---- algebra ----------------------------------------------------------------------------------------------------
 
