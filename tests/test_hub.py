@@ -60,7 +60,7 @@ def test_model_card_without_base_model():
 
 def _hub_files(files: dict[str, str], tmp_path):
     """A stand-in for hf_hub_download: serves `files` from a folder, raises EntryNotFoundError for others."""
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import RemoteEntryNotFoundError
 
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -69,8 +69,8 @@ def _hub_files(files: dict[str, str], tmp_path):
 
     def download(repo_id, filename, **kwargs):
         calls.append((repo_id, filename, kwargs.get("revision")))
-        if filename not in files:
-            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        if filename not in files:  # what the Hub answers for a missing file (HTTP 404)
+            raise RemoteEntryNotFoundError(f"{filename} not in {repo_id}", response=mock.Mock(headers={}))
         return str(tmp_path / filename)
 
     return download, calls
@@ -165,13 +165,20 @@ def test_push_mask_into_adapter_repo_keeps_one_card_for_both(tmp_path):
     assert "Trained on my task data by me." in text2
 
 
-def test_push_stops_when_the_existing_card_cannot_be_read(tmp_path):
+@pytest.mark.parametrize("failure", ["network", "offline"])
+def test_push_stops_when_the_existing_card_cannot_be_read(tmp_path, failure):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
     def broken(*args, **kwargs):
-        raise OSError("network down")
+        if failure == "network":
+            raise OSError("network down")
+        # what hf_hub_download raises offline or without connection; it is an EntryNotFoundError too, and must
+        # not be mistaken for "the repository has no README"
+        raise LocalEntryNotFoundError("cannot reach the Hub")
 
     with mock.patch("huggingface_hub.HfApi") as api_cls, mock.patch("huggingface_hub.hf_hub_download", broken):
         api_cls.return_value.create_repo.return_value = mock.Mock(repo_id="me/mask")
-        with pytest.raises(OSError, match="network down"):
+        with pytest.raises(OSError, match="network down|nothing was uploaded"):
             push_mask_to_hub(_mask(), "me/mask")
     api_cls.return_value.create_commit.assert_not_called()
 

@@ -383,14 +383,25 @@ def write_card(
 
 
 def _download_optional(repo_id: str, filename: str, *, revision: str | None, token: Any) -> str | None:
-    """The local path of a repository file, or `None` if the repository or the file does not exist."""
+    """The local path of a repository file, or `None` if the Hub says the repository, revision or file does not
+    exist. Not being able to ask (offline, network, permissions) is an error: the card must not be replaced blindly."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         return hf_hub_download(repo_id, filename, revision=revision, token=token, repo_type="model")
-    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+    except (RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
         return None
+    except LocalEntryNotFoundError as err:  # offline, or the Hub could not be reached (an EntryNotFoundError too)
+        raise OSError(
+            f"push_mask_to_hub: cannot read {filename} of {repo_id!r} ({err}); the repository's card is merged, not "
+            "overwritten, so nothing was uploaded. Check the connection (and HF_HUB_OFFLINE) and push again"
+        ) from err
 
 
 def push_mask_to_hub(
