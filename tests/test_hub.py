@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from peft_safety.mask import Neuron, SafetyMask, mask_from_bytes
-from peft_safety.mask.hub import mask_model_card, push_mask_to_hub, write_card
+from peft_safety.mask.cards import write_card
+from peft_safety.mask.hub import mask_model_card, push_mask_to_hub
 from peft_safety.mask.serialization import MASK_FILENAME
 
 NAME = "model.layers.0.mlp.up_proj.weight"
@@ -142,7 +143,8 @@ Trained on my task data by me.
 def test_push_mask_into_adapter_repo_keeps_one_card_for_both(tmp_path):
     adapter_config = json.dumps({"peft_type": "SAFETY", "mode": "train_only", "base_model_name_or_path": "org/base"})
     files = {"README.md": PEFT_CARD, "adapter_config.json": adapter_config}
-    _, api, ops, calls = _push(_mask(), "me/adapter", tmp_path, files=files, subfolder="mask")
+    _, _, ops, calls = _push(_mask(), "me/adapter", tmp_path, files=files, subfolder="mask")
+    assert {c[1] for c in calls} == {"README.md", "adapter_config.json"}  # read before anything is written
     assert sorted(ops) == ["README.md", f"mask/{MASK_FILENAME}"]
     card = _card(ops["README.md"].path_or_fileobj.decode())
     # the adapter's card is kept: its front matter and its text
@@ -178,7 +180,7 @@ def test_push_stops_when_the_existing_card_cannot_be_read(tmp_path, failure):
 
     with mock.patch("huggingface_hub.HfApi") as api_cls, mock.patch("huggingface_hub.hf_hub_download", broken):
         api_cls.return_value.create_repo.return_value = mock.Mock(repo_id="me/mask")
-        with pytest.raises(OSError, match="network down|nothing was uploaded"):
+        with pytest.raises(OSError, match=r"network down|nothing was uploaded"):
             push_mask_to_hub(_mask(), "me/mask")
     api_cls.return_value.create_commit.assert_not_called()
 

@@ -78,7 +78,7 @@ def test_fingerprints_survive_scores_transformations_and_files(calib, tmp_path):
     utility = score(model, calib, "snip", aggregation="abs_of_sum", progress=False)
     assert isolate(scores, utility, p=0.1, q=0.1).fingerprints == fps
     # combining scores of different weights keeps no fingerprint for the disagreeing names
-    other = Scores({n: scores[n] for n in scores.names}, fingerprints={n: "x" for n in scores.names})
+    other = Scores({n: scores[n] for n in scores.names}, fingerprints=dict.fromkeys(scores.names, "x"))
     assert (scores + other).fingerprints == {}
 
 

@@ -13,8 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from peft_safety.mask import Layer, Neuron, SafetyMask, Weight, load_mask, mask_from_bytes
-from peft_safety.mask import serialization
+from peft_safety.mask import Layer, Neuron, SafetyMask, Weight, load_mask, mask_from_bytes, serialization
 from peft_safety.mask.serialization import MASK_FILENAME
 
 GOOD_META = {
@@ -54,9 +53,7 @@ def _with_header(data: bytes, edit) -> bytes:
 
 def _deep_header() -> bytes:
     # the nesting sits in the safetensors header itself, outside the metadata strings
-    return (
-        struct.pack("<Q", 2 * 100_000 + 20) + b'{"x": ' + _nested(100_000).encode() + b"}" + b" " * 13
-    )
+    return struct.pack("<Q", 2 * 100_000 + 20) + b'{"x": ' + _nested(100_000).encode() + b"}" + b" " * 13
 
 
 BAD_INPUTS = [
@@ -97,7 +94,11 @@ BAD_INPUTS = [
     ("duplicate indices", _file({"w": torch.tensor([2, 2], dtype=torch.int32)}), "duplicates"),
     ("negative index", _file({"w": torch.tensor([-1, 2], dtype=torch.int32)}), "out of range"),
     ("bool indices", _file({"w": torch.tensor([True, False])}), "integers"),
-    ("neuron granularity, bad axis", _file(granularity=json.dumps({"default": {"type": "neuron", "axis": 7}})), "axis"),
+    (
+        "neuron granularity, bad axis",
+        _file(granularity=json.dumps({"default": {"type": "neuron", "axis": 7}})),
+        "axis",
+    ),
 ]
 
 
@@ -132,7 +133,7 @@ def test_neuron_mask_without_default_is_not_read_as_weights():
 
 def test_header_size_limit(monkeypatch):
     monkeypatch.setattr(serialization, "MAX_HEADER_BYTES", 64)
-    with pytest.raises(ValueError, match="header of .* bytes"):
+    with pytest.raises(ValueError, match=r"header of \d+ bytes"):
         mask_from_bytes(_file())
 
 
@@ -189,15 +190,16 @@ def test_good_files_still_load():
 def test_reliability_tally(tmp_path):
     """Count clear errors / crashes / silent acceptances over BAD_INPUTS and the three entry points."""
     tally = {"clear": 0, "crash": 0, "silent": 0}
+    path = tmp_path / MASK_FILENAME
+    loaders = (SafetyMask.from_bytes, lambda _: SafetyMask.from_pretrained(tmp_path), lambda _: load_mask(path))
     for _desc, data, _fragment in BAD_INPUTS:
-        path = tmp_path / MASK_FILENAME
         path.write_bytes(data)
-        for load in (lambda: SafetyMask.from_bytes(data), lambda: SafetyMask.from_pretrained(tmp_path), lambda: load_mask(path)):
+        for load in loaders:
             try:
-                load()
+                load(data)
                 tally["silent"] += 1
             except ValueError:
                 tally["clear"] += 1
-            except Exception:  # noqa: BLE001 - counting crashes is the point
+            except Exception:
                 tally["crash"] += 1
     assert tally == {"clear": 3 * len(BAD_INPUTS), "crash": 0, "silent": 0}

@@ -45,7 +45,7 @@ def test_scores_masks_and_adapters_record_hub_id(cached_copy, tmp_path):
     from peft_safety.scoring import score
     from peft_safety.scoring.selection import select
 
-    model, tok = models.load_default_model(source="cache")
+    model, _ = models.load_default_model(source="cache")
     mask = select(score(model, None, "magnitude", progress=False), fraction=0.01)
     assert mask.provenance["base_model"] == HUB_ID
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))

@@ -209,7 +209,15 @@ def test_judge_objective_is_batch_invariant(calib, tok):
         return JudgeObjective(guard, tok, tok, safe_token="s", seed=5)
 
     by_size = {
-        bs: score(model, calib, "esi", objective=judge(), batch_size=bs, target_modules=["v_proj", "down_proj"], progress=False)
+        bs: score(
+            model,
+            calib,
+            "esi",
+            objective=judge(),
+            batch_size=bs,
+            target_modules=["v_proj", "down_proj"],
+            progress=False,
+        )
         for bs in (1, 2, 4)
     }
     # reference: one objective evaluation per sample (global sample index i), gradients summed explicitly

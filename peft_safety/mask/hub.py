@@ -16,6 +16,8 @@ The front matter gets ``library_name`` (kept if the card has one, e.g. ``peft`` 
 method, ``set``/``spa``) and a ``peft_safety`` mapping (``mode``, ``mask_path``) from which later updates learn what
 the repository holds.
 
+`peft_safety.mask.cards.write_card` applies the same merge to a local folder's README.md (a saved adapter).
+
 Uploads go through ``huggingface_hub.HfApi``: ``create_repo(exist_ok=True)``, the existing ``README.md`` and
 ``adapter_config.json`` read with ``hf_hub_download`` (a missing file is fine, any other error stops the push before
 anything is written), then one ``create_commit`` with the mask file (at ``<subfolder>/safety_mask.safetensors``) and
@@ -25,12 +27,10 @@ the merged ``README.md``.
 from __future__ import annotations
 
 import json
-import os
 import posixpath
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .._io import atomic_write_bytes
 from .serialization import MASK_FILENAME, mask_to_bytes, require_mask
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .safety_mask import SafetyMask
 
-__all__ = ["build_card", "mask_model_card", "normalize_mode", "push_mask_to_hub", "write_card"]
+__all__ = ["build_card", "mask_model_card", "normalize_mode", "push_mask_to_hub"]
 
 BEGIN = "<!-- peft-safety:begin -->"
 END = "<!-- peft-safety:end -->"
@@ -249,9 +249,8 @@ def build_card(
     candidates = [base_model, data.get("base_model"), prov.get("base_model"), adapter.get("base")]
     base = next((b for b in candidates if isinstance(b, str) and b), None)
 
-    if base_model or not data.get("base_model"):
-        if base:
-            data.base_model = base
+    if base and (base_model or not data.get("base_model")):
+        data.base_model = base
     if not data.get("library_name"):
         data.library_name = "peft-safety"
     tags = list(data.get("tags") or [])
@@ -319,67 +318,6 @@ def _read_json(path: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
-
-
-def write_card(
-    folder: str | os.PathLike,
-    *,
-    mask: SafetyMask | None = None,
-    adapter_config: Mapping[str, Any] | None = None,
-    mode: str | None = None,
-    repo_id: str | None = None,
-    base_model: str | None = None,
-    mask_subfolder: str | None = None,
-) -> str:
-    """Create or update ``folder/README.md`` so that it describes the peft-safety content of the folder.
-
-    Use it after ``PeftModel.save_pretrained`` (whose card never mentions peft-safety or the ``import peft_safety``
-    a SAFETY adapter needs) or after ``SafetyMask.save_pretrained`` into an adapter folder. The existing card's text
-    and front matter are kept (see `build_card`); the file is replaced atomically.
-
-    Args:
-        folder: the folder.
-        mask: the mask; default: ``folder[/mask_subfolder]/safety_mask.safetensors`` if present (loaded and checked).
-        adapter_config: default: ``folder/adapter_config.json`` if present.
-        mode: ``"SET"``/``"train_only"`` or ``"SPA"``/``"freeze"`` (inferred when omitted, see `build_card`).
-        repo_id: the repository id for the loading snippets.
-        base_model: the base model's Hub id, if the files do not record it.
-        mask_subfolder: where the mask lies inside `folder`.
-
-    Returns:
-        The path of the README.md.
-
-    Raises:
-        FileNotFoundError: if `folder` is not a folder.
-        ValueError: if a file in it is corrupted.
-    """
-    folder = os.fspath(folder)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"write_card: {folder!r} is not a folder; save the adapter or mask there first")
-    sub = _check_subfolder(mask_subfolder)
-    mask_file = os.path.join(folder, *(sub.split("/") if sub else []), MASK_FILENAME)
-    if mask is None and os.path.isfile(mask_file):
-        from .safety_mask import load_mask
-
-        mask = load_mask(mask_file)
-    config_path = os.path.join(folder, "adapter_config.json")
-    if adapter_config is None and os.path.isfile(config_path):
-        adapter_config = _read_json(config_path)
-    readme = os.path.join(folder, "README.md")
-    existing = None
-    if os.path.isfile(readme):
-        with open(readme, encoding="utf-8") as f:
-            existing = f.read()
-    card = build_card(
-        existing,
-        mask=mask,
-        mode=mode,
-        adapter_config=adapter_config,
-        repo_id=repo_id,
-        base_model=base_model,
-        mask_path=f"{sub}/{MASK_FILENAME}" if sub else None,
-    )
-    return atomic_write_bytes(readme, str(card).encode("utf-8"))
 
 
 def _download_optional(repo_id: str, filename: str, *, revision: str | None, token: Any) -> str | None:

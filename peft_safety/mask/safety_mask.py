@@ -135,9 +135,7 @@ def fingerprints_of(model_or_state_dict: Any, names: Iterable[str] | None = None
     elif isinstance(model_or_state_dict, Mapping):
         params = dict(model_or_state_dict)
     else:
-        raise TypeError(
-            f"fingerprints_of expects a model or a state dict, got {type(model_or_state_dict).__name__}"
-        )
+        raise TypeError(f"fingerprints_of expects a model or a state dict, got {type(model_or_state_dict).__name__}")
     wanted = list(params) if names is None else list(names)
     return {n: fingerprint_tensor(params[n]) for n in wanted if n in params and _fingerprintable(params[n])}
 

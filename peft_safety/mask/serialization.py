@@ -250,7 +250,7 @@ def _parse_header(header_bytes: bytes, data_len: int, where: str) -> tuple[dict[
     if "default" not in gran_field:
         raise ValueError(
             f"{where}: metadata field 'granularity' has no 'default' entry (got keys {sorted(gran_field)}); every "
-            "mask file states its default granularity, e.g. {\"default\": {\"type\": \"neuron\", \"axis\": 0}}. "
+            'mask file states its default granularity, e.g. {"default": {"type": "neuron", "axis": 0}}. '
             "The file is corrupted or hand-edited"
         )
     per_param = gran_field.get("per_parameter", {})

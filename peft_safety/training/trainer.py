@@ -383,7 +383,7 @@ class SafetySFTTrainer(SFTTrainer):
             self._write_safety_card(folder)
 
     def _write_safety_card(self, folder: str) -> None:
-        from ..mask.hub import write_card
+        from ..mask.cards import write_card
 
         write_card(folder, mask=self.safety_mask, mode=self.safety_mode)
 
