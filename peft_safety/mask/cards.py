@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._io import atomic_write_bytes
-from .hub import _check_subfolder, _read_json, build_card
 from .safety_mask import SafetyMask, load_mask
 from .serialization import MASK_FILENAME
 
@@ -51,6 +50,8 @@ def write_card(
         FileNotFoundError: if `folder` is not a folder.
         ValueError: if a file in it is corrupted.
     """
+    from .hub import _check_subfolder, _read_json, build_card  # lazy: huggingface_hub only when a card is built
+
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"write_card: {folder!r} is not a folder; save the adapter or mask there first")
