@@ -267,3 +267,12 @@ def test_from_pretrained_repo_id_offline(tmp_path, monkeypatch):
     assert v2 == other and v2.provenance["seed"] == 2
     with pytest.raises(FileNotFoundError):  # LocalEntryNotFoundError is a FileNotFoundError
         SafetyMask.from_pretrained("me/absent-mask", cache_dir=tmp_path)
+
+
+def test_hand_written_card_without_front_matter_is_kept():
+    from peft_safety.mask.hub import build_card
+
+    card = build_card("# My notes\n\nDo not lose me.\n", mask=_mask(), mode="SET")
+    assert card.text.lstrip().startswith("# My notes") and "Do not lose me." in card.text
+    assert card.data.library_name == "peft-safety" and "set" in card.data.tags
+    assert card.text.count("<!-- peft-safety:begin -->") == 1

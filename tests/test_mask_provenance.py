@@ -89,15 +89,6 @@ def test_scores_fingerprints_validated():
         Scores({"w": torch.ones(2, 2)}, fingerprints={"w": 3})
 
 
-def test_fingerprint_cost_small(calib):
-    import time
-
-    model = tiny_llama(seed=0)
-    t0 = time.perf_counter()
-    score(model, None, "magnitude", progress=False)
-    assert time.perf_counter() - t0 < 5.0
-
-
 def test_cli_score_and_select_record_fingerprints(tmp_path, capsys):
     from peft_safety.cli.main import main
 
