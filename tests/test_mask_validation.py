@@ -203,3 +203,15 @@ def test_reliability_tally(tmp_path):
             except Exception:
                 tally["crash"] += 1
     assert tally == {"clear": 3 * len(BAD_INPUTS), "crash": 0, "silent": 0}
+
+
+def test_load_mask_paths(tmp_path):
+    m = SafetyMask({"w": [1]}, {"w": (4, 4)})
+    m.save_pretrained(tmp_path / "m")
+    assert load_mask(tmp_path / "m") == m  # a folder works like the file inside it
+    with pytest.raises(FileNotFoundError, match=r"No safety_mask\.safetensors"):
+        load_mask(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        load_mask(tmp_path / "absent.safetensors")
+    with pytest.raises(TypeError, match="file or folder path"):
+        load_mask(3)

@@ -14,6 +14,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import re
 import struct
 import warnings
@@ -25,7 +26,14 @@ import torch
 
 from .._version import __version__
 from .granularity import Granularity, Weight, is_granularity
-from .serialization import decode_mask, mask_to_bytes, read_mask_file, resolve_mask_file, save_mask
+from .serialization import (
+    MASK_FILENAME,
+    decode_mask,
+    mask_to_bytes,
+    read_mask_file,
+    resolve_mask_file,
+    save_mask,
+)
 
 __all__ = [
     "MaskSummary",
@@ -1028,5 +1036,19 @@ def mask_from_bytes(data: bytes, where: str = "<bytes>") -> SafetyMask:
 
 
 def load_mask(path: str | Any) -> SafetyMask:
-    """Read a ``safety_mask.safetensors`` file (a path to the file itself); see `SafetyMask.from_pretrained`."""
-    return SafetyMask._from_file_parts(read_mask_file(path), str(path))
+    """Read a local ``safety_mask.safetensors`` file, or the one inside a local folder (never the Hub); see
+    `SafetyMask.from_pretrained`.
+
+    Raises:
+        TypeError: if `path` is not a string or path.
+        FileNotFoundError: if there is no such file (or the folder has no mask file).
+        ValueError: if the file is not a valid mask (see ``docs/mask_format.md``).
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_mask expects a file or folder path, got {type(path).__name__}")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, MASK_FILENAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No {MASK_FILENAME} in {os.path.dirname(path)!r}; save one with save_pretrained")
+    return SafetyMask._from_file_parts(read_mask_file(path), path)
