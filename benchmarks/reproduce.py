@@ -632,12 +632,25 @@ def _slug(stage: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in stage).strip("_")
 
 
+def _for_aligned(mask: Any, model: Any) -> Any:
+    """The ESI mask as SPA applies it: to the SET model, whose weights differ from the base it was scored on. Its
+    fingerprints are re-recorded on the SET model (and the provenance says so), so the trainer's default
+    fingerprint check protects this pairing instead of rejecting it."""
+    from peft_safety.mask import fingerprints_of
+
+    return mask.with_fingerprints(
+        fingerprints_of(model, mask.shapes),
+        replace=True,
+        provenance={"fingerprints_of": "the SET model (base model + SET deltas merged)"},
+    )
+
+
 def _save_aligned(cfg: ReproduceConfig, model: Any, tok: Any, mask: Any) -> None:
     """Keep the SET model and its mask so that ``spa`` and ``attack`` can start from them in a later run."""
     folder = Path(cfg.work_dir) / "aligned"
     model.save_pretrained(folder / "model")
     tok.save_pretrained(folder / "model")
-    mask.save_pretrained(folder / "mask")
+    _for_aligned(mask, model).save_pretrained(folder / "mask")
 
 
 def _aligned(cfg: ReproduceConfig) -> tuple[Any, Any, Any]:
@@ -657,7 +670,7 @@ def _aligned(cfg: ReproduceConfig) -> tuple[Any, Any, Any]:
     model, _ = _train(cfg, base, tok, train, Path(cfg.work_dir) / "aligned_train", cfg.set_steps, cfg.set_lr,
                       mask=mask, mode="train_only")  # fmt: skip
     _save_aligned(cfg, model, tok, mask)
-    return model, tok, mask
+    return model, tok, _for_aligned(mask, model)
 
 
 # --------------------------------------------------------------------------------------------------- SPA

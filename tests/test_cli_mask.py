@@ -81,8 +81,14 @@ def test_diff_shape_mismatch_exit_2(masks, tmp_path, capsys):
     assert "has shape (8, 4) in one mask and (4, 8)" in capsys.readouterr().err
 
 
+def _missing(repo_id, filename, **kwargs):
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    raise RemoteEntryNotFoundError(f"{filename} not in {repo_id}", response=mock.Mock(headers={}))
+
+
 def test_push(masks, capsys):
-    with mock.patch("huggingface_hub.HfApi") as api_cls:
+    with mock.patch("huggingface_hub.HfApi") as api_cls, mock.patch("huggingface_hub.hf_hub_download", _missing):
         api = api_cls.return_value
         api.create_repo.return_value = mock.Mock(repo_id="me/mask")
         api.create_commit.return_value = mock.Mock(pr_url=None, commit_url="https://hub/me/mask/commit/1")
@@ -93,6 +99,25 @@ def test_push(masks, capsys):
     kwargs = api.create_commit.call_args.kwargs
     assert kwargs["commit_message"] == "m1"
     assert sorted(op.path_in_repo for op in kwargs["operations"]) == ["README.md", "safety_mask.safetensors"]
+
+
+def test_push_subfolder_and_mode(masks, capsys):
+    from huggingface_hub import ModelCard
+
+    with mock.patch("huggingface_hub.HfApi") as api_cls, mock.patch("huggingface_hub.hf_hub_download", _missing):
+        api = api_cls.return_value
+        api.create_repo.return_value = mock.Mock(repo_id="me/spa")
+        api.create_commit.return_value = mock.Mock(pr_url=None, commit_url="u")
+        assert main(["push", str(masks[0]), "me/spa", "--subfolder", "mask", "--mode", "SPA"]) == 0
+    ops = {op.path_in_repo: op for op in api.create_commit.call_args.kwargs["operations"]}
+    assert sorted(ops) == ["README.md", "mask/safety_mask.safetensors"]
+    card = ModelCard(ops["README.md"].path_or_fileobj.decode())
+    assert card.data.peft_safety == {"mode": "SPA", "mask_path": "mask/safety_mask.safetensors"}
+    assert "subfolder='mask'" in card.text
+    capsys.readouterr()
+    with mock.patch("huggingface_hub.HfApi"):
+        assert main(["push", str(masks[0]), "me/spa", "--mode", "lora"]) == 2
+    assert "mode=" in capsys.readouterr().err
 
 
 def test_push_missing_folder_exit_2(tmp_path, capsys):

@@ -259,3 +259,30 @@ def test_bad_inputs():
     freezer.remove()
     with pytest.raises(RuntimeError, match="install"):
         freezer.verify()
+
+
+@pytest.mark.parametrize("mode", ["freeze", "train_only"])
+def test_install_compares_shapes_before_allocating(monkeypatch, mode):
+    """A mask declaring a huge shape for a small parameter is refused before its dense shape is built."""
+    from peft_safety.mask import Layer, SafetyMask
+    from peft_safety.training import freeze
+
+    model = tiny_llama(seed=0)
+    name = "model.layers.0.mlp.up_proj.weight"
+    # 10**12 entries: a dense bool mask of this shape would take a terabyte
+    mask = SafetyMask({name: [0]}, {name: (10**6, 10**6)}, Layer())
+    allocated = []
+
+    def spy(*args, **kwargs):
+        allocated.append(args)
+        raise AssertionError("a dense mask was built before the shapes were compared")
+
+    monkeypatch.setattr(freeze, "dense_frozen_masks", spy)
+    monkeypatch.setattr(SafetyMask, "to_dense", spy)
+    with pytest.raises(ValueError, match=r"shape \(1000000, 1000000\).*shape \(64, 32\)"):
+        Freezer(mask, mode=mode).install(model)
+    assert not allocated
+    # the mapping form is checked the same way
+    with pytest.raises(ValueError, match="does not match parameter"):
+        Freezer({name: torch.ones(2, 2, dtype=torch.bool)}, mode=mode).install(model)
+    assert not allocated

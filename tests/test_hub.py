@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from unittest import mock
 
 import pytest
 import torch
 
 from peft_safety.mask import Neuron, SafetyMask, mask_from_bytes
+from peft_safety.mask.cards import write_card
 from peft_safety.mask.hub import mask_model_card, push_mask_to_hub
 from peft_safety.mask.serialization import MASK_FILENAME
 
@@ -24,70 +26,215 @@ def _mask(**prov) -> SafetyMask:
     )
 
 
+def _card(text: str):
+    from huggingface_hub import ModelCard
+
+    return ModelCard(text)
+
+
 def test_model_card_front_matter_and_body():
-    card = mask_model_card(_mask(note="a|b"), repo_id="me/mask", extra_tags=["llama"])
-    front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
-    assert front.splitlines() == [
-        "library_name: peft-safety",
-        'base_model: "org/base-model"',
-        "tags:",
-        '- "peft-safety"',
-        '- "safety"',
-        '- "safety-mask"',
-        '- "wanda"',
-        '- "llama"',
-    ]
+    text = mask_model_card(_mask(note="a|b"), repo_id="me/mask", extra_tags=["llama"])
+    card = _card(text)
+    assert card.data.library_name == "peft-safety"
+    assert card.data.base_model == "org/base-model"
+    assert card.data.tags == ["peft-safety", "safety", "safety-mask", "wanda", "llama"]
+    body = card.text
     assert "| method | wanda |" in body and "| sparsity | 0.05 |" in body
+    assert "| data_hash | not recorded |" in body  # the four essential fields are always stated
     assert "| note | a\\|b |" in body  # table cells are escaped
     assert "mlp.up_proj" in body and "density" in body  # the summary table
     assert "SafetyMask.from_pretrained('me/mask')" in body
+    assert "import peft_safety" in body
     assert "selected units: 2 (Neuron(axis=0))" in body
 
 
 def test_model_card_without_base_model():
     m = SafetyMask({}, {"w": (2, 2)}, provenance={})
-    card = mask_model_card(m)
-    assert "base_model" not in card.split("---")[1]
-    assert "<repo_id>" in card
-    override = mask_model_card(m, base_model='org/with"quote')
-    assert 'base_model: "org/with\\"quote"' in override  # YAML-safe quoting
+    card = _card(mask_model_card(m))
+    assert card.data.base_model is None
+    assert "<repo_id>" in card.text
+    override = _card(mask_model_card(m, base_model='org/with"quote'))
+    assert override.data.base_model == 'org/with"quote'  # YAML-safe quoting by huggingface_hub
     with pytest.raises(TypeError, match="expects a SafetyMask"):
         mask_model_card({"w": [1]})
 
 
-def test_push_records_commit_operations():
-    m = _mask()
-    with mock.patch("huggingface_hub.HfApi") as api_cls:
+def _hub_files(files: dict[str, str], tmp_path):
+    """A stand-in for hf_hub_download: serves `files` from a folder, raises EntryNotFoundError for others."""
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    calls = []
+
+    def download(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename, kwargs.get("revision")))
+        if filename not in files:  # what the Hub answers for a missing file (HTTP 404)
+            raise RemoteEntryNotFoundError(f"{filename} not in {repo_id}", response=mock.Mock(headers={}))
+        return str(tmp_path / filename)
+
+    return download, calls
+
+
+def _push(mask, repo_id, tmp_path, files=None, **kwargs):
+    download, calls = _hub_files(files or {}, tmp_path)
+    with mock.patch("huggingface_hub.HfApi") as api_cls, mock.patch("huggingface_hub.hf_hub_download", download):
         api = api_cls.return_value
-        api.create_repo.return_value = mock.Mock(repo_id="me/mask")
-        push_mask_to_hub(m, "me/mask", private=True, token="tok", commit_message="hello")
+        api.create_repo.return_value = mock.Mock(repo_id=kwargs.pop("resolved", repo_id))
+        push_mask_to_hub(mask, repo_id, **kwargs)
+    ops = {op.path_in_repo: op for op in api.create_commit.call_args.kwargs["operations"]}
+    return api_cls, api, ops, calls
+
+
+def test_push_records_commit_operations(tmp_path):
+    m = _mask()
+    api_cls, api, ops, _ = _push(m, "me/mask", tmp_path, private=True, token="tok", commit_message="hello")
     api_cls.assert_called_once_with(token="tok")
     api.create_repo.assert_called_once_with("me/mask", private=True, exist_ok=True, repo_type="model")
     api.create_branch.assert_not_called()
     kwargs = api.create_commit.call_args.kwargs
     assert api.create_commit.call_args.args == ("me/mask",)
     assert kwargs["commit_message"] == "hello" and kwargs["create_pr"] is False and kwargs["revision"] is None
-    ops = {op.path_in_repo: op for op in kwargs["operations"]}
     assert sorted(ops) == ["README.md", MASK_FILENAME]
     uploaded = mask_from_bytes(ops[MASK_FILENAME].path_or_fileobj)
     assert uploaded == m and uploaded.provenance == m.provenance
-    assert ops["README.md"].path_or_fileobj.decode().startswith("---\nlibrary_name: peft-safety\n")
+    assert _card(ops["README.md"].path_or_fileobj.decode()).data.library_name == "peft-safety"
 
 
-def test_push_to_hub_method_revision_and_pr():
+def test_push_to_hub_method_revision_and_pr(tmp_path):
     m = _mask()
-    with mock.patch("huggingface_hub.HfApi") as api_cls:
+    download, calls = _hub_files({}, tmp_path)
+    with mock.patch("huggingface_hub.HfApi") as api_cls, mock.patch("huggingface_hub.hf_hub_download", download):
         api = api_cls.return_value
         api.create_repo.return_value = mock.Mock(repo_id="user/mask")  # a namespace-less id resolves to user/...
         m.push_to_hub("mask", revision="v1", base_model="org/other")
         api.create_branch.assert_called_once_with("user/mask", branch="v1", exist_ok=True, repo_type="model")
         assert api.create_commit.call_args.args == ("user/mask",)
+        assert ("user/mask", "README.md", "v1") in calls  # the existing card is read from the target branch
         card = api.create_commit.call_args.kwargs["operations"][1].path_or_fileobj.decode()
-        assert 'base_model: "org/other"' in card
+        assert _card(card).data.base_model == "org/other"
         api.reset_mock()
         m.push_to_hub("me/mask", revision="v1", create_pr=True)
         api.create_branch.assert_not_called()  # a PR targets an existing revision
         assert api.create_commit.call_args.kwargs["create_pr"] is True
+
+
+PEFT_CARD = """---
+base_model: org/base-model
+library_name: peft
+pipeline_tag: text-generation
+tags:
+- base_model:adapter:org/base-model
+- lora
+- transformers
+---
+
+# Model Card for my adapter
+
+Trained on my task data by me.
+
+### Framework versions
+
+- PEFT 0.21.2
+"""
+
+
+def test_push_mask_into_adapter_repo_keeps_one_card_for_both(tmp_path):
+    adapter_config = json.dumps({"peft_type": "SAFETY", "mode": "train_only", "base_model_name_or_path": "org/base"})
+    files = {"README.md": PEFT_CARD, "adapter_config.json": adapter_config}
+    _, _, ops, calls = _push(_mask(), "me/adapter", tmp_path, files=files, subfolder="mask")
+    assert {c[1] for c in calls} == {"README.md", "adapter_config.json"}  # read before anything is written
+    assert sorted(ops) == ["README.md", f"mask/{MASK_FILENAME}"]
+    card = _card(ops["README.md"].path_or_fileobj.decode())
+    # the adapter's card is kept: its front matter and its text
+    assert card.data.library_name == "peft" and card.data.pipeline_tag == "text-generation"
+    assert card.data.base_model == "org/base-model"
+    assert {"lora", "transformers", "base_model:adapter:org/base-model"} <= set(card.data.tags)
+    assert "Trained on my task data by me." in card.text and "- PEFT 0.21.2" in card.text
+    # and one section describes the adapter and the mask
+    assert {"peft-safety", "safety-mask", "set"} <= set(card.data.tags)
+    assert card.data.peft_safety == {"mode": "SET", "mask_path": f"mask/{MASK_FILENAME}"}
+    assert "import peft_safety" in card.text and "KeyError: 'SAFETY'" in card.text
+    assert "PeftModel.from_pretrained(base, 'me/adapter')" in card.text
+    assert "SafetyMask.from_pretrained('me/adapter', subfolder='mask')" in card.text
+    assert "| method | wanda |" in card.text and "SET (`train_only`)" in card.text
+    # pushing again replaces the section instead of adding a second one
+    files2 = {"README.md": str(card), "adapter_config.json": adapter_config}
+    _, _, ops2, _ = _push(_mask(method="snip"), "me/adapter", tmp_path / "again", files=files2, subfolder="mask")
+    text2 = ops2["README.md"].path_or_fileobj.decode()
+    assert text2.count("(peft-safety)\n") == 1 and "| method | snip |" in text2
+    assert "Trained on my task data by me." in text2
+
+
+@pytest.mark.parametrize("failure", ["network", "offline"])
+def test_push_stops_when_the_existing_card_cannot_be_read(tmp_path, failure):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def broken(*args, **kwargs):
+        if failure == "network":
+            raise OSError("network down")
+        # what hf_hub_download raises offline or without connection; it is an EntryNotFoundError too, and must
+        # not be mistaken for "the repository has no README"
+        raise LocalEntryNotFoundError("cannot reach the Hub")
+
+    with mock.patch("huggingface_hub.HfApi") as api_cls, mock.patch("huggingface_hub.hf_hub_download", broken):
+        api_cls.return_value.create_repo.return_value = mock.Mock(repo_id="me/mask")
+        with pytest.raises(OSError, match=r"network down|nothing was uploaded"):
+            push_mask_to_hub(_mask(), "me/mask")
+    api_cls.return_value.create_commit.assert_not_called()
+
+
+def test_push_rejects_bad_subfolder_and_mode(tmp_path):
+    with mock.patch("huggingface_hub.HfApi") as api_cls:
+        for bad in ("../x", "/abs"):
+            with pytest.raises(ValueError, match="relative folder"):
+                push_mask_to_hub(_mask(), "me/mask", subfolder=bad)
+        with pytest.raises(ValueError, match="mode="):
+            push_mask_to_hub(_mask(), "me/mask", mode="lora")
+    api_cls.assert_not_called()
+
+
+def test_write_card_updates_a_saved_adapter_folder(tmp_path):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "README.md").write_text(PEFT_CARD)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "x"}))
+    mask = _mask()
+    mask.save_pretrained(folder / "mask")
+    write_card(folder, mode="SPA", mask_subfolder="mask", repo_id="me/spa")
+    card = _card((folder / "README.md").read_text())
+    assert "Trained on my task data by me." in card.text and card.data.library_name == "peft"
+    assert "spa" in card.data.tags and card.data.peft_safety["mode"] == "SPA"
+    assert "SPA (`freeze`)" in card.text and "adapter (`LORA`)" in card.text
+    assert "SafetyMask.from_pretrained('me/spa', subfolder='mask')" in card.text
+    assert "| base_model | org/base-model |" in card.text  # the mask was read from the subfolder
+    # idempotent: a second call gives the same card
+    before = (folder / "README.md").read_text()
+    write_card(folder, mode="SPA", mask_subfolder="mask", repo_id="me/spa")
+    assert (folder / "README.md").read_text() == before
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        write_card(tmp_path / "absent")
+    (folder / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        write_card(folder)
+
+
+def test_mask_subfolder_local_and_hub(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    m = _mask()
+    m.save_pretrained(tmp_path / "repo" / "mask")
+    assert SafetyMask.from_pretrained(tmp_path / "repo", subfolder="mask") == m
+    with pytest.raises(FileNotFoundError):
+        SafetyMask.from_pretrained(tmp_path / "repo")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    cache = tmp_path / "cache"
+    repo = cache / "models--me--both"
+    m.save_pretrained(repo / "snapshots" / ("c" * 40) / "mask")
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("c" * 40)
+    assert SafetyMask.from_pretrained("me/both", subfolder="mask", cache_dir=cache) == m
 
 
 def test_push_rejects_bad_inputs_before_touching_the_hub():
@@ -120,3 +267,12 @@ def test_from_pretrained_repo_id_offline(tmp_path, monkeypatch):
     assert v2 == other and v2.provenance["seed"] == 2
     with pytest.raises(FileNotFoundError):  # LocalEntryNotFoundError is a FileNotFoundError
         SafetyMask.from_pretrained("me/absent-mask", cache_dir=tmp_path)
+
+
+def test_hand_written_card_without_front_matter_is_kept():
+    from peft_safety.mask.hub import build_card
+
+    card = build_card("# My notes\n\nDo not lose me.\n", mask=_mask(), mode="SET")
+    assert card.text.lstrip().startswith("# My notes") and "Do not lose me." in card.text
+    assert card.data.library_name == "peft-safety" and "set" in card.data.tags
+    assert card.text.count("<!-- peft-safety:begin -->") == 1

@@ -1,10 +1,14 @@
 """``peft-safety push MASK_DIR REPO_ID``: upload a mask folder to the Hugging Face Hub, with a model card.
 
+A repository that already has a card (an adapter's, for instance) keeps it: the card is updated to describe the
+adapter and the mask together (see ``docs/hub.md``).
+
 Examples:
 
 ```bash
 peft-safety push ./my-mask me/llama-snip-mask --private
 peft-safety push ./my-mask me/llama-snip-mask --create-pr --commit-message "Mask from 512 AdvBench prompts"
+peft-safety push ./my-mask me/llama-spa-lora --subfolder mask --mode SPA
 ```
 """
 
@@ -24,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     parser.add_argument("--base-model", default=None, help="base model id for the card (default: from provenance)")
     parser.add_argument("--token", default=None, help="Hub token (default: cached login or HF_TOKEN)")
+    parser.add_argument(
+        "--subfolder", default=None, help="folder inside the repository for the mask, e.g. 'mask' next to an adapter"
+    )
+    parser.add_argument("--mode", default=None, help="SET or SPA, for the card (default: from the adapter's files)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         revision=args.revision,
         create_pr=args.create_pr,
         base_model=args.base_model,
+        subfolder=args.subfolder,
+        mode=args.mode,
     )
     url = getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or info
     print(f"pushed {mask!r} to {args.repo_id}: {url}")

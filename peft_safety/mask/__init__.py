@@ -3,18 +3,21 @@
 * `peft_safety.mask.granularity` -- `Weight`, `Neuron`, `Head`, `Layer`;
 * `peft_safety.mask.serialization` -- the file format v1 (``safety_mask.safetensors``), checked before it is believed;
 * `peft_safety.mask.safety_mask` -- `SafetyMask`: validation, algebra, fingerprints, summaries, files;
-* `peft_safety.mask.hub` -- model cards and uploads (``huggingface_hub`` is imported only when used).
+* `peft_safety.mask.hub` -- model cards (`build_card`) and uploads (``huggingface_hub`` is imported only when used);
+* `peft_safety.mask.cards` -- `write_card`: the README.md of a saved folder (adapter and/or mask).
 
 Imports only torch, safetensors, huggingface_hub (lazily) and the standard library.
 """
 
 from __future__ import annotations
 
+from .cards import write_card
 from .granularity import Granularity, Head, Layer, Neuron, Weight, granularity_from_dict
 from .safety_mask import (
     MaskSummary,
     SafetyMask,
     fingerprint_tensor,
+    fingerprints_of,
     layer_index_of,
     load_mask,
     mask_from_bytes,
@@ -30,9 +33,11 @@ __all__ = [
     "SafetyMask",
     "Weight",
     "fingerprint_tensor",
+    "fingerprints_of",
     "granularity_from_dict",
     "layer_index_of",
     "load_mask",
     "mask_from_bytes",
     "module_type_of",
+    "write_card",
 ]

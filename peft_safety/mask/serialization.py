@@ -22,13 +22,13 @@ temporary name in the target folder and moved into place with ``os.replace``, so
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import struct
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
 from .._io import atomic_write_bytes
@@ -56,6 +56,15 @@ FORMAT_VERSION = 1
 LIBRARY_NAME = "peft-safety"
 _REQUIRED_KEYS = ("format_version", "library", "shapes", "granularity", "fingerprints", "provenance")
 _INDEX_DTYPES = {"I32": torch.int32, "I64": torch.int64}
+#: the largest safetensors header read (the limit of the safetensors library itself)
+MAX_HEADER_BYTES = 100_000_000
+#: the deepest JSON nesting read or written (headers, shapes, provenance); far above any mask, far below recursion
+MAX_JSON_DEPTH = 256
+#: the most dimensions a parameter shape may declare
+MAX_NDIM = 8
+#: the most entries a parameter shape may declare (2**48, ~2.8e14: a thousand times the largest weight in use)
+MAX_PARAMETER_NUMEL = 2**48
+_JSON_STRING_RE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 
 
 def require_mask(obj: Any, what: str) -> None:
@@ -84,6 +93,7 @@ def mask_to_bytes(mask: SafetyMask) -> bytes:
         # the most common granularity becomes the default, the others are listed per parameter
         values = list(grans.values())
         default = max(set(values), key=lambda g: (values.count(g), repr(g)))
+    check_json_depth(mask.provenance, "the mask's provenance")
     meta = {
         "format_version": str(FORMAT_VERSION),
         "library": LIBRARY_NAME,
@@ -127,45 +137,84 @@ def save_mask(mask: SafetyMask, save_directory: str | os.PathLike) -> str:
     return atomic_write_bytes(target, data, fsync=True)
 
 
-def _json_field(meta: dict[str, str], key: str, where: str) -> Any:
+def _json_depth(text: bytes) -> int:
+    """The deepest nesting of ``[``/``{`` in a JSON text, counted without parsing it (strings are skipped): a C-speed
+    regex and one cumulative sum, so a 100 MB header is checked in about a second and never recurses."""
+    stripped = _JSON_STRING_RE.sub(b'""', text)
+    if not stripped:
+        return 0
+    codes = torch.frombuffer(bytearray(stripped), dtype=torch.uint8)
+    step = ((codes == 0x5B) | (codes == 0x7B)).to(torch.int32) - ((codes == 0x5D) | (codes == 0x7D)).to(torch.int32)
+    return int(torch.cumsum(step, 0).max()) if step.numel() else 0
+
+
+def _loads(text: bytes | str, where: str, what: str) -> Any:
+    """``json.loads`` after a nesting-depth check, so that a hostile file raises a ValueError, not RecursionError."""
+    raw = text.encode("utf-8") if isinstance(text, str) else text
+    depth = _json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(
+            f"{where}: {what} is nested more than {MAX_JSON_DEPTH} levels deep ({depth}); a peft-safety mask never "
+            "is. The file is corrupted or hostile"
+        )
     try:
-        value = json.loads(meta[key])
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{where}: metadata field {key!r} is not valid JSON ({err}); the file is corrupted") from None
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:  # pragma: no cover - the depth check above comes first
+        raise ValueError(f"{where}: {what} is nested too deeply; the file is corrupted or hostile") from None
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{where}: {what} is not valid JSON ({err}); the file is corrupted") from None
+
+
+def check_json_depth(value: Any, what: str) -> None:
+    """Raise `ValueError` if `value` serialises to JSON nested deeper than a reader accepts (`MAX_JSON_DEPTH`)."""
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except RecursionError:
+        raise ValueError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep; flatten it") from None
+    depth = _json_depth(text.encode("utf-8"))
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(
+            f"{what} is nested more than {MAX_JSON_DEPTH} levels deep ({depth}); no reader would accept the file. "
+            "Flatten it (e.g. keep the provenance of a few operands only)"
+        )
+
+
+def _json_field(meta: dict[str, Any], key: str, where: str) -> Any:
+    raw = meta[key]
+    if not isinstance(raw, str):
+        raise ValueError(
+            f"{where}: metadata field {key!r} must be a JSON string, got {type(raw).__name__}; the file is corrupted"
+        )
+    value = _loads(raw, where, f"metadata field {key!r}")
     if not isinstance(value, dict):
         raise ValueError(f"{where}: metadata field {key!r} must be a JSON object, got {type(value).__name__}")
     return value
 
 
-def decode_mask(data: bytes, where: str = "<bytes>") -> dict[str, Any]:
-    """Parse and check the bytes of a ``safety_mask.safetensors`` file (`peft_safety.mask.mask_from_bytes` builds the
-    mask from them).
-
-    Args:
-        data: the file content.
-        where: how to name the source in error messages (a path).
-
-    Returns:
-        The `SafetyMask` constructor arguments: ``indices``, ``shapes``, ``granularity``, ``fingerprints`` and
-        ``provenance``.
-
-    Raises:
-        ValueError: if the content is truncated or corrupted, is not a peft-safety mask (for instance a model's
-            weights), has a newer ``format_version`` than this version reads, lacks metadata fields, stores indices
-            with a non-integer dtype, or stores invalid (e.g. unsorted) indices.
-    """
-    if len(data) < 8:
-        raise ValueError(f"{where}: truncated file ({len(data)} bytes; a safetensors file starts with 8 length bytes)")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > len(data) - 8:
+def _check_shape(name: str, shape: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(shape, list):
+        raise ValueError(f"{where}: shapes[{name!r}] must be a JSON list of ints, got {shape!r}")
+    if len(shape) > MAX_NDIM:
         raise ValueError(
-            f"{where}: truncated or corrupted file: the header claims {header_len} bytes but only {len(data) - 8} "
-            "follow; download or save the mask again"
+            f"{where}: shapes[{name!r}] has {len(shape)} dimensions; a weight has at most {MAX_NDIM}. File corrupted"
         )
-    try:
-        header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise ValueError(f"{where}: corrupted file: the safetensors header is not valid JSON") from None
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise ValueError(f"{where}: shapes[{name!r}] = {shape!r} must contain ints only")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"{where}: shapes[{name!r}] = {shape!r} has a negative dimension")
+    numel = math.prod(shape)
+    if numel > MAX_PARAMETER_NUMEL:
+        raise ValueError(
+            f"{where}: shapes[{name!r}] = {shape!r} declares {numel:.3g} entries, more than any model weight "
+            f"(limit {MAX_PARAMETER_NUMEL:.3g}); the file is corrupted or hostile"
+        )
+    return tuple(shape)
+
+
+def _parse_header(header_bytes: bytes, data_len: int, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Check everything the header declares against itself and the data length; returns ``(constructor arguments
+    without indices, {name: (dtype, count, begin)})``. Nothing sized by the file is allocated here."""
+    header = _loads(header_bytes, where, "the safetensors header")
     if not isinstance(header, dict):
         raise ValueError(f"{where}: corrupted file: the safetensors header is not a JSON object")
     meta = header.get("__metadata__")
@@ -190,15 +239,48 @@ def decode_mask(data: bytes, where: str = "<bytes>") -> dict[str, Any]:
     if version < 1:
         raise ValueError(f"{where}: invalid format_version {version}; valid versions start at 1")
 
-    shapes = _json_field(meta, "shapes", where)
+    shapes_field = _json_field(meta, "shapes", where)
     gran_field = _json_field(meta, "granularity", where)
     fingerprints = _json_field(meta, "fingerprints", where)
     provenance = _json_field(meta, "provenance", where)
+    shapes = {n: _check_shape(n, s, where) for n, s in shapes_field.items()}
 
+    # granularity: the default is required (a file without it is not a mask this library wrote: reading it as
+    # Weight() would silently protect a few entries where the writer meant whole neurons)
+    if "default" not in gran_field:
+        raise ValueError(
+            f"{where}: metadata field 'granularity' has no 'default' entry (got keys {sorted(gran_field)}); every "
+            'mask file states its default granularity, e.g. {"default": {"type": "neuron", "axis": 0}}. '
+            "The file is corrupted or hand-edited"
+        )
+    per_param = gran_field.get("per_parameter", {})
+    if not isinstance(per_param, dict):
+        raise ValueError(f"{where}: granularity 'per_parameter' must be a JSON object, got {type(per_param).__name__}")
+    unknown = sorted(set(per_param) - set(shapes))
+    if unknown:
+        raise ValueError(
+            f"{where}: granularity 'per_parameter' names {unknown[:3]}, which are not in 'shapes'; file corrupted"
+        )
+    extra = sorted(set(gran_field) - {"default", "per_parameter"})
+    if extra:
+        raise ValueError(f"{where}: unexpected granularity field(s) {extra}; allowed: 'default', 'per_parameter'")
+    try:
+        default = granularity_from_dict(gran_field["default"])
+        granularity = {n: granularity_from_dict(per_param[n]) if n in per_param else default for n in shapes}
+        for n, g in granularity.items():
+            g.check_shape(shapes[n], n)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: invalid granularity 'default'/'per_parameter': {err}") from None
+
+    # index tensors: dtype, 1-D shape, count <= units, offsets consistent with the shape and the data length
+    layout: dict[str, tuple[torch.dtype, int, int]] = {}
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = info.get("dtype") if isinstance(info, dict) else None
+        if not isinstance(info, dict):
+            raise ValueError(f"{where}: header entry {name!r} must be a JSON object; the file is corrupted")
+        dtype = info.get("dtype")
         if dtype not in _INDEX_DTYPES:
             raise ValueError(
                 f"{where}: tensor {name!r} has dtype {dtype}; mask indices must be integers (I32, or I64 for "
@@ -206,35 +288,116 @@ def decode_mask(data: bytes, where: str = "<bytes>") -> dict[str, Any]:
             )
         if name not in shapes:
             raise ValueError(f"{where}: tensor {name!r} has no shape in the metadata field 'shapes'; file corrupted")
-    try:
-        tensors = _st_load(bytes(data))
-    except (SafetensorError, RuntimeError, ValueError) as err:
-        raise ValueError(f"{where}: corrupted or truncated safetensors data ({err})") from None
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and shape[0] >= 0):
+            raise ValueError(
+                f"{where}: tensor {name!r} has shape {shape!r}; mask indices must be 1-D (a list of one length)"
+            )
+        ok = isinstance(offsets, list) and len(offsets) == 2
+        ok = ok and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        if not ok or not 0 <= offsets[0] <= offsets[1]:
+            raise ValueError(f"{where}: tensor {name!r} has invalid data_offsets {offsets!r}; file corrupted")
+        count, itemsize = shape[0], _INDEX_DTYPES[dtype].itemsize
+        if offsets[1] - offsets[0] != count * itemsize:
+            raise ValueError(
+                f"{where}: tensor {name!r} declares {count} indices ({count * itemsize} bytes) but its data_offsets "
+                f"span {offsets[1] - offsets[0]} bytes; the file is corrupted"
+            )
+        if offsets[1] > data_len:
+            raise ValueError(
+                f"{where}: tensor {name!r} ends at byte {offsets[1]} of the data, but the file holds {data_len} "
+                "data bytes; the file is truncated or corrupted: download or save the mask again"
+            )
+        units = granularity[name].num_units(shapes[name])
+        if count > units:
+            raise ValueError(
+                f"{where}: tensor {name!r} holds {count} indices, more indices than the {units} units of "
+                f"{granularity[name]!r} on shape {shapes[name]} (indices are unique); the file is corrupted"
+            )
+        layout[name] = (_INDEX_DTYPES[dtype], count, offsets[0])
+        spans.append((offsets[0], offsets[1], name))
+    position = 0
+    for begin, stop, name in sorted(spans):
+        if begin != position:
+            raise ValueError(
+                f"{where}: tensor {name!r} starts at data byte {begin}, expected {position} (overlapping or "
+                "missing bytes); the file is corrupted"
+            )
+        position = stop
+    if position != data_len:
+        raise ValueError(
+            f"{where}: the header describes {position} data bytes but the file holds {data_len}; the file is "
+            "truncated, has trailing bytes, or is corrupted"
+        )
+    parts = {"shapes": shapes, "granularity": granularity, "fingerprints": fingerprints, "provenance": provenance}
+    return parts, layout
 
-    try:
-        default = granularity_from_dict(gran_field.get("default", {"type": "weight"}))
-        per_param = gran_field.get("per_parameter", {})
-        if not isinstance(per_param, dict):
-            raise ValueError("'per_parameter' must be an object")
-        granularity = {n: granularity_from_dict(per_param[n]) if n in per_param else default for n in shapes}
-        shape_tuples = {}
-        for n, s in shapes.items():
-            if not isinstance(s, list):
-                raise ValueError(f"shape of {n!r} must be a JSON list of ints, got {s!r}")
-            shape_tuples[n] = tuple(s)
-        return {
-            "indices": tensors,
-            "shapes": shape_tuples,
-            "granularity": granularity,
-            "fingerprints": fingerprints,
-            "provenance": provenance,
-        }
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{where}: invalid mask file: {err}") from None
+
+def _header_length(first8: bytes, available: int, where: str) -> int:
+    if len(first8) < 8:
+        raise ValueError(
+            f"{where}: truncated file ({len(first8)} bytes; a safetensors file starts with 8 length bytes)"
+        )
+    (header_len,) = struct.unpack("<Q", first8)
+    if header_len > MAX_HEADER_BYTES:
+        raise ValueError(
+            f"{where}: the file declares a header of {header_len} bytes, more than the {MAX_HEADER_BYTES} bytes "
+            "safetensors allows; the file is corrupted or hostile"
+        )
+    if header_len > available:
+        raise ValueError(
+            f"{where}: truncated or corrupted file: the header claims {header_len} bytes but only {available} "
+            "follow; download or save the mask again"
+        )
+    return header_len
+
+
+def _indices(data: bytearray, layout: dict[str, tuple[torch.dtype, int, int]]) -> dict[str, torch.Tensor]:
+    # safetensors stores little-endian integers, as every platform torch supports does in memory
+    return {
+        name: torch.frombuffer(data, dtype=dtype, count=count, offset=begin).clone()
+        if count
+        else torch.zeros(0, dtype=dtype)
+        for name, (dtype, count, begin) in layout.items()
+    }
+
+
+def decode_mask(data: bytes, where: str = "<bytes>") -> dict[str, Any]:
+    """Parse and check the bytes of a ``safety_mask.safetensors`` file (`peft_safety.mask.mask_from_bytes` builds the
+    mask from them).
+
+    Every check on what the file declares (header size and nesting, metadata fields, granularity with its
+    ``default``, shapes, index dtypes, counts and byte ranges against the data length) runs before any tensor is
+    built; only then are the index vectors copied out.
+
+    Args:
+        data: the file content.
+        where: how to name the source in error messages (a path).
+
+    Returns:
+        The `SafetyMask` constructor arguments: ``indices``, ``shapes``, ``granularity``, ``fingerprints`` and
+        ``provenance``.
+
+    Raises:
+        ValueError: if the content is truncated or corrupted, is not a peft-safety mask (for instance a model's
+            weights), has a newer ``format_version`` than this version reads, lacks metadata fields, declares an
+            absurd shape, nests JSON deeper than `MAX_JSON_DEPTH`, stores indices with a non-integer dtype, or
+            stores invalid (e.g. unsorted) indices.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"mask bytes must be bytes, got {type(data).__name__}")
+    data = bytes(data) if isinstance(data, memoryview) else data
+    header_len = _header_length(data[:8], len(data) - 8, where)
+    parts, layout = _parse_header(data[8 : 8 + header_len], len(data) - 8 - header_len, where)
+    parts["indices"] = _indices(bytearray(data[8 + header_len :]), layout)
+    return parts
 
 
 def read_mask_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read and check a ``safety_mask.safetensors`` file; returns the `SafetyMask` constructor arguments.
+
+    The header is read and checked first (see `decode_mask`); the data part is read only once the header's byte
+    ranges match the file's size, so a hostile header never makes this read (or allocate) more than the file holds.
 
     Raises:
         FileNotFoundError: if the file does not exist.
@@ -242,8 +405,18 @@ def read_mask_file(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = os.fspath(path)
     with open(path, "rb") as f:
-        data = f.read()
-    return decode_mask(data, where=path)
+        size = os.fstat(f.fileno()).st_size
+        header_len = _header_length(f.read(8), max(size - 8, 0), path)
+        header_bytes = f.read(header_len)
+        if len(header_bytes) != header_len:
+            raise ValueError(f"{path}: the file changed while it was read; try again")
+        data_len = size - 8 - header_len
+        parts, layout = _parse_header(header_bytes, data_len, path)
+        data = bytearray(data_len)
+        if f.readinto(data) != data_len:
+            raise ValueError(f"{path}: the file changed while it was read; try again")
+    parts["indices"] = _indices(data, layout)
+    return parts
 
 
 def _looks_local(p: str) -> bool:

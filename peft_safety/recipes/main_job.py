@@ -190,6 +190,19 @@ def _sample(rows: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any
     return [rows[i] for i in order]
 
 
+def _spa_mask(mask: Any, set_model: Any) -> Any:
+    """The mask as SPA applies it here: to the SET model, whose weights differ from the base the mask was scored on
+    (on the mask's own entries). Its fingerprints are re-recorded on the SET model, and the provenance says so, so
+    that the trainer's fingerprint check ("error") protects this pairing instead of rejecting it."""
+    from ..mask import fingerprints_of
+
+    return mask.with_fingerprints(
+        fingerprints_of(set_model, mask.shapes),
+        replace=True,
+        provenance={"fingerprints_of": "the SET model (base model + SET deltas merged)"},
+    )
+
+
 def sft_args(cfg: MainJobConfig, out: Path, steps: int, lr: float, **safety: Any):
     from ..training import SafetySFTConfig
 
@@ -371,13 +384,14 @@ def run_main_job(cfg: MainJobConfig | None = None) -> MainJobResult:
         task_data = Dataset.from_list(chat_rows(task_train))
         lora = {"r": cfg.lora_r, "lora_alpha": 2 * cfg.lora_r, "lora_dropout": 0.0, "target_modules": "all-linear"}
         for stage, safety in (("SET+LoRA", {}), ("SET+SPA-LoRA", {"safety_mode": "freeze"})):
+            stage_model = fresh_set_model()
             trainer = SafetySFTTrainer(
-                model=fresh_set_model(),
+                model=stage_model,
                 args=sft_args(cfg, out / stage, cfg.spa_steps, cfg.spa_learning_rate, **safety),
                 train_dataset=task_data,
                 processing_class=tokenizer,
                 peft_config=LoraConfig(task_type="CAUSAL_LM", **lora),
-                safety_mask=mask if safety else None,
+                safety_mask=_spa_mask(mask, stage_model) if safety else None,
             )
             trainer.train()
             trainer.model.save_pretrained(out / stage / "adapter")

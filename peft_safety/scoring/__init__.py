@@ -17,6 +17,7 @@ import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..mask import SafetyMask, fingerprints_of
 from .registry import SCORERS, Registry, register_scorer
 from .targets import TargetInfo, Targets, attention_geometry, query_to_kv_rows, resolve_targets
 
@@ -91,7 +92,9 @@ def score(
 
     Returns:
         `Scores` (most methods) or `SafetyMask` (methods that select internally). Provenance records ``method``,
-        the calibration ``data_hash`` and ``base_model``.
+        the calibration ``data_hash`` and ``base_model``; ``fingerprints`` records
+        `peft_safety.mask.fingerprint_tensor` of every scored weight (read before scoring), which `select` copies
+        into the mask so that ``mask.validate(model)`` rejects other weights.
 
     Raises:
         ValueError: unknown method (with a suggestion), unknown module names, a model with no eligible parameter,
@@ -118,6 +121,9 @@ def score(
     )
     if _accepts(fn, "progress"):
         kwargs["progress"] = progress
+    # fingerprints of the weights as scored (before the scorer runs: probes that edit weights restore them, but the
+    # record must describe the weights the caller passed in). At most 4096 values read per tensor.
+    fingerprints = fingerprints_of(model, targets.names)
     result = fn(model, calib, targets=targets, **kwargs)
     provenance = getattr(result, "provenance", None)
     if isinstance(provenance, dict):
@@ -131,4 +137,20 @@ def score(
             provenance.setdefault("base_model", base)
         if targets.tied:
             provenance.setdefault("tied", dict(targets.tied))
+    return _record_fingerprints(result, fingerprints)
+
+
+def _record_fingerprints(result: Any, fingerprints: dict[str, str]) -> Any:
+    """Fill in the fingerprints of the scored weights that the scorer did not record itself."""
+    if isinstance(result, SafetyMask):
+        shapes = result.shapes
+        have = result.fingerprints
+        missing = {n: fp for n, fp in fingerprints.items() if n in shapes and n not in have}
+        return result.with_fingerprints(missing) if missing else result
+    existing = getattr(result, "fingerprints", None)
+    names = getattr(result, "names", None)
+    if isinstance(existing, dict) and names is not None:
+        for n in names:
+            if n in fingerprints:
+                existing.setdefault(n, fingerprints[n])
     return result

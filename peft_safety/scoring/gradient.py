@@ -19,7 +19,8 @@ SNIP, ``aggregation``:
   aggregation. The two agree when every sample's gradient has the same sign at an entry.
 
 ESI: ``|sum_n grad J_n| * std(W)`` with ``std`` the unbiased (``correction=1``, ``torch.std``'s default, as the
-reference code's ``.std()``) standard deviation of all entries of the tensor, in fp32. Objectives:
+reference code's ``.std()``) standard deviation of all entries of the tensor, in fp32; for a fused 3-D expert tensor
+``(E, d_out, d_in)`` the std of each expert's own matrix (as in a per-expert checkpoint). Objectives:
 
 * ``"refusal_nll"`` (default): ``J_n`` = response-only NLL of the refusal.
 * `JudgeObjective`: the reference's differentiable judge-guided surrogate (Qi et al. 2026, reference code), with any causal-LM
@@ -168,7 +169,8 @@ def gradient_pass(
         targets: parameters to accumulate.
         fold: ``fold(name, fp32 accumulator, grad)`` in place.
         objective: ``objective(model, batch, batch_index) -> scalar`` whose gradient is the sum over the batch's
-            samples of the per-sample gradients.
+            samples of the per-sample gradients. An objective that accepts a ``sample_indices`` keyword also gets
+            the calibration-set indices of the batch's rows (for per-sample seeds that do not depend on batching).
         batch_size: rows per batch (ignored with ``per_sample``).
         per_sample: micro-batch 1 (needed for sum-of-abs aggregation).
         progress: tqdm progress bar on rank 0.
@@ -191,10 +193,16 @@ def gradient_pass(
     groups = [list(range(s, min(s + size, len(calib)))) for s in range(0, len(calib), size)]
     mine = [(i, g) for i, g in enumerate(groups) if i % world == rank]
     checkpointing = _is_checkpointing(model)
+    # objectives that draw per-sample randomness (JudgeObjective's Gumbel noise) take the samples' global indices,
+    # so that the result does not depend on how samples are grouped into batches
+    wants_indices = _accepts_keyword(objective, "sample_indices")
     with GradientFold(model, params, fold) as gf, input_requires_grad(model, checkpointing):
         for batch_index, indices in _progress(mine, len(mine), desc, progress and rank == 0):
             batch = {k: v.to(device) for k, v in calib.collate(indices).items()}
-            loss = objective(model, batch, batch_index)
+            if wants_indices:
+                loss = objective(model, batch, batch_index, sample_indices=list(indices))
+            else:
+                loss = objective(model, batch, batch_index)
             if not bool(torch.isfinite(loss.detach())):
                 raise ValueError(
                     f"Non-finite loss ({float(loss.detach()):.4g}) at batch {batch_index} (rows {indices[0]}..{indices[-1]}). "
@@ -205,6 +213,14 @@ def gradient_pass(
         accumulators = gf.accumulators
     _all_reduce(accumulators.values(), world)
     return accumulators
+
+
+def _accepts_keyword(fn: Any, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _is_checkpointing(model: nn.Module) -> bool:
@@ -299,8 +315,9 @@ class JudgeObjective:
     2. Vocabulary transfer: ``M[g, l] = 1 / |pieces(g)|`` for each target piece ``l`` of guard token ``g``'s string
        (re-tokenised with the target tokenizer); ``g_T = g_G @ M``.
     3. The target's response distribution is relaxed with Gumbel-softmax (``tau``): ``p = softmax((logits + G) /
-       tau)``; noise drawn from a generator seeded with ``seed`` + batch index + row, so scores are reproducible
-       (the reference is not).
+       tau)``; the noise of each sample is drawn from a generator seeded with ``seed`` and the sample's index in the
+       calibration set, so scores are reproducible (the reference's are not) and the same for every batch size
+       (the objective is a sum of per-sample terms).
     4. Surrogate ``L = -sum_{t < min(T_g, T_r)} sum_v stopgrad(g_T[t, v]) * p[t, v]``, positions aligned by index as
        in the reference (exact only when both tokenizers split the response alike).
 
@@ -404,8 +421,28 @@ class JudgeObjective:
                 p.requires_grad_(flag)
         return grad.float()
 
-    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], batch_index: int) -> torch.Tensor:
+    def __call__(
+        self,
+        model: nn.Module,
+        batch: dict[str, torch.Tensor],
+        batch_index: int,
+        sample_indices: list[int] | None = None,
+    ) -> torch.Tensor:
+        """The surrogate summed over the batch's samples.
+
+        Args:
+            model: the scored model.
+            batch: a collated batch (``input_ids``, ``attention_mask``, ``labels``).
+            batch_index: the batch's index (used for the noise seed only without `sample_indices`).
+            sample_indices: the calibration-set index of each row; `gradient_pass` passes them, which makes the
+                noise, and hence the scores, independent of the batch size.
+        """
         logits, targets = response_logits(model, batch)
+        if sample_indices is not None and len(sample_indices) != logits.shape[0]:
+            raise ValueError(
+                f"sample_indices has {len(sample_indices)} entries for a batch of {logits.shape[0]} rows; pass one "
+                "calibration-set index per row."
+            )
         vocab = logits.shape[-1]
         transfer = self.transfer_matrix(vocab)
         total = logits.new_zeros((), dtype=torch.float32)
@@ -418,12 +455,29 @@ class JudgeObjective:
             if n == 0:
                 continue
             g_target = torch.sparse.mm(transfer.t(), g_guard[:n].t().cpu()).t().to(row_logits.device)  # (n, V)
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + batch_index * 1009 + row)
+            sample = int(sample_indices[row]) if sample_indices is not None else batch_index * 1009 + row
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + sample)
             u = torch.rand(row_logits[:n].shape, generator=gen).clamp_(1e-10, 1 - 1e-10).to(row_logits.device)
             gumbel = -torch.log(-torch.log(u))
             p = torch.softmax((row_logits[:n] + gumbel) / self.tau, dim=-1)
             total = total - (g_target.detach() * p).sum()
         return total
+
+
+def _esi_std(param: torch.Tensor, info: Any) -> torch.Tensor:
+    """ESI's ``std(W)`` (unbiased, fp32), broadcastable to the parameter.
+
+    A fused expert tensor ``(E, d_out, d_in)`` stacks E weight matrices, each of which is its own tensor in a
+    per-expert layout (Mixtral's ``experts.{e}.w1``): its std is taken per expert, ``W[e].std()``, shape
+    ``(E, 1, 1)``, so that a fused and an unfused checkpoint of the same model score alike. Other tensors: one std.
+    """
+    w = param.detach().float()
+    if getattr(info, "expert_dim", None) == 0 and w.dim() >= 2:
+        per_expert = w.reshape(w.shape[0], -1)
+        if per_expert.shape[1] < 2:
+            return w.new_zeros((w.shape[0],) + (1,) * (w.dim() - 1))
+        return per_expert.std(dim=1).reshape((w.shape[0],) + (1,) * (w.dim() - 1))
+    return w.std() if w.numel() > 1 else w.new_zeros(())
 
 
 @register_scorer("esi", aliases=("grad_x_std",))
@@ -464,14 +518,12 @@ def esi(
     params = targets.parameters(model)
     values = {}
     for name, grad in grads.items():
-        w = params[name].detach().float()
-        std = w.std() if w.numel() > 1 else w.new_zeros(())
-        values[name] = grad.abs_().mul_(std)
+        values[name] = grad.abs_().mul_(_esi_std(params[name], targets[name]))
     provenance = {
         "method": "esi",
         "aggregation": "abs_of_sum",
         "objective": objective_name,
-        "std": "unbiased",
+        "std": "unbiased, per expert for fused expert tensors",
         "sign": "nonnegative",
         "higher": "more important",
     }

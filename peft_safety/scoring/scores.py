@@ -98,6 +98,22 @@ def _granularity_map(names: Iterable[str], granularity: GranularitySpec) -> dict
     )
 
 
+def _check_fingerprints(fingerprints: Mapping[str, str] | None, names: Iterable[str]) -> dict[str, str]:
+    if fingerprints is None:
+        return {}
+    if not isinstance(fingerprints, Mapping):
+        raise TypeError(f"fingerprints must be a dict name -> str, got {type(fingerprints).__name__}.")
+    known = set(names)
+    out = {}
+    for n, fp in fingerprints.items():
+        if n not in known:
+            raise ValueError(f"fingerprints has {n!r}, which is not scored; give fingerprints of scored names only.")
+        if not isinstance(fp, str):
+            raise TypeError(f"fingerprints[{n!r}] must be a str from fingerprint_tensor(), got {fp!r}.")
+        out[n] = fp
+    return out
+
+
 class Scores(Mapping[str, torch.Tensor]):
     """Ordered fp32 scores per parameter, with granularity, parameter shapes and provenance.
 
@@ -110,6 +126,9 @@ class Scores(Mapping[str, torch.Tensor]):
         shapes: full shape of each parameter. Optional for ``Weight()`` scores (the score shape), required for
             the others.
         provenance: method, aggregation, sign convention, data hash, seed, base model, ... (copied).
+        fingerprints: ``{name: peft_safety.mask.fingerprint_tensor(weight)}`` of the weights the scores were computed
+            on (copied). `peft_safety.score` records them for every scored parameter; `select` copies them into the
+            mask, so that ``mask.validate(model)`` rejects a model with other weights.
 
     Raises:
         TypeError: non-tensor or non-floating scores, bad granularity types.
@@ -134,6 +153,7 @@ class Scores(Mapping[str, torch.Tensor]):
         granularity: GranularitySpec = None,
         shapes: Mapping[str, Iterable[int]] | None = None,
         provenance: Mapping[str, Any] | None = None,
+        fingerprints: Mapping[str, str] | None = None,
     ) -> None:
         if not isinstance(scores, Mapping):
             raise TypeError(f"scores must be a mapping name -> tensor, got {type(scores).__name__}.")
@@ -161,6 +181,7 @@ class Scores(Mapping[str, torch.Tensor]):
                 )
             self._shapes[n] = shape
         self.provenance: dict[str, Any] = dict(provenance or {})
+        self.fingerprints: dict[str, str] = _check_fingerprints(fingerprints, self._tensors)
 
     # --- mapping -------------------------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -227,12 +248,19 @@ class Scores(Mapping[str, torch.Tensor]):
         return f"Scores({len(self)} tensors, {self.numel():,} units, granularity={gran}{extra}{dev})"
 
     # --- derived scores ------------------------------------------------------------------------------------------
-    def _replace(self, tensors: Mapping[str, torch.Tensor], provenance: Mapping[str, Any] | None = None) -> Scores:
+    def _replace(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        provenance: Mapping[str, Any] | None = None,
+        fingerprints: Mapping[str, str] | None = None,
+    ) -> Scores:
+        fps = self.fingerprints if fingerprints is None else fingerprints
         return Scores(
             tensors,
             granularity={n: self._granularity[n] for n in tensors},
             shapes={n: self._shapes[n] for n in tensors},
             provenance=self.provenance if provenance is None else provenance,
+            fingerprints={n: fp for n, fp in fps.items() if n in tensors},
         )
 
     def to(self, device: torch.device | str) -> Scores:
@@ -260,7 +288,11 @@ class Scores(Mapping[str, torch.Tensor]):
     ) -> Scores:
         """The same score tensors read with another granularity (validated against ``shapes`` or the current ones)."""
         return Scores(
-            self._tensors, granularity=granularity, shapes=shapes or self._shapes, provenance=self.provenance
+            self._tensors,
+            granularity=granularity,
+            shapes=shapes or self._shapes,
+            provenance=self.provenance,
+            fingerprints=self.fingerprints,
         )
 
     def map(
@@ -302,7 +334,9 @@ class Scores(Mapping[str, torch.Tensor]):
                 )
             out[n] = r
         prov = {**self.provenance, "derived": True} if provenance is None else provenance
-        return self._replace(out, prov)
+        # a fingerprint survives only where every operand was computed on the same weights
+        fps = {n: fp for n, fp in self.fingerprints.items() if all(o.fingerprints.get(n) == fp for o in others)}
+        return self._replace(out, prov, fps)
 
     def abs(self) -> Scores:
         """Element-wise absolute value."""
@@ -390,6 +424,7 @@ class Scores(Mapping[str, torch.Tensor]):
             "granularity": json.dumps({n: g.to_dict() for n, g in self._granularity.items()}),
             "shapes": json.dumps({n: list(s) for n, s in self._shapes.items()}),
             "provenance": json.dumps(self.provenance, default=str),
+            "fingerprints": json.dumps(self.fingerprints),
         }
         from .._io import atomic_path
 
@@ -425,6 +460,7 @@ class Scores(Mapping[str, torch.Tensor]):
             names = json.loads(meta["names"]) if "names" in meta else keys
             tensors = {n: f.get_tensor(n) for n in names}
         provenance: dict[str, Any] = {}
+        fingerprints: dict[str, str] = {}
         if meta.get("format") == _FORMAT:
             version = meta.get("format_version", "1")
             if int(version) > int(_FORMAT_VERSION):
@@ -437,7 +473,11 @@ class Scores(Mapping[str, torch.Tensor]):
             if shapes is None and "shapes" in meta:
                 shapes = {n: tuple(s) for n, s in json.loads(meta["shapes"]).items()}
             provenance = json.loads(meta.get("provenance", "{}"))
-        return cls(tensors, granularity=granularity, shapes=shapes, provenance=provenance)
+            fingerprints = json.loads(meta.get("fingerprints", "{}"))
+            if not isinstance(fingerprints, dict):
+                raise ValueError(f"{path!r}: metadata 'fingerprints' must be a JSON object; the file is corrupted.")
+            fingerprints = {n: fp for n, fp in fingerprints.items() if n in tensors}
+        return cls(tensors, granularity=granularity, shapes=shapes, provenance=provenance, fingerprints=fingerprints)
 
 
 builtins_range = range  # ``histogram`` takes a ``range=`` argument that shadows the builtin inside it

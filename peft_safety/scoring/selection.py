@@ -385,10 +385,13 @@ def _build_mask(indices: dict[str, torch.Tensor], scores: Any, provenance: dict[
     from ..mask import SafetyMask
 
     granularity = {nm: scores.granularity_of(nm) for nm in scores.names}
+    fingerprints = getattr(scores, "fingerprints", None) or {}
     return SafetyMask(
         indices={nm: idx.cpu() for nm, idx in indices.items()},
         shapes={nm: tuple(scores.shapes[nm]) for nm in scores.names},
         granularity=granularity,
+        # the weights the scores were computed on: mask.validate(model) rejects a model with other weights
+        fingerprints={nm: fp for nm, fp in fingerprints.items() if nm in scores.shapes},
         provenance=provenance,
     )
 

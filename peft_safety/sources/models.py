@@ -43,6 +43,7 @@ __all__ = [
     "cached_model_available",
     "converted_model_dir",
     "ensure_default_model",
+    "hub_id_of_folder",
     "load_default_model",
     "load_model",
     "resolve_model",
@@ -200,13 +201,44 @@ def ensure_default_model(name: str = DEFAULT_MODEL) -> Path:
     return _convert(_lookup(name), target)
 
 
-def _load_folder(path: str | os.PathLike, dtype: torch.dtype, device: str | torch.device, **kwargs: Any):
+def hub_id_of_folder(path: str | os.PathLike) -> str | None:
+    """The Hub id recorded in a converted copy's marker file (``peft_safety_source.json``), or `None` for any other
+    folder (or a Hub id)."""
+    marker = Path(os.fspath(path)) / _MARKER
+    if not marker.is_file():
+        return None
+    try:
+        value = json.loads(marker.read_text(encoding="utf-8")).get("hub_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+def _set_hub_id(model: Any, tokenizer: Any, hub_id: str) -> None:
+    """Make a model loaded from a local copy report its Hub id, the name everybody else can load it by.
+
+    ``config._name_or_path`` is what `peft_safety.score` records as ``base_model`` and PEFT's model card reads;
+    ``model.name_or_path`` is what PEFT writes as ``base_model_name_or_path`` into ``adapter_config.json``. The
+    weights stay those of the local folder (which `resolve_model` maps the Hub id back to).
+    """
+    model.config._name_or_path = hub_id
+    model.name_or_path = hub_id
+    if tokenizer is not None and hasattr(tokenizer, "name_or_path"):
+        tokenizer.name_or_path = hub_id
+
+
+def _load_folder(
+    path: str | os.PathLike, dtype: torch.dtype, device: str | torch.device, hub_id: str | None = None, **kwargs: Any
+):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     model.to(device)
     model.eval()
+    hub_id = hub_id or hub_id_of_folder(path)
+    if hub_id:
+        _set_hub_id(model, tokenizer, hub_id)
     return model, tokenizer
 
 
@@ -228,7 +260,9 @@ def load_default_model(
         name: a key or alias of `MODEL_SOURCES`.
 
     Returns:
-        ``(model, tokenizer)``, the model in eval mode.
+        ``(model, tokenizer)``, the model in eval mode. Loaded from the local copy, the model still reports the Hub
+        id (``model.config._name_or_path``, ``model.name_or_path``), so masks and adapters made from it record the
+        Hub id as their base model, not a cache path.
 
     Raises:
         ValueError: unknown ``source`` or ``name``.
@@ -254,7 +288,7 @@ def load_default_model(
         raise FileNotFoundError(
             f"{src.hub_id} is not in the cache ({target}). Run `peft-safety fetch` or use source='auto'."
         )
-    return _load_folder(ensure_default_model(name), dtype, device)
+    return _load_folder(ensure_default_model(name), dtype, device, hub_id=src.hub_id)
 
 
 def resolve_model(name_or_path: str | os.PathLike, *, source: str = "auto") -> str:

@@ -135,6 +135,20 @@ def _mask_names_and_shapes(mask: Any) -> tuple[dict[str, tuple[int, ...]], Calla
     )
 
 
+def _full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The logical shape of a parameter (DeepSpeed ZeRO-3 keeps it in ``ds_shape``; a DTensor's shape is global)."""
+    return tuple(getattr(p, "ds_shape", None) or p.shape)
+
+
+def _check_shapes(declared: Mapping[str, tuple[int, ...]], actual: Mapping[str, tuple[int, ...]]) -> None:
+    for name, shape in declared.items():
+        if tuple(shape) != tuple(actual[name]):
+            raise ValueError(
+                f"Mask shape {tuple(shape)} does not match parameter {name!r} of shape {tuple(actual[name])}; the "
+                "mask was computed for another model."
+            )
+
+
 def dense_frozen_masks(mask: Any, mode: Mode = "freeze") -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(parameter name, bool tensor of the entries to keep unchanged)``, one parameter at a time.
 
@@ -429,14 +443,11 @@ class Freezer:
                 f"The mask names {len(missing)} parameter(s) the model does not have (e.g. {missing[:3]}); it was "
                 "computed for another model. Load the mask that belongs to this model."
             )
+        # every declared shape is compared with the model before any dense mask of that shape is built: a mask file
+        # may declare any shape, and a dense bool tensor of a wrong, huge one would exhaust memory
+        _check_shapes(shapes, {n: _full_shape(params[n]) for n in shapes})
         for name, frozen in dense_frozen_masks(self.mask, self.mode):
             p = params[name]
-            full_shape = tuple(p.shape)
-            if full_shape != tuple(frozen.shape):
-                raise ValueError(
-                    f"Mask shape {tuple(frozen.shape)} does not match parameter {name!r} of shape {full_shape}; the "
-                    "mask was computed for another model."
-                )
             if not p.requires_grad and bool(frozen.all()):
                 # nothing can move it: remember a checksum for verify() instead of a copy. (A partially frozen
                 # tensor without requires_grad is still guarded: requires_grad may be switched back on.)
@@ -465,6 +476,15 @@ class Freezer:
         """
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+        shapes, _ = _mask_names_and_shapes(self.mask)
+        actual: dict[str, tuple[int, ...]] = {}
+        for module_name, module in model.named_modules():
+            flat = getattr(getattr(module, "_handle", None), "flat_param", None) if isinstance(module, FSDP) else None
+            if flat is not None:
+                prefix = canonical_name(module_name)
+                for fqn, shape in zip(flat._fqns, flat._shapes):
+                    actual[canonical_name(f"{prefix}.{fqn}" if prefix else fqn)] = tuple(shape)
+        _check_shapes({n: s for n, s in shapes.items() if n in actual}, actual)  # before any dense mask is built
         frozen_by_name = dict(dense_frozen_masks(self.mask, self.mode))
         found: set[str] = set()
         for module_name, module in model.named_modules():

@@ -34,7 +34,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["SafetySFTTrainer"]
 
 _MODES = ("freeze", "train_only")
-_CARD_MARKER = "<!-- peft-safety -->"
 
 
 def _load_mask(value: Any):
@@ -175,6 +174,12 @@ class SafetySFTTrainer(SFTTrainer):
                 "adapter config as peft_config= (LoraConfig for 'freeze', SafetyConfig or nothing for 'train_only')."
             )
         mask.validate(_shape_view(model), fingerprint=fingerprint)
+        # provenance: a mask without fingerprints records those of the base weights it is applied to (saved with it)
+        from ..mask import fingerprints_of
+
+        missing = [n for n in mask.shapes if n not in mask.fingerprints]
+        if missing and not _is_quantized(model):
+            self.safety_mask = mask = mask.with_fingerprints(fingerprints_of(_shape_view(model), missing))
 
         if mode == "train_only":
             if isinstance(peft_config, LoraConfig):
@@ -371,34 +376,24 @@ class SafetySFTTrainer(SFTTrainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
         if self.safety_mask is not None and self.args.should_save:
-            # the mask travels with every save: checkpoints, the final model and Trainer.push_to_hub's upload
-            self.safety_mask.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
+            # the mask travels with every save (checkpoints, the final model, Trainer.push_to_hub's upload), and the
+            # folder's card (PEFT's adapter card, if any) is updated to describe both and the import they need
+            folder = output_dir if output_dir is not None else self.args.output_dir
+            self.safety_mask.save_pretrained(folder)
+            self._write_safety_card(folder)
+
+    def _write_safety_card(self, folder: str) -> None:
+        from ..mask.cards import write_card
+
+        write_card(folder, mask=self.safety_mask, mode=self.safety_mode)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         super().create_model_card(*args, **kwargs)
         if self.safety_mask is None or not self.is_world_process_zero():
             return
-        path = os.path.join(self.args.output_dir, "README.md")
-        if not os.path.isfile(path):
-            return
-        with open(path, encoding="utf-8") as f:
-            card = f.read()
-        if _CARD_MARKER in card:
-            return
-        prov = self.safety_mask.provenance
-        section = (
-            f"\n\n{_CARD_MARKER}\n## Safety mask (peft-safety)\n\n"
-            f"- mode: `{self.safety_mode}` ({'SPA: mask entries frozen' if self.safety_mode == 'freeze' else 'SET: only mask entries trained'}), "
-            f"mechanism: `{self._safety_mechanism}`\n"
-            f"- mask: `{getattr(self.args, 'safety_mask', None) or prov.get('source', 'in-memory SafetyMask')}`, "
-            f"method `{prov.get('method')}`, {self.safety_mask.numel():,} entries, density {self.safety_mask.density:.3g}\n"
-            "- the mask file `safety_mask.safetensors` is saved next to the weights; load it with "
-            "`SafetyMask.from_pretrained(<this repo>)` (import `peft_safety` before loading a SAFETY adapter).\n"
-        )
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(card.rstrip() + section)
-        os.replace(tmp, path)
+        if os.path.isdir(self.args.output_dir):
+            # TRL rewrote README.md from its template: put the peft-safety section (and front matter) back
+            self._write_safety_card(self.args.output_dir)
 
     def __del__(self) -> None:  # pragma: no cover - best effort if train() was interrupted before its finally
         freezer = getattr(self, "freezer", None)

@@ -1,0 +1,79 @@
+"""``write_card``: create or update the README.md of a local folder (a saved adapter, a mask folder) so that it
+describes its peft-safety content, with the merge rules of `peft_safety.mask.hub.build_card`.
+
+It sits above `peft_safety.mask.safety_mask` (it loads the folder's mask) while `peft_safety.mask.hub` sits below it
+(``SafetyMask.push_to_hub`` calls the hub module), so the two never form an import cycle.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from .._io import atomic_write_bytes
+from .safety_mask import SafetyMask, load_mask
+from .serialization import MASK_FILENAME
+
+__all__ = ["write_card"]
+
+
+def write_card(
+    folder: str | os.PathLike,
+    *,
+    mask: SafetyMask | None = None,
+    adapter_config: Mapping[str, Any] | None = None,
+    mode: str | None = None,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    mask_subfolder: str | None = None,
+) -> str:
+    """Create or update ``folder/README.md`` so that it describes the peft-safety content of the folder.
+
+    Use it after ``PeftModel.save_pretrained`` (whose card never mentions peft-safety or the ``import peft_safety``
+    a SAFETY adapter needs) or after ``SafetyMask.save_pretrained`` into an adapter folder. The existing card's text
+    and front matter are kept (see `build_card`); the file is replaced atomically.
+
+    Args:
+        folder: the folder.
+        mask: the mask; default: ``folder[/mask_subfolder]/safety_mask.safetensors`` if present (loaded and checked).
+        adapter_config: default: ``folder/adapter_config.json`` if present.
+        mode: ``"SET"``/``"train_only"`` or ``"SPA"``/``"freeze"`` (inferred when omitted, see `build_card`).
+        repo_id: the repository id for the loading snippets.
+        base_model: the base model's Hub id, if the files do not record it.
+        mask_subfolder: where the mask lies inside `folder`.
+
+    Returns:
+        The path of the README.md.
+
+    Raises:
+        FileNotFoundError: if `folder` is not a folder.
+        ValueError: if a file in it is corrupted.
+    """
+    from .hub import _check_subfolder, _read_json, build_card  # lazy: huggingface_hub only when a card is built
+
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"write_card: {folder!r} is not a folder; save the adapter or mask there first")
+    sub = _check_subfolder(mask_subfolder)
+    mask_file = os.path.join(folder, *(sub.split("/") if sub else []), MASK_FILENAME)
+    if mask is None and os.path.isfile(mask_file):
+        mask = load_mask(mask_file)
+    config_path = os.path.join(folder, "adapter_config.json")
+    if adapter_config is None and os.path.isfile(config_path):
+        adapter_config = _read_json(config_path)
+    readme = os.path.join(folder, "README.md")
+    existing = None
+    if os.path.isfile(readme):
+        with open(readme, encoding="utf-8") as f:
+            existing = f.read()
+    card = build_card(
+        existing,
+        mask=mask,
+        mode=mode,
+        adapter_config=adapter_config,
+        repo_id=repo_id,
+        base_model=base_model,
+        mask_path=f"{sub}/{MASK_FILENAME}" if sub else None,
+    )
+    return atomic_write_bytes(readme, str(card).encode("utf-8"))
