@@ -329,7 +329,9 @@ class SafetySFTTrainer(SFTTrainer):
         """Check the guarantee now and return the numbers; raises `FreezeViolationError` if it is violated.
 
         Full-weight modes: every frozen entry bit-identical to its value at the start of training. Adapter modes:
-        the adapter's effective update is exactly zero on every frozen entry (LoRA SPA) or outside the mask (SET).
+        the adapter's *effective* update is exactly zero on every frozen entry (LoRA SPA) or outside the mask (SET),
+        measured by running each adapted layer and its base layer on an identity input (`mask_drift_metrics`), so a
+        layer whose forward leaks through the mask is caught even when its merge helper would mask the delta.
         """
         if self.freezer is not None:
             report = self.freezer.verify()
