@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from unittest import mock
@@ -101,16 +102,100 @@ def test_values_count_matches_mask_numel(model_and_mask):
     assert n_trainable == mask.numel()
 
 
+def _reference_delta(gran, unit_indices, values, shape):
+    """The dense fp64 delta of one module, placed by a naive loop over the mask's own units (no library code)."""
+    delta = torch.zeros(shape, dtype=torch.float64)
+    v = values.detach().double()
+    units = [int(i) for i in unit_indices]
+    if isinstance(gran, Weight):
+        for k, flat in enumerate(units):
+            delta[flat // shape[1], flat % shape[1]] += v[k]
+    elif isinstance(gran, Layer):
+        delta += v
+    else:
+        width = 1 if isinstance(gran, Neuron) else gran.head_dim
+        positions = [u * width + o for u in units for o in range(width)]
+        for k, pos in enumerate(positions):
+            if gran.axis == 0:
+                delta[pos, :] += v[k, :]
+            else:
+                delta[:, pos] += v[:, k]
+    return delta
+
+
 def test_forward_matches_dense_reference(model_and_mask):
     model, mask = model_and_mask
+    ref_model = copy.deepcopy(model)
+    ref_model.set_experts_implementation("eager")  # the grouped-mm expert kernel has no fp64 path
+    ref_model.double()
     peft_model = get_peft_model(model, SafetyConfig(mask=mask, init_weights=False))
+    params = dict(ref_model.named_parameters())
+    with torch.no_grad():
+        for name in mask.names:
+            layer = peft_model.base_model.model.get_submodule(name.rsplit(".", 1)[0])
+            values = layer.safety_values["default"]
+            assert values.abs().min() > 0 or values.numel() == 0
+            params[name] += _reference_delta(mask.granularity_of(name), mask[name], values, params[name].shape)
     ids = tokens()
     with torch.no_grad():
         out = peft_model(ids).logits
-        # the reference: add each module's dense delta to a copy of the weights
-        ref_model = peft_model.merge_and_unload(safe_merge=True)
         ref = ref_model(ids).logits
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert (ref - out.double()).abs().max() < 1e-4
+    with torch.no_grad(), peft_model.disable_adapter():
+        assert (ref - peft_model(ids).logits.double()).abs().max() > 1e-2  # the deltas matter at this tolerance
+
+
+@pytest.mark.parametrize(("dtype", "delta"), [(torch.bfloat16, 3e-3), (torch.float16, 4e-4)])
+def test_half_precision_base_keeps_small_deltas(dtype, delta):
+    # Weights in [1, 2): a delta below half their rounding step vanishes if it is added into the half-precision weight.
+    # Each row holds pairs (+a, -a) and each input pairs (x, x), so the base output cancels exactly and what remains
+    # is the deltas' contribution, which an fp64 reference of (W + delta) x gives exactly.
+    gen = torch.Generator().manual_seed(0)
+    d_out, d_in = 16, 128
+    a = 1 + torch.rand(d_out, d_in // 2, generator=gen)
+    w = torch.stack([a, -a], dim=-1).reshape(d_out, d_in)
+    linear = torch.nn.Linear(d_in, d_out, bias=False, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+    idx = torch.randperm(d_out * d_in, generator=gen)[: d_out * d_in // 2].sort().values.to(torch.int32)
+    layer = SafetyLinear(linear, "default", kind="entries", indices=idx)
+    with torch.no_grad():
+        layer.safety_values["default"].fill_(delta)
+    half_x = 0.5 + 0.5 * torch.rand(4, d_in // 2, generator=gen)
+    x = torch.stack([half_x, half_x], dim=-1).reshape(4, d_in).to(dtype)
+    w64 = linear.weight.detach().double()
+    d64 = torch.zeros(d_out * d_in, dtype=torch.float64)
+    d64[idx.long()] = delta
+    d64 = d64.view(d_out, d_in)
+    ref = x.double() @ (w64 + d64).t()
+    eps = torch.finfo(dtype).eps
+    base_err = (linear(x).double() - x.double() @ w64.t()).abs().max()  # the dtype's own matmul error (0 here)
+    tol = base_err + 2 * eps * (x.double().abs() @ d64.abs().t())
+    with torch.no_grad():
+        out = layer(x)
+    assert out.dtype == dtype
+    assert ((out.double() - ref).abs() <= tol).all()
+    assert ref.abs().min() > 10 * tol.max()  # the deltas are what the output measures
+    # value gradients are computed in fp32 and match the fp64 reference
+    out = layer(x)
+    grad_out = torch.ones_like(out)
+    (gv,) = torch.autograd.grad(out, layer.safety_values["default"], grad_out)
+    rows, cols = idx.long() // d_in, idx.long() % d_in
+    expected = (grad_out.double().t() @ x.double())[rows, cols]
+    torch.testing.assert_close(gv.double(), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_half_precision_merge_reports_rounded_away_deltas():
+    linear = torch.nn.Linear(64, 8, bias=False, dtype=torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.fill_(1.5)
+    idx = torch.arange(0, 512, 2, dtype=torch.int32)
+    layer = SafetyLinear(linear, "default", kind="entries", indices=idx)
+    with torch.no_grad():
+        layer.safety_values["default"].fill_(1e-3)  # below half of bf16's step at 1.5 (2**-7 / 2 = 3.9e-3)
+    with pytest.warns(UserWarning, match="bfloat16.*keep the adapter unmerged"):
+        layer.merge()
+    assert layer.merge_rounding_loss["default"] == (256, 256)
 
 
 # ---- gradients --------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from peft.config import PeftConfig
 
 from .peft_type import SafetyPeftType
+from .provenance import check_policy, state_dict_digest
 
 __all__ = ["VALUES_DTYPES", "SafetyConfig"]
 
@@ -137,6 +138,36 @@ class SafetyConfig(PeftConfig):
             "choices": list(VALUES_DTYPES),
         },
     )
+    base_fingerprints: dict[str, list[str]] | None = field(
+        default=None,
+        metadata={
+            "help": "Filled by the tuner: fingerprints of the base weights the adapter targets "
+            "(peft_safety.tuner.provenance.fingerprint_base), checked when the adapter is loaded. Do not set by hand."
+        },
+    )
+    base_model_source: str | None = field(
+        default=None,
+        metadata={
+            "help": "Filled by the tuner: 'hub' when base_model_name_or_path is a Hub id (also for a local copy whose "
+            "folder names its Hub id), 'local' for a local folder that names none, None when unknown."
+        },
+    )
+    base_fingerprint_check: Literal["error", "warn", "ignore"] = field(
+        default="error",
+        metadata={
+            "help": "What loading does when the base model's targeted weights differ from the recorded fingerprints: "
+            "'error' (default), 'warn' or 'ignore'. Chosen by whoever loads (pass it to PeftModel.from_pretrained or "
+            "SafetyConfig.from_pretrained); never written to adapter_config.json.",
+            "choices": ["error", "warn", "ignore"],
+        },
+    )
+    weights_digest: str | None = field(
+        default=None,
+        metadata={
+            "help": "Written by save_pretrained after the weights file: a digest of the saved tensors. A folder whose "
+            "weights do not match it (an interrupted save left new weights with an old config) is refused on load."
+        },
+    )
     gradient_method: Literal["sampled", "dense"] = field(
         default="sampled",
         metadata={
@@ -171,6 +202,7 @@ class SafetyConfig(PeftConfig):
                 f"SafetyConfig does not support target_parameters={self.target_parameters!r}: SET wraps nn.Linear "
                 "modules only. Remove fused expert parameters from the mask (mask.filter(...)) instead."
             )
+        check_policy(self.base_fingerprint_check, "base_fingerprint_check")
         if not isinstance(self.init_weights, bool):
             raise TypeError(f"init_weights must be a bool, got {type(self.init_weights).__name__}.")
         if isinstance(self.target_modules, list):
@@ -192,16 +224,64 @@ class SafetyConfig(PeftConfig):
                 self.mask_source = source if isinstance(source, str) else None
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as a JSON-serialisable dict; ``mask`` is written as `None` (see ``mask_source``)."""
+        """The config as a JSON-serialisable dict; ``mask`` is written as `None` (see ``mask_source``), and
+        ``base_fingerprint_check`` is left out (the loader chooses it)."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             if f.name == "mask":
                 out[f.name] = None
+            elif f.name == "base_fingerprint_check":
+                continue
             else:
                 out[f.name] = copy.deepcopy(getattr(self, f.name))
         if isinstance(out.get("peft_type"), SafetyPeftType):
             out["peft_type"] = out["peft_type"].value
         return out
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write ``adapter_config.json``, recording the digest of the weights file already in ``save_directory``.
+
+        ``PeftModel.save_pretrained`` writes the weights first and the config last, so the digest ties the config to
+        the weights it was saved with: a later save interrupted after its weights file fails the check on load.
+        The digest is written to the file only; the in-memory config is left as it was.
+        """
+        previous = self.weights_digest
+        self.weights_digest = _digest_of_folder(save_directory)
+        try:
+            super().save_pretrained(save_directory, **kwargs)
+        finally:
+            self.weights_digest = previous
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
+        """Load a saved config; ``base_fingerprint_check=...`` chooses the load-time fingerprint policy.
+
+        PEFT's loader lets the file win over keyword arguments; the policy is the loader's choice, so it is applied
+        after reading the file (``PeftModel.from_pretrained(base, path, base_fingerprint_check="warn")`` reaches here).
+        """
+        policy = kwargs.pop("base_fingerprint_check", None)
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if policy is not None:
+            config.base_fingerprint_check = check_policy(policy, "base_fingerprint_check")
+        return config
+
+
+def _digest_of_folder(directory: str) -> str | None:
+    import os
+
+    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
+    path = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
+    if os.path.isfile(path):
+        from safetensors.torch import load_file
+
+        return state_dict_digest(load_file(path))
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if os.path.isfile(path):
+        import torch
+
+        return state_dict_digest(torch.load(path, map_location="cpu", weights_only=True))
+    return None
 
 
 def _check_mask_type(mask: Any) -> None:

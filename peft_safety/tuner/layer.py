@@ -170,6 +170,16 @@ class _SparseDeltaLinear(torch.autograd.Function):
         return grad_x, grad_v, None, grad_w, None, None, None
 
 
+def _nan_message(adapter_name: str) -> str:
+    # worded like PEFT's other tuners (peft/tuners/lora/layer.py), which callers and PEFT's test battery match on
+    return f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken"
+
+
+def _fold_keeps_delta(weight_dtype: torch.dtype, values_dtype: torch.dtype) -> bool:
+    """Whether ``W + delta`` can be formed in the weight's dtype without rounding the delta away (fp32/fp64 only)."""
+    return weight_dtype in (torch.float32, torch.float64) and weight_dtype.itemsize >= values_dtype.itemsize
+
+
 class SafetyLayer(BaseTunerLayer):
     """Mixin holding the per-adapter SET state of one wrapped module (see the module docstring for the layout)."""
 
@@ -186,6 +196,8 @@ class SafetyLayer(BaseTunerLayer):
         self.safety_gradient_method: dict[str, str] = {}
         self._disable_adapters = False
         self.merged_adapters = []
+        #: adapter -> (non-zero deltas rounded away, non-zero deltas) of its last merge into a bf16/fp16 weight
+        self.merge_rounding_loss: dict[str, tuple[int, int]] = {}
         from peft.utils.quantization_utils import resolve_quantization_backend
 
         base = self.get_base_layer()
@@ -293,6 +305,18 @@ class SafetyLayer(BaseTunerLayer):
             delta.copy_(values.detach())
         return delta
 
+    def _masked_values(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """A copy of ``weight`` at the masked positions of ``adapter_name`` (shaped like its values)."""
+        idx = self.safety_indices[adapter_name].to(device=weight.device, dtype=torch.int64)
+        kind = self.safety_kind[adapter_name]
+        if kind == "entries":
+            return weight.reshape(-1).index_select(0, idx)
+        if kind == "rows":
+            return weight.index_select(0, idx)
+        if kind == "cols":
+            return weight.index_select(1, idx)
+        return weight.clone()
+
     def _apply_delta_(self, weight: torch.Tensor, adapter_name: str, sign: float) -> None:
         """Add ``sign * delta`` to ``weight`` in place, touching only the masked positions."""
         values = self.safety_values[adapter_name].detach().to(weight.dtype)
@@ -347,19 +371,37 @@ class SafetyLinear(nn.Module, SafetyLayer):
                 weight = self.get_base_weight().clone()
                 self._apply_delta_(weight, name, +1.0)
                 if safe_merge and not torch.isfinite(weight).all():
-                    raise ValueError(f"NaNs detected in the merged weights; adapter {name!r} seems to be broken.")
+                    raise ValueError(_nan_message(name))
                 self.set_base_weight(weight)
             else:
                 base = self.get_base_layer().weight
+                before = None if _fold_keeps_delta(base.dtype, torch.float32) else self._masked_values(base.data, name)
                 if safe_merge:
                     weight = base.data.clone()
                     self._apply_delta_(weight, name, +1.0)
                     if not torch.isfinite(weight).all():
-                        raise ValueError(f"NaNs detected in the merged weights; adapter {name!r} seems to be broken.")
+                        raise ValueError(_nan_message(name))
                     base.data.copy_(weight)
                 else:
                     self._apply_delta_(base.data, name, +1.0)
+                if before is not None:
+                    self._record_rounding_loss(name, before, self._masked_values(base.data, name))
             self.merged_adapters.append(name)
+
+    def _record_rounding_loss(self, name: str, before: torch.Tensor, after: torch.Tensor) -> None:
+        values = self.safety_values[name].detach().to(after.device)
+        nonzero = values != 0
+        lost = int((nonzero & (after == before)).sum())
+        self.merge_rounding_loss[name] = (lost, int(nonzero.sum()))
+        if lost:
+            warnings.warn(
+                f"Merging a SAFETY adapter into {str(before.dtype).removeprefix('torch.')} base weights rounded "
+                "away deltas smaller than half the weight's rounding step (the layer's `merge_rounding_loss` counts "
+                "them). The unmerged adapter applies them without this loss: keep the adapter unmerged, or merge "
+                "into a float32 copy of the base model.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def unmerge(self) -> None:
         """Subtract every merged adapter's delta from the base weight (exact up to fp rounding of ``W + d - d``)."""
@@ -394,9 +436,18 @@ class SafetyLinear(nn.Module, SafetyLayer):
         base = self.get_base_layer()
         entries = [a for a in active if self.safety_kind[a] == "entries"]
         others = [a for a in active if self.safety_kind[a] != "entries"]
-        fuse_first = bool(entries) and self.quantization_backend is None and not args and not kwargs
+        fuse_first = (
+            bool(entries)
+            and self.quantization_backend is None
+            and not args
+            and not kwargs
+            and _fold_keeps_delta(base.weight.dtype, self.safety_values[entries[0]].dtype)
+        )
         if fuse_first:
-            # Fold the first entry-wise delta into the frozen matmul (no separate x @ Dᵀ pass).
+            # Fold the first entry-wise delta into the frozen matmul (no separate x @ Dᵀ pass). Only for fp32/fp64
+            # weights: in bf16/fp16, W + delta would round the delta away wherever it is below half the weight's
+            # rounding step, so there the delta takes the separate pass below (its own rounding is relative to
+            # the delta, not to W).
             first = entries.pop(0)
             result = _SparseDeltaLinear.apply(
                 x,

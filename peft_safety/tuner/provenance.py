@@ -1,0 +1,345 @@
+"""Which base model an adapter belongs to: its Hub id / revision and fingerprints of the weights it targets.
+
+An adapter (SET or SPA) is only meaningful on the base weights it was trained on. This module gives the two records
+that travel with a saved adapter, and the check that runs when it is loaded:
+
+* `base_model_reference(model)`: where the base model came from, as something other people can load. A model loaded
+  from the Hub records its Hub id. A model loaded from a local folder records the Hub id when the folder says where it
+  came from (a Hugging Face cache snapshot ``.../models--org--name/snapshots/<commit>``, or a folder written by
+  ``peft_safety.sources`` with a ``peft_safety_source.json`` marker naming its Hub id); any other folder is recorded
+  as ``source="local"`` with its path, which loads on this machine only.
+* `fingerprint_base(model, names)`: for each named weight, the `peft_safety.mask.fingerprint_tensor` fingerprint (4096
+  sampled values rounded to bfloat16, plus the shape). Only the weights the adapter touches are fingerprinted, so the
+  cost is at most 4096 values per targeted tensor, whatever the model size. A second fingerprint of the float16 cast
+  is recorded when it differs, so that an adapter trained on a float32 base also checks clean on a float16 copy.
+* `check_base_fingerprints(model, recorded, policy=...)`: recomputes the fingerprints on the model being loaded into
+  and raises (``policy="error"``, the default), warns (``"warn"``) or does nothing (``"ignore"``) when one differs.
+  The message names the first mismatching tensor and how to override.
+
+What the fingerprint cannot see: quantised base weights (bitsandbytes 4/8-bit: the stored integers are not the float
+values) and weights on the ``meta`` device are skipped, both when recording and when checking. A base first saved in
+float16 and then loaded in bfloat16 (or the reverse) may be reported as different (double rounding); override with
+``"warn"`` when you know it is the same checkpoint.
+
+Example:
+
+```python
+>>> from peft_safety.tuner.provenance import base_model_reference, check_base_fingerprints, fingerprint_base
+>>> names = ["model.layers.0.self_attn.q_proj.weight"]
+>>> recorded = fingerprint_base(model, names)                          # doctest: +SKIP
+>>> check_base_fingerprints(model, recorded, policy="error")           # doctest: +SKIP
+[]
+>>> base_model_reference(model)                                        # doctest: +SKIP
+{'base_model': 'HuggingFaceTB/SmolLM2-135M-Instruct', 'revision': None, 'source': 'hub'}
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import json
+import logging
+import os
+import re
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "FINGERPRINT_POLICIES",
+    "SOURCE_MARKER",
+    "base_model_reference",
+    "check_base_fingerprints",
+    "check_policy",
+    "fingerprint_base",
+    "fingerprint_check_override",
+    "override_policy",
+    "state_dict_digest",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Accepted values of a fingerprint-check policy.
+FINGERPRINT_POLICIES = ("error", "warn", "ignore")
+
+#: File that ``peft_safety.sources`` writes into a converted model folder; its ``"hub_id"`` names the Hub original.
+SOURCE_MARKER = "peft_safety_source.json"
+
+# .../models--<org>--<name>/snapshots/<commit>[/...]: the layout of the Hugging Face cache.
+_HF_CACHE_RE = re.compile(
+    r"(?:^|[\\/])models--(?P<repo>[^\\/]+)[\\/]snapshots[\\/](?P<rev>[0-9a-fA-F]{40})(?:[\\/]|$)"
+)
+# A Hub repo id: "name" or "org/name" with the characters the Hub accepts.
+_HUB_ID_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_policy(policy: Any, name: str = "base_fingerprint_check") -> str:
+    """Validate a fingerprint-check policy.
+
+    Args:
+        policy: ``"error"``, ``"warn"`` or ``"ignore"``.
+        name: the option's name, for the error message.
+
+    Returns:
+        The policy.
+
+    Raises:
+        TypeError: not a string.
+        ValueError: not one of `FINGERPRINT_POLICIES`.
+    """
+    if not isinstance(policy, str):
+        raise TypeError(f"{name} must be a string, one of {list(FINGERPRINT_POLICIES)}; got {type(policy).__name__}.")
+    if policy not in FINGERPRINT_POLICIES:
+        raise ValueError(f"{name}={policy!r} is invalid; use one of {list(FINGERPRINT_POLICIES)}.")
+    return policy
+
+
+_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("peft_safety_fingerprint_check", default=None)
+
+
+@contextlib.contextmanager
+def fingerprint_check_override(policy: str) -> Iterator[None]:
+    """Within the block, every base-fingerprint check of a loading adapter uses ``policy`` (whatever its config says).
+
+    For the load entry points that take no extra keyword argument (``PeftModel.load_adapter``, transformers'
+    ``model.load_adapter``, ``inject_adapter_in_model``).
+
+    Example:
+
+    ```python
+    >>> with fingerprint_check_override("warn"):                           # doctest: +SKIP
+    ...     peft_model.load_adapter("my-set-adapter", adapter_name="other")
+    ```
+    """
+    token = _OVERRIDE.set(check_policy(policy, "policy"))
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
+
+
+def override_policy(default: str) -> str:
+    """The policy in force: the innermost `fingerprint_check_override`, else ``default``."""
+    current = _OVERRIDE.get()
+    return current if current is not None else default
+
+
+def state_dict_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """A digest of a state dict's tensors (dtype, shape and bytes), independent of key names and order.
+
+    Key names are left out on purpose: loaders rename keys (adapter names, ``base_model.model.`` prefixes, checkpoint
+    conversion mappings) but never change values, so the digest of the file at save time equals the digest of the
+    state dict a loader receives. Used to tie a config to the weights file it was saved with.
+
+    Args:
+        state_dict: name -> tensor (non-tensor values are ignored).
+
+    Returns:
+        ``"b2b:<32 hex digits>"``.
+    """
+    per_tensor = []
+    for value in state_dict.values():
+        if not isinstance(value, torch.Tensor):
+            continue
+        t = value.detach().to("cpu").contiguous().reshape(-1)
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{t.dtype}|{tuple(value.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+        per_tensor.append(h.hexdigest())
+    total = hashlib.blake2b(digest_size=16)
+    for item in sorted(per_tensor):
+        total.update(item.encode())
+    return f"b2b:{total.hexdigest()}"
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a ``PeftModel`` (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _reference_of(text: str) -> dict[str, Any] | None:
+    if os.path.isdir(text):
+        marker = os.path.join(text, SOURCE_MARKER)
+        if os.path.isfile(marker):
+            try:
+                with open(marker, encoding="utf-8") as fh:
+                    hub_id = json.load(fh).get("hub_id")
+            except (OSError, ValueError, AttributeError):
+                hub_id = None
+            if isinstance(hub_id, str) and _HUB_ID_RE.match(hub_id):
+                return {"base_model": hub_id, "revision": None, "source": "hub"}
+        match = _HF_CACHE_RE.search(os.path.abspath(text))
+        if match:
+            repo = match.group("repo").replace("--", "/")
+            return {"base_model": repo, "revision": match.group("rev"), "source": "hub"}
+        return {"base_model": text, "revision": None, "source": "local"}
+    if _HUB_ID_RE.match(text):
+        return {"base_model": text, "revision": None, "source": "hub"}
+    return None
+
+
+def base_model_reference(model: nn.Module) -> dict[str, Any]:
+    """Where ``model``'s weights came from, in a form that can be written into a saved artifact.
+
+    Reads ``model.config._name_or_path`` (then ``model.name_or_path``). A local folder becomes its Hub id when the
+    folder says so (Hugging Face cache snapshot, or a ``peft_safety_source.json`` marker); otherwise it is recorded as
+    local. The revision is known for cache snapshots (the commit) and when the config carries ``_commit_hash``.
+
+    Args:
+        model: a transformers model, or a ``PeftModel`` around one.
+
+    Returns:
+        ``{"base_model": str | None, "revision": str | None, "source": "hub" | "local" | None}``; all `None` when
+        the model names no origin (e.g. built from a config).
+    """
+    inner = _unwrap(model)
+    config = getattr(inner, "config", None)
+    candidates = [getattr(config, "_name_or_path", None), getattr(inner, "name_or_path", None)]
+    for candidate in candidates:
+        if isinstance(candidate, os.PathLike):
+            candidate = os.fspath(candidate)
+        if not isinstance(candidate, str) or not candidate.strip():
+            continue
+        ref = _reference_of(candidate)
+        if ref is None:
+            continue
+        commit = getattr(config, "_commit_hash", None)
+        if ref["source"] == "hub" and ref["revision"] is None and isinstance(commit, str) and commit:
+            ref["revision"] = commit
+        return ref
+    return {"base_model": None, "revision": None, "source": None}
+
+
+def _weight_of(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The tensor ``name`` of the base model, looking through PEFT wrappers (``base_layer``); None if absent."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    module_key, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_key) if module_key else model
+    except AttributeError:
+        return None
+    if isinstance(module, BaseTunerLayer):
+        module = module.get_base_layer()
+    tensor = getattr(module, attr, None)
+    return tensor if isinstance(tensor, torch.Tensor) else None
+
+
+def _checkable(tensor: torch.Tensor) -> bool:
+    # bitsandbytes stores packed integers (Params4bit: uint8, Int8Params: int8): not the float values.
+    return tensor.dtype.is_floating_point and tensor.device.type != "meta"
+
+
+def _fingerprints(tensor: torch.Tensor) -> list[str]:
+    from ..mask import fingerprint_tensor
+
+    prints = [fingerprint_tensor(tensor)]
+    if tensor.dtype != torch.float16:
+        half = fingerprint_tensor(tensor.detach().to(torch.float16))
+        if half != prints[0]:
+            prints.append(half)
+    return prints
+
+
+def fingerprint_base(model: nn.Module, names: Iterable[str]) -> dict[str, list[str]]:
+    """Fingerprints of the named base weights (only those; cost: at most 4096 values per tensor, twice).
+
+    Args:
+        model: the base model, a model with PEFT layers injected (their ``base_layer`` weights are read) or a
+            ``PeftModel``.
+        names: parameter names relative to the base model, e.g. ``"model.layers.0.self_attn.q_proj.weight"``.
+
+    Returns:
+        ``{name: [fingerprint, fingerprint of the float16 cast (when it differs)]}``. Quantised weights and weights
+        on the meta device are left out (they cannot be compared with float weights).
+
+    Raises:
+        ValueError: a name the model does not have.
+    """
+    inner = _unwrap(model)
+    out: dict[str, list[str]] = {}
+    for name in names:
+        tensor = _weight_of(inner, name)
+        if tensor is None:
+            raise ValueError(f"Cannot fingerprint {name!r}: the model has no such tensor.")
+        if _checkable(tensor):
+            out[name] = _fingerprints(tensor)
+    return out
+
+
+def check_base_fingerprints(
+    model: nn.Module,
+    recorded: Mapping[str, str | Sequence[str]] | None,
+    *,
+    policy: str = "error",
+    what: str = "This adapter",
+    recorded_base: str | None = None,
+    override: str = "base_fingerprint_check='warn' (or 'ignore')",
+) -> list[str]:
+    """Compare ``model``'s weights with fingerprints recorded when an artifact was made.
+
+    Args:
+        model: the model the artifact is being loaded into (PEFT wrappers are looked through).
+        recorded: ``{name: fingerprint or list of accepted fingerprints}`` (as written by `fingerprint_base`);
+            `None` or empty: nothing to check.
+        policy: ``"error"`` (raise), ``"warn"`` (one warning naming every mismatch) or ``"ignore"``.
+        what: how to name the artifact in the message (e.g. ``"SAFETY adapter 'default'"``).
+        recorded_base: the base model the artifact records (Hub id or path), quoted in the message.
+        override: how the user turns the check down, quoted in the message.
+
+    Returns:
+        The names whose fingerprint differs or which the model lacks (empty when everything matches). Quantised and
+        meta tensors are not compared.
+
+    Raises:
+        ValueError: ``policy="error"`` and a fingerprint differs or a recorded tensor is missing; or a bad policy.
+        TypeError: ``recorded`` is not a mapping of strings.
+    """
+    check_policy(policy)
+    if policy == "ignore" or not recorded:
+        return []
+    if not isinstance(recorded, Mapping):
+        raise TypeError(f"recorded fingerprints must be a dict, got {type(recorded).__name__}.")
+    inner = _unwrap(model)
+    mismatches: list[str] = []
+    details: list[str] = []
+    for name, wanted in recorded.items():
+        accepted = [wanted] if isinstance(wanted, str) else list(wanted)
+        if not isinstance(name, str) or not accepted or not all(isinstance(w, str) for w in accepted):
+            raise TypeError(f"recorded fingerprint of {name!r} must be a string or a list of strings, got {wanted!r}.")
+        tensor = _weight_of(inner, name)
+        if tensor is None:
+            mismatches.append(name)
+            details.append(f"{name!r} is missing from the model")
+            continue
+        if not _checkable(tensor):
+            logger.info("Base fingerprint of %s not checked: %s weights on %s", name, tensor.dtype, tensor.device)
+            continue
+        from ..mask import fingerprint_tensor
+
+        got = fingerprint_tensor(tensor)
+        if got in accepted:
+            continue
+        if tensor.dtype != torch.float16 and fingerprint_tensor(tensor.detach().to(torch.float16)) in accepted:
+            continue
+        mismatches.append(name)
+        details.append(f"the fingerprint of {name!r} differs (recorded {accepted[0]!r}, found {got!r})")
+    if not mismatches:
+        return []
+    base = f" ({recorded_base})" if recorded_base else ""
+    more = f", and {len(mismatches) - 1} more tensor(s)" if len(mismatches) > 1 else ""
+    message = (
+        f"{what} was made on other base weights than this model's{base}: {details[0]}{more}. Load it on the base "
+        f"model it was made from (same checkpoint and revision). If the difference is intended (e.g. a fine-tuned "
+        f"copy of that base), pass {override}."
+    )
+    if policy == "error":
+        raise ValueError(message)
+    warnings.warn(message, UserWarning, stacklevel=3)
+    return mismatches
