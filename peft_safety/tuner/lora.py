@@ -549,7 +549,7 @@ def mask_lora_config(lora_config: LoraConfig, mask: Any, *, entries_method: str 
         if f.init and f.name != "peft_type"
     }
     if isinstance(lora_config, SafetyLoraConfig):
-        options.update(mask_layout=None, mask_source=None, base_model_fingerprints=None, base_model_reference=None)
+        options.update(mask_layout=None, mask_source=None, base_fingerprints=None, weights_digest=None)
     options.update(mask=mask, entries_method=entries_method)
     return SafetyLoraConfig(**options)
 

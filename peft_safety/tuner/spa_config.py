@@ -22,6 +22,7 @@ import torch
 from peft import LoraConfig
 
 from .peft_type import SafetyPeftType
+from .provenance import check_policy, state_dict_digest
 
 __all__ = [
     "ENTRIES_METHODS",
@@ -187,11 +188,13 @@ class SafetyLoraConfig(LoraConfig):
         mask_layout: filled from the mask: per masked module ``{"kind", "n", "shape"}``. Do not set by hand.
         mask_source: where the mask came from (path or Hub id), when known; informational.
         entries_method: forward of ``Weight()`` masks: ``"dense"`` (default, bit-exact), ``"sparse"`` or ``"auto"``.
-        base_model_fingerprints: fingerprints of the masked base weights, recorded when the adapter is created and
-            checked when it is loaded (see ``base_fingerprint_check``).
-        base_model_reference: the base model's Hub id / revision / source, recorded when the adapter is created.
+        base_fingerprints: fingerprints of the masked base weights, recorded when the adapter is created and
+            checked when it is loaded (see ``base_fingerprint_check``). The base's Hub id goes into
+            ``base_model_name_or_path`` (and ``revision``), its kind into ``base_model_source``.
         base_fingerprint_check: what loading does when the base weights differ from the recorded fingerprints:
-            ``"error"`` (default), ``"warn"`` or ``"ignore"``.
+            ``"error"`` (default), ``"warn"`` or ``"ignore"``; the loader's choice, not saved.
+        weights_digest: digest of the saved weights, written by ``save_pretrained``; a mismatch on load (interrupted
+            save) is an error.
 
     Example:
 
@@ -231,24 +234,35 @@ class SafetyLoraConfig(LoraConfig):
             "choices": list(ENTRIES_METHODS),
         },
     )
-    base_model_fingerprints: dict[str, Any] | None = field(
+    base_fingerprints: dict[str, list[str]] | None = field(
         default=None,
         metadata={
-            "help": "Fingerprints of the base weights the adapter masks, recorded at creation and checked on load "
-            "(peft_safety.tuner.provenance). Do not set by hand."
+            "help": "Filled by the tuner: fingerprints of the base weights the adapter masks "
+            "(peft_safety.tuner.provenance.fingerprint_base), checked when the adapter is loaded. Do not set by hand."
         },
     )
-    base_model_reference: dict[str, Any] | None = field(
+    base_model_source: str | None = field(
         default=None,
-        metadata={"help": "The base model's Hub id, revision and source ('hub' or 'local'), recorded at creation."},
+        metadata={
+            "help": "Filled by the tuner: 'hub' when base_model_name_or_path is a Hub id (also for a local copy whose "
+            "folder names its Hub id), 'local' for a local folder that names none, None when unknown."
+        },
     )
     base_fingerprint_check: str = field(
         default="error",
         metadata={
-            "help": "On load, when the base weights differ from base_model_fingerprints: 'error' (default), 'warn' "
-            "or 'ignore'. Set it on the config passed to PeftModel.from_pretrained(..., config=cfg), or use "
-            "load_masked_lora(..., base_fingerprint_check=...).",
+            "help": "What loading does when the base model's masked weights differ from the recorded fingerprints: "
+            "'error' (default), 'warn' or 'ignore'. Chosen by whoever loads (PeftModel.from_pretrained(..., "
+            "base_fingerprint_check='warn'), load_masked_lora, or provenance.fingerprint_check_override); never "
+            "written to adapter_config.json.",
             "choices": ["error", "warn", "ignore"],
+        },
+    )
+    weights_digest: str | None = field(
+        default=None,
+        metadata={
+            "help": "Written by save_pretrained after the weights file: a digest of the saved tensors. A folder whose "
+            "weights do not match it (an interrupted save left new weights with an old config) is refused on load."
         },
     )
 
@@ -257,14 +271,9 @@ class SafetyLoraConfig(LoraConfig):
         self.peft_type = SafetyPeftType.SAFETY_LORA
         check_lora_options(self)
         check_entries_method(self.entries_method)
-        if self.base_fingerprint_check not in ("error", "warn", "ignore"):
-            raise ValueError(
-                f"base_fingerprint_check={self.base_fingerprint_check!r} is invalid; use 'error', 'warn' or 'ignore'."
-            )
-        if self.base_model_fingerprints is not None and not isinstance(self.base_model_fingerprints, dict):
-            raise TypeError(
-                f"base_model_fingerprints must be a dict, got {type(self.base_model_fingerprints).__name__}."
-            )
+        check_policy(self.base_fingerprint_check, "base_fingerprint_check")
+        if self.base_fingerprints is not None and not isinstance(self.base_fingerprints, dict):
+            raise TypeError(f"base_fingerprints must be a dict, got {type(self.base_fingerprints).__name__}.")
         #: {module key: {kind: int32 indices}} when built from a mask (not serialised; read by the layers).
         self._safety_indices: dict[str, dict[str, torch.Tensor]] = {}
         if self.mask is not None:
@@ -330,13 +339,56 @@ class SafetyLoraConfig(LoraConfig):
             self.mask_source = source if isinstance(source, str) else None
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as a JSON-serialisable dict; ``mask`` is written as `None` (the indices live in the weights)."""
+        """The config as a JSON-serialisable dict; ``mask`` is written as `None` (the indices live in the weights)
+        and ``base_fingerprint_check`` is left out (the loader chooses it)."""
         mask, self.mask = self.mask, None
         try:
             out = super().to_dict()
         finally:
             self.mask = mask
         out["mask"] = None
+        out.pop("base_fingerprint_check", None)
         if isinstance(out.get("peft_type"), SafetyPeftType):
             out["peft_type"] = out["peft_type"].value
         return out
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write ``adapter_config.json`` with the digest of the weights file already in ``save_directory``.
+
+        ``PeftModel.save_pretrained`` writes the weights first and the config last, so the digest ties the config to
+        the weights it was saved with: a later save interrupted after its weights file fails the check on load. The
+        in-memory config is left as it was.
+        """
+        previous = self.weights_digest
+        self.weights_digest = digest_of_folder(save_directory)
+        try:
+            super().save_pretrained(save_directory, **kwargs)
+        finally:
+            self.weights_digest = previous
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
+        """Load a saved config; ``base_fingerprint_check=...`` chooses the load-time fingerprint policy (PEFT lets
+        the file win over keyword arguments, so it is applied after reading the file)."""
+        policy = kwargs.pop("base_fingerprint_check", None)
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if policy is not None:
+            config.base_fingerprint_check = check_policy(policy, "base_fingerprint_check")
+        return config
+
+
+def digest_of_folder(directory: str) -> str | None:
+    """``provenance.state_dict_digest`` of the adapter weights in ``directory`` (None when there are none)."""
+    import os
+
+    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
+    path = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
+    if os.path.isfile(path):
+        from safetensors.torch import load_file
+
+        return state_dict_digest(load_file(path))
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if os.path.isfile(path):
+        return state_dict_digest(torch.load(path, map_location="cpu", weights_only=True))
+    return None

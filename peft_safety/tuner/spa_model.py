@@ -26,6 +26,13 @@ from torch import nn
 
 from .lora import _BUFFER, SafetyLoraLinear, _strip_peft_prefix, validate_mask_indices
 from .peft_type import SAFETY_LORA_PREFIX
+from .provenance import (
+    base_model_reference,
+    check_base_fingerprints,
+    fingerprint_base,
+    override_policy,
+    state_dict_digest,
+)
 from .spa_config import SafetyLoraConfig
 
 __all__ = ["SafetyLoraModel"]
@@ -74,6 +81,17 @@ class SafetyLoraModel(LoraModel):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         if isinstance(config, SafetyLoraConfig):
+            digest = config.weights_digest
+            if digest is not None:
+                got = state_dict_digest(state_dict)
+                if got != digest:
+                    raise ValueError(
+                        f"The SAFETY_LORA adapter's adapter_config.json and its weights do not belong together (weights "
+                        f"digest {got}, the config records {digest}): a save was probably interrupted after writing the "
+                        "weights and before writing the config. Save the adapter again (or restore both files from the "
+                        "same save)."
+                    )
+                config.weights_digest = None  # checked: the in-memory config now describes the model, not a file
             _check_checkpoint_masks(config, state_dict)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
@@ -155,25 +173,26 @@ def _check_checkpoint_masks(config: SafetyLoraConfig, state_dict: dict[str, torc
 
 
 def _provenance(config: SafetyLoraConfig, model: nn.Module, adapter_name: str) -> None:
-    """Record the base's fingerprints and Hub id on a new adapter; check them when loading a saved one."""
+    """Record the base's fingerprints and Hub id on an adapter created from a mask; check them when loading one."""
     names = [f"{key}.weight" for key in config.mask_layout or {}]
     if not names:
         return
-    try:
-        from .provenance import base_model_reference, check_base_fingerprints, fingerprint_base
-    except ImportError:  # pragma: no cover - provenance ships with the package
+    if config._safety_indices and config.base_fingerprints is None:
+        # created from a mask now (a saved adapter carries its fingerprints, or was saved before they existed)
+        config.base_fingerprints = fingerprint_base(model, names) or None
+        ref = base_model_reference(model)
+        config.base_model_source = ref["source"]
+        if ref["source"] == "hub":
+            config.base_model_name_or_path = ref["base_model"]
+            if config.revision is None:
+                config.revision = ref["revision"]
         return
-    if config.base_model_fingerprints is None:
-        if config._safety_indices:  # created from a mask now (a saved adapter always carries its fingerprints)
-            config.base_model_fingerprints = fingerprint_base(model, names)
-            config.base_model_reference = base_model_reference(model)
-        return
-    ref = config.base_model_reference or {}
     check_base_fingerprints(
         model,
-        config.base_model_fingerprints,
-        policy=config.base_fingerprint_check,
-        what=f"SAFETY_LORA adapter {adapter_name!r}",
-        recorded_base=ref.get("base_model") if isinstance(ref, dict) else None,
-        override="load_masked_lora(..., base_fingerprint_check='warn') (or set config.base_fingerprint_check)",
+        config.base_fingerprints,
+        policy=override_policy(config.base_fingerprint_check),
+        what=f"This SAFETY_LORA adapter ({adapter_name!r})",
+        recorded_base=config.base_model_name_or_path,
+        override="base_fingerprint_check='warn' (or 'ignore') to PeftModel.from_pretrained / load_masked_lora, or "
+        "load inside `with peft_safety.tuner.provenance.fingerprint_check_override('warn'):`",
     )
