@@ -223,7 +223,10 @@ class SafetySFTTrainer(SFTTrainer):
             ) from err
         if getattr(args, "gradient_checkpointing", False):
             model.enable_input_require_grads()
-        model = get_masked_lora_model(model, peft_config, mask)
+        # a SafetyLoraConfig keeps its own forward method; any other LoraConfig gets the bit-exact default
+        model = get_masked_lora_model(
+            model, peft_config, mask, entries_method=getattr(peft_config, "entries_method", "dense")
+        )
         self._safety_mechanism = "lora"
         return model, None
 

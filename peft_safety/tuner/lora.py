@@ -69,6 +69,7 @@ __all__ = [
     "SafetyLoraLinear",
     "check_masked_lora_model",
     "get_masked_lora_model",
+    "is_legacy_masked_lora",
     "load_masked_lora",
     "mask_lora_config",
     "validate_mask_indices",
@@ -763,6 +764,23 @@ def load_masked_lora(
     return PeftModel.from_pretrained(
         model, model_id, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
     )
+
+
+def is_legacy_masked_lora(model_id: str, **kwargs: Any) -> bool:
+    """Whether ``model_id`` is a masked-LoRA adapter saved as plain ``LORA`` (``lora_safety_*`` buffers in its weights),
+    which only :func:`load_masked_lora` loads with its masks. Reads the config and the safetensors header only."""
+    from safetensors import safe_open
+
+    hub = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
+    try:
+        with open(_adapter_file(model_id, "adapter_config.json", hub), encoding="utf-8") as fh:
+            if json.load(fh).get("peft_type") != "LORA":
+                return False
+        weights = _adapter_file(model_id, "adapter_model.safetensors", hub)
+    except (OSError, ValueError):
+        return False
+    with safe_open(weights, framework="pt") as fh:
+        return any(key.endswith(tuple("." + attr for attr in _BUFFER.values())) for key in fh.keys())  # noqa: SIM118
 
 
 def _linear_shape(model: nn.Module, module_key: str) -> tuple[int, int]:
