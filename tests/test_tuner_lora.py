@@ -159,6 +159,7 @@ def test_moe_attention_and_shared_expert_with_frozen_experts():
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     peft_model = get_masked_lora_model(model, LoraConfig(r=4, target_modules=["k_proj", "down_proj"]), mask)
     train(peft_model, steps=2)
+    assert assert_effective_update_exact(peft_model, mask) > 0  # attention head rows and shared-expert entries
     assert_protected(peft_model.merge_and_unload(), base, mask)
 
 
