@@ -445,3 +445,32 @@ def test_trainer_bf16_autocast_on_cpu(tmp_path):
         assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
         layer = lora_layers(trainer.model)[Q0]
         assert layer.entries_path("default") == method
+
+
+LEGACY_BAD = {
+    "float buffer": (lambda w: w.__setitem__(KEY, w[KEY].float()), "int32/int64 tensor"),
+    "2-d buffer": (lambda w: w.__setitem__(KEY, w[KEY][:112].view(2, 56).contiguous()), "1-D int32/int64"),
+    "out of range": (lambda w: w[KEY].__setitem__(-1, 5000), "out of range"),
+    "unsorted": (lambda w: w.__setitem__(KEY, w[KEY].flip(0).contiguous()), "sorted and unique"),
+    "unknown module": (
+        lambda w: w.__setitem__(
+            "base_model.model.model.layers.7.mlp.up_proj.lora_safety_rows", torch.tensor([1], dtype=torch.int32)
+        ),
+        "does not have as an nn.Linear",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(LEGACY_BAD))
+def test_legacy_folder_checked_before_reading(saved, tmp_path, case):
+    edit, fragment = LEGACY_BAD[case]
+    cfg = json.loads((saved[1] / "adapter_config.json").read_text())
+    cfg = {k: v for k, v in cfg.items() if k not in ("mask", "mask_layout", "mask_source", "entries_method",
+                                                     "base_fingerprints", "base_model_source", "weights_digest")}  # fmt: skip
+    cfg["peft_type"] = "LORA"
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    weights = load_file(saved[1] / "adapter_model.safetensors")
+    edit(weights)
+    save_file(weights, tmp_path / "adapter_model.safetensors")
+    with pytest.raises((ValueError, TypeError), match=fragment):
+        load_masked_lora(base(saved), str(tmp_path))
