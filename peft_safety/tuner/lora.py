@@ -365,7 +365,8 @@ class SafetyLoraLinear(LoraLinear):
     def entries_path(self, adapter_name: str) -> str | None:
         """The forward path an entry-masked adapter takes: ``"sparse"``, ``"dense"``, or None without entry mask.
 
-        ``"auto"`` resolves to ``"sparse"`` when the mask covers at most :data:`SPARSE_MAX_DENSITY` of the weight.
+        ``"auto"`` resolves to ``"sparse"`` on CPU when the mask covers at most :data:`SPARSE_MAX_DENSITY` of the
+        weight, and to ``"dense"`` otherwise (always off the CPU, where the CSR kernels are far slower).
 
         Raises:
             ValueError: if ``entries_method`` is not one of :data:`ENTRIES_METHODS`.
@@ -378,6 +379,10 @@ class SafetyLoraLinear(LoraLinear):
             raise ValueError(f"entries_method={method!r} is not one of {ENTRIES_METHODS}.")
         if method != "auto":
             return method
+        if self.lora_A[adapter_name].weight.device.type != "cpu":
+            # measured on an H200 (4096x4096, 8192 tokens, bf16): the CSR correction takes 31 ms at 1% density and
+            # 189 ms at 10%, the dense masked delta 2.2 ms: off the CPU, "auto" is always the dense (exact) path
+            return "dense"
         density = mask[1].numel() / max(1, self.out_features * self.in_features)
         return "sparse" if density <= SPARSE_MAX_DENSITY else "dense"
 
