@@ -359,9 +359,14 @@ def load_model(
     if adapter is not None:
         from peft import PeftModel
 
-        from ..tuner import _registration  # noqa: F401  (registers the SAFETY PEFT type before PeftModel reads the config)
+        from ..tuner import _registration  # noqa: F401  (registers SAFETY / SAFETY_LORA before PeftModel reads the config)
+        from ..tuner.lora import is_legacy_masked_lora, load_masked_lora
 
-        model = PeftModel.from_pretrained(model, os.fspath(adapter))
+        if is_legacy_masked_lora(os.fspath(adapter)):
+            # masked LoRA saved as plain LORA (before SAFETY_LORA): PeftModel would drop the masks
+            model = load_masked_lora(model, os.fspath(adapter))
+        else:
+            model = PeftModel.from_pretrained(model, os.fspath(adapter))
         model.eval()
         if (Path(os.fspath(adapter)) / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer

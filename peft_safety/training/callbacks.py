@@ -69,9 +69,14 @@ def mask_drift_metrics(
 
     ``safety/masked_drift = ||dW[mask]|| / ||W0[mask]||`` and ``safety/unmasked_drift = ||dW[~mask]|| /
     ||W0[~mask]||``, each summed over the covered tensors (fp32 accumulators). ``dW`` is ``W - reference`` for full
-    weights, or the adapter's delta for PEFT tuner layers (then ``W0`` is the base weight and no copy is needed).
-    ``safety/violations`` counts entries that must stay unchanged and did not (the mask in ``"freeze"`` mode, its
-    complement in ``"train_only"`` mode). Only one covered tensor's dense mask and delta are alive at a time.
+    weights. For PEFT tuner layers it is the layer's **effective** update, measured by running the real layer: the
+    adapted layer and its base layer on an identity input (``nn.Linear``: row ``j`` of ``layer(I) - base(I)`` is column
+    ``j`` of the update; ``nn.Embedding``: every token id), in the layer's own dtype and with dropout off. Whatever
+    the layer's forward does (masked or not, sparse or dense) is what is measured, not what its merge helper would
+    produce; ``W0`` is the base weight and no copy is needed. ``safety/violations`` counts entries that must stay
+    unchanged and did not (the mask in ``"freeze"`` mode, its complement in ``"train_only"`` mode): for adapters an
+    entry whose effective update is not exactly zero. Only one covered tensor's dense mask and update are alive at a
+    time; the identity input is fed in chunks of at most 2**22 output values.
 
     Args:
         model: the model being trained (plain or PEFT).
@@ -83,6 +88,44 @@ def mask_drift_metrics(
     Returns:
         ``{"safety/masked_drift", "safety/unmasked_drift", "safety/violations"}``.
     """
+
+    def effective_update(module: nn.Module) -> torch.Tensor | None:
+        """``W_eff - W`` of a tuner layer measured through its forward, or None (merged / not a tuner layer)."""
+        if not hasattr(module, "get_base_layer") or not hasattr(module, "active_adapters"):
+            return None
+        if getattr(module, "merged", False):
+            return None  # merged into the base weight: only a reference copy can tell
+        base = module.get_base_layer()
+        weight = getattr(base, "weight", None)
+        if weight is None:
+            return None
+        device = weight.device
+        dtype = (
+            weight.dtype if weight.dtype.is_floating_point else (getattr(base, "compute_dtype", None) or torch.float32)
+        )
+        # Dropout off without module.eval(): an eval-mode forward repacks bitsandbytes 4-bit weights for good (§6.2).
+        dropouts = [m for m in module.modules() if isinstance(m, nn.Dropout) and m.training]
+        for m in dropouts:
+            m.train(False)
+        try:
+            if isinstance(base, nn.Linear):
+                d_in, d_out = base.in_features, base.out_features
+                chunk = max(1, min(d_in, (1 << 22) // max(1, d_out)))
+                update = torch.empty((d_out, d_in), dtype=dtype, device=device)
+                for start in range(0, d_in, chunk):
+                    stop = min(d_in, start + chunk)
+                    eye = torch.zeros((stop - start, d_in), dtype=dtype, device=device)
+                    eye[torch.arange(stop - start, device=device), torch.arange(start, stop, device=device)] = 1
+                    update[:, start:stop] = (module(eye) - base(eye)).t().to(dtype)
+                return update
+            if isinstance(base, nn.Embedding):
+                ids = torch.arange(base.num_embeddings, device=device)
+                return (module(ids) - base(ids)).to(dtype)
+        finally:
+            for m in dropouts:
+                m.train(True)
+        return _adapter_delta(module)  # other layer types: the adapter's own delta
+
     modules = _modules_by_name(model)
     acc = dict.fromkeys(("dm", "wm", "du", "wu"), 0.0)
     violations = 0
@@ -91,7 +134,7 @@ def mask_drift_metrics(
         module = modules.get(module_name)
         if module is None:
             continue
-        delta = _adapter_delta(module) if leaf == "weight" else None
+        delta = effective_update(module) if leaf == "weight" else None
         if delta is not None:
             w0 = _base_weight(module)
         else:

@@ -228,7 +228,10 @@ class SafetySFTTrainer(SFTTrainer):
             ) from err
         if getattr(args, "gradient_checkpointing", False):
             model.enable_input_require_grads()
-        model = get_masked_lora_model(model, peft_config, mask)
+        # a SafetyLoraConfig keeps its own forward method; any other LoraConfig gets the bit-exact default
+        model = get_masked_lora_model(
+            model, peft_config, mask, entries_method=getattr(peft_config, "entries_method", "dense")
+        )
         self._safety_mechanism = "lora"
         return model, None
 
@@ -334,7 +337,9 @@ class SafetySFTTrainer(SFTTrainer):
         """Check the guarantee now and return the numbers; raises `FreezeViolationError` if it is violated.
 
         Full-weight modes: every frozen entry bit-identical to its value at the start of training. Adapter modes:
-        the adapter's effective update is exactly zero on every frozen entry (LoRA SPA) or outside the mask (SET).
+        the adapter's *effective* update is exactly zero on every frozen entry (LoRA SPA) or outside the mask (SET),
+        measured by running each adapted layer and its base layer on an identity input (`mask_drift_metrics`), so a
+        layer whose forward leaks through the mask is caught even when its merge helper would mask the delta.
         """
         if self.freezer is not None:
             report = self.freezer.verify()

@@ -1,4 +1,4 @@
-"""The one place where peft-safety extends PEFT's closed set of adapter types.
+"""The one place where peft-safety extends PEFT's closed set of adapter types (``SAFETY`` and ``SAFETY_LORA``).
 
 PEFT keeps its adapter types in a closed ``str`` enum (``peft.utils.peft_types.PeftType``) and its public hook,
 ``peft.utils.register_peft_method(name=..., ...)``, refuses any name that is not already a member of that enum
@@ -14,17 +14,31 @@ reloading this module, is a no-op). ``tests/test_tuner_registration.py`` fails a
 unnecessary (``register_peft_method`` accepting new names, or ``PeftType`` gaining ``SAFETY``), so that we then switch
 to the public API.
 
-Important: PEFT has no plugin discovery. **Import ``peft_safety`` before loading a SAFETY adapter**; otherwise PEFT
-raises ``KeyError: 'SAFETY'`` from its own code, where we cannot intercept it.
+The same holds for ``SAFETY_LORA`` (masked LoRA, SPA): ``SafetyLoraConfig`` / ``SafetyLoraModel`` under the prefix
+``lora_``. Its own type (rather than ``LORA``) is what makes a plain ``peft`` refuse a masked adapter instead of loading
+it as an unmasked LoRA.
+
+Important: PEFT has no plugin discovery. **Import ``peft_safety`` before loading a SAFETY or SAFETY_LORA adapter**;
+otherwise PEFT raises ``KeyError: 'SAFETY'`` (``'SAFETY_LORA'``) from its own code, where we cannot intercept it.
 """
 
 from __future__ import annotations
 
 from .config import SafetyConfig
 from .model import SafetyModel
-from .peft_type import SAFETY_PREFIX, SafetyPeftType
+from .peft_type import SAFETY_LORA_PREFIX, SAFETY_PREFIX, SafetyPeftType
+from .spa_config import SafetyLoraConfig
+from .spa_model import SafetyLoraModel
 
 __all__ = ["SAFETY_PREFIX", "SafetyPeftType", "is_registered", "register"]
+
+
+def _entries():
+    """``{type: (config class, tuner class, prefix)}`` for every type we register."""
+    return {
+        SafetyPeftType.SAFETY: (SafetyConfig, SafetyModel, SAFETY_PREFIX),
+        SafetyPeftType.SAFETY_LORA: (SafetyLoraConfig, SafetyLoraModel, SAFETY_LORA_PREFIX),
+    }
 
 
 def _tables():
@@ -38,27 +52,26 @@ def _tables():
 
 
 def is_registered() -> bool:
-    """Whether the ``SAFETY`` type currently resolves to peft-safety's classes in PEFT's mapping tables."""
+    """Whether ``SAFETY`` and ``SAFETY_LORA`` currently resolve to peft-safety's classes in PEFT's mapping tables."""
     config_map, tuner_map, prefix_map = _tables()
-    key = SafetyPeftType.SAFETY
-    return (
-        config_map.get(key) is SafetyConfig
-        and tuner_map.get(key) is SafetyModel
-        and prefix_map.get(key) == (SAFETY_PREFIX)
+    return all(
+        config_map.get(key) is config_cls and tuner_map.get(key) is tuner_cls and prefix_map.get(key) == prefix
+        for key, (config_cls, tuner_cls, prefix) in _entries().items()
     )
 
 
 def register() -> None:
-    """Insert the ``SAFETY`` type into PEFT's three mapping tables (idempotent).
+    """Insert the ``SAFETY`` and ``SAFETY_LORA`` types into PEFT's three mapping tables (idempotent).
 
     Raises:
-        RuntimeError: if another library already registered a different class under ``"SAFETY"`` (we refuse to
-            overwrite it silently; uninstall or stop importing the other library).
+        RuntimeError: if another library already registered a different class under one of our names (we refuse to
+            overwrite it silently; uninstall or stop importing the other library). Nothing is written then.
     """
     config_map, tuner_map, prefix_map = _tables()
-    key = SafetyPeftType.SAFETY
-    wanted = ((config_map, SafetyConfig), (tuner_map, SafetyModel), (prefix_map, SAFETY_PREFIX))
-    for table, value in wanted:
+    plan = []
+    for key, (config_cls, tuner_cls, prefix) in _entries().items():
+        plan += [(config_map, key, config_cls), (tuner_map, key, tuner_cls), (prefix_map, key, prefix)]
+    for table, key, value in plan:
         current = table.get(key)
         # Compare by qualified name too: a module reload creates new class objects for the same code.
         if (
@@ -67,10 +80,10 @@ def register() -> None:
             and getattr(current, "__qualname__", None) != getattr(value, "__qualname__", object())
         ):
             raise RuntimeError(
-                f"PEFT type 'SAFETY' is already registered to {current!r}, not peft-safety's {value!r}. Another "
+                f"PEFT type {key.value!r} is already registered to {current!r}, not peft-safety's {value!r}. Another "
                 "library claims the same name; import only one of them."
             )
-    for table, value in wanted:
+    for table, key, value in plan:
         table[key] = value
 
 
