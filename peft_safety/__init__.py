@@ -23,6 +23,8 @@ _EXPORTS: dict[str, str] = {
     "SafetyMask": "peft_safety.mask",
     "Weight": "peft_safety.mask",
     "fingerprint_tensor": "peft_safety.mask",
+    "fingerprints_of": "peft_safety.mask",
+    "write_card": "peft_safety.mask",
     "granularity_from_dict": "peft_safety.mask",
     "mask_model_card": "peft_safety.mask.hub",
     "push_mask_to_hub": "peft_safety.mask.hub",
@@ -64,6 +66,8 @@ _EXPORTS: dict[str, str] = {
     "scaled": "peft_safety.analysis.probes",
     "zeroed": "peft_safety.analysis.probes",
     "SafetyConfig": "peft_safety.tuner",
+    "SafetyLoraConfig": "peft_safety.tuner",
+    "SafetyLoraModel": "peft_safety.tuner",
     "SafetyLayer": "peft_safety.tuner",
     "SafetyLinear": "peft_safety.tuner",
     "SafetyModel": "peft_safety.tuner",
@@ -156,7 +160,9 @@ if TYPE_CHECKING:  # pragma: no cover
         SafetyMask,
         Weight,
         fingerprint_tensor,
+        fingerprints_of,
         granularity_from_dict,
+        write_card,
     )
     from .mask.hub import mask_model_card, push_mask_to_hub  # noqa: F401
     from .recipes.main_job import MainJobConfig, MainJobResult, run_main_job  # noqa: F401
@@ -187,7 +193,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from .training.config import SafetySFTConfig  # noqa: F401
     from .training.freeze import Freezer, FreezeReport, FreezeViolationError  # noqa: F401
     from .training.trainer import SafetySFTTrainer  # noqa: F401
-    from .tuner import SafetyConfig, SafetyLayer, SafetyLinear, SafetyModel, SafetyPeftType  # noqa: F401
+    from .tuner import (  # noqa: F401
+        SafetyConfig,
+        SafetyLayer,
+        SafetyLinear,
+        SafetyLoraConfig,
+        SafetyLoraModel,
+        SafetyModel,
+        SafetyPeftType,
+    )
     from .tuner.lora import (  # noqa: F401
         check_masked_lora_model,
         get_masked_lora_model,

