@@ -60,7 +60,9 @@ def test_consensus_extremes_are_intersection_and_union():
     masks = _random_masks(3, 5)
     inter = masks[0] & masks[1] & masks[2]
     union = masks[0] | masks[1] | masks[2]
-    assert consensus(masks, 1.0) == SafetyMask(dict(inter.indices), SHAPES, provenance=consensus(masks, 1.0).provenance)
+    assert consensus(masks, 1.0) == SafetyMask(
+        dict(inter.indices), SHAPES, provenance=consensus(masks, 1.0).provenance
+    )
     for name in SHAPES:
         got_all = consensus(masks, 3)[name].tolist() if name in consensus(masks, 3).names else []
         assert got_all == (inter[name].tolist() if name in inter.names else [])

@@ -38,7 +38,9 @@ def test_forgelm_parser_reads_both_templates_single_turn_only():
         ("Sort a list?", "Use sorted().", "code-assistant"),
     ]
     assert ds.DATA_SOURCES["forgelm_chat"].member_list() == (
-        "forgelm/templates/customer-support/data.jsonl", "forgelm/templates/code-assistant/data.jsonl")
+        "forgelm/templates/customer-support/data.jsonl",
+        "forgelm/templates/code-assistant/data.jsonl",
+    )
 
 
 def test_lookalike_parser_matches_whole_words_only():

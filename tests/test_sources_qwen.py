@@ -180,7 +180,7 @@ def test_qwen_cache_only_errors_when_absent(cache):
     from peft_safety.sources.models import cached_model_available, load_model
 
     assert not cached_model_available("qwen2.5-coder-0.5b-instruct")
-    with pytest.raises(FileNotFoundError, match="Qwen/Qwen2.5-Coder-0.5B-Instruct is not in the cache"):
+    with pytest.raises(FileNotFoundError, match=r"Qwen/Qwen2\.5-Coder-0\.5B-Instruct is not in the cache"):
         load_model("qwen2.5-coder-0.5b-instruct", source="cache")
 
 

@@ -137,7 +137,9 @@ def consensus(
                 )
     indices = {name: units[votes >= k] for name, (units, votes) in agreement_counts(masks).items()}
     provs = [m.provenance for m in masks]
-    common = {key: v for key, v in provs[0].items() if key != "library_version" and all(p.get(key) == v for p in provs)}
+    common = {
+        key: v for key, v in provs[0].items() if key != "library_version" and all(p.get(key) == v for p in provs)
+    }
     common.update({"operation": "consensus", "min_agreement": k, "n_masks": len(masks), "operands": provs})
     common.pop("sparsity", None)  # the consensus holds fewer entries than each operand
     common.update(dict(provenance or {}))

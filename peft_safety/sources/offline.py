@@ -275,7 +275,11 @@ class SplitFile:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or "/" in self.name or self.name in (".", ".."):
             raise ValueError(f"SplitFile.name must be a plain file name, got {self.name!r}.")
-        if not isinstance(self.parts, tuple) or not self.parts or not all(isinstance(p, WheelFile) for p in self.parts):
+        if (
+            not isinstance(self.parts, tuple)
+            or not self.parts
+            or not all(isinstance(p, WheelFile) for p in self.parts)
+        ):
             raise TypeError("SplitFile.parts must be a non-empty tuple of WheelFile.")
         if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
             raise ValueError(f"SplitFile.sha256 must be 64 lowercase hex digits, got {self.sha256!r}.")
