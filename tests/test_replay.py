@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -43,7 +44,7 @@ def test_positions_match_a_naive_even_spread():
         assert count == math.floor((i + 1) * k / total)
     # never two replay rows closer than floor(total / k) - 1 task rows apart
     pos = [i for i, f in enumerate(flags) if f]
-    assert all(b - a >= total // k for a, b in zip(pos, pos[1:]))
+    assert all(b - a >= total // k for a, b in itertools.pairwise(pos))
 
 
 def test_replay_rows_cycle_through_a_permutation_and_are_seeded():

@@ -49,7 +49,7 @@ def replay_count(n_task: int, ratio: float) -> int:
     if isinstance(n_task, bool) or not isinstance(n_task, int) or n_task < 0:
         raise ValueError(f"n_task must be a non-negative int, got {n_task!r}.")
     _check_ratio(ratio)
-    return int(round(n_task * ratio / (1.0 - ratio)))
+    return round(n_task * ratio / (1.0 - ratio))
 
 
 def _check_ratio(ratio: float) -> None:
@@ -221,6 +221,8 @@ def apply_replay(train_dataset: Any, replay: Any, args: Any) -> Any:
             )
         replay = load_replay_rows(source)
     if train_dataset is None:
-        raise ValueError("safety_replay_ratio is set but the trainer got no train_dataset to mix the replay rows into.")
+        raise ValueError(
+            "safety_replay_ratio is set but the trainer got no train_dataset to mix the replay rows into."
+        )
     seed = getattr(args, "safety_replay_seed", None)
     return mix_replay(train_dataset, replay, ratio, seed=int(getattr(args, "seed", 0) if seed is None else seed))
