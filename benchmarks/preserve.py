@@ -116,17 +116,21 @@ REDUCED = {
     "attack_arms": "lora,spa_esi", "attack_steps": 20, "n_attack": 40, "threads": 2,
 }  # fmt: skip
 
-#: measured per-unit costs on the 2-core CPU, fp32, 2 threads, for the aligned model (seconds). Sources: DATA.md
-#: (forward+backward 2 x 256 tokens 9.2 s; ESI 8 prompts x 128 tokens 17 s; safety neurons 6 s), issue 13 (50 LoRA
-#: steps at batch 2 on short chat rows: 142 s), and this repository's check on the same machine under load.
+#: per-unit costs (seconds) for the aligned model on the 2-core CPU, fp32, 2 threads, *idle machine*. Sources: DATA.md
+#: (forward+backward of 2 x 256 tokens 9.2 s; ESI on 8 prompts x 128 tokens 17 s), issue 13 (50 LoRA steps at batch
+#: 2 on short chat rows: 142 s). The decoding rate is NOT measured on an idle machine: it is SmolLM2's measured
+#: ~100 new tokens/s (batch 16) scaled by the ~4x larger per-token compute of the 0.5B model. On a machine shared by
+#: other jobs everything is slower: with a load average of ~9 on 2 cores this session measured 0.9 new tokens/s
+#: (25 prompts x 24 tokens in 550 s) -- run the reduced preset on an otherwise idle machine, and check the first
+#: arm's printed time against the estimate before waiting for the rest.
 COSTS = {
     "lora_step_per_token": 9.2 / 512 * 0.45,  # LoRA skips the weight gradients: ~45% of a full step (142 s/50 steps)
     "full_step_per_token": 9.2 / 512,
-    "generate_token": 1 / 25.0,  # batched greedy decoding, new tokens per second at batch ~25 (SmolLM2: 100/s)
+    "generate_token": 1 / 25.0,  # assumed: batched greedy decoding at ~25 new tokens/s (see above)
     "score_token": 17.0 / (8 * 128),  # one ESI pass
     "forward_token": 9.2 / 512 / 3,  # perplexity / multiple choice (forward only)
     "model_load": 15.0,
-    "judge_training": 60.0,
+    "judge_training": 110.0,  # measured: 106 s for 1,396 examples under load
 }
 
 
