@@ -31,6 +31,9 @@ _EXPORTS: dict[str, str] = {
     "Scores": "peft_safety.scoring.scores",
     "isolate": "peft_safety.scoring.selection",
     "select": "peft_safety.scoring.selection",
+    "bootstrap_masks": "peft_safety.scoring.consensus",
+    "consensus": "peft_safety.scoring.consensus",
+    "consensus_mask": "peft_safety.scoring.consensus",
     "LayerDistribution": "peft_safety.analysis",
     "StabilityReport": "peft_safety.analysis",
     "iou_matrix": "peft_safety.analysis",
@@ -85,6 +88,11 @@ _EXPORTS: dict[str, str] = {
     "FreezeReport": "peft_safety.training.freeze",
     "FreezeViolationError": "peft_safety.training.freeze",
     "Freezer": "peft_safety.training.freeze",
+    "RealignCallback": "peft_safety.training.realign",
+    "RealignReport": "peft_safety.training.realign",
+    "realign_": "peft_safety.training.realign",
+    "reference_snapshot": "peft_safety.training.realign",
+    "mix_replay": "peft_safety.training.replay",
     "SafetyHandle": "peft_safety.training.apply",
     "apply_mask_": "peft_safety.training.apply",
     "MODEL_SOURCES": "peft_safety.sources.models",
@@ -105,6 +113,11 @@ _EXPORTS: dict[str, str] = {
     "perplexity": "peft_safety.evaluation",
     "RefusalEvaluator": "peft_safety.evaluation",
     "refusal_evaluator": "peft_safety.evaluation",
+    "ClassifierJudge": "peft_safety.evaluation",
+    "train_classifier_judge": "peft_safety.evaluation",
+    "bootstrap_ci": "peft_safety.evaluation",
+    "mcnemar_exact": "peft_safety.evaluation",
+    "paired_bootstrap": "peft_safety.evaluation",
     "MainJobConfig": "peft_safety.recipes.main_job",
     "MainJobResult": "peft_safety.recipes.main_job",
     "run_main_job": "peft_safety.recipes.main_job",
@@ -140,16 +153,21 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .analysis.probes import mask_drift, noised, restored_from, rewind_, scaled, zeroed  # noqa: F401
     from .evaluation import (  # noqa: F401
+        ClassifierJudge,
         EvalReport,
         KeywordJudge,
         ModelJudge,
         RefusalEvaluator,
         Verdict,
+        bootstrap_ci,
         evaluate,
         generate_responses,
+        mcnemar_exact,
         multiple_choice_accuracy,
+        paired_bootstrap,
         perplexity,
         refusal_evaluator,
+        train_classifier_judge,
     )
     from .mask import (  # noqa: F401
         Granularity,
@@ -176,6 +194,7 @@ if TYPE_CHECKING:  # pragma: no cover
         score,
     )
     from .scoring.calibration import CalibrationSet, refusal_rows, utility_rows  # noqa: F401
+    from .scoring.consensus import bootstrap_masks, consensus, consensus_mask  # noqa: F401
     from .scoring.layer import angle_gap, locate_safety_layers, over_rejection_probe, safety_layer_mask  # noqa: F401
     from .scoring.neuron import SafetyNeuronResult, detect_safety_neurons, rsn_tune_mask  # noqa: F401
     from .scoring.rows import build_refusal_set, build_utility_set  # noqa: F401
@@ -192,6 +211,8 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .training.config import SafetySFTConfig  # noqa: F401
     from .training.freeze import Freezer, FreezeReport, FreezeViolationError  # noqa: F401
+    from .training.realign import RealignCallback, RealignReport, realign_, reference_snapshot  # noqa: F401
+    from .training.replay import mix_replay  # noqa: F401
     from .training.trainer import SafetySFTTrainer  # noqa: F401
     from .tuner import (  # noqa: F401
         SafetyConfig,

@@ -6,10 +6,20 @@
 >>> report = evaluate(model, tok, load_rows("harmbench_test", n=64), load_rows("chat_pairs", n=64))  # doctest: +SKIP
 ```
 
-Judge failures are errors, never refusals: see `peft_safety.evaluation.judges`.
+Judge failures are errors, never refusals: see `peft_safety.evaluation.judges`. `ClassifierJudge` is an offline
+model-based judge (refusal / compliant / non-answer); `peft_safety.evaluation.stats` gives every rate a bootstrap
+interval and every comparison of two arms a paired test.
 """
 
 from ..scoring.generation import GenerationStats, generate_responses, generate_with_stats, render_prompts
+from .classifier_judge import (
+    JUDGE_LABELS,
+    ClassifierJudge,
+    JudgeExample,
+    build_judge_examples,
+    split_examples,
+    train_classifier_judge,
+)
 from .judges import (
     KEYWORD_PRESETS,
     PREFIX_PRESETS,
@@ -25,35 +35,59 @@ from .judges import (
 )
 from .refusal import JudgeSummary, RefusalEvaluator, judge_all, refusal_evaluator, summarize_verdicts
 from .report import DEFAULT_JUDGES, EvalReport, evaluate, write_jsonl
+from .stats import (
+    Interval,
+    PairedTest,
+    bootstrap_ci,
+    cohen_kappa,
+    mcnemar_exact,
+    paired_bootstrap,
+    proportion_ci,
+    rate_with_ci,
+)
 from .utility import choice_loglikelihoods, multiple_choice_accuracy, perplexity, sequence_logprobs
 
 __all__ = [
     "DEFAULT_JUDGES",
+    "JUDGE_LABELS",
     "KEYWORD_PRESETS",
     "PREFIX_PRESETS",
     "RUBRIC_TEMPLATE",
+    "ClassifierJudge",
     "EvalReport",
     "GenerationStats",
+    "Interval",
     "Judge",
+    "JudgeExample",
     "JudgeSummary",
     "KeywordJudge",
     "ModelJudge",
+    "PairedTest",
     "RefusalEvaluator",
     "Verdict",
+    "bootstrap_ci",
+    "build_judge_examples",
     "choice_loglikelihoods",
+    "cohen_kappa",
     "count_words",
     "evaluate",
     "generate_responses",
     "generate_with_stats",
     "is_repetitive",
     "judge_all",
+    "mcnemar_exact",
     "multiple_choice_accuracy",
+    "paired_bootstrap",
     "parse_thescore",
     "perplexity",
+    "proportion_ci",
+    "rate_with_ci",
     "refusal_evaluator",
     "render_prompts",
     "resolve_judges",
     "sequence_logprobs",
+    "split_examples",
     "summarize_verdicts",
+    "train_classifier_judge",
     "write_jsonl",
 ]

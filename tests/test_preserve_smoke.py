@@ -1,0 +1,79 @@
+"""Smoke test of the preservation protocol's wiring (benchmarks/preserve.py) on the tiny in-code model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "preserve.py"
+    spec = importlib.util.spec_from_file_location("_bench_preserve", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_tiny_run_writes_json_and_jsonl(bench, tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        payload = bench.run(bench.parse_args([
+            "--tiny", "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), "--arms", "lora,realign",
+            "--seeds", "0", "--attack-arms", "replay", "--threads", "1",
+        ]))  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    saved = json.loads((tmp_path / "out" / "preserve.json").read_text())
+    assert [r["arm"] for r in saved["benign"]] == ["lora", "realign"]
+    assert [r["arm"] for r in saved["attack"]] == ["replay"]
+    assert saved["judge"]["validation"]["n"] > 0 and "keyword_judges" in saved["judge"]["validation"]
+    row = saved["benign"][1]
+    for key in ("refusal/classifier", "refusal/wei2024", "over_refusal/classifier", "over_refusal_lookalike/wei2024"):
+        ci = row[key]
+        assert ci["n"] + ci["undecided"] > 0 and (ci["rate"] is None or ci["low"] <= ci["rate"] <= ci["high"])
+    assert row["realign"]["units_restored"] == round(0.2 * row["realign"]["units_total"])
+    assert "refusal/classifier" in row["vs_lora"] and "task_loss" in row["vs_aligned"]
+    assert saved["attack"][0]["train_rows"] > 6  # replay rows were mixed into the 6 attack rows
+    # every generation kept, with every judge's verdict
+    lines = Path(row["generations"]).read_text().splitlines()
+    n_prompts = saved["data"]["n_harmful"] + saved["data"]["n_benign"] + saved["data"]["n_lookalike"]
+    assert len(lines) == n_prompts
+    rec = json.loads(lines[0])
+    assert set(rec["verdicts"]) == {"wei2024", "wei2024_min20", "gcg_extended", "refusal_prefix", "classifier"}
+    assert payload["verdict"]["lora"]["meets_default_criterion"] is None  # the reference arm
+
+
+def test_verdict_applies_the_issue_criterion(bench):
+    def row(arm, refusal, loss):
+        return {"arm": arm, "seed": 0, "refusal/classifier": {"rate": refusal}, "task_loss": loss}
+
+    aligned = {"refusal/classifier": {"rate": 0.60}, "task_loss": 2.0}
+    rows = [row("lora", 0.20, 1.0), row("spa_esi", 0.57, 1.05), row("replay", 0.58, 1.2), row("sppft", 0.40, 1.0)]
+    v = bench._verdict(aligned, rows)
+    # spa_esi: drop 3 points, gain 0.95 of LoRA's 1.0 -> meets; replay: gain 0.8 -> no; sppft: drop 20 points -> no
+    assert v["spa_esi"]["meets_default_criterion"] is True
+    assert v["spa_esi"]["share_of_lora_gain"] == pytest.approx(0.95)
+    assert v["replay"]["meets_default_criterion"] is False
+    assert v["sppft"]["meets_default_criterion"] is False
+    assert v["lora"]["meets_default_criterion"] is None
+
+
+def test_reduced_preset_fits_the_budget_and_flags_win(bench):
+    cfg = bench.parse_args(["--reduced"])
+    assert cfg.n_harmful >= 100 and cfg.n_benign + cfg.n_lookalike >= 100
+    assert bench.estimate_seconds(cfg)["total"] <= 90 * 60
+    assert bench.parse_args(["--reduced", "--steps", "7"]).steps == 7
+    with pytest.raises(ValueError, match="Unknown arms"):
+        bench._sections(bench.parse_args(["--arms", "lora,nope"]))
