@@ -89,10 +89,11 @@ def _as_safety_config(args: Any, model: Any):
         raise TypeError(
             f"args must be a SafetySFTConfig, an SFTConfig, a TrainingArguments or None, got {type(args).__name__}."
         )
-    values = args.to_dict()
-    values["hub_token"] = args.hub_token  # to_dict hides it
+    # the raw field values: to_dict() would replace every *_token field (hub_token, and SFTConfig's eos_token and
+    # pad_token) by a placeholder such as "<EOS_TOKEN>"
     names = {f.name for f in dataclasses.fields(SafetySFTConfig) if f.init}
-    return SafetySFTConfig(**{k: v for k, v in values.items() if k in names})
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init and f.name in names}
+    return SafetySFTConfig(**values)
 
 
 def _load_model_like_trl(model_id: str, args: Any, quantization_config: Any, processing_class: Any):
