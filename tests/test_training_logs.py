@@ -66,7 +66,9 @@ def test_refusal_eval_keeps_loss_grad_norm_and_learning_rate(tmp_path, logging_s
     recorder = _as_integration(trainer, Recorder())
     trainer.train()
     entries = _train_entries(trainer.state.log_history)
-    log_steps = sorted(set(range(logging_steps, steps + 1, logging_steps)) | set(range(eval_steps, steps + 1, eval_steps)))
+    log_steps = sorted(
+        set(range(logging_steps, steps + 1, logging_steps)) | set(range(eval_steps, steps + 1, eval_steps))
+    )
     assert [h["step"] for h in entries] == log_steps  # one entry per step that logs or evaluates, no extra entry
     for h in entries:
         for key in TRAIN_KEYS:

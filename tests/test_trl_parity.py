@@ -26,7 +26,13 @@ DOWN0 = "model.layers.0.mlp.down_proj.weight"
 
 #: what TRL's tests leave at its defaults stays at the defaults here (gradient checkpointing on, lr 2e-5, bf16 unset);
 #: only the run length, logging and output are fixed
-RUN = {"max_steps": 3, "per_device_train_batch_size": 4, "logging_steps": 1, "report_to": "none", "save_strategy": "no"}
+RUN = {
+    "max_steps": 3,
+    "per_device_train_batch_size": 4,
+    "logging_steps": 1,
+    "report_to": "none",
+    "save_strategy": "no",
+}
 
 
 def _mask(model, names=(Q0, V1, DOWN0)) -> SafetyMask:
@@ -237,7 +243,9 @@ def test_model_path_honours_model_init_kwargs_and_trust_remote_code(tmp_path, sa
     )  # fmt: skip
     trainer = SafetySFTTrainer(str(saved_model), args=args, train_dataset=Dataset.from_list(_rows("text")),
                                safety_mask=mask)  # fmt: skip
-    assert calls == [(str(saved_model), {"dtype": "bfloat16", "attn_implementation": "eager", "trust_remote_code": True})]
+    assert calls == [
+        (str(saved_model), {"dtype": "bfloat16", "attn_implementation": "eager", "trust_remote_code": True})
+    ]
     assert next(trainer.model.parameters()).dtype == torch.bfloat16
     assert trainer.args.model_init_kwargs == {"dtype": "bfloat16", "attn_implementation": "eager"}  # left as given
 

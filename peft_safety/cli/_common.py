@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 __all__ = [
+    "add_hub_context",
     "check_data_source",
     "check_local_or_hub",
     "hub_context",
@@ -35,8 +36,13 @@ def hub_context() -> str:
     """`` while fetching 'file' of Hub repo 'id' (the model)`` for the Hub files this command needs, or ``""``."""
     if not _CONTEXT:
         return ""
-    parts = [f"{file!r} of Hub repo {repo!r} ({what})" for what, repo, file in _CONTEXT]
-    return " while fetching " + ", ".join(parts)
+    parts = [f"{what} {repo!r}, file {file!r}" for what, repo, file in _CONTEXT]
+    return " for " + "; ".join(parts)
+
+
+def add_hub_context(what: str, repo_id: str, filename: str) -> None:
+    """Record a Hub file this command reads or writes, so that a network error names it."""
+    _CONTEXT.append((what, repo_id, filename))
 
 
 def looks_like_path(value: str) -> bool:
@@ -74,7 +80,7 @@ def check_local_or_hub(what: str, value: str | None, filename: str, revision: st
         if not os.path.exists(os.path.expanduser(value)):
             raise FileNotFoundError(f"{what} {value!r}: no such file or folder.")
         return
-    _CONTEXT.append((what, value, filename))
+    add_hub_context(what, value, filename)
     if not _offline():
         return  # loading will download it; a failure then names this repo and file
     from huggingface_hub import constants, try_to_load_from_cache
@@ -110,7 +116,8 @@ def check_data_source(what: str, value: str | None) -> None:
     close = difflib.get_close_matches(value, DATA_SOURCES, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ValueError(
-        f"{what}: unknown data source {value!r}.{hint} Available: {sorted(DATA_SOURCES)}, or a .csv/.json/.jsonl file."
+        f"Unknown data source {value!r} for {what}.{hint} Available: {sorted(DATA_SOURCES)}, or a .csv/.json/.jsonl "
+        "file."
     )
 
 

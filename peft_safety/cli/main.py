@@ -61,7 +61,7 @@ _SHORT_HELP: dict[str, str] = {
 }
 
 #: modules whose exceptions are network or Hub failures
-_NETWORK_MODULES = ("huggingface_hub", "httpx", "httpcore", "requests", "urllib3")
+_NETWORK_MODULES = ("huggingface_hub", "httpx", "httpcore", "requests", "urllib3", "aiohttp")
 _USER_ERRORS = (ValueError, TypeError, FileNotFoundError, KeyError, ImportError, OSError)
 
 #: packages whose versions decide a cached help text
@@ -87,7 +87,9 @@ def _top_parser() -> argparse.ArgumentParser:
 def command_parser(name: str, module=None) -> argparse.ArgumentParser:
     """The argparse parser of subcommand ``name`` (not for ``OWN_PARSER`` commands)."""
     module = module or _load(name)
-    parser = argparse.ArgumentParser(prog=f"peft-safety {name}", description=getattr(module, "HELP", _SHORT_HELP[name]))
+    parser = argparse.ArgumentParser(
+        prog=f"peft-safety {name}", description=getattr(module, "HELP", _SHORT_HELP[name])
+    )
     module.add_arguments(parser)
     return parser
 
@@ -138,12 +140,21 @@ def help_text(name: str, module=None) -> str:
 
     if not getattr(module, "SLOW_HELP", False):
         return build()
-    path = _cache_root() / "cli-help" / f"{name}-{_help_key(name)}.txt"
+    path = _help_path(name)
     try:
         return path.read_text(encoding="utf-8")
     except OSError:
         pass
     text = build()
+    _write_help(path, text)
+    return text
+
+
+def _help_path(name: str) -> Path:
+    return _cache_root() / "cli-help" / f"{name}-{_help_key(name)}.txt"
+
+
+def _write_help(path: Path, text: str) -> None:
     try:
         from .._io import atomic_write_text
 
@@ -151,15 +162,28 @@ def help_text(name: str, module=None) -> str:
         atomic_write_text(path, text)
     except OSError:
         pass  # a read-only home only costs speed
-    return text
+
+
+def _warm_help_cache(name: str, module) -> None:
+    """After a run has imported the heavy modules anyway, cache the help text if it is missing (milliseconds)."""
+    if getattr(module, "SLOW_HELP", False):
+        path = _help_path(name)
+        if not path.is_file():
+            _write_help(path, module.help_text(f"peft-safety {name}"))
 
 
 # ---------------------------------------------------------------------------------------------------- errors
 def _is_network_error(err: BaseException) -> bool:
-    for cls in type(err).__mro__:
-        if cls.__module__.split(".")[0] in _NETWORK_MODULES:
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:  # the error or one it was raised from
+        seen.add(id(err))
+        for cls in type(err).__mro__:
+            if cls.__module__.split(".")[0].startswith(_NETWORK_MODULES):  # httpx2/httpcore2 forks included
+                return True
+        if isinstance(err, (ConnectionError, TimeoutError)):
             return True
-    return isinstance(err, (ConnectionError, TimeoutError))
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _one_line(err: BaseException) -> str:
@@ -174,7 +198,7 @@ def error_line(command: str, err: BaseException) -> str:
 
         where = hub_context()
         return (
-            f"peft-safety {command}: error: cannot reach the Hugging Face Hub{where} "
+            f"peft-safety {command}: error: Hugging Face Hub request failed{where} "
             f"({type(err).__name__}: {_one_line(err)}). Check the network connection and HF_TOKEN, or work offline "
             "with local folders (HF_HUB_OFFLINE=1 uses only the local cache)."
         )
@@ -207,9 +231,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if getattr(module, "OWN_PARSER", False):
             args = module.parse(rest, f"peft-safety {name}")
+            _warm_help_cache(name, module)
         else:
             args = command_parser(name, module).parse_args(rest)  # usage errors: exit code 2, by argparse
-        check = getattr(module, "check", None)
+        from ._checks import CHECKS
+
+        check = getattr(module, "check", None) or CHECKS.get(name)
         if check is not None:
             check(args)
         return int(module.run(args) or 0)

@@ -45,7 +45,14 @@ def make_sft_parser(prog: str | None = None):
     """A ``trl.TrlParser`` over `sft_dataclasses` (``--config file.yaml`` supported, like ``trl sft``)."""
     from trl import TrlParser
 
-    return TrlParser(sft_dataclasses(), prog=prog)
+    return TrlParser(
+        sft_dataclasses(),
+        prog=prog,
+        description="TRL's SFT script with a safety mask. Every flag of `trl sft`, plus --safety_mask and "
+        "--safety_mode (and the other --safety_* flags). --config FILE.yaml reads flags from a YAML file (keys are "
+        "flag names, an `env:` mapping sets environment variables, a `datasets:` list mixes data sets); flags on "
+        "the command line win.",
+    )
 
 
 def parse_sft_args(argv: Sequence[str] | None = None, prog: str | None = None) -> tuple[Any, Any, Any, Any]:
