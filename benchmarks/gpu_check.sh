@@ -15,8 +15,12 @@
 # Exit code: 0 when no case failed (skips allowed), 1 otherwise.
 #
 # Status (record every run here, with the date, the machine and the printed lines):
-#   - not yet run on a GPU. The CPU equivalent of the DDP cases passes in tests/test_accelerate_launch.py (-m slow);
-#     FSDP2 and DeepSpeed through accelerate have never run (accelerate applies FSDP/DeepSpeed only on accelerators).
+#   - not yet run on a GPU. 2026-11-30: a 1 x H200 machine was available to the session, but it ran the main checkout
+#     (without this script) in an environment without trl and datasets, and it could not reach a package index, so
+#     the check could not start there. On a GPU machine with `pip install -e '.[trl]'` (and deepspeed for ZeRO),
+#     NPROC=1 runs every case on one GPU (FSDP2/ZeRO on a one-rank mesh), NPROC>=2 the real multi-GPU paths.
+#   - The CPU equivalent of the DDP cases passes (tests/test_accelerate_launch.py, -m slow). FSDP2 and DeepSpeed
+#     through accelerate have never run: accelerate applies FSDP/DeepSpeed only to accelerator process groups.
 set -u -o pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,7 +31,7 @@ DRY_RUN=0
 [[ "${1:-}" == "--dry-run" ]] && DRY_RUN=1
 ALL_CASES="ddp-spa ddp-set fsdp2-spa fsdp2-set zero2-spa zero2-set zero3-spa zero3-set"
 CASES="${CASES:-$ALL_CASES}"
-OUT_ROOT="${OUT_ROOT:-$(mktemp -d -t peft-safety-gpu-check.XXXXXX)}"
+OUT_ROOT="${OUT_ROOT:-${TMPDIR:-/tmp}/peft-safety-gpu-check-$$}"
 
 config_of() {
   case "$1" in
@@ -62,7 +66,12 @@ skip_reason() {
 
 failed=0
 for case in $CASES; do
-  config="$(config_of "$case")" || { printf '%-10s FAIL  unknown case (known: %s)\n' "$case" "$ALL_CASES"; failed=1; continue; }
+  if [[ " $ALL_CASES " != *" $case "* ]]; then
+    printf '%-10s FAIL  unknown case (known: %s)\n' "$case" "$ALL_CASES"
+    failed=1
+    continue
+  fi
+  config="$(config_of "$case")"
   mode="$(mode_of "$case")"
   out="$OUT_ROOT/$case"
   launch=(accelerate launch --config_file "$config" --num_processes "$NPROC" --main_process_port 0
