@@ -17,14 +17,9 @@ _MASK_FILE = "safety_mask.safetensors"
 
 
 def _mask(what: str, value: str | None, revision: str | None = None) -> None:
+    """A mask argument: an existing path, or a Hub id (recorded for error messages; offline: must be cached). What a
+    local folder holds is checked by `SafetyMask.from_pretrained`, which loads no model."""
     check_local_or_hub(what, value, _MASK_FILE, revision)
-    if value is not None and os.path.isdir(value) and not os.path.isfile(os.path.join(value, _MASK_FILE)):
-        raise FileNotFoundError(f"{what} {value!r}: the folder has no {_MASK_FILE}.")
-
-
-def _fraction(value: float | None, flag: str = "--fraction") -> None:
-    if value is not None and not 0.0 < value <= 1.0:
-        raise ValueError(f"{flag} must be in (0, 1], got {value}.")
 
 
 def check_inspect(args: argparse.Namespace) -> None:
@@ -42,24 +37,20 @@ def check_compare(args: argparse.Namespace) -> None:
 
 
 def check_select(args: argparse.Namespace) -> None:
-    if not os.path.isfile(args.scores):
-        raise FileNotFoundError(f"SCORES {args.scores!r}: no such file (write one with Scores.to_safetensors).")
-    _fraction(getattr(args, "fraction", None))
-    k = getattr(args, "k", None)
-    if k is not None and k < 1:
-        raise ValueError(f"--k must be >= 1, got {k}.")
-    scope = getattr(args, "scope", "global")
-    if scope not in ("global", "per_tensor", "per_row"):
-        raise ValueError(f"--scope must be global, per_tensor or per_row, got {scope!r}.")
+    # the scores file, --fraction, --k and --scope are checked by the command itself before any heavy work
     _mask("--exclude", getattr(args, "exclude", None))
 
 
 def check_score(args: argparse.Namespace) -> None:
+    """The command reads --data only after loading the model: check the file, the scorer name and the ranges first."""
     if not os.path.isfile(args.data):
-        raise FileNotFoundError(f"--data {args.data!r}: no such file.")
-    if os.path.splitext(args.data)[1].lower() not in (".jsonl", ".json", ".csv"):
-        raise ValueError(f"--data {args.data!r}: unsupported file type; use .jsonl, .json or .csv.")
-    _fraction(getattr(args, "fraction", None))
+        raise FileNotFoundError(f"--data {args.data!r} does not exist.")
+    ext = os.path.splitext(args.data)[1].lower()
+    if ext not in (".jsonl", ".json", ".csv"):
+        raise ValueError(f"--data {args.data!r}: unsupported extension {ext!r}; use .jsonl, .json or .csv.")
+    fraction = getattr(args, "fraction", None)
+    if fraction is not None and not 0.0 < fraction <= 1.0:
+        raise ValueError(f"--fraction must be in (0, 1], got {fraction}.")
     for flag in ("batch_size", "max_length"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
@@ -72,15 +63,11 @@ def check_score(args: argparse.Namespace) -> None:
 
 
 def check_push(args: argparse.Namespace) -> None:
+    """Before any network call: the repo id's form (the command checks the mask folder itself)."""
     if not _REPO_ID.match(args.repo_id):
         raise ValueError(
             f"REPO_ID {args.repo_id!r} is not a Hub model repo id; use 'owner/name' (e.g. me/llama-mask)."
         )
-    path = args.mask_dir
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"MASK_DIR {path!r}: no such mask folder or file.")
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, _MASK_FILE)):
-        raise FileNotFoundError(f"MASK_DIR {path!r}: the folder has no {_MASK_FILE}.")
     add_hub_context("upload to repo", args.repo_id, _MASK_FILE)
 
 
