@@ -174,6 +174,8 @@ def _warm_help_cache(name: str, module) -> None:
 
 # ---------------------------------------------------------------------------------------------------- errors
 def _is_network_error(err: BaseException) -> bool:
+    if isinstance(err, (ValueError, TypeError)):
+        return False  # argument validation (e.g. huggingface_hub's HFValidationError), whatever module raised it
     seen: set[int] = set()
     while err is not None and id(err) not in seen:  # the error or one it was raised from
         seen.add(id(err))
