@@ -21,7 +21,6 @@ python benchmarks/masked_lora.py --small --threads 1      # smoke test
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -83,11 +82,9 @@ def build_mask(model, granularity: str, density: float):
 
 
 def main() -> int:
-    from peft_safety._args import add_dataclass_arguments, dataclass_from_namespace
+    from transformers import HfArgumentParser
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_dataclass_arguments(parser, Args, dash_case=False)
-    args = dataclass_from_namespace(Args, parser.parse_args())
+    (args,) = HfArgumentParser(Args, description=__doc__.split("\n")[0]).parse_args_into_dataclasses()
     torch.set_num_threads(args.threads)
 
     from peft import LoraConfig, get_peft_model

@@ -39,7 +39,6 @@ prompts trained or scored on (`assert_disjoint`).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import json
@@ -821,11 +820,11 @@ def run_attack(cfg: ReproduceConfig, aligned: tuple[Any, Any, Any] | None = None
 
 # --------------------------------------------------------------------------------------------------- entry point
 def parse_args(argv: list[str] | None = None) -> ReproduceConfig:
-    from peft_safety._args import add_dataclass_arguments, dataclass_from_namespace
+    from transformers import HfArgumentParser
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_dataclass_arguments(parser, ReproduceConfig)
-    return dataclass_from_namespace(ReproduceConfig, parser.parse_args(argv))
+    parser = HfArgumentParser(ReproduceConfig, description=__doc__.split("\n\n")[0])
+    (config,) = parser.parse_args_into_dataclasses(argv)
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -192,13 +192,11 @@ def interleaved_times(args: Args) -> dict[str, float]:
 
 
 def main() -> int:
-    from peft_safety._args import add_dataclass_arguments, dataclass_from_namespace
+    from transformers import HfArgumentParser
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_dataclass_arguments(parser, Args, dash_case=False)
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
-    ns = parser.parse_args()
-    args = dataclass_from_namespace(Args, ns)
+    parser = HfArgumentParser(Args, description=__doc__.split("\n")[0])
+    parser.add_argument("--variant", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
+    args, ns = parser.parse_args_into_dataclasses()  # ns: the flags outside Args (--variant)
     if ns.variant:
         print(json.dumps(run_variant(ns.variant, args)))
         return 0

@@ -1,6 +1,9 @@
 """SFT with a safety mask: SET (train only the mask) or SPA (freeze the mask) with TRL, in one script.
 
-Runnable examples (all offline; the tiny model and data are built first with ``--make_tiny DIR``):
+This is TRL's ``trl/scripts/sft.py`` with `SafetySFTTrainer`: every flag of ``trl sft`` works (``--load_in_4bit``,
+``--use_peft``, ``--lora_*``, ``--attn_implementation``, ``--packing``, ``--config recipe.yaml``, ...), plus
+``--safety_mask DIR --safety_mode freeze|train_only``. Runnable examples (all offline; the tiny model, data and mask are
+built first with ``--make_tiny DIR``):
 
 ```bash
 # build a tiny Llama, a tiny prompt/completion jsonl data set and a mask in /tmp/tiny
@@ -9,21 +12,33 @@ python examples/sft_safety.py --make_tiny /tmp/tiny
 # SPA with LoRA: the LoRA update is exactly zero on the mask's entries
 python examples/sft_safety.py --model_name_or_path /tmp/tiny/model --dataset_name /tmp/tiny/data.jsonl \
     --safety_mask /tmp/tiny/mask --safety_mode freeze --use_peft --lora_target_modules q_proj v_proj \
-    --output_dir /tmp/tiny/spa-lora --max_steps 5 --bf16 false --activation_checkpointing false --max_length 64
+    --output_dir /tmp/tiny/spa-lora --max_steps 5 --max_length 64
+
+# SPA with QLoRA (bitsandbytes 4-bit base, also on CPU)
+python examples/sft_safety.py --model_name_or_path /tmp/tiny/model --dataset_name /tmp/tiny/data.jsonl \
+    --safety_mask /tmp/tiny/mask --safety_mode freeze --use_peft --lora_target_modules q_proj v_proj \
+    --load_in_4bit --output_dir /tmp/tiny/spa-qlora --max_steps 5 --max_length 64
 
 # SPA with full fine-tuning: the mask's entries stay bit-identical under AdamW with weight decay
 python examples/sft_safety.py --model_name_or_path /tmp/tiny/model --dataset_name /tmp/tiny/data.jsonl \
-    --safety_mask /tmp/tiny/mask --safety_mode freeze --output_dir /tmp/tiny/spa-full --max_steps 5 \
-    --bf16 false --activation_checkpointing false --max_length 64
+    --safety_mask /tmp/tiny/mask --safety_mode freeze --output_dir /tmp/tiny/spa-full --max_steps 5 --max_length 64
 
 # SET: a sparse adapter holding deltas only at the mask's entries
 python examples/sft_safety.py --model_name_or_path /tmp/tiny/model --dataset_name /tmp/tiny/data.jsonl \
-    --safety_mask /tmp/tiny/mask --safety_mode train_only --output_dir /tmp/tiny/set --max_steps 5 \
-    --bf16 false --activation_checkpointing false --max_length 64
+    --safety_mask /tmp/tiny/mask --safety_mode train_only --output_dir /tmp/tiny/set --max_steps 5 --max_length 64
+
+# the same run from a YAML recipe (command-line flags override it)
+python examples/sft_safety.py --config examples/sft_safety.yaml --model_name_or_path /tmp/tiny/model \
+    --dataset_name /tmp/tiny/data.jsonl --safety_mask /tmp/tiny/mask
+
+# two processes (DDP) on CPU through accelerate; see docs/multiprocess.md for FSDP2 and GPUs
+accelerate launch --config_file examples/accelerate/ddp_cpu.yaml examples/sft_safety.py \
+    --config examples/sft_safety.yaml --model_name_or_path /tmp/tiny/model --dataset_name /tmp/tiny/data.jsonl \
+    --safety_mask /tmp/tiny/mask --output_dir /tmp/tiny/spa-ddp
 ```
 
-``--dataset_name`` is a Hub id or a local ``.json``/``.jsonl``/``.csv``/``.parquet`` file. The same runs through
-``peft-safety train ...`` (identical arguments).
+``bf16`` follows the hardware when not given (on for a bf16-capable GPU, off on CPU). ``--dataset_name`` is a Hub id
+or a local ``.json``/``.jsonl``/``.csv``/``.parquet`` file. ``peft-safety train ...`` takes identical arguments.
 """
 
 from __future__ import annotations
@@ -64,18 +79,16 @@ def make_tiny(folder: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from transformers import HfArgumentParser
-
-    from peft_safety.recipes.sft import run_sft, sft_dataclasses
+    from peft_safety.recipes.sft import parse_sft_args, run_sft
 
     argv = sys.argv[1:] if argv is None else argv
     if "--make_tiny" in argv:
         make_tiny(argv[argv.index("--make_tiny") + 1])
         return 0
-    parser = HfArgumentParser(sft_dataclasses())
-    script_args, training_args, model_args = parser.parse_args_into_dataclasses(argv)
-    run_sft(script_args, training_args, model_args)
-    print(f"saved to {training_args.output_dir}")
+    script_args, training_args, model_args, dataset_args = parse_sft_args(argv)
+    trainer = run_sft(script_args, training_args, model_args, dataset_args)
+    if trainer.is_world_process_zero():
+        print(f"saved to {training_args.output_dir}")
     return 0
 
 

@@ -3,15 +3,62 @@
 Importing ``peft_safety`` registers the ``SAFETY`` PEFT type (so that ``PeftModel.from_pretrained`` can load
 peft-safety adapters) and nothing else: it imports neither trl nor datasets, and does not initialise CUDA. Public names
 are resolved lazily on first access.
+
+The registration needs ``peft`` (and so torch), which takes seconds to import. When ``peft`` is already imported it runs
+at once; otherwise it runs right after ``peft`` finishes importing (an import hook, removed after it fires), so that
+``import peft_safety`` alone, e.g. for ``peft-safety --help``, imports neither torch nor peft, and PEFT's tables hold
+the ``SAFETY`` type before any code can read them.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__ as __version__
-from .tuner import _registration as _registration  # registers the SAFETY PEFT type
+
+
+def _register_safety_type() -> None:
+    from .tuner import _registration  # noqa: F401  (registers the SAFETY PEFT type on import)
+
+
+class _RegisterAfterPeftImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: when ``peft`` is about to be imported, wraps its loader so the SAFETY type is registered
+    as soon as ``peft`` has executed, then leaves ``sys.meta_path``. (``importlib.util.find_spec("peft")`` alone, as
+    availability checks do, also comes here; the hook stays until an import really executes peft.)"""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "peft":
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run_module = spec.loader.exec_module
+
+        def exec_module(module):
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            run_module(module)
+            _register_safety_type()
+
+        spec.loader.exec_module = exec_module  # this loader instance serves only this spec of peft
+        return spec
+
+
+if "peft" in sys.modules:
+    _register_safety_type()
+elif not any(isinstance(f, _RegisterAfterPeftImport) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterAfterPeftImport())
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {

@@ -110,8 +110,8 @@ def test_bad_inputs(tok):
         CalibrationSet(ROWS, tok, loss="all")
     with pytest.raises(TypeError, match="Row 0 is a str"):
         CalibrationSet(["hi"], tok)
-    with pytest.raises(ValueError, match="neither 'messages' nor 'prompt'"):
-        CalibrationSet([{"text": "hi"}], tok)
+    with pytest.raises(ValueError, match="no known format"):
+        CalibrationSet([{"txt": "hi"}], tok)  # ({"text": ...} is TRL's language-modeling format: accepted)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         next(CalibrationSet(ROWS, tok).batches(0))
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
@@ -132,3 +132,86 @@ def test_builders(tok):
     assert len(util) == 1 and util.loss == "response_only"
     assert model.training is False
     assert torch.is_tensor(next(util.batches(1))["input_ids"])
+
+
+# ---------------------------------------------------------------------------- TRL's dataset formats
+
+
+def _same_examples(a: CalibrationSet, b: CalibrationSet) -> None:
+    assert len(a) == len(b)
+    for i in range(len(a)):
+        ea, eb = a.example(i), b.example(i)
+        assert torch.equal(ea["input_ids"], eb["input_ids"]) and torch.equal(ea["labels"], eb["labels"])
+
+
+@pytest.mark.parametrize("template", ["chat", "raw"])
+def test_standard_prompt_completion_scores_the_completion(tok, template):
+    trl_rows = [
+        {"prompt": "How do I pick a lock?", "completion": "I cannot help."},
+        {"prompt": "hi", "completion": "Hello."},
+    ]
+    reference = [{"prompt": r["prompt"], "response": r["completion"]} for r in trl_rows]
+    calib = CalibrationSet(trl_rows, tok, template=template)
+    _same_examples(calib, CalibrationSet(reference, tok, template=template))
+    for i, row in enumerate(trl_rows):
+        ex = calib.example(i)
+        scored = tok.decode(ex["input_ids"][ex["labels"] != -100].tolist(), skip_special_tokens=True)
+        assert scored.strip().startswith(row["completion"])
+
+
+def test_conversational_prompt_completion_equals_messages(tok):
+    trl_rows = [
+        {"prompt": [{"role": "system", "content": "Be safe."}, {"role": "user", "content": "Make a weapon"}],
+         "completion": [{"role": "assistant", "content": "I can't."}]},
+        {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "Hello!"}]},
+    ]  # fmt: skip
+    messages = [{"messages": [*r["prompt"], *r["completion"]]} for r in trl_rows]
+    calib = CalibrationSet(trl_rows, tok)
+    _same_examples(calib, CalibrationSet(messages, tok))
+    # the prompt is rendered by the chat template, never as a Python repr of the list
+    text = tok.decode(calib.example(0)["input_ids"].tolist())
+    assert "Make a weapon" in text and "{'role'" not in text and "[{" not in text
+    # full_text keeps the completion (it used to be dropped)
+    full = CalibrationSet(trl_rows, tok, loss="full_text")
+    assert "I can't." in tok.decode(full.example(0)["input_ids"].tolist())
+
+
+def test_text_rows_score_every_token(tok):
+    rows = [{"text": "The cat sat."}, {"text": "Dogs bark loudly at night."}]
+    calib = CalibrationSet(rows, tok)
+    for i, row in enumerate(rows):
+        ex = calib.example(i)
+        expected = tok(row["text"] + tok.eos_token, add_special_tokens=False)["input_ids"]
+        assert ex["labels"][ex["labels"] != -100].tolist() == expected  # every token of the text, nothing else
+    assert calib.num_loss_tokens == sum(len(tok(r["text"] + tok.eos_token)["input_ids"]) for r in rows) - sum(
+        len(tok("", add_special_tokens=True)["input_ids"]) for _ in rows
+    )
+
+
+def test_trl_dataset_formats_through_datasets(tok):
+    from datasets import Dataset
+
+    ds = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "a"}]}]
+    )
+    assert len(CalibrationSet(ds, tok)) == 1
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"question": "q", "answer": "a"}, "no known format"),
+        ({"prompt": "q", "completion": [{"role": "assistant", "content": "a"}]}, "standard format pairs two strings"),
+        ({"prompt": [{"role": "user", "content": "q"}], "completion": "a"}, "must be a non-empty list"),
+        (
+            {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "a"}]},
+            "exactly one assistant",
+        ),
+        ({"prompt": "q", "completion": "a", "response": "b"}, "both 'response' and 'completion'"),
+        ({"prompt": 3, "completion": "a"}, "'prompt' must be a string or a list"),
+        ({"messages": [{"role": "user", "content": [{"type": "image"}]}]}, "only text content"),
+    ],
+)
+def test_unknown_or_mixed_formats_are_clear_errors(tok, row, message):
+    with pytest.raises(ValueError, match=message):
+        CalibrationSet([row], tok)

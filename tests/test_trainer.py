@@ -344,9 +344,12 @@ def test_ready_made_refusal_evaluator_is_logged(tmp_path):
 
 
 def test_cli_train_parses_the_same_flags():
-    from peft_safety.cli.main import build_parser
+    from peft_safety.cli import train_cmd
+    from peft_safety.recipes.sft import parse_sft_args
 
-    argv = ["train", "--model_name_or_path", "m", "--dataset_name", "d.jsonl", "--output_dir", "o"]
+    argv = ["--model_name_or_path", "m", "--dataset_name", "d.jsonl", "--output_dir", "o"]
     argv += ["--safety_mask", "x", "--safety_mode", "freeze", "--use_peft", "--bf16", "false"]
-    args = build_parser(argv).parse_args(argv)
-    assert (args.safety_mask, args.safety_mode, args.use_peft, args.dataset_name) == ("x", "freeze", True, "d.jsonl")
+    for script, training, model, _ in (train_cmd.parse(argv), parse_sft_args(argv)):
+        assert (training.safety_mask, training.safety_mode, model.use_peft, script.dataset_name) == (
+            "x", "freeze", True, "d.jsonl"
+        )  # fmt: skip

@@ -30,8 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--system-prompt", default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: bfloat16 on a bf16-capable CUDA device, float32 elsewhere")  # fmt: skip
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps ...")
     parser.add_argument("--source", default="auto", choices=["auto", "offline", "hub"],
                         help="where named models and data come from")  # fmt: skip
     parser.add_argument("--out", default=None, help="folder for generations.jsonl, report.json and report.md")
@@ -49,16 +50,40 @@ def _rows(name: str | None, n: int, seed: int, source: str) -> list | None:
     return rows
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..evaluation import DEFAULT_JUDGES, evaluate
-    from ..sources.models import load_model
+def check(args: argparse.Namespace) -> None:
+    """Everything that needs no model: counts, data-set names and files, judge names, model and adapter paths."""
+    from ._common import check_data_source, check_local_or_hub
 
     if args.n < 1 or args.n_utility < 1:
         raise ValueError(f"--n and --n-utility must be >= 1, got {args.n} and {args.n_utility}.")
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        raise ValueError(
+            f"--max-new-tokens and --batch-size must be >= 1, got {args.max_new_tokens}, {args.batch_size}."
+        )
+    if args.source != "hub":  # with --source hub, names are Hub data sets
+        for flag in ("harmful", "benign", "utility", "mc"):
+            check_data_source(f"--{flag}", getattr(args, flag))
+    if args.judges:
+        from ..evaluation.judges import resolve_judges
+
+        resolve_judges(list(args.judges))  # unknown preset names raise here, not after the model has loaded
+    if args.model.strip().lower() not in _MODEL_NAMES:
+        check_local_or_hub("MODEL", args.model, "config.json")
+    check_local_or_hub("--adapter", args.adapter, "adapter_config.json")
+
+
+#: short names of the embedded models (peft_safety.sources.models.MODEL_SOURCES), resolved without the Hub
+_MODEL_NAMES = ("default", "smollm2", "smollm2-135m", "smollm2-135m-instruct")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluation import DEFAULT_JUDGES, evaluate
+    from ..sources.models import load_model
+    from ._common import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
     model_source = "hub" if args.source == "hub" else "auto"
-    model, tokenizer = load_model(args.model, getattr(torch, args.dtype), args.device, adapter=args.adapter,
+    model, tokenizer = load_model(args.model, resolve_dtype(args.dtype, device), device, adapter=args.adapter,
                                   source=model_source)  # fmt: skip
     report = evaluate(
         model,

@@ -30,6 +30,25 @@ def _size(path: Path) -> str:
     return f"{total / 2**20:.1f} MiB"
 
 
+def _names(args: argparse.Namespace) -> list[str]:
+    from ..sources.datasets import DATA_SOURCES
+
+    return sorted(DATA_SOURCES) if args.all else list(args.data if args.data is not None else DEFAULT_DATA)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Data-set names are checked before the (large) model download starts."""
+    import difflib
+
+    from ..sources.datasets import DATA_SOURCES
+
+    for name in _names(args):
+        if name not in DATA_SOURCES:
+            close = difflib.get_close_matches(name, DATA_SOURCES, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"--data: unknown data source {name!r}.{hint} Available: {sorted(DATA_SOURCES)}.")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..sources.datasets import DATA_SOURCES, fetch_source
     from ..sources.models import ensure_default_model
@@ -38,8 +57,7 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         folder = ensure_default_model()
         print(f"model  smollm2-135m  {_size(folder):>10}  {folder}  ({time.perf_counter() - start:.1f} s)")
-    names = sorted(DATA_SOURCES) if args.all else (args.data if args.data is not None else DEFAULT_DATA)
-    for name in names:
+    for name in _names(args):
         if name not in DATA_SOURCES:
             raise ValueError(f"Unknown data source {name!r}. Available: {sorted(DATA_SOURCES)}.")
         for path in fetch_source(name):

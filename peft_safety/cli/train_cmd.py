@@ -1,42 +1,57 @@
-"""``peft-safety train``: SET or SPA training with TRL's SFT (a thin wrapper around `SafetySFTTrainer`).
+"""``peft-safety train``: TRL's SFT script with a safety mask (SET: train only the mask; SPA: freeze it).
 
-Takes the same arguments as ``examples/sft_safety.py``: every ``SafetySFTConfig`` and TRL ``ModelConfig`` field, plus
-``--dataset_name`` (Hub id or local .json/.jsonl/.csv/.parquet file). Example:
+Every flag of ``trl sft`` (TRL's ``ScriptArguments``, ``SFTConfig``, ``ModelConfig`` and ``DatasetMixtureConfig``,
+parsed by TRL's ``TrlParser``) plus ``--safety_mask`` / ``--safety_mode`` and the other ``--safety_*`` fields of
+`SafetySFTConfig`; ``--config recipe.yaml`` reads the same flags from a YAML file (command-line flags win). The same
+entry point as ``examples/sft_safety.py`` (`peft_safety.recipes.sft`). Examples::
 
     peft-safety train --model_name_or_path MODEL --dataset_name data.jsonl --safety_mask MASK_DIR \
-        --safety_mode freeze --use_peft --output_dir out
+        --safety_mode freeze --use_peft --lora_target_modules q_proj v_proj --output_dir out
+    peft-safety train --config recipe.yaml --safety_mask MASK_DIR --safety_mode freeze
+    accelerate launch --config_file examples/accelerate/ddp.yaml -m peft_safety.cli.main train --config recipe.yaml
+
+Checked before the model loads: the data set (a Hub id or an existing .json/.jsonl/.csv/.parquet file), the model
+folder or Hub id, the mask path and the mode.
 """
 
 from __future__ import annotations
 
-import argparse
+from collections.abc import Sequence
+from typing import Any
 
-HELP = "run SET or SPA training (TRL SFT) with a mask"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from transformers import HfArgumentParser
-
-    from ..recipes.sft import sft_dataclasses
-
-    # copy the actions HfArgumentParser builds from the dataclasses onto the subcommand parser, so
-    # `peft-safety train --safety_mode freeze ...` and the example script accept exactly the same flags
-    helper = HfArgumentParser(sft_dataclasses())
-    for action in helper._actions:
-        if action.dest != "help":
-            parser._add_action(action)
+HELP = "TRL's SFT script with a mask: SET (train only the mask) or SPA (freeze it)"
+OWN_PARSER = True
+SLOW_HELP = True  # every TRL flag: the dataclasses live in transformers/trl, which import torch
 
 
-def run(args: argparse.Namespace) -> int:
-    import dataclasses
+def help_text(prog: str) -> str:
+    from ..recipes.sft import make_sft_parser
 
-    from ..recipes.sft import run_sft, sft_dataclasses
+    return make_sft_parser(prog).format_help()
 
-    values = vars(args)
-    script_args, training_args, model_args = (
-        dtype(**{f.name: values[f.name] for f in dataclasses.fields(dtype) if f.init and f.name in values})
-        for dtype in sft_dataclasses()
-    )
-    run_sft(script_args, training_args, model_args)
-    print(f"peft-safety train: saved to {training_args.output_dir} (mode {training_args.safety_mode})")
+
+def parse(argv: Sequence[str], prog: str = "peft-safety train") -> tuple[Any, ...]:
+    from ..recipes.sft import parse_sft_args
+
+    return parse_sft_args(argv, prog=prog)
+
+
+def check(args: tuple[Any, ...]) -> None:
+    from ..recipes.sft import check_sft_args
+    from ._common import check_local_or_hub
+
+    script_args, training_args, model_args, dataset_args = args
+    check_sft_args(script_args, training_args, model_args, dataset_args)
+    check_local_or_hub("--model_name_or_path", model_args.model_name_or_path, "config.json", model_args.model_revision)
+    check_local_or_hub("--safety_mask", training_args.safety_mask, "safety_mask.safetensors")
+
+
+def run(args: tuple[Any, ...]) -> int:
+    from ..recipes.sft import run_sft
+
+    script_args, training_args, model_args, dataset_args = args
+    trainer = run_sft(script_args, training_args, model_args, dataset_args)
+    if trainer.is_world_process_zero():
+        mode = training_args.safety_mode or "no mask"
+        print(f"peft-safety train: saved to {training_args.output_dir} (mode {mode})")
     return 0

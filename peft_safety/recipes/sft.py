@@ -1,48 +1,118 @@
-"""The TRL-style SFT entry point shared by ``examples/sft_safety.py`` and ``peft-safety train``.
+"""The TRL SFT entry point with a safety mask, shared by ``examples/sft_safety.py`` and ``peft-safety train``.
 
-Arguments are three dataclasses parsed by ``HfArgumentParser`` (or ``trl.TrlParser``): `SFTScriptArguments` (data),
-`SafetySFTConfig` (TRL's ``SFTConfig`` plus the ``safety_*`` fields) and TRL's ``ModelConfig`` (model and LoRA).
-So a usual TRL SFT command line gains ``--safety_mask DIR --safety_mode freeze`` and nothing else changes.
+It is TRL's own ``trl/scripts/sft.py`` wiring, built from TRL's pieces: ``TrlParser`` over TRL's ``ScriptArguments``,
+``ModelConfig`` and ``DatasetMixtureConfig``, with `SafetySFTConfig` (TRL's ``SFTConfig`` plus the ``safety_*``
+fields) in place of ``SFTConfig``; ``get_quantization_config`` and ``get_peft_config`` build the bitsandbytes and LoRA
+configs from ``--load_in_4bit``/``--load_in_8bit`` and ``--use_peft``/``--lora_*``; the model is passed by name so that
+the trainer loads it with TRL's loader (``model_init_kwargs``, device map, quantization). So every flag of TRL's SFT
+script works, ``--config recipe.yaml`` included, and a usual TRL command line gains ``--safety_mask DIR
+--safety_mode freeze`` and nothing else changes.
+
+The current TRL no longer has ``get_kbit_device_map``: its model loader picks the device map itself (none on CPU,
+``"auto"`` on one GPU, none under DDP/DeepSpeed, where each process holds its copy).
+
 This module imports trl only inside its functions.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["SFTScriptArguments", "load_sft_dataset", "run_sft", "sft_dataclasses"]
+__all__ = ["check_sft_args", "load_sft_dataset", "make_sft_parser", "parse_sft_args", "run_sft", "sft_dataclasses"]
+
+_LOCAL_KINDS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-@dataclass
-class SFTScriptArguments:
-    """Data arguments (TRL's ``ScriptArguments`` fields that matter here, plus local files)."""
-
-    dataset_name: str | None = field(
-        default=None, metadata={"help": "Hub dataset id, or a local .json/.jsonl/.csv/.parquet file."}
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name (Hub only)."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-
-
-def sft_dataclasses() -> tuple[type, type, type]:
-    """``(SFTScriptArguments, SafetySFTConfig, trl.ModelConfig)``, for ``HfArgumentParser``.
+def sft_dataclasses() -> tuple[type, type, type, type]:
+    """``(trl.ScriptArguments, SafetySFTConfig, trl.ModelConfig, trl.DatasetMixtureConfig)``: TRL's SFT script
+    dataclasses with `SafetySFTConfig` in place of ``SFTConfig``.
 
     Raises:
         ImportError: trl is not installed (the ``[trl]`` extra).
     """
     try:
-        from trl import ModelConfig
+        from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
     except ImportError as err:
         raise ImportError("SFT training needs trl: pip install 'peft-safety[trl]'") from err
     from ..training.config import SafetySFTConfig
 
-    return SFTScriptArguments, SafetySFTConfig, ModelConfig
+    return ScriptArguments, SafetySFTConfig, ModelConfig, DatasetMixtureConfig
 
 
-def load_sft_dataset(name: str, config: str | None = None, split: str = "train"):
-    """A ``datasets.Dataset`` from a local ``.json``/``.jsonl``/``.csv``/``.parquet`` file or a Hub id.
+def make_sft_parser(prog: str | None = None):
+    """A ``trl.TrlParser`` over `sft_dataclasses` (``--config file.yaml`` supported, like ``trl sft``)."""
+    from trl import TrlParser
+
+    return TrlParser(
+        sft_dataclasses(),
+        prog=prog,
+        description="TRL's SFT script with a safety mask. Every flag of `trl sft`, plus --safety_mask and "
+        "--safety_mode (and the other --safety_* flags). --config FILE.yaml reads flags from a YAML file (keys are "
+        "flag names, an `env:` mapping sets environment variables, a `datasets:` list mixes data sets); flags on "
+        "the command line win.",
+    )
+
+
+def parse_sft_args(argv: Sequence[str] | None = None, prog: str | None = None) -> tuple[Any, Any, Any, Any]:
+    """Parse a TRL SFT command line (and its ``--config`` YAML file) into ``(script_args, training_args, model_args,
+    dataset_args)``; unknown flags and unknown YAML keys are errors."""
+    return tuple(make_sft_parser(prog).parse_args_and_config(list(argv) if argv is not None else None))
+
+
+def check_sft_args(script_args: Any, training_args: Any, model_args: Any, dataset_args: Any = None) -> None:
+    """Every check that needs no model: data source, model name, mask file, modes. Run before anything loads.
+
+    Raises:
+        ValueError: no data set or no model given, a local data file of an unsupported type, a mask with LoRA in
+            ``train_only`` mode.
+        FileNotFoundError: a local data file or mask path that does not exist (a path, not a Hub id).
+    """
+    datasets = getattr(dataset_args, "datasets", None)
+    if not datasets and not script_args.dataset_name:
+        raise ValueError(
+            "no training data: pass --dataset_name (a Hub id, or a local .json/.jsonl/.csv/.parquet file) or a "
+            "`datasets:` list in the --config YAML file."
+        )
+    name = script_args.dataset_name
+    if name and not datasets and _looks_like_path(name):
+        if not os.path.exists(name):
+            raise FileNotFoundError(f"--dataset_name {name!r}: no such file or folder.")
+        if os.path.isfile(name) and os.path.splitext(name)[1].lower() not in _LOCAL_KINDS:
+            raise ValueError(f"--dataset_name {name!r}: unsupported file type; use .json, .jsonl, .csv or .parquet.")
+    if not model_args.model_name_or_path:
+        raise ValueError("--model_name_or_path is required (a Hub id or a local model folder).")
+    if _looks_like_path(model_args.model_name_or_path) and not os.path.exists(model_args.model_name_or_path):
+        raise FileNotFoundError(f"--model_name_or_path {model_args.model_name_or_path!r}: no such folder.")
+    mask = getattr(training_args, "safety_mask", None)
+    if mask and _looks_like_path(mask) and not os.path.exists(mask):
+        raise FileNotFoundError(
+            f"--safety_mask {mask!r}: no such folder or file (give a folder with safety_mask.safetensors, the file, or "
+            "a Hub repo id)."
+        )
+    if mask and training_args.safety_mode == "train_only" and model_args.use_peft:
+        raise ValueError(
+            "--safety_mode train_only trains only the mask's entries, which LoRA cannot express: drop --use_peft (a SET "
+            "adapter is built from the mask), or use --safety_mode freeze for SPA with LoRA."
+        )
+
+
+def _looks_like_path(name: str) -> bool:
+    """A local path rather than a Hub id: exists, is absolute or explicitly relative, has a file extension, or has
+    more than one slash (Hub ids are ``name`` or ``owner/name``)."""
+    return (
+        os.path.exists(name)
+        or os.path.isabs(name)
+        or name.startswith(("./", "../", "~"))
+        or os.path.splitext(name)[1].lower() in _LOCAL_KINDS
+        or name.count("/") > 1
+    )
+
+
+def load_sft_dataset(name: str, config: str | None = None, streaming: bool = False):
+    """A ``DatasetDict`` from a Hub id (``datasets.load_dataset(name, name=config)``, as TRL's script) or from a local
+    ``.json``/``.jsonl``/``.csv``/``.parquet`` file (its rows become the ``train`` split).
 
     Raises:
         ValueError: a local file with another extension.
@@ -50,54 +120,73 @@ def load_sft_dataset(name: str, config: str | None = None, split: str = "train")
     from datasets import load_dataset
 
     if os.path.isfile(name):
-        kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(
-            os.path.splitext(name)[1].lower()
-        )
+        kind = _LOCAL_KINDS.get(os.path.splitext(name)[1].lower())
         if kind is None:
             raise ValueError(f"Unsupported local dataset file {name!r}: use .json, .jsonl, .csv or .parquet.")
-        return load_dataset(kind, data_files=name, split="train")
-    return load_dataset(name, config, split=split)
+        return load_dataset(kind, data_files={"train": name}, streaming=streaming)
+    return load_dataset(name, name=config, streaming=streaming)
 
 
-def run_sft(script_args: SFTScriptArguments, training_args: Any, model_args: Any):
-    """Load the model, tokenizer and data, train with `SafetySFTTrainer`, save (and push if asked).
+def run_sft(script_args: Any, training_args: Any, model_args: Any, dataset_args: Any = None):
+    """TRL's SFT script with `SafetySFTTrainer`: load the data, train, save (and push if asked).
 
     Args:
-        script_args: `SFTScriptArguments`.
-        training_args: a `SafetySFTConfig`.
-        model_args: a ``trl.ModelConfig`` (``--use_peft`` and the ``--lora_*`` flags give a ``LoraConfig``).
+        script_args: ``trl.ScriptArguments`` (``--dataset_name``, splits, streaming).
+        training_args: a `SafetySFTConfig` (every ``SFTConfig`` flag plus ``--safety_mask``/``--safety_mode``).
+        model_args: ``trl.ModelConfig`` (model, dtype, attention, ``--load_in_4bit``/``--load_in_8bit``,
+            ``--use_peft`` and the ``--lora_*`` flags).
+        dataset_args: ``trl.DatasetMixtureConfig`` (a ``datasets:`` list in the YAML config), optional.
 
     Returns:
         The trained `SafetySFTTrainer`.
 
     Raises:
-        ValueError: ``dataset_name`` or ``model_name_or_path`` missing, plus every check of `SafetySFTTrainer`.
+        ValueError: see `check_sft_args`, plus every check of `SafetySFTTrainer`.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import get_peft_config
+    from trl import get_dataset, get_peft_config, get_quantization_config
 
     from ..training.trainer import SafetySFTTrainer
 
-    if not script_args.dataset_name:
-        raise ValueError("--dataset_name is required (a Hub id or a local .json/.jsonl/.csv/.parquet file).")
-    if not model_args.model_name_or_path:
-        raise ValueError("--model_name_or_path is required.")
-    dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path, revision=model_args.model_revision, dtype=dtype
-    )
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
-    dataset = load_sft_dataset(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
+    check_sft_args(script_args, training_args, model_args, dataset_args)
+    model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+    }
+    model_init_kwargs.update(training_args.model_init_kwargs or {})
+    training_args.model_init_kwargs = model_init_kwargs
+
+    if dataset_args is not None and dataset_args.datasets:
+        dataset = get_dataset(dataset_args)  # TRL's mixture; takes precedence over --dataset_name, as in TRL
+    else:
+        dataset = load_sft_dataset(script_args.dataset_name, script_args.dataset_config, script_args.dataset_streaming)
+    if script_args.dataset_train_split not in dataset:
+        raise ValueError(
+            f"--dataset_train_split {script_args.dataset_train_split!r} is not a split of {script_args.dataset_name!r}; "
+            f"it has {sorted(dataset)}."
+        )
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        if script_args.dataset_test_split not in dataset:
+            raise ValueError(
+                f"--eval_strategy {training_args.eval_strategy} needs the split --dataset_test_split "
+                f"{script_args.dataset_test_split!r}, which the data set lacks (splits: {sorted(dataset)})."
+            )
+        eval_dataset = dataset[script_args.dataset_test_split]
+
     trainer = SafetySFTTrainer(
-        model,
+        model=model_args.model_name_or_path,
         args=training_args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
+        train_dataset=dataset[script_args.dataset_train_split],
+        eval_dataset=eval_dataset,
+        quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers and the process group
+        trainer.end()
     return trainer

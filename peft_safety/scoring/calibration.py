@@ -5,9 +5,12 @@ A `CalibrationSet` is what every scorer consumes. It is built once from rows and
 
     {"input_ids": LongTensor (B, T), "attention_mask": LongTensor (B, T), "labels": LongTensor (B, T)}
 
-Rows are dicts with either ``messages`` (chat turns: ``[{"role": ..., "content": ...}, ...]``; a final
-``assistant`` turn is the response) or ``prompt`` (+ optional ``response``). A ``datasets.Dataset`` with those
-columns works too (``datasets`` is never imported here: the dataset is read through its ``to_list()``).
+Rows are dicts in any of TRL's dataset formats: ``messages`` (chat turns: ``[{"role": ..., "content": ...}, ...]``;
+a final ``assistant`` turn is the response), ``prompt`` + ``completion`` (two strings, or two lists of messages: the
+conversational prompt-completion format; the completion is the response), ``text`` (language modeling: every token is
+scored), or the library's ``prompt`` (+ optional ``response``). Anything else is an error that lists these formats. A
+``datasets.Dataset`` with those columns works too (``datasets`` is never imported here: the dataset is read through its
+``to_list()``).
 
 Token layout (identical for every template): the prompt is tokenized on its own, the response on its own without
 special tokens, and the two id lists are concatenated. The prompt/response boundary is therefore exact (Wei et al.'s
@@ -43,6 +46,7 @@ import torch
 
 __all__ = [
     "LOSS_POLICIES",
+    "ROW_FORMATS",
     "TEMPLATES",
     "CalibrationSet",
     "refusal_rows",
@@ -78,34 +82,97 @@ def _is_hf_dataset(obj: Any) -> bool:
     return hasattr(obj, "column_names") and hasattr(obj, "to_list") and not isinstance(obj, (list, tuple, dict))
 
 
+#: the row formats `CalibrationSet` reads (TRL's dataset formats plus the library's own ``prompt``/``response``)
+ROW_FORMATS = (
+    "messages: [{role, content}, ...] (a final assistant turn is the response)",
+    "prompt + completion (strings: TRL's standard prompt-completion)",
+    "prompt + completion (lists of {role, content}: TRL's conversational prompt-completion)",
+    "prompt (+ response)",
+    "text (TRL's language modeling: every token is scored)",
+)
+
+
+def _turns(messages: Any, index: int, field: str) -> list[dict[str, str]]:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(f"Row {index}: {field!r} must be a non-empty list of {{'role', 'content'}} dicts.")
+    turns = []
+    for turn in messages:
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            raise ValueError(f"Row {index}: every message in {field!r} needs 'role' and 'content', got {turn!r}.")
+        if not isinstance(turn["content"], str):
+            raise ValueError(
+                f"Row {index}: {field!r} has a {turn['role']!r} turn whose content is a {type(turn['content']).__name__}"
+                "; only text content is supported."
+            )
+        turns.append({"role": str(turn["role"]), "content": turn["content"]})
+    return turns
+
+
+def _completion_text(completion: Any, index: int, conversational: bool) -> str:
+    """The response of a prompt-completion row: the completion string, or the one assistant turn's content."""
+    if not conversational:
+        if not isinstance(completion, str):
+            raise ValueError(
+                f"Row {index}: the prompt is a string but 'completion' is a {type(completion).__name__}; TRL's "
+                "standard format pairs two strings, the conversational one two lists of messages."
+            )
+        return completion
+    turns = _turns(completion, index, "completion")
+    if len(turns) != 1 or turns[0]["role"] != "assistant":
+        raise ValueError(
+            f"Row {index}: a conversational 'completion' must be exactly one assistant message, got roles "
+            f"{[t['role'] for t in turns]}; put earlier turns in 'prompt'."
+        )
+    return turns[0]["content"]
+
+
 def _normalize_row(row: Any, index: int, system_prompt: str | None) -> dict[str, Any]:
-    """Return ``{"messages": [...prompt turns...], "response": str | None}`` for one input row."""
+    """Return ``{"messages": [...prompt turns...], "response": str | None}`` for one input row, or
+    ``{"messages": [], "response": None, "text": str}`` for a language-modeling row.
+
+    Accepted formats: see `ROW_FORMATS`. The completion of a prompt-completion row is the response.
+    """
     if not isinstance(row, dict):
-        raise TypeError(f"Row {index} is a {type(row).__name__}; expected a dict with 'messages' or 'prompt'.")
+        raise TypeError(f"Row {index} is a {type(row).__name__}; expected a dict in one of the formats {ROW_FORMATS}.")
+    if row.get("response") is not None and row.get("completion") is not None:
+        raise ValueError(f"Row {index} has both 'response' and 'completion'; keep one (they mean the same).")
     if "messages" in row and row["messages"] is not None:
-        messages = row["messages"]
-        if not isinstance(messages, (list, tuple)) or not messages:
-            raise ValueError(f"Row {index}: 'messages' must be a non-empty list of {{'role', 'content'}} dicts.")
-        turns = []
-        for turn in messages:
-            if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
-                raise ValueError(f"Row {index}: every message needs 'role' and 'content', got {turn!r}.")
-            turns.append({"role": str(turn["role"]), "content": str(turn["content"])})
+        turns = _turns(row["messages"], index, "messages")
         response = None
         if turns[-1]["role"] == "assistant":
             response = turns[-1]["content"]
             turns = turns[:-1]
-        if row.get("response") is not None:
+        extra = row.get("response") if row.get("response") is not None else row.get("completion")
+        if extra is not None:
             if response is not None:
                 raise ValueError(f"Row {index} has both a final assistant turn and a 'response'; keep one.")
-            response = str(row["response"])
+            response = _completion_text(extra, index, not isinstance(extra, str))
         if not turns:
             raise ValueError(f"Row {index}: 'messages' holds only an assistant turn; add the user turn before it.")
     elif "prompt" in row and row["prompt"] is not None:
-        turns = [{"role": "user", "content": str(row["prompt"])}]
-        response = None if row.get("response") is None else str(row["response"])
+        prompt = row["prompt"]
+        conversational = isinstance(prompt, (list, tuple))
+        if conversational:
+            turns = _turns(prompt, index, "prompt")
+        elif isinstance(prompt, str):
+            turns = [{"role": "user", "content": prompt}]
+        else:
+            raise ValueError(
+                f"Row {index}: 'prompt' must be a string or a list of {{'role', 'content'}} messages, got a "
+                f"{type(prompt).__name__}."
+            )
+        if row.get("completion") is not None:
+            response = _completion_text(row["completion"], index, conversational)
+        elif row.get("response") is not None:
+            response = str(row["response"])
+        else:
+            response = None
+    elif isinstance(row.get("text"), str):
+        return {"messages": [], "response": None, "text": row["text"]}
     else:
-        raise ValueError(f"Row {index} has neither 'messages' nor 'prompt' (keys: {sorted(row)}).")
+        raise ValueError(
+            f"Row {index} is in no known format (keys: {sorted(row)}). Use one of: {'; '.join(ROW_FORMATS)}."
+        )
     if system_prompt is not None and turns[0]["role"] != "system":
         turns = [{"role": "system", "content": system_prompt}, *turns]
     return {"messages": turns, "response": response}
@@ -120,8 +187,9 @@ class CalibrationSet:
     """Tokenized calibration data with padding-aware loss masks, consumed by every scorer.
 
     Args:
-        rows: a sequence of dicts (``messages`` or ``prompt`` [+ ``response``]) or a ``datasets.Dataset`` with
-            those columns.
+        rows: a sequence of dicts in one of the formats of `ROW_FORMATS` (``messages``; ``prompt`` + ``completion``,
+            standard or conversational; ``text``; ``prompt`` [+ ``response``]) or a ``datasets.Dataset`` with those
+            columns.
         tokenizer: a Hugging Face tokenizer. It needs a pad token (or an eos token, which is then used for padding).
         template: ``"chat"`` (``tokenizer.apply_chat_template``), ``"raw"`` (prompt text followed by the response),
             ``"inst"`` (``"[INST] prompt [/INST] response"``), or ``"alpaca"`` (the Alpaca instruction format).
@@ -208,7 +276,7 @@ class CalibrationSet:
         self.pad_token_id = self._pad_id(tokenizer)
         normalized = [_normalize_row(row, i, system_prompt) for i, row in enumerate(rows)]
         if loss in _RESPONSE_POLICIES:
-            missing = [i for i, r in enumerate(normalized) if not r["response"]]
+            missing = [i for i, r in enumerate(normalized) if not r["response"] and not r.get("text")]
             if missing:
                 raise ValueError(
                     f"loss={loss!r} needs a response in every row, but {len(missing)} of {len(normalized)} rows have "
@@ -282,10 +350,21 @@ class CalibrationSet:
         return prompt, response
 
     def _tokenize(self, row: dict[str, Any], index: int, truncation: str) -> tuple[_Example, int]:
-        prompt_text, response_text = self._texts(row)
-        # chat templates write their own BOS; the legacy templates let the tokenizer add it
-        prompt_ids = self._encode(prompt_text, special=self.template != "chat")
-        response_ids = [] if response_text is None or self.loss == "none" else self._encode(response_text, False)
+        if row.get("text") is not None:
+            # language modeling (TRL's "text" rows): no prompt, every token is scored; the tokenizer's special
+            # tokens (a BOS) open the sequence, as TRL's own tokenization of text rows does
+            text = row["text"] + (self.tokenizer.eos_token or "" if self.add_eos else "")
+            full = self._encode(text, special=True)
+            plain = self._encode(text, special=False)
+            lead = len(full) - len(plain) if full[len(full) - len(plain) :] == plain else 0
+            prompt_ids, response_ids = full[:lead], full[lead:]
+            if self.loss == "none":
+                prompt_ids, response_ids = full, []
+        else:
+            prompt_text, response_text = self._texts(row)
+            # chat templates write their own BOS; the legacy templates let the tokenizer add it
+            prompt_ids = self._encode(prompt_text, special=self.template != "chat")
+            response_ids = [] if response_text is None or self.loss == "none" else self._encode(response_text, False)
         cut = 0
         if self.max_length is not None and len(prompt_ids) + len(response_ids) > self.max_length:
             if truncation == "error":

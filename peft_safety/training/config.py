@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 try:
@@ -9,7 +10,9 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError("SafetySFTConfig needs trl: install it with `pip install 'peft-safety[trl]'`.") from err
 
-__all__ = ["SAFETY_MODES", "SafetySFTConfig"]
+__all__ = ["SAFETY_MODES", "SafetySFTConfig", "resolve_bf16"]
+
+logger = logging.getLogger(__name__)
 
 SAFETY_MODES = ("freeze", "train_only")
 _FINGERPRINT_CHECKS = ("error", "warn", "ignore")
@@ -33,6 +36,15 @@ class SafetySFTConfig(SFTConfig):
         With ``safety_mode="train_only"`` and no ``peft_config``, train the mask's entries directly in the full
         weights instead of through a sparse SET adapter. Opt-in because it keeps dense gradients and optimizer state
         for every tensor the mask touches; the adapter holds state only for the mask's entries.
+
+    > Precision
+
+    bf16 (`bool` or `None`, defaults to `None`):
+        As in TRL, but resolved by the hardware when left unset: `True` where a bf16-capable accelerator will run the
+        training (CUDA with bf16, XPU, NPU, TPU), `False` on a CPU-only machine or with ``use_cpu=True``, with a
+        one-time info message. TRL's own default (`True` whenever ``fp16`` is off) makes transformers refuse to start
+        on a CPU-only machine unless ``use_cpu=True`` is also passed. Set ``bf16=True`` explicitly (with
+        ``use_cpu=True``) to train with CPU bf16 autocast.
 
     > Checks and logging
 
@@ -126,6 +138,8 @@ class SafetySFTConfig(SFTConfig):
                 f"safety_replay_dataset={self.safety_replay_dataset!r} is set but safety_replay_ratio is 0: set "
                 "safety_replay_ratio (e.g. 0.1) or drop the replay data set."
             )
+        if self.bf16 is None and not self.fp16:
+            self.bf16 = resolve_bf16(self.use_cpu)
         super().__post_init__()
         if self.safety_mode is not None and self.safety_mode not in SAFETY_MODES:
             raise ValueError(
@@ -144,3 +158,26 @@ class SafetySFTConfig(SFTConfig):
             )
         if self.safety_eval_steps is not None and self.safety_eval_steps <= 0:
             raise ValueError(f"safety_eval_steps must be a positive int or None, got {self.safety_eval_steps}.")
+
+
+_BF16_INFO_SHOWN = False
+
+
+def resolve_bf16(use_cpu: bool = False) -> bool:
+    """Whether to train in bf16 when the user did not say: True where a bf16-capable accelerator will run the training,
+    False on CPU (CPU-only machines, or ``use_cpu=True``). Logs the choice once per process when it differs from TRL's
+    default (``bf16=True``)."""
+    global _BF16_INFO_SHOWN
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    if not use_cpu and (is_torch_bf16_gpu_available() or is_torch_xla_available()):
+        return True
+    if not _BF16_INFO_SHOWN:
+        _BF16_INFO_SHOWN = True
+        reason = "use_cpu=True" if use_cpu else "no bf16-capable accelerator found"
+        logger.info(
+            "bf16 not set: training in float32 (%s). Pass --bf16 true (with --use_cpu true on a CPU-only machine) "
+            "to use bf16 autocast anyway.",
+            reason,
+        )
+    return False

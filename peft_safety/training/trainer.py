@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import logging
 import os
@@ -65,6 +66,63 @@ def _shape_view(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _as_safety_config(args: Any, model: Any):
+    """``args`` as a `SafetySFTConfig`, the way ``SFTTrainer`` turns ``None`` or a ``TrainingArguments`` into an
+    ``SFTConfig``: ``None`` gives ``SafetySFTConfig("<model name>-SFT")``; a ``TrainingArguments`` or ``SFTConfig``
+    keeps every value it has, and the ``safety_*`` fields take their defaults."""
+    from transformers import TrainingArguments
+
+    from .config import SafetySFTConfig
+
+    if isinstance(args, SafetySFTConfig):
+        return args
+    if args is None:
+        if isinstance(model, str):
+            name = model
+        else:
+            from trl.trainer.utils import get_config_model_id
+
+            name = get_config_model_id(model.config)
+        return SafetySFTConfig(f"{name.rstrip('/').split('/')[-1]}-SFT")
+    if not isinstance(args, TrainingArguments):
+        raise TypeError(
+            f"args must be a SafetySFTConfig, an SFTConfig, a TrainingArguments or None, got {type(args).__name__}."
+        )
+    # the raw field values: to_dict() would replace every *_token field (hub_token, and SFTConfig's eos_token and
+    # pad_token) by a placeholder such as "<EOS_TOKEN>"
+    names = {f.name for f in dataclasses.fields(SafetySFTConfig) if f.init}
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init and f.name in names}
+    return SafetySFTConfig(**values)
+
+
+def _load_model_like_trl(model_id: str, args: Any, quantization_config: Any, processing_class: Any):
+    """Load ``model_id`` as ``SFTTrainer.__init__`` does (trl/trainer/sft_trainer.py, "Model" block): TRL's
+    ``create_model_from_path`` (float32 unless ``dtype`` says otherwise), ``args.model_init_kwargs``, the trainer's
+    ``quantization_config``, no device map under multi-GPU/DeepSpeed, ``trust_remote_code`` from the config.
+    Returns ``(model, processing_class)``; the processing class is loaded (same revision) when none was given."""
+    from transformers import AutoProcessor, set_seed
+    from trl.trainer.utils import create_model_from_path
+
+    init_kwargs = dict(args.model_init_kwargs or {})
+    if quantization_config is not None:
+        if "quantization_config" in init_kwargs:
+            raise ValueError(
+                "quantization_config was given both to the trainer and in args.model_init_kwargs; set it in one place "
+                "(the trainer argument)."
+            )
+        init_kwargs["quantization_config"] = quantization_config
+    if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+        init_kwargs["device_map"] = None  # distributed training needs the whole model on each process's device
+    init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    set_seed(args.seed)  # as SFTTrainer: seeded before the model exists
+    model = create_model_from_path(model_id, **init_kwargs)
+    if processing_class is None:
+        processing_class = AutoProcessor.from_pretrained(
+            model_id, revision=init_kwargs.get("revision"), trust_remote_code=init_kwargs["trust_remote_code"]
+        )
+    return model, processing_class
+
+
 class SafetySFTTrainer(SFTTrainer):
     """`trl.SFTTrainer` that keeps a `SafetyMask`'s guarantee: SET (train only the mask) or SPA (freeze the mask).
 
@@ -109,7 +167,9 @@ class SafetySFTTrainer(SFTTrainer):
         bound = inspect.signature(SFTTrainer.__init__).bind(self, *args, **kwargs)
         params = dict(bound.arguments)
         params.pop("self")
-        training_args = params.get("args")
+        # every form of `args` SFTTrainer accepts (None, a TrainingArguments, an SFTConfig) becomes a SafetySFTConfig,
+        # so the safety_* fields always exist (with their defaults)
+        training_args = params["args"] = _as_safety_config(params.get("args"), params.get("model"))
         if safety_replay_dataset is not None or getattr(training_args, "safety_replay_ratio", 0.0):
             from .replay import apply_replay  # safety replay: mix refusal rows into the training set
 
@@ -122,6 +182,7 @@ class SafetySFTTrainer(SFTTrainer):
         self._safety_mechanism = "none"
         self._switched_off: list[nn.Parameter] = []
         self._drift_reference: dict[str, torch.Tensor] | None = None
+        restore_init_kwargs = None
         if mask_source is None:
             if mode is not None:
                 raise ValueError(
@@ -137,6 +198,17 @@ class SafetySFTTrainer(SFTTrainer):
             if mode not in _MODES:
                 raise ValueError(f"Unknown safety_mode {mode!r}; use 'freeze' or 'train_only'.")
             self.safety_mask = _load_mask(mask_source)
+            if isinstance(params.get("model"), str):
+                # the mask is checked against the loaded weights before TRL wraps them: load the model here, exactly
+                # as SFTTrainer would (TRL's loader, model_init_kwargs, float32 default, trust_remote_code)
+                model_id = params["model"]
+                params["model"], processor = _load_model_like_trl(
+                    model_id, training_args, params.get("quantization_config"), params.get("processing_class")
+                )
+                params["processing_class"] = processor
+                params["quantization_config"] = None
+                restore_init_kwargs = training_args.model_init_kwargs
+                training_args.model_init_kwargs = None  # used already: keeps SFTTrainer from warning they are ignored
             params["model"], params["peft_config"] = self._prepare_model(
                 params.get("model"), params.get("peft_config"), training_args, params
             )
@@ -152,7 +224,11 @@ class SafetySFTTrainer(SFTTrainer):
                 )
             callbacks.append(RefusalEvalCallback(safety_evaluator, eval_steps, trainer=self))
         params["callbacks"] = callbacks or None
-        super().__init__(**params)
+        try:
+            super().__init__(**params)
+        finally:
+            if restore_init_kwargs is not None:
+                training_args.model_init_kwargs = restore_init_kwargs
         if self._safety_mechanism == "set" and _is_quantized(self.model):
             # SFTTrainer casts every trainable parameter of a quantised model to bf16 (trl/trainer/sft_trainer.py, quantised models); keep the
             # sparse deltas in fp32 so small updates are not rounded away
@@ -167,13 +243,6 @@ class SafetySFTTrainer(SFTTrainer):
         from ..tuner import SafetyConfig
 
         mask, mode = self.safety_mask, self.safety_mode
-        if isinstance(model, str):
-            from transformers import AutoModelForCausalLM
-
-            init_kwargs = dict(getattr(args, "model_init_kwargs", None) or {})
-            if params.get("quantization_config") is not None:
-                init_kwargs["quantization_config"] = params["quantization_config"]
-            model = AutoModelForCausalLM.from_pretrained(model, **init_kwargs)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a model id/path or a PreTrainedModel, got {type(model).__name__}.")
         fingerprint = getattr(args, "safety_fingerprint_check", "error")
@@ -370,8 +439,13 @@ class SafetySFTTrainer(SFTTrainer):
         return out
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if self.safety_mask is not None:
+        # added before the log is dispatched, so log_history and every report_to integration receive them, in the same
+        # entry as loss / grad_norm / learning_rate
+        if self.safety_mask is not None and not any(k.startswith("eval_") for k in logs):
             logs.update(self.safety_metrics())
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, RefusalEvalCallback) and callback.trainer is self:
+                logs.update(callback.pop_pending())
         super().log(logs, *args, **kwargs)
 
     def safety_metrics(self) -> dict[str, float]:

@@ -1,0 +1,82 @@
+"""Argument checks of the mask, score, select and push commands, run by ``cli.main`` before the command's ``run``
+(before any model or file is loaded, and before any network call). Kept apart from the command modules, which own
+what their commands do; these only look at the parsed flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+
+from ._common import add_hub_context, check_local_or_hub
+
+__all__ = ["CHECKS"]
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+_MASK_FILE = "safety_mask.safetensors"
+
+
+def _mask(what: str, value: str | None, revision: str | None = None) -> None:
+    """A mask argument: an existing path, or a Hub id (recorded for error messages; offline: must be cached). What a
+    local folder holds is checked by `SafetyMask.from_pretrained`, which loads no model."""
+    check_local_or_hub(what, value, _MASK_FILE, revision)
+
+
+def check_inspect(args: argparse.Namespace) -> None:
+    _mask("MASK", args.mask, getattr(args, "revision", None))
+
+
+def check_diff(args: argparse.Namespace) -> None:
+    _mask("A", args.a)
+    _mask("B", args.b)
+
+
+def check_compare(args: argparse.Namespace) -> None:
+    for path in args.masks:
+        _mask("MASK", path)
+
+
+def check_select(args: argparse.Namespace) -> None:
+    # the scores file, --fraction, --k and --scope are checked by the command itself before any heavy work
+    _mask("--exclude", getattr(args, "exclude", None))
+
+
+def check_score(args: argparse.Namespace) -> None:
+    """The command reads --data only after loading the model: check the file, the scorer name and the ranges first."""
+    if not os.path.isfile(args.data):
+        raise FileNotFoundError(f"--data {args.data!r} does not exist.")
+    ext = os.path.splitext(args.data)[1].lower()
+    if ext not in (".jsonl", ".json", ".csv"):
+        raise ValueError(f"--data {args.data!r}: unsupported extension {ext!r}; use .jsonl, .json or .csv.")
+    fraction = getattr(args, "fraction", None)
+    if fraction is not None and not 0.0 < fraction <= 1.0:
+        raise ValueError(f"--fraction must be in (0, 1], got {fraction}.")
+    for flag in ("batch_size", "max_length"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}.")
+    from ..scoring.registry import SCORERS
+
+    SCORERS.get(args.method)  # an unknown name raises with the closest match and the list
+    if args.model.strip().lower() not in ("default", "smollm2", "smollm2-135m", "smollm2-135m-instruct"):
+        check_local_or_hub("MODEL", args.model, "config.json")
+
+
+def check_push(args: argparse.Namespace) -> None:
+    """Before any network call: the repo id's form (the command checks the mask folder itself)."""
+    if not _REPO_ID.match(args.repo_id):
+        raise ValueError(
+            f"REPO_ID {args.repo_id!r} is not a Hub model repo id; use 'owner/name' (e.g. me/llama-mask)."
+        )
+    add_hub_context("upload to repo", args.repo_id, _MASK_FILE)
+
+
+#: command name -> check; a command module's own ``check`` takes precedence
+CHECKS = {
+    "inspect": check_inspect,
+    "diff": check_diff,
+    "compare": check_compare,
+    "select": check_select,
+    "score": check_score,
+    "push": check_push,
+}
