@@ -50,7 +50,6 @@ python benchmarks/preserve.py --tiny --out /tmp/preserve
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import json
@@ -661,15 +660,15 @@ def print_table(payload: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> PreserveConfig:
-    from peft_safety._args import add_dataclass_arguments, dataclass_from_namespace
+    from transformers import HfArgumentParser
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_dataclass_arguments(parser, PreserveConfig)
-    ns = parser.parse_args(argv)
-    cfg = dataclass_from_namespace(PreserveConfig, ns)
+    parser = HfArgumentParser(PreserveConfig, description=__doc__.split("\n\n")[0])
+    args = list(sys.argv[1:] if argv is None else argv)
+    (cfg,) = parser.parse_args_into_dataclasses(args=args)
+    flags = {a.split("=", 1)[0].replace("-", "_") for a in args if a.startswith("--")}
     if cfg.reduced:
         # the preset replaces the defaults; flags given explicitly still win
-        given = {f.name for f in fields(PreserveConfig) if f"--{f.name.replace('_', '-')}" in (argv or sys.argv[1:])}
+        given = {f.name for f in fields(PreserveConfig) if f"__{f.name}" in flags}
         for key, value in REDUCED.items():
             if key not in given:
                 setattr(cfg, key, value)
@@ -678,7 +677,7 @@ def parse_args(argv: list[str] | None = None) -> PreserveConfig:
                            "n_consensus": 2, "n_harmful": 6, "n_benign": 4, "n_lookalike": 4, "n_mc": 4,
                            "max_new_tokens": 4, "eval_batch_size": 8, "attack_steps": 1, "n_attack": 6,
                            "seeds": "0,1", "batch_size": 2}.items():  # fmt: skip
-            if f"--{key.replace('_', '-')}" not in (argv or sys.argv[1:]):
+            if f"__{key}" not in flags:
                 setattr(cfg, key, value)
     return cfg
 
