@@ -10,7 +10,7 @@ from typing import Any, Literal
 from peft.config import PeftConfig
 
 from .peft_type import SafetyPeftType
-from .provenance import check_policy, state_dict_digest
+from .provenance import ProvenanceConfigMixin, check_policy
 
 __all__ = ["VALUES_DTYPES", "SafetyConfig"]
 
@@ -21,7 +21,7 @@ _MODES = ("train_only",)
 
 
 @dataclass
-class SafetyConfig(PeftConfig):
+class SafetyConfig(ProvenanceConfigMixin, PeftConfig):
     """Configuration of a SET adapter: trainable deltas at the entries of a ``SafetyMask``, the base model frozen.
 
     Only the ``nn.Linear`` modules the mask touches are wrapped. Each wrapped module stores the mask's indices in a
@@ -243,51 +243,6 @@ class SafetyConfig(PeftConfig):
         if isinstance(out.get("peft_type"), SafetyPeftType):
             out["peft_type"] = out["peft_type"].value
         return out
-
-    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """Write ``adapter_config.json``, recording the digest of the weights file already in ``save_directory``.
-
-        ``PeftModel.save_pretrained`` writes the weights first and the config last, so the digest ties the config to
-        the weights it was saved with: a later save interrupted after its weights file fails the check on load.
-        The digest is written to the file only; the in-memory config is left as it was.
-        """
-        previous = self.weights_digest
-        self.weights_digest = _digest_of_folder(save_directory)
-        try:
-            super().save_pretrained(save_directory, **kwargs)
-        finally:
-            self.weights_digest = previous
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
-        """Load a saved config; ``base_fingerprint_check=...`` chooses the load-time fingerprint policy.
-
-        PEFT's loader lets the file win over keyword arguments; the policy is the loader's choice, so it is applied
-        after reading the file (``PeftModel.from_pretrained(base, path, base_fingerprint_check="warn")`` reaches here).
-        """
-        policy = kwargs.pop("base_fingerprint_check", None)
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        # a value written into the file by hand does not weaken the loader's check
-        config.base_fingerprint_check = "error" if policy is None else check_policy(policy, "base_fingerprint_check")
-        return config
-
-
-def _digest_of_folder(directory: str) -> str | None:
-    import os
-
-    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
-
-    path = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
-    if os.path.isfile(path):
-        from safetensors.torch import load_file
-
-        return state_dict_digest(load_file(path))
-    path = os.path.join(directory, WEIGHTS_NAME)
-    if os.path.isfile(path):
-        import torch
-
-        return state_dict_digest(torch.load(path, map_location="cpu", weights_only=True))
-    return None
 
 
 def _check_mask_type(mask: Any) -> None:

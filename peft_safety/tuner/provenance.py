@@ -66,6 +66,8 @@ __all__ = [
     "fingerprint_check_override",
     "override_policy",
     "state_dict_digest",
+    "ProvenanceConfigMixin",
+    "digest_of_folder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -352,3 +354,51 @@ def check_base_fingerprints(
         raise ValueError(message)
     warnings.warn(message, UserWarning, stacklevel=3)
     return mismatches
+
+
+def digest_of_folder(directory: str) -> str | None:
+    """`state_dict_digest` of the adapter weights in ``directory`` (safetensors or ``.bin``; None when there are none)."""
+    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
+    path = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
+    if os.path.isfile(path):
+        from safetensors.torch import load_file
+
+        return state_dict_digest(load_file(path))
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if os.path.isfile(path):
+        import torch
+
+        return state_dict_digest(torch.load(path, map_location="cpu", weights_only=True))
+    return None
+
+
+class ProvenanceConfigMixin:
+    """Config-file behaviour shared by peft-safety's adapter configs (put it before the PEFT config class in the bases).
+
+    * `save_pretrained` records ``weights_digest``, the digest of the weights file already in the folder:
+      ``PeftModel.save_pretrained`` writes the weights first and the config last, so the digest ties the config to the
+      weights it was saved with, and a later save interrupted after its weights file fails the check on load. The
+      digest is written to the file only; the in-memory config is left as it was.
+    * `from_pretrained` takes ``base_fingerprint_check=...``, the loader's fingerprint policy. PEFT's loader lets the
+      file win over keyword arguments, so the policy is applied after reading the file; a value written into the
+      file by hand never weakens the check (no argument means ``"error"``).
+    """
+
+    weights_digest: str | None
+    base_fingerprint_check: str
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        previous = self.weights_digest
+        self.weights_digest = digest_of_folder(save_directory)
+        try:
+            super().save_pretrained(save_directory, **kwargs)  # type: ignore[misc]
+        finally:
+            self.weights_digest = previous
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
+        policy = kwargs.pop("base_fingerprint_check", None)
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)  # type: ignore[misc]
+        config.base_fingerprint_check = "error" if policy is None else check_policy(policy, "base_fingerprint_check")
+        return config

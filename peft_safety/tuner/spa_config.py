@@ -22,7 +22,7 @@ import torch
 from peft import LoraConfig
 
 from .peft_type import SafetyPeftType
-from .provenance import check_policy, state_dict_digest
+from .provenance import ProvenanceConfigMixin, check_policy
 
 __all__ = [
     "ENTRIES_METHODS",
@@ -176,7 +176,7 @@ def _targets_lm_head(config: LoraConfig, module_key: str) -> bool:
 
 
 @dataclass
-class SafetyLoraConfig(LoraConfig):
+class SafetyLoraConfig(ProvenanceConfigMixin, LoraConfig):
     """A ``LoraConfig`` whose update is exactly zero on a ``SafetyMask`` (SPA with LoRA; PEFT type ``SAFETY_LORA``).
 
     Every ``LoraConfig`` option keeps its meaning, except those that cannot keep masked entries frozen (refused:
@@ -352,44 +352,3 @@ class SafetyLoraConfig(LoraConfig):
         if isinstance(out.get("peft_type"), SafetyPeftType):
             out["peft_type"] = out["peft_type"].value
         return out
-
-    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """Write ``adapter_config.json`` with the digest of the weights file already in ``save_directory``.
-
-        ``PeftModel.save_pretrained`` writes the weights first and the config last, so the digest ties the config to
-        the weights it was saved with: a later save interrupted after its weights file fails the check on load. The
-        in-memory config is left as it was.
-        """
-        previous = self.weights_digest
-        self.weights_digest = digest_of_folder(save_directory)
-        try:
-            super().save_pretrained(save_directory, **kwargs)
-        finally:
-            self.weights_digest = previous
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
-        """Load a saved config; ``base_fingerprint_check=...`` chooses the load-time fingerprint policy (PEFT lets
-        the file win over keyword arguments, so it is applied after reading the file)."""
-        policy = kwargs.pop("base_fingerprint_check", None)
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        if policy is not None:
-            config.base_fingerprint_check = check_policy(policy, "base_fingerprint_check")
-        return config
-
-
-def digest_of_folder(directory: str) -> str | None:
-    """``provenance.state_dict_digest`` of the adapter weights in ``directory`` (None when there are none)."""
-    import os
-
-    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
-
-    path = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
-    if os.path.isfile(path):
-        from safetensors.torch import load_file
-
-        return state_dict_digest(load_file(path))
-    path = os.path.join(directory, WEIGHTS_NAME)
-    if os.path.isfile(path):
-        return state_dict_digest(torch.load(path, map_location="cpu", weights_only=True))
-    return None
