@@ -32,7 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "analysis": {"mask"},
     "scoring": {"mask", "analysis.probes"},
     "tuner": {"mask"},
-    "training": {"mask", "tuner"},
+    "training": {"mask", "tuner", "analysis"},
     "evaluation": {"mask", *(m.removeprefix("peft_safety.") for m in CALIBRATION_DATA)},
     "sources": {"tuner"},  # loading a saved adapter needs the SAFETY type registered
     "recipes": {"mask", "analysis", "scoring", "tuner", "training", "evaluation", "sources"},

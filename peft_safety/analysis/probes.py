@@ -127,7 +127,7 @@ def _expand_heads(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim, dtype=torch.int64)[None, :]).reshape(-1)
 
 
-def _named_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+def named_parameters_by_base_name(model: nn.Module) -> dict[str, torch.Tensor]:
     """Parameter lookup by the names a mask uses, also inside a PEFT wrapper.
 
     A mask computed on the base model names ``model.layers.0.mlp.down_proj.weight``; once the model is wrapped by
@@ -154,7 +154,7 @@ def _regions(model: nn.Module, mask: SafetyMask) -> list[_Region]:
         raise TypeError(f"mask must be a peft_safety.SafetyMask, got {type(mask).__name__}.")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    params = _named_parameters(model)
+    params = named_parameters_by_base_name(model)
     regions = []
     for name, indices in mask:
         if indices.numel() == 0:
@@ -296,7 +296,7 @@ def noised(model: nn.Module, mask: SafetyMask, rho: float, seed: int = 0) -> Ite
 def _reference_values(reference: Reference, region: _Region) -> torch.Tensor:
     """The reference's values at ``region`` (same shape as ``region.gather()``)."""
     if isinstance(reference, nn.Module):
-        ref = _named_parameters(reference).get(region.name)
+        ref = named_parameters_by_base_name(reference).get(region.name)
         if ref is None:  # buffers can carry weights too (rare); fall back to the full state dict
             ref = reference.state_dict().get(region.name)
     elif isinstance(reference, Mapping):
@@ -404,7 +404,7 @@ def mask_drift(model: nn.Module, reference: Reference, mask: SafetyMask) -> dict
         TypeError, ValueError: as `restored_from`.
     """
     regions = {region.name: region for region in _regions(model, mask)}
-    params = _named_parameters(model)
+    params = named_parameters_by_base_name(model)
     per_parameter: dict[str, dict[str, float | int]] = {}
     totals = {"masked_sq": 0.0, "unmasked_sq": 0.0, "masked_numel": 0, "unmasked_numel": 0, "masked_max_abs": 0.0}
     for name in mask.shapes:

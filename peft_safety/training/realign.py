@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from ..analysis.probes import named_parameters_by_base_name
 from ..mask import Head, Neuron, SafetyMask
 
 __all__ = ["RealignCallback", "RealignReport", "realign_", "reference_snapshot"]
@@ -85,16 +86,7 @@ class RealignReport:
 
 def _param_table(model: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters by their base-model names, also inside a PEFT wrapper (``...base_layer.weight`` -> ``...weight``)."""
-    table: dict[str, torch.Tensor] = {}
-    aliases: dict[str, torch.Tensor] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        table[name] = param
-        base = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-        if base != name:
-            aliases.setdefault(base, param)
-    for name, param in aliases.items():
-        table.setdefault(name, param)
-    return table
+    return named_parameters_by_base_name(model)
 
 
 def _lora_layers(model: nn.Module) -> list[Any]:
