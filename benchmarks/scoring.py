@@ -35,7 +35,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _bench  # noqa: E402
+import _bench
 
 
 def _load(name: str):
@@ -159,9 +159,7 @@ def main() -> None:
     payload = {"benchmark": "scoring", "config": config, "results": results, "provenance": _bench.finish(prov)}
     print(f"{'method':24s} {'median s':>9s} {'min s':>8s} {'max s':>8s} {'x plain':>8s}")
     for name, r in results.items():
-        print(
-            f"{name:24s} {r['median_s']:9.3f} {r['min_s']:8.3f} {r['max_s']:8.3f} {r['ratio_vs_plain']:8.2f}"
-        )
+        print(f"{name:24s} {r['median_s']:9.3f} {r['min_s']:8.3f} {r['max_s']:8.3f} {r['ratio_vs_plain']:8.2f}")
     print(f"wrote {_bench.write_json(args.out, payload)}")
 
 
