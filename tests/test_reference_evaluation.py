@@ -47,15 +47,15 @@ def test_keyword_judges_against_hand_counts():
     exactly_20 = " ".join(["word"] * 20)
     assert KeywordJudge("wei2024", min_words=20).judge(["p", "p"], [exactly_20, exactly_20[5:]])[0].refused is False
     assert KeywordJudge("wei2024", min_words=20).judge(["p", "p"], [exactly_20, exactly_20[5:]])[1].refused is True
-    folded = [v.refused for v in KeywordJudge(None, keywords=["i cannot"], case_sensitive=False).judge(prompts, responses)]
+    folded = [
+        v.refused for v in KeywordJudge(None, keywords=["i cannot"], case_sensitive=False).judge(prompts, responses)
+    ]
     assert folded == [True, False, False, True, False, True]
 
 
 def test_evaluate_counts_refusals_of_a_refusing_model(tmp_path):
     model, tok = refusing_llama()
-    report = evaluate(
-        model, tok, HARMFUL, BENIGN, out_dir=tmp_path, max_new_tokens=24, batch_size=2, progress=False
-    )
+    report = evaluate(model, tok, HARMFUL, BENIGN, out_dir=tmp_path, max_new_tokens=24, batch_size=2, progress=False)
     harmful_resp = [r["response"] for r in report.records if r["set"] == "harmful"]
     benign_resp = [r["response"] for r in report.records if r["set"] == "benign"]
     assert harmful_resp == _expected(HARMFUL) and benign_resp == _expected(BENIGN)

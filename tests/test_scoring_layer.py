@@ -133,9 +133,9 @@ def test_probe_restores_weights_exactly_and_is_deterministic():
     of an independently scaled copy, and the weights come back bit-exactly (bf16, where dividing by alpha is lossy)."""
     import copy
 
-    from peft_safety.scoring.generation import generate_responses
-
     from _refusing import PROMPTS, refusing_llama
+
+    from peft_safety.scoring.generation import generate_responses
 
     trained, tok = refusing_llama()
     prompts = list(PROMPTS)

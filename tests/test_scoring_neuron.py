@@ -171,13 +171,15 @@ def _naive_attention_scores(model, calib):
         for idx, layer in enumerate(model.model.layers):
             attn = layer.self_attn
 
-            def pre(mod, args, kwargs, idx=idx):
+            def pre(mod, args, kwargs, idx=idx, seen=seen):
                 seen[("x", idx)] = kwargs.get("hidden_states", args[0] if args else None).detach()
                 seen[("pe", idx)] = kwargs["position_embeddings"]
 
             handles.append(attn.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(
-                attn.o_proj.register_forward_pre_hook(lambda m, a, idx=idx: seen.__setitem__(("o", idx), a[0].detach()))
+                attn.o_proj.register_forward_pre_hook(
+                    lambda m, a, idx=idx, seen=seen: seen.__setitem__(("o", idx), a[0].detach())
+                )
             )
         try:
             with torch.no_grad():
@@ -197,7 +199,7 @@ def _naive_attention_scores(model, calib):
             q, k = q[0].double(), k[0].double()  # (H, T, d), (H_kv, T, d)
             causal = torch.tril(torch.ones(t_len, t_len, dtype=torch.bool))
 
-            def maps(qq, kk):
+            def maps(qq, kk, causal=causal):
                 out = []
                 for h in range(heads):
                     logits = (qq[h] @ kk[h // groups].T) * scaling
