@@ -17,7 +17,7 @@ from peft_safety.training.freeze import Freezer
 Q = "model.layers.0.self_attn.q_proj.weight"
 GATE = "model.layers.0.mlp.gate_proj.weight"
 DOWN = "model.layers.1.mlp.down_proj.weight"
-O = "model.layers.1.self_attn.o_proj.weight"
+O_PROJ = "model.layers.1.self_attn.o_proj.weight"
 
 
 def _masks(model):
@@ -31,7 +31,7 @@ def _masks(model):
         Q: torch.rand(p[Q].shape, generator=g) < 0.25,
         GATE: rows,
         DOWN: cols,
-        O: torch.ones(p[O].shape, dtype=torch.bool),
+        O_PROJ: torch.ones(p[O_PROJ].shape, dtype=torch.bool),
     }
 
 
