@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         args.numel, args.tensors, args.repeat = 1_000_000, 20, 1
     if args.threads < 1:
         parser.error(f"--threads={args.threads} must be >= 1")
+    torch.set_num_threads(args.threads)
     prov = _bench.provenance(args.threads)
 
     shapes = tensor_sizes(args.numel, args.tensors, args.seed)

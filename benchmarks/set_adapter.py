@@ -208,6 +208,7 @@ def main() -> int:
     if ns.variant:
         print(json.dumps(run_variant(ns.variant, args)))
         return 0
+    torch.set_num_threads(args.threads)
     prov = _bench.provenance(args.threads)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     results = []
