@@ -30,7 +30,11 @@ from collections.abc import Callable
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCUMENTS = ("README.md", "docs/results.md", "docs/testing.md", "benchmarks/README.md")
+DOCUMENTS = (
+    "README.md",
+    "benchmarks/README.md",
+    *sorted(f"docs/{n}" for n in os.listdir(os.path.join(ROOT, "docs")) if n.endswith(".md")),
+)
 MARKER = re.compile(r"(<!-- table:([a-z0-9_]+) -->\n)(.*?)(<!-- /table -->)", re.DOTALL)
 
 #: table name -> the committed result files it reads (relative to the repository root)

@@ -88,7 +88,7 @@ def test_transfer_matrix_matches_a_naive_loop_and_rows_are_normalised(guard, tok
     assert int(((expected > 0).sum(1) > 1).sum()) > 0
 
 
-def test_guard_gradient_matches_fp64_autograd_and_finite_differences(guard, tok):
+def test_guard_gradient_matches_fp64_autograd(guard, tok):
     judge = JudgeObjective(guard, tok, tok, safe_token="s", template=TEMPLATE, off_logit=OFF)
     text = "No. I will not."
     got = judge.guard_gradient(text).double()
