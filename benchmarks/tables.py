@@ -392,7 +392,7 @@ def mutation_check() -> str:
         rows.append([f"`{m['name']}`", f"`{m['path'].split('/')[-1]}`", m["breakage"], m["status"], caught_by])
     head = (
         f"{s['caught']} caught, {s['survived']} survived, {s['timeout']} timed out, {s['stale']} stale, of "
-        f"{s['total']} mutations (wall time {s['wall_s'] / 60:.0f} min).\n\n"
+        f"{s['total']} mutations ({sum(m['seconds'] for m in d['mutations']) / 60:.0f} min of targeted test runs).\n\n"
     )
     return head + table(["mutation", "module", "breakage", "status", "failing tests"], rows) + "\n" + prov_line(d)
 
@@ -451,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     stale = []
     for doc, (current, rendered, names) in render_all().items():
         if current == rendered:
-            print(f"{doc}: {len(names)} table(s) up to date")
+            if names:
+                print(f"{doc}: {len(names)} table(s) up to date")
             continue
         stale.append(doc)
         if not args.check:
