@@ -21,13 +21,15 @@ python benchmarks/masked_lora.py --small --threads 1      # smoke test
 
 from __future__ import annotations
 
-import json
 import os
-import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _bench
 
 GRANULARITIES = ("neuron", "layer", "weight")
 TARGETS = {"neuron": 1.05, "layer": 1.05, "weight": 1.5}
@@ -86,6 +88,7 @@ def main() -> int:
 
     (args,) = HfArgumentParser(Args, description=__doc__.split("\n")[0]).parse_args_into_dataclasses()
     torch.set_num_threads(args.threads)
+    prov = _bench.provenance(args.threads)
 
     from peft import LoraConfig, get_peft_model
 
@@ -104,7 +107,8 @@ def main() -> int:
             "plain": get_peft_model(build_model(args.small), cfg),
             "masked": get_masked_lora_model(base, cfg, mask, entries_method=args.entries_method),
         }
-        times = time_steps(models, ids, args.steps)
+        step_stats = time_steps(models, ids, args.steps)
+        times = {k: v["median_s"] for k, v in step_stats.items()}
         plain_s, masked_s = times["plain"], times["masked"]
         results.append(
             {
@@ -112,6 +116,8 @@ def main() -> int:
                 "plain_step_s": plain_s,
                 "masked_step_s": masked_s,
                 "ratio": masked_s / plain_s,
+                "plain_step": step_stats["plain"],
+                "masked_step": step_stats["masked"],
                 "target_max": TARGETS[granularity],
                 "entries_paths": sorted(entry_paths(models["masked"])),
                 "trainable_plain": trainable(models["plain"]),
@@ -128,22 +134,27 @@ def main() -> int:
             "sparse": get_masked_lora_model(base_sparse, cfg, mask, entries_method="sparse"),
             "dense": get_masked_lora_model(base_dense, cfg, mask, entries_method="dense"),
         }
-        times = time_steps(models, ids, args.steps)
+        step_stats = time_steps(models, ids, args.steps)
+        times = {k: v["median_s"] for k, v in step_stats.items()}
         sweep.append(
             {
                 "density": density,
+                "steps": step_stats,
                 **{f"{k}_step_s": v for k, v in times.items()},
                 "sparse_ratio": times["sparse"] / times["plain"],
                 "dense_ratio": times["dense"] / times["plain"],
             }
         )
         del models
-    report = {"args": asdict(args), "results": results, "sweep": sweep, "torch": torch.__version__}
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    tmp = args.output + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(report, fh, indent=2)
-    os.replace(tmp, args.output)
+    report = {
+        "benchmark": "masked_lora",
+        "args": asdict(args),
+        "results": results,
+        "sweep": sweep,
+        "torch": torch.__version__,
+        "provenance": _bench.finish(prov),
+    }
+    _bench.write_json(args.output, report)
     print(f"{'mask':<8} {'plain s':>9} {'masked s':>9} {'ratio':>7} {'target':>7}")
     for r in results:
         print(
@@ -160,15 +171,18 @@ def main() -> int:
     return 0
 
 
-def time_steps(models: dict, ids: torch.Tensor, steps: int) -> dict[str, float]:
-    """Median seconds of one training step (forward, backward, AdamW) per model, interleaved after 2 warm-ups."""
+def time_steps(models: dict, ids: torch.Tensor, steps: int) -> dict[str, dict]:
+    """Statistics (raw, median, spread) of the seconds of one training step (forward, backward, AdamW) per model,
+    interleaved after 2 untimed warm-up steps; the order of the models rotates every step."""
     optimizers = {
         k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
         for k, m in models.items()
     }
     times: dict[str, list[float]] = {k: [] for k in models}
+    keys = list(models)
     for step in range(steps + 2):
-        for key, model in models.items():  # interleaved: contention hits all alike
+        for key in keys[step % len(keys) :] + keys[: step % len(keys)]:  # interleaved, rotating order
+            model = models[key]
             model.train()
             start = time.perf_counter()
             model(input_ids=ids, labels=ids).loss.backward()
@@ -176,7 +190,7 @@ def time_steps(models: dict, ids: torch.Tensor, steps: int) -> dict[str, float]:
             optimizers[key].zero_grad(set_to_none=True)
             if step >= 2:
                 times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: _bench.stats(v) for k, v in times.items()}
 
 
 def entry_paths(model) -> set[str]:

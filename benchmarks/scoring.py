@@ -1,35 +1,41 @@
-"""Scoring cost: plain forward+backward vs our snip/esi vs the reference approaches, on the same batches.
+"""Scoring cost: plain forward+backward vs our snip/esi vs the reference per-sample and per-layer loops, on the same
+batches, in the same process.
 
-Measures, per method, wall time and peak RSS growth (CPU) or peak CUDA memory:
+Methods (every one on the same calibration rows and targets):
 
-* ``plain``: one forward+backward per batch with ``.grad`` kept (what any training step costs);
+* ``plain_fwd_bwd``: one forward+backward per batch with ``.grad`` kept (what any training step costs): the baseline;
 * ``ours_abs_of_sum`` / ``ours_esi``: our batched scorers (one pass per batch, fp32 post-accumulate folding);
-* ``ours_sum_of_abs``: our exact per-sample SNIP (one pass per sample);
-* ``reference_per_sample_bf16``: the reference's loop, one pass per sample with ``.grad`` accumulated in the weight
-  dtype (ESI's reference approach); ``reference_per_layer`` (Wei et al.'s reference code: L x N passes) is extrapolated as
-  ``n_layers x`` that time, since it repeats the same per-sample loop once per layer.
+* ``ours_sum_of_abs``: our exact per-sample SNIP (one pass per *sample*, so it is compared with the per-sample
+  reference, not with the batched baseline);
+* ``reference_per_sample``: the reference approach of ESI / Wei et al.: batch 1, ``.grad`` in the weight dtype and
+  ``abs`` folded into a weight-dtype accumulator after every sample;
+* ``reference_per_layer``: Wei et al.'s reference code, measured (not extrapolated): the per-sample loop repeated once
+  per decoder layer with only that layer's weights requiring a gradient (L x N passes). Skipped with
+  ``--skip-per-layer`` (it is the slowest by far).
+
+Fairness: one process, one thread count (``--threads``, recorded), one untimed warm-up round of every method, then
+``--repeats`` rounds in which every method runs once and the order rotates per round; the JSON keeps every raw timing
+with its median, min, max and interquartile range, and ratios are of medians. Peak memory is not measured here (a
+process-wide peak is meaningless when methods are interleaved); see ``selection.py`` for a memory methodology.
 
 Examples:
 
 ```bash
 python benchmarks/scoring.py --model tiny --threads 1
-python benchmarks/scoring.py --model default --rows 8 --batch-size 4 --max-length 128 --threads 2
+python benchmarks/scoring.py --model default --rows 8 --batch-size 4 --max-length 128 --threads 2 --skip-per-layer
 ```
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
-import time
+import sys
 
 import torch
 
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _bench
 
 
 def _load(name: str):
@@ -47,17 +53,6 @@ def _load(name: str):
     ), tiny_tokenizer()
 
 
-def _timed(fn, repeats: int) -> tuple[float, float]:
-    fn()  # warm-up
-    start_rss = _rss_mb()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times), max(0.0, _rss_mb() - start_rss)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tiny", choices=["tiny", "default"])
@@ -65,8 +60,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-reference", action="store_true", help="skip both reference loops")
+    parser.add_argument("--skip-per-layer", action="store_true", help="skip the L x N per-layer reference loop")
     parser.add_argument(
         "--out",
         default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "scoring.json"),
@@ -74,6 +70,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    prov = _bench.provenance(args.threads)
 
     from peft_safety.scoring import resolve_targets, score
     from peft_safety.scoring.calibration import CalibrationSet, refusal_rows
@@ -89,35 +86,43 @@ def main() -> None:
     targets = resolve_targets(model)
     params = targets.parameters(model)
     batches = list(calib.batches(args.batch_size))
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
 
-    def plain():
-        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    def _only(names) -> None:
         for p in model.parameters():
             p.requires_grad_(False)
-        for p in params.values():
-            p.requires_grad_(True)
-        for i, b in enumerate(batches):
-            refusal_nll(model, b, i).backward()
+        for n in names:
+            params[n].requires_grad_(True)
+
+    def _restore() -> None:
         for n, p in model.named_parameters():
             p.grad = None
             p.requires_grad_(flags[n])
 
-    def reference_per_sample():
-        # ESI / Wei style: batch 1, gradients summed in .grad in the weight dtype, abs taken per sample into a
-        # weight-dtype accumulator (Wei's saved_grad)
-        acc = {n: torch.zeros_like(p) for n, p in params.items()}
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in params.values():
-            p.requires_grad_(True)
-        for i in range(len(calib)):
-            b = calib.collate([i])
+    def plain():
+        _only(params)
+        for i, b in enumerate(batches):
             refusal_nll(model, b, i).backward()
-            for n, p in params.items():
-                acc[n] += p.grad.abs()
-                p.grad = None
-        for p in model.parameters():
-            p.requires_grad_(True)
+        _restore()
+
+    def _per_sample_loop(names) -> None:
+        acc = {n: torch.zeros_like(params[n]) for n in names}  # weight dtype, as in the reference code
+        _only(names)
+        for i in range(len(calib)):
+            refusal_nll(model, calib.collate([i]), i).backward()
+            for n in names:
+                acc[n] += params[n].grad.abs()
+                params[n].grad = None
+        _restore()
+
+    def reference_per_sample():
+        _per_sample_loop(list(params))
+
+    def reference_per_layer():
+        n_layers = model.config.num_hidden_layers
+        for layer in range(n_layers):
+            tag = f".layers.{layer}."
+            _per_sample_loop([n for n in params if tag in n])
 
     runs = {
         "plain_fwd_bwd": plain,
@@ -129,40 +134,33 @@ def main() -> None:
     }
     if not args.skip_reference:
         runs["reference_per_sample"] = reference_per_sample
-    results = {}
-    for name, fn in runs.items():
-        seconds, rss = _timed(fn, args.repeats)
-        results[name] = {"seconds": seconds, "peak_rss_growth_mb": rss}
-    base = results["plain_fwd_bwd"]["seconds"]
-    n_layers = getattr(model.config, "num_hidden_layers", 1)
-    if "reference_per_sample" in results:
-        results["reference_per_layer_extrapolated"] = {
-            "seconds": results["reference_per_sample"]["seconds"] * n_layers,
-            "peak_rss_growth_mb": None,
-        }
+        if not args.skip_per_layer:
+            runs["reference_per_layer"] = reference_per_layer
+    results = _bench.interleaved(runs, repeats=args.repeats, warmup=1)
+    base = results["plain_fwd_bwd"]["median_s"]
+    per_sample = results.get("reference_per_sample", {}).get("median_s")
     for r in results.values():
-        r["ratio_vs_plain"] = r["seconds"] / base
-    meta = {
-        "model": type(model).__name__,
+        r["ratio_vs_plain"] = r["median_s"] / base
+        if per_sample:
+            r["ratio_vs_reference_per_sample"] = r["median_s"] / per_sample
+    config = {
+        "model": args.model,
+        "model_class": type(model).__name__,
         "params": sum(p.numel() for p in model.parameters()),
+        "scored_params": sum(p.numel() for p in params.values()),
+        "num_hidden_layers": model.config.num_hidden_layers,
         "rows": len(calib),
         "batch_size": args.batch_size,
         "max_length": args.max_length,
         "tokens": calib.num_tokens,
-        "threads": args.threads,
-        "torch": torch.__version__,
+        "repeats": args.repeats,
+        "warmup_rounds": 1,
     }
-    print(json.dumps(meta))
-    print(f"{'method':34s} {'seconds':>9s} {'x plain':>8s} {'rss MB':>8s}")
+    payload = {"benchmark": "scoring", "config": config, "results": results, "provenance": _bench.finish(prov)}
+    print(f"{'method':24s} {'median s':>9s} {'min s':>8s} {'max s':>8s} {'x plain':>8s}")
     for name, r in results.items():
-        rss = "-" if r["peak_rss_growth_mb"] is None else f"{r['peak_rss_growth_mb']:.0f}"
-        print(f"{name:34s} {r['seconds']:9.3f} {r['ratio_vs_plain']:8.2f} {rss:>8s}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = f"{args.out}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump({"meta": meta, "results": results}, fh, indent=2)
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+        print(f"{name:24s} {r['median_s']:9.3f} {r['min_s']:8.3f} {r['max_s']:8.3f} {r['ratio_vs_plain']:8.2f}")
+    print(f"wrote {_bench.write_json(args.out, payload)}")
 
 
 if __name__ == "__main__":

@@ -33,12 +33,16 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _bench
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "selection.json")
 
@@ -133,7 +137,7 @@ def measure(
     result: dict[str, object] = {
         "method": method,
         "times_s": times,
-        "time_s": min(times),
+        "time_s": statistics.median(times),
         "peak_extra_bytes": peak - before if reset else None,
         "peak_measure": "VmHWM - VmRSS after clear_refs" if reset else "unavailable (no /proc/self/clear_refs)",
         "selected": len(mask),
@@ -145,6 +149,21 @@ def measure(
     else:
         result["check"] = check_same(scores, mask, indices)
     return result
+
+
+def interleaved_timing(
+    shapes: list[tuple[int, int]], fraction: float, threads: int, repeat: int, seed: int
+) -> dict[str, dict]:
+    """Both methods on the same scores in this process, one warm-up each, then ``repeat`` rounds with the order
+    rotating per round: the time comparison (raw timings, median, spread)."""
+    from peft_safety.scoring.selection import count_for_fraction, select
+
+    torch.set_num_threads(threads)
+    scores = make_scores(shapes, seed)
+    k = count_for_fraction(fraction, scores.numel())
+    return _bench.interleaved(
+        {"ours": lambda: select(scores, k=k), "naive": lambda: naive_select(scores, k)}, repeats=repeat, warmup=1
+    )
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -221,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tensors", type=int, default=200, help="number of score tensors")
     parser.add_argument("--fraction", type=float, default=0.01, help="share selected (global)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (recorded)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per method; the fastest is reported")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per method; the median is reported")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--small", action="store_true", help="smoke run: 1M scores over 20 tensors, one repeat")
     parser.add_argument("--out", default=DEFAULT_OUT, help="JSON results file")
@@ -242,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         args.numel, args.tensors, args.repeat = 1_000_000, 20, 1
     if args.threads < 1:
         parser.error(f"--threads={args.threads} must be >= 1")
+    torch.set_num_threads(args.threads)
+    prov = _bench.provenance(args.threads)
 
     shapes = tensor_sizes(args.numel, args.tensors, args.seed)
     total = sum(r * c for r, c in shapes)
@@ -255,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ours = _run_worker("ours", args, shapes, indices_path)
             naive = _run_worker("naive", args, shapes, indices_path)
+    timing = interleaved_timing(shapes, args.fraction, args.threads, args.repeat, args.seed)
 
     result = {
         "benchmark": "selection",
@@ -278,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "ours": ours,
         "naive": naive,
-        "time_ratio_naive_over_ours": naive["time_s"] / ours["time_s"],
+        "timing": timing,
+        "time_ratio_naive_over_ours": timing["naive"]["median_s"] / timing["ours"]["median_s"],
         "ours_peak_over_largest_tensor": None
         if ours["peak_extra_bytes"] is None
         else ours["peak_extra_bytes"] / largest,
@@ -287,18 +310,17 @@ def main(argv: list[str] | None = None) -> int:
         else naive["peak_extra_bytes"] / largest,
         "same_selection": naive["check"]["same_selection"],
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp_out = args.out + ".tmp"
-    with open(tmp_out, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp_out, args.out)
+    result["provenance"] = _bench.finish(prov)
+    _bench.write_json(args.out, result)
 
     print(f"global top-{ours['selected']:,} ({args.fraction:g}) of {total:,} fp32 scores in {len(shapes)} tensors, ")
-    print(f"threads={args.threads}, largest tensor {_mb(largest)}; best of {args.repeat}")
+    print(
+        f"threads={args.threads}, largest tensor {_mb(largest)}; median of {args.repeat} (interleaved, same process)"
+    )
     header = ("method", "time", "peak extra memory", "x largest tensor")
     rows = [
-        (name, f"{r['time_s']:.3f} s", _mb(r["peak_extra_bytes"]), "n/a" if r["peak_extra_bytes"] is None else f"{r['peak_extra_bytes'] / largest:.2f}")
-        for name, r in (("ours (radix, chunked)", ours), ("naive cat+topk", naive))
+        (name, f"{timing[key]['median_s']:.3f} s", _mb(r["peak_extra_bytes"]), "n/a" if r["peak_extra_bytes"] is None else f"{r['peak_extra_bytes'] / largest:.2f}")
+        for name, key, r in (("ours (radix, chunked)", "ours", ours), ("naive cat+topk", "naive", naive))
     ]  # fmt: skip
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
     for r in [header, tuple("-" * w for w in widths), *rows]:

@@ -37,6 +37,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _bench
+
 VARIANTS = ("frozen", "set", "dense_mask", "dense_copy")
 
 
@@ -163,8 +166,9 @@ def run_variant(variant: str, args: Args) -> dict:
     }
 
 
-def interleaved_times(args: Args) -> dict[str, float]:
-    """Median step time of every variant, stepping them in turn in one process."""
+def interleaved_times(args: Args) -> dict[str, dict]:
+    """Step-time statistics of every variant (raw timings, median, spread), stepping them in turn in one process;
+    the order of the variants rotates every step, after 2 untimed warm-up steps."""
     torch.set_num_threads(args.threads)
     runs = {}
     for variant in VARIANTS:
@@ -179,7 +183,9 @@ def interleaved_times(args: Args) -> dict[str, float]:
     )
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for step in range(args.steps + 2):
-        for variant, (model, opt) in runs.items():
+        order = VARIANTS[step % len(VARIANTS) :] + VARIANTS[: step % len(VARIANTS)]
+        for variant in order:
+            model, opt = runs[variant]
             start = time.perf_counter()
             inputs = model.get_input_embeddings()(ids).detach().requires_grad_(True)
             model(inputs_embeds=inputs, labels=ids).loss.backward()
@@ -188,7 +194,7 @@ def interleaved_times(args: Args) -> dict[str, float]:
                 opt.zero_grad(set_to_none=True)
             if step >= 2:
                 times[variant].append(time.perf_counter() - start)
-    return {v: statistics.median(t) for v, t in times.items()}
+    return {v: _bench.stats(t) for v, t in times.items()}
 
 
 def main() -> int:
@@ -200,6 +206,8 @@ def main() -> int:
     if ns.variant:
         print(json.dumps(run_variant(ns.variant, args)))
         return 0
+    torch.set_num_threads(args.threads)
+    prov = _bench.provenance(args.threads)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     results = []
     for variant in VARIANTS:
@@ -222,11 +230,13 @@ def main() -> int:
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout.strip().splitlines()[-1]
         results.append(json.loads(out))
     by = {r["variant"]: r for r in results}
-    medians = interleaved_times(args)
+    step_stats = interleaved_times(args)
+    medians = {v: s["median_s"] for v, s in step_stats.items()}
     for r in results:
         r["isolated_step_s"] = r.pop("step_s_median")  # one step in the memory run: indicative only
         r.pop("step_s_min")
         r["step_s_median"] = medians[r["variant"]]
+        r["step"] = step_stats[r["variant"]]
         r["time_vs_frozen"] = r["step_s_median"] / medians["frozen"]
         r["state_vs_set"] = r["state_MiB"] / by["set"]["state_MiB"] if by["set"]["state_MiB"] else None
     summary = {
@@ -236,12 +246,15 @@ def main() -> int:
         "time_ratio_set_over_dense_copy": medians["set"] / medians["dense_copy"],
         "targets": {"memory_ratio_min": 10.0, "time_ratio_max": 1.3},
     }
-    report = {"args": asdict(args), "results": results, "summary": summary, "torch": torch.__version__}
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    tmp = args.output + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(report, fh, indent=2)
-    os.replace(tmp, args.output)
+    report = {
+        "benchmark": "set_adapter",
+        "args": asdict(args),
+        "results": results,
+        "summary": summary,
+        "torch": torch.__version__,
+        "provenance": _bench.finish(prov),
+    }
+    _bench.write_json(args.output, report)
     print(
         f"{'variant':<11} {'params':>10} {'trainable':>10} {'state MiB':>10} {'peak RSS':>9} {'step s':>8} {'x frozen':>8}"
     )

@@ -17,12 +17,15 @@ gate/up/q at the same density, the cheap storage path). SPA with LoRA is measure
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _bench
 
 
 def build_mask(model, kind: str, density: float) -> dict[str, torch.Tensor]:
@@ -53,6 +56,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    prov = _bench.provenance(args.threads)
 
     from peft_safety.testing import tiny_llama
     from peft_safety.training.freeze import Freezer
@@ -68,7 +72,7 @@ def main() -> None:
             "head_dim": 128,
             "vocab_size": 4096,
         }
-        steps, seq = args.steps or 10, 128
+        steps, seq = args.steps or 20, 128
     results = {"threads": args.threads, "density": args.density, "config": cfg, "steps": steps, "rows": []}
     for kind in ("weight", "neuron"):
         models = {v: tiny_llama(seed=0, **cfg) for v in ("plain", "spa")}
@@ -108,6 +112,9 @@ def main() -> None:
             "frozen_entries": freezer.num_frozen,
             "plain_step_s": statistics.median(times["plain"]),
             "spa_step_s": statistics.median(times["spa"]),
+            "plain_step": _bench.stats(times["plain"]),
+            "spa_step": _bench.stats(times["spa"]),
+            "freezer_work": _bench.stats(work),
             "freezer_bytes": freezer.memory_bytes,
             "weights_bytes": weights,
             "freezer_work_s": statistics.median(work),
@@ -118,11 +125,9 @@ def main() -> None:
         row["freezer_work_fraction"] = row["freezer_work_s"] / row["plain_step_s"]
         results["rows"].append(row)
         freezer.remove()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = f"{args.out}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, args.out)
+    results["benchmark"] = "spa_training"
+    results["provenance"] = _bench.finish(prov)
+    _bench.write_json(args.out, results)
     print(f"threads={args.threads} density={args.density} steps={steps} (median step, interleaved)")
     header = f"{'mask':8} {'frozen':>10} {'plain s':>9} {'SPA s':>9} {'ratio':>6} {'freezer ms':>10} {'% step':>7}"
     print(header + f" {'held KiB':>9} {'% of W':>7} exact")

@@ -103,6 +103,22 @@ def test_set_spa_attack_rows_and_derived_numbers(bench, tmp_path, keep_threads):
     assert spa["rows"][0]["safety_drift_wei2024"] == 0 and spa["rows"][0]["task_gain_ppl"] == 0
     assert spa["masks"]["sppft"]["entries"] > 0 and "rsn_tune" in spa["masks"]
     assert spa["masks"]["spa"]["entries"] == result["mask_entries"]["esi"]
+    for r in spa["rows"]:
+        assert r["safety_drift_wei2024"] == pytest.approx(
+            r["refusal_wei2024"] - spa["rows"][0]["refusal_wei2024"], abs=1e-4
+        )
+    # every reported rate is a recount of the stage's saved generations (independent keyword check)
+    from peft_safety.evaluation.judges import KEYWORD_PRESETS
+
+    wei = KEYWORD_PRESETS["wei2024"]
+    for r in result["rows"]:
+        lines = (tmp_path / "work" / "set" / "eval" / r["stage"] / "generations.jsonl").read_text().splitlines()
+        records = [json.loads(x) for x in lines]
+        for set_name, key in (("harmful", "refusal_wei2024"), ("benign", "over_refusal_wei2024")):
+            responses = [x["response"] for x in records if x["set"] == set_name]
+            assert len(responses) == 2
+            recount = sum(any(k in resp for k in wei) for resp in responses) / len(responses)
+            assert r[key] == pytest.approx(recount), (r["stage"], key)
     attack = json.loads((tmp_path / "out" / "reproduce_attack.json").read_text())
     assert [r["stage"] for r in attack["rows"]] == ["aligned (SET)", "attack: LoRA", "attack: SPA-LoRA"]
     assert attack["attack_examples"] == 4

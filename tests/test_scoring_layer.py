@@ -124,16 +124,49 @@ def test_layer_mask_moe_and_probe_mask_excludes_router():
     assert all(len(probe.shapes[n]) >= 2 for n in probe.names)
 
 
+def _independent_refusals(responses):
+    return [r.lstrip().startswith(("I cannot", "I can't", "I'm sorry")) for r in responses]
+
+
 def test_probe_restores_weights_exactly_and_is_deterministic():
-    model, tok = tiny_llama(seed=0, num_hidden_layers=3, dtype=torch.bfloat16), tiny_tokenizer()
-    snap = {n: p.detach().clone() for n, p in model.named_parameters()}
-    a = over_rejection_probe(model, tok, NORMAL, (0, 1), 1.3, max_new_tokens=6)
-    b = over_rejection_probe(model, tok, NORMAL, (0, 1), 1.3, max_new_tokens=6)
+    """On a model that refuses 3 of 5 prompts: the probe counts refusals (not compliances), its responses equal those
+    of an independently scaled copy, and the weights come back bit-exactly (bf16, where dividing by alpha is lossy)."""
+    import copy
+
+    from _refusing import PROMPTS, refusing_llama
+
+    from peft_safety.scoring.generation import generate_responses
+
+    trained, tok = refusing_llama()
+    prompts = list(PROMPTS)
+    model = copy.deepcopy(trained)
+    base = over_rejection_probe(model, tok, prompts, None, 1.0, max_new_tokens=12)
+    assert base.refused == list(PROMPTS.values()) == _independent_refusals(base.responses)
+    assert base.refusals == 3 and base.rate == pytest.approx(3 / 5)
+    # scaled: the same answers as a copy whose layer-0..1 attention and MLP weights were multiplied by hand
+    alpha = 1.6
+    scaled = over_rejection_probe(model, tok, prompts, (0, 1), alpha, max_new_tokens=12)
+    by_hand = copy.deepcopy(trained)
+    with torch.no_grad():
+        for name, param in by_hand.named_parameters():
+            if ".layers." in name and (".self_attn." in name or ".mlp." in name) and param.dim() == 2:
+                param.mul_(alpha)
+    expected = generate_responses(by_hand, tok, prompts, max_new_tokens=12, template="alpaca", progress=False)
+    assert scaled.responses == expected
+    assert scaled.refused == _independent_refusals(expected)
+    assert scaled.refusals == sum(_independent_refusals(expected))
+    assert expected != base.responses  # the scaling changed the behaviour
     for name, param in model.named_parameters():
+        assert torch.equal(param, dict(trained.named_parameters())[name]), name
+    # bit-exact restore and determinism in bf16
+    half = copy.deepcopy(trained).to(torch.bfloat16)
+    snap = {n: p.detach().clone() for n, p in half.named_parameters()}
+    a = over_rejection_probe(half, tok, prompts, (0, 1), 1.3, max_new_tokens=6)
+    b = over_rejection_probe(half, tok, prompts, (0, 1), 1.3, max_new_tokens=6)
+    for name, param in half.named_parameters():
         assert torch.equal(param.view(torch.int16), snap[name].view(torch.int16)), name
-    assert a.responses == b.responses and a.refusals == b.refusals
-    assert a.layer_range == (0, 1) and len(a.refused) == len(NORMAL)
-    assert 0.0 <= a.rate <= 1.0
+    assert a.responses == b.responses and a.refused == b.refused
+    assert a.refused == _independent_refusals(a.responses) and a.layer_range == (0, 1)
 
 
 def test_probe_scales_inside_and_restores_after_an_error(monkeypatch):

@@ -404,3 +404,27 @@ def test_selection_benchmark_smoke(tmp_path, capsys):
     assert result["ours"]["selected"] == result["naive"]["selected"] == result["config"]["k"]
     assert result["ours"]["time_s"] > 0 and result["time_ratio_naive_over_ours"] > 0
     assert "time ratio naive/ours" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_global_selection_equals_torch_topk_of_the_concatenation(largest):
+    """Distinct random scores over tensors of several shapes: the mask is exactly torch.topk of the concatenation,
+    with the count taken by hand as floor(fraction * n + 1/2)."""
+    g = torch.Generator().manual_seed(7)
+    shapes = {"a": (13, 7), "b": (50,), "c": (3, 4, 5), "d": (1, 1), "e": (64, 9)}
+    tensors = {n: torch.randn(s, generator=g, dtype=torch.float64).float() for n, s in shapes.items()}
+    flat = torch.cat([t.reshape(-1) for t in tensors.values()])
+    assert flat.unique().numel() == flat.numel()  # no ties: torch.topk's choice is unique
+    for fraction in (0.003, 0.01, 0.1, 0.37, 1.0):
+        k = int(fraction * flat.numel() + 0.5)
+        if k == 0:
+            continue
+        mask = select(Scores(dict(tensors)), fraction=fraction, largest=largest)
+        top = set(torch.topk(flat, k, largest=largest).indices.tolist())
+        offset, got = 0, set()
+        for name, t in tensors.items():
+            if name in mask.names:
+                got |= {offset + int(i) for i in mask[name].tolist()}
+            offset += t.numel()
+        assert got == top, fraction
+        assert len(mask) == k

@@ -1,0 +1,120 @@
+"""Shared helpers for the benchmark scripts: provenance, timing statistics and atomic JSON output.
+
+Every result file a benchmark writes carries a ``provenance`` block (the exact command, the git commit, library
+versions, the torch thread count, the machine and its load average at the start and end) and, for each timed
+quantity, the raw timings next to their median and spread (min, max, interquartile range), so that each published
+figure can be traced to the run that produced it (``benchmarks/tables.py`` renders the tables from these files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=False
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip() or None
+    if commit and dirty.stdout.strip():
+        commit += " (with uncommitted changes)"
+    return commit
+
+
+def provenance(threads: int) -> dict[str, Any]:
+    """The run's command line, commit, versions, thread count and machine load, for the result file."""
+    import peft
+    import transformers
+
+    from peft_safety import __version__
+
+    return {
+        "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
+        "git_commit": _git_commit(),
+        "peft_safety": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()} ({os.cpu_count()} cores)",
+        "threads": threads,
+        "torch_num_threads": torch.get_num_threads(),
+        "load_average_start": list(os.getloadavg()),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def finish(prov: dict[str, Any]) -> dict[str, Any]:
+    """Add the end-of-run load average and the run's wall time to ``prov`` (returned for chaining)."""
+    prov["load_average_end"] = list(os.getloadavg())
+    prov["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return prov
+
+
+def stats(times: list[float]) -> dict[str, Any]:
+    """Raw timings with their median, min, max and interquartile range (seconds)."""
+    if not times:
+        raise ValueError("stats(): no timings to summarise")
+    ordered = sorted(times)
+    if len(ordered) >= 2:
+        q = statistics.quantiles(ordered, n=4, method="inclusive")
+        iqr = [q[0], q[2]]
+    else:
+        iqr = [ordered[0], ordered[0]]
+    return {
+        "raw_s": list(times),
+        "median_s": statistics.median(ordered),
+        "min_s": ordered[0],
+        "max_s": ordered[-1],
+        "iqr_s": iqr,
+        "repeats": len(times),
+    }
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, dict[str, Any]]:
+    """Time every function ``repeats`` times, in rounds (one call of each per round; the order rotates every round),
+    after ``warmup`` untimed rounds, so that machine noise and cache order hit every method alike."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    raw: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            t = time.perf_counter()
+            fns[name]()
+            raw[name].append(time.perf_counter() - t)
+    return {n: stats(raw[n]) for n in names}
+
+
+def write_json(path: str, payload: dict[str, Any]) -> str:
+    """Write ``payload`` as indented JSON, atomically."""
+    from peft_safety._io import atomic_write_text
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return atomic_write_text(path, json.dumps(payload, indent=2) + "\n")

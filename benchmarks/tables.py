@@ -1,0 +1,477 @@
+"""Render the published tables of README.md, docs/ and benchmarks/README.md from the committed result files.
+
+Every table (and the README's results paragraph) sits between markers that this script rewrites::
+
+    <!-- table:NAME -->
+    ...generated...
+    <!-- /table -->
+
+``NAME`` is a key of `TABLES`; each renderer reads only committed JSON (paths in `SOURCES`), so every published
+figure can be traced to the file and the run that produced it. ``tests/test_published_numbers.py`` checks that each
+cited result file exists and that every generated block equals what this script renders now.
+
+```bash
+python benchmarks/tables.py            # rewrite the blocks in place
+python benchmarks/tables.py --check    # exit 1 (and name the blocks) if a document is out of date
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import statistics
+import sys
+import textwrap
+from collections.abc import Callable
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCUMENTS = (
+    "README.md",
+    "benchmarks/README.md",
+    *sorted(f"docs/{n}" for n in os.listdir(os.path.join(ROOT, "docs")) if n.endswith(".md")),
+)
+MARKER = re.compile(r"(<!-- table:([a-z0-9_]+) -->\n)(.*?)(<!-- /table -->)", re.DOTALL)
+
+#: table name -> the committed result files it reads (relative to the repository root)
+SOURCES: dict[str, tuple[str, ...]] = {
+    "readme_results": ("docs/results/main_job.json",),
+    "main_job": ("docs/results/main_job.json",),
+    "main_job_timings": ("docs/results/main_job.json",),
+    "reproduce_stability": ("benchmarks/results/reproduce_stability.json",),
+    "reproduce_stability_pairs": ("benchmarks/results/reproduce_stability.json",),
+    "reproduce_set": ("benchmarks/results/reproduce_set.json",),
+    "reproduce_spa": ("benchmarks/results/reproduce_spa.json",),
+    "reproduce_attack": ("benchmarks/results/reproduce_attack.json",),
+    "bench_summary": (
+        "benchmarks/results/selection.json",
+        "benchmarks/results/scoring.json",
+        "benchmarks/results/spa_training.json",
+        "benchmarks/results/set_adapter.json",
+        "benchmarks/results/masked_lora.json",
+    ),
+    "bench_scoring": ("benchmarks/results/scoring.json",),
+    "bench_selection": ("benchmarks/results/selection.json",),
+    "bench_spa_training": ("benchmarks/results/spa_training.json",),
+    "bench_set_adapter": ("benchmarks/results/set_adapter.json",),
+    "bench_masked_lora": ("benchmarks/results/masked_lora.json",),
+    "mutation_check": ("benchmarks/results/mutation_check.json",),
+}
+
+
+def load(path: str) -> dict[str, Any]:
+    with open(os.path.join(ROOT, path), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def pct(x: float | None, digits: int = 1) -> str:
+    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def num(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:,.{digits}f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def spread(stats: dict[str, Any], scale: float = 1.0, digits: int = 3, unit: str = "s") -> str:
+    """``median (IQR lo-hi, n=repeats)`` of a `_bench.stats` block."""
+    lo, hi = stats["iqr_s"]
+    return (
+        f"{scale * stats['median_s']:.{digits}f} {unit} (IQR {scale * lo:.{digits}f}-{scale * hi:.{digits}f}, "
+        f"n={stats['repeats']})"
+    )
+
+
+def prov_line(data: dict[str, Any]) -> str:
+    p = data.get("provenance") or {}
+    if not p:
+        return ""
+    load_avg = p.get("load_average_start") or [None]
+    commit = (p.get("git_commit") or "?")[:10]
+    return (
+        f"Run: `{p.get('command')}` at commit {commit}, torch {p.get('torch')}, {p.get('machine')}, "
+        f"{p.get('threads')} thread(s), load average {load_avg[0]:.1f} at the start, {p.get('started')}.\n"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- main job
+def readme_results() -> str:
+    d = load("docs/results/main_job.json")
+    rows = {r["stage"]: r for r in d["rows"]}
+    base, set_, lora, spa = rows["baseline"], rows["SET"], rows["SET+LoRA"], rows["SET+SPA-LoRA"]
+    minutes = d["timings"]["total"] / 60
+    text = (
+        f"On 2 CPU cores ({minutes:.1f} min of pipeline time, `docs/results.md`, `docs/results/main_job.json`; one "
+        f"seed, {d['config']['n_eval']} prompts per set): a 1% ESI mask trained with SET for "
+        f"{d['config']['set_steps']} steps takes refusal of held-out HarmBench prompts from "
+        f"{pct(base['refusal_wei2024'])} to {pct(set_['refusal_wei2024'])} (Wei et al.'s keywords; attack success "
+        f"{pct(base['attack_success_wei2024_min20'])} -> {pct(set_['attack_success_wei2024_min20'])}) with "
+        f"multiple-choice accuracy {pct(base['mc_accuracy'])} -> {pct(set_['mc_accuracy'])}, at the cost of more "
+        f"keyword-judged refusals of benign prompts ({pct(base['over_refusal_wei2024'])} -> "
+        f"{pct(set_['over_refusal_wei2024'])} by the same keywords; the baseline's rate is keyword false positives on "
+        f"chatty answers). {d['config']['spa_steps']} steps of benign LoRA fine-tuning then erode most of it, and "
+        f"SPA-LoRA (the mask frozen exactly) keeps only a little more (refusal {pct(spa['refusal_wei2024'])} vs "
+        f"{pct(lora['refusal_wei2024'])}, task perplexity {num(spa['task_ppl'])} vs {num(lora['task_ppl'])}): "
+        "freezing the mask is a guarantee about those weights, not about the behaviour."
+    )
+    return textwrap.fill(text, width=118, break_on_hyphens=False) + "\n"
+
+
+def main_job() -> str:
+    d = load("docs/results/main_job.json")
+    header = ["model", "refusal (wei2024)", "ASR (wei2024, >=20 words)", "refusal (gcg_extended)", "refusal (prefix)",
+              "over-refusal (wei2024)", "over-refusal (gcg_extended)", "benign ppl", "task ppl", "MC acc",
+              "repetitive (harmful)"]  # fmt: skip
+    rows = [
+        [r["stage"], pct(r["refusal_wei2024"]), pct(r["attack_success_wei2024_min20"]), pct(r["refusal_gcg_extended"]),
+         pct(r["refusal_prefix"]), pct(r["over_refusal_wei2024"]), pct(r["over_refusal_gcg_extended"]),
+         num(r["benign_ppl"]), num(r["task_ppl"]), pct(r["mc_accuracy"]), pct(r["repetition_harmful"])]
+        for r in d["rows"]
+    ]  # fmt: skip
+    return table(header, rows)
+
+
+def main_job_timings() -> str:
+    t = load("docs/results/main_job.json")["timings"]
+    rows = [
+        ["baseline evaluation", num(t["eval_baseline"], 1)],
+        ["ESI scoring + global selection", num(t["score_and_select"], 1)],
+        ["benign answers for the SET mix", num(t["set_retain_answers"], 1)],
+        ["SET training", num(t["set_train"], 1)],
+        ["evaluation after SET", num(t["eval_set"], 1)],
+        ["plain LoRA training / evaluation", f"{num(t['train_SET+LoRA'], 1)} / {num(t['eval_SET+LoRA'], 1)}"],
+        ["SPA-LoRA training / evaluation", f"{num(t['train_SET+SPA-LoRA'], 1)} / {num(t['eval_SET+SPA-LoRA'], 1)}"],
+        ["total", num(t["total"], 1)],
+    ]
+    return table(["stage", "seconds"], rows)
+
+
+# ----------------------------------------------------------------------------------------------- reproduction
+def _source_of(label: str) -> str:
+    return label.split("/")[0]
+
+
+def reproduce_stability() -> str:
+    d = load("benchmarks/results/reproduce_stability.json")
+    rows = []
+    for scorer, r in d["scorers"].items():
+        name = "snip (abs_of_sum)" if scorer == "snip" else scorer
+        for stage in ("before_isolation", "after_isolation"):
+            s = r[stage]
+            dens = list(s["density"].values())
+            density = pct(dens[0], 2) if max(dens) - min(dens) < 1e-6 else f"{pct(min(dens), 2)}-{pct(max(dens), 2)}"
+            rows.append([name, stage.split("_")[0], f"{s['mean_iou']:.3f}", f"{s['min_iou']:.3f}",
+                         f"{s['mean_iou_same_data_seeds']:.3f}", f"{s['mean_iou_across_data']:.3f}",
+                         f"{s['core']:,} / {s['union']:,} ({s['core_fraction']:.3f})", density])  # fmt: skip
+    header = ["scorer", "isolation", "mean IoU (all pairs)", "min IoU", "IoU, same source, other seed",
+              "IoU, across sources", "core / union (core fraction)", "mask density"]  # fmt: skip
+    return table(header, rows)
+
+
+def reproduce_stability_pairs() -> str:
+    d = load("benchmarks/results/reproduce_stability.json")
+    short = {"uncensorbench_refusal": "U", "advbench+fixed": "A", "harmbench_val+fixed": "H"}
+    order = [("U", "U"), ("A", "A"), ("H", "H"), ("A", "H"), ("U", "A"), ("U", "H")]
+    rows = []
+    for scorer, r in d["scorers"].items():
+        for stage in ("before_isolation", "after_isolation"):
+            s = r[stage]
+            labels = [short.get(_source_of(x), _source_of(x)) for x in s["labels"]]
+            groups: dict[tuple[str, str], list[float]] = {}
+            for i, j in itertools.combinations(range(len(labels)), 2):
+                key = tuple(sorted((labels[i], labels[j]), key="UAH".index))
+                groups.setdefault(key, []).append(s["iou"][i][j])
+            rows.append([scorer, stage.split("_")[0]] + [f"{statistics.mean(groups[k]):.3f}" if k in groups else "n/a"
+                                                         for k in order])  # fmt: skip
+    header = ["scorer", "isolation", "U-U (seeds)", "A-A (seeds)", "H-H (seeds)", "A-H", "U-A", "U-H"]
+    return table(header, rows)
+
+
+def _train_s(d: dict[str, Any], stage: str) -> str:
+    value = d.get("timings", {}).get(f"train_{stage}")
+    return "" if value is None else f"{value:.0f}"
+
+
+def reproduce_set() -> str:
+    d = load("benchmarks/results/reproduce_set.json")
+    header = ["model", "refusal wei2024", "refusal gcg_extended", "refusal prefix", "over-refusal wei2024",
+              "over-refusal gcg_extended", "benign ppl", "task ppl", "MC acc", "train s"]  # fmt: skip
+    rows = [
+        [r["stage"], pct(r["refusal_wei2024"]), pct(r["refusal_gcg_extended"]), pct(r["refusal_prefix"]),
+         pct(r["over_refusal_wei2024"]), pct(r["over_refusal_gcg_extended"]), num(r["benign_ppl"]),
+         num(r["task_ppl"]), pct(r["mc_accuracy"]), _train_s(d, r["stage"])]
+        for r in d["rows"]
+    ]  # fmt: skip
+    return table(header, rows)
+
+
+def reproduce_spa() -> str:
+    d = load("benchmarks/results/reproduce_spa.json")
+    header = ["model", "refusal wei2024", "refusal gcg_extended", "refusal prefix", "attack success wei2024_min20",
+              "over-refusal wei2024", "benign ppl", "task ppl", "MC acc", "train s"]  # fmt: skip
+    rows = [
+        [r["stage"], pct(r["refusal_wei2024"]), pct(r["refusal_gcg_extended"]), pct(r["refusal_prefix"]),
+         pct(r["attack_success_wei2024_min20"]), pct(r["over_refusal_wei2024"]), num(r["benign_ppl"]),
+         num(r["task_ppl"]), pct(r["mc_accuracy"]), _train_s(d, r["stage"])]
+        for r in d["rows"]
+    ]  # fmt: skip
+    return table(header, rows)
+
+
+def reproduce_attack() -> str:
+    d = load("benchmarks/results/reproduce_attack.json")
+    header = ["model", "refusal wei2024", "refusal gcg_extended", "refusal prefix", "over-refusal wei2024",
+              "benign ppl", "task ppl", "MC acc", "train s"]  # fmt: skip
+    rows = [
+        [r["stage"], pct(r["refusal_wei2024"]), pct(r["refusal_gcg_extended"]), pct(r["refusal_prefix"]),
+         pct(r["over_refusal_wei2024"]), num(r["benign_ppl"]), num(r["task_ppl"]), pct(r["mc_accuracy"]),
+         _train_s(d, r["stage"])]
+        for r in d["rows"]
+    ]  # fmt: skip
+    out = table(header, rows)
+    out += (
+        f"\nRefusal drop (wei2024): plain LoRA {100 * d['refusal_drop_plain_lora']:.1f} points, SPA-LoRA "
+        f"{100 * d['refusal_drop_spa_lora']:.1f} points; share of the degradation SPA prevented: "
+        f"{pct(d['fraction_of_degradation_prevented'], 0)}.\n"
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- benchmarks
+def bench_summary() -> str:
+    sel, sc = load("benchmarks/results/selection.json"), load("benchmarks/results/scoring.json")
+    spa, st, ml = (load(f"benchmarks/results/{n}.json") for n in ("spa_training", "set_adapter", "masked_lora"))
+    r = sc["results"]
+    spa_rows = {row["mask"]: row for row in spa["rows"]}
+    set_rows = {row["variant"]: row for row in st["results"]}
+    ml_rows = {row["granularity"]: row for row in ml["results"]}
+    rows = [
+        ["`selection.py`", "global top-1%: ours (radix threshold, chunked) vs `torch.cat` + `torch.topk`",
+         f"{sel['config']['numel']:,} scores in {sel['config']['tensors']} tensors: ours "
+         f"{sel['timing']['ours']['median_s']:.3f} s, naive {sel['timing']['naive']['median_s']:.3f} s (median of "
+         f"{sel['timing']['ours']['repeats']}; naive/ours {sel['time_ratio_naive_over_ours']:.2f}x); peak extra "
+         f"memory {sel['ours']['peak_extra_bytes'] / 2**20:.1f} vs {sel['naive']['peak_extra_bytes'] / 2**20:.1f} MiB; "
+         f"same selection: {sel['same_selection']}", "`results/selection.json`"],
+        ["`scoring.py`", "plain forward+backward vs our snip/esi vs the reference loops (medians, same process)",
+         f"{sc['config']['num_hidden_layers']}-layer Llama ({sc['config']['params'] / 1e6:.1f}M params), "
+         f"{sc['config']['rows']} rows, batch {sc['config']['batch_size']}: ESI "
+         f"{r['ours_esi']['ratio_vs_plain']:.2f}x and SNIP abs-of-sum {r['ours_abs_of_sum']['ratio_vs_plain']:.2f}x plain "
+         f"fwd+bwd; per-sample SNIP {r['ours_sum_of_abs']['ratio_vs_plain']:.2f}x (reference per-sample loop "
+         f"{r['reference_per_sample']['ratio_vs_plain']:.2f}x, per-layer loop measured "
+         f"{r['reference_per_layer']['ratio_vs_plain']:.2f}x)", "`results/scoring.json`"],
+        ["`spa_training.py`", "SPA full fine-tuning step and Freezer memory vs plain full fine-tuning",
+         f"weight mask {spa_rows['weight']['ratio']:.2f}x plain (Freezer work "
+         f"{1000 * spa_rows['weight']['freezer_work_s']:.1f} ms/step, extra memory "
+         f"{pct(spa_rows['weight']['extra_memory_fraction'])} of the weights), neuron mask "
+         f"{spa_rows['neuron']['ratio']:.2f}x ({1000 * spa_rows['neuron']['freezer_work_s']:.2f} ms, "
+         f"{pct(spa_rows['neuron']['extra_memory_fraction'])}); frozen entries bit-identical: "
+         f"{all(x['exact'] for x in spa['rows'])}", "`results/spa_training.json`"],
+        ["`set_adapter.py`", "SET adapter vs frozen base, dense masked gradient, dense merged copy",
+         f"SET step {set_rows['set']['time_vs_frozen']:.2f}x the frozen-base step; optimizer+gradient state "
+         f"{set_rows['set']['state_MiB']:.1f} MiB vs {set_rows['dense_mask']['state_MiB']:.0f} MiB for a dense "
+         f"gradient mask; dense copy {set_rows['dense_copy']['time_vs_frozen']:.2f}x, dense masked gradient "
+         f"{set_rows['dense_mask']['time_vs_frozen']:.2f}x", "`results/set_adapter.json`"],
+        ["`masked_lora.py`", "masked LoRA (SPA) step vs plain LoRA, per granularity; sparse vs dense correction",
+         "1% masks: " + ", ".join(f"{g} {ml_rows[g]['ratio']:.2f}x" for g in ml_rows) + " plain LoRA; weight-mask "
+         "sweep sparse/dense: " + ", ".join(f"{pct(s['density'], 0)} {s['sparse_ratio']:.2f}/{s['dense_ratio']:.2f}x"
+                                             for s in ml["sweep"]), "`results/masked_lora.json`"],
+    ]  # fmt: skip
+    return table(["benchmark", "compares", "result (medians; details below)", "JSON"], rows)
+
+
+def bench_scoring() -> str:
+    d = load("benchmarks/results/scoring.json")
+    rows = [
+        [f"`{name}`", spread(r), f"{r['min_s']:.3f}-{r['max_s']:.3f} s", f"{r['ratio_vs_plain']:.2f}x"]
+        for name, r in d["results"].items()
+    ]
+    c = d["config"]
+    head = (
+        f"{c['model_class']} ({c['params']:,} parameters, {c['num_hidden_layers']} layers), {c['rows']} rows of up "
+        f"to {c['max_length']} tokens ({c['tokens']:,} tokens), batch {c['batch_size']}; {c['repeats']} rounds after "
+        f"{c['warmup_rounds']} warm-up round, methods interleaved with rotating order.\n\n"
+    )
+    verdicts = []
+    for key, label in (("ours_esi", "ESI"), ("ours_abs_of_sum", "batched SNIP (abs_of_sum)")):
+        ratio = d["results"][key]["ratio_vs_plain"]
+        verdicts.append(f"{label} {ratio:.2f}x ({'within' if ratio <= 1.15 else 'above'} the target)")
+    target = "Against the 1.15x plain forward+backward target: " + ", ".join(verdicts) + "."
+    if "reference_per_sample" in d["results"]:
+        per_sample = d["results"]["ours_sum_of_abs"]["ratio_vs_reference_per_sample"]
+        target += (
+            f" The exact per-sample SNIP takes {per_sample:.2f}x the reference per-sample loop "
+            f"({'slower' if per_sample > 1 else 'faster'}; not profiled)."
+        )
+    target += "\n"
+    return (
+        head
+        + table(["method", "median (IQR)", "min-max", "x plain fwd+bwd"], rows)
+        + "\n"
+        + target
+        + "\n"
+        + prov_line(d)
+    )
+
+
+def bench_selection() -> str:
+    d = load("benchmarks/results/selection.json")
+    c = d["config"]
+    rows = []
+    for key, label in (("ours", "ours (radix, chunked)"), ("naive", "naive cat + topk")):
+        mem = d[key]["peak_extra_bytes"]
+        rows.append([label, spread(d["timing"][key]), f"{mem / 2**20:.1f} MiB",
+                     f"{mem / c['largest_tensor_bytes']:.2f}"])  # fmt: skip
+    head = (
+        f"{c['numel']:,} fp32 scores in {c['tensors']} tensors (largest {c['largest_tensor_bytes'] / 2**20:.1f} MiB), "
+        f"k = {c['k']:,}; time: both methods in one process, interleaved; memory: one fresh subprocess per method. "
+        f"Same selection: {d['same_selection']}.\n\n"
+    )
+    return (
+        head
+        + table(["method", "time, median (IQR)", "peak extra memory", "x largest tensor"], rows)
+        + "\n"
+        + prov_line(d)
+    )
+
+
+def bench_spa_training() -> str:
+    d = load("benchmarks/results/spa_training.json")
+    rows = [
+        [r["mask"], f"{r['frozen_entries']:,}", spread(r["plain_step"]), spread(r["spa_step"]), f"{r['ratio']:.3f}",
+         f"{1000 * r['freezer_work_s']:.3f}", pct(r["extra_memory_fraction"], 2), str(r["exact"])]
+        for r in d["rows"]
+    ]  # fmt: skip
+    head = (
+        f"Llama config {d['config']}, {d['steps']} timed steps (interleaved, alternating order), density "
+        f"{d['density']}.\n\n"
+    )
+    header = ["mask", "frozen entries", "plain step", "SPA step", "ratio", "Freezer ms/step", "extra memory / W",
+              "exact"]  # fmt: skip
+    return head + table(header, rows) + "\n" + prov_line(d)
+
+
+def bench_set_adapter() -> str:
+    d = load("benchmarks/results/set_adapter.json")
+    rows = [
+        [r["variant"], f"{r['params']:,}", f"{r['trainable']:,}", f"{r['state_MiB']:.2f}", f"{r['peak_rss_MiB']:.0f}",
+         spread(r["step"]) if "step" in r else f"{r['step_s_median']:.3f} s", f"{r['time_vs_frozen']:.2f}"]
+        for r in d["results"]
+    ]  # fmt: skip
+    header = ["variant", "params", "trainable", "state MiB", "peak RSS MiB", "step, median (IQR)", "x frozen"]
+    return table(header, rows) + "\n" + prov_line(d)
+
+
+def bench_masked_lora() -> str:
+    d = load("benchmarks/results/masked_lora.json")
+    rows = [
+        [r["granularity"], spread(r["plain_step"]) if "plain_step" in r else f"{r['plain_step_s']:.3f} s",
+         spread(r["masked_step"]) if "masked_step" in r else f"{r['masked_step_s']:.3f} s", f"{r['ratio']:.2f}",
+         f"<= {r['target_max']}"]
+        for r in d["results"]
+    ]  # fmt: skip
+    out = table(["mask", "plain LoRA step", "masked LoRA step", "ratio", "target"], rows)
+    if d.get("sweep"):
+        sweep = [
+            [pct(s["density"], 0), f"{s['plain_step_s']:.3f}", f"{s['sparse_step_s']:.3f}", f"{s['dense_step_s']:.3f}",
+             f"{s['sparse_ratio']:.2f}", f"{s['dense_ratio']:.2f}"]
+            for s in d["sweep"]
+        ]  # fmt: skip
+        out += "\n" + table(["weight-mask density", "plain s", "sparse s", "dense s", "sparse x", "dense x"], sweep)
+    return out + "\n" + prov_line(d)
+
+
+# ------------------------------------------------------------------------------------------------ mutation check
+def mutation_check() -> str:
+    d = load("benchmarks/results/mutation_check.json")
+    s = d["summary"]
+    rows = []
+    for m in d["mutations"]:
+        caught_by = ", ".join(f"`{t.split('::')[-1]}`" for t in m["failed_tests"]) or "-"
+        rows.append([f"`{m['name']}`", f"`{m['path'].split('/')[-1]}`", m["breakage"], m["status"], caught_by])
+    head = (
+        f"{s['caught']} caught, {s['survived']} survived, {s['timeout']} timed out, {s['stale']} stale, of "
+        f"{s['total']} mutations ({sum(m['seconds'] for m in d['mutations']) / 60:.0f} min of targeted test runs).\n\n"
+    )
+    return head + table(["mutation", "module", "breakage", "status", "failing tests"], rows) + "\n" + prov_line(d)
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "readme_results": readme_results,
+    "main_job": main_job,
+    "main_job_timings": main_job_timings,
+    "reproduce_stability": reproduce_stability,
+    "reproduce_stability_pairs": reproduce_stability_pairs,
+    "reproduce_set": reproduce_set,
+    "reproduce_spa": reproduce_spa,
+    "reproduce_attack": reproduce_attack,
+    "bench_summary": bench_summary,
+    "bench_scoring": bench_scoring,
+    "bench_selection": bench_selection,
+    "bench_spa_training": bench_spa_training,
+    "bench_set_adapter": bench_set_adapter,
+    "bench_masked_lora": bench_masked_lora,
+    "mutation_check": mutation_check,
+}
+
+
+def render_document(text: str, where: str) -> tuple[str, list[str]]:
+    """``text`` with every marked block re-rendered, and the names of the blocks it holds."""
+    names: list[str] = []
+
+    def sub(match: re.Match) -> str:
+        name = match.group(2)
+        if name not in TABLES:
+            raise ValueError(f"{where}: unknown table {name!r}; known: {sorted(TABLES)}.")
+        names.append(name)
+        return match.group(1) + TABLES[name]() + match.group(4)
+
+    return MARKER.sub(sub, text), names
+
+
+def render_all() -> dict[str, tuple[str, str, list[str]]]:
+    """``{document: (current text, rendered text, table names)}`` for every document in `DOCUMENTS`."""
+    out = {}
+    for doc in DOCUMENTS:
+        path = os.path.join(ROOT, doc)
+        if not os.path.exists(path):
+            continue
+        with open(path, encoding="utf-8") as fh:
+            current = fh.read()
+        rendered, names = render_document(current, doc)
+        out[doc] = (current, rendered, names)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="only check; exit 1 if a document is out of date")
+    args = parser.parse_args(argv)
+    stale = []
+    for doc, (current, rendered, names) in render_all().items():
+        if current == rendered:
+            if names:
+                print(f"{doc}: {len(names)} table(s) up to date")
+            continue
+        stale.append(doc)
+        if not args.check:
+            from peft_safety._io import atomic_write_text
+
+            atomic_write_text(os.path.join(ROOT, doc), rendered)
+            print(f"{doc}: rewrote {len(names)} table(s)")
+    if args.check and stale:
+        print(f"out of date: {', '.join(stale)}; run python benchmarks/tables.py", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
