@@ -346,6 +346,16 @@ def test_fingerprint_mismatch_error_by_default_and_overridable(saved):
     PeftModel.from_pretrained(base_with_edit(saved), saved[1], base_fingerprint_check="ignore")
 
 
+def test_policy_written_into_the_file_does_not_weaken_the_check(saved, tmp_path):
+    # the policy is the loader's choice: "ignore" added to adapter_config.json by hand must not disable the check
+    path = _corrupt_copy(saved, tmp_path, edit_config=lambda cfg: cfg.update(base_fingerprint_check="ignore"))
+    other = base(saved)
+    with torch.no_grad():
+        other.model.layers[0].self_attn.q_proj.weight.mul_(-3)
+    with pytest.raises(ValueError, match="other base weights"):
+        PeftModel.from_pretrained(other, path)
+
+
 def base_with_edit(saved):
     model = base(saved)
     with torch.no_grad():
