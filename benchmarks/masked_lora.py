@@ -4,7 +4,8 @@ For each mask granularity (``neuron`` rows/columns, ``layer``, ``weight`` entrie
 backward, AdamW) of ``get_masked_lora_model(model, cfg, mask)`` is timed against ``get_peft_model(model, cfg)`` with
 the same ``LoraConfig``, interleaved step by step so machine noise hits both alike. For ``layer`` masks the masked
 modules carry no adapter at all, so the comparison is against plain LoRA on every module (the masked model does less
-work). ``weight`` masks use ``--entries_method`` (default ``auto``: the sparse correction at 1% density).
+work). ``weight`` masks use ``--entries_method`` (default ``dense``, the library's default and its bit-exact path;
+``auto`` picks the inexact sparse correction up to ``SPARSE_MAX_DENSITY`` on CPU).
 
 ``--sweep 0.01,0.05,0.1,0.2`` additionally times weight masks at each density with both forward paths forced
 (``entries_method="sparse"`` and ``"dense"``, interleaved with plain LoRA): the crossover behind
@@ -44,7 +45,9 @@ class Args:
     steps: int = field(default=6, metadata={"help": "timed steps per model (after 2 warm-up steps)"})
     small: bool = field(default=False, metadata={"help": "tiny model smoke mode"})
     granularities: str = field(default=",".join(GRANULARITIES), metadata={"help": "comma-separated mask kinds"})
-    entries_method: str = field(default="auto", metadata={"help": "weight-mask forward path: auto, sparse, dense"})
+    entries_method: str = field(
+        default="dense", metadata={"help": "weight-mask forward path: dense (default, exact), auto, sparse"}
+    )
     sweep: str = field(default="", metadata={"help": "comma-separated weight-mask densities to time sparse vs dense"})
     output: str = field(default="benchmarks/results/masked_lora.json", metadata={"help": "JSON output path"})
 

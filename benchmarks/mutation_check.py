@@ -58,6 +58,8 @@ ACTIVATION = "peft_safety/scoring/activation.py"
 SELECTION = "peft_safety/scoring/selection.py"
 FREEZE = "peft_safety/training/freeze.py"
 JUDGES = "peft_safety/evaluation/judges.py"
+LORA = "peft_safety/tuner/lora.py"
+SET_LAYER = "peft_safety/tuner/layer.py"
 REFUSAL = "peft_safety/evaluation/refusal.py"
 
 T_NEURON_ATTN = "tests/test_scoring_neuron.py::test_kv_scores_are_group_sums_of_query_space_scores"
@@ -72,7 +74,42 @@ T_FREEZE = ["tests/test_reference_freeze.py", "tests/test_freeze.py::test_gradie
 T_JUDGES = ["tests/test_reference_evaluation.py::test_keyword_judges_against_hand_counts", "tests/test_evaluation.py"]
 T_EVAL = ["tests/test_reference_evaluation.py", "tests/test_evaluation.py"]
 
+T_LORA_EXACT = [
+    "tests/test_tuner_lora.py::test_default_path_is_dense_and_bit_exact",
+    "tests/test_tuner_lora.py::test_effective_update_and_merge_exact_per_dtype",
+]
+T_LORA_GRAD = ["tests/test_tuner_lora.py::test_dense_masked_delta_backward_passes_gradcheck"]
+T_SET_FORWARD = ["tests/test_tuner_set.py::test_forward_matches_dense_reference"]
+
 MUTATIONS: list[Mutation] = [
+    # ---- tuner layers: masked LoRA (SPA) and SET sparse deltas
+    Mutation(
+        "lora-dense-mask-dropped", LORA, "masked LoRA's dense delta keeps the masked entries (plain LoRA)",
+        "delta = (weight_b @ weight_a) * scaling\n    return delta.reshape(-1).index_fill(0, idx, 0).view_as(delta)",
+        "delta = (weight_b @ weight_a) * scaling\n    return delta",
+        T_LORA_EXACT,
+    ),
+    Mutation(
+        "lora-dense-grad-mask-dropped", LORA, "masked LoRA's backward forgets to zero the masked entries of dL/dM",
+        "grad_m = grad_m.reshape(-1).index_fill(0, idx, 0).view_as(grad_m) * scaling",
+        "grad_m = grad_m * scaling",
+        T_LORA_GRAD,
+    ),
+    Mutation(
+        "lora-dense-scaling-dropped", LORA, "masked LoRA's delta ignores the LoRA scaling (alpha / r)",
+        "delta = (weight_b @ weight_a) * scaling", "delta = weight_b @ weight_a",
+        T_LORA_EXACT,
+    ),
+    Mutation(
+        "set-scatter-misplaced", SET_LAYER, "SET adds each delta at the wrong entry (indices reversed)",
+        "flat.index_add_(0, idx, values.to(flat.dtype))", "flat.index_add_(0, idx.flip(0), values.to(flat.dtype))",
+        T_SET_FORWARD,
+    ),
+    Mutation(
+        "set-delta-sign-flipped", SET_LAYER, "SET subtracts its deltas instead of adding them",
+        "flat.index_add_(0, idx, values.to(flat.dtype))", "flat.index_add_(0, idx, -values.to(flat.dtype))",
+        T_SET_FORWARD,
+    ),
     # ---- safety neurons
     Mutation(
         "neuron-vo-square", NEURON, "v/o statistic |out| -> out^2",
@@ -137,14 +174,20 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "esi-std-dropped", GRADIENT, "ESI without the std(W) factor",
-        "values[name] = grad.abs_().mul_(std)", "values[name] = grad.abs_()",
+        "values[name] = grad.abs_().mul_(_esi_std(params[name], targets[name]))", "values[name] = grad.abs_()",
         [T_GRADIENT],
     ),
     Mutation(
         "esi-population-std", GRADIENT, "std(W) with correction=0 instead of the unbiased std",
-        "std = w.std() if w.numel() > 1 else w.new_zeros(())",
-        "std = w.std(correction=0) if w.numel() > 1 else w.new_zeros(())",
+        "return w.std() if w.numel() > 1 else w.new_zeros(())",
+        "return w.std(correction=0) if w.numel() > 1 else w.new_zeros(())",
         [T_GRADIENT],
+    ),
+    Mutation(
+        "esi-one-std-for-all-experts", GRADIENT, "fused MoE experts share one std(W) instead of one per expert",
+        "return per_expert.std(dim=1).reshape((w.shape[0],) + (1,) * (w.dim() - 1))",
+        "return w.std().expand((w.shape[0],) + (1,) * (w.dim() - 1))",
+        ["tests/test_scoring_moe.py::test_esi_fused_experts_use_one_std_per_expert"],
     ),
     Mutation(
         "snip-sum-of-abs-is-abs-of-sum", GRADIENT, "per-sample SNIP folds signed gradients (abs after the sum)",
