@@ -109,6 +109,7 @@ def score_main(out: str) -> None:
         {"scores": results, "forwards": len(forwards), "world_size": world}, os.path.join(out, f"rank{rank}.pt")
     )
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
@@ -182,6 +183,8 @@ def fsdp2_main(out: str) -> None:
         },
         os.path.join(out, f"rank{rank}.pt"),
     )
+    # every rank leaves the group together: a rank that tears gloo down while its peer still talks can abort at exit
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
