@@ -7,6 +7,9 @@ import os
 import pytest
 import torch
 
+# fixtures of the offline-source tests (`offline_cache`, `fake_pip`), shared by several modules
+pytest_plugins = ["_fake_wheels"]
+
 # never reach the network from tests
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

