@@ -100,3 +100,24 @@ def test_sharded_placeholders_are_skipped():
     zero3.model.layers[0].self_attn.q_proj.weight = placeholder
     assert check_base_fingerprints(zero3, recorded) == []
     assert set(fingerprint_base(zero3, NAMES)) == {NAMES[1]}
+
+
+@pytest.mark.parametrize("kind", ["SAFETY", "SAFETY_LORA"])
+def test_both_adapter_configs_validate_the_provenance_fields(kind):
+    from peft_safety.mask import SafetyMask, Weight
+    from peft_safety.tuner import SafetyConfig, SafetyLoraConfig
+
+    model = tiny_llama(seed=0)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    mask = SafetyMask({name: torch.tensor([0, 5])}, {name: tuple(model.get_parameter(name).shape)}, Weight())
+
+    def build(**extra):
+        if kind == "SAFETY":
+            return SafetyConfig(mask=mask, **extra)
+        return SafetyLoraConfig(r=4, target_modules=["q_proj"], mask=mask, **extra)
+
+    assert build().base_fingerprint_check == "error"
+    with pytest.raises(ValueError, match="base_fingerprint_check='maybe' is invalid"):
+        build(base_fingerprint_check="maybe")
+    with pytest.raises(TypeError, match="base_fingerprints must be a dict"):
+        build(base_fingerprints=["x"])

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from peft.config import PeftConfig
 
 from .peft_type import SafetyPeftType
-from .provenance import ProvenanceConfigMixin, check_policy
+from .provenance import ProvenanceConfigMixin
 
 __all__ = ["VALUES_DTYPES", "SafetyConfig"]
 
@@ -139,36 +139,6 @@ class SafetyConfig(ProvenanceConfigMixin, PeftConfig):
             "choices": list(VALUES_DTYPES),
         },
     )
-    base_fingerprints: dict[str, list[str]] | None = field(
-        default=None,
-        metadata={
-            "help": "Filled by the tuner: fingerprints of the base weights the adapter targets "
-            "(peft_safety.tuner.provenance.fingerprint_base), checked when the adapter is loaded. Do not set by hand."
-        },
-    )
-    base_model_source: str | None = field(
-        default=None,
-        metadata={
-            "help": "Filled by the tuner: 'hub' when base_model_name_or_path is a Hub id (also for a local copy whose "
-            "folder names its Hub id), 'local' for a local folder that names none, None when unknown."
-        },
-    )
-    base_fingerprint_check: Literal["error", "warn", "ignore"] = field(
-        default="error",
-        metadata={
-            "help": "What loading does when the base model's targeted weights differ from the recorded fingerprints: "
-            "'error' (default), 'warn' or 'ignore'. Chosen by whoever loads (pass it to PeftModel.from_pretrained or "
-            "SafetyConfig.from_pretrained); never written to adapter_config.json.",
-            "choices": ["error", "warn", "ignore"],
-        },
-    )
-    weights_digest: str | None = field(
-        default=None,
-        metadata={
-            "help": "Written by save_pretrained after the weights file: a digest of the saved tensors. A folder whose "
-            "weights do not match it (an interrupted save left new weights with an old config) is refused on load."
-        },
-    )
     gradient_method: Literal["sampled", "dense"] = field(
         default="sampled",
         metadata={
@@ -208,7 +178,6 @@ class SafetyConfig(ProvenanceConfigMixin, PeftConfig):
                 f"SafetyConfig does not support target_parameters={self.target_parameters!r}: SET wraps nn.Linear "
                 "modules only. Remove fused expert parameters from the mask (mask.filter(...)) instead."
             )
-        check_policy(self.base_fingerprint_check, "base_fingerprint_check")
         if not isinstance(self.init_weights, bool):
             raise TypeError(f"init_weights must be a bool, got {type(self.init_weights).__name__}.")
         if isinstance(self.target_modules, list):

@@ -51,6 +51,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -373,8 +374,13 @@ def digest_of_folder(directory: str) -> str | None:
     return None
 
 
+@dataclass
 class ProvenanceConfigMixin:
-    """Config-file behaviour shared by peft-safety's adapter configs (put it before the PEFT config class in the bases).
+    """Provenance fields and config-file behaviour shared by peft-safety's adapter configs (put it before the PEFT
+    config class in the bases).
+
+    * the fields ``base_fingerprints``, ``base_model_source``, ``base_fingerprint_check`` and ``weights_digest``,
+      validated in `__post_init__`;
 
     * `save_pretrained` records ``weights_digest``, the digest of the weights file already in the folder:
       ``PeftModel.save_pretrained`` writes the weights first and the config last, so the digest ties the config to the
@@ -385,8 +391,45 @@ class ProvenanceConfigMixin:
       file by hand never weakens the check (no argument means ``"error"``).
     """
 
-    weights_digest: str | None
-    base_fingerprint_check: str
+    base_fingerprints: dict[str, list[str]] | None = field(
+        default=None,
+        metadata={
+            "help": "Filled by the tuner: fingerprints of the base weights the adapter targets "
+            "(peft_safety.tuner.provenance.fingerprint_base), checked when the adapter is loaded. Do not set by hand."
+        },
+    )
+    base_model_source: str | None = field(
+        default=None,
+        metadata={
+            "help": "Filled by the tuner: 'hub' when base_model_name_or_path is a Hub id (also for a local copy whose "
+            "folder names its Hub id), 'local' for a local folder that names none, None when unknown."
+        },
+    )
+    base_fingerprint_check: str = field(
+        default="error",
+        metadata={
+            "help": "What loading does when the base model's targeted weights differ from the recorded fingerprints: "
+            "'error' (default), 'warn' or 'ignore'. Chosen by whoever loads (PeftModel.from_pretrained(..., "
+            "base_fingerprint_check='warn'), load_masked_lora, or provenance.fingerprint_check_override); never "
+            "written to adapter_config.json.",
+            "choices": list(FINGERPRINT_POLICIES),
+        },
+    )
+    weights_digest: str | None = field(
+        default=None,
+        metadata={
+            "help": "Written by save_pretrained after the weights file: a digest of the saved tensors. A folder whose "
+            "weights do not match it (an interrupted save left new weights with an old config) is refused on load."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        check_policy(self.base_fingerprint_check, "base_fingerprint_check")
+        if self.base_fingerprints is not None and not isinstance(self.base_fingerprints, dict):
+            raise TypeError(f"base_fingerprints must be a dict, got {type(self.base_fingerprints).__name__}.")
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         previous = self.weights_digest

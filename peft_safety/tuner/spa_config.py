@@ -22,7 +22,7 @@ import torch
 from peft import LoraConfig
 
 from .peft_type import SafetyPeftType
-from .provenance import ProvenanceConfigMixin, check_policy
+from .provenance import ProvenanceConfigMixin
 
 __all__ = [
     "ENTRIES_METHODS",
@@ -235,46 +235,12 @@ class SafetyLoraConfig(ProvenanceConfigMixin, LoraConfig):
             "choices": list(ENTRIES_METHODS),
         },
     )
-    base_fingerprints: dict[str, list[str]] | None = field(
-        default=None,
-        metadata={
-            "help": "Filled by the tuner: fingerprints of the base weights the adapter masks "
-            "(peft_safety.tuner.provenance.fingerprint_base), checked when the adapter is loaded. Do not set by hand."
-        },
-    )
-    base_model_source: str | None = field(
-        default=None,
-        metadata={
-            "help": "Filled by the tuner: 'hub' when base_model_name_or_path is a Hub id (also for a local copy whose "
-            "folder names its Hub id), 'local' for a local folder that names none, None when unknown."
-        },
-    )
-    base_fingerprint_check: str = field(
-        default="error",
-        metadata={
-            "help": "What loading does when the base model's masked weights differ from the recorded fingerprints: "
-            "'error' (default), 'warn' or 'ignore'. Chosen by whoever loads (PeftModel.from_pretrained(..., "
-            "base_fingerprint_check='warn'), load_masked_lora, or provenance.fingerprint_check_override); never "
-            "written to adapter_config.json.",
-            "choices": ["error", "warn", "ignore"],
-        },
-    )
-    weights_digest: str | None = field(
-        default=None,
-        metadata={
-            "help": "Written by save_pretrained after the weights file: a digest of the saved tensors. A folder whose "
-            "weights do not match it (an interrupted save left new weights with an old config) is refused on load."
-        },
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = SafetyPeftType.SAFETY_LORA
         check_lora_options(self)
         check_entries_method(self.entries_method)
-        check_policy(self.base_fingerprint_check, "base_fingerprint_check")
-        if self.base_fingerprints is not None and not isinstance(self.base_fingerprints, dict):
-            raise TypeError(f"base_fingerprints must be a dict, got {type(self.base_fingerprints).__name__}.")
         #: {module key: {kind: int32 indices}} when built from a mask (not serialised; read by the layers).
         self._safety_indices: dict[str, dict[str, torch.Tensor]] = {}
         if self.mask is not None:
