@@ -261,3 +261,76 @@ def test_outputs_equal_after_reload_in_a_fresh_process(kind, fresh_process_logit
     in_process, ref = expected[kind]
     assert torch.equal(got[kind], in_process)
     torch.testing.assert_close(got[kind], ref, rtol=1e-5, atol=1e-5)
+
+
+_FRESH_GUARANTEE = """
+import json, sys
+import torch
+import peft_safety  # registers SAFETY_LORA
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoModelForCausalLM
+from peft_safety import SafetyMask
+base_dir, jobs = sys.argv[1], json.loads(sys.argv[2])
+out = {}
+for kind, folder in jobs.items():
+    base = dict(AutoModelForCausalLM.from_pretrained(base_dir).named_parameters())
+    merged = dict(AutoPeftModelForCausalLM.from_pretrained(folder).merge_and_unload().named_parameters())
+    mask = SafetyMask.from_pretrained(folder)
+    mask.validate(AutoModelForCausalLM.from_pretrained(base_dir), fingerprint="error")
+    other = AutoModelForCausalLM.from_pretrained(base_dir)
+    with torch.no_grad():
+        other.get_parameter(next(iter(mask.shapes))).mul_(-3)
+    try:
+        mask.validate(other, fingerprint="error")
+        refused = False
+    except ValueError:
+        refused = True
+    moved_masked = moved_unmasked = 0
+    for name in mask.shapes:
+        dense = mask.to_dense(name)
+        changed = merged[name] != base[name]
+        moved_masked += int((changed & dense).sum())
+        moved_unmasked += int((changed & ~dense).sum())
+    out[kind] = {"moved_masked": moved_masked, "moved_unmasked": moved_unmasked, "refused_other_base": refused}
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh_process_guarantee(tmp_path_factory):
+    """Adapter + mask saved in one folder per kind, reloaded in a fresh interpreter by AutoPeftModelForCausalLM and
+    SafetyMask.from_pretrained; the merged weights compared with the base entry by entry there."""
+    from peft_safety.mask import fingerprints_of
+
+    root = tmp_path_factory.mktemp("fresh_guarantee")
+    base_dir = root / "base"
+    tiny_llama(seed=0).save_pretrained(base_dir)
+    jobs = {}
+    for kind in KINDS:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(base_dir)
+        mask = make_mask(model, kind)
+        mask = mask.with_fingerprints(fingerprints_of(model, mask.shapes))
+        peft_model = get_peft_model(model, mask_lora_config(lora(), mask))
+        randomise_lora_(peft_model, seed=1, std=0.2)
+        folder = root / kind
+        peft_model.save_pretrained(folder)
+        mask.save_pretrained(folder)
+        jobs[kind] = str(folder)
+    proc = subprocess.run(
+        [sys.executable, "-c", _FRESH_GUARANTEE, str(base_dir), json.dumps(jobs)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_guarantee_survives_save_and_fresh_process_auto_loader(kind, fresh_process_guarantee):
+    got = fresh_process_guarantee[kind]
+    assert got["moved_masked"] == 0  # merged weights equal the base bit for bit on every masked entry
+    assert got["refused_other_base"]  # the mask's fingerprints reject other weights
+    if kind != "layer":  # a Layer() mask covers the whole tensor: nothing of it may move
+        assert got["moved_unmasked"] > 0  # the adapter did change the rest (the check is not vacuous)
