@@ -118,3 +118,19 @@ def write_json(path: str, payload: dict[str, Any]) -> str:
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+class StageClock:
+    """Wall time of each named stage of a long run (the time since the previous tick), printed as it goes."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def tick(self, name: str) -> float:
+        now = time.perf_counter()
+        dt = round(now - self._t, 2)
+        self.timings[name] = dt
+        print(f"  [{name}: {dt:.1f} s]", flush=True)
+        self._t = now
+        return dt

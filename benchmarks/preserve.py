@@ -54,6 +54,7 @@ import copy
 import gc
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -62,6 +63,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _bench
 
 ARMS = ("lora", "spa_esi", "spa_random", "spa_consensus", "sppft", "rsn_tune", "replay", "realign", "full", "spa_full")
 DEFAULT_ARMS = "lora,spa_esi,spa_random,spa_consensus,sppft,rsn_tune,replay,realign"
@@ -246,20 +250,6 @@ def _load(cfg: PreserveConfig):
     return load_model(cfg.model)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.timings: dict[str, float] = {}
-        self._t = time.perf_counter()
-
-    def tick(self, name: str) -> float:
-        now = time.perf_counter()
-        dt = round(now - self._t, 2)
-        self.timings[name] = dt
-        print(f"  [{name}: {dt:.1f} s]", flush=True)
-        self._t = now
-        return dt
-
-
 # ----------------------------------------------------------------------------------------------------------- judge
 def build_judge(cfg: PreserveConfig, data: Data) -> tuple[Any, dict[str, Any]]:
     """Train the offline classifier judge on UncensorBench (held-out topics for validation) and validate it."""
@@ -377,7 +367,7 @@ def build_masks(cfg: PreserveConfig, model: Any, tok: Any, data: Data, needed: s
 
     masks: dict[str, Any] = {}
     info: dict[str, Any] = {}
-    clock = Clock()
+    clock = _bench.StageClock()
     calib = CalibrationSet(data.ident, tok, max_length=cfg.max_length, truncation="warn")
     bs = min(8, cfg.batch_size * 4)
     if needed & {"esi", "consensus"}:
@@ -526,7 +516,7 @@ def run(cfg: PreserveConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     arms, seeds, multi, attack_arms = _sections(cfg)
-    clock = Clock()
+    clock = _bench.StageClock()
     estimate = estimate_seconds(cfg)
     print(f"Estimated wall time: {estimate['total'] / 60:.0f} min ({json.dumps(estimate)})", flush=True)
     base, tok = _load(cfg)

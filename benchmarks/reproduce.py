@@ -43,6 +43,7 @@ import copy
 import gc
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -50,6 +51,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _bench
 
 from peft_safety._io import atomic_write_text
 from peft_safety.recipes.main_job import chat_rows, environment_info, eval_row, sft_args
@@ -241,21 +245,6 @@ def _free() -> None:
     gc.collect()
 
 
-class _Clock:
-    """Wall times per named stage."""
-
-    def __init__(self) -> None:
-        self.timings: dict[str, float] = {}
-        self._t = time.perf_counter()
-
-    def tick(self, name: str) -> None:
-        now = time.perf_counter()
-        self.timings[name] = round(now - self._t, 2)
-        logger.info("%s: %.1f s", name, self.timings[name])
-        print(f"  [{name}: {self.timings[name]:.1f} s]", flush=True)
-        self._t = now
-
-
 def _write(cfg: ReproduceConfig, experiment: str, payload: dict[str, Any]) -> Path:
     path = Path(cfg.out) / f"reproduce_{experiment}.json"
     payload = {
@@ -353,7 +342,7 @@ def run_stability(cfg: ReproduceConfig) -> dict[str, Any]:
     from peft_safety.scoring.calibration import CalibrationSet
     from peft_safety.scoring.selection import isolate, select
 
-    clock = _Clock()
+    clock = _bench.StageClock()
     model, tok = _load(cfg)
     scorers = [s.strip() for s in cfg.scorers.split(",") if s.strip()]
     for s in scorers:
@@ -584,7 +573,7 @@ def run_set(cfg: ReproduceConfig) -> dict[str, Any]:
     from peft_safety.scoring import score
     from peft_safety.scoring.selection import select
 
-    clock = _Clock()
+    clock = _bench.StageClock()
     base, tok = _load(cfg)
     train, ident = _set_data(cfg)
     ev = _Evaluator(cfg, tok, [train])
@@ -710,7 +699,7 @@ def run_spa(cfg: ReproduceConfig, aligned: tuple[Any, Any, Any] | None = None) -
     """Benign fine-tuning of the aligned model: plain vs SPA (LoRA and full) vs SPPFT vs RSN-Tune."""
     from peft_safety.sources.datasets import assert_disjoint, deduplicate
 
-    clock = _Clock()
+    clock = _bench.StageClock()
     model, tok, mask = aligned or _aligned(cfg)
     clock.tick("aligned_model")
     task_train = _rows(cfg, "gsm8k_train", n=cfg.spa_steps * cfg.batch_size, seed=cfg.seed)
@@ -773,7 +762,7 @@ def run_attack(cfg: ReproduceConfig, aligned: tuple[Any, Any, Any] | None = None
     """Harmful fine-tuning of the aligned model (prompt -> compliant answer): plain LoRA vs SPA-LoRA vs SPA full."""
     from peft_safety.sources.datasets import deduplicate
 
-    clock = _Clock()
+    clock = _bench.StageClock()
     model, tok, mask = aligned or _aligned(cfg)
     clock.tick("aligned_model")
     attack = _rows(cfg, "uncensorbench_compliant")
