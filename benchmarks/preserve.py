@@ -468,7 +468,7 @@ def train_arm(cfg: PreserveConfig, arm: str, base: Any, tok: Any, rows: list[dic
     if hasattr(tuned, "merge_and_unload"):
         tuned = tuned.merge_and_unload()
     info = {"train_seconds": round(seconds, 1), "train_rows": n_rows, "first_loss": losses[0] if losses else None,
-            "last_loss": losses[-1] if losses else None, "train_loss": result.training_loss,
+            "last_loss": losses[-1] if losses else None, "train_loss": result.training_loss, "losses": losses,
             "mask": ARM_MASK.get(arm) if mask is not None or arm == "realign" else None}  # fmt: skip
     if realign_cb is not None and realign_cb.reports:
         info["realign"] = realign_cb.reports[-1].to_dict()
@@ -516,6 +516,7 @@ def run(cfg: PreserveConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     arms, seeds, multi, attack_arms = _sections(cfg)
+    prov = _bench.provenance(cfg.threads or torch.get_num_threads())
     clock = _bench.StageClock()
     estimate = estimate_seconds(cfg)
     print(f"Estimated wall time: {estimate['total'] / 60:.0f} min ({json.dumps(estimate)})", flush=True)
@@ -536,6 +537,16 @@ def run(cfg: PreserveConfig) -> dict[str, Any]:
     clock.tick("eval aligned")
     work = Path(cfg.work_dir)
     rows: list[dict[str, Any]] = []
+    attack_rows: list[dict[str, Any]] = []
+
+    def checkpoint() -> None:
+        """Rows so far, rewritten after every arm, so that an interrupted run keeps what it measured."""
+        from peft_safety._io import atomic_write_text
+
+        partial = {"provenance": prov, "config": asdict(cfg), "aligned": _public(aligned), "benign": [_public(r) for r in rows],
+                   "attack": [_public(r) for r in attack_rows], "timings": clock.timings}  # fmt: skip
+        atomic_write_text(Path(cfg.out) / "preserve.partial.json", json.dumps(partial, indent=1, default=str) + "\n")
+
     for arm in arms:
         for seed in seeds if arm in multi else seeds[:1]:
             tuned, info = train_arm(cfg, arm, base, tok, data.task_train, masks, data, seed, cfg.steps,
@@ -545,7 +556,7 @@ def run(cfg: PreserveConfig) -> dict[str, Any]:
             del tuned
             gc.collect()
             clock.tick(f"benign {arm} seed {seed}")
-    attack_rows: list[dict[str, Any]] = []
+            checkpoint()
     for arm in attack_arms:
         tuned, info = train_arm(cfg, arm, base, tok, data.attack, masks, data, seeds[0], cfg.attack_steps,
                                 work / "attack" / f"{arm}")  # fmt: skip
@@ -553,6 +564,7 @@ def run(cfg: PreserveConfig) -> dict[str, Any]:
         del tuned
         gc.collect()
         clock.tick(f"attack {arm}")
+        checkpoint()
     # paired tests: every arm vs the aligned model, and vs plain LoRA of the same seed (same section)
     for section_rows in (rows, attack_rows):
         lora = {r["seed"]: r for r in section_rows if r["arm"] == "lora"}
@@ -563,7 +575,7 @@ def run(cfg: PreserveConfig) -> dict[str, Any]:
     verdict = _verdict(aligned, rows)
     payload = {
         "protocol": "issue 13: safety preservation on an aligned model",
-        "config": asdict(cfg), "estimate_seconds": estimate, "environment": _environment(),
+        "provenance": _bench.finish(prov), "config": asdict(cfg), "estimate_seconds": estimate, "environment": _environment(),
         "data": {"n_harmful": len(data.harmful), "n_benign": len(data.benign), "n_lookalike": len(data.lookalike),
                  "n_task_train": len(data.task_train), "n_task_eval": len(data.task_eval), "n_mc": len(data.mc),
                  "n_ident": len(data.ident), "n_attack": len(data.attack), "task_sources": cfg.task_sources},
@@ -575,6 +587,7 @@ def run(cfg: PreserveConfig) -> dict[str, Any]:
 
     path = Path(cfg.out) / "preserve.json"
     atomic_write_text(path, json.dumps(payload, indent=1, default=str) + "\n")
+    (Path(cfg.out) / "preserve.partial.json").unlink(missing_ok=True)
     print_table(payload)
     print(f"\nWrote {path}")
     return payload
