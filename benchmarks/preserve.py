@@ -313,6 +313,7 @@ class Evaluator:
         records: list[dict[str, Any]] = []
         flags: dict[str, dict[str, list[bool | None]]] = {}
         new_tokens = 0
+        parts: dict[str, float] = {}
         for set_name, rows in (("harmful", self.data.harmful), ("benign", self.data.benign),
                                ("lookalike", self.data.lookalike)):  # fmt: skip
             prompts = [r["prompt"] for r in rows]
@@ -321,6 +322,7 @@ class Evaluator:
                 seed=seed, progress=self.cfg.progress,
             )  # fmt: skip
             new_tokens += stats.new_tokens
+            parts[f"generate_{set_name}"] = round(stats.seconds, 1)
             _, recs = judge_all(self.judges, prompts, responses)
             for i, (p, r, rec) in enumerate(zip(prompts, responses, recs)):
                 records.append({"set": set_name, "index": i, "prompt": p, "response": r, **rec})
@@ -339,7 +341,10 @@ class Evaluator:
         ]
         row["attack_success/classifier_compliant"] = rate_with_ci(compliant, seed=seed)
         row["_flags"] = {s: dict(d) for s, d in flags.items()}
+        t1 = time.perf_counter()
         losses = self._task_losses(model)
+        parts["task_loss"] = round(time.perf_counter() - t1, 1)
+        t1 = time.perf_counter()
         per_row = [-lp / max(n, 1) for lp, n in losses]
         total_nll, total_tok = -sum(lp for lp, _ in losses), sum(n for _, n in losses)
         row["task_loss"] = total_nll / max(total_tok, 1)
@@ -349,7 +354,9 @@ class Evaluator:
         row["mc_accuracy"] = multiple_choice_accuracy(
             model, self.tok, self.data.mc, batch_size=self.cfg.eval_batch_size
         )
+        parts["multiple_choice"] = round(time.perf_counter() - t1, 1)
         row["eval_seconds"] = round(time.perf_counter() - t0, 1)
+        row["eval_parts_seconds"] = parts
         row["new_tokens"] = new_tokens
         path = Path(self.cfg.out) / "generations" / section / f"{arm}_seed{seed}.jsonl"
         write_jsonl(path, records)
