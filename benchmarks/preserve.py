@@ -108,32 +108,33 @@ class PreserveConfig:
     attack_steps: int = field(default=50, metadata={"help": "Harmful fine-tuning steps per attack arm."})
     n_attack: int = field(default=64, metadata={"help": "Harmful (prompt, compliant answer) training rows."})
     judge_holdout: float = field(default=0.2, metadata={"help": "Share of topics held out to validate the judge."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Gradient checkpointing (TRL's default is on; off is ~1.3x faster here)."}
+    )
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: leave torch's default)."})
     progress: bool = field(default=False, metadata={"help": "Progress bars."})
 
 
 #: the reduced preset (``--reduced``): sized with `estimate_seconds` to <= 90 min on 2 CPU cores
 REDUCED = {
-    "n_task_train": 120, "n_task_eval": 20, "steps": 30, "max_length": 160, "n_ident": 16, "n_consensus": 3,
-    "n_harmful": 100, "n_benign": 50, "n_lookalike": 50, "n_mc": 24, "max_new_tokens": 24, "eval_batch_size": 25,
+    "n_task_train": 120, "n_task_eval": 16, "steps": 20, "max_length": 128, "n_ident": 16, "n_consensus": 3,
+    "n_harmful": 100, "n_benign": 50, "n_lookalike": 50, "n_mc": 16, "max_new_tokens": 20, "eval_batch_size": 25,
     "attack_arms": "lora,spa_esi", "attack_steps": 20, "n_attack": 40, "threads": 2,
 }  # fmt: skip
 
-#: per-unit costs (seconds) for the aligned model on the 2-core CPU, fp32, 2 threads, *idle machine*. Sources: DATA.md
-#: (forward+backward of 2 x 256 tokens 9.2 s; ESI on 8 prompts x 128 tokens 17 s), issue 13 (50 LoRA steps at batch
-#: 2 on short chat rows: 142 s). The decoding rate is NOT measured on an idle machine: it is SmolLM2's measured
-#: ~100 new tokens/s (batch 16) scaled by the ~4x larger per-token compute of the 0.5B model. On a machine shared by
-#: other jobs everything is slower: with a load average of ~9 on 2 cores this session measured 0.9 new tokens/s
-#: (25 prompts x 24 tokens in 550 s) -- run the reduced preset on an otherwise idle machine, and check the first
-#: arm's printed time against the estimate before waiting for the rest.
+#: per-unit costs (seconds) for the aligned model on the 2-core CPU, fp32, 2 threads, idle machine, measured on the
+#: first arm of a reduced run (2026-11-30; preset of 30 steps at 160 tokens, gradient checkpointing on): LoRA training
+#: 259 s for 8,582 trained tokens (0.030 s/token); generation 150 s for 200 prompts x 24 new tokens; task loss + multiple
+#: choice 62 s for ~5,800 forward tokens; all masks 157 s; model load 2.3 s; judge training 2.0 s. Assumed, not
+#: measured: gradient checkpointing off saves ~25% of a training step (it recomputes the forward in the backward).
 COSTS = {
-    "lora_step_per_token": 9.2 / 512 * 0.45,  # LoRA skips the weight gradients: ~45% of a full step (142 s/50 steps)
-    "full_step_per_token": 9.2 / 512,
-    "generate_token": 1 / 25.0,  # assumed: batched greedy decoding at ~25 new tokens/s (see above)
-    "score_token": 17.0 / (8 * 128),  # one ESI pass
-    "forward_token": 9.2 / 512 / 3,  # perplexity / multiple choice (forward only)
-    "model_load": 15.0,
-    "judge_training": 110.0,  # measured: 106 s for 1,396 examples under load
+    "lora_step_per_token": 0.030 * 0.75,
+    "full_step_per_token": 0.030 * 0.75 / 0.45,  # a full step computes the weight gradients LoRA skips (~2.2x)
+    "generate_token": 150.0 / (200 * 24),
+    "score_token": 0.019,  # masks: (1 + resamples) ESI passes over the identification rows, + 60 s of the others
+    "forward_token": 62.0 / 5760,
+    "model_load": 2.3,
+    "judge_training": 2.0,
 }
 
 
@@ -144,7 +145,7 @@ def estimate_seconds(cfg: PreserveConfig) -> dict[str, float]:
     multi = set(cfg.multi_seed_arms.split(","))
     runs = sum(len(seeds) if a in multi else 1 for a in arms)
     attack = len([a for a in cfg.attack_arms.split(",") if a])
-    tokens_per_step = cfg.batch_size * cfg.max_length * 0.6  # rows are shorter than max_length on average
+    tokens_per_step = cfg.batch_size * cfg.max_length * 0.9  # task rows fill ~90% of max_length
     train = sum(
         (len(seeds) if a in multi else 1) * cfg.steps * tokens_per_step
         * COSTS["full_step_per_token" if a in ("full", "spa_full") else "lora_step_per_token"]
@@ -460,7 +461,8 @@ def train_arm(cfg: PreserveConfig, arm: str, base: Any, tok: Any, rows: list[dic
         per_device_train_batch_size=cfg.batch_size, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_length=cfg.max_length, logging_steps=max(1, steps // 5), save_strategy="no", report_to=[], bf16=False,
         fp16=False, use_cpu=not torch.cuda.is_available(), seed=seed, data_seed=seed, dataloader_num_workers=0,
-        disable_tqdm=not cfg.progress, safety_log_drift=mask is not None, **safety,
+        disable_tqdm=not cfg.progress, safety_log_drift=mask is not None,
+        gradient_checkpointing=cfg.gradient_checkpointing, **safety,
     )  # fmt: skip
     t = time.perf_counter()
     trainer = SafetySFTTrainer(
