@@ -108,6 +108,11 @@ class PreserveConfig:
     attack_steps: int = field(default=50, metadata={"help": "Harmful fine-tuning steps per attack arm."})
     n_attack: int = field(default=64, metadata={"help": "Harmful (prompt, compliant answer) training rows."})
     judge_holdout: float = field(default=0.2, metadata={"help": "Share of topics held out to validate the judge."})
+    spa_entries_method: str = field(
+        default="dense",
+        metadata={"help": "Masked-LoRA forward of Weight() masks: 'dense' (bit-exact) or 'sparse' (faster, exact up to "
+                  "fp rounding in the training forward; the merged weights are exact either way)."},
+    )  # fmt: skip
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Gradient checkpointing (TRL's default is on; off is ~1.3x faster here)."}
     )
@@ -118,8 +123,8 @@ class PreserveConfig:
 #: the reduced preset (``--reduced``): sized with `estimate_seconds` to <= 90 min on 2 CPU cores
 REDUCED = {
     "n_task_train": 120, "n_task_eval": 16, "steps": 20, "max_length": 128, "n_ident": 16, "n_consensus": 3,
-    "n_harmful": 100, "n_benign": 50, "n_lookalike": 50, "n_mc": 16, "max_new_tokens": 20, "eval_batch_size": 25,
-    "attack_arms": "lora,spa_esi", "attack_steps": 20, "n_attack": 40, "threads": 2,
+    "n_harmful": 100, "n_benign": 50, "n_lookalike": 50, "n_mc": 16, "max_new_tokens": 16, "eval_batch_size": 25,
+    "attack_arms": "lora,spa_esi", "attack_steps": 20, "n_attack": 40, "threads": 2, "spa_entries_method": "sparse",
 }  # fmt: skip
 
 #: per-unit costs (seconds) for the aligned model on the 2-core CPU, fp32, 2 threads, idle machine, measured on the
@@ -135,6 +140,9 @@ COSTS = {
     "forward_token": 62.0 / 5760,
     "model_load": 2.3,
     "judge_training": 2.0,
+    # masked LoRA (Weight() masks) / plain LoRA training time: dense measured 469 s / 108 s on the first SPA arm;
+    # sparse assumed ~1.5x (the 1.27x of benchmarks/results/masked_lora.json scaled like the dense path's 2.5x -> 4.3x)
+    "spa_factor": {"dense": 4.3, "sparse": 1.5, "auto": 1.5},
 }
 
 
@@ -146,11 +154,16 @@ def estimate_seconds(cfg: PreserveConfig) -> dict[str, float]:
     runs = sum(len(seeds) if a in multi else 1 for a in arms)
     attack = len([a for a in cfg.attack_arms.split(",") if a])
     tokens_per_step = cfg.batch_size * cfg.max_length * 0.9  # task rows fill ~90% of max_length
-    train = sum(
-        (len(seeds) if a in multi else 1) * cfg.steps * tokens_per_step
-        * COSTS["full_step_per_token" if a in ("full", "spa_full") else "lora_step_per_token"]
-        for a in arms
-    ) + attack * cfg.attack_steps * tokens_per_step * COSTS["lora_step_per_token"]  # fmt: skip
+    spa = COSTS["spa_factor"][cfg.spa_entries_method]
+
+    def step(a: str) -> float:
+        if a in ("full", "spa_full"):
+            return COSTS["full_step_per_token"]
+        return COSTS["lora_step_per_token"] * (spa if a in ("spa_esi", "spa_random", "spa_consensus") else 1.0)
+
+    train = sum((len(seeds) if a in multi else 1) * cfg.steps * tokens_per_step * step(a) for a in arms) + sum(
+        cfg.attack_steps * tokens_per_step * step(a) for a in cfg.attack_arms.split(",") if a
+    )
     n_gen = cfg.n_harmful + cfg.n_benign + cfg.n_lookalike
     evals = runs + attack + 1  # arms, attack arms, and the aligned model once (both sections compare with it)
     generation = evals * n_gen * cfg.max_new_tokens * COSTS["generate_token"]
@@ -456,13 +469,19 @@ def train_arm(cfg: PreserveConfig, arm: str, base: Any, tok: Any, rows: list[dic
         callbacks.append(realign_cb)
     peft_config = None if full else LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=2 * cfg.lora_r,
                                                lora_dropout=0.0, target_modules="all-linear")  # fmt: skip
+    if peft_config is not None and mask is not None:
+        # the trainer builds the masked LoRA with the config's entries_method (a SafetyLoraConfig field)
+        peft_config.entries_method = cfg.spa_entries_method
     args = SafetySFTConfig(
         output_dir=str(out), max_steps=steps, learning_rate=cfg.full_lr if full else cfg.lr,
         per_device_train_batch_size=cfg.batch_size, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_length=cfg.max_length, logging_steps=max(1, steps // 5), save_strategy="no", report_to=[], bf16=False,
         fp16=False, use_cpu=not torch.cuda.is_available(), seed=seed, data_seed=seed, dataloader_num_workers=0,
         disable_tqdm=not cfg.progress, safety_log_drift=mask is not None,
-        gradient_checkpointing=cfg.gradient_checkpointing, **safety,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        # the sparse forward is exact only up to fp rounding, which the trainer's end-of-training check (run on the
+        # layers' forward) would report; the merged weights are checked below instead
+        safety_verify=cfg.spa_entries_method == "dense", **safety,
     )  # fmt: skip
     t = time.perf_counter()
     trainer = SafetySFTTrainer(
@@ -479,12 +498,24 @@ def train_arm(cfg: PreserveConfig, arm: str, base: Any, tok: Any, rows: list[dic
     info = {"train_seconds": round(seconds, 1), "train_rows": n_rows, "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None, "train_loss": result.training_loss, "losses": losses,
             "mask": ARM_MASK.get(arm) if mask is not None or arm == "realign" else None}  # fmt: skip
+    if mask is not None:
+        info["masked_entries_moved"] = _masked_entries_moved(base, tuned, mask)
     if realign_cb is not None and realign_cb.reports:
         info["realign"] = realign_cb.reports[-1].to_dict()
     del trainer
     gc.collect()
     tuned.eval()
     return tuned, info
+
+
+def _masked_entries_moved(base: Any, tuned: Any, mask: Any) -> int:
+    """Entries of ``mask`` whose merged value differs from the aligned model's (the SPA guarantee: must be 0)."""
+    before, after = dict(base.named_parameters()), dict(tuned.named_parameters())
+    moved = 0
+    for name in mask.names:
+        selected = mask.to_dense(name)
+        moved += int((before[name].detach()[selected] != after[name].detach()[selected]).sum())
+    return moved
 
 
 # ----------------------------------------------------------------------------------------------------------- tests
