@@ -28,20 +28,23 @@ Outputs (``--out``, default ``benchmarks/results/preserve``): ``preserve.json`` 
 validation, every row with its intervals and tests, timings, the cost estimate) and ``generations/<section>/<arm>_
 seed<k>.jsonl`` (every generation with every judge's verdict). A Markdown table is printed at the end.
 
-Speed (what is used and why it is exact enough): short sequences (``--max-length``), LoRA everywhere, greedy
-decoding with a small budget (``--max-new-tokens``), the aligned model's generations computed once per run and
-reused by every comparison, fp32 throughout (bf16 autocast is not used: on CPU it changed greedy generations of the
-aligned model in earlier checks, and the comparisons here are between greedy generations). ``--threads`` sets the
-torch thread count; it is recorded.
+Speed (what is used and why it is exact enough): short sequences (``--max-length``), LoRA everywhere, gradient
+checkpointing off (TRL turns it on by default; it only trades compute for memory, the gradients are the same), greedy
+decoding with a small budget (``--max-new-tokens``: refusals open the answer), the aligned model's generations
+computed once per run and reused by every comparison, and in the reduced preset the sparse masked-LoRA forward
+(``--spa-entries-method sparse``: exact up to fp rounding during training; the merged weights are exact, and every
+masked arm records ``masked_entries_moved``, the masked entries whose merged value differs from the aligned model's).
+fp32 throughout: bf16 autocast is not used, because the comparisons are between greedy generations, which bf16
+rounding can flip. ``--threads`` sets the torch thread count; it is recorded.
 
 Examples:
 
 ```bash
-# the reduced preset: sized for <= 90 min on 2 CPU cores (the printed estimate says how; not yet run end to end)
+# the reduced preset: sized for <= 90 min on 2 CPU cores (the committed run: benchmarks/results/preserve/)
 python benchmarks/preserve.py --reduced --threads 2
-# the full protocol on a GPU (bf16 weights are not used; fp32 on one H100/H200 takes well under an hour)
-python benchmarks/preserve.py --steps 300 --seeds 0,1,2 --n-harmful 159 --n-benign 200 --n-lookalike 200 \
-    --n-task-eval 100 --n-mc 500 --max-new-tokens 128 --max-length 512 --batch-size 8 --eval-batch-size 64 \
+# the full protocol on a GPU (fp32, bit-exact dense masked LoRA; not run yet: no GPU was available to this project)
+python benchmarks/preserve.py --steps 300 --seeds 0,1,2 --n_harmful 159 --n_benign 200 --n_lookalike 200 \
+    --n_task_eval 100 --n_mc 500 --max_new_tokens 128 --max_length 512 --batch_size 8 --eval_batch_size 64 \
     --arms lora,spa_esi,spa_random,spa_consensus,sppft,rsn_tune,replay,realign,full,spa_full
 # seconds: the tiny in-code model and synthetic rows (a wiring check; numbers meaningless)
 python benchmarks/preserve.py --tiny --out /tmp/preserve
@@ -116,33 +119,38 @@ class PreserveConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Gradient checkpointing (TRL's default is on; off is ~1.3x faster here)."}
     )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue an interrupted run from <out>/preserve.partial.json (same config and masks): "
+                  "runs already measured are kept, the rest are run; stage timings add up across sittings."},
+    )  # fmt: skip
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: leave torch's default)."})
     progress: bool = field(default=False, metadata={"help": "Progress bars."})
 
 
 #: the reduced preset (``--reduced``): sized with `estimate_seconds` to <= 90 min on 2 CPU cores
 REDUCED = {
-    "n_task_train": 120, "n_task_eval": 16, "steps": 20, "max_length": 128, "n_ident": 16, "n_consensus": 3,
-    "n_harmful": 100, "n_benign": 50, "n_lookalike": 50, "n_mc": 16, "max_new_tokens": 16, "eval_batch_size": 25,
-    "attack_arms": "lora,spa_esi", "attack_steps": 20, "n_attack": 40, "threads": 2, "spa_entries_method": "sparse",
+    "n_task_train": 120, "n_task_eval": 16, "steps": 12, "lr": 8e-4, "max_length": 128, "n_ident": 16,
+    "n_consensus": 3, "n_harmful": 100, "n_benign": 50, "n_lookalike": 50, "n_mc": 12, "max_new_tokens": 16,
+    "eval_batch_size": 25, "attack_arms": "lora,spa_esi", "attack_steps": 12, "n_attack": 40, "threads": 2,
+    "spa_entries_method": "sparse",
 }  # fmt: skip
 
 #: per-unit costs (seconds) for the aligned model on the 2-core CPU, fp32, 2 threads, idle machine, measured on the
-#: first arm of a reduced run (2026-11-30; preset of 30 steps at 160 tokens, gradient checkpointing on): LoRA training
-#: 259 s for 8,582 trained tokens (0.030 s/token); generation 150 s for 200 prompts x 24 new tokens; task loss + multiple
-#: choice 62 s for ~5,800 forward tokens; all masks 157 s; model load 2.3 s; judge training 2.0 s. Assumed, not
-#: measured: gradient checkpointing off saves ~25% of a training step (it recomputes the forward in the backward).
+#: first arms of two stopped attempts (2026-11-30): LoRA training without gradient checkpointing 108 s for 20 steps at
+#: batch 2 and 128 tokens (0.0234 s/token); masked LoRA (Weight() masks) 2.8x that with the sparse forward, 4.3x with
+#: the dense one; generation ~110 s for 200 prompts x 16 new tokens (prefill dominates); task loss + multiple choice
+#: ~45 s for ~3,800 forward tokens; all masks 138 s; model load 2.3 s; judge training 2.0 s.
 COSTS = {
-    "lora_step_per_token": 0.030 * 0.75,
-    "full_step_per_token": 0.030 * 0.75 / 0.45,  # a full step computes the weight gradients LoRA skips (~2.2x)
-    "generate_token": 150.0 / (200 * 24),
+    "lora_step_per_token": 0.0234,
+    "full_step_per_token": 0.0234 / 0.45,  # a full step also computes the weight gradients LoRA skips (~2.2x)
+    "generate_token": 110.0 / (200 * 16),
     "score_token": 0.019,  # masks: (1 + resamples) ESI passes over the identification rows, + 60 s of the others
-    "forward_token": 62.0 / 5760,
+    "forward_token": 45.0 / 3800,
     "model_load": 2.3,
     "judge_training": 2.0,
-    # masked LoRA (Weight() masks) / plain LoRA training time: dense measured 469 s / 108 s on the first SPA arm;
-    # sparse assumed ~1.5x (the 1.27x of benchmarks/results/masked_lora.json scaled like the dense path's 2.5x -> 4.3x)
-    "spa_factor": {"dense": 4.3, "sparse": 1.5, "auto": 1.5},
+    # masked LoRA / plain LoRA training time on this model (far above benchmarks/results/masked_lora.json's 2.5x/1.27x)
+    "spa_factor": {"dense": 4.3, "sparse": 2.8, "auto": 2.8},
 }
 
 
@@ -434,6 +442,8 @@ def build_masks(cfg: PreserveConfig, model: Any, tok: Any, data: Data, needed: s
         masks["rsn_tune"] = rsn_tune_mask(model, harm, found, **options)
         info["rsn_tune"] = {"options": options, "numel": masks["rsn_tune"].numel(),
                             "seconds": clock.tick("mask rsn_tune")}  # fmt: skip
+    for name, mask in masks.items():
+        info[name]["digest"] = _mask_digest(mask)
     return masks, info
 
 
@@ -558,6 +568,12 @@ def run(cfg: PreserveConfig) -> dict[str, Any]:
     arms, seeds, multi, attack_arms = _sections(cfg)
     prov = _bench.provenance(cfg.threads or torch.get_num_threads())
     clock = _bench.StageClock()
+    partial_path = Path(cfg.out) / "preserve.partial.json"
+    previous = _load_partial(cfg, partial_path) if cfg.resume else None
+    prefix = "" if previous is None else f"sitting {len(previous['provenance'].get('sittings', [])) + 2}: "
+    if previous is not None:
+        clock.timings.update(previous["timings"])
+        prov = {**previous["provenance"], "sittings": [*previous["provenance"].get("sittings", []), prov]}
     estimate = estimate_seconds(cfg)
     print(f"Estimated wall time: {estimate['total'] / 60:.0f} min ({json.dumps(estimate)})", flush=True)
     base, tok = _load(cfg)
@@ -565,45 +581,55 @@ def run(cfg: PreserveConfig) -> dict[str, Any]:
     for p in base.parameters():
         p.requires_grad_(False)
     data = Data(cfg)
-    clock.tick("load")
+    clock.tick(prefix + "load")
     judge, judge_info = build_judge(cfg, data)
-    clock.tick("judge")
+    clock.tick(prefix + "judge")
     print(f"Classifier judge on held-out topics: accuracy {judge_info['validation']['accuracy']:.3f}, "
           f"kappa {judge_info['validation']['kappa']:.3f}", flush=True)  # fmt: skip
     needed = {ARM_MASK[a] for a in arms + attack_arms if a in ARM_MASK}
     masks, mask_info = build_masks(cfg, base, tok, data, needed)
     evaluate = Evaluator(cfg, tok, data, judge)
-    aligned = evaluate(base, "aligned", "aligned", seeds[0])  # computed once, reused by every comparison
-    clock.tick("eval aligned")
+    if previous is not None:
+        _check_resumable(previous, judge_info, mask_info)
+        aligned, rows, attack_rows = previous["aligned"], previous["benign"], previous["attack"]
+        clock.tick(prefix + "masks")
+        print(f"Resuming: {len(rows)} benign and {len(attack_rows)} attack runs already measured", flush=True)
+    else:
+        aligned = evaluate(base, "aligned", "aligned", seeds[0])  # computed once, reused by every comparison
+        clock.tick("eval aligned")
+        rows, attack_rows = [], []
+    done = {(r["section"], r["arm"], r["seed"]) for r in rows + attack_rows}
     work = Path(cfg.work_dir)
-    rows: list[dict[str, Any]] = []
-    attack_rows: list[dict[str, Any]] = []
 
     def checkpoint() -> None:
-        """Rows so far, rewritten after every arm, so that an interrupted run keeps what it measured."""
+        """Every run so far (private fields included, for --resume), rewritten after every arm."""
         from peft_safety._io import atomic_write_text
 
-        partial = {"provenance": prov, "config": asdict(cfg), "aligned": _public(aligned), "benign": [_public(r) for r in rows],
-                   "attack": [_public(r) for r in attack_rows], "timings": clock.timings}  # fmt: skip
-        atomic_write_text(Path(cfg.out) / "preserve.partial.json", json.dumps(partial, indent=1, default=str) + "\n")
+        partial = {"provenance": prov, "config": asdict(cfg), "judge": judge_info, "masks": mask_info,
+                   "aligned": aligned, "benign": rows, "attack": attack_rows, "timings": clock.timings}  # fmt: skip
+        atomic_write_text(partial_path, json.dumps(partial, indent=1, default=str) + "\n")
 
     for arm in arms:
         for seed in seeds if arm in multi else seeds[:1]:
+            if ("benign", arm, seed) in done:
+                continue
             tuned, info = train_arm(cfg, arm, base, tok, data.task_train, masks, data, seed, cfg.steps,
                                     work / "benign" / f"{arm}_{seed}")  # fmt: skip
             row = {**evaluate(tuned, "benign", arm, seed), **info}
             rows.append(row)
             del tuned
             gc.collect()
-            clock.tick(f"benign {arm} seed {seed}")
+            clock.tick(f"{prefix}benign {arm} seed {seed}")
             checkpoint()
     for arm in attack_arms:
+        if ("attack", arm, seeds[0]) in done:
+            continue
         tuned, info = train_arm(cfg, arm, base, tok, data.attack, masks, data, seeds[0], cfg.attack_steps,
                                 work / "attack" / f"{arm}")  # fmt: skip
         attack_rows.append({**evaluate(tuned, "attack", arm, seeds[0]), **info})
         del tuned
         gc.collect()
-        clock.tick(f"attack {arm}")
+        clock.tick(f"{prefix}attack {arm}")
         checkpoint()
     # paired tests: every arm vs the aligned model, and vs plain LoRA of the same seed (same section)
     for section_rows in (rows, attack_rows):
@@ -627,10 +653,50 @@ def run(cfg: PreserveConfig) -> dict[str, Any]:
 
     path = Path(cfg.out) / "preserve.json"
     atomic_write_text(path, json.dumps(payload, indent=1, default=str) + "\n")
-    (Path(cfg.out) / "preserve.partial.json").unlink(missing_ok=True)
+    partial_path.unlink(missing_ok=True)
     print_table(payload)
     print(f"\nWrote {path}")
     return payload
+
+
+_RESUME_IGNORED = ("resume", "progress")
+
+
+def _load_partial(cfg: PreserveConfig, path: Path) -> dict[str, Any]:
+    """The checkpoint of an interrupted run, checked to belong to a run of the same configuration."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}; run without --resume to start a new run.")
+    previous = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(previous, dict) or "aligned" not in previous or "_flags" not in previous["aligned"]:
+        raise ValueError(f"--resume: {path} is not a resumable checkpoint (written by an older version?); start anew.")
+    mine = {k: v for k, v in asdict(cfg).items() if k not in _RESUME_IGNORED}
+    theirs = {k: v for k, v in previous["config"].items() if k not in _RESUME_IGNORED}
+    differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    if differ:
+        raise ValueError(f"--resume: the checkpoint {path} was written with other settings ({differ}); resume with "
+                         "the same flags, or start a new run in another --out.")  # fmt: skip
+    return previous
+
+
+def _check_resumable(previous: dict[str, Any], judge_info: dict[str, Any], mask_info: dict[str, Any]) -> None:
+    """The rebuilt judge and masks must be the ones the checkpointed runs used (same validation, same digests)."""
+    if previous["judge"]["validation"] != judge_info["validation"]:
+        raise RuntimeError("--resume: the rebuilt classifier judge differs from the checkpoint's; start a new run.")
+    for name, info in previous["masks"].items():
+        if info.get("digest") != mask_info.get(name, {}).get("digest"):
+            raise RuntimeError(f"--resume: the rebuilt {name} mask differs from the checkpoint's; start a new run.")
+
+
+def _mask_digest(mask: Any) -> str:
+    """sha256 of a mask's names, shapes and indices (a rebuilt mask must match it exactly to resume)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    shapes, indices = mask.shapes, mask.indices
+    for name in sorted(indices):
+        h.update(f"{name}:{tuple(shapes[name])}:{mask.granularity_of(name)!r}".encode())
+        h.update(indices[name].to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _verdict(aligned: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
