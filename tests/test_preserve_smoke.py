@@ -77,3 +77,43 @@ def test_reduced_preset_fits_the_budget_and_flags_win(bench):
     assert bench.parse_args(["--reduced", "--steps", "7"]).steps == 7
     with pytest.raises(ValueError, match="Unknown arms"):
         bench._sections(bench.parse_args(["--arms", "lora,nope"]))
+
+
+def test_resume_continues_an_interrupted_run_with_the_same_results(bench, tmp_path, monkeypatch):
+    """An interrupted run resumes from its checkpoint: the measured runs are kept (not retrained), the rest are run,
+    and the result equals an uninterrupted run's; a checkpoint from other settings is refused."""
+    args = ["--tiny", "--arms", "lora,spa_esi", "--seeds", "0", "--attack-arms", "lora", "--threads", "1"]
+    threads = torch.get_num_threads()
+    try:
+        full = bench.run(
+            bench.parse_args([*args, "--out", str(tmp_path / "full"), "--work-dir", str(tmp_path / "w1")])
+        )
+        out = ["--out", str(tmp_path / "cut"), "--work-dir", str(tmp_path / "w2")]
+        real, calls = bench.train_arm, []
+
+        def interrupted(*a, **k):
+            calls.append(a[1])
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+
+        monkeypatch.setattr(bench, "train_arm", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            bench.run(bench.parse_args([*args, *out]))
+        partial = json.loads((tmp_path / "cut" / "preserve.partial.json").read_text())
+        assert [r["arm"] for r in partial["benign"]] == ["lora"]
+        with pytest.raises(ValueError, match="other settings"):
+            bench.run(bench.parse_args([*args, *out, "--resume", "--steps", "3"]))
+        calls.clear()
+        monkeypatch.setattr(bench, "train_arm", lambda *a, **k: (calls.append(a[1]), real(*a, **k))[1])
+        resumed = bench.run(bench.parse_args([*args, *out, "--resume"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == ["spa_esi", "lora"]  # the benign LoRA run was not trained again
+    assert not (tmp_path / "cut" / "preserve.partial.json").exists()
+    assert any(k.startswith("sitting 2: ") for k in resumed["timings"]) and len(resumed["provenance"]["sittings"]) == 1
+    for a, b in zip(full["benign"] + full["attack"], resumed["benign"] + resumed["attack"]):
+        assert (a["arm"], a["seed"]) == (b["arm"], b["seed"])
+        assert a["refusal/classifier"] == b["refusal/classifier"]
+        assert a["task_loss"] == pytest.approx(b["task_loss"], rel=1e-6)
+        assert a.get("vs_lora", {}).keys() == b.get("vs_lora", {}).keys()
