@@ -60,6 +60,10 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "bench_set_adapter": ("benchmarks/results/set_adapter.json",),
     "bench_masked_lora": ("benchmarks/results/masked_lora.json",),
     "mutation_check": ("benchmarks/results/mutation_check.json",),
+    "preserve_attempts": (
+        "benchmarks/results/preserve_attempts/dense_20steps.partial.json",
+        "benchmarks/results/preserve_attempts/sparse_20steps.partial.json",
+    ),
     **dict.fromkeys(
         (
             "preserve_setup",
@@ -690,6 +694,19 @@ def readme_preserve() -> str:
     return textwrap.fill(text, width=118, break_on_hyphens=False) + "\n"
 
 
+def preserve_attempts() -> str:
+    rows = []
+    for name in ("dense_20steps", "sparse_20steps"):
+        d = load(f"benchmarks/results/preserve_attempts/{name}.partial.json")
+        lora = [r["train_seconds"] for r in d["benign"] if r["arm"] == "lora"]
+        spa = [r["train_seconds"] for r in d["benign"] if r["arm"] == "spa_esi"]
+        rows.append([f"`{name}.partial.json`", str(d["config"]["steps"]), d["config"].get("spa_entries_method") or "dense",
+                     f"{statistics.mean(lora):.0f} (n={len(lora)})", f"{statistics.mean(spa):.0f} (n={len(spa)})",
+                     f"{statistics.mean(spa) / statistics.mean(lora):.1f}x"])  # fmt: skip
+    return table(["stopped attempt", "steps", "masked-LoRA forward", "plain LoRA train s", "SPA-LoRA (ESI) train s",
+                  "ratio"], rows)  # fmt: skip
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "readme_results": readme_results,
     "main_job": main_job,
@@ -712,6 +729,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "preserve_claims": preserve_claims,
     "preserve_attack": preserve_attack,
     "readme_preserve": readme_preserve,
+    "preserve_attempts": preserve_attempts,
 }
 
 
