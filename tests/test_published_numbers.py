@@ -200,3 +200,103 @@ def test_preservation_masked_arms_kept_their_mask_exactly(preserve):
     assert checked
     for row in checked:
         assert row["masked_entries_moved"] == 0, (row["section"], row["arm"], row["seed"])
+
+
+def _mcnemar_p(a, b):
+    """Exact two-sided McNemar p from scratch (binomial on the discordant pairs), independent of the library."""
+    from math import comb
+
+    only_a = sum(x and not y for x, y in zip(a, b, strict=True))
+    only_b = sum(y and not x for x, y in zip(a, b, strict=True))
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def test_preservation_prose_quotes_the_result_file(preserve):
+    """The hand-written findings in docs/results.md, docs/recipes.md and the README quote numbers; each one is
+    recomputed here from preserve.json and the JSONL, so the prose cannot drift from the committed run."""
+    docs = {
+        name: (ROOT / name).read_text(encoding="utf-8") for name in ("docs/results.md", "docs/recipes.md", "README.md")
+    }
+    prose = " ".join(" ".join(text.split()) for text in docs.values())  # line breaks do not matter
+    base = preserve["aligned"]
+    rows = {}
+    for row in preserve["benign"]:
+        rows.setdefault(row["arm"], {})[row["seed"]] = row
+    attack = {r["arm"]: r for r in preserve["attack"]}
+
+    def mean_rate(arm, key="refusal/classifier", section=rows):
+        return sum(r[key]["rate"] for r in section[arm].values()) / len(section[arm])
+
+    def drop(arm):
+        return 100 * (mean_rate(arm) - base["refusal/classifier"]["rate"])
+
+    def flags(row, judge):
+        path = ROOT / row["generations"]
+        recs = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        return [r["verdicts"][judge]["refused"] for r in recs if r["set"] == "harmful"]
+
+    def pct(x):
+        return f"{100 * x:.0f}%"
+
+    lora0 = rows["lora"][0]
+    expected = [
+        f"-{-drop('spa_esi'):.1f} points against LoRA's -{-drop('lora'):.1f}",
+        f"consensus -{-drop('spa_consensus'):.1f}, RSN-Tune -{-drop('rsn_tune'):.1f}, SPPFT -{-drop('sppft'):.1f}",
+        f"({pct(mean_rate('spa_random'))} vs {pct(mean_rate('spa_esi'))} on average",
+        f"closest arm to the aligned model (-{-drop('spa_random'):.1f} points)",
+        f"lost {-drop('spa_esi'):.1f} points, as much as plain LoRA ({-drop('lora'):.1f})",
+        f"replay {pct(mean_rate('replay'))}, post-hoc realignment {pct(mean_rate('realign'))}",
+        f"after merging (`masked_entries_moved` = 0 in all "
+        f"{sum(r['arm'] in {'spa_esi', 'spa_random', 'spa_consensus', 'sppft', 'rsn_tune'} for r in preserve['benign'] + preserve['attack'])}"
+        " freezing runs)",
+    ]
+    # the ESI-vs-random seed where the difference is significant
+    ps = {
+        s: _mcnemar_p(flags(rows["spa_esi"][s], "classifier"), flags(rows["spa_random"][s], "classifier"))
+        for s in rows["spa_esi"]
+    }
+    significant = [p for p in ps.values() if p < 0.05]
+    expected.append(f"significant in one seed, p = {significant[0]:.2g}" if len(significant) == 1 else "UNEXPECTED")
+    assert all(
+        rows["spa_random"][s]["refusal/classifier"]["k"] > rows["spa_esi"][s]["refusal/classifier"]["k"] for s in ps
+    )
+    # the seed effect, on explicit refusals
+    freezing = ("lora", "spa_esi", "spa_random", "spa_consensus", "sppft", "rsn_tune")
+    seed0 = [rows[a][0]["harmful_labels"]["refusal"] for a in freezing if 0 in rows[a]]
+    later = [rows[a][s]["harmful_labels"]["refusal"] for a in freezing for s in rows[a] if s != 0]
+    expected += [f"{min(seed0)}-{max(seed0)} explicit refusals of 100 (the aligned model: {base['harmful_labels']['refusal']})",
+                 f"seeds 1 and 2 they kept {min(later)}-{max(later)}"]  # fmt: skip
+    # replay and realignment against LoRA of the same seed
+    rep, rea = rows["replay"][0], rows["realign"][0]
+    p_rep = _mcnemar_p(flags(rep, "wei2024"), flags(lora0, "wei2024"))
+    p_rea = _mcnemar_p(flags(rea, "wei2024"), flags(lora0, "wei2024"))
+    expected += [
+        f"kept {rep['harmful_labels']['refusal']} explicit refusals of 100 against LoRA's {lora0['harmful_labels']['refusal']}",
+        f"{pct(rep['refusal/wei2024']['rate'])} vs {pct(lora0['refusal/wei2024']['rate'])}, McNemar p = {p_rep:.2g}",
+        f"fell from {lora0['harmful_labels']['compliant']} to {rep['harmful_labels']['compliant']}",
+        f"({pct(rep['over_refusal_lookalike/classifier']['rate'])} vs LoRA's "
+        f"{pct(lora0['over_refusal_lookalike/classifier']['rate'])}; the aligned model: "
+        f"{pct(base['over_refusal_lookalike/classifier']['rate'])})",
+        f"({pct(rep['refusal/classifier']['rate'])}, -{-drop('replay'):.1f} points)",
+        f"{pct(rea['refusal/wei2024']['rate'])} vs {pct(lora0['refusal/wei2024']['rate'])}, p = {p_rea:.1g}",
+        f"({rea['harmful_labels']['compliant']} vs {lora0['harmful_labels']['compliant']})",
+        f"lowest of all arms ({pct(rea['refusal/classifier']['rate'])})",
+    ]
+    # task gains and the attack
+    gains = [base["task_loss"] - r["task_loss"] for arm in rows.values() for r in arm.values()]
+    lora_gain = sum(base["task_loss"] - r["task_loss"] for r in rows["lora"].values()) / len(rows["lora"])
+    realign_share = (base["task_loss"] - rea["task_loss"]) / lora_gain
+    expected += [
+        f"fell by {min(gains):.2f}-{max(gains):.2f} nats/token in every arm",
+        f"gave up {100 * (1 - realign_share):.0f}% of the task gain",
+        f"from {pct(base['refusal/classifier']['rate'])} refusal to {pct(attack['lora']['refusal/classifier']['rate'])} "
+        f"under plain LoRA",
+        f"({pct(attack['spa_esi']['refusal/classifier']['rate'])}; McNemar p = "
+        f"{_mcnemar_p(flags(attack['spa_esi'], 'classifier'), flags(attack['lora'], 'classifier')):.2g} against LoRA",
+    ]
+    missing = [phrase for phrase in expected if phrase not in prose]
+    assert not missing, f"prose no longer matches preserve.json: {missing}"
