@@ -422,13 +422,7 @@ def build_masks(cfg: PreserveConfig, model: Any, tok: Any, data: Data, needed: s
         harmful = [r["prompt"] for r in data.ident]
         normal = [r["prompt"] for r in data.chat_all[: len(harmful)]]
         gap = angle_gap(model, tok, normal, harmful, num_pairs=200, seed=0)
-        n_layers = model.config.num_hidden_layers
-        if gap.initial_range is not None:
-            first, last = gap.initial_range
-            how = "angle-gap initial range (no over-rejection sweep)"
-        else:
-            first, last = max(1, n_layers // 10), max(1, n_layers // 3)
-            how = "no angle gap opened; fallback range in the first third"
+        first, last, how = gap.range_or_fallback()
         masks["sppft"] = safety_layer_mask(model, first, last)
         info["sppft"] = {"range": [first, last], "how": how, "seconds": clock.tick("mask sppft")}
     if "rsn_tune" in needed:

@@ -673,14 +673,7 @@ def _layer_and_neuron_masks(cfg: ReproduceConfig, model: Any, tok: Any, *, sppft
     if sppft:
         normal = [r["prompt"] for r in _rows(cfg, "chat_pairs", n=cfg.n_ident, seed=cfg.seed + 7)]
         gap = angle_gap(model, tok, normal, harmful, num_pairs=200, seed=cfg.seed)
-        n_layers = model.config.num_hidden_layers
-        if gap.initial_range is not None:
-            first, last = gap.initial_range
-            how = "angle-gap initial range (no over-rejection sweep)"
-        else:
-            # no gap opens: fall back to the paper's observation (safety layers sit in the first third)
-            first, last = max(1, n_layers // 10), max(1, n_layers // 3)
-            how = "no angle gap opened; fallback range in the first third"
+        first, last, how = gap.range_or_fallback()
         info = {"range": [first, last], "how": how, "gap": [round(x, 3) for x in gap.gap]}
         out["SPPFT"] = (safety_layer_mask(model, first, last), info)
     if rsn:

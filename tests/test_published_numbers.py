@@ -298,5 +298,8 @@ def test_preservation_prose_quotes_the_result_file(preserve):
         f"({pct(attack['spa_esi']['refusal/classifier']['rate'])}; McNemar p = "
         f"{_mcnemar_p(flags(attack['spa_esi'], 'classifier'), flags(attack['lora'], 'classifier')):.2g} against LoRA",
     ]
+    first, last = preserve["masks"]["sppft"]["range"]
+    assert first == last  # the prose calls it a single layer
+    expected.append(f"a single layer (layer {first} of 24)")
     missing = [phrase for phrase in expected if phrase not in prose]
     assert not missing, f"prose no longer matches preserve.json: {missing}"

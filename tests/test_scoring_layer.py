@@ -83,6 +83,18 @@ def test_estimate_range_heuristic():
     assert curve.estimate_range(0.5) is None
 
 
+def test_range_or_fallback_uses_the_gap_else_the_first_third():
+    flat = [0.0] * 30
+    curve = AngleGap(*([flat] * 10), num_pairs=1)
+    assert curve.range_or_fallback()[:2] == (3, 10)  # 30 layers: [30 // 10, 30 // 3]
+    assert "no angle gap" in curve.range_or_fallback()[2]
+    curve.initial_range = (7, 12)
+    assert curve.range_or_fallback()[:2] == (7, 12)
+    assert "angle-gap initial range" in curve.range_or_fallback()[2]
+    short = AngleGap(*([[0.0] * 2] * 10), num_pairs=1)
+    assert short.range_or_fallback()[:2] == (1, 1)  # never layer 0, never empty
+
+
 def test_layer_mask_content_inclusive_and_norms():
     model = tiny_llama(seed=0, num_hidden_layers=4)
     mask = safety_layer_mask(model, 1, 2)

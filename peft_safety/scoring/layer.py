@@ -237,6 +237,19 @@ class AngleGap:
         end = next((i for i in range(onset, len(self.gap) - 1) if self.gap[i + 1] <= self.gap[i]), len(self.gap) - 1)
         return onset, end
 
+    def range_or_fallback(self) -> tuple[int, int, str]:
+        """The layers to freeze when no over-rejection sweep is run: ``(first, last, how)``.
+
+        `initial_range` when a gap opened; otherwise the first third of the stack (``[max(1, L // 10),
+        max(1, L // 3)]`` for ``L`` layers), where Li et al. observe the safety layers.
+        ``how`` says which, for provenance. Use `locate_safety_layers` for the paper's full procedure.
+        """
+        if self.initial_range is not None:
+            first, last = self.initial_range
+            return first, last, "angle-gap initial range (no over-rejection sweep)"
+        n_layers = len(self.gap)
+        return max(1, n_layers // 10), max(1, n_layers // 3), "no angle gap opened; fallback range in the first third"
+
 
 def _last_hidden_states(model: nn.Module, tokenizer: Any, prompts: Sequence[str], template: str, batch_size: int):
     """``(len(prompts), num_layers, hidden)`` fp32 hidden states at each prompt's last real position."""
