@@ -60,6 +60,7 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "bench_set_adapter": ("benchmarks/results/set_adapter.json",),
     "bench_masked_lora": ("benchmarks/results/masked_lora.json",),
     "mutation_check": ("benchmarks/results/mutation_check.json",),
+    "preserve_full": ("benchmarks/results/preserve_full/preserve.json", "benchmarks/results/preserve/preserve.json"),
     "preserve_attempts": (
         "benchmarks/results/preserve_attempts/dense_20steps.partial.json",
         "benchmarks/results/preserve_attempts/sparse_20steps.partial.json",
@@ -451,8 +452,8 @@ def _p(row: dict[str, Any], against: str, key: str = "refusal/classifier") -> st
     return f"{p:.2g}" if p >= 0.001 else "<0.001"
 
 
-def _preserve_rows(section: str) -> list[list[str]]:
-    d = load(PRESERVE)
+def _preserve_rows(section: str, path: str = PRESERVE) -> list[list[str]]:
+    d = load(path)
     out = []
     for r in ([d["aligned"]] if section == "benign" else []) + d[section]:
         labels = r["harmful_labels"]
@@ -525,9 +526,9 @@ def _mean_refusal(rows: list[dict[str, Any]], key: str = "refusal/classifier") -
     return statistics.mean(r[key]["rate"] for r in rows)
 
 
-def _by_arm(section: str) -> dict[str, list[dict[str, Any]]]:
+def _by_arm(section: str, path: str = PRESERVE) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
-    for r in load(PRESERVE)[section]:
+    for r in load(path)[section]:
         out.setdefault(r["arm"], []).append(r)
     return out
 
@@ -663,6 +664,60 @@ def preserve_claims() -> str:
     return table(["claim", "paper", "measured here (classifier judge)", "verdict"], rows)
 
 
+PRESERVE_FULL = "benchmarks/results/preserve_full/preserve.json"
+
+
+def _generations(row: dict[str, Any]) -> list[tuple[str, str, str]]:
+    with open(os.path.join(ROOT, row["generations"]), encoding="utf-8") as fh:
+        records = [json.loads(line) for line in fh if line.strip()]
+    return [(r["set"], r["prompt"], r["response"]) for r in records]
+
+
+def preserve_full() -> str:
+    """The full fine-tuning arms (a separate run: plain LoRA seed 0 again as the reference), and whether the rows
+    this run shares with the main run came out identical."""
+    d, main = load(PRESERVE_FULL), load(PRESERVE)
+    c = d["config"]
+    base = d["aligned"]["refusal/classifier"]["rate"]
+    same = []
+    lora = next(r for r in main["benign"] if r["arm"] == "lora" and r["seed"] == 0)
+    for ours, theirs in ((d["aligned"], main["aligned"]), (_by_arm("benign", PRESERVE_FULL)["lora"][0], lora)):
+        a, b = _generations(ours), _generations(theirs)
+        same.append((sum(x == y for x, y in zip(a, b, strict=True)), len(a)))
+    digest_same = d["masks"]["esi"]["digest"] == main["masks"]["esi"]["digest"]
+    head = (
+        f"Full fine-tuning updates every weight: {c['steps']} steps at lr {c['full_lr']} constant (LoRA: "
+        f"{c['lr']}), batch {c['batch_size']}, {c['max_length']} tokens, seed {c['seeds']}, AdamW without weight "
+        'decay; SPA full fine-tuning freezes the ESI 1% mask\'s entries (`safety_mode="freeze"`). A separate run '
+        f"({sum(d['timings'].values()) / 60:.0f} min of stage time) with plain LoRA (seed {c['seeds']}) again as the "
+        "reference; its aligned model and LoRA gave the same generations as the main run in "
+        f"{same[0][0]} of {same[0][1]} and {same[1][0]} of {same[1][1]} prompts, and its ESI mask is "
+        + ("bit-identical (same digest)." if digest_same else "**not** identical (digests differ).")
+        + "\n\n"
+    )
+    verdict = []
+    for arm in ("full", "spa_full"):
+        v = d["verdict"].get(arm)
+        if v:
+            verdict.append(
+                f"* {ARM_LABELS[arm]}: refusal {pct(v['refusal'], 0)} ({-100 * v['refusal_drop']:+.1f} points from "
+                f"{pct(base, 0)}), {pct(v['share_of_lora_gain'], 0)} of LoRA's task gain; meets the criterion: "
+                + ("yes" if v["meets_default_criterion"] else "no")
+                + "."
+            )
+    moved = [r.get("masked_entries_moved") for r in d["benign"] if r["arm"] == "spa_full"]
+    tail = (
+        "\n"
+        + "\n".join(verdict)
+        + (
+            f"\n* Masked entries of the SPA full fine-tuned model that differ from the aligned model: {moved[0]}.\n"
+            if moved
+            else "\n"
+        )
+    )
+    return head + table(_PRESERVE_HEADER, _preserve_rows("benign", PRESERVE_FULL)) + tail + "\n" + prov_line(d)
+
+
 def readme_preserve() -> str:
     d = load(PRESERVE)
     base = d["aligned"]["refusal/classifier"]["rate"]
@@ -735,6 +790,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "preserve_attack": preserve_attack,
     "readme_preserve": readme_preserve,
     "preserve_attempts": preserve_attempts,
+    "preserve_full": preserve_full,
 }
 
 
