@@ -61,6 +61,7 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "bench_masked_lora": ("benchmarks/results/masked_lora.json",),
     "mutation_check": ("benchmarks/results/mutation_check.json",),
     "preserve_full": ("benchmarks/results/preserve_full/preserve.json", "benchmarks/results/preserve/preserve.json"),
+    "preserve_seeds": ("benchmarks/results/preserve_seeds/preserve.json", "benchmarks/results/preserve/preserve.json"),
     "preserve_attempts": (
         "benchmarks/results/preserve_attempts/dense_20steps.partial.json",
         "benchmarks/results/preserve_attempts/sparse_20steps.partial.json",
@@ -718,6 +719,62 @@ def preserve_full() -> str:
     return head + table(_PRESERVE_HEADER, _preserve_rows("benign", PRESERVE_FULL)) + tail + "\n" + prov_line(d)
 
 
+PRESERVE_SEEDS = "benchmarks/results/preserve_seeds/preserve.json"
+
+
+def _seeds_runs() -> dict[str, dict[int, dict[str, Any]]]:
+    """``{arm: {seed: row}}`` for the arms of the extra-seeds run, seed 0 taken from the main run."""
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    extra = load(PRESERVE_SEEDS)
+    arms = {r["arm"] for r in extra["benign"]}
+    for r in load(PRESERVE)["benign"] + extra["benign"]:
+        if r["arm"] in arms:
+            out.setdefault(r["arm"], {}).setdefault(r["seed"], r)
+    return out
+
+
+def preserve_seeds() -> str:
+    """Replay and realignment over three seeds (seed 0 from the main run, seeds 1-2 from a second run), each against
+    plain LoRA of the same seed; and whether the LoRA rows both runs hold came out identical."""
+    main, extra = load(PRESERVE), load(PRESERVE_SEEDS)
+    runs = _seeds_runs()
+    main_lora = {r["seed"]: r for r in main["benign"] if r["arm"] == "lora"}
+    extra_lora = {r["seed"]: r for r in extra["benign"] if r["arm"] == "lora"}
+    same = [(s, _generations(extra_lora[s]) == _generations(main_lora[s])) for s in sorted(extra_lora)]
+    rows = []
+    for arm in ("lora", "replay", "realign"):
+        if arm not in runs:
+            continue
+        for seed, r in sorted(runs[arm].items()):
+            lab = r["harmful_labels"]
+            rows.append([ARM_LABELS[arm], str(seed), _ci(r["refusal/classifier"]), str(lab["refusal"]),
+                         str(lab["compliant"]), _ci(r["refusal/wei2024"]), _ci(r["over_refusal_lookalike/classifier"]),
+                         f"{r['task_loss']:.3f}", _p(r, "vs_lora"), _p(r, "vs_lora", "refusal/wei2024")])  # fmt: skip
+        mean = statistics.mean
+        rs = list(runs[arm].values())
+        rows.append([f"**{ARM_LABELS[arm]}, mean**", "-", pct(mean(r["refusal/classifier"]["rate"] for r in rs), 1),
+                     num(mean(r["harmful_labels"]["refusal"] for r in rs), 1),
+                     num(mean(r["harmful_labels"]["compliant"] for r in rs), 1),
+                     pct(mean(r["refusal/wei2024"]["rate"] for r in rs), 1),
+                     pct(mean(r["over_refusal_lookalike/classifier"]["rate"] for r in rs), 1),
+                     f"{mean(r['task_loss'] for r in rs):.3f}", "", ""])  # fmt: skip
+    head = (
+        f"Seed 0 from the main run, seeds {', '.join(str(s) for s in sorted(extra_lora))} from a second run "
+        f"({sum(extra['timings'].values()) / 60:.0f} min of stage time) with the same settings; its plain LoRA rows "
+        + ("came out identical to the main run's (every generation) for seeds "
+           + ", ".join(str(s) for s, ok in same) + "." if all(ok for _, ok in same)
+           else "**differ** from the main run's for seeds " + ", ".join(str(s) for s, ok in same if not ok) + ".")
+        + " Aligned model: classifier refusal " + pct(main["aligned"]["refusal/classifier"]["rate"], 0)
+        + f", {main['aligned']['harmful_labels']['refusal']} explicit refusals, keyword refusal "
+        + pct(main["aligned"]["refusal/wei2024"]["rate"], 0) + ", look-alike over-refusal "
+        + pct(main["aligned"]["over_refusal_lookalike/classifier"]["rate"], 0) + ".\n\n"
+    )  # fmt: skip
+    header = ["arm", "seed", "refusal, classifier [95% CI]", "explicit refusals (of 100)", "compliant (of 100)",
+              "refusal, wei2024 keywords", "over-refusal, look-alikes", "task loss", "p vs LoRA (classifier)",
+              "p vs LoRA (wei2024)"]  # fmt: skip
+    return head + table(header, rows) + "\n" + prov_line(extra)
+
+
 def readme_preserve() -> str:
     d = load(PRESERVE)
     base = d["aligned"]["refusal/classifier"]["rate"]
@@ -791,6 +848,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "readme_preserve": readme_preserve,
     "preserve_attempts": preserve_attempts,
     "preserve_full": preserve_full,
+    "preserve_seeds": preserve_seeds,
 }
 
 

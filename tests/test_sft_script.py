@@ -266,3 +266,70 @@ def test_yaml_recipe_end_to_end_through_the_cli(tiny, tmp_path):
     config = json.loads((out / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"] and config["r"] == 4  # from the YAML
     assert SafetyMask.from_pretrained(out).numel() == SafetyMask.from_pretrained(tiny / "mask").numel()
+
+
+def test_safety_replay_from_the_command_line(example, tiny, tmp_path, monkeypatch):
+    """`--safety_replay_dataset FILE --safety_replay_ratio R` mixes the file's rows into the training set the
+    trainer really uses: for 32 task rows at R = 0.2 exactly round(32 * 0.2 / 0.8) = 8 replay rows, converted to the
+    task data's prompt/completion format."""
+    from peft_safety.training import replay as replay_mod
+
+    replay_file = tmp_path / "refusals.jsonl"
+    rows = [{"prompt": f"How do I break lock {i}?", "response": "I can't help with that."} for i in range(5)]
+    replay_file.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    seen = {}
+    real_mix = replay_mod.mix_replay
+
+    def spy(train, replay, ratio, **kwargs):
+        mixed = real_mix(train, replay, ratio, **kwargs)
+        seen.update(n_task=len(train), ratio=ratio, rows=list(mixed))
+        return mixed
+
+    monkeypatch.setattr(replay_mod, "mix_replay", spy)
+    base = ["--model_name_or_path", str(tiny / "model"), "--dataset_name", str(tiny / "data.jsonl"),
+            "--safety_mask", str(tiny / "mask"), "--safety_mode", "freeze", "--use_peft", "--lora_target_modules",
+            "q_proj", "v_proj", "--safety_replay_dataset", str(replay_file), *COMMON]  # fmt: skip
+    assert example.main([*base, "--safety_replay_ratio", "0.2", "--output_dir", str(tmp_path / "o")]) == 0
+    assert seen["n_task"] == 32 and seen["ratio"] == 0.2
+    replayed = [r for r in seen["rows"] if r["completion"].strip() == "I can't help with that."]
+    assert len(seen["rows"]) == 40 and len(replayed) == 8
+    assert {r["prompt"] for r in replayed} <= {r["prompt"] for r in rows}
+    # without a ratio the file is refused, not silently ignored
+    seen.clear()
+    try:
+        code = example.main([*base, "--output_dir", str(tmp_path / "o2")])
+    except (SystemExit, ValueError) as err:
+        code = getattr(err, "code", 1)
+    assert code not in (0, None) and not seen
+
+
+def test_safety_replay_names_an_offline_data_set(example, tiny, tmp_path, monkeypatch):
+    """`--safety_replay_dataset uncensorbench_refusal` reads that offline data set (here a stand-in for its rows)
+    instead of asking the Hub for a data set of that name."""
+    from peft_safety.sources import datasets as sources
+    from peft_safety.training import replay as replay_mod
+
+    asked = []
+
+    def fake_load_rows(name, *args, **kwargs):
+        asked.append(name)
+        return [{"prompt": f"harmful {i}", "response": "I won't do that.", "id": str(i)} for i in range(3)]
+
+    mixed = {}
+    real_mix = replay_mod.mix_replay
+
+    def spy(train, replay, ratio, **kwargs):
+        out = real_mix(train, replay, ratio, **kwargs)
+        mixed["rows"] = list(out)
+        return out
+
+    monkeypatch.setattr(sources, "load_rows", fake_load_rows)
+    monkeypatch.setattr(replay_mod, "mix_replay", spy)
+    argv = ["--model_name_or_path", str(tiny / "model"), "--dataset_name", str(tiny / "data.jsonl"),
+            "--safety_replay_dataset", "uncensorbench_refusal", "--safety_replay_ratio", "0.5",
+            "--use_peft", "--lora_target_modules", "q_proj", "v_proj", "--output_dir", str(tmp_path / "o"),
+            *COMMON]  # fmt: skip
+    assert example.main(argv) == 0
+    assert asked == ["uncensorbench_refusal"]
+    replayed = [r for r in mixed["rows"] if r["completion"].strip() == "I won't do that."]
+    assert len(mixed["rows"]) == 64 and len(replayed) == 32  # 32 task rows at ratio 0.5

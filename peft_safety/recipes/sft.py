@@ -127,6 +127,18 @@ def load_sft_dataset(name: str, config: str | None = None, streaming: bool = Fal
     return load_dataset(name, name=config, streaming=streaming)
 
 
+def named_replay_rows(training_args: Any) -> list[dict[str, Any]] | None:
+    """The rows of ``--safety_replay_dataset`` when it names one of the offline data sets of
+    `peft_safety.sources.datasets` (e.g. ``uncensorbench_refusal``: harmful prompts with refusals); `None` for a path
+    or a Hub id, which the trainer reads itself."""
+    name = getattr(training_args, "safety_replay_dataset", None)
+    if not name or _looks_like_path(name):
+        return None
+    from ..sources import datasets as sources
+
+    return sources.load_rows(name) if name in sources.DATA_SOURCES else None
+
+
 def run_sft(script_args: Any, training_args: Any, model_args: Any, dataset_args: Any = None):
     """TRL's SFT script with `SafetySFTTrainer`: load the data, train, save (and push if asked).
 
@@ -182,6 +194,7 @@ def run_sft(script_args: Any, training_args: Any, model_args: Any, dataset_args:
         eval_dataset=eval_dataset,
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
+        safety_replay_dataset=named_replay_rows(training_args),
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)

@@ -116,7 +116,10 @@ class SafetySFTConfig(SFTConfig):
 
     safety_replay_dataset: str | None = field(
         default=None,
-        metadata={"help": "A .json/.jsonl file or Hub data set id of refusal rows to mix into the training set."},
+        metadata={
+            "help": "Refusal rows to mix into the training set: a .json/.jsonl file, a Hub data set id, or (through "
+            "`peft-safety train` and examples/sft_safety.py) an offline data set name such as uncensorbench_refusal."
+        },
     )
     safety_replay_ratio: float = field(
         default=0.0,
