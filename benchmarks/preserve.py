@@ -124,6 +124,12 @@ class PreserveConfig:
         metadata={"help": "Continue an interrupted run from <out>/preserve.partial.json (same config and masks): "
                   "runs already measured are kept, the rest are run; stage timings add up across sittings."},
     )  # fmt: skip
+    combine: str = field(
+        default="",
+        metadata={"help": "Instead of running: pool the finished runs in these comma-separated preserve.json files "
+                  "(same settings apart from arms and seeds; rows they share must be identical) into "
+                  "<out>/preserve.json, with the verdict recomputed over every seed."},
+    )  # fmt: skip
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: leave torch's default)."})
     progress: bool = field(default=False, metadata={"help": "Progress bars."})
 
@@ -656,6 +662,106 @@ def run(cfg: PreserveConfig) -> dict[str, Any]:
 
 
 _RESUME_IGNORED = ("resume", "progress")
+#: settings that may differ between runs that are pooled by ``--combine`` (which arms and seeds each one ran)
+_COMBINE_IGNORED = (*_RESUME_IGNORED, "arms", "seeds", "multi_seed_arms", "attack_arms", "out", "work_dir", "combine",
+                    "full_lr")  # fmt: skip
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _generations_path(row: dict[str, Any]) -> Path:
+    path = Path(row["generations"])
+    return path if path.is_absolute() else Path(_bench.REPO_ROOT) / path
+
+
+def _without_path(block: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in block.items() if k != "path"}
+
+
+def combine(paths: list[str], out: str) -> dict[str, Any]:
+    """Pool finished runs into one ``preserve.json`` whose verdict covers every seed of every arm.
+
+    The runs must share every setting except which arms and seeds they ran (`_COMBINE_IGNORED`; ``full_lr`` only
+    touches the full fine-tuning arms, and each source's config is kept), the same data sizes, the same judge
+    validation and the same mask digests; the aligned model's generations and every (section, arm, seed) present in
+    more than one run must be byte-identical (the run is deterministic: a mismatch means the runs are not
+    comparable, and nothing is written). Returns the payload, also written to ``<out>/preserve.json``.
+    """
+    if len(paths) < 2:
+        raise ValueError(f"--combine needs at least two preserve.json files, got {paths!r}.")
+    runs = []
+    for text in paths:
+        path = Path(text)
+        if not path.is_file():
+            raise FileNotFoundError(f"--combine: no such file {text!r}.")
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(payload, dict) or "verdict" not in payload or "aligned" not in payload:
+            raise ValueError(f"--combine: {text} is not a finished preserve.json (no verdict); finish it first.")
+        runs.append((path, payload))
+    first_path, first = runs[0]
+    mine = {k: v for k, v in first["config"].items() if k not in _COMBINE_IGNORED}
+    aligned_digest = _file_sha256(_generations_path(first["aligned"]))
+    rows: dict[tuple[str, str, int], dict[str, Any]] = {}
+    shared: list[str] = []
+    for path, payload in runs:
+        theirs = {k: v for k, v in payload["config"].items() if k not in _COMBINE_IGNORED}
+        differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        if differ:
+            raise ValueError(f"--combine: {path} was run with other settings than {first_path} ({differ}).")
+        for key in ("data", "judge"):
+            # the judge's file lives in each run's own work folder; everything else must match
+            if _without_path(payload[key]) != _without_path(first[key]):
+                raise ValueError(f"--combine: {path} has another {key!r} block than {first_path}.")
+        for name, info in payload["masks"].items():
+            other = first["masks"].get(name)
+            if other is not None and other.get("digest") != info.get("digest"):
+                raise ValueError(f"--combine: the {name} mask of {path} differs from {first_path}'s.")
+        if _file_sha256(_generations_path(payload["aligned"])) != aligned_digest:
+            raise ValueError(f"--combine: the aligned model's generations of {path} differ from {first_path}'s.")
+        for section in ("benign", "attack"):
+            for row in payload[section]:
+                key = (section, row["arm"], row["seed"])
+                if key in rows:
+                    if _file_sha256(_generations_path(row)) != _file_sha256(_generations_path(rows[key])):
+                        raise ValueError(f"--combine: {section} {row['arm']} seed {row['seed']} of {path} differs "
+                                         "from the same run in an earlier file.")  # fmt: skip
+                    shared.append(f"{section} {row['arm']} seed {row['seed']}")
+                    continue
+                rows[key] = {**row, "source": str(path)}
+    order = {a: i for i, a in enumerate(ARMS)}
+    pooled = {section: sorted((r for k, r in rows.items() if k[0] == section),
+                              key=lambda r: (order.get(r["arm"], len(order)), r["seed"]))
+              for section in ("benign", "attack")}  # fmt: skip
+    masks = {}
+    for _, payload in runs:
+        for name, info in payload["masks"].items():
+            masks.setdefault(name, info)
+    sources = [
+        {"path": str(p), "sha256": _file_sha256(p), "command": d["provenance"]["command"],
+         "git_commit": d["provenance"].get("git_commit"), "config": d["config"],
+         "stage_seconds": round(sum(d["timings"].values()), 1)}
+        for p, d in runs
+    ]  # fmt: skip
+    result = {
+        "protocol": first["protocol"] + " (pooled runs)",
+        "provenance": _bench.finish(_bench.provenance(torch.get_num_threads())),
+        "combined_from": sources,
+        "checks": {"aligned_generations_identical": True, "shared_runs_identical": shared},
+        "config": first["config"], "data": first["data"], "judge": first["judge"], "masks": masks,
+        "aligned": first["aligned"], "benign": pooled["benign"], "attack": pooled["attack"],
+        "verdict": _verdict(first["aligned"], pooled["benign"]),
+    }  # fmt: skip
+    from peft_safety._io import atomic_write_text
+
+    target = Path(out) / "preserve.json"
+    atomic_write_text(target, json.dumps(result, indent=1, default=str) + "\n")
+    print_table(result)
+    print(f"\nWrote {target} ({len(shared)} runs shared by the sources, identical)")
+    return result
 
 
 def _load_partial(cfg: PreserveConfig, path: Path) -> dict[str, Any]:
@@ -789,7 +895,10 @@ def parse_args(argv: list[str] | None = None) -> PreserveConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    run(cfg)
+    if cfg.combine:
+        combine([p for p in cfg.combine.split(",") if p], cfg.out)
+    else:
+        run(cfg)
     return 0
 
 

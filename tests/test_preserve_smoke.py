@@ -117,3 +117,46 @@ def test_resume_continues_an_interrupted_run_with_the_same_results(bench, tmp_pa
         assert a["refusal/classifier"] == b["refusal/classifier"]
         assert a["task_loss"] == pytest.approx(b["task_loss"], rel=1e-6)
         assert a.get("vs_lora", {}).keys() == b.get("vs_lora", {}).keys()
+
+
+def test_combine_pools_runs_and_refuses_incomparable_ones(bench, tmp_path):
+    """`--combine` pools the seeds of finished runs: the verdict is recomputed over every seed (checked against the
+    explicit mean here); runs with other settings, or whose shared runs differ, are refused and nothing is written."""
+    common = ["--tiny", "--arms", "lora,spa_esi", "--attack-arms", "", "--threads", "1"]
+    threads = torch.get_num_threads()
+    try:
+        a = bench.run(bench.parse_args([*common, "--seeds", "0", "--out", str(tmp_path / "a"),
+                                        "--work-dir", str(tmp_path / "wa")]))  # fmt: skip
+        b = bench.run(bench.parse_args([*common, "--seeds", "0,1", "--multi-seed-arms", "lora,spa_esi",
+                                        "--out", str(tmp_path / "b"), "--work-dir", str(tmp_path / "wb")]))  # fmt: skip
+        c = str(tmp_path / "c")
+        bench.run(bench.parse_args([*common, "--seeds", "0", "--steps", "1", "--out", c,
+                                    "--work-dir", str(tmp_path / "wc")]))  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    pa, pb = str(tmp_path / "a" / "preserve.json"), str(tmp_path / "b" / "preserve.json")
+    assert bench.main(["--combine", f"{pa},{pb}", "--out", str(tmp_path / "ab")]) == 0
+    pooled = json.loads((tmp_path / "ab" / "preserve.json").read_text())
+    assert [(r["arm"], r["seed"]) for r in pooled["benign"]] == [("lora", 0), ("lora", 1), ("spa_esi", 0),
+                                                                 ("spa_esi", 1)]  # fmt: skip
+    assert sorted(pooled["checks"]["shared_runs_identical"]) == ["benign lora seed 0", "benign spa_esi seed 0"]
+    assert [s["path"] for s in pooled["combined_from"]] == [pa, pb]
+    rows = {(r["arm"], r["seed"]): r for r in a["benign"] + b["benign"]}
+    base = a["aligned"]
+    for arm in ("lora", "spa_esi"):
+        rates = [rows[(arm, s)]["refusal/classifier"]["rate"] for s in (0, 1)]
+        gains = [base["task_loss"] - rows[(arm, s)]["task_loss"] for s in (0, 1)]
+        lora_gain = sum(base["task_loss"] - rows[("lora", s)]["task_loss"] for s in (0, 1)) / 2
+        v = pooled["verdict"][arm]
+        assert v["seeds"] == 2 and v["refusal"] == pytest.approx(sum(rates) / 2)
+        assert v["share_of_lora_gain"] == pytest.approx(sum(gains) / 2 / lora_gain)
+    with pytest.raises(ValueError, match="other settings"):
+        bench.combine([pa, str(tmp_path / "c" / "preserve.json")], str(tmp_path / "ac"))
+    # a shared run whose generations differ: the runs are not comparable
+    shared = Path(next(r for r in b["benign"] if (r["arm"], r["seed"]) == ("lora", 0))["generations"])
+    shared.write_text(shared.read_text().replace('"response": "', '"response": "x', 1))
+    with pytest.raises(ValueError, match="differs"):
+        bench.combine([pa, pb], str(tmp_path / "ab2"))
+    assert not (tmp_path / "ac").exists() and not (tmp_path / "ab2").exists()
+    with pytest.raises(ValueError, match="at least two"):
+        bench.combine([pa], str(tmp_path / "single"))

@@ -353,3 +353,28 @@ def test_cli_train_parses_the_same_flags():
         assert (training.safety_mask, training.safety_mode, model.use_peft, script.dataset_name) == (
             "x", "freeze", True, "d.jsonl"
         )  # fmt: skip
+
+
+def test_spa_lora_initialisation_follows_the_seed(tmp_path):
+    """SPA-LoRA's adapter weights are drawn after `set_seed(args.seed)`, as TRL does for plain LoRA: the same seed
+    gives the same initial adapter whatever the process did before (here: different global RNG draws), and the
+    masked LoRA starts exactly where plain LoRA of the same seed starts."""
+    from peft import LoraConfig
+
+    def initial_lora(seed: int, noise: int, mask: bool) -> dict[str, torch.Tensor]:
+        model = tiny_llama(seed=0)
+        torch.manual_seed(noise)
+        torch.rand(17)  # the process did something random before building the trainer
+        kwargs = {"safety_mask": _mask(model).restrict([Q0, V1])} if mask else {}
+        args = _args(tmp_path, seed=seed, **({"safety_mode": "freeze"} if mask else {}))
+        trainer = SafetySFTTrainer(model=model, args=args, train_dataset=_dataset(), processing_class=tiny_tokenizer(),
+                                   peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), **kwargs)  # fmt: skip
+        return {n.split("base_model.model.")[-1]: p.detach().clone() for n, p in trainer.model.named_parameters()
+                if "lora_A" in n}  # fmt: skip
+
+    a, b = initial_lora(3, noise=1, mask=True), initial_lora(3, noise=2, mask=True)
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = initial_lora(4, noise=1, mask=True)
+    assert not all(torch.equal(a[k], other[k]) for k in a)
+    plain = initial_lora(3, noise=5, mask=False)
+    assert plain.keys() == a.keys() and all(torch.equal(a[k], plain[k]) for k in a)

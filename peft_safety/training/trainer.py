@@ -209,6 +209,11 @@ class SafetySFTTrainer(SFTTrainer):
                 params["quantization_config"] = None
                 restore_init_kwargs = training_args.model_init_kwargs
                 training_args.model_init_kwargs = None  # used already: keeps SFTTrainer from warning they are ignored
+            from transformers import set_seed
+
+            # as SFTTrainer before it wraps a model in PEFT: adapter weights are initialised randomly, so the seed
+            # must be set before the masked LoRA exists (else its init depends on what the process did before)
+            set_seed(training_args.seed)
             params["model"], params["peft_config"] = self._prepare_model(
                 params.get("model"), params.get("peft_config"), training_args, params
             )
