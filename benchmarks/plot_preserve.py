@@ -1,13 +1,14 @@
 """Plot the preservation protocol's result: safety retained against task improvement, one point per arm and seed.
 
-Reads the committed ``preserve.json`` of ``benchmarks/preserve.py`` (nothing is recomputed) and writes one PNG with
+Reads a committed ``preserve.json`` of ``benchmarks/preserve.py`` (by default the pooled one that ``--combine``
+writes: every seed of every arm; nothing is recomputed) and writes one PNG with
 two panels: benign fine-tuning and the harmful fine-tuning attack. x: task improvement (the drop of held-out task
 loss from the aligned model's, nats per answer token); y: refusal of held-out harmful prompts by the classifier judge,
 with its 95% bootstrap interval. The aligned model sits at x = 0; the shaded band is the default-recipe criterion
 (refusal within 5 points of the aligned model).
 
 ```bash
-python benchmarks/plot_preserve.py    # benchmarks/results/preserve/preserve.json -> .../preserve.png
+python benchmarks/plot_preserve.py    # benchmarks/results/preserve_combined/preserve.json -> .../preserve.png
 ```
 """
 
@@ -20,7 +21,7 @@ import sys
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT = os.path.join(ROOT, "benchmarks", "results", "preserve", "preserve.json")
+DEFAULT = os.path.join(ROOT, "benchmarks", "results", "preserve_combined", "preserve.json")
 MARKERS = {"lora": "o", "spa_esi": "s", "spa_random": "X", "spa_consensus": "D", "sppft": "^", "rsn_tune": "v",
            "replay": "P", "realign": "*", "full": "h", "spa_full": "H"}  # fmt: skip
 

@@ -67,15 +67,11 @@ SOURCES: dict[str, tuple[str, ...]] = {
         "benchmarks/results/preserve_attempts/sparse_20steps.partial.json",
     ),
     **dict.fromkeys(
-        (
-            "preserve_setup",
-            "preserve_benign",
-            "preserve_verdict",
-            "preserve_claims",
-            "preserve_attack",
-            "readme_preserve",
-        ),
-        ("benchmarks/results/preserve/preserve.json",),
+        ("preserve_setup", "preserve_benign", "preserve_attack"), ("benchmarks/results/preserve/preserve.json",)
+    ),
+    **dict.fromkeys(
+        ("preserve_verdict", "preserve_claims", "readme_preserve"),
+        ("benchmarks/results/preserve_combined/preserve.json",),
     ),
 }
 
@@ -423,6 +419,8 @@ def mutation_check() -> str:
 
 # ------------------------------------------------------------------------------------------- preservation (issue 13)
 PRESERVE = "benchmarks/results/preserve/preserve.json"
+#: the main run pooled with the extra seeds and the full fine-tuning arms (``preserve.py --combine``)
+PRESERVE_COMBINED = "benchmarks/results/preserve_combined/preserve.json"
 ARM_LABELS = {
     "aligned": "aligned model (no fine-tuning)",
     "lora": "plain LoRA",
@@ -436,6 +434,12 @@ ARM_LABELS = {
     "full": "full fine-tuning",
     "spa_full": "SPA full fine-tuning, ESI mask",
 }
+
+
+def _pooled_sources(d: dict[str, Any]) -> str:
+    """``main run + preserve_seeds + preserve_full``: the runs a pooled file was built from."""
+    names = [os.path.basename(os.path.dirname(s["path"])) for s in d["combined_from"]]
+    return " + ".join(f"`{n}`" for n in names)
 
 
 def _ci(x: dict[str, Any] | None) -> str:
@@ -535,29 +539,29 @@ def _by_arm(section: str, path: str = PRESERVE) -> dict[str, list[dict[str, Any]
 
 
 def preserve_verdict() -> str:
-    d = load(PRESERVE)
+    d = load(PRESERVE_COMBINED)
     rows = []
     for arm, v in d["verdict"].items():
-        runs = _by_arm("benign")[arm]
+        runs = _by_arm("benign", PRESERVE_COMBINED)[arm]
         ps = [(r.get("vs_lora") or {}).get("refusal/classifier", {}).get("p_value") for r in runs]
         sig = "-" if arm == "lora" else f"{sum(p is not None and p < 0.05 for p in ps)} of {len(ps)}"
         meets = (
             "reference" if v["meets_default_criterion"] is None else ("yes" if v["meets_default_criterion"] else "no")
         )
-        rows.append([ARM_LABELS.get(arm, arm), str(v["seeds"]), pct(v["refusal"]), num(-100 * v["refusal_drop"], 1),
+        rows.append([ARM_LABELS.get(arm, arm), str(v["seeds"]), pct(v["refusal"]), f"{-100 * v['refusal_drop']:+.1f}",
                      num(v["task_gain"], 3), "-" if v["share_of_lora_gain"] is None else pct(v["share_of_lora_gain"], 0),
                      sig, meets])  # fmt: skip
     base = d["aligned"]["refusal/classifier"]["rate"]
     winners = [ARM_LABELS.get(a, a) for a, v in d["verdict"].items() if v["meets_default_criterion"]]
     head = (
-        f"Mean over seeds; refusal by the classifier judge (aligned model: {pct(base)}); task gain = drop of the "
-        "held-out task loss from the aligned model's; criterion for the default recipe: refusal within 5 points of the "
-        "aligned model and >= 90% of plain LoRA's task gain.\n\n"
+        f"All runs pooled ({_pooled_sources(d)}); mean over seeds; refusal by the classifier judge (aligned model: "
+        f"{pct(base)}); task gain = drop of the held-out task loss from the aligned model's; criterion for the default "
+        "recipe: refusal no more than 5 points below the aligned model's and >= 90% of plain LoRA's task gain.\n\n"
     )
     header = ["arm", "seeds", "refusal", "change vs aligned (points)", "task gain (nats/token)",
               "share of LoRA's gain", "seeds with p < 0.05 vs LoRA (McNemar)", "meets the criterion"]  # fmt: skip
     tail = (
-        f"\n**Arms that meet the criterion: {', '.join(winners)}.**\n"
+        f"\n**Arms that meet the criterion: {', '.join(winners)}.** Mean over its seeds; see below for the spread.\n"
         if winners
         else "\n**No arm meets the criterion**: none keeps refusal within 5 points of the aligned model while reaching "
         "90% of plain LoRA's task gain, so there is no default recipe.\n"
@@ -584,7 +588,7 @@ def _harmful_flags(row: dict[str, Any]) -> list[bool]:
 
 
 def _keeps(arm: str, section: str, threshold: float, lora_drop: float, base: float) -> tuple[str, str]:
-    rows = _by_arm(section)[arm]
+    rows = _by_arm(section, PRESERVE_COMBINED)[arm]
     drop = _drop(rows, base)
     k, n = _sig_vs_lora(rows)
     measured = (
@@ -601,11 +605,11 @@ def _keeps(arm: str, section: str, threshold: float, lora_drop: float, base: flo
 
 
 def preserve_claims() -> str:
-    d = load(PRESERVE)
+    d = load(PRESERVE_COMBINED)
     from peft_safety.evaluation.stats import mcnemar_exact
 
     base = d["aligned"]["refusal/classifier"]["rate"]
-    benign = _by_arm("benign")
+    benign = _by_arm("benign", PRESERVE_COMBINED)
     lora_drop = _drop(benign["lora"], base)
     rows = []
     claims = [("spa_esi", "SPA (ESI mask frozen) keeps safety within 1 point through benign fine-tuning",
@@ -652,7 +656,7 @@ def preserve_claims() -> str:
              else "supported: no freezing arm stays within 5 points" if not kept
              else f"contradicted: {', '.join(ARM_LABELS[a] for a in kept)} stay within 5 points"),
         ])  # fmt: skip
-    attack = _by_arm("attack")
+    attack = _by_arm("attack", PRESERVE_COMBINED)
     if "lora" in attack and "spa_esi" in attack:
         a_lora, a_spa = _drop(attack["lora"], base), _drop(attack["spa_esi"], base)
         prevented = None if a_lora >= 0 else 1 - a_spa / a_lora
@@ -776,10 +780,10 @@ def preserve_seeds() -> str:
 
 
 def readme_preserve() -> str:
-    d = load(PRESERVE)
+    d = load(PRESERVE_COMBINED)
     base = d["aligned"]["refusal/classifier"]["rate"]
-    benign, attack = _by_arm("benign"), _by_arm("attack")
-    total = sum(d["timings"].values()) / 60
+    benign, attack = _by_arm("benign", PRESERVE_COMBINED), _by_arm("attack", PRESERVE_COMBINED)
+    minutes = [s["stage_seconds"] / 60 for s in d["combined_from"]]
 
     def arm(name: str, rows: dict[str, list[dict[str, Any]]]) -> str:
         v = d["verdict"].get(name) if rows is benign else None
@@ -797,10 +801,11 @@ def readme_preserve() -> str:
     best = max(others, key=lambda a: _mean_refusal(benign[a]))
     winners = [ARM_LABELS[a] for a, v in d["verdict"].items() if v["meets_default_criterion"]]
     text = (
-        f"On the aligned Qwen2.5-Coder-0.5B-Instruct (reduced protocol, {total:.0f} min on 2 CPU cores, "
-        f"`docs/results.md`, `benchmarks/results/preserve/preserve.json`; {d['data']['n_harmful']} held-out HarmBench "
+        f"On the aligned Qwen2.5-Coder-0.5B-Instruct (reduced protocol on 2 CPU cores: {minutes[0]:.0f} min for the "
+        f"main run, {sum(minutes[1:]):.0f} min more for extra seeds and full fine-tuning; `docs/results.md`, "
+        f"`{PRESERVE_COMBINED}`; {d['data']['n_harmful']} held-out HarmBench "
         f"prompts, classifier judge), the aligned model refuses {pct(base, 0)}. After {d['config']['steps']} steps "
-        f"of benign LoRA fine-tuning: {arm('lora', benign)}; " + "; ".join(arm(a, benign) for a in others) + ". "
+        f"of benign fine-tuning: {arm('lora', benign)}; " + "; ".join(arm(a, benign) for a in others) + ". "
         + (f"The arm that keeps the most refusal is {ARM_LABELS[best]}"
            + (", the control, not an identified mask. " if best == "spa_random" else ". "))
         + (f"Arms meeting the default-recipe criterion (refusal within 5 points, >= 90% of LoRA's task gain): "

@@ -108,6 +108,7 @@ PRESERVE = ROOT / "benchmarks" / "results" / "preserve" / "preserve.json"
 
 PRESERVE_FULL = ROOT / "benchmarks" / "results" / "preserve_full" / "preserve.json"
 PRESERVE_SEEDS = ROOT / "benchmarks" / "results" / "preserve_seeds" / "preserve.json"
+PRESERVE_COMBINED = ROOT / "benchmarks" / "results" / "preserve_combined" / "preserve.json"
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +116,14 @@ def preserve():
     return json.loads(PRESERVE.read_text(encoding="utf-8"))
 
 
-@pytest.fixture(scope="module", params=[PRESERVE, PRESERVE_FULL, PRESERVE_SEEDS], ids=["main", "full", "seeds"])
+@pytest.fixture(
+    scope="module",
+    params=[PRESERVE, PRESERVE_FULL, PRESERVE_SEEDS, PRESERVE_COMBINED],
+    ids=["main", "full", "seeds", "combined"],
+)
 def preserve_run(request):
-    """Each committed run of the protocol: the main one, the full fine-tuning one and the extra seeds."""
+    """Each committed run of the protocol (the main one, the full fine-tuning one, the extra seeds) and the pooled
+    file."""
     return json.loads(request.param.read_text(encoding="utf-8"))
 
 
@@ -172,10 +178,21 @@ def test_preservation_verdict_follows_from_the_rows(preserve_run):
         assert v["seeds"] == len(rows) and v["refusal"] == pytest.approx(rate)
         if arm != "lora":
             assert v["meets_default_criterion"] == (base_rate - rate <= 0.05 and gain / lora_gain >= 0.9), arm
-    winners = [a for a, v in preserve_run["verdict"].items() if v["meets_default_criterion"]]
-    recipes = (ROOT / "docs" / "recipes.md").read_text(encoding="utf-8")
+
+
+def test_recipes_follow_the_pooled_verdict():
+    """docs/recipes.md states the verdict of the pooled runs: the winning arm as the documented default recipe, or
+    that none meets the criterion."""
+    pooled = json.loads(PRESERVE_COMBINED.read_text(encoding="utf-8"))
+    winners = [a for a, v in pooled["verdict"].items() if v["meets_default_criterion"]]
+    recipes = " ".join((ROOT / "docs" / "recipes.md").read_text(encoding="utf-8").split())
+    labels = {"replay": "LoRA + safety replay", "realign": "post-hoc realignment", "spa_esi": "SPA-LoRA"}
     if not winners:
         assert "No arm meets the criterion" in recipes
+    else:
+        assert "No arm meets the criterion" not in recipes
+        for arm in winners:
+            assert f"Default recipe: {labels.get(arm, arm)}" in recipes, arm
 
 
 def test_preservation_run_is_the_reduced_protocol_within_budget(preserve):
@@ -198,9 +215,9 @@ def test_preservation_run_is_the_reduced_protocol_within_budget(preserve):
 
 
 def test_preservation_plot_is_committed_and_shown():
-    png = ROOT / "benchmarks" / "results" / "preserve" / "preserve.png"
+    png = ROOT / "benchmarks" / "results" / "preserve_combined" / "preserve.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "preserve/preserve.png" in (ROOT / "docs" / "results.md").read_text(encoding="utf-8")
+    assert "preserve_combined/preserve.png" in (ROOT / "docs" / "results.md").read_text(encoding="utf-8")
 
 
 def test_preservation_masked_arms_kept_their_mask_exactly(preserve_run):
@@ -227,22 +244,29 @@ def _mcnemar_p(a, b):
 
 def test_preservation_prose_quotes_the_result_file(preserve):
     """The hand-written findings in docs/results.md, docs/recipes.md and the README quote numbers; each one is
-    recomputed here from preserve.json and the JSONL, so the prose cannot drift from the committed run."""
+    recomputed here from the committed JSON and JSONL, so the prose cannot drift from the committed runs."""
     docs = {
         name: (ROOT / name).read_text(encoding="utf-8") for name in ("docs/results.md", "docs/recipes.md", "README.md")
     }
-    prose = " ".join(" ".join(text.split()) for text in docs.values())  # line breaks do not matter
+    # line breaks and block-quote markers do not matter
+    prose = " ".join(" ".join(re.sub(r"(?m)^> ?", "", text).split()) for text in docs.values())
+    pooled = json.loads(PRESERVE_COMBINED.read_text(encoding="utf-8"))
     base = preserve["aligned"]
-    rows = {}
+    rows, all_rows = {}, {}
     for row in preserve["benign"]:
         rows.setdefault(row["arm"], {})[row["seed"]] = row
+    for row in pooled["benign"]:
+        all_rows.setdefault(row["arm"], {})[row["seed"]] = row
     attack = {r["arm"]: r for r in preserve["attack"]}
 
-    def mean_rate(arm, key="refusal/classifier", section=rows):
-        return sum(r[key]["rate"] for r in section[arm].values()) / len(section[arm])
+    def mean(arm, key="refusal/classifier", table=all_rows):
+        return sum(r[key]["rate"] for r in table[arm].values()) / len(table[arm])
+
+    def mean_of(arm, get):
+        return sum(get(r) for r in all_rows[arm].values()) / len(all_rows[arm])
 
     def drop(arm):
-        return 100 * (mean_rate(arm) - base["refusal/classifier"]["rate"])
+        return 100 * (mean(arm) - base["refusal/classifier"]["rate"])
 
     def flags(row, judge):
         path = ROOT / row["generations"]
@@ -252,61 +276,87 @@ def test_preservation_prose_quotes_the_result_file(preserve):
     def pct(x):
         return f"{100 * x:.0f}%"
 
+    def share(arm):
+        return f"{100 * pooled['verdict'][arm]['share_of_lora_gain']:.0f}%"
+
     lora0 = rows["lora"][0]
+    replay = sorted(r["refusal/classifier"]["rate"] for r in all_rows["replay"].values())
+    lookalike = "over_refusal_lookalike/classifier"
+    freezing_runs = [r for r in preserve["benign"] + preserve["attack"]
+                     if r["arm"] in {"spa_esi", "spa_random", "spa_consensus", "sppft", "rsn_tune"}]  # fmt: skip
+    assert all(r["masked_entries_moved"] == 0 for r in freezing_runs)
     expected = [
-        f"-{-drop('spa_esi'):.1f} points against LoRA's -{-drop('lora'):.1f}",
-        f"consensus -{-drop('spa_consensus'):.1f}, RSN-Tune -{-drop('rsn_tune'):.1f}, SPPFT -{-drop('sppft'):.1f}",
-        f"({pct(mean_rate('spa_random'))} vs {pct(mean_rate('spa_esi'))} on average",
-        f"closest arm to the aligned model (-{-drop('spa_random'):.1f} points)",
-        f"lost {-drop('spa_esi'):.1f} points, as much as plain LoRA ({-drop('lora'):.1f})",
-        f"replay {pct(mean_rate('replay'))}, post-hoc realignment {pct(mean_rate('realign'))}",
-        f"after merging (`masked_entries_moved` = 0 in all "
-        f"{sum(r['arm'] in {'spa_esi', 'spa_random', 'spa_consensus', 'sppft', 'rsn_tune'} for r in preserve['benign'] + preserve['attack'])}"
-        " freezing runs)",
+        # replay, pooled over its three seeds
+        f"kept a mean {100 * mean('replay'):.1f}% refusal over three seeds (the aligned model: "
+        f"{pct(base['refusal/classifier']['rate'])})",
+        f"with {mean_of('replay', lambda r: r['harmful_labels']['refusal']):.1f} explicit refusals of 100 (aligned: "
+        f"{base['harmful_labels']['refusal']}) and {mean_of('replay', lambda r: r['harmful_labels']['compliant']):.1f} "
+        f"compliant answers (aligned: {base['harmful_labels']['compliant']}; plain LoRA: "
+        f"{mean_of('lora', lambda r: r['harmful_labels']['compliant']):.1f})",
+        f"at {share('replay')} of LoRA's task gain",
+        f"Its spread is wide: {pct(replay[0])} in seed 0",
+        f"explicit refusals still {all_rows['replay'][0]['harmful_labels']['refusal']} against LoRA's "
+        f"{lora0['harmful_labels']['refusal']}, keyword judge p = "
+        f"{_mcnemar_p(flags(all_rows['replay'][0], 'wei2024'), flags(lora0, 'wei2024')):.2g})",
+        f"and {pct(replay[-1])} in seeds 1 and 2",
+        f"refusing {100 * mean('replay', lookalike):.1f}% of the safe look-alike prompts on average (plain LoRA: "
+        f"{100 * mean('lora', lookalike):.1f}%; the aligned model: {pct(base[lookalike]['rate'])})",
+        f"a mean refusal of {pct(mean('replay'))} over 3 seeds at {share('replay')} of LoRA's task gain, against plain "
+        f"LoRA's {pct(mean('lora'))}",
+        f"Its seeds range from {pct(replay[0])} to {pct(replay[-1])}",
+        f"({pct(mean('replay', lookalike))} vs LoRA's {pct(mean('lora', lookalike))})",
+        # freezing
+        f"(`masked_entries_moved` = 0 in all {len(freezing_runs)} freezing runs)",
+        f"SPA-LoRA with the ESI 1% mask -{-drop('spa_esi'):.1f} points against LoRA's -{-drop('lora'):.1f}",
+        f"consensus -{-drop('spa_consensus'):.1f}, RSN-Tune -{-drop('rsn_tune'):.1f}, SPPFT -{-drop('sppft'):.1f}, and "
+        f"the random 1% mask -{-drop('spa_random'):.1f}",
+        f"lost {-drop('spa_esi'):.1f} points, more than plain LoRA ({-drop('lora'):.1f})",
+        f"SPA-LoRA with the ESI 1% mask {pct(mean('spa_esi'))}, with a random 1% mask {pct(mean('spa_random'))} (3 "
+        f"seeds each), a consensus mask {pct(mean('spa_consensus'))}, SPPFT {pct(mean('sppft'))}, RSN-Tune "
+        f"{pct(mean('rsn_tune'))}; post-hoc realignment {pct(mean('realign'))} (3 seeds); full fine-tuning "
+        f"{pct(mean('full'))} with or without the mask",
+        f"kept no more refusal ({pct(mean('spa_consensus'))}) than the single ESI mask",
+        f"({share('spa_esi')} of LoRA's task gain with the ESI mask)",
+        # realignment, pooled
+        f"kept a mean {100 * mean('realign'):.1f}% refusal over three seeds (plain LoRA: {100 * mean('lora'):.1f}%) "
+        f"and gave up {100 - 100 * pooled['verdict']['realign']['share_of_lora_gain']:.0f}% of the task gain",
+        f"(mean {pct(mean('realign'))} over 3 seeds, plain LoRA {pct(mean('lora'))}) and cost "
+        f"{100 - 100 * pooled['verdict']['realign']['share_of_lora_gain']:.0f}% of the task gain",
+        f"(keyword judge {pct(rows['realign'][0]['refusal/wei2024']['rate'])} vs "
+        f"{pct(lora0['refusal/wei2024']['rate'])}, p = "
+        f"{_mcnemar_p(flags(rows['realign'][0], 'wei2024'), flags(lora0, 'wei2024')):.1g})",
+        f"compliant answers rose too ({rows['realign'][0]['harmful_labels']['compliant']} vs "
+        f"{lora0['harmful_labels']['compliant']})",
     ]
-    # the ESI-vs-random seed where the difference is significant
-    ps = {
-        s: _mcnemar_p(flags(rows["spa_esi"][s], "classifier"), flags(rows["spa_random"][s], "classifier"))
-        for s in rows["spa_esi"]
-    }
-    significant = [p for p in ps.values() if p < 0.05]
-    expected.append(f"significant in one seed, p = {significant[0]:.2g}" if len(significant) == 1 else "UNEXPECTED")
-    assert all(
+    # below LoRA in every seed, significantly in none
+    esi_vs_lora = [rows["spa_esi"][s]["vs_lora"]["refusal/classifier"] for s in rows["spa_esi"]]
+    assert all(t["difference"] < 0 for t in esi_vs_lora) and all(t["p_value"] >= 0.05 for t in esi_vs_lora)
+    # the ESI mask against the random one, seed by seed
+    ps = {s: _mcnemar_p(flags(rows["spa_esi"][s], "classifier"), flags(rows["spa_random"][s], "classifier"))
+          for s in rows["spa_esi"]}  # fmt: skip
+    more = sum(
         rows["spa_random"][s]["refusal/classifier"]["k"] > rows["spa_esi"][s]["refusal/classifier"]["k"] for s in ps
     )
+    significant = [p for p in ps.values() if p < 0.05]
+    assert len(significant) == 1
+    expected.append(f"({pct(mean('spa_random'))} vs {pct(mean('spa_esi'))} on average; more in {more} of 3 seeds, "
+                    f"significant in one, p = {significant[0]:.2g})")  # fmt: skip
     # the seed effect, on explicit refusals
     freezing = ("lora", "spa_esi", "spa_random", "spa_consensus", "sppft", "rsn_tune")
     seed0 = [rows[a][0]["harmful_labels"]["refusal"] for a in freezing if 0 in rows[a]]
     later = [rows[a][s]["harmful_labels"]["refusal"] for a in freezing for s in rows[a] if s != 0]
     expected += [f"{min(seed0)}-{max(seed0)} explicit refusals of 100 (the aligned model: {base['harmful_labels']['refusal']})",
                  f"seeds 1 and 2 they kept {min(later)}-{max(later)}"]  # fmt: skip
-    # replay and realignment against LoRA of the same seed
-    rep, rea = rows["replay"][0], rows["realign"][0]
-    p_rep = _mcnemar_p(flags(rep, "wei2024"), flags(lora0, "wei2024"))
-    p_rea = _mcnemar_p(flags(rea, "wei2024"), flags(lora0, "wei2024"))
-    expected += [
-        f"kept {rep['harmful_labels']['refusal']} explicit refusals of 100 against LoRA's {lora0['harmful_labels']['refusal']}",
-        f"{pct(rep['refusal/wei2024']['rate'])} vs {pct(lora0['refusal/wei2024']['rate'])}, McNemar p = {p_rep:.2g}",
-        f"fell from {lora0['harmful_labels']['compliant']} to {rep['harmful_labels']['compliant']}",
-        f"({pct(rep['over_refusal_lookalike/classifier']['rate'])} vs LoRA's "
-        f"{pct(lora0['over_refusal_lookalike/classifier']['rate'])}; the aligned model: "
-        f"{pct(base['over_refusal_lookalike/classifier']['rate'])})",
-        f"({pct(rep['refusal/classifier']['rate'])}, -{-drop('replay'):.1f} points)",
-        f"{pct(rea['refusal/wei2024']['rate'])} vs {pct(lora0['refusal/wei2024']['rate'])}, p = {p_rea:.1g}",
-        f"({rea['harmful_labels']['compliant']} vs {lora0['harmful_labels']['compliant']})",
-        f"lowest of all arms ({pct(rea['refusal/classifier']['rate'])})",
-    ]
     # task gains and the attack
     gains = [base["task_loss"] - r["task_loss"] for arm in rows.values() for r in arm.values()]
-    lora_gain = sum(base["task_loss"] - r["task_loss"] for r in rows["lora"].values()) / len(rows["lora"])
-    realign_share = (base["task_loss"] - rea["task_loss"]) / lora_gain
     expected += [
         f"fell by {min(gains):.2f}-{max(gains):.2f} nats/token in every arm",
-        f"gave up {100 * (1 - realign_share):.0f}% of the task gain",
         f"from {pct(base['refusal/classifier']['rate'])} refusal to {pct(attack['lora']['refusal/classifier']['rate'])} "
         f"under plain LoRA",
         f"({pct(attack['spa_esi']['refusal/classifier']['rate'])}; McNemar p = "
         f"{_mcnemar_p(flags(attack['spa_esi'], 'classifier'), flags(attack['lora'], 'classifier')):.2g} against LoRA",
+        f"took refusal from {pct(base['refusal/classifier']['rate'])} to {pct(attack['lora']['refusal/classifier']['rate'])} "
+        f"under LoRA and to {pct(attack['spa_esi']['refusal/classifier']['rate'])} with the ESI mask frozen",
     ]
 
     # the format the fine-tuned models picked up: a leading quotation mark (fiqa's answers), except under replay
@@ -319,11 +369,24 @@ def test_preservation_prose_quotes_the_result_file(preserve):
         k, n = quote_openings(row)
         assert (k > n / 2) == (row["arm"] != "replay"), (row["arm"], row["seed"], k, n)
     expected.append(f"(the aligned model: {quote_openings(base)[0]} of {quote_openings(base)[1]} quote openings)")
+    # how often the keyword judge and the classifier agree on the direction of an arm's difference from LoRA
+    agree = same_zero = n_cmp = 0
+    for row in preserve["benign"]:
+        if row["arm"] == "lora":
+            continue
+        ref = rows["lora"][row["seed"]]
+        dc = row["refusal/classifier"]["k"] - ref["refusal/classifier"]["k"]
+        dw = row["refusal/wei2024"]["k"] - ref["refusal/wei2024"]["k"]
+        n_cmp += 1
+        agree += dc * dw > 0
+        same_zero += dc != 0 and dw == 0
+    expected.append(f"Of the {n_cmp} comparisons with plain LoRA of the same seed, the two judges agree on the sign "
+                    f"in {agree} (in {same_zero} more the keyword judge sees no difference)")  # fmt: skip
     first, last = preserve["masks"]["sppft"]["range"]
     assert first == last  # the prose calls it a single layer
     expected.append(f"a single layer (layer {first} of 24)")
     missing = [phrase for phrase in expected if phrase not in prose]
-    assert not missing, f"prose no longer matches preserve.json: {missing}"
+    assert not missing, f"prose no longer matches the committed runs: {missing}"
 
 
 def test_full_finetuning_run_reproduces_the_main_run_and_its_prose(preserve):
@@ -372,3 +435,19 @@ def test_full_finetuning_run_reproduces_the_main_run_and_its_prose(preserve):
     )
     missing = [phrase for phrase in expected if phrase not in prose]
     assert not missing, f"prose no longer matches preserve_full/preserve.json: {missing}"
+
+
+def test_pooled_file_is_built_from_the_committed_runs():
+    """The pooled file names its sources with their sha256: they must be the committed files as they are now (a
+    rerun of one source without `--combine` again would leave the docs' verdict stale), and it holds every run of
+    every source."""
+    import hashlib
+
+    pooled = json.loads(PRESERVE_COMBINED.read_text(encoding="utf-8"))
+    keys = set()
+    for source in pooled["combined_from"]:
+        path = ROOT / source["path"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == source["sha256"], f"{path} changed: run --combine"
+        run = json.loads(path.read_text(encoding="utf-8"))
+        keys |= {(s, r["arm"], r["seed"]) for s in ("benign", "attack") for r in run[s]}
+    assert {(s, r["arm"], r["seed"]) for s in ("benign", "attack") for r in pooled[s]} == keys
