@@ -808,7 +808,8 @@ def readme_preserve() -> str:
         f"of benign fine-tuning: {arm('lora', benign)}; " + "; ".join(arm(a, benign) for a in others) + ". "
         + (f"The arm that keeps the most refusal is {ARM_LABELS[best]}"
            + (", the control, not an identified mask. " if best == "spa_random" else ". "))
-        + (f"Arms meeting the default-recipe criterion (refusal within 5 points, >= 90% of LoRA's task gain): "
+        + (f"Arms meeting the default-recipe criterion (refusal no more than 5 points below the aligned model's, >= 90% "
+            f"of LoRA's task gain): "
            f"{', '.join(winners)}. " if winners else
            "No arm keeps refusal within 5 points of the aligned model while reaching 90% of plain LoRA's task gain. ")
         + ("Under a harmful fine-tuning attack: " + "; ".join(arm(a, attack) for a in attack) + "." if attack else "")
