@@ -668,9 +668,9 @@ _COMBINE_IGNORED = (*_RESUME_IGNORED, "arms", "seeds", "multi_seed_arms", "attac
 
 
 def _file_sha256(path: Path) -> str:
-    import hashlib
+    from peft_safety.sources.offline import sha256_file
 
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return sha256_file(path)
 
 
 def _generations_path(row: dict[str, Any]) -> Path:

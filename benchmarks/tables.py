@@ -60,8 +60,15 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "bench_set_adapter": ("benchmarks/results/set_adapter.json",),
     "bench_masked_lora": ("benchmarks/results/masked_lora.json",),
     "mutation_check": ("benchmarks/results/mutation_check.json",),
-    "preserve_full": ("benchmarks/results/preserve_full/preserve.json", "benchmarks/results/preserve/preserve.json"),
-    "preserve_seeds": ("benchmarks/results/preserve_seeds/preserve.json", "benchmarks/results/preserve/preserve.json"),
+    "preserve_full": (
+        "benchmarks/results/preserve_full/preserve.json",
+        "benchmarks/results/preserve_combined/preserve.json",
+    ),
+    "preserve_seeds": (
+        "benchmarks/results/preserve_seeds/preserve.json",
+        "benchmarks/results/preserve/preserve.json",
+        "benchmarks/results/preserve_combined/preserve.json",
+    ),
     "preserve_attempts": (
         "benchmarks/results/preserve_attempts/dense_20steps.partial.json",
         "benchmarks/results/preserve_attempts/sparse_20steps.partial.json",
@@ -672,33 +679,32 @@ def preserve_claims() -> str:
 PRESERVE_FULL = "benchmarks/results/preserve_full/preserve.json"
 
 
-def _generations(row: dict[str, Any]) -> list[tuple[str, str, str]]:
-    with open(os.path.join(ROOT, row["generations"]), encoding="utf-8") as fh:
-        records = [json.loads(line) for line in fh if line.strip()]
-    return [(r["set"], r["prompt"], r["response"]) for r in records]
+def _identical_to_other_runs(path: str) -> str:
+    """What ``--combine`` verified of the run in ``path`` against the other pooled runs (it refuses to pool runs whose
+    settings, judge, masks, aligned generations or shared runs differ)."""
+    pooled = load(PRESERVE_COMBINED)
+    mine = load(path)
+    keys = {f"{sec} {r['arm']} seed {r['seed']}" for sec in ("benign", "attack") for r in mine[sec]}
+    shared = [k for k in pooled["checks"]["shared_runs_identical"] if k in keys]
+    return (
+        "`preserve.py --combine` checked that its aligned model's generations, its masks"
+        + (f" and its shared runs ({', '.join(shared)})" if shared else "")
+        + " are identical to the other runs'"
+    )
 
 
 def preserve_full() -> str:
     """The full fine-tuning arms (a separate run: plain LoRA seed 0 again as the reference), and whether the rows
     this run shares with the main run came out identical."""
-    d, main = load(PRESERVE_FULL), load(PRESERVE)
+    d = load(PRESERVE_FULL)
     c = d["config"]
     base = d["aligned"]["refusal/classifier"]["rate"]
-    same = []
-    lora = next(r for r in main["benign"] if r["arm"] == "lora" and r["seed"] == 0)
-    for ours, theirs in ((d["aligned"], main["aligned"]), (_by_arm("benign", PRESERVE_FULL)["lora"][0], lora)):
-        a, b = _generations(ours), _generations(theirs)
-        same.append((sum(x == y for x, y in zip(a, b, strict=True)), len(a)))
-    digest_same = d["masks"]["esi"]["digest"] == main["masks"]["esi"]["digest"]
     head = (
         f"Full fine-tuning updates every weight: {c['steps']} steps at lr {c['full_lr']} constant (LoRA: "
         f"{c['lr']}), batch {c['batch_size']}, {c['max_length']} tokens, seed {c['seeds']}, AdamW without weight "
         'decay; SPA full fine-tuning freezes the ESI 1% mask\'s entries (`safety_mode="freeze"`). A separate run '
         f"({sum(d['timings'].values()) / 60:.0f} min of stage time) with plain LoRA (seed {c['seeds']}) again as the "
-        "reference; its aligned model and LoRA gave the same generations as the main run in "
-        f"{same[0][0]} of {same[0][1]} and {same[1][0]} of {same[1][1]} prompts, and its ESI mask is "
-        + ("bit-identical (same digest)." if digest_same else "**not** identical (digests differ).")
-        + "\n\n"
+        f"reference; {_identical_to_other_runs(PRESERVE_FULL)}.\n\n"
     )
     verdict = []
     for arm in ("full", "spa_full"):
@@ -726,25 +732,12 @@ def preserve_full() -> str:
 PRESERVE_SEEDS = "benchmarks/results/preserve_seeds/preserve.json"
 
 
-def _seeds_runs() -> dict[str, dict[int, dict[str, Any]]]:
-    """``{arm: {seed: row}}`` for the arms of the extra-seeds run, seed 0 taken from the main run."""
-    out: dict[str, dict[int, dict[str, Any]]] = {}
-    extra = load(PRESERVE_SEEDS)
-    arms = {r["arm"] for r in extra["benign"]}
-    for r in load(PRESERVE)["benign"] + extra["benign"]:
-        if r["arm"] in arms:
-            out.setdefault(r["arm"], {}).setdefault(r["seed"], r)
-    return out
-
-
 def preserve_seeds() -> str:
-    """Replay and realignment over three seeds (seed 0 from the main run, seeds 1-2 from a second run), each against
-    plain LoRA of the same seed; and whether the LoRA rows both runs hold came out identical."""
+    """Plain LoRA, replay and realignment over every seed of the pooled runs (seed 0 from the main run, seeds 1-2 from
+    the extra-seeds run), each against plain LoRA of the same seed."""
     main, extra = load(PRESERVE), load(PRESERVE_SEEDS)
-    runs = _seeds_runs()
-    main_lora = {r["seed"]: r for r in main["benign"] if r["arm"] == "lora"}
-    extra_lora = {r["seed"]: r for r in extra["benign"] if r["arm"] == "lora"}
-    same = [(s, _generations(extra_lora[s]) == _generations(main_lora[s])) for s in sorted(extra_lora)]
+    pooled = _by_arm("benign", PRESERVE_COMBINED)
+    runs = {arm: {r["seed"]: r for r in pooled[arm]} for arm in ("lora", "replay", "realign") if arm in pooled}
     rows = []
     for arm in ("lora", "replay", "realign"):
         if arm not in runs:
@@ -762,12 +755,11 @@ def preserve_seeds() -> str:
                      pct(mean(r["refusal/wei2024"]["rate"] for r in rs), 1),
                      pct(mean(r["over_refusal_lookalike/classifier"]["rate"] for r in rs), 1),
                      f"{mean(r['task_loss'] for r in rs):.3f}", "", ""])  # fmt: skip
+    extra_seeds = sorted({r["seed"] for r in extra["benign"]})
     head = (
-        f"Seed 0 from the main run, seeds {', '.join(str(s) for s in sorted(extra_lora))} from a second run "
-        f"({sum(extra['timings'].values()) / 60:.0f} min of stage time) with the same settings; its plain LoRA rows "
-        + ("came out identical to the main run's (every generation) for seeds "
-           + ", ".join(str(s) for s, ok in same) + "." if all(ok for _, ok in same)
-           else "**differ** from the main run's for seeds " + ", ".join(str(s) for s, ok in same if not ok) + ".")
+        f"Seed 0 from the main run, seeds {', '.join(map(str, extra_seeds))} from a second run "
+        f"({sum(extra['timings'].values()) / 60:.0f} min of stage time) with the same settings; "
+        + _identical_to_other_runs(PRESERVE_SEEDS) + "."
         + " Aligned model: classifier refusal " + pct(main["aligned"]["refusal/classifier"]["rate"], 0)
         + f", {main['aligned']['harmful_labels']['refusal']} explicit refusals, keyword refusal "
         + pct(main["aligned"]["refusal/wei2024"]["rate"], 0) + ", look-alike over-refusal "
