@@ -524,12 +524,12 @@ def test_validate_errors(tiny_llama):
     with pytest.raises(ValueError, match="fingerprint mismatch for 1 parameter"):
         m.validate(changed)
     with pytest.warns(UserWarning, match="fingerprint mismatch"):
-        m.validate(changed, fingerprint="warn")
+        m.validate(changed, fingerprint_check="warn")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        m.validate(changed, fingerprint="ignore")
-    with pytest.raises(ValueError, match="fingerprint='maybe' is invalid"):
-        m.validate(sd, fingerprint="maybe")
+        m.validate(changed, fingerprint_check="ignore")
+    with pytest.raises(ValueError, match="fingerprint_check='maybe' is not valid"):
+        m.validate(sd, fingerprint_check="maybe")
     with pytest.raises(TypeError, match="named_parameters"):
         m.validate([1, 2])
 
