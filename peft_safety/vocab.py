@@ -124,7 +124,12 @@ def layer_index(name: str) -> int | None:
 
 # ------------------------------------------------------------------------------------------------------------ checks
 def did_you_mean(
-    value: Any, choices: Iterable[str] | Mapping[str, str], *, n: int = 1, available: bool = True
+    value: Any,
+    choices: Iterable[str],
+    *,
+    n: int = 1,
+    available: bool = True,
+    aliases: Mapping[str, str] | None = None,
 ) -> str:
     """The hint an error about an unknown name ends with: ``" Did you mean 'x'? Available: 'a', 'b'."``.
 
@@ -134,12 +139,13 @@ def did_you_mean(
 
     Args:
         value: what the user gave.
-        choices: the valid names, or a mapping ``{spelling: name}`` whose keys are matched and whose values are
-            suggested and listed (aliases that resolve to a name).
+        choices: the valid names (a mapping gives its keys).
         n: how many close matches to suggest.
-        available: append the list of every choice (the distinct names of a mapping).
+        available: append the list of every choice.
+        aliases: other spellings ``{alias: name}`` that are matched too; the name they stand for is suggested.
     """
-    spellings = dict(choices) if isinstance(choices, Mapping) else {c: c for c in choices}
+    names = list(choices)
+    spellings = {**{c: c for c in names}, **(aliases or {})}
     close: list[str] = []
     if isinstance(value, str):
         close = [c for c in spellings if c.endswith("." + value) or value.endswith("." + c)]
@@ -147,7 +153,7 @@ def did_you_mean(
     suggested = list(dict.fromkeys(spellings[c] for c in close))[:n]
     hint = f" Did you mean {', '.join(repr(c) for c in suggested)}?" if suggested else ""
     if available:
-        hint += f" Available: {', '.join(repr(c) for c in dict.fromkeys(spellings.values()))}."
+        hint += f" Available: {', '.join(repr(c) for c in names)}."
     return hint
 
 

@@ -224,8 +224,8 @@ class SafetyReplay(Protection):
             )
         seed = getattr(args, "safety_replay_seed", None)
         seed = int(getattr(args, "seed", 0) if seed is None else seed)
-        mixed, flags = mix_replay(train_dataset, replay, ratio, seed=seed, return_sources=True)
-        self.mixed = sum(flags)
+        mixed = mix_replay(train_dataset, replay, ratio, seed=seed)
+        self.mixed = len(mixed) - len(train_dataset)
         return mixed
 
     def state(self) -> dict[str, Any]:
