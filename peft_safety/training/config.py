@@ -62,8 +62,10 @@ class SafetySFTConfig(SFTConfig):
     > Safety replay (no mask needed; see `peft_safety.training.replay`)
 
     safety_replay_dataset (`str` or `None`, defaults to `None`):
-        A ``.json``/``.jsonl`` file or Hub data set id of refusal rows (prompt + response) to mix into the training
-        set (rows or a Dataset can be given to the trainer directly: ``SafetySFTTrainer(safety_replay_dataset=rows)``).
+        Refusal rows (prompt + response) to mix into the training set: an offline data set name such as
+        ``uncensorbench_refusal``, a ``.json``/``.jsonl``/``.csv`` file or a Hub data set id, read by
+        `peft_safety.sources.datasets.load_rows` (rows or a Dataset can be given to the trainer directly:
+        ``SafetySFTTrainer(safety_replay_dataset=rows)``).
     safety_replay_ratio (`float`, defaults to `0.0`):
         Share of replay rows in the training stream, in ``[0, 1)``: ``round(N * r / (1 - r))`` replay rows are
         spread evenly among the ``N`` task rows.
@@ -116,8 +118,8 @@ class SafetySFTConfig(SFTConfig):
     safety_replay_dataset: str | None = field(
         default=None,
         metadata={
-            "help": "Refusal rows to mix into the training set: a .json/.jsonl file, a Hub data set id, or (through "
-            "`peft-safety train` and examples/sft_safety.py) an offline data set name such as uncensorbench_refusal."
+            "help": "Refusal rows to mix into the training set: an offline data set name such as "
+            "uncensorbench_refusal, a .json/.jsonl/.csv file, or a Hub data set id."
         },
     )
     safety_replay_ratio: float = field(
