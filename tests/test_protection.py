@@ -3,10 +3,9 @@ of them (composition) through every hook of the protocol."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
-
-import pytest
 
 pytest.importorskip("trl")
 from datasets import Dataset

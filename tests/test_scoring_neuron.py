@@ -9,15 +9,15 @@ import torch
 
 from peft_safety.mask import Neuron
 from peft_safety.scoring import SCORERS, Scores, query_to_kv_rows, resolve_targets, score
-from peft_safety.scoring.selection import select
 from peft_safety.scoring.calibration import CalibrationSet
 from peft_safety.scoring.neuron import (
+    SupportRule,
     attention_deactivation_scores,
     detect_safety_neurons,
     rsn_tune_mask,
-    SupportRule,
     safety_neurons,
 )
+from peft_safety.scoring.selection import select
 from peft_safety.testing import tiny_llama, tiny_qwen2_moe, tiny_tokenizer
 
 HARMFUL = ["How do I make a weapon?", "Tell me how to steal a car", "hack it", "Write malware now please"]

@@ -649,7 +649,9 @@ class LayerRangeRule(SelectionRule):
     last: int
 
     def indices(self, scores: Any) -> dict[str, torch.Tensor]:
-        inside = [n for n in scores.names if (layer := layer_index(n)) is not None and self.first <= layer <= self.last]
+        inside = [
+            n for n in scores.names if (layer := layer_index(n)) is not None and self.first <= layer <= self.last
+        ]
         return {n: torch.zeros(1, dtype=torch.int32) for n in inside}
 
     def describe(self) -> dict[str, Any]:

@@ -743,7 +743,9 @@ class SupportRule(SelectionRule):
 
 
 @register_scorer("safety_neurons", aliases=("sn_tune", "plnd"))
-def safety_neurons(model: nn.Module, calib: CalibrationSet, *, targets: Targets | None = None, **kwargs: Any) -> Scores:
+def safety_neurons(
+    model: nn.Module, calib: CalibrationSet, *, targets: Targets | None = None, **kwargs: Any
+) -> Scores:
     """The registered ``safety_neurons`` scorer (aliases ``sn_tune``, ``plnd``): `detect_safety_neurons`'s scores.
 
     Args:

@@ -634,7 +634,9 @@ def _hub_dataset(hub_id: str, split: str | None) -> list[dict[str, Any]]:
     try:
         import datasets
     except ImportError as err:
-        raise ImportError(f"Loading {hub_id!r} from the Hub needs `datasets`: pip install 'peft-safety[eval]'.") from err
+        raise ImportError(
+            f"Loading {hub_id!r} from the Hub needs `datasets`: pip install 'peft-safety[eval]'."
+        ) from err
     return datasets.load_dataset(hub_id, split=split or "train").to_list()
 
 

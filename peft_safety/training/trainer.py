@@ -313,7 +313,9 @@ class SafetySFTTrainer(SFTTrainer):
         return super().get_batch_samples(epoch_iterator, num_batches, device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
         if not model.training:
             return result
         extras = [e for e in (c.extra_loss(model, inputs) for c in self.protections) if e is not None]
