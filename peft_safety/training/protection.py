@@ -115,9 +115,9 @@ class Protection:
     # ------------------------------------------------------------------ per step
     def batch_source(self, step: int) -> Iterator[Any] | None:
         """An iterator of collated batches to draw the next optimizer step's batches from instead of the training
-        set, or `None` to keep the training set (the first protection that answers wins). ``step`` counts the
-        optimizer steps already taken. An alternating defense (Lisa) answers with its alignment batches on its
-        alignment steps."""
+        set, or `None` to keep the training set. Every protection is asked at every step; the first that answers
+        wins. ``step`` counts the optimizer steps already taken. An alternating defense (Lisa) answers with its
+        alignment batches on its alignment steps."""
         return None
 
     def extra_loss(self, model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor | None:

@@ -305,12 +305,10 @@ class SafetySFTTrainer(SFTTrainer):
         return model, train_dataloader
 
     def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device):
-        for component in self.protections:
-            source = component.batch_source(self.state.global_step)
-            if source is not None:
-                epoch_iterator = source
-                break
-        return super().get_batch_samples(epoch_iterator, num_batches, device)
+        # every protection is asked (each sees every step); the first that answers supplies this step's batches
+        sources = [c.batch_source(self.state.global_step) for c in self.protections]
+        source = next((s for s in sources if s is not None), None)
+        return super().get_batch_samples(epoch_iterator if source is None else source, num_batches, device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(
