@@ -128,10 +128,8 @@ _EXPORTS: dict[str, str] = {
     "mask_lora_config": "peft_safety.tuner.lora",
     "SafetySFTConfig": "peft_safety.training.config",
     "SafetySFTTrainer": "peft_safety.training.trainer",
-    "FreezerCallback": "peft_safety.training.callbacks",
     "RefusalEvalCallback": "peft_safety.training.callbacks",
     "SafetyDriftCallback": "peft_safety.training.callbacks",
-    "mask_drift_metrics": "peft_safety.training.callbacks",
     "FreezeReport": "peft_safety.training.freeze",
     "FreezeViolationError": "peft_safety.training.freeze",
     "Freezer": "peft_safety.training.freeze",
@@ -140,7 +138,6 @@ _EXPORTS: dict[str, str] = {
     "realign_": "peft_safety.training.realign",
     "reference_snapshot": "peft_safety.training.realign",
     "mix_replay": "peft_safety.training.replay",
-    "SafetyHandle": "peft_safety.training.apply",
     "apply_mask_": "peft_safety.training.apply",
     "MODEL_SOURCES": "peft_safety.sources.models",
     "load_default_model": "peft_safety.sources.models",
@@ -249,13 +246,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .scoring.selection import isolate, select  # noqa: F401
     from .sources.datasets import DATA_SOURCES, assert_disjoint, deduplicate, load_rows  # noqa: F401
     from .sources.models import MODEL_SOURCES, load_default_model, load_model, resolve_model  # noqa: F401
-    from .training.apply import SafetyHandle, apply_mask_  # noqa: F401
-    from .training.callbacks import (  # noqa: F401
-        FreezerCallback,
-        RefusalEvalCallback,
-        SafetyDriftCallback,
-        mask_drift_metrics,
-    )
+    from .training.apply import apply_mask_  # noqa: F401
+    from .training.callbacks import RefusalEvalCallback, SafetyDriftCallback  # noqa: F401
     from .training.config import SafetySFTConfig  # noqa: F401
     from .training.freeze import Freezer, FreezeReport, FreezeViolationError  # noqa: F401
     from .training.realign import RealignCallback, RealignReport, realign_, reference_snapshot  # noqa: F401

@@ -30,9 +30,10 @@ CALIBRATION_DATA = {"peft_safety.scoring.calibration", "peft_safety.scoring.gene
 ALLOWED: dict[str, set[str]] = {
     "mask": set(),
     "analysis": {"mask"},
-    "scoring": {"mask", "analysis.probes"},
+    # the one loader of rows (sources.datasets: named offline sets, files, Hub ids) serves calibration and replay
+    "scoring": {"mask", "analysis.probes", "sources.datasets"},
     "tuner": {"mask"},
-    "training": {"mask", "tuner", "analysis"},
+    "training": {"mask", "tuner", "analysis", "sources.datasets"},
     "evaluation": {"mask", *(m.removeprefix("peft_safety.") for m in CALIBRATION_DATA)},
     "sources": {"tuner"},  # loading a saved adapter needs the SAFETY type registered
     "recipes": {"mask", "analysis", "scoring", "tuner", "training", "evaluation", "sources"},

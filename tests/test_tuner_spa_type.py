@@ -386,19 +386,19 @@ def _plain_lora_forward(monkeypatch):
 
 
 def test_violation_metric_sees_an_unmasked_forward(monkeypatch):
-    from peft_safety.training.callbacks import mask_drift_metrics
+    from peft_safety.analysis.probes import mask_drift
 
     model = tiny_llama(seed=0)
     mask = make_mask(model)
     peft_model = get_masked_lora_model(model, lora(), mask)
     randomise_lora_(peft_model)
     masked = int(sum(int(mask.to_dense(n).sum()) for n in mask.names if not isinstance(mask.granularity_of(n), Layer)))
-    assert mask_drift_metrics(peft_model, mask, "freeze")["safety/violations"] == 0
+    assert mask_drift(peft_model, None, mask, mode="freeze", strict=False)["violations"] == 0
     _plain_lora_forward(monkeypatch)
-    metrics = mask_drift_metrics(peft_model, mask, "freeze")
+    metrics = mask_drift(peft_model, None, mask, mode="freeze", strict=False)
     # the factors are random everywhere, so every masked entry of every adapted module leaks
-    assert metrics["safety/violations"] == masked
-    assert metrics["safety/masked_drift"] > 0
+    assert metrics["violations"] == masked
+    assert metrics["masked_relative"] > 0
 
 
 def test_verify_safety_sees_an_unmasked_forward(tmp_path, monkeypatch):
