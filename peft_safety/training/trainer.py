@@ -305,7 +305,7 @@ class SafetySFTTrainer(SFTTrainer):
             )
         self._check_lora(model, peft_config)
         try:
-            from ..tuner.lora import get_masked_lora_model
+            from ..tuner import get_masked_lora_model
         except ImportError as err:
             raise ImportError(
                 "SPA with LoRA needs peft_safety.tuner.lora.get_masked_lora_model (the masked LoRA), which this install "
