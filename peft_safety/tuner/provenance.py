@@ -23,7 +23,8 @@ that travel with a saved adapter, and the check that runs when it is loaded:
 * `record_base(config, model, names)` / `check_base(config, model)`: what both tuners do with these records when an
   adapter is created from a mask and when a saved one is loaded.
 * `ProvenanceConfigMixin`: the provenance fields of both adapter configs, and their loader-chosen
-  ``fingerprint_check`` (the project's one spelling of the policy, `peft_safety.vocab.FINGERPRINT_POLICIES`).
+  ``fingerprint_check`` (the project's one spelling of the policy, `peft_safety.vocab.FINGERPRINT_POLICIES`);
+  `mask_attribute`: both configs' ``mask`` attribute, which also records where the mask came from (``mask_source``).
 
 What the fingerprint cannot see: quantised base weights (bitsandbytes 4/8-bit: the stored integers are not the float
 values), weights on the ``meta`` device and sharded weights (FSDP2 ``DTensor``, DeepSpeed ZeRO-3 placeholders) are
@@ -54,7 +55,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +74,7 @@ __all__ = [
     "digest_of_folder",
     "fingerprint_base",
     "fingerprint_check_override",
+    "mask_attribute",
     "override_policy",
     "record_base",
     "state_dict_digest",
@@ -465,6 +467,25 @@ class ProvenanceConfigMixin:
         if self.base_fingerprints is not None and not isinstance(self.base_fingerprints, dict):
             raise TypeError(f"base_fingerprints must be a dict, got {type(self.base_fingerprints).__name__}.")
 
+    def _init_mask(self, mask: Any, *, kinds: tuple[str, ...], allow_empty: bool, how: str) -> None:
+        """The end of both configs' ``__post_init__``: take the mask (see `mask_attribute`), or check the
+        ``mask_layout`` of a saved adapter (``_layout.check_layout``); neither is an error naming ``how`` to build one.
+        """
+        from ._layout import check_layout
+
+        #: what the tuner derives from the mask in memory (never serialised; read when the layers are built)
+        self._safety_indices: dict[str, Any] = {}
+        self.__dict__["_mask"] = None
+        if mask is not None:
+            self.mask = mask
+        elif self.mask_layout is None:
+            raise ValueError(
+                f"{type(self).__name__} needs a mask: {how}. A saved adapter carries mask_layout instead; this config "
+                "has neither."
+            )
+        else:
+            self.mask_layout = check_layout(self.mask_layout, kinds=kinds, allow_empty=allow_empty)
+
     @property
     def fingerprint_check(self) -> str:
         """What loading does when the base weights differ from the recorded fingerprints: ``"error"`` (default),
@@ -490,3 +511,39 @@ class ProvenanceConfigMixin:
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)  # type: ignore[misc]
         config.fingerprint_check = policy
         return config
+
+
+def mask_attribute(config_name: str, on_set: Callable[[Any, Any], None]) -> property:
+    """The ``mask`` attribute of an adapter config whose dataclass takes ``mask`` as an init-only argument.
+
+    The mask is never a dataclass field (so ``to_dict()`` and ``save_pretrained`` never see it, as SHiRA keeps its
+    runtime ``mask_fn`` off its fields); the attribute reads it back and replaces it. Setting a path or Hub id loads it
+    with ``SafetyMask.from_pretrained`` and records it as ``mask_source``; a ``SafetyMask`` fills ``mask_source`` from
+    its provenance when the config has none. ``on_set(config, mask)`` then derives what the config keeps from it.
+
+    Args:
+        config_name: the config class's name, for messages.
+        on_set: called with the config and the loaded ``SafetyMask``.
+    """
+
+    def get(self: Any) -> Any:
+        return self.__dict__.get("_mask")
+
+    def set_(self: Any, mask: Any) -> None:
+        from ..mask import SafetyMask
+
+        if isinstance(mask, str):
+            self.mask_source = mask
+            mask = SafetyMask.from_pretrained(mask)
+        elif not isinstance(mask, SafetyMask):
+            raise TypeError(
+                f"{config_name}(mask=...) takes a SafetyMask or a path / Hub repo id string, got {type(mask).__name__}."
+            )
+        elif self.mask_source is None:
+            source = mask.provenance.get("source")
+            self.mask_source = source if isinstance(source, str) else None
+        on_set(self, mask)
+        self.__dict__["_mask"] = mask
+
+    doc = "The ``SafetyMask`` the adapter is built from; `None` for a config read from a saved adapter. Never saved."
+    return property(get, set_, doc=doc)

@@ -14,9 +14,9 @@ from typing import Any, Literal
 from peft.config import PeftConfig
 
 from ...vocab import check_choice, check_mode
-from .._layout import SET_KINDS, check_layout
+from .._layout import SET_KINDS
 from ..peft_type import SafetyPeftType
-from ..provenance import ProvenanceConfigMixin
+from ..provenance import ProvenanceConfigMixin, mask_attribute
 
 __all__ = ["GRADIENT_METHODS", "VALUES_DTYPES", "SafetyConfig"]
 
@@ -182,40 +182,13 @@ class SafetyConfig(ProvenanceConfigMixin, PeftConfig):
             self.target_modules = list(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = list(self.exclude_modules)
-        #: {module key: indices} computed by the tuner from the mask (not serialised; read by _create_and_replace)
-        self._safety_indices: dict[str, Any] = {}
-        self.__dict__["_mask"] = None
-        if mask is not None:
-            _set_mask(self, mask)
-        elif self.mask_layout is None:
-            raise ValueError(
-                "SafetyConfig needs a mask: pass mask=SafetyMask(...) or mask='path/or/hub-id' of a saved mask."
-            )
-        else:
-            self.mask_layout = check_layout(self.mask_layout, kinds=SET_KINDS)
-
-
-def _get_mask(self: SafetyConfig) -> Any:
-    """The ``SafetyMask`` this config builds its adapter from; `None` for a config read from a saved adapter."""
-    return self.__dict__.get("_mask")
-
-
-def _set_mask(self: SafetyConfig, mask: Any) -> None:
-    from ...mask import SafetyMask
-
-    if isinstance(mask, str):
-        self.mask_source = mask
-        mask = SafetyMask.from_pretrained(mask)
-    elif not isinstance(mask, SafetyMask):
-        raise TypeError(
-            f"SafetyConfig(mask=...) takes a SafetyMask or a path / Hub repo id string, got {type(mask).__name__}."
+        self._init_mask(
+            mask,
+            kinds=SET_KINDS,
+            allow_empty=False,
+            how="pass mask=SafetyMask(...) or mask='path/or/hub-id' of a saved mask",
         )
-    elif self.mask_source is None:
-        provenance = mask.provenance
-        source = provenance.get("source") if isinstance(provenance, dict) else None
-        self.mask_source = source if isinstance(source, str) else None
-    self.__dict__["_mask"] = mask
 
 
 # `mask` is an init-only argument (never a field, so never serialised); as an attribute it reads and replaces the mask.
-SafetyConfig.mask = property(_get_mask, _set_mask, doc=_get_mask.__doc__)  # type: ignore[assignment]
+SafetyConfig.mask = mask_attribute("SafetyConfig", lambda config, mask: None)  # type: ignore[assignment]

@@ -27,7 +27,7 @@ from peft import LoraConfig
 from ...vocab import check_choice
 from .._layout import LORA_KINDS, check_layout, storage_of
 from ..peft_type import SafetyPeftType
-from ..provenance import ProvenanceConfigMixin
+from ..provenance import ProvenanceConfigMixin, mask_attribute
 
 __all__ = ["ENTRIES_METHODS", "SPARSE_MAX_DENSITY", "SafetyLoraConfig", "check_entries_method", "check_lora_options"]
 
@@ -180,19 +180,12 @@ class SafetyLoraConfig(ProvenanceConfigMixin, LoraConfig):
         self.peft_type = SafetyPeftType.SAFETY_LORA
         check_lora_options(self)
         check_entries_method(self.entries_method)
-        #: {module key: {kind: int32 indices}} when built from a mask (not serialised; read by the layers).
-        self._safety_indices: dict[str, dict[str, torch.Tensor]] = {}
-        self.__dict__["_mask"] = None
-        if mask is not None:
-            _set_mask(self, mask)
-        elif self.mask_layout is None:
-            raise ValueError(
-                "SafetyLoraConfig needs a mask: pass mask=SafetyMask(...) (or build it with "
-                "SafetyLoraConfig.from_lora_config(lora_config, mask)). A saved adapter carries mask_layout instead; "
-                "this one has neither."
-            )
-        else:
-            self.mask_layout = check_layout(self.mask_layout, kinds=LORA_KINDS, allow_empty=True)
+        self._init_mask(
+            mask,
+            kinds=LORA_KINDS,
+            allow_empty=True,  # a mask of Layer() entries only leaves its modules out of LoRA and stores nothing
+            how="pass mask=SafetyMask(...), or build it with SafetyLoraConfig.from_lora_config(lora_config, mask)",
+        )
 
     @classmethod
     def from_lora_config(
@@ -239,26 +232,8 @@ class SafetyLoraConfig(ProvenanceConfigMixin, LoraConfig):
         return cls(**options, mask=mask, entries_method=entries_method)
 
 
-def _get_mask(self: SafetyLoraConfig) -> Any:
-    """The ``SafetyMask`` this config was built from; `None` for a config read from a saved adapter."""
-    return self.__dict__.get("_mask")
-
-
-def _set_mask(self: SafetyLoraConfig, mask: Any) -> None:
+def _apply_mask(self: SafetyLoraConfig, mask: Any) -> None:
     """Compute ``mask_layout``, the in-memory indices and the excluded modules from ``mask``."""
-    from ...mask import SafetyMask
-
-    if isinstance(mask, str):
-        self.mask_source = mask
-        mask = SafetyMask.from_pretrained(mask)
-    elif not isinstance(mask, SafetyMask):
-        raise TypeError(
-            f"SafetyLoraConfig(mask=...) takes a SafetyMask or a path / Hub id, got {type(mask).__name__}."
-        )
-    elif self.mask_source is None:
-        provenance = mask.provenance
-        source = provenance.get("source") if isinstance(provenance, dict) else None
-        self.mask_source = source if isinstance(source, str) else None
     layer_keys: list[str] = []
     layout: dict[str, dict[str, Any]] = {}
     indices: dict[str, dict[str, torch.Tensor]] = {}
@@ -295,8 +270,7 @@ def _set_mask(self: SafetyLoraConfig, mask: Any) -> None:
     _exclude_modules(self, layer_keys)
     self.mask_layout = check_layout(layout, kinds=LORA_KINDS, allow_empty=True)
     self._safety_indices = indices
-    self.__dict__["_mask"] = mask
 
 
 # `mask` is an init-only argument (never a field, so never serialised); as an attribute it reads and replaces the mask.
-SafetyLoraConfig.mask = property(_get_mask, _set_mask, doc=_get_mask.__doc__)  # type: ignore[assignment]
+SafetyLoraConfig.mask = mask_attribute("SafetyLoraConfig", _apply_mask)  # type: ignore[assignment]
