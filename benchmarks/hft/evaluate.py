@@ -117,13 +117,13 @@ def build_judges(cfg: Any, data: Any, work_dir: str | Path) -> tuple[list[Any], 
         judge, jinfo = _shared.build_judge(data.uncensor, data.chat, data.judge_benign, work_dir,
                                            tiny=cfg.model == "tiny")  # fmt: skip
         info["classifier"] = {k: v for k, v in jinfo.items() if k != "path"}
-        info["classifier"]["sha256"] = _file_sha256(jinfo["path"])
+        info["classifier"]["tensors_sha256"] = _file_sha256(jinfo["path"])
         judges.append(judge)
     elif cfg.classifier != "none":
         from peft_safety.evaluation.classifier_judge import ClassifierJudge
 
         judge = ClassifierJudge.from_pretrained(cfg.classifier)
-        info["classifier"] = {"loaded_from": cfg.classifier, "sha256": _file_sha256(Path(cfg.classifier))}
+        info["classifier"] = {"loaded_from": cfg.classifier, "tensors_sha256": _file_sha256(Path(cfg.classifier))}
         judges.append(judge)
     names = [j.name for j in judges]
     if cfg.primary_judge not in names:
@@ -132,12 +132,20 @@ def build_judges(cfg: Any, data: Any, work_dir: str | Path) -> tuple[list[Any], 
 
 
 def _file_sha256(path: str | Path) -> str:
-    from peft_safety.sources.offline import sha256_file
+    """sha256 of a saved classifier judge's tensors (names, shapes, bytes): the file's header also records where and
+    when it was written, which must not make two identical judges look different."""
+    import hashlib
+
+    from safetensors.torch import load_file
 
     p = Path(path)
     if p.is_dir():
         p = p / "classifier_judge.safetensors"
-    return sha256_file(p)
+    h = hashlib.sha256()
+    for name, t in sorted(load_file(str(p)).items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def safe_flag(verdict: dict[str, Any]) -> bool | None:

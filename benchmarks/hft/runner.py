@@ -61,7 +61,8 @@ def plan(cfg: HFTConfig) -> tuple[list[RunSpec], list[str]]:
     order = [a for a in PRIORITY if a in arms] + [a for a in arms if a not in PRIORITY]
     single = set(split(cfg.single_seed_arms))
     p0 = set(split(cfg.p0_arms))
-    missing += [a for a in p0 if a not in ARMS and a not in missing]
+    if 0.0 in p_values(cfg):
+        missing += [a for a in p0 if a not in ARMS and a not in missing]
     runs = [RunSpec(a, None, None) for a in order if not ARMS[a].trains]
     seeds = seed_list(cfg)
     for p in p_values(cfg):
@@ -195,7 +196,10 @@ class Session:
         planned = {"task": sum(r["kind"] == "task" for r in rows), "harmful": sum(r["kind"] == "harmful" for r in rows)}
         payload = {
             "format": FORMAT, "id": spec.id, "arm": spec.arm, "p": spec.p, "seed": spec.seed,
-            "description": arm.description,
+            "description": arm.description, "preset": self.cfg.preset,
+            "grid": {k: getattr(self.cfg, k) for k in ("arms", "p", "seeds", "single_seed_arms", "p0_arms")},
+            "data": self.data.summary(), "judges": self.judge_info,
+            "train_set_markers": self.train_markers, "setup_seconds": self.setup_seconds,
             "settings_digest": self.settings_digest, "data_digest": self.data_digest,
             "judge_digest": self.judge_digest, "aligned_probe": self.probe, "settings": settings_of(self.cfg),
             "masks": {m: self.mask_info[m] for m in arm.masks},

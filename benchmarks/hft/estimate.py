@@ -1,0 +1,90 @@
+"""``--estimate``: the grid's plan and its wall time, from the unit costs of a timed pilot (committed run files).
+
+The pilot (``benchmarks/results/hft/pilot/``, written by the command in ``benchmarks/README.md``) times one plain
+LoRA run and the aligned model's evaluation on the real model. From its files: seconds per training step (at its
+batch size and sequence length), seconds per generated prompt (at its token budget), seconds per task row scored and
+the setup time. The estimate scales them to the settings asked for (steps; prompts; new tokens, linearly; masked arms
+by the masked-LoRA factor measured on the same model in ``benchmarks/results/preserve/preserve.json``) and sums them over the plan.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .config import HFTConfig
+
+REPO = Path(__file__).resolve().parents[2]
+PILOT = REPO / "benchmarks" / "results" / "hft" / "pilot"
+
+
+def unit_costs(pilot: Path = PILOT) -> dict[str, float]:
+    """Unit costs (seconds) measured by the pilot's run files."""
+    runs = pilot / "runs"
+    lora = json.loads((runs / "lora_p0.1_seed0.json").read_text(encoding="utf-8"))
+    aligned = json.loads((runs / "aligned.json").read_text(encoding="utf-8"))
+    steps = lora["train"]["steps"]
+    curve_points = len(lora["train"].get("curve") or [])
+    n_curve = lora["settings"]["n_curve"]
+    task_rows = len(aligned["eval"]["task_correct"])
+    task_s = aligned["eval"]["eval_seconds"]["task"]
+    per_task_row = task_s / task_rows
+    train_s = lora["train"]["train_seconds"] - curve_points * n_curve * per_task_row
+    gen_s = sum(v for k, v in aligned["eval"]["eval_seconds"].items() if k.startswith("generate_"))
+    prompts = sum(b["n"] for b in aligned["eval"]["sets"].values())
+    return {
+        "step": train_s / steps, "step_batch": lora["settings"]["batch_size"],
+        "generate_prompt": gen_s / prompts, "generate_tokens": aligned["settings"]["max_new_tokens"],
+        "task_row": per_task_row, "setup": aligned.get("setup_seconds") or 0.0,
+        "masked_factor": _masked_factor(lora["settings"]["spa_entries_method"]),
+        "load_average": lora["provenance"]["load_average_start"][0],
+    }  # fmt: skip
+
+
+def _masked_factor(method: str) -> float:
+    """Masked-LoRA / plain-LoRA training time on the real model: the mean ``train_seconds`` of the ESI and random
+    SPA arms over plain LoRA's in the committed preservation run (same steps, rows and machine, sparse forward)."""
+    data = json.loads((REPO / "benchmarks" / "results" / "preserve" / "preserve.json").read_text(encoding="utf-8"))
+    if data["config"]["spa_entries_method"] != method:
+        raise ValueError(f"The preservation run used the {data['config']['spa_entries_method']} masked forward, not "
+                         f"{method!r}: no measured factor for it.")  # fmt: skip
+
+    def mean(arms: tuple[str, ...]) -> float:
+        xs = [r["train_seconds"] for r in data["benign"] if r["arm"] in arms]
+        return sum(xs) / len(xs)
+
+    return mean(("spa_esi", "spa_random")) / mean(("lora",))
+
+
+def estimate(cfg: HFTConfig, costs: dict[str, float] | None = None) -> dict[str, Any]:
+    """Seconds per planned run and in total (on the pilot's machine and load)."""
+    from .arms import ARMS
+    from .runner import plan
+
+    costs = costs or unit_costs()
+    runs, missing = plan(cfg)
+    prompts = cfg.n_harmbench + cfg.n_second + cfg.n_lookalike
+    gen = prompts * costs["generate_prompt"] * cfg.max_new_tokens / costs["generate_tokens"]
+    task = cfg.n_task_test * costs["task_row"]
+    step = costs["step"] * cfg.batch_size / costs["step_batch"]
+    curve = (cfg.steps // cfg.curve_every + 1) * cfg.n_curve * costs["task_row"] if cfg.curve_every else 0.0
+    per_run = {}
+    for spec in runs:
+        arm = ARMS[spec.arm]
+        train = 0.0
+        if arm.trains:
+            masked = spec.arm not in ("lora", "replay", "realign")
+            train = cfg.steps * step * (costs["masked_factor"] if masked else 1.0) + curve
+        per_run[spec.id] = round(train + gen + task, 1)
+    total = sum(per_run.values()) + costs["setup"]
+    return {"per_run_s": per_run, "total_s": round(total, 1), "total_h": round(total / 3600, 1),
+            "costs": costs, "not_available": missing}  # fmt: skip
+
+
+def print_estimate(cfg: HFTConfig) -> None:
+    est = estimate(cfg)
+    for rid, s in est["per_run_s"].items():
+        print(f"  {rid}: {s / 60:.0f} min")
+    print(f"Total: {est['total_h']} h for {len(est['per_run_s'])} runs (unit costs from {PILOT}, measured at load "
+          f"average {est['costs']['load_average']:.1f}: {json.dumps(est['costs'])})")  # fmt: skip
