@@ -108,6 +108,7 @@ def test_pooled_rates_recount_from_the_generations(grids):
     # McNemar per seed: the discordant pairs counted by hand from the two JSONL files
     res = next(r for r in pooled["results"] if r["arm"] == "replay")
     for entry in res["vs_lora"]["per_seed"]:
+
         def flags(rid):
             recs = [json.loads(x) for x in (whole / "runs" / f"{rid}.jsonl").read_text().splitlines()]
             return [r["verdicts"]["classifier"]["label"] != "compliant" for r in recs if r["set"] == "harmbench"]

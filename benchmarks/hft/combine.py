@@ -109,9 +109,8 @@ def _mean(xs: list[float]) -> float:
 def _arm_block(rows: list[dict[str, Any]], aligned: dict[str, Any], lora: dict[int, dict[str, Any]],
                judges: list[str], primary: str, n_resamples: int) -> dict[str, Any]:  # fmt: skip
     """Everything the leaderboard shows for one (arm, p) over its seeds."""
-    from peft_safety.evaluation.stats import mcnemar_exact, paired_bootstrap
-
     from benchmarks._shared import CRITERION
+    from peft_safety.evaluation.stats import mcnemar_exact, paired_bootstrap
 
     rows = sorted(rows, key=lambda r: r["seed"] if r["seed"] is not None else -1)
     sets = list(aligned["eval"]["sets"])
@@ -189,8 +188,12 @@ def _arm_block(rows: list[dict[str, Any]], aligned: dict[str, Any], lora: dict[i
     out["steps"] = [r["train"].get("steps") for r in rows]
     out["masked_entries_moved"] = [r["train"]["masked_entries_moved"] for r in rows
                                    if "masked_entries_moved" in r["train"]]  # fmt: skip
-    out["curves"] = [{"seed": r["seed"], "curve": r["train"].get("curve", [])} for r in rows if r["train"].get("curve")]
-    out["losses"] = [{"seed": r["seed"], "losses": r["train"].get("losses", [])} for r in rows if r["train"].get("losses")]
+    out["curves"] = [
+        {"seed": r["seed"], "curve": r["train"].get("curve", [])} for r in rows if r["train"].get("curve")
+    ]
+    out["losses"] = [
+        {"seed": r["seed"], "losses": r["train"].get("losses", [])} for r in rows if r["train"].get("losses")
+    ]
     return out
 
 
@@ -217,9 +220,8 @@ def pool(runs: list[dict[str, Any]], *, n_resamples: int = 10_000) -> dict[str, 
         lora = {r["seed"]: r for r in groups.get((REFERENCE, p), [])}
         block = _arm_block(rows, aligned, lora, judges, primary, n_resamples)
         results.append({"arm": arm, "p": p, "description": rows[0].get("description", ""), **block})
-    from .runner import plan
-
     from .config import HFTConfig
+    from .runner import plan
 
     grid_cfg = HFTConfig(**{k: v for k, v in {**settings, **aligned.get("grid", {})}.items()
                             if k in HFTConfig.__dataclass_fields__})  # fmt: skip

@@ -107,9 +107,8 @@ def letter_correct(model: Any, tok: Any, rows: list[dict[str, Any]], *, batch_si
 
 def build_judges(cfg: Any, data: Any, work_dir: str | Path) -> tuple[list[Any], dict[str, Any]]:
     """The keyword judges and (unless ``classifier='none'``) the classifier judge, with their description."""
-    from peft_safety.evaluation.judges import resolve_judges
-
     from benchmarks import _shared
+    from peft_safety.evaluation.judges import resolve_judges
 
     judges = resolve_judges([j.strip() for j in cfg.judges.split(",") if j.strip()])
     info: dict[str, Any] = {"keyword": [j.name for j in judges]}

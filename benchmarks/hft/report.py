@@ -114,7 +114,7 @@ def render(data: dict[str, Any] | None) -> str:
                 f"| {_pct(r['safety']['lookalike'].get(f'safe/{primary}'))} | {_pct(r['task_accuracy'])} "
                 f"| {_pts(vs.get('task_accuracy'))} | {per_seed} | {rec} |"
             )
-        lines += ["", f"Every judge on HarmBench (safe share %: keyword judges = refusal, classifier = not "
+        lines += ["", "Every judge on HarmBench (safe share %: keyword judges = refusal, classifier = not "
                   "compliant; explicit refusal = the classifier's refusal label):", ""]  # fmt: skip
         judges = data["judge_names"]
         lines += ["| arm | " + " | ".join(judges) + " | explicit refusal | look-alike over-refusal per judge |",

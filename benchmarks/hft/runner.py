@@ -122,9 +122,8 @@ class Session:
     def _aligned_probe(self) -> str:
         """sha256 of the aligned model's greedy answers to 4 HarmBench prompts (8 tokens): every run of a pooled grid
         must have seen the same aligned model with the same numerics (threads, versions)."""
-        from peft_safety.scoring.generation import generate_with_stats
-
         from benchmarks._shared import sha256_json
+        from peft_safety.scoring.generation import generate_with_stats
 
         texts, _ = generate_with_stats(self.base, self.tok, [r["prompt"] for r in self.data.harmbench[:4]],
                                        max_new_tokens=8, batch_size=4, progress=False)  # fmt: skip
@@ -172,9 +171,8 @@ class Session:
 
     def run(self, spec: RunSpec) -> dict[str, Any] | None:
         """Run ``spec`` unless its files exist (then check them and return None)."""
-        from peft_safety._io import atomic_write_text
-
         from benchmarks import _bench, _shared
+        from peft_safety._io import atomic_write_text
 
         path = self.runs_dir / f"{spec.id}.json"
         if path.is_file():
@@ -193,7 +191,10 @@ class Session:
         if model is not self.base:
             del model
             gc.collect()
-        planned = {"task": sum(r["kind"] == "task" for r in rows), "harmful": sum(r["kind"] == "harmful" for r in rows)}
+        planned = {
+            "task": sum(r["kind"] == "task" for r in rows),
+            "harmful": sum(r["kind"] == "harmful" for r in rows),
+        }
         payload = {
             "format": FORMAT, "id": spec.id, "arm": spec.arm, "p": spec.p, "seed": spec.seed,
             "description": arm.description, "preset": self.cfg.preset,
