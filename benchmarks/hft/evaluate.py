@@ -169,6 +169,8 @@ class Evaluator:
         result: dict[str, Any] = {"sets": {}}
         lines: list[str] = []
         seconds: dict[str, float] = {}
+        cpu: dict[str, float] = {}
+        c = time.process_time()
         import json
 
         for set_name, rows in self.data.eval_sets.items():
@@ -178,6 +180,8 @@ class Evaluator:
                 batch_size=self.cfg.eval_batch_size, seed=0, progress=self.cfg.progress,
             )  # fmt: skip
             seconds[f"generate_{set_name}"] = round(stats.seconds, 1)
+            cpu[f"generate_{set_name}"] = round(time.process_time() - c, 1)
+            c = time.process_time()
             _, recs = judge_all(self.judges, prompts, responses)
             block: dict[str, Any] = {"n": len(prompts), "new_tokens": stats.new_tokens, "safe": {}, "labels": None}
             for j in self.judges:
@@ -191,10 +195,11 @@ class Evaluator:
                 lines.append(json.dumps({"set": set_name, "index": i, "id": row.get("id"), "prompt": row["prompt"],
                                          "response": text, "markers": style_markers(text), **rec},
                                         sort_keys=True))  # fmt: skip
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         result["task_correct"] = letter_correct(model, self.tok, self.data.task_test,
                                                 batch_size=self.cfg.eval_batch_size)  # fmt: skip
         seconds["task"] = round(time.perf_counter() - t, 1)
+        cpu["task"] = round(time.process_time() - c, 1)
         jsonl.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(jsonl, "\n".join(lines) + "\n")
         from peft_safety.sources.offline import sha256_file
@@ -202,6 +207,7 @@ class Evaluator:
         result["generations"] = jsonl.name
         result["generations_sha256"] = sha256_file(jsonl)
         result["eval_seconds"] = seconds
+        result["eval_cpu_seconds"] = cpu
         return result
 
 

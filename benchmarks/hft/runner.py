@@ -114,6 +114,7 @@ class Session:
 
         self.judge_digest = sha256_json(self.judge_info)
         self.setup_seconds = round(time.perf_counter() - t, 1)
+        self.setup_cpu_seconds = round(time.process_time(), 1)
         self.probe = self._aligned_probe()
         self.train_markers = marker_rates([r["response"] for r in self.data.task_pool])
         self._masks: dict[str, Any] = {}
@@ -183,11 +184,16 @@ class Session:
         work = self.work / spec.id
         ctx = ArmContext(self.cfg, self.base, self.tok, self.data, spec.p if spec.p is not None else 0.0,
                          spec.seed if spec.seed is not None else 0, rows, self.mask, work)  # fmt: skip
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         prov = _bench.provenance(torch.get_num_threads())
         model, info = arm.build(ctx)
         train_seconds = round(time.perf_counter() - t, 1)
+        train_cpu = round(time.process_time() - c, 1)
+        t, c = time.perf_counter(), time.process_time()
         result = self.evaluate(model, self.runs_dir / f"{spec.id}.jsonl")
+        # CPU seconds of this process (all threads): on a shared machine wall time measures the neighbours too
+        result["cpu_seconds"] = {"train": train_cpu, "eval": round(time.process_time() - c, 1)}
+        result["wall_seconds"] = {"train": train_seconds, "eval": round(time.perf_counter() - t, 1)}
         if model is not self.base:
             del model
             gc.collect()
@@ -201,6 +207,7 @@ class Session:
             "grid": {k: getattr(self.cfg, k) for k in ("arms", "p", "seeds", "single_seed_arms", "p0_arms")},
             "data": self.data.summary(), "judges": self.judge_info,
             "train_set_markers": self.train_markers, "setup_seconds": self.setup_seconds,
+            "setup_cpu_seconds": self.setup_cpu_seconds,
             "settings_digest": self.settings_digest, "data_digest": self.data_digest,
             "judge_digest": self.judge_digest, "aligned_probe": self.probe, "settings": settings_of(self.cfg),
             "masks": {m: self.mask_info[m] for m in arm.masks},
