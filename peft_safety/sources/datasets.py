@@ -306,7 +306,6 @@ def _parse_lookalike(blobs: list[bytes]) -> list[dict[str, Any]]:
     return rows
 
 
-
 #: StrongREJECT rows whose upstream licence is MIT (the package's NOTICE: custom, DAN, AdvBench); the other sources
 #: (MaliciousInstruct, HarmfulQ, ...) state no licence upstream and are left out
 _STRONGREJECT_SOURCES = ("custom", "DAN", "AdvBench")
