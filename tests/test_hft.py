@@ -139,6 +139,26 @@ def test_resume_refuses_other_settings_and_combine_refuses_tampered_files(grids,
         combine(copy, n_resamples=200)
 
 
+def test_estimate_scales_the_pilot_runs_over_the_plan(grids):
+    from benchmarks.hft.config import parse_args
+    from benchmarks.hft.estimate import estimate, unit_costs
+
+    whole = grids[0]
+    costs = unit_costs(whole)
+    lora = json.loads((whole / "runs" / "lora_p0.25_seed0.json").read_text())
+    assert costs["step"] > 0 and costs["threads"] == 1 and costs["step_batch"] == 4
+    assert costs["wall_step"] == pytest.approx(lora["train"]["seconds"] / lora["train"]["steps"])
+    cfg = parse_args([*ARGS, "--out", str(whole)])
+    est = estimate(cfg, costs)
+    per = est["per_run_s"]
+    assert set(per) == {"aligned", "lora_p0.25_seed0", "replay_p0.25_seed0", "spa_esi_p0.25_seed0",
+                        "lora_p0.25_seed1", "replay_p0.25_seed1"}  # fmt: skip
+    assert per["spa_esi_p0.25_seed0"] > per["lora_p0.25_seed0"] > per["aligned"]
+    assert est["total_s"] == pytest.approx(sum(per.values()) + costs["setup"], abs=0.2)
+    doubled = estimate(parse_args([*ARGS, "--out", str(whole), "--steps", "8"]), costs)["per_run_s"]
+    assert doubled["lora_p0.25_seed0"] > per["lora_p0.25_seed0"]
+
+
 # ------------------------------------------------------------------------------------------------ statistics
 def test_linear_interval_matches_an_explicit_loop():
     from benchmarks.hft.stats import hierarchical_draws, linear_interval

@@ -1,7 +1,7 @@
 """``--estimate``: the grid's plan and its wall time, from the unit costs of a timed pilot (committed run files).
 
-The pilot (``benchmarks/results/hft/pilot/``, written by the command in ``benchmarks/README.md``) times one plain
-LoRA run and the aligned model's evaluation on the real model. From its files: seconds per training step (at its
+The pilot is the grid's first two runs (``benchmarks/results/hft/runs/aligned.json`` and ``lora_p0.1_seed0.json``,
+or any ``--out`` holding them): the aligned model's evaluation and one plain LoRA run at full size on the real model. From its files: seconds per training step (at its
 batch size and sequence length), seconds per generated prompt (at its token budget), seconds per task row scored and
 the setup time. The estimate scales them to the settings asked for (steps; prompts; new tokens, linearly; masked arms
 by the masked-LoRA factor measured on the same model in ``benchmarks/results/preserve/preserve.json``) and sums them over the plan.
@@ -16,7 +16,8 @@ from typing import Any
 from .config import HFTConfig
 
 REPO = Path(__file__).resolve().parents[2]
-PILOT = REPO / "benchmarks" / "results" / "hft" / "pilot"
+#: the grid's own first runs serve as the pilot: the aligned model's evaluation and plain LoRA at p = 0.1, seed 0
+PILOT = REPO / "benchmarks" / "results" / "hft"
 
 
 def unit_costs(pilot: Path = PILOT) -> dict[str, float]:
@@ -27,7 +28,11 @@ def unit_costs(pilot: Path = PILOT) -> dict[str, float]:
     bound), and the measured wall times are kept beside it.
     """
     runs = pilot / "runs"
-    lora = json.loads((runs / "lora_p0.1_seed0.json").read_text(encoding="utf-8"))
+    found = sorted(runs.glob("lora_p*_seed0.json"))
+    if not found or not (runs / "aligned.json").is_file():
+        raise FileNotFoundError(f"No pilot under {runs}: run the grid's first two runs (aligned, plain LoRA) first, "
+                                "e.g. python -m benchmarks.hft --max_runs 2.")  # fmt: skip
+    lora = json.loads(found[0].read_text(encoding="utf-8"))
     aligned = json.loads((runs / "aligned.json").read_text(encoding="utf-8"))
     threads = max(1, int(lora["settings"]["threads"] or 1))
     steps = lora["train"]["steps"]
@@ -90,9 +95,10 @@ def estimate(cfg: HFTConfig, costs: dict[str, float] | None = None) -> dict[str,
 
 
 def print_estimate(cfg: HFTConfig) -> None:
-    est = estimate(cfg)
+    """The plan and its time, with unit costs from ``<out>/runs`` (the grid's first runs)."""
+    est = estimate(cfg, unit_costs(Path(cfg.out)))
     for rid, s in est["per_run_s"].items():
         print(f"  {rid}: {s / 60:.0f} min")
     print(f"Total: {est['total_h']} h of an idle machine for {len(est['per_run_s'])} runs (unit costs from the CPU "
-          f"seconds of {PILOT}, which ran at load average {est['costs']['load_average']:.1f}: "
+          f"seconds of {cfg.out}/runs, which ran at load average {est['costs']['load_average']:.1f}: "
           f"{json.dumps(est['costs'])})")  # fmt: skip
