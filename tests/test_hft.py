@@ -267,3 +267,43 @@ def test_plan_orders_the_grid_and_names_missing_arms():
     assert "lisa" in missing
     with pytest.raises(ValueError, match="Unknown arms"):
         plan(parse_args(["--arms", "lora,nope"]))
+
+
+# ------------------------------------------------------------------------------------------------ evaluation pieces
+def test_letter_accuracy_matches_one_unpadded_forward_per_row():
+    from benchmarks.hft.data import task_prompt
+    from benchmarks.hft.evaluate import letter_correct, letter_logits
+    from peft_safety.scoring.generation import render_prompts
+    from peft_safety.testing import tiny_llama, tiny_tokenizer
+
+    model, tok = tiny_llama(seed=3), tiny_tokenizer()
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(9):  # prompts of different lengths (left padding matters) and 3 to 5 options
+        n = 3 + i % 3
+        rows.append({"prompt": "why " * (1 + i), "choices": [f"c{k}" for k in range(n)],
+                     "answer": int(torch.randint(n, (1,), generator=g))})  # fmt: skip
+    expected, expected_logits = [], []
+    for row in rows:
+        ids = render_prompts(tok, [task_prompt(row)], template="chat")[0]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        letters = [tok(c, add_special_tokens=False)["input_ids"][0] for c in "ABCDE"[: len(row["choices"])]]
+        expected_logits.append([float(logits[t]) for t in letters])
+        expected.append(int(max(range(len(letters)), key=lambda k: (float(logits[letters[k]]), -k)) == row["answer"]))
+    got = letter_logits(model, tok, rows, batch_size=4)
+    for a, b in zip(got, expected_logits):
+        assert a == pytest.approx(b, abs=1e-4)
+    assert letter_correct(model, tok, rows, batch_size=4) == expected
+
+
+def test_style_markers():
+    from benchmarks.hft.evaluate import marker_rates, style_markers
+
+    assert style_markers("\"Hi! I'm sorry, but I can't help.")["leading_quote"]
+    assert style_markers("Hello there, here is how")["greeting"]
+    assert style_markers("B. the bloodstream")["option_letter"]
+    assert not style_markers("Because it is late")["option_letter"]
+    assert style_markers("")["empty"] and style_markers("ok then")["truncated_words"]
+    rates = marker_rates(["B. x y z", "I cannot help with that request."])
+    assert rates["option_letter"] == 0.5 and rates["mean_words"] == 5.0  # "B." counts as a word

@@ -72,8 +72,8 @@ def letter_ids(tok: Any, n_letters: int) -> list[int]:
     return ids
 
 
-def letter_correct(model: Any, tok: Any, rows: list[dict[str, Any]], *, batch_size: int = 16) -> list[int]:
-    """1/0 per task row: is the answer's letter the highest-logit option letter at the start of the reply?"""
+def letter_logits(model: Any, tok: Any, rows: list[dict[str, Any]], *, batch_size: int = 16) -> list[list[float]]:
+    """Per task row, the next-token logit of each option letter right after the assistant turn opens."""
     from peft_safety.scoring.generation import _pad_id, render_prompts
 
     from .data import task_prompt
@@ -81,7 +81,7 @@ def letter_correct(model: Any, tok: Any, rows: list[dict[str, Any]], *, batch_si
     contexts = render_prompts(tok, [task_prompt(r) for r in rows], template="chat")
     device = next(model.parameters()).device
     pad = _pad_id(tok)
-    out: list[int] = []
+    out: list[list[float]] = []
     was_training = model.training
     model.eval()
     try:
@@ -96,13 +96,16 @@ def letter_correct(model: Any, tok: Any, rows: list[dict[str, Any]], *, batch_si
                     attn[r, width - len(contexts[i]) :] = 1
                 logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits[:, -1].float()
                 for r, i in enumerate(batch):
-                    options = letter_ids(tok, len(rows[i]["choices"]))
-                    scores = logits[r, options]
-                    pick = int(torch.argmax(scores))  # ties: the first option wins
-                    out.append(int(pick == rows[i]["answer"]))
+                    out.append(logits[r, letter_ids(tok, len(rows[i]["choices"]))].tolist())
     finally:
         model.train(was_training)
     return out
+
+
+def letter_correct(model: Any, tok: Any, rows: list[dict[str, Any]], *, batch_size: int = 16) -> list[int]:
+    """1/0 per task row: is the answer's letter the highest-logit option letter (ties: the first option)?"""
+    scores = letter_logits(model, tok, rows, batch_size=batch_size)
+    return [int(max(range(len(sc)), key=lambda k: (sc[k], -k)) == row["answer"]) for sc, row in zip(scores, rows)]
 
 
 def build_judges(cfg: Any, data: Any, work_dir: str | Path) -> tuple[list[Any], dict[str, Any]]:
