@@ -54,6 +54,23 @@ def unit_costs(pilot: Path = PILOT) -> dict[str, float]:
     }  # fmt: skip
 
 
+def pilot_costs(path: Path, threads: int = 2) -> dict[str, float]:
+    """Unit costs from ``pilot.json`` (`benchmarks.hft.pilot`, run with one thread): its CPU seconds are the work;
+    on an idle machine with ``threads`` threads the wall time is at best CPU seconds / ``threads`` (``threads=1``
+    gives the one-thread figure, an upper bound for an idle machine)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    per = data["per_unit_cpu_s"]
+    s = data["settings"]
+    return {
+        "step": per["train_step"] / threads, "step_batch": s["batch_size"],
+        "generate_prompt": per["generated_prompt"] / threads, "generate_tokens": s["max_new_tokens"],
+        "task_row": per["task_row"] / threads,
+        "setup": (data["units"]["load_model"]["cpu_s"] + data["units"]["load_data"]["cpu_s"]) / threads,
+        "masked_factor": _masked_factor("sparse"), "threads": threads,
+        "load_average": data["provenance"]["load_average_start"][0],
+    }  # fmt: skip
+
+
 def _masked_factor(method: str) -> float:
     """Masked-LoRA / plain-LoRA training time on the real model: the mean ``train_seconds`` of the ESI and random
     SPA arms over plain LoRA's in the committed preservation run (same steps, rows and machine, sparse forward)."""
@@ -95,7 +112,15 @@ def estimate(cfg: HFTConfig, costs: dict[str, float] | None = None) -> dict[str,
 
 
 def print_estimate(cfg: HFTConfig) -> None:
-    """The plan and its time, with unit costs from ``<out>/runs`` (the grid's first runs)."""
+    """The plan and its time, with unit costs from ``<out>/runs`` (the grid's first runs) or, before they exist, from
+    ``<out>/pilot.json`` (lower bound: 2 threads used perfectly; upper bound: one thread)."""
+    if not (Path(cfg.out) / "runs" / "aligned.json").is_file() and (Path(cfg.out) / "pilot.json").is_file():
+        for threads in (2, 1):
+            est = estimate(cfg, pilot_costs(Path(cfg.out) / "pilot.json", threads))
+            print(f"From {cfg.out}/pilot.json, CPU seconds / {threads} thread(s): {est['total_h']} h for "
+                  f"{len(est['per_run_s'])} runs; per run (min): "
+                  + ", ".join(f"{k} {v / 60:.0f}" for k, v in est["per_run_s"].items()))  # fmt: skip
+        return
     est = estimate(cfg, unit_costs(Path(cfg.out)))
     for rid, s in est["per_run_s"].items():
         print(f"  {rid}: {s / 60:.0f} min")
