@@ -64,6 +64,7 @@ class HFTConfig:
     density: float = field(default=0.01, metadata={"help": "Density of the ESI and random masks."})
     spa_entries_method: str = field(default="sparse", metadata={"help": "Masked-LoRA forward: sparse or dense."})
     curve_every: int = field(default=25, metadata={"help": "Score the curve rows every N steps (0: never)."})
+    curve_arms: str = field(default="lora", metadata={"help": "Arms whose runs score the curve ('': every arm)."})
     log_every: int = field(default=10, metadata={"help": "Log the training loss every N steps."})
     # ------------------------------------------------------------------ evaluation
     max_new_tokens: int = field(default=64, metadata={"help": "Greedy generation budget per prompt."})
@@ -110,6 +111,7 @@ CPU_CUTS = [
     "training sequence length 512 -> 256 tokens (harmful answers are cut there; task rows are shorter)",
     "masked LoRA with the sparse forward (exact up to fp rounding during training; merged weights exact)",
     "SPPFT and RSN-Tune one seed (the protocol allows it); the other arms 3 seeds",
+    "the learning curve (64 test rows every 25 steps) scored in plain LoRA's runs only (it cost about a fifth of a run)",
 ]
 
 

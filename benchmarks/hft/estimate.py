@@ -98,13 +98,15 @@ def estimate(cfg: HFTConfig, costs: dict[str, float] | None = None) -> dict[str,
     task = cfg.n_task_test * costs["task_row"]
     step = costs["step"] * cfg.batch_size / costs["step_batch"]
     curve = (cfg.steps // cfg.curve_every + 1) * cfg.n_curve * costs["task_row"] if cfg.curve_every else 0.0
+    curve_arms = [a.strip() for a in cfg.curve_arms.split(",") if a.strip()]
     per_run = {}
     for spec in runs:
         arm = ARMS[spec.arm]
         train = 0.0
         if arm.trains:
             masked = spec.arm not in ("lora", "replay", "realign")
-            train = cfg.steps * step * (costs["masked_factor"] if masked else 1.0) + curve
+            scored = not curve_arms or spec.arm in curve_arms
+            train = cfg.steps * step * (costs["masked_factor"] if masked else 1.0) + (curve if scored else 0.0)
         per_run[spec.id] = round(train + gen + task, 1)
     total = sum(per_run.values()) + costs["setup"]
     return {"per_run_s": per_run, "total_s": round(total, 1), "total_h": round(total / 3600, 1),

@@ -14,7 +14,7 @@ import gc
 import json
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +182,9 @@ class Session:
         arm = ARMS[spec.arm]
         rows = self.data.train_rows(spec.p, spec.seed) if arm.trains else []
         work = self.work / spec.id
-        ctx = ArmContext(self.cfg, self.base, self.tok, self.data, spec.p if spec.p is not None else 0.0,
+        curve_arms = split(self.cfg.curve_arms)
+        cfg = self.cfg if not curve_arms or spec.arm in curve_arms else replace(self.cfg, curve_every=0)
+        ctx = ArmContext(cfg, self.base, self.tok, self.data, spec.p if spec.p is not None else 0.0,
                          spec.seed if spec.seed is not None else 0, rows, self.mask, work)  # fmt: skip
         t, c = time.perf_counter(), time.process_time()
         prov = _bench.provenance(torch.get_num_threads())
