@@ -290,7 +290,7 @@ def build_judge(cfg: PreserveConfig, data: Data) -> tuple[Any, dict[str, Any]]:
     from peft_safety.evaluation.judges import resolve_judges
 
     benign_pairs = data.task_train[: max(1, len(data.task_train) // 2)]
-    examples = build_judge_examples(data.uncensor, data.chat_all, benign_pairs, seed=0)
+    examples = build_judge_examples(data.uncensor, benign_pairs, seed=0)
     train, held = split_examples(examples, holdout=cfg.judge_holdout, seed=0)
     bits = 12 if cfg.tiny else 18
     judge = train_classifier_judge(train, hash_bits=bits, max_iter=50 if cfg.tiny else 200, name=CLASSIFIER)
