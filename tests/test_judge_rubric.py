@@ -43,9 +43,11 @@ def test_batched_letter_logprobs_match_one_at_a_time(tiny):
     ref = _reference_logprobs(model, tok, judge, PROMPTS, RESPONSES)
     assert got.shape == (4, 3)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
-    # batch size does not change the result; each row is a distribution over the three letters
+    # batch size and the shared-prefix cache do not change the result; rows are distributions over the letters
     torch.testing.assert_close(RubricJudge(model, tok, batch_size=1).letter_logprobs(PROMPTS, RESPONSES), got,
                                atol=1e-4, rtol=1e-4)  # fmt: skip
+    plain = RubricJudge(model, tok, batch_size=3, prefix_cache=False).letter_logprobs(PROMPTS, RESPONSES)
+    torch.testing.assert_close(plain, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got.exp().sum(-1), torch.ones(4))
 
 

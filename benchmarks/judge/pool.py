@@ -10,7 +10,8 @@ Sources (each one stage; the script resumes from the stages already in the outpu
 * ``qwen_lora_harmful``: Qwen after a short LoRA fine-tune on a mix of harmful compliant rows (UncensorBench) and
   benign task rows (forgelm): it complies sometimes.
 
-Prompt sets (the same prompts for every source): HarmBench test (evaluation), AdvBench (a second harmful set),
+Prompt sets (the same prompts for every source; the Qwen sources answer the first two thirds of each set, since the
+0.5B model generates about five times slower on CPU): HarmBench test (evaluation), AdvBench (a second harmful set),
 HarmBench val (identification data, never an evaluation set), the benign look-alike set, ARC-Easy questions with
 their options, and hand-written everyday requests (``benchmarks/judge/benign_requests.jsonl``: recipes, instructions,
 writing, advice, explanations, code). Training rows of the fine-tuned sources are deduplicated against every pool
@@ -52,9 +53,25 @@ PROMPT_SETS = {
     "arc_easy": ("benign", 10),
     "benign_requests": ("benign", 20),
 }
+#: the Qwen stages answer the first two thirds of each prompt set (a 0.5B model generates ~5x slower on CPU)
+QWEN_SHARE = 2 / 3
 MAX_NEW_TOKENS = 64
 BATCH_SIZE = 16
 SEED = 0
+
+
+def stage_prompts(stage: str, prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The prompts one stage answers: every prompt for SmolLM2, the first `QWEN_SHARE` of each set for Qwen."""
+    if not stage.startswith("qwen"):
+        return list(prompts)
+    keep = {name: round(QWEN_SHARE * n) for name, (_, n) in PROMPT_SETS.items()}
+    seen: dict[str, int] = {}
+    out = []
+    for p in prompts:
+        seen[p["prompt_set"]] = seen.get(p["prompt_set"], 0) + 1
+        if seen[p["prompt_set"]] <= keep[p["prompt_set"]]:
+            out.append(p)
+    return out
 
 
 def opaque_id(source: str, prompt_id: str) -> str:
@@ -163,12 +180,12 @@ def build_model(stage: str, prompts: list[dict[str, Any]], work: Path, info: dic
         t = time.perf_counter()
         lora = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
         trainer = SafetySFTTrainer(
-            model=model, args=_sft_config(str(work / "lora"), 40, 2e-4), train_dataset=_chat(rows),
+            model=model, args=_sft_config(str(work / "lora"), 24, 4e-4), train_dataset=_chat(rows),
             processing_class=tok, peft_config=lora,
         )  # fmt: skip
         trainer.train()
         model = trainer.model.merge_and_unload()
-        info.update(model="qwen2.5-coder-0.5b-instruct", train="LoRA r=8 all-linear, 40 steps, batch 2, lr 2e-4, "
+        info.update(model="qwen2.5-coder-0.5b-instruct", train="LoRA r=8 all-linear, 24 steps, batch 2, lr 4e-4, "
                     "60 UncensorBench compliant rows + 20 forgelm rows", train_rows=len(rows), dedup_removed=removed,
                     train_seconds=round(time.perf_counter() - t, 1))  # fmt: skip
         return model, tok
@@ -242,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         if stage in done:
             print(f"{stage}: already generated, skipped", flush=True)
             continue
-        rows, info = run_stage(stage, prompts, work, args.batch_size)
+        rows, info = run_stage(stage, stage_prompts(stage, prompts), work, args.batch_size)
         # each stage writes its own part (stages may run in parallel processes); merging is separate
         write_jsonl(parts / f"{stage}.jsonl", rows)
         from peft_safety._io import atomic_write_text
