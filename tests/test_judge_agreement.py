@@ -180,3 +180,46 @@ def test_docs_section_matches_the_committed_results():
     a = page.index(ag.DOCS_START)
     section = page[a : page.index(ag.DOCS_END, a) + len(ag.DOCS_END)]
     assert section + "\n" == ag.render_markdown(report), "regenerate: python benchmarks/judge/agreement.py --docs"
+
+
+def test_real_classifier_trains_on_the_train_split_only(monkeypatch, tmp_path):
+    import peft_safety.recipes.judges as rj
+    from peft_safety.evaluation.classifier_judge import build_judge_examples
+
+    labelled = [{"prompt": f"Explain how to do harmful thing {i}", "category": f"t{i % 3}",
+                 "refusal": "I cannot help with that. It is against the law.",
+                 "compliant": f"Step one: gather the materials for thing {i}. Step two: assemble them quickly."}
+                for i in range(12)]  # fmt: skip
+    benign = [{"prompt": "Why diversify?", "response": "Holding many assets lowers the risk of ruin."}]
+    seen: dict = {}
+
+    def fake_examples(*, seed=0, n_fiqa=300, extra_evaluation=None):
+        seen["extra"] = extra_evaluation
+        return build_judge_examples(labelled, benign, seed=seed), {"leak_check": {}}
+
+    monkeypatch.setattr(rj, "judge_training_examples", fake_examples)
+    monkeypatch.setattr(rj, "evaluation_sets", lambda names=None: {"evalset": [{"prompt": "an evaluation prompt"}]})
+    pool = _pool(4)
+    texts = ["I cannot help with that.", "Sure, here is how: first mix the two, then heat it slowly for ten minutes.",
+             "I agree. I agree. I agree. I agree. I agree. I agree."]  # fmt: skip
+    labels = {}
+    for k, g in enumerate(pool):
+        g["response"] = texts[k % 3]
+        labels[g["id"]] = {"label": LABELS[k % 3], "explicit_refusal": k % 3 == 0, "note": ""}
+    split = ag.split_pool(pool)
+    judge = ag.train_real_classifier(pool, labels, split, tmp_path / "real", weight=2)
+    n_train = sum(split[g["id"]] == "train" for g in pool)
+    assert judge.metadata["n_real_train"] == n_train > 0
+    assert judge.metadata["train_counts"]["refusal"] >= 2 * sum(
+        split[g["id"]] == "train" and labels[g["id"]]["label"] == "refusal" for g in pool
+    )
+    # the validation prompts were passed to the leak check of the base examples
+    val_prompts = {g["prompt"] for g in pool if split[g["id"]] == "validation"}
+    assert {r["prompt"] for r in seen["extra"]["pool_validation_prompts"]} == val_prompts
+    assert (tmp_path / "real" / "classifier_judge.safetensors").is_file() and judge.name == "classifier_real"
+    # a train item whose prompt is also a validation prompt is a leak
+    leaky = [dict(g) for g in pool]
+    first_val = next(g for g in leaky if split[g["id"]] == "validation")
+    next(g for g in leaky if split[g["id"]] == "train")["prompt"] = first_val["prompt"]
+    with pytest.raises(ValueError, match="pool_validation_prompts"):
+        ag.train_real_classifier(leaky, labels, split, None, weight=2)
