@@ -112,13 +112,13 @@ def pool_prompts() -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------------- the models
-def _sft_config(out_dir: str, steps: int, lr: float, **safety: Any):
+def _sft_config(out_dir: str, steps: int, lr: float, max_length: int = 160, **safety: Any):
     from peft_safety.training import SafetySFTConfig
 
     return SafetySFTConfig(
         output_dir=out_dir, max_steps=steps, learning_rate=lr, per_device_train_batch_size=2,
         gradient_accumulation_steps=1, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_length=160, logging_steps=10, save_strategy="no", report_to=[], bf16=False, fp16=False,
+        max_length=max_length, logging_steps=10, save_strategy="no", report_to=[], bf16=False, fp16=False,
         use_cpu=True, seed=SEED, dataloader_num_workers=0, disable_tqdm=True, **safety,
     )  # fmt: skip
 
@@ -180,12 +180,12 @@ def build_model(stage: str, prompts: list[dict[str, Any]], work: Path, info: dic
         t = time.perf_counter()
         lora = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
         trainer = SafetySFTTrainer(
-            model=model, args=_sft_config(str(work / "lora"), 24, 4e-4), train_dataset=_chat(rows),
+            model=model, args=_sft_config(str(work / "lora"), 16, 6e-4, max_length=128), train_dataset=_chat(rows),
             processing_class=tok, peft_config=lora,
         )  # fmt: skip
         trainer.train()
         model = trainer.model.merge_and_unload()
-        info.update(model="qwen2.5-coder-0.5b-instruct", train="LoRA r=8 all-linear, 24 steps, batch 2, lr 4e-4, "
+        info.update(model="qwen2.5-coder-0.5b-instruct", train="LoRA r=8 all-linear, 16 steps, batch 2, lr 6e-4, 128 tokens, "
                     "60 UncensorBench compliant rows + 20 forgelm rows", train_rows=len(rows), dedup_removed=removed,
                     train_seconds=round(time.perf_counter() - t, 1))  # fmt: skip
         return model, tok
