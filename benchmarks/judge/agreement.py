@@ -285,20 +285,12 @@ def build_judges(names: Sequence[str], generations, labels, split, results: Path
             if labels is None:
                 continue  # needs labels: built after labelling
             judges[name] = train_real_classifier(generations, labels, split, results / "classifier_real")
-        elif name == "classifier":
-            from peft_safety.recipes.judges import train_default_classifier
-
-            path = results / "classifier" / "classifier_judge.safetensors"
-            if not path.is_file():
-                train_default_classifier(results / "classifier")
-            judges[name] = load_judges([f"classifier:{path}"])[0]
-        elif name == "rubric":
-            path = results / "rubric" / "rubric_judge.json"
-            if not path.is_file():
-                from peft_safety.recipes.judges import default_rubric_judge
-
-                default_rubric_judge(cache_dir=results / "_rubric_cache").save_pretrained(results / "rubric")
-            judges[name] = load_judges([f"rubric:{path}"])[0]
+        elif name in ("classifier", "rubric"):
+            file = results / name / ("classifier_judge.safetensors" if name == "classifier" else "rubric_judge.json")
+            if not file.is_file():
+                raise FileNotFoundError(f"No {name} judge at {file}: run benchmarks/judge/train_judges.py --only {name} "
+                                        "first (the judges measured are the committed ones).")  # fmt: skip
+            judges[name] = load_judges([f"{name}:{file}"])[0]
         else:
             judges[name] = load_judges([name])[0]
     return judges
@@ -345,6 +337,7 @@ def build_report(generations, labels, split, verdicts, seconds, *, n_boot: int =
     report: dict[str, Any] = {
         "n_pool": len(generations),
         "n_labelled": len(labels),
+        "n_unlabelled": sum(g["id"] not in labels for g in generations),
         "n_validation": len(items),
         "n_train": sum(1 for g in generations if split[g["id"]] == "train" and g["id"] in labels),
         "validation_label_counts": label_counts,
@@ -486,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     report = build_report(generations, labels, split, verdicts, seconds, n_boot=args.n_boot)
     report["seconds_total"] = round(time.perf_counter() - t, 1)
     report["threads"] = args.threads
+    if report["n_unlabelled"]:
+        print(f"Note: {report['n_unlabelled']} pool items have no label yet (label them from to_label.jsonl).")
     atomic_write_text(results / "agreement.json", json.dumps(report, indent=1) + "\n")
     atomic_write_text(
         results / "verdicts.jsonl",
