@@ -2,7 +2,7 @@
 
 * ``classifier``: the default `ClassifierJudge` (`peft_safety.recipes.judges.train_default_classifier`): UncensorBench
   refusal/compliant pairs, FiQA and forgelm answers, built-in non-answers; checked by n-gram overlap against every
-  evaluation source (`EVALUATION_SOURCES`) and against every prompt and response of the judge-validation pool.
+  evaluation source (`EVALUATION_SOURCES`); ``--pool-check-only`` reports its overlap with the validation pool.
   Saved to ``benchmarks/results/judge/classifier/classifier_judge.safetensors``.
 * ``rubric``: `RubricJudge` on Qwen2.5-Coder-0.5B-Instruct, calibrated on a class-stratified sample of the same
   training examples; its held-out-topic agreement on the synthetic examples is measured too. Saved to
@@ -39,19 +39,37 @@ def _pool_texts(results: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def pool_overlap(results: Path) -> dict[str, Any]:
+    """Overlap of the default training examples with the validation pool's prompts and responses (a report: the
+    pool is no training source, but a published refusal template can equal a model's stock refusal word for word)."""
+    from collections import Counter
+
+    from peft_safety.evaluation.classifier_judge import leak_report
+    from peft_safety.recipes.judges import judge_training_examples
+
+    examples, _ = judge_training_examples()
+    pool = _pool_texts(results)
+    sets = {"pool_prompts": [g["prompt"] for g in pool], "pool_responses": [g["response"] for g in pool]}
+    report = leak_report(examples, sets, max_listed=10_000)
+    out: dict[str, Any] = {"n_pool": len(pool)}
+    for name, rep in report.items():
+        leaked = set(rep["examples"])
+        out[name] = {
+            "n_training_texts": rep["n_leaked"],
+            "distinct_texts": sorted(Counter(rep["examples"])),
+            "training_sources": dict(Counter(e.source for e in examples if e.prompt[:160] in leaked
+                                             or e.response[:160] in leaked)),
+        }  # fmt: skip
+    return out
+
+
 def train_classifier(results: Path) -> dict[str, Any]:
-    from peft_safety.evaluation.classifier_judge import check_no_leak
     from peft_safety.recipes.judges import train_default_classifier
 
     t = time.perf_counter()
     judge = train_default_classifier(results / "classifier")
     seconds = time.perf_counter() - t
     meta = judge.metadata
-    from peft_safety.recipes.judges import judge_training_examples
-
-    examples, _ = judge_training_examples(seed=meta["settings"]["seed"], n_fiqa=meta["settings"]["n_fiqa"])
-    pool = _pool_texts(results)
-    pool_check = check_no_leak(examples, {"judge_pool": pool}) if pool else None
     return {
         "file": "benchmarks/results/judge/classifier/classifier_judge.safetensors",
         "settings": meta["settings"],
@@ -59,7 +77,6 @@ def train_classifier(results: Path) -> dict[str, Any]:
         "train_counts": meta["train_counts"],
         "n_examples": meta["n_examples"],
         "leak_check": meta["leak_check"],
-        "leak_check_pool": pool_check,
         "synthetic_held_out_topics": meta["synthetic_held_out_topics"],
         "held_out_groups": meta["held_out_groups"],
         "seconds": round(seconds, 1),
@@ -67,7 +84,7 @@ def train_classifier(results: Path) -> dict[str, Any]:
 
 
 def train_rubric(results: Path, threads: int) -> dict[str, Any]:
-    from peft_safety.evaluation.classifier_judge import check_no_leak, split_examples
+    from peft_safety.evaluation.classifier_judge import split_examples
     from peft_safety.evaluation.model_judge import RubricJudge
     from peft_safety.recipes.judges import RUBRIC_MODEL, judge_training_examples
     from peft_safety.sources.models import load_model
@@ -76,8 +93,6 @@ def train_rubric(results: Path, threads: int) -> dict[str, Any]:
     model, tok = load_model(RUBRIC_MODEL)
     model.eval()
     examples, info = judge_training_examples()
-    pool = _pool_texts(results)
-    pool_check = check_no_leak(examples, {"judge_pool": pool}) if pool else None
     train, held = split_examples(examples, holdout=0.2, seed=0)
     rng = random.Random(0)
 
@@ -115,7 +130,6 @@ def train_rubric(results: Path, threads: int) -> dict[str, Any]:
         "calibration": cal,
         "synthetic_held_out_topics": {"raw": score(raw_pred), "calibrated": score(cal_pred)},
         "leak_check": info["leak_check"],
-        "leak_check_pool": pool_check,
         "seconds": round(seconds, 1),
         "threads": threads,
     }
@@ -126,11 +140,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--only", choices=("classifier", "rubric"), default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--pool-check-only",
+        action="store_true",
+        help="Only (re)check the training examples against the pool as it is now (the pool grows by stage).",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = Path(args.results)
     path = results / "judges.json"
     record = json.loads(path.read_text()) if path.is_file() else {}
+    if args.pool_check_only:
+        record["pool_overlap"] = pool_overlap(results)
+        from peft_safety._io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+        print(json.dumps(record["pool_overlap"]))
+        return 0
     if args.only in (None, "classifier"):
         record["classifier"] = train_classifier(results)
         print(json.dumps(record["classifier"]["synthetic_held_out_topics"]["accuracy"]), flush=True)
