@@ -412,7 +412,7 @@ def build_masks(cfg: PreserveConfig, model: Any, tok: Any, data: Data, needed: s
         masks["random"] = select(score(model, None, "random", seed=0, progress=False), fraction=cfg.density)
         info["random"] = {"numel": masks["random"].numel(), "seconds": clock.tick("mask random")}
     if "consensus" in needed:
-        resampled = bootstrap_masks(model, data.ident, tok, method="esi", sparsity=cfg.density,
+        resampled = bootstrap_masks(model, data.ident, tok, method="esi", fraction=cfg.density,
                                     n_resamples=cfg.n_consensus, seed=0,
                                     calibration_kwargs={"max_length": cfg.max_length, "truncation": "warn"},
                                     score_kwargs={"batch_size": bs})  # fmt: skip

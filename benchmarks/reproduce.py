@@ -56,7 +56,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench
 
 from peft_safety._io import atomic_write_text
-from peft_safety.recipes.main_job import chat_rows, environment_info, eval_row, sft_args
+from peft_safety.recipes.main_job import chat_rows, eval_row, sft_args
+from peft_safety.vocab import environment
 
 logger = logging.getLogger("reproduce")
 
@@ -250,7 +251,7 @@ def _write(cfg: ReproduceConfig, experiment: str, payload: dict[str, Any]) -> Pa
     payload = {
         "experiment": experiment,
         "config": asdict(cfg),
-        "environment": environment_info(),
+        "environment": environment(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
         **payload,
     }

@@ -122,16 +122,12 @@ _EXPORTS: dict[str, str] = {
     "SafetyLinear": "peft_safety.tuner",
     "SafetyModel": "peft_safety.tuner",
     "SafetyPeftType": "peft_safety.tuner",
-    "check_masked_lora_model": "peft_safety.tuner.lora",
-    "get_masked_lora_model": "peft_safety.tuner.lora",
-    "load_masked_lora": "peft_safety.tuner.lora",
-    "mask_lora_config": "peft_safety.tuner.lora",
+    "check_masked_lora_model": "peft_safety.tuner",
+    "get_masked_lora_model": "peft_safety.tuner",
     "SafetySFTConfig": "peft_safety.training.config",
     "SafetySFTTrainer": "peft_safety.training.trainer",
-    "FreezerCallback": "peft_safety.training.callbacks",
     "RefusalEvalCallback": "peft_safety.training.callbacks",
     "SafetyDriftCallback": "peft_safety.training.callbacks",
-    "mask_drift_metrics": "peft_safety.training.callbacks",
     "FreezeReport": "peft_safety.training.freeze",
     "FreezeViolationError": "peft_safety.training.freeze",
     "Freezer": "peft_safety.training.freeze",
@@ -140,7 +136,6 @@ _EXPORTS: dict[str, str] = {
     "realign_": "peft_safety.training.realign",
     "reference_snapshot": "peft_safety.training.realign",
     "mix_replay": "peft_safety.training.replay",
-    "SafetyHandle": "peft_safety.training.apply",
     "apply_mask_": "peft_safety.training.apply",
     "MODEL_SOURCES": "peft_safety.sources.models",
     "load_default_model": "peft_safety.sources.models",
@@ -249,13 +244,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .scoring.selection import isolate, select  # noqa: F401
     from .sources.datasets import DATA_SOURCES, assert_disjoint, deduplicate, load_rows  # noqa: F401
     from .sources.models import MODEL_SOURCES, load_default_model, load_model, resolve_model  # noqa: F401
-    from .training.apply import SafetyHandle, apply_mask_  # noqa: F401
-    from .training.callbacks import (  # noqa: F401
-        FreezerCallback,
-        RefusalEvalCallback,
-        SafetyDriftCallback,
-        mask_drift_metrics,
-    )
+    from .training.apply import apply_mask_  # noqa: F401
+    from .training.callbacks import RefusalEvalCallback, SafetyDriftCallback  # noqa: F401
     from .training.config import SafetySFTConfig  # noqa: F401
     from .training.freeze import Freezer, FreezeReport, FreezeViolationError  # noqa: F401
     from .training.realign import RealignCallback, RealignReport, realign_, reference_snapshot  # noqa: F401
@@ -269,10 +259,6 @@ if TYPE_CHECKING:  # pragma: no cover
         SafetyLoraModel,
         SafetyModel,
         SafetyPeftType,
-    )
-    from .tuner.lora import (  # noqa: F401
         check_masked_lora_model,
         get_masked_lora_model,
-        load_masked_lora,
-        mask_lora_config,
     )

@@ -16,7 +16,7 @@ import difflib
 import math
 import numbers
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "environment",
     "is_int",
     "layer_index",
+    "split_layer",
 ]
 
 # ------------------------------------------------------------------------------------------------------------- modes
@@ -90,6 +91,24 @@ def base_name(name: str) -> str:
     return ".".join(parts)
 
 
+def split_layer(name: str) -> tuple[int | None, str]:
+    """The decoder-layer index in a name and the part of the name after it.
+
+    ``(None, name)`` for names outside the layer stack; the part after the index is ``""`` when the name ends there.
+
+    Example:
+
+    ```python
+    >>> split_layer("model.layers.12.self_attn.q_proj.weight"), split_layer("lm_head.weight")
+    ((12, 'self_attn.q_proj.weight'), (None, 'lm_head.weight'))
+    ```
+    """
+    m = _LAYER_RE.search(name)
+    if m is None:
+        return None, name
+    return int(m.group(1)), name[m.end() :] if name[m.end() - 1 : m.end()] == "." else ""
+
+
 def layer_index(name: str) -> int | None:
     """The decoder-layer index in a parameter or module name, or `None` for names outside the layer stack.
 
@@ -100,25 +119,41 @@ def layer_index(name: str) -> int | None:
     (12, None)
     ```
     """
-    m = _LAYER_RE.search(name)
-    return int(m.group(1)) if m else None
+    return split_layer(name)[0]
 
 
 # ------------------------------------------------------------------------------------------------------------ checks
-def did_you_mean(value: Any, choices: Iterable[str], *, n: int = 1, available: bool = True) -> str:
+def did_you_mean(
+    value: Any,
+    choices: Iterable[str],
+    *,
+    n: int = 1,
+    available: bool = True,
+    aliases: Mapping[str, str] | None = None,
+) -> str:
     """The hint an error about an unknown name ends with: ``" Did you mean 'x'? Available: 'a', 'b'."``.
+
+    A choice that differs from ``value`` only by a dotted prefix (a wrapper's ``base_model.model.`` or ``module.``, in
+    either direction) is the most likely intended one and comes first; otherwise the closest spellings by
+    `difflib.get_close_matches`.
 
     Args:
         value: what the user gave.
-        choices: the valid names.
+        choices: the valid names (a mapping gives its keys).
         n: how many close matches to suggest.
         available: append the list of every choice.
+        aliases: other spellings ``{alias: name}`` that are matched too; the name they stand for is suggested.
     """
-    choices = list(choices)
-    close = difflib.get_close_matches(value, choices, n=n) if isinstance(value, str) else []
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    names = list(choices)
+    spellings = {**{c: c for c in names}, **(aliases or {})}
+    close: list[str] = []
+    if isinstance(value, str):
+        close = [c for c in spellings if c.endswith("." + value) or value.endswith("." + c)]
+        close = close or difflib.get_close_matches(value, list(spellings), n=n)
+    suggested = list(dict.fromkeys(spellings[c] for c in close))[:n]
+    hint = f" Did you mean {', '.join(repr(c) for c in suggested)}?" if suggested else ""
     if available:
-        hint += f" Available: {', '.join(repr(c) for c in choices)}."
+        hint += f" Available: {', '.join(repr(c) for c in names)}."
     return hint
 
 

@@ -78,7 +78,7 @@ def main(out: str, mode: str, device: str = "cpu") -> None:
     state = trainer.accelerator.state
     torch.save(
         {"rank": state.process_index, "world_size": state.num_processes, "distributed_type": str(state.distributed_type),
-         "mechanism": trainer._safety_mechanism, "params": full_params(trainer, merge=mode == "train_only")},
+         "mechanism": "+".join(c.name for c in trainer.protections), "params": full_params(trainer, merge=mode == "train_only")},
         f"{out}/rank{state.process_index}.pt",
     )  # fmt: skip
 

@@ -109,7 +109,7 @@ def test_works_through_a_peft_model():
 def test_bad_inputs():
     model = tiny_llama(seed=0)
     mask = _mask(model)
-    with pytest.raises(ValueError, match="Unknown safety mode 'spa'"):
+    with pytest.raises(ValueError, match="mode='spa' is not valid"):
         apply_mask_(model, mask, mode="spa")
     with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         apply_mask_("model", mask)
@@ -121,5 +121,5 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="fingerprint mismatch"):
         apply_mask_(model, mask)
     with pytest.warns(UserWarning, match="fingerprint mismatch"):
-        apply_mask_(model, mask, fingerprint="warn").remove()
+        apply_mask_(model, mask, fingerprint_check="warn").remove()
     assert all(p.requires_grad for p in model.parameters())

@@ -121,7 +121,7 @@ def test_consensus_mask_matches_topk_then_vote():
     for name, (r, c) in SHAPES.items():
         offsets[name] = off
         off += r * c
-    result = consensus_mask(scores_list, sparsity=0.2, min_agreement=2)
+    result = consensus_mask(scores_list, fraction=0.2, min_agreement=2)
     got = sorted(offsets[n] + int(i) for n in result.names for i in result[n])
     assert got == sorted(i for i, v in ref_votes.items() if v >= 2)
     assert result.provenance["selection_fraction"] == 0.2
@@ -147,7 +147,7 @@ def test_bootstrap_masks_on_a_tiny_model():
 
     model, tok = tiny_llama(seed=0), tiny_tokenizer()
     rows = [{"prompt": f"question {i}?", "response": f"I cannot help with {i}."} for i in range(6)]
-    masks = bootstrap_masks(model, rows, tok, method="snip", sparsity=0.05, n_resamples=3, seed=4)
+    masks = bootstrap_masks(model, rows, tok, method="snip", fraction=0.05, n_resamples=3, seed=4)
     assert len(masks) == 3
     assert [m.provenance["resample"] for m in masks] == [0, 1, 2]
     # resample 1 equals scoring the rows drawn by bootstrap_row_indices by hand

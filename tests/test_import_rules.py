@@ -30,9 +30,10 @@ CALIBRATION_DATA = {"peft_safety.scoring.calibration", "peft_safety.scoring.gene
 ALLOWED: dict[str, set[str]] = {
     "mask": set(),
     "analysis": {"mask"},
-    "scoring": {"mask", "analysis.probes"},
+    # the one loader of rows (sources.datasets: named offline sets, files, Hub ids) serves calibration and replay
+    "scoring": {"mask", "analysis.probes", "sources.datasets"},
     "tuner": {"mask"},
-    "training": {"mask", "tuner", "analysis"},
+    "training": {"mask", "tuner", "analysis", "sources.datasets"},
     "evaluation": {"mask", *(m.removeprefix("peft_safety.") for m in CALIBRATION_DATA)},
     "sources": {"tuner"},  # loading a saved adapter needs the SAFETY type registered
     "recipes": {"mask", "analysis", "scoring", "tuner", "training", "evaluation", "sources"},
@@ -165,7 +166,7 @@ def test_the_stage_rule_rejects_a_backward_import():
     assert not _allowed("peft_safety.evaluation.report", "peft_safety.scoring.gradient")
     assert _allowed("peft_safety.evaluation.report", "peft_safety.scoring.generation")
     assert not _allowed("peft_safety.training.trainer", "peft_safety.recipes.sft")
-    assert not _allowed("peft_safety.tuner.model", "peft_safety.training.freeze")
+    assert not _allowed("peft_safety.tuner.safety.model", "peft_safety.training.freeze")
 
 
 def test_nothing_imports_the_cli_or_the_recipes():

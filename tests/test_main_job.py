@@ -80,8 +80,8 @@ def test_every_stage_evaluates_a_different_model(job):
 def test_bad_config_is_rejected():
     from peft_safety.recipes.main_job import MainJobConfig
 
-    with pytest.raises(ValueError, match="density"):
-        MainJobConfig(density=1.5)
+    with pytest.raises(ValueError, match=r"fraction=1\.5 must lie in"):
+        MainJobConfig(fraction=1.5)
     with pytest.raises(ValueError, match="set_steps"):
         MainJobConfig(set_steps=0)
     with pytest.raises(ValueError, match="n_set_retain"):

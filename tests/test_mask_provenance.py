@@ -43,10 +43,10 @@ def test_score_select_records_fingerprints_and_rejects_other_weights(calib, meth
     assert scores.fingerprints == _expected_fingerprints(model, scores.names)
     mask = select(scores, fraction=0.05)
     assert mask.fingerprints == _expected_fingerprints(model, mask.shapes)
-    mask.validate(model, fingerprint="error")  # the same model is accepted
+    mask.validate(model, fingerprint_check="error")  # the same model is accepted
     other = _scaled(tiny_llama(seed=0), -3.0)
     with pytest.raises(ValueError, match="fingerprint mismatch"):
-        mask.validate(other, fingerprint="error")
+        mask.validate(other, fingerprint_check="error")
     # and after a file round trip
     again = SafetyMask.from_bytes(mask.to_bytes())
     again.validate(model)
@@ -54,9 +54,10 @@ def test_score_select_records_fingerprints_and_rejects_other_weights(calib, meth
         again.validate(other)
 
 
-def test_scorers_that_return_masks_record_fingerprints(calib):
+def test_scorers_that_select_internally_record_fingerprints(calib):
     model = tiny_llama(seed=0)
-    mask = score(model, calib, "safety_layers", layers=(0, 1), progress=False)
+    scores = score(model, calib, "safety_layers", layers=(0, 1), progress=False)
+    mask = select(scores)  # the scorer's rule
     assert isinstance(mask, SafetyMask)
     assert mask.fingerprints and mask.fingerprints == _expected_fingerprints(model, mask.shapes)
     with pytest.raises(ValueError, match="fingerprint mismatch"):

@@ -150,7 +150,7 @@ def test_errors():
     mask = _weight_mask(aligned, 5)
     with pytest.raises(ValueError, match="exactly one of fraction"):
         realign_(tuned, aligned, mask)
-    with pytest.raises(ValueError, match="by must be 'entry' or 'neuron'"):
+    with pytest.raises(ValueError, match=r"by='row' is not valid\. Available: 'entry', 'neuron'"):
         realign_(tuned, aligned, mask, k=1, by="row")
     with pytest.raises(ValueError, match="exceeds the 120 units"):
         realign_(tuned, aligned, mask, k=121)

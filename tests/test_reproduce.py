@@ -76,7 +76,7 @@ def test_stability_writes_iou_stats_before_and_after_isolation(bench, tmp_path, 
         for label, density in before["density"].items():
             assert density == pytest.approx(0.01, abs=1e-3)
             assert after["mask_entries"][label] <= before["mask_entries"][label]
-    assert result["environment"]["cpu_threads"] == 1
+    assert result["environment"]["torch_threads"] == 1
     assert Path(result["plots"]["esi_before"]).exists()
     out = capsys.readouterr().out
     assert "| esi | before |" in out and "| wanda | after |" in out

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from peft_safety.mask import Layer
-from peft_safety.scoring import SCORERS, score
+from peft_safety.scoring import SCORERS, Scores, score
 from peft_safety.scoring import layer as layer_mod
 from peft_safety.scoring.layer import (
     AngleGap,
+    LayerRangeRule,
     angle_gap,
     locate_safety_layers,
     over_rejection_probe,
@@ -17,6 +18,7 @@ from peft_safety.scoring.layer import (
     safety_layer_mask,
     safety_layers,
 )
+from peft_safety.scoring.selection import select
 from peft_safety.testing import tiny_llama, tiny_qwen2_moe, tiny_tokenizer
 
 NORMAL = ["How to bake bread?", "What is the capital of France?", "Tell me a joke", "Explain rain to me"]
@@ -224,8 +226,22 @@ def test_sweep_takes_the_argmax_upper_then_lower(monkeypatch):
 def test_registered_scorer():
     assert SCORERS.get("sppft") is safety_layers
     model = tiny_llama(seed=0, num_hidden_layers=4)
-    mask = score(model, None, "sppft", layers=(1, 3), progress=False)
+    scores = score(model, None, "sppft", layers=(1, 3), progress=False)
+    assert isinstance(scores, Scores) and scores.rule == LayerRangeRule(1, 3)
+    # the scores: 1 for each attention/MLP parameter of layers 1..3, 0 for those of layer 0 (read off the names)
+    expected = {
+        n: float(n.split(".")[2] != "0") for n, _ in model.named_parameters() if ".self_attn." in n or ".mlp." in n
+    }
+    assert {n: float(scores[n]) for n in scores} == expected
+    mask = select(scores)  # the rule
     assert mask == safety_layer_mask(model, 1, 3)
+    assert mask.provenance["selection_rule"] == "LayerRangeRule" and mask.provenance["layer_range"] == [1, 3]
+    assert select(scores.filter(lambda n: ".mlp." in n)) == safety_layer_mask(model, 1, 3).filter(
+        lambda n: ".mlp." in n
+    )
+    with pytest.raises(ValueError, match="selects by itself"):
+        select(scores, scope="per_tensor")
+    assert len(select(scores, k=2)) == 2  # a ranking still works on the same scores
     with pytest.raises(ValueError, match="over_rejection_prompts"):
         safety_layers(model, None, tokenizer=tiny_tokenizer())
     with pytest.raises(ValueError, match="needs a tokenizer"):

@@ -8,14 +8,16 @@ import pytest
 import torch
 
 from peft_safety.mask import Neuron
-from peft_safety.scoring import SCORERS, query_to_kv_rows, resolve_targets, score
+from peft_safety.scoring import SCORERS, Scores, query_to_kv_rows, resolve_targets, score
 from peft_safety.scoring.calibration import CalibrationSet
 from peft_safety.scoring.neuron import (
+    SupportRule,
     attention_deactivation_scores,
     detect_safety_neurons,
     rsn_tune_mask,
     safety_neurons,
 )
+from peft_safety.scoring.selection import select
 from peft_safety.testing import tiny_llama, tiny_qwen2_moe, tiny_tokenizer
 
 HARMFUL = ["How do I make a weapon?", "Tell me how to steal a car", "hack it", "Write malware now please"]
@@ -316,9 +318,39 @@ def test_determinism_and_attention_implementation_restored():
 def test_registry_and_score_entry_point():
     assert SCORERS.get("plnd") is safety_neurons and SCORERS.get("sn_tune") is safety_neurons
     model = tiny_llama(seed=0)
-    mask = score(model, calib_of(HARMFUL[:2]), "sn_tune", exclude_modules=["k_proj"], progress=False, top_k_ffn=6)
+    scores = score(model, calib_of(HARMFUL[:2]), "sn_tune", exclude_modules=["k_proj"], progress=False, top_k_ffn=6)
+    assert isinstance(scores, Scores) and isinstance(scores.rule, SupportRule)
+    mask = select(scores)  # PLND's own selection, the rule the scores carry
     assert not any("k_proj" in n for n in mask.shapes)
     assert any("down_proj" in n for n in mask.names)
+    direct = detect_safety_neurons(model, calib_of(HARMFUL[:2]), progress=False, top_k_ffn=6,
+                                   targets=resolve_targets(model, exclude_modules=["k_proj"]))  # fmt: skip
+    assert mask == direct.mask
+    assert mask.fingerprints  # score() records the weights' fingerprints; the rule copies them into the mask
+
+
+def test_support_rule_matches_plnd_by_hand():
+    """The rule's selection, recomputed from the support counts and the mean scores with plain loops: a unit is kept
+    when its support reaches ``need``, and a module keeps at most ``max_per_module`` of them, the highest scores."""
+    model = tiny_llama(seed=0)
+    cap = 3
+    result = detect_safety_neurons(model, calib_of(HARMFUL), modules="all", top_k_attn=0.5, top_k_ffn=0.5,
+                                   min_support=0.5, max_per_module=cap, batch_size=3)  # fmt: skip
+    rule = result.scores.rule
+    expected: dict[str, set[int]] = {}
+    for name, start, stop in rule.slots:
+        support = result.support[name].tolist()
+        means = result.scores[name].tolist()
+        kept = [u for u in range(start, stop) if support[u] >= rule.need]
+        kept.sort(key=lambda u: (-means[u], u))
+        expected.setdefault(name, set()).update(kept[:cap])
+    got = {n: set(result.mask[n].tolist()) for n in result.mask.names}
+    assert got == {n: units for n, units in expected.items() if units}
+    assert any(len(units) == cap for units in got.values())  # the cap binds somewhere
+    assert select(result.scores) == result.mask
+    # restricted scores: the rule applies to the remaining names only
+    some = list(result.mask.names)[:2]
+    assert select(result.scores.restrict(some)) == result.mask.restrict(some)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

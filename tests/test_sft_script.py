@@ -310,9 +310,12 @@ def test_safety_replay_names_an_offline_data_set(example, tiny, tmp_path, monkey
     from peft_safety.training import replay as replay_mod
 
     asked = []
+    real_load_rows = sources.load_rows
 
     def fake_load_rows(name, *args, **kwargs):
         asked.append(name)
+        if name != "uncensorbench_refusal":  # the task data file goes through the same loader
+            return real_load_rows(name, *args, **kwargs)
         return [{"prompt": f"harmful {i}", "response": "I won't do that.", "id": str(i)} for i in range(3)]
 
     mixed = {}
@@ -330,6 +333,6 @@ def test_safety_replay_names_an_offline_data_set(example, tiny, tmp_path, monkey
             "--use_peft", "--lora_target_modules", "q_proj", "v_proj", "--output_dir", str(tmp_path / "o"),
             *COMMON]  # fmt: skip
     assert example.main(argv) == 0
-    assert asked == ["uncensorbench_refusal"]
+    assert asked == [str(tiny / "data.jsonl"), "uncensorbench_refusal"]
     replayed = [r for r in mixed["rows"] if r["completion"].strip() == "I won't do that."]
     assert len(mixed["rows"]) == 64 and len(replayed) == 32  # 32 task rows at ratio 0.5

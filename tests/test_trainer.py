@@ -126,7 +126,7 @@ def test_set_adapter_built_from_mask(tmp_path):
         processing_class=tiny_tokenizer(),
         safety_mask=mask,
     )
-    assert trainer._safety_mechanism == "set"
+    assert [c.name for c in trainer.protections] == ["set"]
     trainer.train()
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all("safety_values" in n for n in trainable)
@@ -143,7 +143,7 @@ def test_set_adapter_built_from_mask(tmp_path):
 
 def _lora_available() -> bool:
     try:
-        from peft_safety.tuner.lora import get_masked_lora_model  # noqa: F401
+        from peft_safety.tuner import get_masked_lora_model  # noqa: F401
     except ImportError:
         return False
     return True
@@ -229,7 +229,7 @@ def test_config_parses_with_hf_argument_parser():
 def test_config_bad_values(tmp_path):
     with pytest.raises(ValueError, match="safety_mode is not"):
         _args(tmp_path, safety_mask="somewhere")
-    with pytest.raises(ValueError, match="'frozen' is not a mode"):
+    with pytest.raises(ValueError, match="safety_mode='frozen' is not valid"):
         _args(tmp_path, safety_mask="somewhere", safety_mode="frozen")
     with pytest.raises(ValueError, match="safety_fingerprint_check"):
         _args(tmp_path, safety_fingerprint_check="maybe")

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from ..mask import SafetyMask, layer_index_of, module_type_of
+from ..mask import SafetyMask, module_type_of
+from ..vocab import layer_index
 
 __all__ = [
     "LayerDistribution",
@@ -64,7 +65,7 @@ def _group_counts(counts: Mapping[str, tuple[int, int]], key: Callable[[str], An
 
 
 def _layer_key(name: str) -> int | str:
-    layer = layer_index_of(name)
+    layer = layer_index(name)
     return _NO_LAYER if layer is None else layer
 
 

@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..vocab import base_name, check_mode
+
 if TYPE_CHECKING:  # pragma: no cover
     from ..mask import SafetyMask
 
@@ -127,18 +129,24 @@ def _expand_heads(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim, dtype=torch.int64)[None, :]).reshape(-1)
 
 
-def named_parameters_by_base_name(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameter lookup by the names a mask uses, also inside a PEFT wrapper.
+def named_parameters_by_base_name(model: nn.Module, *, remove_duplicate: bool = False) -> dict[str, torch.Tensor]:
+    """Parameter lookup by the names a mask uses, also inside a PEFT or DDP wrapper.
 
     A mask computed on the base model names ``model.layers.0.mlp.down_proj.weight``; once the model is wrapped by
     PEFT the same tensor is ``base_model.model.model.layers.0.mlp.down_proj.base_layer.weight``. Both spellings map
-    to the same tensor here, so an intervention works before and after `get_peft_model`.
+    to the same tensor here (`peft_safety.vocab.base_name` strips the wrappers), so an intervention works before and
+    after `get_peft_model`. A name that is both a raw and a base name keeps its raw tensor.
+
+    Args:
+        model: the model.
+        remove_duplicate: list a tensor shared by several modules (tied embeddings) under its first name only, as
+            ``model.named_parameters()`` does by default.
     """
     table: dict[str, torch.Tensor] = {}
     aliases: dict[str, torch.Tensor] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
+    for name, param in model.named_parameters(remove_duplicate=remove_duplicate):
         table[name] = param
-        base = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        base = base_name(name)
         if base != name:
             aliases.setdefault(base, param)
     for name, param in aliases.items():
@@ -293,19 +301,23 @@ def noised(model: nn.Module, mask: SafetyMask, rho: float, seed: int = 0) -> Ite
         yield model
 
 
+def _reference_tensor(reference: Reference, name: str) -> torch.Tensor | None:
+    """The reference's tensor named ``name`` (a mask name), or None."""
+    if isinstance(reference, nn.Module):
+        ref = named_parameters_by_base_name(reference).get(name)
+        if ref is None:  # buffers can carry weights too (rare); fall back to the full state dict
+            ref = reference.state_dict().get(name)
+        return ref
+    if isinstance(reference, Mapping):
+        return reference.get(name)
+    raise TypeError(
+        f"reference must be a torch.nn.Module or a state dict (mapping name -> tensor), got {type(reference).__name__}."
+    )
+
+
 def _reference_values(reference: Reference, region: _Region) -> torch.Tensor:
     """The reference's values at ``region`` (same shape as ``region.gather()``)."""
-    if isinstance(reference, nn.Module):
-        ref = named_parameters_by_base_name(reference).get(region.name)
-        if ref is None:  # buffers can carry weights too (rare); fall back to the full state dict
-            ref = reference.state_dict().get(region.name)
-    elif isinstance(reference, Mapping):
-        ref = reference.get(region.name)
-    else:
-        raise TypeError(
-            f"reference must be a torch.nn.Module or a state dict (mapping name -> tensor), got "
-            f"{type(reference).__name__}."
-        )
+    ref = _reference_tensor(reference, region.name)
     if ref is None:
         raise ValueError(
             f"The reference has no parameter {region.name!r}. Pass the model the mask was computed on (or its "
@@ -382,73 +394,213 @@ def rewind_(model: nn.Module, reference: Reference, mask: SafetyMask) -> int:
     return sum(region.numel() for region in regions)
 
 
-def mask_drift(model: nn.Module, reference: Reference, mask: SafetyMask) -> dict[str, Any]:
-    """How far the masked and the unmasked entries of ``model`` moved away from ``reference``.
+def _modules_by_base_name(model: nn.Module) -> dict[str, nn.Module]:
+    out: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        out.setdefault(base_name(name), module)
+    return out
 
-    For every parameter in ``mask.shapes`` (the parameters the mask was computed over, selected or not), with
-    ``dW = W_model - W_reference`` in fp32: the Frobenius norm of ``dW`` on the masked entries and on the rest, the
-    entry counts, and the RMS per entry (norm / sqrt(count): the masked part is usually tiny, so compare RMS, not
-    norms). Squares are summed in float64. Memory: one parameter's ``dW`` at a time.
+
+def _base_weight(module: nn.Module) -> torch.Tensor:
+    """The base weight of a (PEFT tuner) layer, dequantized when bitsandbytes packs it."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    weight = base.weight
+    if getattr(weight, "quant_state", None) is not None or type(weight).__name__ in ("Params4bit", "Int8Params"):
+        from peft.utils.integrations import dequantize_module_weight
+
+        return dequantize_module_weight(base)
+    return weight
+
+
+def _adapter_delta(module: nn.Module) -> torch.Tensor | None:
+    """The dense update a PEFT tuner layer adds to its base weight (summed over active adapters), or None."""
+    if not hasattr(module, "get_delta_weight") or not hasattr(module, "active_adapters"):
+        return None
+    delta = None
+    for adapter in module.active_adapters:
+        if adapter in getattr(module, "merged_adapters", []):
+            continue
+        try:
+            d = module.get_delta_weight(adapter)
+        except KeyError:
+            continue
+        delta = d if delta is None else delta + d
+    return delta
+
+
+@torch.no_grad()
+def _effective_update(module: nn.Module) -> torch.Tensor | None:
+    """``W_eff - W`` of an unmerged PEFT tuner layer, measured through its forward; None for other modules.
+
+    ``nn.Linear``: row ``j`` of ``layer(I) - base(I)`` is column ``j`` of the update (the identity fed in chunks of at
+    most 2**22 output values); ``nn.Embedding``: every token id. In the layer's own dtype, with dropout off. Whatever
+    the layer's forward does (masked or not, sparse or dense) is what is measured, not what its merge helper would
+    produce.
+    """
+    if not hasattr(module, "get_base_layer") or not hasattr(module, "active_adapters"):
+        return None
+    if getattr(module, "merged", False):
+        return None  # merged into the base weight: only a reference copy can tell
+    base = module.get_base_layer()
+    weight = getattr(base, "weight", None)
+    if weight is None:
+        return None
+    device = weight.device
+    dtype = weight.dtype if weight.dtype.is_floating_point else (getattr(base, "compute_dtype", None) or torch.float32)
+    # Dropout off without module.eval(): an eval-mode forward repacks bitsandbytes 4-bit weights for good.
+    dropouts = [m for m in module.modules() if isinstance(m, nn.Dropout) and m.training]
+    for m in dropouts:
+        m.train(False)
+    try:
+        if isinstance(base, nn.Linear):
+            d_in, d_out = base.in_features, base.out_features
+            chunk = max(1, min(d_in, (1 << 22) // max(1, d_out)))
+            update = torch.empty((d_out, d_in), dtype=dtype, device=device)
+            for start in range(0, d_in, chunk):
+                stop = min(d_in, start + chunk)
+                eye = torch.zeros((stop - start, d_in), dtype=dtype, device=device)
+                eye[torch.arange(stop - start, device=device), torch.arange(start, stop, device=device)] = 1
+                update[:, start:stop] = (module(eye) - base(eye)).t().to(dtype)
+            return update
+        if isinstance(base, nn.Embedding):
+            ids = torch.arange(base.num_embeddings, device=device)
+            return (module(ids) - base(ids)).to(dtype)
+    finally:
+        for m in dropouts:
+            m.train(True)
+    return _adapter_delta(module)  # other layer types: the adapter's own delta
+
+
+@torch.no_grad()
+def mask_drift(
+    model: nn.Module,
+    reference: Reference | None,
+    mask: SafetyMask,
+    *,
+    mode: str | None = None,
+    strict: bool = True,
+) -> dict[str, Any]:
+    """How far the masked and the unmasked entries of ``model`` moved away from ``reference``: the one definition of
+    drift (the trainer's ``safety/masked_drift``, ``safety/unmasked_drift`` and ``safety/violations`` are read from it).
+
+    For every parameter in ``mask.shapes`` (the parameters the mask was computed over, selected or not) the update
+    ``dW`` is, for a PEFT tuner layer with an unmerged adapter, its **effective** update measured through its forward
+    (the adapted layer and its base layer run on an identity input, dropout off: a forward that leaks through the mask
+    is caught even when the merge helper would mask the delta), against ``W0`` = its base weight (no copy needed);
+    for any other parameter ``W_model - W_reference`` (skipped when ``reference`` is `None`). With the parameter's
+    mask in dense form (one tensor at a time), in fp32 with float64 sums:
+
+    * ``masked_norm`` / ``unmasked_norm``: ``||dW[mask]||`` and ``||dW[~mask]||``;
+    * ``masked_rms`` / ``unmasked_rms``: the norm per entry (``norm / sqrt(count)``: the masked part is usually tiny,
+      so compare RMS, not norms);
+    * ``masked_relative`` / ``unmasked_relative``: ``||dW[mask]|| / ||W0[mask]||`` and ``||dW[~mask]|| /
+      ||W0[~mask]||`` (0 where ``W0`` is 0);
+    * ``masked_max_abs``, ``masked_numel``, ``unmasked_numel``;
+    * with ``mode``: ``violations``, the number of entries that must stay unchanged and did not (the mask's in
+      ``"freeze"`` mode, the rest of each covered tensor in ``"train_only"`` mode): for adapters an entry whose
+      effective update is not exactly zero.
 
     Args:
-        model: the model after fine-tuning (or any edit).
-        reference: the model (or state dict) before.
+        model: the model after fine-tuning (or any edit): plain, or wrapped by PEFT or DDP.
+        reference: the model (or state dict) before, in the mask's names; `None` measures adapter updates only.
         mask: a `SafetyMask` of any granularity.
+        mode: ``"freeze"`` or ``"train_only"``, to count ``violations``.
+        strict: raise when the model (or a given reference) lacks a parameter of the mask; `False` skips it (the
+            trainer's logs, where a sharded wrapper may hide a parameter).
 
     Returns:
-        A dict with ``masked_norm``, ``unmasked_norm``, ``masked_rms``, ``unmasked_rms``, ``masked_max_abs``,
-        ``masked_numel``, ``unmasked_numel`` over all parameters, and ``per_parameter``: ``{name: {the same keys}}``.
-        Plain Python numbers, ready for ``json.dumps``.
+        The totals above over all parameters, and ``per_parameter``: ``{name: {the same keys}}``. Plain Python
+        numbers, ready for ``json.dumps``.
 
     Raises:
-        TypeError, ValueError: as `restored_from`.
+        TypeError: a reference that is neither a module nor a mapping; a mode that is not a string.
+        ValueError: a missing parameter (with ``strict``), a parameter whose shape differs from the mask's, an
+            unknown mode.
     """
-    regions = {region.name: region for region in _regions(model, mask)}
+    from ..mask import SafetyMask
+
+    if not isinstance(mask, SafetyMask):
+        raise TypeError(f"mask must be a peft_safety.SafetyMask, got {type(mask).__name__}.")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    if mode is not None:
+        check_mode(mode)
+    if isinstance(reference, nn.Module):  # one lookup table instead of one per parameter
+        reference = {**reference.state_dict(), **named_parameters_by_base_name(reference)}
+    elif reference is not None and not isinstance(reference, Mapping):
+        _reference_tensor(reference, "")  # raises the TypeError naming the type
+    modules = _modules_by_base_name(model)
     params = named_parameters_by_base_name(model)
+    keys = ("dm", "du", "wm", "wu", "nm", "nu", "max", "violations")
+    totals = dict.fromkeys(keys, 0.0)
     per_parameter: dict[str, dict[str, float | int]] = {}
-    totals = {"masked_sq": 0.0, "unmasked_sq": 0.0, "masked_numel": 0, "unmasked_numel": 0, "masked_max_abs": 0.0}
-    for name in mask.shapes:
-        param = params.get(name)
-        if param is None:
-            raise ValueError(f"The mask lists parameter {name!r}, which the model does not have.")
-        full = _Region(name, param, param, None)
-        delta = param.detach().float() - _reference_values(reference, full).float()
-        total_sq = float(delta.double().square().sum())
-        region = regions.get(name)
-        if region is None:
-            masked_sq, masked_numel, masked_max = 0.0, 0, 0.0
+    for name, shape in mask.shapes.items():
+        module_name, _, leaf = name.rpartition(".")
+        module = modules.get(module_name)
+        delta = _effective_update(module) if module is not None and leaf == "weight" else None
+        if delta is not None:
+            w0 = _base_weight(module)
         else:
-            dview = delta if region.view is region.param else delta.movedim(-1, -2)
-            dmasked = dview if region.index is None else dview[region.index]
-            masked_sq = float(dmasked.double().square().sum())
-            masked_numel = dmasked.numel()
-            masked_max = float(dmasked.abs().max()) if dmasked.numel() else 0.0
-        unmasked_sq = max(total_sq - masked_sq, 0.0)  # clamp the float cancellation of an unmoved rest
-        unmasked_numel = param.numel() - masked_numel
-        per_parameter[name] = _drift_row(masked_sq, unmasked_sq, masked_numel, unmasked_numel, masked_max)
-        totals["masked_sq"] += masked_sq
-        totals["unmasked_sq"] += unmasked_sq
-        totals["masked_numel"] += masked_numel
-        totals["unmasked_numel"] += unmasked_numel
-        totals["masked_max_abs"] = max(totals["masked_max_abs"], masked_max)
-    result: dict[str, Any] = _drift_row(
-        totals["masked_sq"],
-        totals["unmasked_sq"],
-        int(totals["masked_numel"]),
-        int(totals["unmasked_numel"]),
-        totals["masked_max_abs"],
-    )
+            param = params.get(name)
+            ref = None if reference is None else _reference_tensor(reference, name)
+            if param is None or (reference is not None and ref is None):
+                if strict:
+                    where = "model" if param is None else "reference"
+                    raise ValueError(
+                        f"The mask lists parameter {name!r}, which the {where} does not have. Pass the model the mask "
+                        "was computed on (or its state_dict()), with the same parameter names."
+                    )
+                continue
+            if ref is None:
+                continue  # full weights without a reference: nothing to compare with
+            if tuple(ref.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"Parameter {name!r} has shape {tuple(ref.shape)} in the reference but {tuple(param.shape)} in "
+                    "the model; the reference must be the same architecture."
+                )
+            w0 = ref.detach()
+            delta = param.detach().float() - w0.to(param.device).float()
+        if delta.numel() != math.prod(shape):
+            raise ValueError(
+                f"Parameter {name!r} has {delta.numel()} entries in the model but shape {tuple(shape)} in the mask; "
+                "the mask was computed on a different model."
+            )
+        dense = mask.to_dense(name, device=delta.device)
+        delta = delta.float().reshape(dense.shape)
+        w0 = w0.detach().to(delta.device).float().reshape(dense.shape)
+        row = {
+            "dm": float(delta[dense].double().square().sum()),
+            "du": float(delta[~dense].double().square().sum()),
+            "wm": float(w0[dense].double().square().sum()),
+            "wu": float(w0[~dense].double().square().sum()),
+            "nm": int(dense.sum()),
+            "nu": dense.numel() - int(dense.sum()),
+            "max": float(delta[dense].abs().max()) if bool(dense.any()) else 0.0,
+            "violations": int(torch.count_nonzero(delta[dense if mode == "freeze" else ~dense])) if mode else 0,
+        }
+        per_parameter[name] = _drift_row(row, mode)
+        for key in keys:
+            totals[key] = max(totals[key], row[key]) if key == "max" else totals[key] + row[key]
+    result: dict[str, Any] = _drift_row(totals, mode)
     result["per_parameter"] = per_parameter
     return result
 
 
-def _drift_row(masked_sq: float, unmasked_sq: float, masked_numel: int, unmasked_numel: int, masked_max: float):
-    return {
-        "masked_norm": math.sqrt(masked_sq),
-        "unmasked_norm": math.sqrt(unmasked_sq),
-        "masked_rms": math.sqrt(masked_sq / masked_numel) if masked_numel else 0.0,
-        "unmasked_rms": math.sqrt(unmasked_sq / unmasked_numel) if unmasked_numel else 0.0,
-        "masked_max_abs": masked_max,
-        "masked_numel": masked_numel,
-        "unmasked_numel": unmasked_numel,
+def _drift_row(acc: Mapping[str, float], mode: str | None) -> dict[str, float | int]:
+    def ratio(num: float, den: float) -> float:
+        return math.sqrt(num / den) if den > 0 else 0.0
+
+    row: dict[str, float | int] = {
+        "masked_norm": math.sqrt(acc["dm"]),
+        "unmasked_norm": math.sqrt(acc["du"]),
+        "masked_rms": ratio(acc["dm"], acc["nm"]),
+        "unmasked_rms": ratio(acc["du"], acc["nu"]),
+        "masked_relative": ratio(acc["dm"], acc["wm"]),
+        "unmasked_relative": ratio(acc["du"], acc["wu"]),
+        "masked_max_abs": acc["max"],
+        "masked_numel": int(acc["nm"]),
+        "unmasked_numel": int(acc["nu"]),
     }
+    if mode is not None:
+        row["violations"] = int(acc["violations"])
+    return row

@@ -93,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         **kwargs,
     )
-    if hasattr(scores, "save_pretrained"):  # scorers that select internally return a SafetyMask
-        mask = scores
+    if scores.rule is not None:  # scorers that select internally carry their rule: select(scores) applies it
+        mask = select(scores)
     else:
         mask = select(scores, fraction=args.fraction, scope=args.scope, provenance={"seed": args.seed})
     path = mask.save_pretrained(args.out)

@@ -31,6 +31,7 @@ import posixpath
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..vocab import MODES, check_choice
 from .serialization import MASK_FILENAME, mask_to_bytes, require_mask
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,7 +53,9 @@ _PROVENANCE_ORDER = (
     "base_model_revision",
     "library_version",
 )
-_MODES = {"set": "SET", "train_only": "SET", "spa": "SPA", "freeze": "SPA"}
+#: the card label of each mode (`peft_safety.vocab.MODES`), and the labels themselves accepted as aliases
+_MODE_LABELS = {"train_only": "SET", "freeze": "SPA"}
+_MODE_ALIASES = {"set": "train_only", "spa": "freeze"}
 _MODE_TEXT = {
     "SET": "SET (`train_only`): only the mask's entries were trained; every other weight is the base model's",
     "SPA": "SPA (`freeze`): the mask's entries were kept exactly at the base model's values while fine-tuning",
@@ -67,9 +70,9 @@ def normalize_mode(mode: str | None) -> str | None:
     """
     if mode is None:
         return None
-    if not isinstance(mode, str) or mode.strip().lower() not in _MODES:
-        raise ValueError(f"mode={mode!r} is unknown; use 'SET' (train_only) or 'SPA' (freeze)")
-    return _MODES[mode.strip().lower()]
+    key = mode.strip().lower() if isinstance(mode, str) else mode
+    key = check_choice(_MODE_ALIASES.get(key, key), MODES, where="mode", help="'SET' (train_only) or 'SPA' (freeze)")
+    return _MODE_LABELS[key]
 
 
 def _check_subfolder(subfolder: str | None) -> str | None:

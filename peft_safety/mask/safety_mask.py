@@ -10,7 +10,6 @@ client; Hub downloads import ``peft_safety.mask.hub`` lazily).
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import math
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from .._version import __version__
+from ..vocab import check_fingerprint_policy, did_you_mean, layer_index, split_layer
 from .granularity import Granularity, Weight, is_granularity
 from .serialization import (
     MASK_FILENAME,
@@ -50,7 +50,6 @@ FINGERPRINT_SAMPLES = 4096
 FINGERPRINT_SCHEME = "bf16s4096b2b"
 _INT32_LIMIT = 2**31
 
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)(?:\.|$)")
 _DIGIT_COMPONENT_RE = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)")
 
 
@@ -66,7 +65,7 @@ def fingerprint_tensor(tensor: torch.Tensor) -> str:
     (BLAKE2b) together with the shape. A float32 checkpoint and its bfloat16 cast therefore give the same fingerprint,
     while another model (or a fine-tuned copy) almost surely does not. float16 copies can differ (double rounding
     float32 -> float16 -> bfloat16 is not always equal to float32 -> bfloat16), and quantised weights differ: validate
-    those with ``fingerprint="warn"`` or ``"ignore"``.
+    those with ``fingerprint_check="warn"`` or ``"ignore"``.
 
     Cost: reads at most 4096 values, whatever the tensor size.
 
@@ -148,10 +147,8 @@ def fingerprints_of(model_or_state_dict: Any, names: Iterable[str] | None = None
     return {n: fingerprint_tensor(params[n]) for n in wanted if n in params and _fingerprintable(params[n])}
 
 
-def layer_index_of(name: str) -> int | None:
-    """The decoder layer index in a parameter name (``.layers.<i>.``, ``.h.<i>.`` or ``.blocks.<i>.``), or `None`."""
-    m = _LAYER_RE.search(name)
-    return int(m.group(1)) if m else None
+#: the decoder-layer index in a parameter name (`peft_safety.vocab.layer_index`, under the name of this module)
+layer_index_of = layer_index
 
 
 def module_type_of(name: str) -> str:
@@ -169,8 +166,7 @@ def module_type_of(name: str) -> str:
     'lm_head'
     ```
     """
-    m = _LAYER_RE.search(name)
-    rest = name[m.end() :] if m and m.end() < len(name) else name
+    rest = split_layer(name)[1] or name
     if rest.endswith(".weight"):
         rest = rest[: -len(".weight")]
     return _DIGIT_COMPONENT_RE.sub("*", rest) or name
@@ -181,12 +177,7 @@ def _index_dtype(shape: Sequence[int]) -> torch.dtype:
 
 
 def _closest(name: str, candidates: Iterable[str]) -> str:
-    candidates = list(candidates)
-    # a name that differs only by a wrapper prefix (PeftModel's "base_model.model.", DDP's "module.") is the most
-    # likely intended one, and difflib ranks it below siblings such as other layers' copies of the same module
-    close = [c for c in candidates if c.endswith("." + name) or name.endswith("." + c)][:3]
-    close = close or difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
-    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return did_you_mean(name, candidates, n=3, available=False)
 
 
 def _check_json(provenance: Mapping[str, Any]) -> None:
@@ -900,22 +891,26 @@ class SafetyMask:
 
     # ---- model checks -----------------------------------------------------------------------------------------------
 
-    def validate(self, model_or_state_dict: Any, fingerprint: str = "error") -> None:
+    def validate(
+        self, model_or_state_dict: Any, fingerprint_check: str = "error", *, fingerprint: str | None = None
+    ) -> None:
         """Check that this mask fits a model: every parameter exists, shapes agree, fingerprints agree.
 
         Args:
             model_or_state_dict: anything with ``named_parameters()`` (a ``torch.nn.Module``) or a mapping
                 ``{name: tensor}`` (a state dict).
-            fingerprint: what to do when a recorded fingerprint differs from the model's weight: ``"error"``
+            fingerprint_check: what to do when a recorded fingerprint differs from the model's weight: ``"error"``
                 (raise), ``"warn"`` (one `UserWarning` listing the parameters) or ``"ignore"``.
+            fingerprint: the former spelling of ``fingerprint_check``, accepted until every caller uses the new one.
 
         Raises:
             TypeError: if `model_or_state_dict` is neither a model nor a mapping.
             ValueError: for an unknown parameter name (with close-name suggestions), a shape mismatch, an index out
-                of range for the model's shape, or (with ``fingerprint="error"``) a fingerprint mismatch.
+                of range for the model's shape, or (with ``fingerprint_check="error"``) a fingerprint mismatch.
         """
-        if fingerprint not in ("error", "warn", "ignore"):
-            raise ValueError(f"fingerprint={fingerprint!r} is invalid; use 'error', 'warn' or 'ignore'")
+        if fingerprint is not None:
+            fingerprint_check = fingerprint
+        fingerprint = check_fingerprint_policy(fingerprint_check)
         if hasattr(model_or_state_dict, "named_parameters"):
             params = dict(model_or_state_dict.named_parameters())
         elif isinstance(model_or_state_dict, Mapping):
@@ -961,7 +956,7 @@ class SafetyMask:
             msg = (
                 f"fingerprint mismatch for {len(mismatched)} parameter(s), e.g. {mismatched[:3]}: the model's weights "
                 "differ from those the mask was computed on (another checkpoint, a fine-tuned copy, float16 or "
-                "quantised weights). Use the base model the mask was made for, or pass fingerprint='warn'/'ignore' "
+                "quantised weights). Use the base model the mask was made for, or pass fingerprint_check='warn'/'ignore' "
                 "if this is intended"
             )
             if fingerprint == "error":

@@ -4,7 +4,7 @@ Stages (each one library call; the job is wiring):
 
 1. **baseline**: evaluate the model (refusal on held-out harmful prompts by two keyword presets, over-refusal on benign
    prompts, perplexity of held-out benign and task responses, multiple-choice accuracy).
-2. **score**: a safety mask of ``density`` (1% by default) from ``scorer`` (ESI by default) on harmful prompts paired
+2. **score**: a safety mask of ``fraction`` (1% by default) from ``scorer`` (ESI by default) on harmful prompts paired
    with refusals (the identification data), selected globally.
 3. **SET**: train only the mask's entries on refusal data for ``set_steps`` steps (a ``SAFETY`` sparse-delta adapter),
    merge it, evaluate. The SET data mixes the refusals with ``n_set_retain`` benign prompts answered by the model
@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,11 +37,11 @@ from typing import Any
 import torch
 
 from .._io import atomic_write_text
-from .._version import __version__
+from ..vocab import check_fraction, environment
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MainJobConfig", "MainJobResult", "chat_rows", "environment_info", "eval_row", "run_main_job", "sft_args"]
+__all__ = ["MainJobConfig", "MainJobResult", "chat_rows", "eval_row", "run_main_job", "sft_args"]
 
 
 @dataclass
@@ -58,7 +56,7 @@ class MainJobConfig:
         },
     )
     scorer: str = field(default="esi", metadata={"help": "Scorer for the safety mask (see `peft_safety.scoring`)."})
-    density: float = field(default=0.01, metadata={"help": "Fraction of the eligible weights in the mask."})
+    fraction: float = field(default=0.01, metadata={"help": "Fraction of the eligible weights in the mask."})
     identification_data: str = field(
         default="uncensorbench_refusal",
         metadata={"help": "Harmful prompts paired with refusals, for scoring and SET training."},
@@ -99,8 +97,9 @@ class MainJobConfig:
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.density < 1.0:
-            raise ValueError(f"density must be in (0, 1), got {self.density}.")
+        check_fraction(self.fraction)
+        if self.fraction == 1.0:
+            raise ValueError("fraction=1.0 would protect every eligible weight; use a fraction below 1 (0.01 = 1%).")
         for name in ("n_identification", "n_eval", "n_utility", "max_new_tokens", "set_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
@@ -151,26 +150,10 @@ class MainJobResult:
         lines += [
             "",
             f"peft-safety {env['peft_safety']}, torch {env['torch']}, transformers {env['transformers']}, "
-            f"peft {env['peft']}, trl {env['trl']}; {env['cpu_threads']} torch threads on {env['machine']}.",
+            f"peft {env['peft']}, trl {env['trl']}; {env['torch_threads']} torch threads on {env['machine']} "
+            f"({env['cpu_count']} cores).",
         ]
         return "\n".join(lines) + "\n"
-
-
-def environment_info() -> dict[str, Any]:
-    import peft
-    import transformers
-    import trl
-
-    return {
-        "peft_safety": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "trl": trl.__version__,
-        "python": platform.python_version(),
-        "machine": f"{platform.machine()} ({os.cpu_count()} cores)",
-        "cpu_threads": torch.get_num_threads(),
-    }
 
 
 def chat_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -337,7 +320,7 @@ def run_main_job(cfg: MainJobConfig | None = None) -> MainJobResult:
     # ---------------------------------------------------------------- score and select the mask
     calib = CalibrationSet(score_rows, tokenizer, max_length=cfg.max_length)
     scores = score(model, calib, cfg.scorer, batch_size=cfg.batch_size, progress=cfg.progress)
-    mask = select(scores, fraction=cfg.density, scope="global")
+    mask = select(scores, fraction=cfg.fraction, scope="global")
     del scores
     mask_dir = out / "mask"
     mask.save_pretrained(mask_dir)
@@ -419,7 +402,7 @@ def run_main_job(cfg: MainJobConfig | None = None) -> MainJobResult:
         timings=timings,
         mask_summary=mask.summary().to_dict(),
         files=files,
-        environment=environment_info(),
+        environment=environment(),
         config=asdict(cfg),
     )
     atomic_write_text(out / "results.json", json.dumps(result.to_dict(), indent=2, default=str))

@@ -72,8 +72,8 @@ def check_sft_args(script_args: Any, training_args: Any, model_args: Any, datase
     datasets = getattr(dataset_args, "datasets", None)
     if not datasets and not script_args.dataset_name:
         raise ValueError(
-            "no training data: pass --dataset_name (a Hub id, or a local .json/.jsonl/.csv/.parquet file) or a "
-            "`datasets:` list in the --config YAML file."
+            "no training data: pass --dataset_name (a Hub id, an offline data set name, or a local "
+            ".json/.jsonl/.csv/.parquet file) or a `datasets:` list in the --config YAML file."
         )
     name = script_args.dataset_name
     if name and not datasets and _looks_like_path(name):
@@ -111,32 +111,31 @@ def _looks_like_path(name: str) -> bool:
 
 
 def load_sft_dataset(name: str, config: str | None = None, streaming: bool = False):
-    """A ``DatasetDict`` from a Hub id (``datasets.load_dataset(name, name=config)``, as TRL's script) or from a local
-    ``.json``/``.jsonl``/``.csv``/``.parquet`` file (its rows become the ``train`` split).
+    """A ``DatasetDict`` of training rows.
+
+    A local ``.json``/``.jsonl``/``.csv``/``.parquet`` file or a named offline data set of
+    `peft_safety.sources.datasets` (e.g. ``forgelm_chat``) is read by `peft_safety.sources.datasets.load_rows` (the
+    one loader of rows, shared with scoring and safety replay) and becomes the ``train`` split, rows as stored. A Hub
+    id or a folder keeps TRL's script behaviour, ``datasets.load_dataset(name, name=config)`` with every split; so
+    does streaming (an ``IterableDataset`` is not a list of rows).
 
     Raises:
         ValueError: a local file with another extension.
     """
-    from datasets import load_dataset
+    from datasets import Dataset, DatasetDict, load_dataset
+
+    from ..sources.datasets import DATA_SOURCES, load_rows
 
     if os.path.isfile(name):
         kind = _LOCAL_KINDS.get(os.path.splitext(name)[1].lower())
         if kind is None:
             raise ValueError(f"Unsupported local dataset file {name!r}: use .json, .jsonl, .csv or .parquet.")
-        return load_dataset(kind, data_files={"train": name}, streaming=streaming)
+        if streaming:
+            return load_dataset(kind, data_files={"train": name}, streaming=True)
+        return DatasetDict({"train": Dataset.from_list(load_rows(name, normalize=False))})
+    if name in DATA_SOURCES and not streaming:
+        return DatasetDict({"train": Dataset.from_list(load_rows(name, normalize=False))})
     return load_dataset(name, name=config, streaming=streaming)
-
-
-def named_replay_rows(training_args: Any) -> list[dict[str, Any]] | None:
-    """The rows of ``--safety_replay_dataset`` when it names one of the offline data sets of
-    `peft_safety.sources.datasets` (e.g. ``uncensorbench_refusal``: harmful prompts with refusals); `None` for a path
-    or a Hub id, which the trainer reads itself."""
-    name = getattr(training_args, "safety_replay_dataset", None)
-    if not name or _looks_like_path(name):
-        return None
-    from ..sources import datasets as sources
-
-    return sources.load_rows(name) if name in sources.DATA_SOURCES else None
 
 
 def run_sft(script_args: Any, training_args: Any, model_args: Any, dataset_args: Any = None):
@@ -194,7 +193,6 @@ def run_sft(script_args: Any, training_args: Any, model_args: Any, dataset_args:
         eval_dataset=eval_dataset,
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
-        safety_replay_dataset=named_replay_rows(training_args),
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)

@@ -1,8 +1,10 @@
-"""Scoring: model + `CalibrationSet` -> `Scores` (or a `SafetyMask` for scorers that select internally).
+"""Scoring: model + `CalibrationSet` -> `Scores`; `select` turns them into a `SafetyMask`.
 
 `score(model, calib, method=...)` resolves the eligible parameters (`targets.resolve_targets`), looks the method up
 in the `SCORERS` registry (built-ins are imported on first use, so this package stays lean), calls it, and records
-the method, the calibration data hash and the base model into the result's provenance.
+the method, the calibration data hash and the base model into the result's provenance. It always returns `Scores`;
+scorers that select internally (safety neurons, safety layers) attach their selection as ``scores.rule``
+(`SelectionRule`), which ``select(scores)`` applies when no ``fraction`` or ``k`` is given.
 
 Built-in methods (see ``docs/scorers/``): ``snip`` (|W| * sum over samples of |grad|), ``esi`` (|sum of grad| *
 std(W)), ``wanda`` (|W| * ||X_j||_2 over response tokens), ``random`` and ``magnitude`` (baselines),
@@ -17,8 +19,9 @@ import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..mask import SafetyMask, fingerprints_of
+from ..mask import fingerprints_of
 from .registry import SCORERS, Registry, register_scorer
+from .scores import Scores, SelectionRule
 from .targets import TargetInfo, Targets, attention_geometry, query_to_kv_rows, resolve_targets
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,6 +30,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "SCORERS",
     "Registry",
+    "Scores",
+    "SelectionRule",
     "TargetInfo",
     "Targets",
     "attention_geometry",
@@ -73,7 +78,7 @@ def score(
     include_lm_head: bool = False,
     progress: bool = True,
     **kwargs: Any,
-) -> Any:
+) -> Scores:
     """Score the parameters of ``model`` on ``calib`` with a registered method.
 
     Args:
@@ -91,14 +96,15 @@ def score(
         **kwargs: method options, e.g. ``batch_size``, ``aggregation`` (snip), ``objective`` (esi), ``seed``.
 
     Returns:
-        `Scores` (most methods) or `SafetyMask` (methods that select internally). Provenance records ``method``,
-        the calibration ``data_hash`` and ``base_model``; ``fingerprints`` records
-        `peft_safety.mask.fingerprint_tensor` of every scored weight (read before scoring), which `select` copies
-        into the mask so that ``mask.validate(model)`` rejects other weights.
+        `Scores`. Provenance records ``method``, the calibration ``data_hash`` and ``base_model``; ``fingerprints``
+        records `peft_safety.mask.fingerprint_tensor` of every scored weight (read before scoring), which `select`
+        copies into the mask so that ``mask.validate(model)`` rejects other weights. Methods that select internally
+        (``safety_neurons``, ``safety_layers``) attach their rule (``scores.rule``): ``select(scores)`` applies it.
 
     Raises:
         ValueError: unknown method (with a suggestion), unknown module names, a model with no eligible parameter,
             or data the method cannot use.
+        TypeError: a registered scorer that returns something other than `Scores`.
 
     Example:
 
@@ -125,32 +131,24 @@ def score(
     # record must describe the weights the caller passed in). At most 4096 values read per tensor.
     fingerprints = fingerprints_of(model, targets.names)
     result = fn(model, calib, targets=targets, **kwargs)
-    provenance = getattr(result, "provenance", None)
-    if isinstance(provenance, dict):
-        provenance.setdefault("method", method)
-        if calib is not None and hasattr(calib, "provenance"):
-            for key, value in calib.provenance().items():
-                provenance.setdefault(key, value)
-        config = getattr(model, "config", None)
-        base = getattr(config, "_name_or_path", None) if config is not None else None
-        if base:
-            provenance.setdefault("base_model", base)
-        if targets.tied:
-            provenance.setdefault("tied", dict(targets.tied))
-    return _record_fingerprints(result, fingerprints)
-
-
-def _record_fingerprints(result: Any, fingerprints: dict[str, str]) -> Any:
-    """Fill in the fingerprints of the scored weights that the scorer did not record itself."""
-    if isinstance(result, SafetyMask):
-        shapes = result.shapes
-        have = result.fingerprints
-        missing = {n: fp for n, fp in fingerprints.items() if n in shapes and n not in have}
-        return result.with_fingerprints(missing) if missing else result
-    existing = getattr(result, "fingerprints", None)
-    names = getattr(result, "names", None)
-    if isinstance(existing, dict) and names is not None:
-        for n in names:
-            if n in fingerprints:
-                existing.setdefault(n, fingerprints[n])
+    if not isinstance(result, Scores):
+        raise TypeError(
+            f"Scorer {method!r} returned {type(result).__name__}; a scorer returns Scores (a scorer that selects "
+            "internally attaches its selection as Scores(..., rule=SelectionRule)), see peft_safety.scoring.registry."
+        )
+    provenance = result.provenance
+    provenance.setdefault("method", method)
+    if calib is not None and hasattr(calib, "provenance"):
+        for key, value in calib.provenance().items():
+            provenance.setdefault(key, value)
+    config = getattr(model, "config", None)
+    base = getattr(config, "_name_or_path", None) if config is not None else None
+    if base:
+        provenance.setdefault("base_model", base)
+    if targets.tied:
+        provenance.setdefault("tied", dict(targets.tied))
+    # the fingerprints of the scored weights that the scorer did not record itself
+    for name in result.names:
+        if name in fingerprints:
+            result.fingerprints.setdefault(name, fingerprints[name])
     return result

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -188,8 +189,9 @@ class CalibrationSet:
 
     Args:
         rows: a sequence of dicts in one of the formats of `ROW_FORMATS` (``messages``; ``prompt`` + ``completion``,
-            standard or conversational; ``text``; ``prompt`` [+ ``response``]) or a ``datasets.Dataset`` with those
-            columns.
+            standard or conversational; ``text``; ``prompt`` [+ ``response``]), a ``datasets.Dataset`` with those
+            columns, or where to read them: a named offline data set, a ``.json``/``.jsonl``/``.csv``/``.parquet``
+            file or a Hub data set id (`peft_safety.sources.datasets.load_rows`, rows as stored).
         tokenizer: a Hugging Face tokenizer. It needs a pad token (or an eos token, which is then used for padding).
         template: ``"chat"`` (``tokenizer.apply_chat_template``), ``"raw"`` (prompt text followed by the response),
             ``"inst"`` (``"[INST] prompt [/INST] response"``), or ``"alpaca"`` (the Alpaca instruction format).
@@ -260,10 +262,17 @@ class CalibrationSet:
                     "chat_fallback='raw'|'inst'|'alpaca'."
                 )
             template = chat_fallback
+        if isinstance(rows, (str, os.PathLike)):
+            from ..sources.datasets import load_rows
+
+            rows = load_rows(rows, normalize=False)
         if _is_hf_dataset(rows):
             rows = rows.to_list()
-        if isinstance(rows, (str, bytes)) or not isinstance(rows, Iterable):
-            raise TypeError(f"rows must be a sequence of dicts or a datasets.Dataset, got {type(rows).__name__}.")
+        if isinstance(rows, bytes) or not isinstance(rows, Iterable):
+            raise TypeError(
+                f"rows must be a sequence of dicts, a datasets.Dataset or a data set name / path / Hub id, got "
+                f"{type(rows).__name__}."
+            )
         rows = list(rows)
         if not rows:
             raise ValueError("The calibration data is empty: pass at least one row.")
@@ -519,7 +528,7 @@ def refusal_rows(
     """Pair every prompt with a fixed refusal (or one computed per prompt).
 
     Args:
-        prompts: harmful prompts.
+        prompts: harmful prompts (e.g. ``[r["prompt"] for r in load_rows("advbench")]``).
         refusal: the refusal text, or a callable ``prompt -> refusal``. For refusals written by the model itself,
             use `build_refusal_set(..., generate=True)`.
 

@@ -8,11 +8,11 @@ identification method finds regardless of which prompts it saw.
 
 * `consensus`: masks -> the entries selected in at least ``min_agreement`` of them (plus `agreement_counts`, the
   per-entry vote counts behind it).
-* `consensus_mask`: several `Scores` -> select each at one sparsity -> `consensus`.
+* `consensus_mask`: several `Scores` -> select each at one fraction -> `consensus`.
 * `bootstrap_row_indices` and `bootstrap_masks`: build ``n`` masks from bootstrap resamples of one calibration set
   (rows drawn with replacement, seeded), to feed `consensus`.
 
-The consensus of masks at sparsity ``s`` holds at most ``s`` of the entries (fewer the less the masks agree); its
+The consensus of masks at fraction ``s`` holds at most ``s`` of the entries (fewer the less the masks agree); its
 provenance records ``min_agreement``, the number of masks and their provenance.
 
 Example:
@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from ..mask import SafetyMask
+from ..vocab import check_fraction
 
 __all__ = ["agreement_counts", "bootstrap_masks", "bootstrap_row_indices", "consensus", "consensus_mask"]
 
@@ -149,31 +150,32 @@ def consensus(
 def consensus_mask(
     scores_list: Sequence[Any],
     *,
-    sparsity: float,
+    fraction: float,
     min_agreement: int | float = 1.0,
     scope: str = "global",
     exclude: SafetyMask | None = None,
     provenance: Mapping[str, Any] | None = None,
 ) -> SafetyMask:
-    """Select each of several `Scores` at one sparsity, then keep the entries they agree on.
+    """Select each of several `Scores` at one fraction, then keep the entries they agree on.
 
     Args:
         scores_list: two or more `Scores` of the same model (e.g. one per identification data set or resample).
-        sparsity: the share of units each single mask selects (``select(..., fraction=sparsity)``).
+        fraction: the share of units each single mask selects (``select(..., fraction=fraction)``).
         min_agreement: as in `consensus`.
         scope: selection scope of each single mask (``"global"``, ``"per_tensor"``, ``"per_row"``).
         exclude: a mask removed from each single mask (e.g. a utility mask: ``safety - utility``).
         provenance: extra provenance for the result.
 
     Returns:
-        The consensus `SafetyMask` (at most ``sparsity`` of the units); its provenance has ``selection_fraction``.
+        The consensus `SafetyMask` (at most ``fraction`` of the units); its provenance has ``selection_fraction``.
     """
     from .selection import select
 
     if isinstance(scores_list, Mapping) or not isinstance(scores_list, Sequence):
         raise TypeError("scores_list must be a list of Scores (one per data set or resample).")
-    masks = [select(s, fraction=sparsity, scope=scope, exclude=exclude) for s in scores_list]
-    extra = {"selection_fraction": sparsity, "selection_scope": scope, **dict(provenance or {})}
+    fraction = check_fraction(fraction)
+    masks = [select(s, fraction=fraction, scope=scope, exclude=exclude) for s in scores_list]
+    extra = {"selection_fraction": fraction, "selection_scope": scope, **dict(provenance or {})}
     return consensus(masks, min_agreement, provenance=extra)
 
 
@@ -198,7 +200,7 @@ def bootstrap_masks(
     tokenizer: Any,
     *,
     method: str = "snip",
-    sparsity: float = 0.01,
+    fraction: float = 0.01,
     n_resamples: int = 5,
     seed: int = 0,
     scope: str = "global",
@@ -207,7 +209,7 @@ def bootstrap_masks(
     score_kwargs: Mapping[str, Any] | None = None,
     make_calibration: Callable[[list[dict[str, Any]]], Any] | None = None,
 ) -> list[SafetyMask]:
-    """Score ``n_resamples`` bootstrap resamples of ``rows`` and select each at ``sparsity``.
+    """Score ``n_resamples`` bootstrap resamples of ``rows`` and select each at ``fraction``.
 
     Cost: ``n_resamples`` scoring passes over ``len(rows)`` rows each (one pass each for gradient scorers).
 
@@ -216,7 +218,7 @@ def bootstrap_masks(
         rows: the calibration rows (e.g. refusal rows).
         tokenizer: its tokenizer.
         method: the scorer (see `peft_safety.scoring.score`).
-        sparsity: share of units each mask selects.
+        fraction: share of units each mask selects.
         n_resamples: number of resamples (>= 2).
         seed: seed of the resampling (`bootstrap_row_indices`).
         scope: selection scope.
@@ -232,6 +234,7 @@ def bootstrap_masks(
     from .calibration import CalibrationSet
     from .selection import select
 
+    fraction = check_fraction(fraction)
     rows = list(rows)
     if not rows:
         raise ValueError("bootstrap_masks needs at least one row.")
@@ -245,7 +248,7 @@ def bootstrap_masks(
                  else CalibrationSet(sample, tokenizer, **dict(calibration_kwargs or {})))  # fmt: skip
         scores = score(model, calib, method, **skw)
         masks.append(
-            select(scores, fraction=sparsity, scope=scope, exclude=exclude,
+            select(scores, fraction=fraction, scope=scope, exclude=exclude,
                    provenance={"resample": i, "resample_seed": seed, "resample_rows": len(sample)})
         )  # fmt: skip
     return masks

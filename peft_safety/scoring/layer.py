@@ -18,7 +18,6 @@ is greedy, so every step is deterministic. The registered scorer is ``safety_lay
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -28,12 +27,15 @@ from torch import nn
 
 from ..analysis.probes import scaled
 from ..mask import Layer, SafetyMask
+from ..vocab import layer_index, split_layer
 from .registry import register_scorer
+from .scores import Scores, SelectionRule
 from .targets import ROUTER_SUFFIXES
 
 __all__ = [
     "REFUSAL_PREFIXES",
     "AngleGap",
+    "LayerRangeRule",
     "ProbeResult",
     "SafetyLayersResult",
     "angle_gap",
@@ -65,7 +67,6 @@ REFUSAL_PREFIXES: tuple[str, ...] = (
     "I must decline",
 )
 
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.([^.]+)")
 _ATTENTION_PARTS = ("self_attn", "attn", "attention", "self_attention")
 _MLP_PARTS = ("mlp", "block_sparse_moe", "feed_forward", "ffn")
 
@@ -83,16 +84,15 @@ def _decoder_parameters(model: nn.Module, include_norms: bool) -> dict[int, list
     """``{layer: [(name, param)]}`` of the attention + MLP (+ norm) parameters of each decoder layer."""
     layers: dict[int, list[tuple[str, torch.Tensor]]] = {}
     for name, param in model.named_parameters():
-        m = _LAYER_RE.search(name)
-        if m is None:
+        layer, after = split_layer(name)
+        part, _, rest = after.partition(".")
+        if layer is None or not part:
             continue
-        part = m.group(2)
-        rest = name[m.end(2) :]
         is_norm = "norm" in part or part.startswith("ln_") or "norm" in rest.lower()
         if is_norm and not include_norms:
             continue
         if part in _ATTENTION_PARTS or part in _MLP_PARTS or (is_norm and include_norms):
-            layers.setdefault(int(m.group(1)), []).append((name, param))
+            layers.setdefault(layer, []).append((name, param))
     if not layers:
         raise ValueError(
             f"{type(model).__name__} has no decoder-layer parameters named like '<...>.layers.<i>.self_attn/mlp.<...>'; "
@@ -635,6 +635,38 @@ def locate_safety_layers(
     )
 
 
+@dataclass(frozen=True)
+class LayerRangeRule(SelectionRule):
+    """The safety layers' selection as a rule of their scores (``select(scores)`` applies it): every scored
+    parameter of decoder layers ``first..last`` (inclusive), as one `Layer()` unit.
+
+    Attributes:
+        first: first layer of the range (0-based).
+        last: last layer of the range (inclusive).
+    """
+
+    first: int
+    last: int
+
+    def indices(self, scores: Any) -> dict[str, torch.Tensor]:
+        inside = [
+            n for n in scores.names if (layer := layer_index(n)) is not None and self.first <= layer <= self.last
+        ]
+        return {n: torch.zeros(1, dtype=torch.int32) for n in inside}
+
+    def describe(self) -> dict[str, Any]:
+        return {"layer_range": [self.first, self.last], "range_convention": "inclusive"}
+
+
+def _layer_scores(mask: SafetyMask) -> Scores:
+    """The `Layer()` scores of a safety-layer mask: 1 for the parameters of the range, 0 for the other decoder-layer
+    parameters, carrying the range as their `LayerRangeRule`."""
+    first, last = mask.provenance["layer_range"]
+    values = {n: torch.tensor(1.0 if n in mask else 0.0) for n in mask.shapes}
+    return Scores(values, granularity=Layer(), shapes=mask.shapes, provenance=mask.provenance,
+                  rule=LayerRangeRule(first, last))  # fmt: skip
+
+
 @register_scorer("safety_layers", aliases=("sppft",))
 def safety_layers(
     model: nn.Module,
@@ -645,17 +677,19 @@ def safety_layers(
     tokenizer: Any = None,
     include_norms: bool = False,
     **kwargs: Any,
-) -> SafetyMask:
-    """The registered ``safety_layers`` scorer (alias ``sppft``): a `Layer()` mask of the safety layers.
+) -> Scores:
+    """The registered ``safety_layers`` scorer (alias ``sppft``): the safety layers as `Layer()` scores and a rule.
 
-    With ``layers=(i, j)`` the mask of that inclusive range is returned directly (no data needed: SPPFT with known
-    safety layers). Otherwise `locate_safety_layers` runs with ``**kwargs`` (``over_rejection_prompts``,
-    ``normal_prompts``, ``malicious_prompts``, ``alpha``, ...). The method needs three prompt sets, not one
-    calibration set: ``calib`` is only used for its tokenizer when ``tokenizer`` is not given. ``targets`` is not
-    used: a layer mask covers whole submodules, not scored tensors.
+    With ``layers=(i, j)`` the range is given (no data needed: SPPFT with known safety layers). Otherwise
+    `locate_safety_layers` runs with ``**kwargs`` (``over_rejection_prompts``, ``normal_prompts``,
+    ``malicious_prompts``, ``alpha``, ...). The method needs three prompt sets, not one calibration set: ``calib`` is
+    only used for its tokenizer when ``tokenizer`` is not given. ``targets`` is not used: a layer mask covers whole
+    submodules, not scored tensors.
 
     Returns:
-        A `SafetyMask` with `Layer()` granularity.
+        `Scores` with `Layer()` granularity over the attention and MLP parameters of every decoder layer (1 inside
+        the safety layers, 0 outside; the provenance holds the sweep), carrying the range as their `LayerRangeRule`:
+        ``select(scores)`` gives `safety_layer_mask` of the range.
 
     Raises:
         ValueError: neither ``layers`` nor the prompt sets, or no tokenizer.
@@ -664,7 +698,7 @@ def safety_layers(
     if layers is not None:
         if isinstance(layers, str) or not isinstance(layers, Sequence) or len(layers) != 2:
             raise TypeError(f"layers must be a pair (first, last), inclusive, got {layers!r}.")
-        return safety_layer_mask(model, layers[0], layers[1], include_norms=include_norms)
+        return _layer_scores(safety_layer_mask(model, layers[0], layers[1], include_norms=include_norms))
     if tokenizer is None:
         tokenizer = getattr(calib, "tokenizer", None)
     if tokenizer is None:
@@ -674,4 +708,4 @@ def safety_layers(
             "safety_layers needs over_rejection_prompts=[...] (borderline benign prompts) to locate the layers, or "
             "layers=(i, j) to build the mask of a known range."
         )
-    return locate_safety_layers(model, tokenizer, include_norms=include_norms, **kwargs).mask
+    return _layer_scores(locate_safety_layers(model, tokenizer, include_norms=include_norms, **kwargs).mask)

@@ -58,7 +58,7 @@ from torch import nn
 
 from ..mask import Neuron, SafetyMask
 from .registry import register_scorer
-from .scores import Scores
+from .scores import Scores, SelectionRule
 from .targets import Targets, query_to_kv_rows, resolve_targets
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -68,6 +68,7 @@ __all__ = [
     "ATTENTION_ROLES",
     "FFN_ROLES",
     "SafetyNeuronResult",
+    "SupportRule",
     "attention_deactivation_scores",
     "detect_safety_neurons",
     "rsn_tune_mask",
@@ -674,15 +675,6 @@ def detect_safety_neurons(
 
     means = {n: s / max(num_samples, 1) for n, s in sums.items()}
     need = max(1, math.ceil(float(min_support) * num_samples - 1e-9))
-    chosen: dict[str, list[torch.Tensor]] = {n: [] for n in plan.names}
-    for slot in plan.slots:
-        sup = support[slot.name][slot.start : slot.stop]
-        units = (sup >= need).nonzero().reshape(-1)
-        if max_per_module is not None and units.numel() > max_per_module:
-            mean = means[slot.name][slot.start : slot.stop][units]
-            units = units[_top_units(mean[None], max_per_module)[0]]
-        chosen[slot.name].append(units + slot.start)
-    indices = {n: torch.cat(parts).unique().sort().values.to(torch.int32) for n, parts in chosen.items() if parts}
     granularity = {n: Neuron(plan.axes[n]) for n in plan.names}
     provenance = {
         "method": "safety_neurons",
@@ -703,16 +695,58 @@ def detect_safety_neurons(
     if hasattr(calib, "provenance"):
         for key, value in calib.provenance().items():
             provenance.setdefault(key, value)
-    mask = SafetyMask(indices, plan.shapes, granularity, provenance=provenance)
-    scores = Scores(means, granularity=granularity, shapes=plan.shapes, provenance=provenance)
+    rule = SupportRule(
+        support=support,
+        need=need,
+        max_per_module=max_per_module,
+        slots=tuple((slot.name, slot.start, slot.stop) for slot in plan.slots),
+    )
+    scores = Scores(means, granularity=granularity, shapes=plan.shapes, provenance=provenance, rule=rule)
+    mask = rule.select(scores)
     return SafetyNeuronResult(mask=mask, scores=scores, support=support, num_samples=num_samples)
+
+
+@dataclass(frozen=True, eq=False)
+class SupportRule(SelectionRule):
+    """PLND's selection as a rule of the ``safety_neurons`` scores (``select(scores)`` applies it).
+
+    Per module block ``(name, start, stop)`` (one module of one layer; one expert of a fused MoE tensor): the units in
+    the top-k of at least ``need`` samples (``support[name][unit] >= need``); with ``max_per_module``, at most that
+    many of them, those with the highest score (the mean importance over samples; ties to the lower unit).
+
+    Attributes:
+        support: ``{name: int32 tensor}``: in how many samples' top-k each unit was.
+        need: samples needed.
+        max_per_module: cap per module block, or `None`.
+        slots: the module blocks ``(name, start, stop)``.
+    """
+
+    support: dict[str, torch.Tensor]
+    need: int
+    max_per_module: int | None
+    slots: tuple[tuple[str, int, int], ...]
+
+    def indices(self, scores: Scores) -> dict[str, torch.Tensor]:
+        chosen: dict[str, list[torch.Tensor]] = {}
+        for name, start, stop in self.slots:
+            if name not in scores:
+                continue  # restricted away
+            units = (self.support[name][start:stop] >= self.need).nonzero().reshape(-1)
+            if self.max_per_module is not None and units.numel() > self.max_per_module:
+                mean = scores[name][start:stop].cpu()[units]
+                units = units[_top_units(mean[None], self.max_per_module)[0]]
+            chosen.setdefault(name, []).append(units + start)
+        return {n: torch.cat(parts).unique().sort().values.to(torch.int32) for n, parts in chosen.items()}
+
+    def describe(self) -> dict[str, Any]:
+        return {"support_needed": self.need, "max_per_module": self.max_per_module}
 
 
 @register_scorer("safety_neurons", aliases=("sn_tune", "plnd"))
 def safety_neurons(
     model: nn.Module, calib: CalibrationSet, *, targets: Targets | None = None, **kwargs: Any
-) -> SafetyMask:
-    """The registered ``safety_neurons`` scorer (aliases ``sn_tune``, ``plnd``): `detect_safety_neurons`'s mask.
+) -> Scores:
+    """The registered ``safety_neurons`` scorer (aliases ``sn_tune``, ``plnd``): `detect_safety_neurons`'s scores.
 
     Args:
         model: the model.
@@ -721,9 +755,11 @@ def safety_neurons(
         **kwargs: the options of `detect_safety_neurons`.
 
     Returns:
-        A `SafetyMask` with ``Neuron`` granularity. Use `detect_safety_neurons` for the scores and support counts.
+        `Scores` with ``Neuron`` granularity (the mean importance per unit) carrying PLND's selection as their rule
+        (`SupportRule`): ``select(scores)`` gives the safety neurons. Use `detect_safety_neurons` for the support
+        counts.
     """
-    return detect_safety_neurons(model, calib, targets=targets, **kwargs).mask
+    return detect_safety_neurons(model, calib, targets=targets, **kwargs).scores
 
 
 def rsn_tune_mask(

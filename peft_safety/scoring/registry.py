@@ -2,7 +2,7 @@
 
 A scorer is any callable with the signature::
 
-    fn(model, calib: CalibrationSet | None, *, targets: Targets, **kwargs) -> Scores | SafetyMask
+    fn(model, calib: CalibrationSet | None, *, targets: Targets, **kwargs) -> Scores
 
 * ``model``: the model to score (a ``PreTrainedModel``, or any ``nn.Module`` whose parameters ``targets`` names).
 * ``calib``: the calibration data; `None` for data-free scorers (``random``, ``magnitude``).
@@ -10,8 +10,9 @@ A scorer is any callable with the signature::
   `peft_safety.scoring.score` from ``target_modules`` / ``exclude_modules`` / ``include_*``.
 * ``**kwargs``: method options. `score` also passes ``progress`` (bool) to scorers that accept it (an explicit
   ``progress`` parameter or ``**kwargs``).
-* Returns `Scores` (gradient, activation and baseline scorers: `select` turns them into a mask), or a `SafetyMask`
-  directly for scorers that select internally (safety neurons, safety layers).
+* Returns `Scores`, which `select` turns into a mask. A scorer that selects internally (safety neurons, safety
+  layers) attaches its selection as ``Scores(..., rule=...)`` (a `peft_safety.scoring.scores.SelectionRule`), which
+  ``select(scores)`` applies when no ``fraction`` or ``k`` is given.
 
 Built-in scorers live in modules that are imported only when first looked up (``import peft_safety.scoring`` stays
 lean): see `BUILTIN_SCORERS`.
@@ -30,10 +31,11 @@ True
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
+
+from ..vocab import did_you_mean
 
 __all__ = ["BUILTIN_ALIASES", "BUILTIN_SCORERS", "SCORERS", "Registry", "register_scorer"]
 
@@ -134,10 +136,8 @@ class Registry:
             importlib.import_module(self._lazy[key])
         if key in self._entries:
             return self._entries[key]
-        available = self.names()
-        close = difflib.get_close_matches(name, available + sorted({*self._aliases, *self._lazy_aliases}), n=1)
-        hint = f" Did you mean {self._canonical(close[0])!r}?" if close else ""
-        raise ValueError(f"Unknown {self.kind} {name!r}.{hint} Available: {', '.join(available)}.")
+        hint = did_you_mean(name, self.names(), aliases=self.aliases())
+        raise ValueError(f"Unknown {self.kind} {name!r}.{hint}")
 
     __getitem__ = get
 

@@ -20,7 +20,7 @@ import torch
 
 from ..mask.granularity import Granularity, Layer, Weight, granularity_from_dict, is_granularity
 
-__all__ = ["Scores", "expected_score_shape"]
+__all__ = ["Scores", "SelectionRule", "expected_score_shape"]
 
 _FORMAT = "peft_safety.scoring.scores"
 _FORMAT_VERSION = "1"
@@ -129,6 +129,10 @@ class Scores(Mapping[str, torch.Tensor]):
         fingerprints: ``{name: peft_safety.mask.fingerprint_tensor(weight)}`` of the weights the scores were computed
             on (copied). `peft_safety.score` records them for every scored parameter; `select` copies them into the
             mask, so that ``mask.validate(model)`` rejects a model with other weights.
+        rule: the scorer's own selection (`SelectionRule`), for scorers that select internally (safety neurons,
+            safety layers): ``select(scores)`` without ``fraction`` or ``k`` applies it. It follows the scores through
+            `to`, `restrict` and `filter` (applied to the remaining names) and is dropped by `map`, arithmetic and
+            `with_granularity` (other values or units); `to_safetensors` does not save it.
 
     Raises:
         TypeError: non-tensor or non-floating scores, bad granularity types.
@@ -154,6 +158,7 @@ class Scores(Mapping[str, torch.Tensor]):
         shapes: Mapping[str, Iterable[int]] | None = None,
         provenance: Mapping[str, Any] | None = None,
         fingerprints: Mapping[str, str] | None = None,
+        rule: SelectionRule | None = None,
     ) -> None:
         if not isinstance(scores, Mapping):
             raise TypeError(f"scores must be a mapping name -> tensor, got {type(scores).__name__}.")
@@ -182,6 +187,9 @@ class Scores(Mapping[str, torch.Tensor]):
             self._shapes[n] = shape
         self.provenance: dict[str, Any] = dict(provenance or {})
         self.fingerprints: dict[str, str] = _check_fingerprints(fingerprints, self._tensors)
+        if rule is not None and not isinstance(rule, SelectionRule):
+            raise TypeError(f"rule must be a SelectionRule, got {type(rule).__name__}.")
+        self.rule: SelectionRule | None = rule
 
     # --- mapping -------------------------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -253,6 +261,7 @@ class Scores(Mapping[str, torch.Tensor]):
         tensors: Mapping[str, torch.Tensor],
         provenance: Mapping[str, Any] | None = None,
         fingerprints: Mapping[str, str] | None = None,
+        keep_rule: bool = True,
     ) -> Scores:
         fps = self.fingerprints if fingerprints is None else fingerprints
         return Scores(
@@ -261,6 +270,7 @@ class Scores(Mapping[str, torch.Tensor]):
             shapes={n: self._shapes[n] for n in tensors},
             provenance=self.provenance if provenance is None else provenance,
             fingerprints={n: fp for n, fp in fps.items() if n in tensors},
+            rule=self.rule if keep_rule else None,
         )
 
     def to(self, device: torch.device | str) -> Scores:
@@ -336,7 +346,7 @@ class Scores(Mapping[str, torch.Tensor]):
         prov = {**self.provenance, "derived": True} if provenance is None else provenance
         # a fingerprint survives only where every operand was computed on the same weights
         fps = {n: fp for n, fp in self.fingerprints.items() if all(o.fingerprints.get(n) == fp for o in others)}
-        return self._replace(out, prov, fps)
+        return self._replace(out, prov, fps, keep_rule=False)
 
     def abs(self) -> Scores:
         """Element-wise absolute value."""
@@ -481,3 +491,65 @@ class Scores(Mapping[str, torch.Tensor]):
 
 
 builtins_range = range  # ``histogram`` takes a ``range=`` argument that shadows the builtin inside it
+
+
+class SelectionRule:
+    """How a scorer that selects internally turns its own `Scores` into a mask.
+
+    Safety neurons keep the units in enough samples' top-k (`peft_safety.scoring.neuron.SupportRule`); safety layers
+    keep the parameters of a located layer range (`peft_safety.scoring.layer.LayerRangeRule`). Their scorers return
+    `Scores` carrying the rule, and ``select(scores)`` without ``fraction`` or ``k`` applies it, so ``score()`` always
+    returns `Scores` and ``select()`` always makes the mask; ``select(scores, fraction=...)`` ranks the same scores
+    like any others instead.
+
+    Subclasses implement `indices` (and `describe` for provenance entries).
+    """
+
+    def indices(self, scores: Scores) -> dict[str, torch.Tensor]:
+        """``{name: unit indices}`` selected from ``scores`` (names without a selected unit may be left out)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement indices(scores).")
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance entries of the rule (JSON-serialisable)."""
+        return {}
+
+    def select(
+        self,
+        scores: Scores,
+        *,
+        scope: str = "global",
+        exclude: Any = None,
+        largest: bool = True,
+        granularity: Any = None,
+        provenance: Mapping[str, Any] | None = None,
+    ):
+        """The `SafetyMask` of the rule's units over every scored parameter, with the scores' fingerprints and
+        provenance (plus ``selection_rule`` and `describe`). The arguments of `select` that only a ranking uses
+        (``scope``, ``exclude``, ``largest``, ``granularity``) must keep their defaults.
+
+        Raises:
+            ValueError: one of those arguments was given.
+        """
+        from ..mask import SafetyMask
+
+        given = [name for name, off in (("scope", scope == "global"), ("exclude", exclude is None),
+                                        ("largest", largest is True), ("granularity", granularity is None)) if not off]  # fmt: skip
+        if given:
+            raise ValueError(
+                f"These scores carry the {type(self).__name__} of their scorer, which selects by itself: "
+                f"{given} apply only to a ranking. Pass fraction= or k= to rank the scores instead, or apply "
+                "the rule and edit the mask (e.g. select(scores) - exclude)."
+            )
+        picked = self.indices(scores)
+        unknown = sorted(set(picked) - set(scores.names))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} selected unscored parameters {unknown[:3]}.")
+        prov = {**scores.provenance, **self.describe(), "selection_rule": type(self).__name__}
+        prov.update(provenance or {})
+        return SafetyMask(
+            {n: idx.cpu() for n, idx in picked.items() if idx.numel()},
+            scores.shapes,
+            scores.granularity,
+            fingerprints=scores.fingerprints or None,
+            provenance=prov,
+        )

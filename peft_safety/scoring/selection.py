@@ -412,7 +412,9 @@ def select(
     Args:
         scores: a :class:`~peft_safety.scoring.scores.Scores` (or a mapping ``name -> tensor`` of ``Weight()`` scores).
         fraction: share of units to select, in ``(0, 1]``, counted per group as ``floor(fraction * n + 1/2)``
-            (group = all units for ``"global"``, one tensor for ``"per_tensor"``, one row for ``"per_row"``).
+            (group = all units for ``"global"``, one tensor for ``"per_tensor"``, one row for ``"per_row"``). Scores
+            that carry their scorer's rule (``scores.rule``: safety neurons, safety layers) are selected by that rule
+            when neither ``fraction`` nor ``k`` is given.
         k: number of units to select per group instead of a fraction. Exactly one of ``fraction`` / ``k``.
         scope: ``"global"``, ``"per_tensor"`` or ``"per_row"`` (2-D ``Weight()`` scores only; the rows are the
             output channels, Wanda's comparison group).
@@ -441,6 +443,11 @@ def select(
         [1, 2]
     """
     scores = _as_scores(scores)
+    rule = getattr(scores, "rule", None)
+    if rule is not None and fraction is None and k is None:  # the scorer's own selection (scores.SelectionRule)
+        return rule.select(
+            scores, scope=scope, exclude=exclude, largest=largest, granularity=granularity, provenance=provenance
+        )
     if granularity is not None:
         scores = scores.with_granularity(granularity)
     if not isinstance(largest, bool):

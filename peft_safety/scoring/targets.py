@@ -40,6 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..vocab import layer_index
+
 __all__ = [
     "ROLE_AXES",
     "ROUTER_SUFFIXES",
@@ -89,7 +91,6 @@ ROLE_AXES: dict[str, int | None] = {
 #: module-path suffixes of MoE routers (excluded unless ``include_router=True``)
 ROUTER_SUFFIXES: tuple[str, ...] = ("mlp.gate", "block_sparse_moe.gate", "shared_expert_gate", "mlp.router")
 
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)(?:\.|$)")
 _EXPERT_RE = re.compile(r"(?:^|\.)experts\.(\d+)(?:\.|$)")
 
 
@@ -285,11 +286,6 @@ def fused_row_ranges(role: str, rows: int, geometry: tuple[int, int, int] | None
 
 
 # ---------------------------------------------------------------------- resolution
-def _layer_of(name: str) -> int | None:
-    m = _LAYER_RE.search(name)
-    return int(m.group(1)) if m else None
-
-
 def _is_router(module_name: str) -> bool:
     return any(module_name == s or module_name.endswith("." + s) for s in ROUTER_SUFFIXES)
 
@@ -443,7 +439,7 @@ def resolve_targets(
         infos[name] = TargetInfo(
             name=name,
             role=role,
-            layer=_layer_of(name),
+            layer=layer_index(name),
             shape=shape,
             neuron_axis=ROLE_AXES.get(role),
             expert=expert,

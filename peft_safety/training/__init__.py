@@ -1,7 +1,8 @@
-"""Training with a safety mask: exact freezing for full fine-tuning, and the TRL trainer.
+"""Training with a safety mask: the protection interface, exact freezing for full fine-tuning, and the TRL trainer.
 
-``Freezer`` and friends import only torch. ``SafetySFTConfig``, ``SafetySFTTrainer`` and the callbacks import trl, so
-they are resolved lazily: ``import peft_safety.training`` stays light.
+``Protection`` (the protocol every defense implements), ``Freezer`` and friends import only torch (and
+``peft_safety.analysis``). The adapter protections, ``SafetySFTConfig``, ``SafetySFTTrainer`` and the callbacks import
+peft, trl or transformers, so they are resolved lazily: ``import peft_safety.training`` stays light.
 """
 
 from __future__ import annotations
@@ -9,28 +10,38 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .freeze import Freezer, FreezeReport, FreezeViolationError, canonical_name, dense_frozen_masks, detect_backend
+from .freeze import Freezer, FreezeReport, FreezeViolationError, dense_frozen_masks, detect_backend
+from .protection import MaskProtection, Protection
 
 _LAZY: dict[str, str] = {
     "SafetySFTConfig": "peft_safety.training.config",
     "SafetySFTTrainer": "peft_safety.training.trainer",
     "SafetyDriftCallback": "peft_safety.training.callbacks",
     "RefusalEvalCallback": "peft_safety.training.callbacks",
-    "FreezerCallback": "peft_safety.training.callbacks",
+    "ProtectionCallback": "peft_safety.training.callbacks",
+    "MaskedLora": "peft_safety.training.adapters",
+    "SetAdapter": "peft_safety.training.adapters",
+    "mask_protection": "peft_safety.training.adapters",
+    "SafetyReplay": "peft_safety.training.replay",
 }
 
 __all__ = [
     "FreezeReport",
     "FreezeViolationError",
     "Freezer",
-    "FreezerCallback",
+    "MaskProtection",
+    "MaskedLora",
+    "Protection",
+    "ProtectionCallback",
     "RefusalEvalCallback",
     "SafetyDriftCallback",
+    "SafetyReplay",
     "SafetySFTConfig",
     "SafetySFTTrainer",
-    "canonical_name",
+    "SetAdapter",
     "dense_frozen_masks",
     "detect_backend",
+    "mask_protection",
 ]
 
 
@@ -44,6 +55,8 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .callbacks import FreezerCallback, RefusalEvalCallback, SafetyDriftCallback
+    from .adapters import MaskedLora, SetAdapter, mask_protection
+    from .callbacks import ProtectionCallback, RefusalEvalCallback, SafetyDriftCallback
     from .config import SafetySFTConfig
+    from .replay import SafetyReplay
     from .trainer import SafetySFTTrainer

@@ -10,12 +10,11 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError("SafetySFTConfig needs trl: install it with `pip install 'peft-safety[trl]'`.") from err
 
-__all__ = ["SAFETY_MODES", "SafetySFTConfig", "resolve_bf16"]
+from ..vocab import FINGERPRINT_POLICIES, MODES, check_fingerprint_policy, check_mode
+
+__all__ = ["SafetySFTConfig", "resolve_bf16"]
 
 logger = logging.getLogger(__name__)
-
-SAFETY_MODES = ("freeze", "train_only")
-_FINGERPRINT_CHECKS = ("error", "warn", "ignore")
 
 
 @dataclass
@@ -63,8 +62,10 @@ class SafetySFTConfig(SFTConfig):
     > Safety replay (no mask needed; see `peft_safety.training.replay`)
 
     safety_replay_dataset (`str` or `None`, defaults to `None`):
-        A ``.json``/``.jsonl`` file or Hub data set id of refusal rows (prompt + response) to mix into the training
-        set (rows or a Dataset can be given to the trainer directly: ``SafetySFTTrainer(safety_replay_dataset=rows)``).
+        Refusal rows (prompt + response) to mix into the training set: an offline data set name such as
+        ``uncensorbench_refusal``, a ``.json``/``.jsonl``/``.csv`` file or a Hub data set id, read by
+        `peft_safety.sources.datasets.load_rows` (rows or a Dataset can be given to the trainer directly:
+        ``SafetySFTTrainer(safety_replay_dataset=rows)``).
     safety_replay_ratio (`float`, defaults to `0.0`):
         Share of replay rows in the training stream, in ``[0, 1)``: ``round(N * r / (1 - r))`` replay rows are
         spread evenly among the ``N`` task rows.
@@ -84,7 +85,7 @@ class SafetySFTConfig(SFTConfig):
         metadata={
             "help": "'freeze' (SPA: keep the mask's entries unchanged) or 'train_only' (SET: train only the mask's "
             "entries). Required when a mask is given.",
-            "choices": list(SAFETY_MODES),
+            "choices": list(MODES),
         },
     )
     safety_train_only_full_weights: bool = field(
@@ -110,15 +111,15 @@ class SafetySFTConfig(SFTConfig):
         default="error",
         metadata={
             "help": "When the mask's weight fingerprints differ from the model's: 'error', 'warn' or 'ignore'.",
-            "choices": list(_FINGERPRINT_CHECKS),
+            "choices": list(FINGERPRINT_POLICIES),
         },
     )
 
     safety_replay_dataset: str | None = field(
         default=None,
         metadata={
-            "help": "Refusal rows to mix into the training set: a .json/.jsonl file, a Hub data set id, or (through "
-            "`peft-safety train` and examples/sft_safety.py) an offline data set name such as uncensorbench_refusal."
+            "help": "Refusal rows to mix into the training set: an offline data set name such as "
+            "uncensorbench_refusal, a .json/.jsonl/.csv file, or a Hub data set id."
         },
     )
     safety_replay_ratio: float = field(
@@ -144,21 +145,14 @@ class SafetySFTConfig(SFTConfig):
         if self.bf16 is None and not self.fp16:
             self.bf16 = resolve_bf16(self.use_cpu)
         super().__post_init__()
-        if self.safety_mode is not None and self.safety_mode not in SAFETY_MODES:
-            raise ValueError(
-                f"safety_mode={self.safety_mode!r} is not a mode; use 'freeze' (SPA: keep the mask's entries "
-                "unchanged) or 'train_only' (SET: train only the mask's entries)."
-            )
+        if self.safety_mode is not None:
+            check_mode(self.safety_mode, where="safety_mode")
         if self.safety_mask is not None and self.safety_mode is None:
             raise ValueError(
                 f"safety_mask={self.safety_mask!r} is set but safety_mode is not: pass safety_mode='freeze' (SPA) or "
                 "safety_mode='train_only' (SET)."
             )
-        if self.safety_fingerprint_check not in _FINGERPRINT_CHECKS:
-            raise ValueError(
-                f"safety_fingerprint_check={self.safety_fingerprint_check!r} is invalid; use 'error', 'warn' or "
-                "'ignore'."
-            )
+        check_fingerprint_policy(self.safety_fingerprint_check, where="safety_fingerprint_check")
         if self.safety_eval_steps is not None and self.safety_eval_steps <= 0:
             raise ValueError(f"safety_eval_steps must be a positive int or None, got {self.safety_eval_steps}.")
 

@@ -1,7 +1,7 @@
 """Exact freezing of individual weight entries during full fine-tuning.
 
 Setting a gradient to zero does not keep a weight still: AdamW's decoupled weight decay, SGD's L2 term and momentum
-all move entries whose gradient is zero (measured: AdamW decay moved every zero-gradient entry in 20 steps). The :class:`Freezer` therefore does two things:
+all move entries whose gradient is zero. The :class:`Freezer` therefore does two things:
 
 1. **mask the gradient before clipping**, so frozen entries do not inflate the clipping norm (post-accumulate
    gradient hooks on each parameter; :meth:`Freezer.mask_grads_` for call sites where hooks cannot fire, such as
@@ -17,11 +17,11 @@ compact form the mask allows:
 |---|---|---|
 | ``rows`` | whole rows frozen (``Neuron(axis=0)``, ``Head(axis=0)``; MoE experts' rows) | row ids + those rows |
 | ``cols`` | whole columns of a 2-D weight frozen (``Neuron(axis=1)``) | column ids + those columns |
-| ``all`` | the whole tensor frozen (``Layer()``) | a copy of the tensor (or nothing, see below) |
-| ``flat`` | anything else (``Weight()``) | flat int64 ids + the values (12 bytes per fp32 entry) |
+| ``whole`` | the whole tensor frozen (``Layer()``) | a copy of the tensor (or nothing, see below) |
+| ``entries`` | anything else (``Weight()``) | flat int64 ids + the values (12 bytes per fp32 entry) |
 
 A tensor whose entries are *all* frozen costs nothing when its ``requires_grad`` is switched off before the optimizer
-and any DDP wrapper are created (:func:`peft_safety.apply_mask_` and the trainer do that); the freezer then only
+and any DDP wrapper are created (:meth:`Freezer.prepare_model`, which `apply_mask_` and the trainer call); the freezer then only
 remembers a checksum so that :meth:`Freezer.verify` can still prove it unchanged.
 
 Backends; always install **after** ``accelerator.prepare``:
@@ -39,11 +39,14 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from ..vocab import Mode, StorageKind, base_name, check_choice, check_mode
+from .protection import FreezeReport, FreezeViolationError, MaskProtection
 
 logger = logging.getLogger(__name__)
 
@@ -51,59 +54,24 @@ __all__ = [
     "FreezeReport",
     "Freezer",
     "FreezeViolationError",
-    "canonical_name",
     "dense_frozen_masks",
     "detect_backend",
 ]
 
-Mode = Literal["freeze", "train_only"]
 Backend = Literal["auto", "single", "ddp", "fsdp1", "fsdp2", "deepspeed"]
-_MODES = ("freeze", "train_only")
 _BACKENDS = ("auto", "single", "ddp", "fsdp1", "fsdp2", "deepspeed")
 
-# path components that wrappers insert into parameter names: DDP/DataParallel ("module." at the front),
-# torch.compile, FSDP1 and activation checkpointing wrappers, and PEFT's "base_layer" of a tuned module
-_WRAPPER_PARTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "base_layer"})
+
+def _check_mode(mode: Any) -> str:
+    return check_mode(mode, where="mode")
 
 
-class FreezeViolationError(RuntimeError):
-    """Raised by :meth:`Freezer.verify` when a frozen entry is no longer bit-identical to its reference."""
-
-
-def canonical_name(name: str) -> str:
-    """Map a parameter name as seen through wrappers to the name a mask uses.
-
-    Strips the leading ``module.`` of DDP/DataParallel, ``_orig_mod`` (torch.compile), FSDP1 and checkpoint wrapper
-    components, PEFT's ``base_model.model.`` prefix and ``base_layer`` component.
-
-    Args:
-        name: a name from ``model.named_parameters()``.
-
-    Returns:
-        The name relative to the plain ``transformers`` model.
-
-    Example:
-
-    ```python
-    >>> canonical_name("module.base_model.model.model.layers.0.mlp.down_proj.base_layer.weight")
-    'model.layers.0.mlp.down_proj.weight'
-    ```
-    """
-    parts = name.split(".")
-    while parts and parts[0] == "module":
-        parts.pop(0)
-    parts = [p for p in parts if p not in _WRAPPER_PARTS]
-    if parts[:2] == ["base_model", "model"]:
-        parts = parts[2:]
-    return ".".join(parts)
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in _MODES:
-        raise ValueError(
-            f"Unknown safety mode {mode!r}. Use 'freeze' (SPA: keep the mask's entries unchanged) or 'train_only' "
-            "(SET: train only the mask's entries)."
-        )
+def _named_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``{base name: parameter}`` (`peft_safety.vocab.base_name`), the first parameter under each name."""
+    params: dict[str, nn.Parameter] = {}
+    for name, p in model.named_parameters():
+        params.setdefault(base_name(name), p)
+    return params
 
 
 def _mask_names_and_shapes(mask: Any) -> tuple[dict[str, tuple[int, ...]], Callable[[str], torch.Tensor]]:
@@ -215,8 +183,8 @@ class _Entry:
 
     name: str
     param: torch.Tensor
-    kind: str  # "flat" | "rows" | "cols" | "all"
-    index: torch.Tensor | None  # int64 on the parameter's device; None for "all"
+    kind: StorageKind  # "entries" | "rows" | "cols" | "whole" (peft_safety.vocab.STORAGE_KINDS)
+    index: torch.Tensor | None  # int64 on the parameter's device; None for "whole"
     saved: torch.Tensor
     master: torch.Tensor | None = None  # DeepSpeed fp32 master values at the same positions
 
@@ -224,7 +192,7 @@ class _Entry:
     def plan(local_mask: torch.Tensor) -> tuple[str, torch.Tensor | None]:
         n, total = int(local_mask.sum()), local_mask.numel()
         if n == total:
-            return "all", None
+            return "whole", None
         if local_mask.dim() >= 2:
             rows = local_mask.reshape(-1, local_mask.shape[-1])
             row_any = rows.any(dim=1)
@@ -234,29 +202,29 @@ class _Entry:
                 col_any = local_mask.any(dim=0)
                 if bool((local_mask == col_any[None, :]).all()):
                     return "cols", col_any.nonzero().squeeze(1)
-        return "flat", local_mask.reshape(-1).nonzero().squeeze(1)
+        return "entries", local_mask.reshape(-1).nonzero().squeeze(1)
 
     def _view(self, t: torch.Tensor) -> torch.Tensor:
         if self.kind == "rows":
             return t.view(-1, t.shape[-1])
-        if self.kind == "flat":
+        if self.kind == "entries":
             return t.view(-1)
         return t
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
-        if self.kind == "all":
+        if self.kind == "whole":
             return t
         dim = 1 if self.kind == "cols" else 0
         return self._view(t).index_select(dim, self.index)
 
     def fill_zero_(self, t: torch.Tensor) -> None:
-        if self.kind == "all":
+        if self.kind == "whole":
             t.zero_()
         else:
             self._view(t).index_fill_(1 if self.kind == "cols" else 0, self.index, 0)
 
     def write_(self, t: torch.Tensor, values: torch.Tensor) -> None:
-        if self.kind == "all":
+        if self.kind == "whole":
             t.copy_(values)
         else:
             self._view(t).index_copy_(1 if self.kind == "cols" else 0, self.index, values)
@@ -275,36 +243,7 @@ class _Entry:
         return self.saved.numel()
 
 
-@dataclass
-class FreezeReport:
-    """What :meth:`Freezer.verify` found.
-
-    Attributes:
-        changed: ``{parameter name: number of frozen entries that differ from the reference}`` (only names with a
-            difference).
-        max_abs_diff: ``{parameter name: largest absolute difference}`` for the same names.
-        checked_entries: number of frozen entries compared.
-        checked_parameters: number of parameters with frozen entries.
-    """
-
-    changed: dict[str, int] = field(default_factory=dict)
-    max_abs_diff: dict[str, float] = field(default_factory=dict)
-    checked_entries: int = 0
-    checked_parameters: int = 0
-
-    @property
-    def ok(self) -> bool:
-        """True when every frozen entry is bit-identical to its reference."""
-        return not self.changed
-
-    def __str__(self) -> str:
-        if self.ok:
-            return f"all {self.checked_entries:,} frozen entries in {self.checked_parameters} parameters bit-identical"
-        worst = ", ".join(f"{n}: {c} changed (max |diff| {self.max_abs_diff[n]:.3g})" for n, c in self.changed.items())
-        return f"{sum(self.changed.values()):,} of {self.checked_entries:,} frozen entries changed: {worst}"
-
-
-class Freezer:
+class Freezer(MaskProtection):
     """Keep chosen weight entries bit-identical through full fine-tuning with any torch optimizer.
 
     Args:
@@ -318,6 +257,13 @@ class Freezer:
         scrub_optimizer_state: zero the optimizer state (momentum, Adam moments) at frozen positions when attaching an
             optimizer, so resumed or foreign state does not even try to move them. The restore keeps the guarantee
             either way; this only keeps the state tidy.
+        log_drift: keep a CPU copy of the covered tensors at :meth:`install` and add ``safety/masked_drift`` /
+            ``safety/unmasked_drift`` to :meth:`metrics` (needs a `SafetyMask`).
+
+    The `Freezer` is a `Protection` (``peft_safety.training.protection``): :meth:`prepare_model` switches off the
+    tensors frozen whole (before the optimizer exists), :meth:`install` registers the hooks, :meth:`before_clip` and
+    :meth:`after_optimizer_step` are the two per-step calls of the backends where hooks cannot fire (FSDP1,
+    DeepSpeed), :meth:`verify` proves the guarantee and :meth:`remove` undoes everything. `apply_mask_` returns one.
 
     Example:
 
@@ -333,6 +279,8 @@ class Freezer:
     ```
     """
 
+    name = "freezer"
+
     def __init__(
         self,
         mask: Any,
@@ -340,21 +288,53 @@ class Freezer:
         *,
         backend: Backend = "auto",
         scrub_optimizer_state: bool = True,
+        log_drift: bool = False,
     ) -> None:
-        _check_mode(mode)
-        if backend not in _BACKENDS:
-            raise ValueError(f"Unknown backend {backend!r}; use one of {', '.join(_BACKENDS)}.")
+        super().__init__(mask, mode, log_drift=log_drift)
+        check_choice(backend, _BACKENDS, where="backend")
         _mask_names_and_shapes(mask)  # type check up front
-        self.mask = mask
-        self.mode = mode
+        if log_drift and (isinstance(mask, Mapping) or not hasattr(mask, "to_dense")):
+            raise TypeError("log_drift=True needs a SafetyMask (the drift is measured per mask entry).")
         self.backend = backend
         self.scrub_optimizer_state = scrub_optimizer_state
         self._entries: list[_Entry] = []
         self._digests: dict[str, tuple[torch.Tensor, str]] = {}
         self._handles: list[Any] = []
         self._opt_handles: list[Any] = []
-        self._model: nn.Module | None = None
         self._resolved_backend: str | None = None
+        self._switched_off: list[nn.Parameter] = []
+
+    # ------------------------------------------------------------------ before the optimizer exists
+    def prepare_model(self, model: nn.Module, peft_config: Any = None, args: Any = None) -> tuple[nn.Module, Any]:
+        """Switch off ``requires_grad`` of every tensor whose entries are all frozen, so that it never enters the
+        optimizer or a DDP bucket (zero memory, zero time); :meth:`remove` switches it back on. Call it before the
+        optimizer and any DDP wrapper are built.
+
+        Returns:
+            ``(model, peft_config)`` unchanged.
+
+        Raises:
+            ValueError: when nothing in the model would train any more.
+        """
+        params = _named_params(model)
+        for name, frozen in dense_frozen_masks(self.mask, self.mode):
+            p = params.get(name)
+            if p is not None and p.requires_grad and tuple(p.shape) == tuple(frozen.shape) and bool(frozen.all()):
+                p.requires_grad_(False)
+                p.grad = None
+                self._switched_off.append(p)
+        if not any(p.requires_grad for p in model.parameters()):
+            self._give_back_requires_grad()
+            raise ValueError(
+                "The mask leaves no trainable entry in the model (every covered tensor is frozen whole and nothing "
+                "else trains). Check the mode and the mask."
+            )
+        return model, peft_config
+
+    def _give_back_requires_grad(self) -> None:
+        for p in self._switched_off:
+            p.requires_grad_(True)
+        self._switched_off = []
 
     # ------------------------------------------------------------------ install
     @property
@@ -413,6 +393,10 @@ class Freezer:
             self._register_grad_hooks(backend)
             if optimizer is not None:
                 self.attach_optimizer(optimizer)
+            if self.log_drift:  # the reference of safety/*_drift: a CPU copy of the covered tensors
+                covered = set(self.mask.shapes)
+                params = _named_params(model)
+                self._reference = {n: params[n].detach().to("cpu", copy=True) for n in covered if n in params}
         except BaseException:
             self._drop_hooks()
             self._entries.clear()
@@ -428,14 +412,8 @@ class Freezer:
         )
         return self
 
-    def _named_params(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        params: dict[str, nn.Parameter] = {}
-        for name, p in model.named_parameters():
-            params.setdefault(canonical_name(name), p)
-        return params
-
     def _build(self, model: nn.Module, backend: str) -> None:
-        params = self._named_params(model)
+        params = _named_params(model)
         shapes, _ = _mask_names_and_shapes(self.mask)
         missing = [n for n in shapes if n not in params]
         if missing:
@@ -481,9 +459,9 @@ class Freezer:
         for module_name, module in model.named_modules():
             flat = getattr(getattr(module, "_handle", None), "flat_param", None) if isinstance(module, FSDP) else None
             if flat is not None:
-                prefix = canonical_name(module_name)
+                prefix = base_name(module_name)
                 for fqn, shape in zip(flat._fqns, flat._shapes):
-                    actual[canonical_name(f"{prefix}.{fqn}" if prefix else fqn)] = tuple(shape)
+                    actual[base_name(f"{prefix}.{fqn}" if prefix else fqn)] = tuple(shape)
         _check_shapes({n: s for n, s in shapes.items() if n in actual}, actual)  # before any dense mask is built
         frozen_by_name = dict(dense_frozen_masks(self.mask, self.mode))
         found: set[str] = set()
@@ -494,10 +472,10 @@ class Freezer:
             flat = getattr(handle, "flat_param", None) if handle is not None else None
             if flat is None:
                 continue
-            prefix = canonical_name(module_name)
+            prefix = base_name(module_name)
             pieces: list[torch.Tensor] = []
             for fqn, info in zip(flat._fqns, flat._shard_param_infos):
-                name = canonical_name(f"{prefix}.{fqn}" if prefix else fqn)
+                name = base_name(f"{prefix}.{fqn}" if prefix else fqn)
                 if name not in frozen_by_name:
                     continue
                 found.add(name)
@@ -507,7 +485,7 @@ class Freezer:
                 pieces.append(piece.nonzero().squeeze(1) + info.offset_in_shard)
             if pieces:
                 index = torch.cat(pieces).sort().values.to(flat.device)
-                entry = _Entry(f"{prefix or '<root>'}._flat_param", flat, "flat", index, saved=torch.empty(0))
+                entry = _Entry(f"{prefix or '<root>'}._flat_param", flat, "entries", index, saved=torch.empty(0))
                 entry.saved = entry.gather(flat.data).detach().clone()
                 self._entries.append(entry)
         missing = sorted(set(frozen_by_name) - found)
@@ -634,7 +612,7 @@ class Freezer:
         ref: dict[str, torch.Tensor] | None = None
         if reference is not None:
             items = reference.state_dict().items() if isinstance(reference, nn.Module) else reference.items()
-            ref = {canonical_name(k): v for k, v in items}
+            ref = {base_name(k): v for k, v in items}
         report = FreezeReport()
         for entry in self._entries:
             current = entry.gather(_local(entry.param))
@@ -685,18 +663,40 @@ class Freezer:
         self._opt_handles.clear()
 
     def remove(self) -> None:
-        """Remove every hook and drop the saved values. Safe to call twice."""
+        """Remove every hook, drop the saved values and switch ``requires_grad`` back on where :meth:`prepare_model`
+        switched it off. Safe to call twice."""
         self._drop_hooks()
         self._entries.clear()
         self._digests.clear()
         self._model = None
+        self._reference = None
         self._resolved_backend = None
+        self._give_back_requires_grad()
 
-    def __enter__(self) -> Freezer:
-        return self
+    # ------------------------------------------------------------------ the protocol's per-step hooks and logs
+    def before_clip(self, model: nn.Module | None = None) -> None:
+        """Zero the frozen gradients where hooks cannot fire (FSDP1's flat parameters); a no-op elsewhere."""
+        if self.needs_grad_mask_call:
+            self.mask_grads_()
 
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
+    def after_optimizer_step(self, step: int | None = None) -> None:
+        """Restore the frozen entries where no optimizer hook fires (DeepSpeed steps inside its engine); a no-op
+        elsewhere (the optimizer's step hook already did it)."""
+        if self._resolved_backend == "deepspeed":
+            self.restore_()
+
+    def metrics(self) -> dict[str, float]:
+        """``safety/frozen_entries`` and ``safety/freezer_bytes`` (and the drift with ``log_drift``) while installed."""
+        if not self.installed:
+            return {}
+        return {
+            "safety/frozen_entries": float(self.num_frozen),
+            "safety/freezer_bytes": float(self.memory_bytes),
+            **super().metrics(),
+        }
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "backend": self._resolved_backend or self.backend, "frozen": self.num_frozen}
 
     def __repr__(self) -> str:
         state = f"installed on {self._resolved_backend}" if self.installed else "not installed"

@@ -46,6 +46,7 @@ from transformers import TrainerCallback
 
 from ..analysis.probes import named_parameters_by_base_name
 from ..mask import Head, Neuron, SafetyMask
+from ..vocab import check_choice, check_fraction, is_int
 
 __all__ = ["RealignCallback", "RealignReport", "realign_", "reference_snapshot"]
 
@@ -170,14 +171,12 @@ def realign_(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     if not isinstance(mask, SafetyMask):
         raise TypeError(f"mask must be a SafetyMask, got {type(mask).__name__}.")
-    if by not in _BY:
-        raise ValueError(f"by must be 'entry' or 'neuron', got {by!r}.")
+    check_choice(by, _BY, where="by")
     if (fraction is None) == (k is None):
         raise ValueError("Pass exactly one of fraction= (share of the mask's units) or k= (number of units).")
-    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
-                                 or not 0.0 <= fraction <= 1.0):  # fmt: skip
-        raise ValueError(f"fraction must be in [0, 1], got {fraction!r}.")
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+    if fraction is not None:
+        fraction = check_fraction(fraction, allow_zero=True)
+    if k is not None and (not is_int(k) or k < 0):
         raise ValueError(f"k must be a non-negative int, got {k!r}.")
     merged = False
     unmerged = [m for m in _lora_layers(model) if not getattr(m, "merged", False)]
@@ -308,10 +307,10 @@ class RealignCallback(TrainerCallback):
             raise TypeError(f"mask must be a SafetyMask, got {type(mask).__name__}.")
         if (fraction is None) == (k is None):
             raise ValueError("Pass exactly one of fraction= or k=.")
-        if by not in _BY:
-            raise ValueError(f"by must be 'entry' or 'neuron', got {by!r}.")
-        if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
-                                          or every_n_steps < 1):  # fmt: skip
+        check_choice(by, _BY, where="by")
+        if fraction is not None:
+            fraction = check_fraction(fraction, allow_zero=True)
+        if every_n_steps is not None and (not is_int(every_n_steps) or every_n_steps < 1):
             raise ValueError(f"every_n_steps must be a positive int or None, got {every_n_steps!r}.")
         self.mask, self.reference = mask, reference
         self.fraction, self.k, self.by = fraction, k, by

@@ -17,9 +17,11 @@ strings (standard) or as message lists (conversational prompt-completion). They 
 "response"}`` rows (what `peft_safety.sources.datasets.load_rows` returns), ``messages`` rows or
 ``prompt``/``completion`` rows.
 
-`SafetySFTConfig(safety_replay_dataset=..., safety_replay_ratio=0.1)` does this inside `SafetySFTTrainer` (the
-trainer also accepts ``safety_replay_dataset=rows`` directly). Shuffling by the trainer's sampler still happens
-afterwards; the guarantee is the exact ratio over each epoch, not the order.
+`SafetySFTConfig(safety_replay_dataset=..., safety_replay_ratio=0.1)` does this inside `SafetySFTTrainer` through
+the `SafetyReplay` protection (the trainer also accepts ``safety_replay_dataset=rows`` directly); the data set is a
+named offline set, a ``.json``/``.jsonl``/``.csv`` file or a Hub id, read by
+`peft_safety.sources.datasets.load_rows`. Shuffling by the trainer's sampler still happens afterwards; the guarantee is
+the exact ratio over each epoch, not the order.
 
 Example:
 
@@ -34,14 +36,13 @@ Example:
 
 from __future__ import annotations
 
-import json
-import os
 import random
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-__all__ = ["apply_replay", "load_replay_rows", "mix_replay", "replay_count", "replay_positions"]
+from .protection import Protection
+
+__all__ = ["SafetyReplay", "mix_replay", "replay_count", "replay_positions"]
 
 
 def replay_count(n_task: int, ratio: float) -> int:
@@ -116,30 +117,6 @@ def _convert(prompt: str, response: str, fmt: str, template: dict[str, Any]) -> 
     return {"prompt": prompt, "completion": sep + response}
 
 
-def load_replay_rows(source: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a replay data set given by path (``.json`` list or ``.jsonl``) or Hub data set id (train split).
-
-    For named offline sources use ``peft_safety.sources.datasets.load_rows(name)`` and pass the rows to the trainer.
-    """
-    text = os.fspath(source)
-    path = Path(text)
-    if path.suffix.lower() in (".json", ".jsonl"):
-        if not path.is_file():
-            raise FileNotFoundError(f"safety_replay_dataset={text!r}: no such file.")
-        raw = path.read_text(encoding="utf-8")
-        if path.suffix.lower() == ".jsonl":
-            return [json.loads(line) for line in raw.splitlines() if line.strip()]
-        data = json.loads(raw)
-        if not isinstance(data, list):
-            raise ValueError(f"safety_replay_dataset={text!r} must hold a JSON list of rows.")
-        return data
-    try:
-        import datasets
-    except ImportError as err:  # pragma: no cover - datasets comes with trl
-        raise ImportError("Loading a replay data set from the Hub needs `datasets`.") from err
-    return datasets.load_dataset(text, split="train").to_list()
-
-
 def mix_replay(train: Any, replay: Any, ratio: float, *, seed: int = 0, return_sources: bool = False) -> Any:
     """Mix replay rows into training rows at ``ratio`` (see the module docstring for the exact rule).
 
@@ -198,31 +175,58 @@ def mix_replay(train: Any, replay: Any, ratio: float, *, seed: int = 0, return_s
     return (mixed, flags) if return_sources else mixed
 
 
-def apply_replay(train_dataset: Any, replay: Any, args: Any) -> Any:
-    """The trainer's hook: mix ``replay`` (rows, a Dataset, or `None` to read ``args.safety_replay_dataset``) into
-    ``train_dataset`` at ``args.safety_replay_ratio`` with seed ``args.safety_replay_seed`` (else ``args.seed``).
+class SafetyReplay(Protection):
+    """Safety replay as a protection: mix refusal rows into the training set at ``args.safety_replay_ratio``.
 
-    Returns ``train_dataset`` unchanged when the ratio is 0 or unset.
+    Its one hook, `prepare_dataset`, runs before TRL tokenizes the data; the rows come from ``rows`` or, when `None`,
+    from ``args.safety_replay_dataset`` (a named offline set such as ``uncensorbench_refusal``, a ``.json``/``.jsonl``
+    file or a Hub id, through `peft_safety.sources.datasets.load_rows`). The seed is ``args.safety_replay_seed``
+    (else ``args.seed``).
+
+    Args:
+        rows: replay rows (a list of dicts or a ``datasets.Dataset``), or `None` to read the configured data set.
     """
-    ratio = float(getattr(args, "safety_replay_ratio", 0.0) or 0.0)
-    source = getattr(args, "safety_replay_dataset", None)
-    if ratio == 0.0:
-        if replay is not None or source is not None:
+
+    name = "replay"
+
+    def __init__(self, rows: Any = None) -> None:
+        self.rows = rows
+        self.mixed: int = 0
+
+    def prepare_dataset(self, train_dataset: Any, args: Any = None) -> Any:
+        """``train_dataset`` with the replay rows mixed in (unchanged when the ratio is 0 and no rows were given).
+
+        Raises:
+            ValueError: rows or a data set with a ratio of 0, a ratio without rows, no training set.
+        """
+        ratio = float(getattr(args, "safety_replay_ratio", 0.0) or 0.0)
+        source = getattr(args, "safety_replay_dataset", None)
+        replay = self.rows
+        if ratio == 0.0:
+            if replay is not None or source is not None:
+                raise ValueError(
+                    "A safety replay data set was given but safety_replay_ratio is 0: set safety_replay_ratio (e.g. "
+                    "0.1 for one replay row in ten) or drop the replay data set."
+                )
+            return train_dataset
+        if replay is None:
+            if source is None:
+                raise ValueError(
+                    f"safety_replay_ratio={ratio} needs replay rows: set safety_replay_dataset (an offline data set "
+                    "name, a .json/.jsonl path or a Hub id) or pass SafetySFTTrainer(safety_replay_dataset=rows)."
+                )
+            from ..sources.datasets import load_rows
+
+            replay = load_rows(source, normalize=False)
+        if train_dataset is None:
             raise ValueError(
-                "A safety replay data set was given but safety_replay_ratio is 0: set safety_replay_ratio (e.g. 0.1 "
-                "for one replay row in ten) or drop the replay data set."
+                "safety_replay_ratio is set but the trainer got no train_dataset to mix the replay rows into."
             )
-        return train_dataset
-    if replay is None:
-        if source is None:
-            raise ValueError(
-                f"safety_replay_ratio={ratio} needs replay rows: set safety_replay_dataset (a .json/.jsonl path or "
-                "a Hub id) or pass SafetySFTTrainer(safety_replay_dataset=rows)."
-            )
-        replay = load_replay_rows(source)
-    if train_dataset is None:
-        raise ValueError(
-            "safety_replay_ratio is set but the trainer got no train_dataset to mix the replay rows into."
-        )
-    seed = getattr(args, "safety_replay_seed", None)
-    return mix_replay(train_dataset, replay, ratio, seed=int(getattr(args, "seed", 0) if seed is None else seed))
+        seed = getattr(args, "safety_replay_seed", None)
+        seed = int(getattr(args, "seed", 0) if seed is None else seed)
+        mixed = mix_replay(train_dataset, replay, ratio, seed=seed)
+        self.mixed = len(mixed) - len(train_dataset)
+        return mixed
+
+    def state(self) -> dict[str, Any]:
+        return {"protection": self.name, "replay_rows": self.mixed}

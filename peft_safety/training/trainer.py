@@ -1,22 +1,27 @@
-"""``SafetySFTTrainer``: TRL's ``SFTTrainer`` with a safety mask, for SET and SPA.
+"""``SafetySFTTrainer``: TRL's ``SFTTrainer`` with a safety mask, for SET and SPA, and any other protection.
 
-| ``safety_mode`` | ``peft_config`` | what trains | mechanism |
+The trainer holds a list of protections (``peft_safety.training.protection``) and calls each one's hooks at fixed
+points of TRL's loop; it never branches on which protections it holds. A mask gives one, chosen by
+`peft_safety.training.adapters.mask_protection`:
+
+| ``safety_mode`` | ``peft_config`` | what trains | protection |
 |---|---|---|---|
-| ``"train_only"`` | ``None`` | the mask's entries (SET) | a `SafetyConfig` sparse-delta adapter built from the mask |
-| ``"train_only"`` | ``SafetyConfig`` | the mask's entries (SET) | that adapter (its mask defaults to the trainer's) |
+| ``"train_only"`` | ``None`` | the mask's entries (SET) | `SetAdapter`: a `SafetyConfig` sparse-delta adapter built from the mask |
+| ``"train_only"`` | ``SafetyConfig`` | the mask's entries (SET) | `SetAdapter` with that adapter (its mask defaults to the trainer's) |
 | ``"train_only"`` + ``safety_train_only_full_weights`` | ``None`` | the mask's entries, in the full weights | `Freezer` on the complement |
-| ``"freeze"`` | ``LoraConfig`` (also on a bnb 4-/8-bit base: QLoRA) | LoRA, zero update on the mask (SPA) | the tuner's masked LoRA |
+| ``"freeze"`` | ``LoraConfig`` (also on a bnb 4-/8-bit base: QLoRA) | LoRA, zero update on the mask (SPA) | `MaskedLora` |
 | ``"freeze"`` | ``None`` | every weight except the mask's entries (SPA) | `Freezer`, installed after ``accelerator.prepare`` |
+
+Safety replay (``safety_replay_ratio``) adds `SafetyReplay`; ``SafetySFTTrainer(protections=[...])`` adds others.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -27,14 +32,15 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError("SafetySFTTrainer needs trl: install it with `pip install 'peft-safety[trl]'`.") from err
 
-from .callbacks import FreezerCallback, RefusalEvalCallback, mask_drift_metrics
-from .freeze import Freezer, FreezeViolationError, canonical_name, dense_frozen_masks
+from ..vocab import check_mode
+from .adapters import _is_quantized, mask_protection
+from .callbacks import ProtectionCallback, RefusalEvalCallback
+from .freeze import Freezer, _named_params
+from .protection import Protection
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SafetySFTTrainer"]
-
-_MODES = ("freeze", "train_only")
 
 
 def _load_mask(value: Any):
@@ -50,20 +56,45 @@ def _load_mask(value: Any):
     )
 
 
-def _is_quantized(model: nn.Module) -> bool:
-    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
-
-
 def _shape_view(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{canonical name: tensor}`` for mask validation; quantised weights are described by a meta tensor of their
+    """``{base name: tensor}`` for mask validation; quantised weights are described by a meta tensor of their
     logical shape (their packed storage has another shape, and fingerprints of quantised values never match)."""
     out: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
+    for name, p in _named_params(model).items():
         shape = getattr(getattr(p, "quant_state", None), "shape", None)
         if shape is None and type(p).__name__ == "Int8Params":
             shape = p.shape
-        out.setdefault(canonical_name(name), torch.empty(tuple(shape), device="meta") if shape is not None else p)
+        out[name] = torch.empty(tuple(shape), device="meta") if shape is not None else p
     return out
+
+
+def _checked_mask(mask: Any, model: Any, args: Any) -> Any:
+    """``mask`` validated against the base ``model`` (names, shapes, fingerprints by ``safety_fingerprint_check``);
+    a mask without fingerprints records those of the weights it is applied to (saved with it)."""
+    from peft import PeftModel
+
+    from ..mask import fingerprints_of
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a model id/path or a PreTrainedModel, got {type(model).__name__}.")
+    if isinstance(model, PeftModel):
+        raise ValueError(
+            "SafetySFTTrainer with a mask needs the base model, not a PeftModel: pass the base model and the "
+            "adapter config as peft_config= (LoraConfig for 'freeze', SafetyConfig or nothing for 'train_only')."
+        )
+    fingerprint_check = getattr(args, "safety_fingerprint_check", "error")
+    if _is_quantized(model) and fingerprint_check == "error":
+        fingerprint_check = "ignore"  # quantised weights never match a full-precision fingerprint
+    view = _shape_view(model)
+    mask.validate(view, fingerprint_check=fingerprint_check)
+    missing = [n for n in mask.shapes if n not in mask.fingerprints]
+    if missing and not _is_quantized(model):
+        mask = mask.with_fingerprints(fingerprints_of(view, missing))
+    return mask
+
+
+def _overrides(component: Protection, hook: str) -> bool:
+    return getattr(type(component), hook) is not getattr(Protection, hook)
 
 
 def _as_safety_config(args: Any, model: Any):
@@ -133,15 +164,22 @@ class SafetySFTTrainer(SFTTrainer):
         safety_evaluator: optional callable ``(model, tokenizer) -> dict[str, float]`` run every
             ``args.safety_eval_steps`` steps by `RefusalEvalCallback` (for example a refusal-rate evaluation); its
             results are logged with a ``safety/`` prefix.
+        safety_replay_dataset: refusal rows (a list of dicts or a ``datasets.Dataset``) to mix into the training set
+            at ``args.safety_replay_ratio``, overriding ``args.safety_replay_dataset``.
+        protections: further `Protection` objects (``peft_safety.training.protection``), appended to `protections`
+            after the replay and the mask's protection; each one's hooks run at their point of the loop.
 
     The mode comes from ``args.safety_mode`` (``"freeze"`` or ``"train_only"``; required with a mask). See the module
     docstring for the table of modes, and ``docs/trainer.md`` for the logged metrics.
+
+    Attributes:
+        protections: the list of protections, in the order their hooks run.
 
     Raises:
         ValueError: mask without a mode, unknown mode, a mask for another model, DoRA or a non-zero LoRA init with a
             mask, a mask entry on ``lm_head`` with LoRA, no mask entry in any trained module, ``train_only`` with a
             LoRA config or ``freeze`` with a SET config.
-        TypeError: a mask of the wrong type.
+        TypeError: a mask of the wrong type, a protection that is not a `Protection`.
 
     Example:
 
@@ -162,6 +200,7 @@ class SafetySFTTrainer(SFTTrainer):
         safety_mask: Any = None,
         safety_evaluator: Any = None,
         safety_replay_dataset: Any = None,
+        protections: Sequence[Protection] | None = None,
         **kwargs: Any,
     ) -> None:
         bound = inspect.signature(SFTTrainer.__init__).bind(self, *args, **kwargs)
@@ -170,19 +209,23 @@ class SafetySFTTrainer(SFTTrainer):
         # every form of `args` SFTTrainer accepts (None, a TrainingArguments, an SFTConfig) becomes a SafetySFTConfig,
         # so the safety_* fields always exist (with their defaults)
         training_args = params["args"] = _as_safety_config(params.get("args"), params.get("model"))
+        components: list[Protection] = []
         if safety_replay_dataset is not None or getattr(training_args, "safety_replay_ratio", 0.0):
-            from .replay import apply_replay  # safety replay: mix refusal rows into the training set
+            from .replay import SafetyReplay  # safety replay: mix refusal rows into the training set
 
-            params["train_dataset"] = apply_replay(params.get("train_dataset"), safety_replay_dataset, training_args)
+            components.append(SafetyReplay(safety_replay_dataset))
+        extra = list(protections or ())
+        for component in extra:
+            if not isinstance(component, Protection):
+                raise TypeError(
+                    f"protections must be Protection objects (peft_safety.training.protection), got "
+                    f"{type(component).__name__}."
+                )
         mask_source = safety_mask if safety_mask is not None else getattr(training_args, "safety_mask", None)
         mode = getattr(training_args, "safety_mode", None)
         self.safety_mask = None
         self.safety_mode = mode
-        self.freezer: Freezer | None = None
-        self._safety_mechanism = "none"
-        self._switched_off: list[nn.Parameter] = []
-        self._drift_reference: dict[str, torch.Tensor] | None = None
-        restore_init_kwargs = None
+        self.protections = components
         if mask_source is None:
             if mode is not None:
                 raise ValueError(
@@ -195,31 +238,38 @@ class SafetySFTTrainer(SFTTrainer):
                     "A safety mask was given but safety_mode is not set: use safety_mode='freeze' (SPA: keep the "
                     "mask's entries unchanged) or safety_mode='train_only' (SET: train only the mask's entries)."
                 )
-            if mode not in _MODES:
-                raise ValueError(f"Unknown safety_mode {mode!r}; use 'freeze' or 'train_only'.")
+            check_mode(mode, where="safety_mode")
             self.safety_mask = _load_mask(mask_source)
-            if isinstance(params.get("model"), str):
-                # the mask is checked against the loaded weights before TRL wraps them: load the model here, exactly
-                # as SFTTrainer would (TRL's loader, model_init_kwargs, float32 default, trust_remote_code)
-                model_id = params["model"]
-                params["model"], processor = _load_model_like_trl(
-                    model_id, training_args, params.get("quantization_config"), params.get("processing_class")
-                )
-                params["processing_class"] = processor
-                params["quantization_config"] = None
-                restore_init_kwargs = training_args.model_init_kwargs
-                training_args.model_init_kwargs = None  # used already: keeps SFTTrainer from warning they are ignored
+        restore_init_kwargs = None
+        prepares_model = self.safety_mask is not None or any(_overrides(c, "prepare_model") for c in extra)
+        if prepares_model and isinstance(params.get("model"), str):
+            # the mask is checked against the loaded weights before TRL wraps them: load the model here, exactly as
+            # SFTTrainer would (TRL's loader, model_init_kwargs, float32 default, trust_remote_code)
+            params["model"], params["processing_class"] = _load_model_like_trl(
+                params["model"], training_args, params.get("quantization_config"), params.get("processing_class")
+            )
+            params["quantization_config"] = None
+            restore_init_kwargs = training_args.model_init_kwargs
+            training_args.model_init_kwargs = None  # used already: keeps SFTTrainer from warning they are ignored
+        if self.safety_mask is not None:
+            self.safety_mask = _checked_mask(self.safety_mask, params.get("model"), training_args)
+            components.append(mask_protection(self.safety_mask, mode, params.get("peft_config"), training_args))
+        components.extend(extra)
+        for component in components:
+            params["train_dataset"] = component.prepare_dataset(params.get("train_dataset"), training_args)
+        if prepares_model:
             from transformers import set_seed
 
             # as SFTTrainer before it wraps a model in PEFT: adapter weights are initialised randomly, so the seed
-            # must be set before the masked LoRA exists (else its init depends on what the process did before)
+            # must be set before an adapter exists (else its init depends on what the process did before)
             set_seed(training_args.seed)
-            params["model"], params["peft_config"] = self._prepare_model(
-                params.get("model"), params.get("peft_config"), training_args, params
-            )
+            for component in components:
+                params["model"], params["peft_config"] = component.prepare_model(
+                    params.get("model"), params.get("peft_config"), training_args
+                )
         callbacks = list(params.get("callbacks") or [])
-        if self._safety_mechanism == "freezer":
-            callbacks.append(FreezerCallback(self))
+        if components:
+            callbacks.append(ProtectionCallback(self))
         eval_steps = getattr(training_args, "safety_eval_steps", None)
         if eval_steps:
             if safety_evaluator is None:
@@ -231,222 +281,83 @@ class SafetySFTTrainer(SFTTrainer):
         params["callbacks"] = callbacks or None
         try:
             super().__init__(**params)
+        except BaseException:
+            for component in components:
+                component.remove()
+            raise
         finally:
             if restore_init_kwargs is not None:
                 training_args.model_init_kwargs = restore_init_kwargs
-        if self._safety_mechanism == "set" and _is_quantized(self.model):
-            # SFTTrainer casts every trainable parameter of a quantised model to bf16 (trl/trainer/sft_trainer.py, quantised models); keep the
-            # sparse deltas in fp32 so small updates are not rounded away
-            for name, p in self.model.named_parameters():
-                if p.requires_grad and "safety_values" in name:
-                    p.data = p.data.float()
+        for component in components:
+            component.on_wrapped(self.model)
 
-    # ------------------------------------------------------------------ model preparation
-    def _prepare_model(self, model: Any, peft_config: Any, args: Any, params: Mapping[str, Any]):
-        from peft import LoraConfig, PeftModel
-
-        from ..tuner import SafetyConfig
-
-        mask, mode = self.safety_mask, self.safety_mode
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a model id/path or a PreTrainedModel, got {type(model).__name__}.")
-        fingerprint = getattr(args, "safety_fingerprint_check", "error")
-        if _is_quantized(model) and fingerprint == "error":
-            fingerprint = "ignore"  # quantised weights never match a full-precision fingerprint
-        if isinstance(model, PeftModel):
-            raise ValueError(
-                "SafetySFTTrainer with a mask needs the base model, not a PeftModel: pass the base model and the "
-                "adapter config as peft_config= (LoraConfig for 'freeze', SafetyConfig or nothing for 'train_only')."
-            )
-        mask.validate(_shape_view(model), fingerprint=fingerprint)
-        # provenance: a mask without fingerprints records those of the base weights it is applied to (saved with it)
-        from ..mask import fingerprints_of
-
-        missing = [n for n in mask.shapes if n not in mask.fingerprints]
-        if missing and not _is_quantized(model):
-            self.safety_mask = mask = mask.with_fingerprints(fingerprints_of(_shape_view(model), missing))
-
-        if mode == "train_only":
-            if isinstance(peft_config, LoraConfig):
-                raise ValueError(
-                    "safety_mode='train_only' trains only the mask's entries, which LoRA cannot express: drop "
-                    "peft_config (a SET adapter is built from the mask) or pass SafetyConfig(mask=...). For SPA with "
-                    "LoRA use safety_mode='freeze'."
-                )
-            if peft_config is None and not getattr(args, "safety_train_only_full_weights", False):
-                peft_config = SafetyConfig(mask=mask, task_type="CAUSAL_LM")
-            if isinstance(peft_config, SafetyConfig):
-                if peft_config.mask is None:
-                    peft_config.mask = mask
-                self._safety_mechanism = "set"
-                return model, peft_config
-            if peft_config is not None:
-                raise ValueError(
-                    f"safety_mode='train_only' supports SafetyConfig or no peft_config, got {type(peft_config).__name__}."
-                )
-            self._switch_off_whole_tensors(model)
-            self._safety_mechanism = "freezer"
-            return model, None
-
-        # mode == "freeze"
-        if isinstance(peft_config, SafetyConfig):
-            raise ValueError(
-                "A SafetyConfig (SET adapter) trains the mask's entries; it cannot freeze them. Use "
-                "safety_mode='train_only' with it, or a LoraConfig / full fine-tuning with safety_mode='freeze'."
-            )
-        if peft_config is None:
-            self._switch_off_whole_tensors(model)
-            self._safety_mechanism = "freezer"
-            return model, None
-        if not isinstance(peft_config, LoraConfig):
-            raise ValueError(
-                f"safety_mode='freeze' supports LoraConfig (LoRA / QLoRA) or full fine-tuning (no peft_config), got "
-                f"{type(peft_config).__name__}: other adapters cannot guarantee a zero update on the mask."
-            )
-        self._check_lora(model, peft_config)
-        try:
-            from ..tuner.lora import get_masked_lora_model
-        except ImportError as err:
-            raise ImportError(
-                "SPA with LoRA needs peft_safety.tuner.lora.get_masked_lora_model (the masked LoRA), which this install "
-                "lacks; upgrade peft-safety."
-            ) from err
-        if getattr(args, "gradient_checkpointing", False):
-            model.enable_input_require_grads()
-        # a SafetyLoraConfig keeps its own forward method; any other LoraConfig gets the bit-exact default
-        model = get_masked_lora_model(
-            model, peft_config, mask, entries_method=getattr(peft_config, "entries_method", "dense")
-        )
-        self._safety_mechanism = "lora"
-        return model, None
-
-    def _check_lora(self, model: nn.Module, cfg: Any) -> None:
-        mask = self.safety_mask
-        if cfg.use_dora:
-            raise ValueError(
-                "use_dora=True cannot keep the mask's entries unchanged: DoRA rescales whole rows through its "
-                "magnitude vector, moving protected entries. Use plain LoRA (use_dora=False) with a safety mask."
-            )
-        if cfg.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(
-                f"init_lora_weights={cfg.init_lora_weights!r} starts LoRA with a non-zero update (or rewrites the "
-                "base weight), which moves masked entries before training. Use init_lora_weights=True with a mask."
-            )
-        lm_head = [n for n in mask.names if n.split(".")[0] == "lm_head" or ".lm_head." in n]
-        if lm_head:
-            raise ValueError(
-                f"The mask has entries on {lm_head}: LoRA cannot protect lm_head, because TRL rejects adapters on "
-                "lm_head and its fused loss reads lm_head.weight directly. Drop them (mask.filter(lambda n: "
-                "'lm_head' not in n)) and keep lm_head frozen, or use full fine-tuning (no peft_config), where the "
-                "Freezer masks lm_head.weight's gradient."
-            )
-        from peft.tuners.tuners_utils import check_target_module_exists
-
-        targeted = set()
-        resolved = cfg
-        if cfg.target_modules is None:
-            # PEFT fills in per-architecture defaults inside get_peft_model; resolve them the same way here
-            from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
-
-            model_type = getattr(getattr(model, "config", None), "model_type", None)
-            resolved = copy.copy(cfg)
-            resolved.target_modules = set(defaults.get(model_type, ()))
-        output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        for module_name, module in model.named_modules():
-            if not isinstance(module, nn.Linear):
-                continue
-            if cfg.target_modules == "all-linear":
-                # PEFT's "all-linear" is every Linear except the output layer (a plain string, not a regex)
-                hit = module is not output_layer
-            else:
-                hit = bool(check_target_module_exists(resolved, module_name))
-            if hit:
-                targeted.add(f"{module_name}.weight")
-        if not targeted & set(mask.names):
-            raise ValueError(
-                f"No mask entry lies in a module LoRA trains (target_modules={cfg.target_modules!r}; mask covers "
-                f"e.g. {list(mask.names)[:3]}): the mask would protect nothing. Target the masked modules, or use "
-                "full fine-tuning."
-            )
-
-    def _switch_off_whole_tensors(self, model: nn.Module) -> None:
-        """Tensors frozen whole leave the optimizer and DDP before they are built: zero memory, zero time."""
-        params = {}
-        for name, p in model.named_parameters():
-            params.setdefault(canonical_name(name), p)
-        for name, frozen in dense_frozen_masks(self.safety_mask, self.safety_mode):
-            p = params.get(name)
-            if p is not None and p.requires_grad and bool(frozen.all()):
-                p.requires_grad_(False)
-                self._switched_off.append(p)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        if trainable == 0:
-            raise ValueError(
-                "The mask leaves no trainable entry in the model (every covered tensor is frozen whole and nothing "
-                "else trains). Check safety_mode and the mask."
-            )
+    @property
+    def freezer(self) -> Freezer | None:
+        """The installed `Freezer` (full fine-tuning with a mask), or `None`."""
+        return next((c for c in self.protections if isinstance(c, Freezer) and c.installed), None)
 
     # ------------------------------------------------------------------ training loop hooks
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
-        if self._safety_mechanism == "freezer":
-            # after accelerator.prepare and the checkpoint load: hooks see the final (wrapped, sharded) parameters
-            if self.freezer is not None:
-                self.freezer.remove()
-            self.freezer = Freezer(self.safety_mask, self.safety_mode).install(model, self.optimizer)
-        if self.args.safety_log_drift and self._safety_mechanism == "freezer" and self._drift_reference is None:
-            self._drift_reference = {
-                name: p.detach().to("cpu", copy=True)
-                for name, p in self._covered_params().items()
-                if name in set(self.safety_mask.shapes)
-            }
+        # after accelerator.prepare and the checkpoint load: hooks see the final (wrapped, sharded) parameters
+        for component in self.protections:
+            component.install(model, self.optimizer)
         return model, train_dataloader
 
+    def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device):
+        # every protection is asked (each sees every step); the first that answers supplies this step's batches
+        sources = [c.batch_source(self.state.global_step) for c in self.protections]
+        source = next((s for s in sources if s is not None), None)
+        return super().get_batch_samples(epoch_iterator if source is None else source, num_batches, device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        if not model.training:
+            return result
+        extras = [e for e in (c.extra_loss(model, inputs) for c in self.protections) if e is not None]
+        if not extras:
+            return result
+        if return_outputs:
+            loss, outputs = result
+            return loss + sum(extras), outputs
+        return result + sum(extras)
+
     def _clip_grad_norm(self, model):
-        if self.freezer is not None and self.freezer.needs_grad_mask_call:
-            self.freezer.mask_grads_()  # FSDP1: hooks do not fire on the flat parameter's views
+        for component in self.protections:
+            component.before_clip(model)  # e.g. FSDP1: the Freezer masks gradients hooks cannot reach
         return super()._clip_grad_norm(model)
 
     def train(self, *args: Any, **kwargs: Any):
         try:
             output = super().train(*args, **kwargs)
-            if self.safety_mask is not None and getattr(self.args, "safety_verify", True):
+            if getattr(self.args, "safety_verify", True):
                 self.verify_safety()
             return output
         finally:
-            if self.freezer is not None:
-                self.freezer.remove()
-                self.freezer = None
+            for component in self.protections:
+                component.remove()
 
     def verify_safety(self) -> dict[str, float]:
-        """Check the guarantee now and return the numbers; raises `FreezeViolationError` if it is violated.
+        """Check every protection's guarantee now (during or at the end of training) and return the numbers; raises
+        `FreezeViolationError` if one is violated.
 
-        Full-weight modes: every frozen entry bit-identical to its value at the start of training. Adapter modes:
-        the adapter's *effective* update is exactly zero on every frozen entry (LoRA SPA) or outside the mask (SET),
-        measured by running each adapted layer and its base layer on an identity input (`mask_drift_metrics`), so a
-        layer whose forward leaks through the mask is caught even when its merge helper would mask the delta.
+        Full-weight modes (`Freezer`): every frozen entry bit-identical to its value at the start of training. Adapter
+        modes: the adapter's *effective* update is exactly zero on every frozen entry (LoRA SPA) or outside the mask
+        (SET), measured by running each adapted layer and its base layer on an identity input, so a layer whose
+        forward leaks through the mask is caught even when its merge helper would mask the delta.
         """
-        if self.freezer is not None:
-            report = self.freezer.verify()
-            return {"checked_entries": report.checked_entries}
-        metrics = mask_drift_metrics(self.model, self.safety_mask, self.safety_mode, reference=self._drift_reference)
-        if metrics.get("safety/violations", 0):
-            raise FreezeViolationError(
-                f"{int(metrics['safety/violations'])} entries that must stay unchanged moved "
-                f"(mode {self.safety_mode!r}, mechanism {self._safety_mechanism!r})."
-            )
+        metrics: dict[str, float] = {}
+        for component in self.protections:
+            for key, value in component.verify(strict=True).to_metrics().items():
+                metrics[key] = metrics.get(key, 0) + value if key == "checked_entries" else value
         return metrics
-
-    def _covered_params(self) -> dict[str, nn.Parameter]:
-        out = {}
-        for name, p in self.model.named_parameters():
-            out.setdefault(canonical_name(name), p)
-        return out
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         # added before the log is dispatched, so log_history and every report_to integration receive them, in the same
         # entry as loss / grad_norm / learning_rate
-        if self.safety_mask is not None and not any(k.startswith("eval_") for k in logs):
+        if (self.safety_mask is not None or self.protections) and not any(k.startswith("eval_") for k in logs):
             logs.update(self.safety_metrics())
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, RefusalEvalCallback) and callback.trainer is self:
@@ -454,28 +365,30 @@ class SafetySFTTrainer(SFTTrainer):
         super().log(logs, *args, **kwargs)
 
     def safety_metrics(self) -> dict[str, float]:
-        """The ``safety/*`` metrics logged at each logging step (documented in ``docs/trainer.md``)."""
-        metrics: dict[str, float] = {
-            "safety/trainable_entries": float(sum(p.numel() for p in self.model.parameters() if p.requires_grad)),
-            "safety/mask_entries": float(self.safety_mask.numel()),
-        }
-        if self.freezer is not None:
-            metrics["safety/frozen_entries"] = float(self.freezer.num_frozen)
-            metrics["safety/freezer_bytes"] = float(self.freezer.memory_bytes)
-        if getattr(self.args, "safety_log_drift", False):
-            drift = mask_drift_metrics(self.model, self.safety_mask, self.safety_mode, reference=self._drift_reference)
-            metrics.update({k: v for k, v in drift.items() if k != "safety/violations"})
+        """The ``safety/*`` metrics logged at each logging step (documented in ``docs/trainer.md``): the mask's and
+        the trainable entries, then every protection's `Protection.metrics`."""
+        metrics: dict[str, float] = {}
+        if self.safety_mask is not None:
+            metrics["safety/trainable_entries"] = float(
+                sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            )
+            metrics["safety/mask_entries"] = float(self.safety_mask.numel())
+        for component in self.protections:
+            metrics.update(component.metrics())
         return metrics
 
     # ------------------------------------------------------------------ saving
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
-        if self.safety_mask is not None and self.args.should_save:
-            # the mask travels with every save (checkpoints, the final model, Trainer.push_to_hub's upload), and the
-            # folder's card (PEFT's adapter card, if any) is updated to describe both and the import they need
+        if self.args.should_save:
+            # what the protections need next to the weights (the mask travels with every save: checkpoints, the final
+            # model, Trainer.push_to_hub's upload), and the folder's card (PEFT's adapter card, if any) updated to
+            # describe both and the import they need
             folder = output_dir if output_dir is not None else self.args.output_dir
-            self.safety_mask.save_pretrained(folder)
-            self._write_safety_card(folder)
+            for component in self.protections:
+                component.save_pretrained(folder)
+            if self.safety_mask is not None:
+                self._write_safety_card(folder)
 
     def _write_safety_card(self, folder: str) -> None:
         from ..mask.cards import write_card
@@ -491,6 +404,5 @@ class SafetySFTTrainer(SFTTrainer):
             self._write_safety_card(self.args.output_dir)
 
     def __del__(self) -> None:  # pragma: no cover - best effort if train() was interrupted before its finally
-        freezer = getattr(self, "freezer", None)
-        if freezer is not None:
-            freezer.remove()
+        for component in getattr(self, "protections", ()):
+            component.remove()
