@@ -113,7 +113,6 @@ def environment() -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------- judge
 def build_judge(
     labelled: list[dict[str, Any]],
-    chat_replies: list[dict[str, Any]],
     benign_pairs: list[dict[str, Any]],
     work_dir: str | Path,
     *,
@@ -124,7 +123,6 @@ def build_judge(
 
     Args:
         labelled: UncensorBench rows with ``refusal`` and ``compliant`` answers.
-        chat_replies: benign chat rows (non-answer material).
         benign_pairs: benign (prompt, response) rows (compliant answers to benign requests).
         work_dir: the judge is saved under ``<work_dir>/judge``.
         holdout: share of topics held out for validation.
@@ -138,7 +136,7 @@ def build_judge(
     )
     from peft_safety.evaluation.judges import resolve_judges
 
-    examples = build_judge_examples(labelled, chat_replies, benign_pairs, seed=0)
+    examples = build_judge_examples(labelled, benign_pairs, seed=0)
     train, held = split_examples(examples, holdout=holdout, seed=0)
     judge = train_classifier_judge(train, hash_bits=12 if tiny else 18, max_iter=50 if tiny else 200, name=CLASSIFIER)
     validation = judge.evaluate(held, resolve_judges(["wei2024", "gcg_extended", "refusal_prefix"]))

@@ -255,7 +255,7 @@ def _load(cfg: PreserveConfig):
 def build_judge(cfg: PreserveConfig, data: Data) -> tuple[Any, dict[str, Any]]:
     """Train the offline classifier judge on UncensorBench (held-out topics for validation) and validate it."""
     benign_pairs = data.task_train[: max(1, len(data.task_train) // 2)]
-    return _shared.build_judge(data.uncensor, data.chat_all, benign_pairs, cfg.work_dir, holdout=cfg.judge_holdout,
+    return _shared.build_judge(data.uncensor, benign_pairs, cfg.work_dir, holdout=cfg.judge_holdout,
                                tiny=cfg.tiny)  # fmt: skip
 
 

@@ -116,7 +116,7 @@ def build_judges(cfg: Any, data: Any, work_dir: str | Path) -> tuple[list[Any], 
     judges = resolve_judges([j.strip() for j in cfg.judges.split(",") if j.strip()])
     info: dict[str, Any] = {"keyword": [j.name for j in judges]}
     if cfg.classifier == "train":
-        judge, jinfo = _shared.build_judge(data.uncensor, data.chat, data.judge_benign, work_dir,
+        judge, jinfo = _shared.build_judge(data.uncensor, data.judge_benign, work_dir,
                                            tiny=cfg.model == "tiny")  # fmt: skip
         info["classifier"] = {k: v for k, v in jinfo.items() if k != "path"}
         info["classifier"]["tensors_sha256"] = _file_sha256(jinfo["path"])
