@@ -16,14 +16,15 @@ SAFETY_LORA_PREFIX = "lora_"
 #: What to do instead of putting an adapter of another PEFT type next to one of ours, per type.
 MIXING_HINTS = {
     "SAFETY": (
-        "peft-safety's SET adapter, which cannot share a model with adapters of another PEFT type: merge it first "
-        "(base = model.merge_and_unload(); on a bf16/fp16 base merge into a float32 copy), then add the other "
-        "adapter (e.g. LoRA) to the merged model"
+        "peft-safety's SET adapter, which cannot share a model with adapters of another PEFT type: merge the adapter "
+        "already in the model into the base first (base = model.merge_and_unload(); merge a SET adapter on a bf16/fp16 "
+        "base into a float32 copy), then add the other adapter (e.g. LoRA) to the merged model"
     ),
     "SAFETY_LORA": (
         "peft-safety's masked LoRA, which cannot share a model with adapters of another PEFT type (a plain LoRA "
-        "beside it would move its protected entries): build the other adapter with "
-        "SafetyLoraConfig.from_lora_config(lora_config, mask), or merge first (base = model.merge_and_unload())"
+        "beside it would move its protected entries): build the LoRA with SafetyLoraConfig.from_lora_config("
+        "lora_config, mask), or merge the adapter already in the model into the base first "
+        "(base = model.merge_and_unload())"
     ),
 }
 

@@ -343,7 +343,9 @@ def _check_tensors(
     if absent:
         raise ValueError(
             f"SAFETY tensor '{absent[0]}' is missing from {weights}{_more(absent)}, although {cfg_file}'s mask_layout "
-            "lists its module: the weights file is incomplete or belongs to another adapter. Save the adapter again."
+            "lists its module: the layer keeps the placeholder it was built with. The weights file is incomplete or "
+            "belongs to another adapter, or no weights were loaded at all: load the adapter with "
+            "PeftModel.from_pretrained / load_adapter, or save it again."
         )
     for module_key, module in layers.items():
         kind = module.safety_kind[adapter_name]

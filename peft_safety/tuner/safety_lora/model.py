@@ -112,8 +112,7 @@ class SafetyLoraModel(LoraModel):
         _check_layers_carry_masks(config, model, adapter_name)
         names = [f"{key}.weight" for key in config.mask_layout]
         if created:
-            if names:
-                record_base(config, model, names)
+            record_base(config, model, names)
         else:
             if names:
                 check_base(config, model, what=f"This SAFETY_LORA adapter ({adapter_name!r})")
@@ -266,9 +265,10 @@ def _check_tensors(
         absent = sorted(set(absent))
         raise ValueError(
             f"{weights} has no tensor {absent[0]!r}{_more(absent)}, although {cfg_file} places an adapter (and, for "
-            "a masked module, its mask) there: the layer would keep its random initialisation or an unloaded mask. "
-            "The weights file is incomplete (an interrupted save?) or belongs to another adapter: save the adapter "
-            "again."
+            "a masked module, its mask) there: the layer keeps the placeholder it was built with (random factors, an "
+            "unloaded mask). The weights file is incomplete (an interrupted save?) or belongs to another adapter, or "
+            "no weights were loaded at all: load the adapter with PeftModel.from_pretrained / load_adapter, or save "
+            "it again."
         )
     for module, tensors in found.items():
         for attr, value in tensors.items():
