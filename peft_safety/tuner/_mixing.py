@@ -5,8 +5,8 @@ ends with ``model.peft_config = tuner.peft_config``). A second tuner created on 
 on a model that carries our adapter, transformers' ``model.load_adapter`` of a LoRA folder, ``inject_adapter_in_model``)
 finds that dict and writes its config into it before injecting anything. So our tuners keep their configs in
 `AdapterConfigs`, a dict that refuses a config of another type at that first write, naming what to do instead
-(`peft_type.MIXING_HINTS`); and they refuse to join a dict that already holds another type's configs
-(`refuse_foreign_configs`). ``PeftModel.add_adapter`` / ``load_adapter`` compare the types themselves before our code
+(`peft_type.MIXING_HINTS`); and they refuse to be created on a model that already carries another type's
+adapters (`refuse_foreign_configs`, before PEFT writes into that model's dict). ``PeftModel.add_adapter`` / ``load_adapter`` compare the types themselves before our code
 runs; their error shows the same hint through `SafetyPeftType`'s formatting.
 """
 
@@ -60,21 +60,21 @@ class AdapterConfigs(dict):
         return (type(self), (self.config_cls, self.type_name, dict(self)))
 
 
-def refuse_foreign_configs(tuner: Any, adapter_name: str, config_cls: type, type_name: str) -> None:
-    """Before our tuner injects ``adapter_name``: refuse when the model already carries adapters of another type.
+def refuse_foreign_configs(model: Any, adapter_name: str, type_name: str) -> None:
+    """Before our tuner is created on ``model``: refuse when the model already carries adapters of another type.
 
-    The tuner found the model's existing dict of configs (another tuner's) and PEFT already wrote the new config into
-    it; that entry is removed again, so the model is left as it was.
+    Checked on the model's own dict of configs before PEFT writes the new config into it (it would overwrite an
+    adapter of the same name, e.g. ``"default"``), so nothing changes when it is refused.
 
     Raises:
         ValueError: naming the other type and what to do instead.
     """
-    configs = tuner.peft_config
-    foreign = {name: cfg for name, cfg in configs.items() if name != adapter_name and not isinstance(cfg, config_cls)}
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict):
+        return
+    foreign = {name: cfg for name, cfg in configs.items() if _type_name(cfg) != type_name}
     if not foreign:
         return
-    if configs.get(adapter_name) is not None and isinstance(configs[adapter_name], config_cls):
-        dict.pop(configs, adapter_name)
     name, other = next(iter(foreign.items()))
     raise ValueError(
         f"Cannot add the {type_name} adapter {adapter_name!r} to a model that already carries adapter {name!r} of PEFT "

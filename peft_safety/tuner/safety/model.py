@@ -160,13 +160,10 @@ class SafetyModel(BaseTuner):
     target_module_mapping: dict[str, list[str]] = {}
 
     def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str, **kwargs: Any) -> None:
+        refuse_foreign_configs(model, adapter_name, SafetyPeftType.SAFETY.value)
         super().__init__(model, peft_config, adapter_name, **kwargs)
         # a model holds SAFETY adapters only: another type's config is refused, with the hint, wherever it is added
         own_configs(self, SafetyConfig, SafetyPeftType.SAFETY.value)
-
-    def _pre_injection_hook(self, model: nn.Module, config: SafetyConfig, adapter_name: str) -> None:
-        refuse_foreign_configs(self, adapter_name, SafetyConfig, SafetyPeftType.SAFETY.value)
-        super()._pre_injection_hook(model, config, adapter_name)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         loading = self.peft_config[adapter_name].mask is None

@@ -69,12 +69,9 @@ class SafetyLoraModel(LoraModel):
     prefix: str = SAFETY_LORA_PREFIX
 
     def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str, **kwargs: Any) -> None:
+        refuse_foreign_configs(model, adapter_name, SafetyPeftType.SAFETY_LORA.value)
         super().__init__(model, peft_config, adapter_name, **kwargs)
         own_configs(self, SafetyLoraConfig, SafetyPeftType.SAFETY_LORA.value)
-
-    def _pre_injection_hook(self, model: nn.Module, config: Any, adapter_name: str) -> None:
-        refuse_foreign_configs(self, adapter_name, SafetyLoraConfig, SafetyPeftType.SAFETY_LORA.value)
-        super()._pre_injection_hook(model, config, adapter_name)
 
     @staticmethod
     def _create_new_module(lora_config, adapter_name, target, **kwargs):
