@@ -3,7 +3,9 @@
 Which modules: those the mask has entries on (``mask_to_layout``, which also checks the mask against the model and the
 config's filters). How a saved adapter is rebuilt: from ``mask_layout`` (checked against the model before any
 placeholder exists), then ``_remap_adapter_state_dict_for_load`` checks the checkpoint's tensors and resizes the
-placeholders to them. Provenance (base fingerprints, Hub id) is recorded on creation and checked on load.
+placeholders to them; transformers' ``model.load_adapter``, which bypasses that hook, gets the same checks at the first
+forward (`peft_safety.tuner._load_check`). Provenance (base fingerprints, Hub id) is recorded on creation and checked
+on load. A model holds SAFETY adapters only (`peft_safety.tuner._mixing`).
 """
 
 from __future__ import annotations

@@ -6,13 +6,17 @@ Everything LoRA does (target matching, adapters, merge/unmerge, save/load, ``low
 * builds a :class:`~peft_safety.tuner.safety_lora.layer.SafetyLoraLinear` for every targeted ``nn.Linear``
   (bitsandbytes ``Linear4bit``/``Linear8bitLt`` included), whose mask comes from the adapter's ``SafetyLoraConfig``;
 * checks, before injecting, that every module the saved ``mask_layout`` names exists in the model with the recorded
-  shape (so nothing sized by the file is allocated for the wrong model and no module's mask is dropped silently);
-* validates the ``lora_safety_*`` tensors of a checkpoint (presence, dtype, rank, size, range, sorted and unique)
+  shape (so nothing sized by the file is allocated for the wrong model), and keeps in the layout exactly the masked
+  modules that carry the adapter (a masked module LoRA does not adapt needs no mask: LoRA cannot change it);
+* checks a checkpoint's tensors against ``adapter_config.json`` (weights digest; LoRA factors present exactly where the
+  config places adapters; mask tensors of the declared kind and length that follow the index rule; finite factors)
   before PEFT loads them (``_remap_adapter_state_dict_for_load``: ``PeftModel.from_pretrained``, ``load_adapter``,
-  ``set_peft_model_state_dict``); paths that bypass it (transformers' ``model.load_adapter``) are covered by each
-  layer checking its buffer on first use;
+  ``set_peft_model_state_dict``), and on transformers' ``model.load_adapter``, which bypasses that hook, at the first
+  forward (`peft_safety.tuner._load_check`);
 * records the base model's fingerprints and Hub id when an adapter is created from a mask, and checks them when a
-  saved adapter is loaded (``fingerprint_check``: error by default).
+  saved adapter is loaded (``fingerprint_check``: error by default);
+* keeps one PEFT type per model (`peft_safety.tuner._mixing`), removes PEFT's mixed-batch hooks after a refused call,
+  and masks ``add_weighted_adapter``'s combination with the union of the combined masks.
 
 `get_masked_lora_model` is the one function for code that holds a ``LoraConfig`` and a mask (the trainer does): the
 config with the mask applied, ``get_peft_model``, and a check that every LoRA layer on a masked module masks it.
