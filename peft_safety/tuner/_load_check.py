@@ -61,7 +61,9 @@ class PendingLoadCheck:
     Args:
         model: the model the layers were injected into (kept as a weak reference; it holds ``peft_config``).
         adapter_name: the adapter.
-        layers: ``{base module name: tuner layer}`` of the adapter (`adapter_layers`).
+        layers: ``{base module name: tuner layer}`` of the adapter's layers of the tuner's own type.
+        attrs: the tuner's attributes (``lora_A``, ``lora_safety_rows``, ``safety_values``, ...): only these tensors are
+            checked (other adapter tensors, such as trainable tokens, are PEFT's, and some are never saved).
         check: ``check(model, adapter_name, found, missing)`` with ``found`` the tensors the layers hold now
             (``{module: {attr: tensor}}``) and ``missing`` the ``"module.attr"`` names still holding the placeholder
             they were built with; raises when the weights are not acceptable.
@@ -72,8 +74,10 @@ class PendingLoadCheck:
         model: nn.Module,
         adapter_name: str,
         layers: dict[str, nn.Module],
+        attrs: tuple[str, ...],
         check: Callable[[nn.Module, str, dict[str, dict[str, torch.Tensor]], list[str]], None],
     ) -> None:
+        self._attrs = frozenset(attrs)
         self._model = weakref.ref(model)
         self.adapter_name = adapter_name
         self._check = check
@@ -81,12 +85,16 @@ class PendingLoadCheck:
         self._placeholders = {
             f"{key}.{attr}": _state_of(tensor)
             for key, layer in layers.items()
-            for attr, tensor in adapter_tensors(layer, adapter_name).items()
+            for attr, tensor in self._tensors(layer).items()
         }
         self._handles = []
         for layer in layers.values():
             layer.__dict__.setdefault(_REGISTRY, {})[adapter_name] = self
             self._handles.append(layer.register_forward_pre_hook(self._hook))
+
+    def _tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
+        tensors = adapter_tensors(layer, self.adapter_name)
+        return {attr: t for attr, t in tensors.items() if attr.split(".")[0] in self._attrs}
 
     def _hook(self, module: nn.Module, args: Any) -> None:
         self.run()
@@ -104,7 +112,7 @@ class PendingLoadCheck:
             layer = ref()
             if layer is None:
                 continue
-            for attr, tensor in adapter_tensors(layer, self.adapter_name).items():
+            for attr, tensor in self._tensors(layer).items():
                 name = f"{key}.{attr}"
                 old = self._placeholders.get(name)
                 if old is not None and old[0]() is tensor and old[1:] == (tensor._version, tensor.data_ptr()):

@@ -664,3 +664,30 @@ def test_a_config_that_drops_a_module_from_the_layout_is_refused_by_every_loader
     assert_every_loader_refuses(
         every_loader(folder, lambda: base(base_dir), saved[adapter_type][0]), fragment, "do not belong together"
     )
+
+
+@TYPES
+def test_every_loader_with_trainable_tokens_and_modules_to_save(base_dir, tmp_path, adapter_type):
+    """PEFT's other adapter tensors (trainable tokens, a module saved whole) travel with ours: the checks look at
+    LoRA's and SET's tensors only, and every loader restores the adapter exactly."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    mask = make_mask(model)
+    extra = {"trainable_token_indices": [5, 9], "modules_to_save": ["lm_head"]}
+    if adapter_type == "SAFETY":
+        config = SafetyConfig(mask=mask, init_weights=False, **extra)
+    else:
+        from peft import LoraConfig
+
+        config = SafetyLoraConfig.from_lora_config(LoraConfig(r=4, target_modules="all-linear", **extra), mask)
+    peft_model = get_peft_model(model, config)
+    if adapter_type == "SAFETY_LORA":
+        randomise_lora_(peft_model, std=0.3)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "trainable_tokens_delta" in name or "modules_to_save" in name:
+                p.add_(0.1)
+        ref = peft_model(IDS).logits
+    peft_model.save_pretrained(tmp_path)
+    for name, load in every_loader(tmp_path, lambda: base(base_dir), tmp_path).items():
+        with torch.no_grad():
+            assert torch.equal(load()(IDS).logits, ref), name

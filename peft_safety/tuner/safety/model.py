@@ -172,8 +172,8 @@ class SafetyModel(BaseTuner):
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         if loading:
             # transformers' load_adapter loads the weights without PEFT's load hook: check them on first use
-            layers = adapter_layers(model, adapter_name)
-            PendingLoadCheck(model, adapter_name, layers, type(self)._check_loaded)
+            layers = {k: m for k, m in adapter_layers(model, adapter_name).items() if isinstance(m, SafetyLayer)}
+            PendingLoadCheck(model, adapter_name, layers, _SET_ATTRS, type(self)._check_loaded)
 
     def add_weighted_adapter(self, adapters: list[str], *args: Any, **kwargs: Any) -> None:
         """Not available for SET adapters (PEFT offers it for LoRA-like tuners only)."""
@@ -307,6 +307,9 @@ class SafetyModel(BaseTuner):
         if getattr(config, "weights_digest", None) is not None:
             state = get_peft_model_state_dict(model, adapter_name=adapter_name)
             check_weights_digest(config, state, what="The SAFETY adapter")
+
+
+_SET_ATTRS = ("safety_indices", "safety_values")
 
 
 def _check_tensors(

@@ -105,7 +105,7 @@ class SafetyLoraModel(LoraModel):
         config.mask_layout = check_layout(config.mask_layout, kinds=LORA_KINDS, allow_empty=True)
         check_layout_modules(config.mask_layout, model, what="This SAFETY_LORA adapter")
         super().inject_adapter(model, adapter_name, *args, **kwargs)
-        layers = adapter_layers(model, adapter_name)
+        layers = _lora_layers(model, adapter_name)
         # A masked module that LoRA does not adapt (not targeted, or left out) needs no mask in the adapter: LoRA
         # cannot change it. The layout keeps exactly the masked modules that carry this adapter, so that what is saved
         # and what a loader expects agree (and adapters saved before, which listed such modules, still load).
@@ -118,7 +118,7 @@ class SafetyLoraModel(LoraModel):
             if names:
                 check_base(config, model, what=f"This SAFETY_LORA adapter ({adapter_name!r})")
             # transformers' load_adapter loads the weights without PEFT's load hook: check them on first use
-            PendingLoadCheck(model, adapter_name, layers, type(self)._check_loaded)
+            PendingLoadCheck(model, adapter_name, layers, tuple(_ATTRS), type(self)._check_loaded)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
@@ -126,7 +126,7 @@ class SafetyLoraModel(LoraModel):
             resolve_pending(model, adapter_name)
             check_weights_digest(config, state_dict, what="The SAFETY_LORA adapter")
             found = _group(state_dict)
-            _check_tensors(config, found, adapter_layers(model, adapter_name), adapter_name)
+            _check_tensors(config, found, _lora_layers(model, adapter_name), adapter_name)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     @staticmethod
@@ -136,8 +136,7 @@ class SafetyLoraModel(LoraModel):
         from peft.utils import get_peft_model_state_dict
 
         config = model.peft_config[adapter_name]
-        layers = adapter_layers(model, adapter_name)
-        _check_tensors(config, found, layers, adapter_name, missing=missing)
+        _check_tensors(config, found, _lora_layers(model, adapter_name), adapter_name, missing=missing)
         if getattr(config, "weights_digest", None) is not None:
             state = get_peft_model_state_dict(model, adapter_name=adapter_name)
             check_weights_digest(config, state, what="The SAFETY_LORA adapter")
@@ -198,6 +197,15 @@ class SafetyLoraModel(LoraModel):
 _FACTORS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 _MASK_ATTRS = {attr: kind for kind, attr in BUFFERS.items()}
 _ATTRS = set(_FACTORS) | set(_MASK_ATTRS)
+
+
+def _lora_layers(model: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
+    """``{module: layer}`` of the LoRA layers (linear or embedding) that hold ``adapter_name``."""
+    return {
+        key: layer
+        for key, layer in adapter_layers(model, adapter_name).items()
+        if adapter_name in getattr(layer, "lora_A", {}) or adapter_name in getattr(layer, "lora_embedding_A", {})
+    }
 
 
 def _group(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
