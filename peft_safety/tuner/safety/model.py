@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -306,6 +307,14 @@ class SafetyModel(BaseTuner):
         _check_tensors(config, found, layers, adapter_name, missing=missing)
         if getattr(config, "weights_digest", None) is not None:
             state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+            if any(t.device.type == "meta" for t in state.values()):
+                warnings.warn(
+                    f"The weights digest of adapter {adapter_name!r} was not checked: some of its tensors are offloaded "
+                    "(on the meta device). Load it with PeftModel.from_pretrained to check it.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                return
             check_weights_digest(config, state, what="The SAFETY adapter")
 
 
