@@ -93,6 +93,47 @@ def _checked_mask(mask: Any, model: Any, args: Any) -> Any:
     return mask
 
 
+def _check_mask_after_trl(
+    mask: Any, model: Any, args: Any, components: Sequence[Protection], cause: BaseException | None = None
+) -> None:
+    """The mask still fits ``model`` after ``SFTTrainer.__init__``, which may change shapes after the mask was checked:
+    ``chat_template_path`` naming a tokenizer copies its chat template and tokens and resizes the embeddings (and a
+    tied or untied ``lm_head``). Refused here, at construction, instead of failing late in ``train()``. The parameters
+    with mask entries are compared, and every parameter the mask declares when a `Freezer` protects it (in
+    ``"train_only"`` mode it freezes a declared parameter without entries whole).
+
+    Raises:
+        ValueError: naming the parameters whose shape changed and the ways out (``from cause`` when given).
+    """
+    if mask is None or not isinstance(model, nn.Module):
+        return
+    current = _shape_view(model)
+    names = set(mask.shapes) if any(isinstance(c, Freezer) for c in components) else set(mask.names)
+    changed = {n: (tuple(mask.shapes[n]), tuple(current[n].shape)) for n in sorted(names) if n in current}
+    changed = {n: shapes for n, shapes in changed.items() if shapes[0] != shapes[1]}
+    if not changed:
+        return
+    name, (old, new) = next(iter(changed.items()))
+    more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+    template = getattr(args, "chat_template_path", None)
+    why = (
+        f"chat_template_path={template!r} copies that tokenizer's chat template and added tokens and resizes the "
+        "embeddings"
+        if template
+        else "the trainer changed the model"
+    )
+    message = (
+        f"TRL changed {name!r} from {old} to {new}{more} while building the trainer ({why}), after the mask was "
+        "checked: the mask describes the old shapes. Resize first and compute the mask on the resized model "
+        f"(model, tokenizer, _ = trl.clone_chat_template(model, tokenizer, {template or '<path>'!r}), then score and "
+        "select), or pass a .jinja chat template file (no new tokens, no resize), or leave those parameters out of "
+        f"the mask (mask.filter(lambda name: name not in {sorted(changed)!r}))."
+    )
+    if cause is not None:
+        raise ValueError(message) from cause
+    raise ValueError(message)
+
+
 def _overrides(component: Protection, hook: str) -> bool:
     return getattr(type(component), hook) is not getattr(Protection, hook)
 
@@ -280,7 +321,13 @@ class SafetySFTTrainer(SFTTrainer):
             callbacks.append(RefusalEvalCallback(safety_evaluator, eval_steps, trainer=self))
         params["callbacks"] = callbacks or None
         try:
-            super().__init__(**params)
+            try:
+                super().__init__(**params)
+            except Exception as err:
+                # TRL may have resized the model before failing on the mask (a SET adapter on lm_head): say why
+                _check_mask_after_trl(self.safety_mask, params.get("model"), training_args, components, cause=err)
+                raise
+            _check_mask_after_trl(self.safety_mask, self.model, training_args, components)
         except BaseException:
             for component in components:
                 component.remove()

@@ -27,7 +27,7 @@ from peft import LoraConfig
 from ...vocab import check_choice
 from .._layout import LORA_KINDS, check_layout, storage_of
 from ..peft_type import SafetyPeftType
-from ..provenance import ProvenanceConfigMixin, mask_attribute
+from ..provenance import ProvenanceConfigMixin, mask_attribute, refuse_file_mask
 
 __all__ = ["ENTRIES_METHODS", "SPARSE_MAX_DENSITY", "SafetyLoraConfig", "check_entries_method", "check_lora_options"]
 
@@ -176,6 +176,7 @@ class SafetyLoraConfig(ProvenanceConfigMixin, LoraConfig):
     mask: InitVar[Any] = None
 
     def __post_init__(self, mask: Any) -> None:
+        refuse_file_mask(self, mask)
         super().__post_init__()
         self.peft_type = SafetyPeftType.SAFETY_LORA
         check_lora_options(self)
