@@ -218,7 +218,9 @@ def test_sparse_delta_passes_gradcheck():
     values = torch.randn(5, dtype=torch.float64, generator=gen, requires_grad=True)
     weight = torch.randn(4, 5, dtype=torch.float64, generator=gen)
     assert torch.autograd.gradcheck(lambda x, v: _SparseDelta.apply(x, v, pattern, "sampled"), (x, values))
-    assert torch.autograd.gradcheck(lambda x, v: _FoldedDeltaLinear.apply(x, v, weight, pattern, "sampled"), (x, values))
+    assert torch.autograd.gradcheck(
+        lambda x, v: _FoldedDeltaLinear.apply(x, v, weight, pattern, "sampled"), (x, values)
+    )
 
 
 def test_sampled_matmul_chunks_agree_with_dense(monkeypatch):

@@ -733,9 +733,7 @@ def test_trainer_bf16_autocast_on_cpu(tmp_path, random_mask):
         peft_config = SafetyLoraConfig.from_lora_config(
             LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), mask, entries_method=method
         )
-        trainer = _trainer(
-            tmp_path / method, model, mask, peft_config, max_steps=2, bf16=True, safety_verify=True
-        )
+        trainer = _trainer(tmp_path / method, model, mask, peft_config, max_steps=2, bf16=True, safety_verify=True)
         trainer.train()
         assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
         layer = lora_layers(trainer.model)[Q0]

@@ -187,9 +187,7 @@ class SafetyLoraConfig(ProvenanceConfigMixin, LoraConfig):
         )
 
     @classmethod
-    def from_lora_config(
-        cls, lora_config: LoraConfig, mask: Any, *, entries_method: str = "auto"
-    ) -> SafetyLoraConfig:
+    def from_lora_config(cls, lora_config: LoraConfig, mask: Any, *, entries_method: str = "auto") -> SafetyLoraConfig:
         """A ``SafetyLoraConfig`` with every option of ``lora_config`` whose LoRA update is exactly zero on ``mask``.
 
         Args:

@@ -17,7 +17,7 @@ The mechanism depends on the mask's storage kind:
 |---|---|---|
 | ``rows`` | rows of ``lora_B`` enter as zeros (``B.index_fill(0, rows, 0)``) | the masked delta |
 | ``cols`` | columns of ``lora_A`` enter as zeros (and start at zero) | the masked delta |
-| ``entries``, ``entries_method="sparse"`` (what ``"auto"``, the default, picks on CPU up to ``SPARSE_MAX_DENSITY``) | LoRA's factored path minus what it adds at the masked entries, ``s·(x Aᵀ) Bᵀ − x Dᵀ``, in fp32, no ``(d_out, d_in)`` tensor | the masked delta |
+| ``entries``, ``entries_method="sparse"`` (what ``"auto"``, the default, picks on CPU up to ``SPARSE_MAX_DENSITY``) | LoRA's factored path minus what it adds at the masked entries, ``s·(x Aᵀ) Bᵀ - x Dᵀ``, in fp32, no ``(d_out, d_in)`` tensor | the masked delta |
 | ``entries``, ``"dense"`` (opt-in; ``"auto"`` off the CPU or above the density) | the dense delta ``(B A) * s`` with the masked entries zeroed, by an autograd function that rebuilds it in backward instead of keeping it | the masked delta |
 
 Merging adds the masked delta, whose masked entries are exact zeros, on every path: a merged (or served) model is
@@ -48,7 +48,7 @@ BUFFERS = {kind: f"lora_safety_{kind}" for kind in LORA_KINDS}
 
 
 class _MaskedFactoredLora(torch.autograd.Function):
-    """LoRA's factored update minus what it adds at the masked entries: ``s·(x Aᵀ) Bᵀ − x Dᵀ`` with ``D`` sparse on
+    """LoRA's factored update minus what it adds at the masked entries: ``s·(x Aᵀ) Bᵀ - x Dᵀ`` with ``D`` sparse on
     the mask and ``D[k] = s·B[i_k]·A[:, j_k]``, so that the result is the masked-delta forward without any
     ``(d_out, d_in)`` tensor.
 
@@ -56,10 +56,10 @@ class _MaskedFactoredLora(torch.autograd.Function):
     a masked entry (the factored product and ``D[k]``) then differ only by fp32 rounding, whatever the layer's dtype,
     and the caller casts the result to the output dtype once.
 
-    Forward: ``h = x Aᵀ`` (kept for backward, ``tokens × r``), ``D``'s values by SDDMM of ``B`` and ``A`` (O(nnz·r)),
-    ``(x Dᵀ)ᵀ`` by `EntryPattern.rows_product` (O(nnz·tokens)), and one ``addmm`` for ``s·h Bᵀ − x Dᵀ``. Backward
+    Forward: ``h = x Aᵀ`` (kept for backward, ``tokens x r``), ``D``'s values by SDDMM of ``B`` and ``A`` (O(nnz·r)),
+    ``(x Dᵀ)ᵀ`` by `EntryPattern.rows_product` (O(nnz·tokens)), and one ``addmm`` for ``s·h Bᵀ - x Dᵀ``. Backward
     (nothing weight-sized either), with ``g`` the output gradient and ``gv = (gᵀ x)`` sampled at the mask:
-    ``grad_x = s·(g B) A − g D``, ``grad_B = s·gᵀ h − s·Gv Aᵀ``, ``grad_A = s·(g B)ᵀ x − s·(Gvᵀ B)ᵀ``. Saved for
+    ``grad_x = s·(g B) A - g D``, ``grad_B = s·gᵀ h - s·Gv Aᵀ``, ``grad_A = s·(g B)ᵀ x - s·(Gvᵀ B)ᵀ``. Saved for
     backward: ``x`` itself (the caller's tensor, no copy), ``h`` and ``D``'s values.
     """
 
@@ -138,7 +138,7 @@ def sparse_forward_bound(
 
     On an identity input (how ``analysis.mask_drift`` measures a layer) a masked entry ``(i, j)`` gets the factored
     product ``s·Σ_r B[i, r] A[r, j]`` minus ``D[k]``, the same sum computed in another order: each is within
-    ``γ_(r+1) ≈ (r + 1)·ε/2`` of ``S = s·Σ_r |B[i, r] A[r, j]|`` (the standard dot-product error bound, one rounding more
+    ``gamma_(r+1) ≈ (r + 1)·ε/2`` of ``S = s·Σ_r |B[i, r] A[r, j]|`` (the standard dot-product error bound, one rounding more
     for the scaling), so their difference is within ``(r + 1)·ε·S``. Casting it to the layer's dtype rounds it relative
     to itself (down to that dtype's smallest subnormal ``τ``), and adding it to the base output and subtracting the base
     output again at most doubles it. The bound is twice that::
