@@ -11,16 +11,21 @@ How a module's mask entries are stored depends on the storage kind (``peft_safet
 
 Forward, for an input ``x`` and frozen weight ``W``:
 
-* ``entries`` on a float32/float64 base: ``_SparseDeltaLinear``, a custom autograd function computing
-  ``x @ (W + scatter(v))ᵀ``. The merged weight is a transient buffer (one weight-sized temporary per layer during
-  forward and again during backward) that is **not** saved for backward; the value gradient is a sampled matmul
-  (SDDMM): for each index pair ``(r, c)``, ``sum_t grad_out[t, r] * x[t, c]``, computed in chunks so that the working
-  set stays bounded and no weight-sized gradient is ever built. ``gradient_method="dense"`` in the config selects the
-  documented fallback ``(grad_outᵀ x)[r, c]`` (one transient weight-sized buffer).
-* ``entries`` on a bf16/fp16 base: ``base_layer(x) + x @ scatter(v)ᵀ`` (the same function without a base weight).
+* ``entries`` on a float32/float64 base: ``_FoldedDeltaLinear``, a custom autograd function computing
+  ``x @ (W + scatter(v))ᵀ`` in one matmul of the layer's size. The delta is folded into ``W``'s own storage at its
+  ``nnz`` positions for the one matmul (forward, and again for the input gradient), and the original entries, read
+  just before, are written back right after it (also on an exception; one process-wide lock, so threads never
+  interleave folds): O(nnz) extra work and memory instead of a weight-sized copy, ``W`` bit-identical afterwards
+  (tested), autograd's version counter of ``W`` untouched. A weight that cannot be written as a flat view (a
+  non-contiguous, meta or tensor-subclass weight) gets a transient copy instead. The value gradient is a sampled
+  matmul (SDDMM): for each index pair ``(r, c)``, ``sum_t grad_out[t, r] * x[t, c]``, without any weight-sized
+  gradient (``_sparse.EntryPattern.sample``). ``gradient_method="dense"`` in the config selects the documented
+  fallback ``(grad_outᵀ x)[r, c]`` (one transient weight-sized buffer).
+* ``entries`` on a bf16/fp16 base: ``base_layer(x) + x @ scatter(v)ᵀ``, the delta's contribution computed sparsely
+  (``_SparseDelta``: O(nnz * tokens) in fp32, ``_sparse.EntryPattern``; no second matmul of the layer's size).
   Folding the delta into a half-precision ``W`` would round away every delta below half of ``W``'s rounding step; in
-  the separate pass the delta is rounded relative to itself, so the output equals ``(W + delta) x`` within the dtype's
-  matmul error, for one more matmul of the layer's size.
+  the separate pass the delta is rounded relative to itself, so the output and the input gradient equal
+  ``(W + delta)`` applied in fp64 within the dtype's rounding.
 * ``entries`` on a quantised base (bitsandbytes 4/8-bit): ``base_layer(x) + x @ scatter(v)ᵀ`` likewise, so the
   quantised kernel is used for the frozen part.
 * ``rows``/``cols``/``whole``: plain autograd on small tensors, ``y = base_layer(x)`` then
