@@ -422,8 +422,12 @@ def test_set_entries_cost_one_matmul_of_the_layer_size(dtype):
     assert _flops(run(layer)) == frozen
 
 
-@pytest.mark.parametrize(("dtype", "delta"), [(torch.bfloat16, 3e-3), (torch.float16, 4e-4)])
-def test_half_precision_deltas_below_the_ulp_move_output_and_gradient(dtype, delta):
+@pytest.mark.parametrize(
+    ("dtype", "delta", "autocast"),
+    [(torch.bfloat16, 3e-3, False), (torch.float16, 4e-4, False), (torch.bfloat16, 3e-3, True)],
+    ids=["bf16", "fp16", "fp32-base-under-bf16-autocast"],
+)
+def test_half_precision_deltas_below_the_ulp_move_output_and_gradient(dtype, delta, autocast):
     # W[2p+s, 2q+u] = (-1)^(s+u) a[p, q] with a in [1.1, 1.9]: inputs paired (x, x) and output gradients paired (g, g)
     # cancel the base exactly in both directions, so what remains is the deltas' contribution, each below half the
     # weight's rounding step (folded into W in this dtype they would vanish).
@@ -432,7 +436,8 @@ def test_half_precision_deltas_below_the_ulp_move_output_and_gradient(dtype, del
     a = 1.1 + 0.8 * torch.rand(d_out // 2, d_in // 2, generator=gen)  # one binade, away from its edges
     sign = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
     w = (a[:, None, :, None] * sign[None, :, None, :]).reshape(d_out, d_in).to(dtype).float()  # representable
-    linear = torch.nn.Linear(d_in, d_out, bias=False).to(dtype).requires_grad_(False)
+    # under autocast the base stays fp32 (values representable in bf16) and autocast runs its matmul in bf16
+    linear = torch.nn.Linear(d_in, d_out, bias=False).to(torch.float32 if autocast else dtype).requires_grad_(False)
     with torch.no_grad():
         linear.weight.copy_(w)
     ulp_half = (2 ** torch.floor(torch.log2(w.abs())) * torch.finfo(dtype).eps / 2).min()
@@ -441,11 +446,11 @@ def test_half_precision_deltas_below_the_ulp_move_output_and_gradient(dtype, del
     layer = SafetyLinear(linear, "default", kind="entries", indices=idx)
     with torch.no_grad():
         layer.safety_values["default"].fill_(delta)
-    assert torch.equal(
-        (linear.weight.reshape(-1)[idx.long()] + delta).to(dtype), linear.weight.reshape(-1)[idx.long()]
-    )
+    masked = linear.weight.reshape(-1)[idx.long()].to(dtype)
+    assert torch.equal((masked + delta).to(dtype), masked)  # folded into W in this dtype, every delta would vanish
     half_x = 0.5 + 0.5 * torch.rand(3, d_in // 2, generator=gen)
-    x = torch.stack([half_x, half_x], dim=-1).reshape(3, d_in).to(dtype).requires_grad_(True)
+    x = torch.stack([half_x, half_x], dim=-1).reshape(3, d_in).to(dtype)
+    x = (x.float() if autocast else x).requires_grad_(True)
     half_g = 0.5 + 0.5 * torch.rand(3, d_out // 2, generator=gen)
     g = torch.stack([half_g, half_g], dim=-1).reshape(3, d_out).to(dtype)
     d64 = torch.zeros(d_out * d_in, dtype=torch.float64)
@@ -453,7 +458,8 @@ def test_half_precision_deltas_below_the_ulp_move_output_and_gradient(dtype, del
     d64 = d64.view(d_out, d_in)
     w64 = linear.weight.detach().double()
     assert (x.detach().double() @ w64.t()).abs().max() == 0 and (g.double() @ w64).abs().max() == 0
-    y = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(x)
     y.backward(g)
     y_ref = x.detach().double() @ (w64 + d64).t()
     gx_ref = g.double() @ (w64 + d64)
@@ -462,7 +468,7 @@ def test_half_precision_deltas_below_the_ulp_move_output_and_gradient(dtype, del
         (y.detach(), y_ref, x.detach().double().abs() @ d64.t()),
         (x.grad, gx_ref, g.double().abs() @ d64),
     ):
-        assert got.dtype == dtype
+        assert got.dtype == (x.dtype if got is x.grad else dtype)
         assert ((got.double() - want).abs() <= 2 * eps * scale).all()
         assert (want.abs() > 20 * (2 * eps * scale)).all()  # each entry measures its deltas, far above rounding
 

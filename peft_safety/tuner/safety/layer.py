@@ -21,7 +21,8 @@ Forward, for an input ``x`` and frozen weight ``W``:
   matmul (SDDMM): for each index pair ``(r, c)``, ``sum_t grad_out[t, r] * x[t, c]``, without any weight-sized
   gradient (``_sparse.EntryPattern.sample``). ``gradient_method="dense"`` in the config selects the documented
   fallback ``(grad_outᵀ x)[r, c]`` (one transient weight-sized buffer).
-* ``entries`` on a bf16/fp16 base: ``base_layer(x) + x @ scatter(v)ᵀ``, the delta's contribution computed sparsely
+* ``entries`` on a bf16/fp16 base, or under ``torch.autocast`` (which would run the folded matmul in bf16/fp16):
+  ``base_layer(x) + x @ scatter(v)ᵀ``, the delta's contribution computed sparsely
   (``_SparseDelta``: O(nnz * tokens) in fp32, ``_sparse.EntryPattern``; no second matmul of the layer's size).
   Folding the delta into a half-precision ``W`` would round away every delta below half of ``W``'s rounding step; in
   the separate pass the delta is rounded relative to itself, so the output and the input gradient equal
@@ -192,6 +193,13 @@ def values_shape(kind: str, n: int, shape: tuple[int, int]) -> tuple[int, ...]:
 def _nan_message(adapter_name: str) -> str:
     # worded like PEFT's other tuners (peft/tuners/lora/layer.py), which callers and PEFT's test battery match on
     return f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken"
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except (RuntimeError, TypeError):  # devices without autocast support
+        return False
 
 
 def _fold_keeps_delta(weight_dtype: torch.dtype, values_dtype: torch.dtype) -> bool:
@@ -451,6 +459,7 @@ class SafetyLinear(nn.Module, SafetyLayer):
             and not args
             and not kwargs
             and _fold_keeps_delta(base.weight.dtype, self.safety_values[entries[0]].dtype)
+            and not _autocast_on(x.device.type)  # autocast would run the folded matmul in bf16/fp16: deltas lost
         )
         if fold_first:
             # Fold the first entry-wise delta into the frozen matmul (one matmul, no separate pass). Only for
@@ -470,9 +479,11 @@ class SafetyLinear(nn.Module, SafetyLayer):
             result = self.base_layer(x, *args, **kwargs)
         out_dtype = result.dtype
         for name in entries:
-            result = result + _SparseDelta.apply(
-                x, self.safety_values[name], self._entry_pattern(name), self.safety_gradient_method[name]
-            ).to(out_dtype)
+            with torch.autocast(device_type=x.device.type, enabled=False):  # computed in fp32 whatever autocast says
+                delta = _SparseDelta.apply(
+                    x, self.safety_values[name], self._entry_pattern(name), self.safety_gradient_method[name]
+                )
+            result = result + delta.to(out_dtype)
         for name in others:
             values = self.safety_values[name]
             idx = self.safety_indices[name].to(torch.int64)
