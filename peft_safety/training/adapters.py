@@ -126,14 +126,14 @@ class MaskedLora(_AdapterProtection):
 
     def prepare_model(self, model: nn.Module, peft_config: Any = None, args: Any = None) -> tuple[nn.Module, Any]:
         """Build the masked LoRA from ``peft_config`` (a ``LoraConfig``); TRL then gets the PEFT model and no
-        config. A `SafetyLoraConfig` keeps its own forward method; any other ``LoraConfig`` gets the bit-exact
-        default."""
+        config. A `SafetyLoraConfig` keeps its own forward method; any other ``LoraConfig`` gets the default
+        (``entries_method="auto"``)."""
         from ..tuner import get_masked_lora_model
 
         self._check(model, peft_config)
         if getattr(args, "gradient_checkpointing", False):
             model.enable_input_require_grads()
-        entries_method = getattr(peft_config, "entries_method", "dense")
+        entries_method = getattr(peft_config, "entries_method", "auto")
         self._model = get_masked_lora_model(model, peft_config, self.mask, entries_method=entries_method)
         return self._model, None
 

@@ -447,7 +447,7 @@ def check_masked_lora_model(peft_model: nn.Module, mask: Any) -> None:
 
 
 def get_masked_lora_model(
-    model: nn.Module, lora_config: LoraConfig, mask: Any, *, entries_method: str = "dense", **kwargs: Any
+    model: nn.Module, lora_config: LoraConfig, mask: Any, *, entries_method: str = "auto", **kwargs: Any
 ) -> PeftModel:
     """``get_peft_model(model, SafetyLoraConfig.from_lora_config(lora_config, mask))``, checked.
 
@@ -458,7 +458,7 @@ def get_masked_lora_model(
         model: the base model.
         lora_config: the LoRA config to protect (not modified).
         mask: the ``SafetyMask`` of entries to keep frozen.
-        entries_method: ``"dense"`` (default, bit-exact), ``"sparse"`` or ``"auto"``: see
+        entries_method: ``"auto"`` (default), ``"sparse"`` or ``"dense"`` (bit-exact forward): see
             ``SafetyLoraConfig.from_lora_config``.
         **kwargs: passed to ``peft.get_peft_model`` (e.g. ``adapter_name``, ``low_cpu_mem_usage``).
 
