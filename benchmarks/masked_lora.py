@@ -9,7 +9,7 @@ work). ``weight`` masks use ``--entries_method`` (default ``dense``, the library
 
 ``--sweep 0.01,0.05,0.1,0.2`` additionally times weight masks at each density with both forward paths forced
 (``entries_method="sparse"`` and ``"dense"``, interleaved with plain LoRA): the crossover behind
-``peft_safety.tuner.lora.SPARSE_MAX_DENSITY``.
+``peft_safety.tuner.safety_lora.config.SPARSE_MAX_DENSITY``.
 
 Examples:
 
@@ -95,7 +95,7 @@ def main() -> int:
 
     from peft import LoraConfig, get_peft_model
 
-    from peft_safety.tuner.lora import get_masked_lora_model
+    from peft_safety.tuner import get_masked_lora_model
 
     tokens = 32 if args.small else args.tokens
     ids = torch.randint(0, 128 if args.small else 8192, (1, tokens), generator=torch.Generator().manual_seed(0))
@@ -197,7 +197,7 @@ def time_steps(models: dict, ids: torch.Tensor, steps: int) -> dict[str, dict]:
 
 
 def entry_paths(model) -> set[str]:
-    from peft_safety.tuner.lora import SafetyLoraLinear
+    from peft_safety.tuner import SafetyLoraLinear
 
     return {
         path

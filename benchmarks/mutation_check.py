@@ -58,8 +58,8 @@ ACTIVATION = "peft_safety/scoring/activation.py"
 SELECTION = "peft_safety/scoring/selection.py"
 FREEZE = "peft_safety/training/freeze.py"
 JUDGES = "peft_safety/evaluation/judges.py"
-LORA = "peft_safety/tuner/lora.py"
-SET_LAYER = "peft_safety/tuner/layer.py"
+LORA = "peft_safety/tuner/safety_lora/variant.py"
+SET_LAYER = "peft_safety/tuner/safety/layer.py"
 REFUSAL = "peft_safety/evaluation/refusal.py"
 
 T_NEURON_ATTN = "tests/test_scoring_neuron.py::test_kv_scores_are_group_sums_of_query_space_scores"
@@ -75,11 +75,11 @@ T_JUDGES = ["tests/test_reference_evaluation.py::test_keyword_judges_against_han
 T_EVAL = ["tests/test_reference_evaluation.py", "tests/test_evaluation.py"]
 
 T_LORA_EXACT = [
-    "tests/test_tuner_lora.py::test_default_path_is_dense_and_bit_exact",
-    "tests/test_tuner_lora.py::test_effective_update_and_merge_exact_per_dtype",
+    "tests/tuner/test_safety_lora.py::test_default_path_is_dense_and_bit_exact",
+    "tests/tuner/test_safety_lora.py::test_effective_update_and_merge_exact_per_dtype",
 ]
-T_LORA_GRAD = ["tests/test_tuner_lora.py::test_dense_masked_delta_backward_passes_gradcheck"]
-T_SET_FORWARD = ["tests/test_tuner_set.py::test_forward_matches_dense_reference"]
+T_LORA_GRAD = ["tests/tuner/test_safety_lora.py::test_dense_masked_delta_backward_passes_gradcheck"]
+T_SET_FORWARD = ["tests/tuner/test_safety.py::test_forward_matches_dense_reference"]
 
 MUTATIONS: list[Mutation] = [
     # ---- tuner layers: masked LoRA (SPA) and SET sparse deltas

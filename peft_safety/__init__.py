@@ -122,10 +122,8 @@ _EXPORTS: dict[str, str] = {
     "SafetyLinear": "peft_safety.tuner",
     "SafetyModel": "peft_safety.tuner",
     "SafetyPeftType": "peft_safety.tuner",
-    "check_masked_lora_model": "peft_safety.tuner.lora",
-    "get_masked_lora_model": "peft_safety.tuner.lora",
-    "load_masked_lora": "peft_safety.tuner.lora",
-    "mask_lora_config": "peft_safety.tuner.lora",
+    "check_masked_lora_model": "peft_safety.tuner",
+    "get_masked_lora_model": "peft_safety.tuner",
     "SafetySFTConfig": "peft_safety.training.config",
     "SafetySFTTrainer": "peft_safety.training.trainer",
     "RefusalEvalCallback": "peft_safety.training.callbacks",
@@ -271,10 +269,6 @@ if TYPE_CHECKING:  # pragma: no cover
         SafetyLoraModel,
         SafetyModel,
         SafetyPeftType,
-    )
-    from .tuner.lora import (  # noqa: F401
         check_masked_lora_model,
         get_masked_lora_model,
-        load_masked_lora,
-        mask_lora_config,
     )

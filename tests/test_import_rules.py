@@ -168,7 +168,7 @@ def test_the_stage_rule_rejects_a_backward_import():
     assert not _allowed("peft_safety.evaluation.report", "peft_safety.scoring.gradient")
     assert _allowed("peft_safety.evaluation.report", "peft_safety.scoring.generation")
     assert not _allowed("peft_safety.training.trainer", "peft_safety.recipes.sft")
-    assert not _allowed("peft_safety.tuner.model", "peft_safety.training.freeze")
+    assert not _allowed("peft_safety.tuner.safety.model", "peft_safety.training.freeze")
 
 
 def test_nothing_imports_the_cli_or_the_recipes():

@@ -143,7 +143,7 @@ def test_set_adapter_built_from_mask(tmp_path):
 
 def _lora_available() -> bool:
     try:
-        from peft_safety.tuner.lora import get_masked_lora_model  # noqa: F401
+        from peft_safety.tuner import get_masked_lora_model  # noqa: F401
     except ImportError:
         return False
     return True

@@ -159,9 +159,6 @@ PENDING = {
     "cli/_common.py": {"did-you-mean (difflib)"},
     "cli/fetch_cmd.py": {"did-you-mean (difflib)"},
     "scoring/selection.py": {"did-you-mean (difflib)"},
-    "tuner/lora.py": {"fingerprint policy tuple"},
-    "tuner/model.py": {"PEFT prefix strip"},
-    "tuner/provenance.py": {"fingerprint policy tuple"},
 }
 
 

@@ -426,13 +426,8 @@ def load_model(
         from peft import PeftModel
 
         from ..tuner import _registration  # noqa: F401  (registers SAFETY / SAFETY_LORA before PeftModel reads the config)
-        from ..tuner.lora import is_legacy_masked_lora, load_masked_lora
 
-        if is_legacy_masked_lora(os.fspath(adapter)):
-            # masked LoRA saved as plain LORA (before SAFETY_LORA): PeftModel would drop the masks
-            model = load_masked_lora(model, os.fspath(adapter))
-        else:
-            model = PeftModel.from_pretrained(model, os.fspath(adapter))
+        model = PeftModel.from_pretrained(model, os.fspath(adapter))
         model.eval()
         if (Path(os.fspath(adapter)) / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer

@@ -128,10 +128,7 @@ class MaskedLora(_AdapterProtection):
         """Build the masked LoRA from ``peft_config`` (a ``LoraConfig``); TRL then gets the PEFT model and no
         config. A `SafetyLoraConfig` keeps its own forward method; any other ``LoraConfig`` gets the bit-exact
         default."""
-        try:
-            from ..tuner import get_masked_lora_model
-        except ImportError:
-            from ..tuner.lora import get_masked_lora_model
+        from ..tuner import get_masked_lora_model
 
         self._check(model, peft_config)
         if getattr(args, "gradient_checkpointing", False):

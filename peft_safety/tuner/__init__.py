@@ -1,24 +1,36 @@
-"""peft-safety's PEFT integration: the ``SAFETY`` adapter type (SET) and the ``SAFETY_LORA`` type (masked LoRA, SPA).
+"""peft-safety's PEFT integration: two adapter types, each a folder shaped like PEFT's own tuners.
 
-Importing this package registers both PEFT types (see ``_registration``).
+* ``safety/``: the ``SAFETY`` type (SET), trainable sparse deltas at a mask's entries (`SafetyConfig`, `SafetyModel`).
+* ``safety_lora/``: the ``SAFETY_LORA`` type (SPA with LoRA), a LoRA adapter whose update is exactly zero on a mask
+  (`SafetyLoraConfig`, `SafetyLoraModel`; `get_masked_lora_model` for code that holds a ``LoraConfig`` and a mask).
+
+Shared by both: ``_layout`` (storage kinds and the one check of an adapter's ``mask_layout`` and index tensors),
+``provenance`` (base-model fingerprints and Hub id, weights digest), ``peft_type`` (the type names) and
+``_registration`` (the one place that writes into PEFT's tables). Importing this package registers both types.
 """
 
 from __future__ import annotations
 
 from . import _registration  # noqa: F401  (registers the SAFETY and SAFETY_LORA types)
-from .config import SafetyConfig
-from .layer import SafetyLayer, SafetyLinear
-from .model import SafetyModel
 from .peft_type import SafetyPeftType
-from .spa_config import SafetyLoraConfig
-from .spa_model import SafetyLoraModel
+from .safety import SafetyConfig, SafetyLayer, SafetyLinear, SafetyModel
+from .safety_lora import (
+    SafetyLoraConfig,
+    SafetyLoraLinear,
+    SafetyLoraModel,
+    check_masked_lora_model,
+    get_masked_lora_model,
+)
 
 __all__ = [
     "SafetyConfig",
     "SafetyLayer",
     "SafetyLinear",
     "SafetyLoraConfig",
+    "SafetyLoraLinear",
     "SafetyLoraModel",
     "SafetyModel",
     "SafetyPeftType",
+    "check_masked_lora_model",
+    "get_masked_lora_model",
 ]

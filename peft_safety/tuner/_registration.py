@@ -10,7 +10,7 @@ its value, so writing our member into those three dicts makes ``"SAFETY"`` resol
 ``PeftModel.from_pretrained``, ``AutoPeftModel*``, transformers' ``load_adapter``) without touching PEFT's enum.
 
 The workaround is guarded (it refuses to overwrite another library's entry) and idempotent (importing twice, or
-reloading this module, is a no-op). ``tests/test_tuner_registration.py`` fails as soon as upstream makes it
+reloading this module, is a no-op). ``tests/tuner/test_registration.py`` fails as soon as upstream makes it
 unnecessary (``register_peft_method`` accepting new names, or ``PeftType`` gaining ``SAFETY``), so that we then switch
 to the public API.
 
@@ -24,11 +24,11 @@ otherwise PEFT raises ``KeyError: 'SAFETY'`` (``'SAFETY_LORA'``) from its own co
 
 from __future__ import annotations
 
-from .config import SafetyConfig
-from .model import SafetyModel
 from .peft_type import SAFETY_LORA_PREFIX, SAFETY_PREFIX, SafetyPeftType
-from .spa_config import SafetyLoraConfig
-from .spa_model import SafetyLoraModel
+from .safety.config import SafetyConfig
+from .safety.model import SafetyModel
+from .safety_lora.config import SafetyLoraConfig
+from .safety_lora.model import SafetyLoraModel
 
 __all__ = ["SAFETY_PREFIX", "SafetyPeftType", "is_registered", "register"]
 

@@ -18,8 +18,13 @@ that travel with a saved adapter, and the check that runs when it is loaded:
 * `fingerprint_check_override(policy)`: a context manager that sets the policy for every check inside it (for load
   entry points that take no extra argument); `override_policy(default)` reads it.
 * `state_dict_digest(state_dict)`: a key-independent digest of a state dict's tensors, to tie a saved config to the
-  weights file written with it (an interrupted save leaves new weights next to an old config).
-* `check_policy(value)`: validates ``"error"`` / ``"warn"`` / ``"ignore"``.
+  weights file written with it (an interrupted save leaves new weights next to an old config);
+  `check_weights_digest(config, state_dict)` is the check both tuners run on load.
+* `record_base(config, model, names)` / `check_base(config, model)`: what both tuners do with these records when an
+  adapter is created from a mask and when a saved one is loaded.
+* `ProvenanceConfigMixin`: the provenance fields of both adapter configs, and their loader-chosen
+  ``fingerprint_check`` (the project's one spelling of the policy, `peft_safety.vocab.FINGERPRINT_POLICIES`);
+  `mask_attribute`: both configs' ``mask`` attribute, which also records where the mask came from (``mask_source``).
 
 What the fingerprint cannot see: quantised base weights (bitsandbytes 4/8-bit: the stored integers are not the float
 values), weights on the ``meta`` device and sharded weights (FSDP2 ``DTensor``, DeepSpeed ZeRO-3 placeholders) are
@@ -50,31 +55,32 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..vocab import check_fingerprint_policy
+
 __all__ = [
-    "FINGERPRINT_POLICIES",
     "SOURCE_MARKER",
+    "ProvenanceConfigMixin",
     "base_model_reference",
+    "check_base",
     "check_base_fingerprints",
-    "check_policy",
+    "check_weights_digest",
+    "digest_of_folder",
     "fingerprint_base",
     "fingerprint_check_override",
+    "mask_attribute",
     "override_policy",
+    "record_base",
     "state_dict_digest",
-    "ProvenanceConfigMixin",
-    "digest_of_folder",
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Accepted values of a fingerprint-check policy.
-FINGERPRINT_POLICIES = ("error", "warn", "ignore")
 
 #: File that ``peft_safety.sources`` writes into a converted model folder; its ``"hub_id"`` names the Hub original.
 SOURCE_MARKER = "peft_safety_source.json"
@@ -85,27 +91,6 @@ _HF_CACHE_RE = re.compile(
 )
 # A Hub repo id: "name" or "org/name" with the characters the Hub accepts.
 _HUB_ID_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def check_policy(policy: Any, name: str = "base_fingerprint_check") -> str:
-    """Validate a fingerprint-check policy.
-
-    Args:
-        policy: ``"error"``, ``"warn"`` or ``"ignore"``.
-        name: the option's name, for the error message.
-
-    Returns:
-        The policy.
-
-    Raises:
-        TypeError: not a string.
-        ValueError: not one of `FINGERPRINT_POLICIES`.
-    """
-    if not isinstance(policy, str):
-        raise TypeError(f"{name} must be a string, one of {list(FINGERPRINT_POLICIES)}; got {type(policy).__name__}.")
-    if policy not in FINGERPRINT_POLICIES:
-        raise ValueError(f"{name}={policy!r} is invalid; use one of {list(FINGERPRINT_POLICIES)}.")
-    return policy
 
 
 _OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("peft_safety_fingerprint_check", default=None)
@@ -125,7 +110,7 @@ def fingerprint_check_override(policy: str) -> Iterator[None]:
     ...     peft_model.load_adapter("my-set-adapter", adapter_name="other")
     ```
     """
-    token = _OVERRIDE.set(check_policy(policy, "policy"))
+    token = _OVERRIDE.set(check_fingerprint_policy(policy, where="policy"))
     try:
         yield
     finally:
@@ -292,7 +277,7 @@ def check_base_fingerprints(
     policy: str = "error",
     what: str = "This adapter",
     recorded_base: str | None = None,
-    override: str = "base_fingerprint_check='warn' (or 'ignore')",
+    override: str = "fingerprint_check='warn' (or 'ignore')",
 ) -> list[str]:
     """Compare ``model``'s weights with fingerprints recorded when an artifact was made.
 
@@ -313,7 +298,7 @@ def check_base_fingerprints(
         ValueError: ``policy="error"`` and a fingerprint differs or a recorded tensor is missing; or a bad policy.
         TypeError: ``recorded`` is not a mapping of strings.
     """
-    check_policy(policy)
+    check_fingerprint_policy(policy, where="fingerprint_check")
     if policy == "ignore" or not recorded:
         return []
     if not isinstance(recorded, Mapping):
@@ -374,21 +359,83 @@ def digest_of_folder(directory: str) -> str | None:
     return None
 
 
+def check_weights_digest(config: Any, state_dict: Mapping[str, torch.Tensor], what: str) -> None:
+    """Refuse weights that were not saved with ``config`` (the ``weights_digest`` a save recorded), then clear it.
+
+    Once checked, the in-memory config describes the model, not a file: the digest is set to `None` so that a later
+    in-memory state-dict round trip (after training) is not mistaken for an interrupted save.
+
+    Raises:
+        ValueError: the digests differ (a save interrupted after the weights and before the config).
+    """
+    digest = getattr(config, "weights_digest", None)
+    if digest is None:
+        return
+    got = state_dict_digest(state_dict)
+    if got != digest:
+        raise ValueError(
+            f"{what}'s adapter_config.json and its weights do not belong together (weights digest {got}, the config "
+            f"records {digest}): a save was probably interrupted after writing the weights and before writing the "
+            "config. Save the adapter again (or restore both files from the same save)."
+        )
+    config.weights_digest = None
+
+
+def record_base(config: Any, model: nn.Module, names: Iterable[str]) -> None:
+    """Write the base model's records into an adapter config created from a mask: the fingerprints of ``names``
+    (`fingerprint_base`), where the base came from (``base_model_source``) and, for a Hub base, its id and revision."""
+    config.base_fingerprints = fingerprint_base(model, names) or None
+    ref = base_model_reference(model)
+    config.base_model_source = ref["source"]
+    if ref["source"] == "hub":
+        config.base_model_name_or_path = ref["base_model"]
+        if config.revision is None:
+            config.revision = ref["revision"]
+
+
+#: How a user turns the check down, quoted in the error.
+_OVERRIDE_HINT = (
+    "fingerprint_check='warn' (or 'ignore') to PeftModel.from_pretrained / <Config>.from_pretrained, or load inside "
+    "`with peft_safety.tuner.provenance.fingerprint_check_override('warn'):`"
+)
+
+
+def check_base(config: Any, model: nn.Module, what: str) -> list[str]:
+    """Compare a loading adapter's recorded base fingerprints with ``model`` under the policy in force (the
+    innermost `fingerprint_check_override`, else the config's loader-chosen ``fingerprint_check``).
+
+    Returns:
+        The mismatching names (see `check_base_fingerprints`).
+
+    Raises:
+        ValueError: a mismatch under the ``"error"`` policy.
+    """
+    return check_base_fingerprints(
+        model,
+        config.base_fingerprints,
+        policy=override_policy(config.fingerprint_check),
+        what=what,
+        recorded_base=config.base_model_name_or_path,
+        override=_OVERRIDE_HINT,
+    )
+
+
 @dataclass
 class ProvenanceConfigMixin:
     """Provenance fields and config-file behaviour shared by peft-safety's adapter configs (put it before the PEFT
     config class in the bases).
 
-    * the fields ``base_fingerprints``, ``base_model_source``, ``base_fingerprint_check`` and ``weights_digest``,
-      validated in `__post_init__`;
-
+    * the fields ``base_fingerprints``, ``base_model_source`` and ``weights_digest``, validated in `__post_init__`;
+    * ``fingerprint_check``: what loading does when the base weights differ from ``base_fingerprints`` (``"error"``,
+      the default, ``"warn"`` or ``"ignore"``). It is the loader's choice, so it is an attribute and not a dataclass
+      field: ``to_dict`` and ``save_pretrained`` never see it, and a value added to ``adapter_config.json`` by hand
+      is dropped by PEFT's loader as an unknown key instead of weakening the check;
     * `save_pretrained` records ``weights_digest``, the digest of the weights file already in the folder:
       ``PeftModel.save_pretrained`` writes the weights first and the config last, so the digest ties the config to the
       weights it was saved with, and a later save interrupted after its weights file fails the check on load. The
-      digest is written to the file only; the in-memory config is left as it was.
-    * `from_pretrained` takes ``base_fingerprint_check=...``, the loader's fingerprint policy. PEFT's loader lets the
-      file win over keyword arguments, so the policy is applied after reading the file; a value written into the
-      file by hand never weakens the check (no argument means ``"error"``).
+      digest is written to the file only; the in-memory config is left as it was;
+    * `from_pretrained` takes ``fingerprint_check=...`` (so does ``PeftModel.from_pretrained``, which passes its
+      keyword arguments on); without it the policy is ``"error"``.
     """
 
     base_fingerprints: dict[str, list[str]] | None = field(
@@ -405,16 +452,6 @@ class ProvenanceConfigMixin:
             "folder names its Hub id), 'local' for a local folder that names none, None when unknown."
         },
     )
-    base_fingerprint_check: str = field(
-        default="error",
-        metadata={
-            "help": "What loading does when the base model's targeted weights differ from the recorded fingerprints: "
-            "'error' (default), 'warn' or 'ignore'. Chosen by whoever loads (PeftModel.from_pretrained(..., "
-            "base_fingerprint_check='warn'), load_masked_lora, or provenance.fingerprint_check_override); never "
-            "written to adapter_config.json.",
-            "choices": list(FINGERPRINT_POLICIES),
-        },
-    )
     weights_digest: str | None = field(
         default=None,
         metadata={
@@ -427,9 +464,37 @@ class ProvenanceConfigMixin:
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:
             parent()
-        check_policy(self.base_fingerprint_check, "base_fingerprint_check")
         if self.base_fingerprints is not None and not isinstance(self.base_fingerprints, dict):
             raise TypeError(f"base_fingerprints must be a dict, got {type(self.base_fingerprints).__name__}.")
+
+    def _init_mask(self, mask: Any, *, kinds: tuple[str, ...], allow_empty: bool, how: str) -> None:
+        """The end of both configs' ``__post_init__``: take the mask (see `mask_attribute`), or check the
+        ``mask_layout`` of a saved adapter (``_layout.check_layout``); neither is an error naming ``how`` to build one.
+        """
+        from ._layout import check_layout
+
+        #: what the tuner derives from the mask in memory (never serialised; read when the layers are built)
+        self._safety_indices: dict[str, Any] = {}
+        self.__dict__["_mask"] = None
+        if mask is not None:
+            self.mask = mask
+        elif self.mask_layout is None:
+            raise ValueError(
+                f"{type(self).__name__} needs a mask: {how}. A saved adapter carries mask_layout instead; this config "
+                "has neither."
+            )
+        else:
+            self.mask_layout = check_layout(self.mask_layout, kinds=kinds, allow_empty=allow_empty)
+
+    @property
+    def fingerprint_check(self) -> str:
+        """What loading does when the base weights differ from the recorded fingerprints: ``"error"`` (default),
+        ``"warn"`` or ``"ignore"`` (`peft_safety.vocab.FINGERPRINT_POLICIES`). Never saved."""
+        return self.__dict__.get("_fingerprint_check", "error")
+
+    @fingerprint_check.setter
+    def fingerprint_check(self, policy: str) -> None:
+        self.__dict__["_fingerprint_check"] = check_fingerprint_policy(policy)
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         previous = self.weights_digest
@@ -441,7 +506,44 @@ class ProvenanceConfigMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
-        policy = kwargs.pop("base_fingerprint_check", None)
+        policy = kwargs.pop("fingerprint_check", "error")
+        check_fingerprint_policy(policy)
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)  # type: ignore[misc]
-        config.base_fingerprint_check = "error" if policy is None else check_policy(policy, "base_fingerprint_check")
+        config.fingerprint_check = policy
         return config
+
+
+def mask_attribute(config_name: str, on_set: Callable[[Any, Any], None]) -> property:
+    """The ``mask`` attribute of an adapter config whose dataclass takes ``mask`` as an init-only argument.
+
+    The mask is never a dataclass field (so ``to_dict()`` and ``save_pretrained`` never see it, as SHiRA keeps its
+    runtime ``mask_fn`` off its fields); the attribute reads it back and replaces it. Setting a path or Hub id loads it
+    with ``SafetyMask.from_pretrained`` and records it as ``mask_source``; a ``SafetyMask`` fills ``mask_source`` from
+    its provenance when the config has none. ``on_set(config, mask)`` then derives what the config keeps from it.
+
+    Args:
+        config_name: the config class's name, for messages.
+        on_set: called with the config and the loaded ``SafetyMask``.
+    """
+
+    def get(self: Any) -> Any:
+        return self.__dict__.get("_mask")
+
+    def set_(self: Any, mask: Any) -> None:
+        from ..mask import SafetyMask
+
+        if isinstance(mask, str):
+            self.mask_source = mask
+            mask = SafetyMask.from_pretrained(mask)
+        elif not isinstance(mask, SafetyMask):
+            raise TypeError(
+                f"{config_name}(mask=...) takes a SafetyMask or a path / Hub repo id string, got {type(mask).__name__}."
+            )
+        elif self.mask_source is None:
+            source = mask.provenance.get("source")
+            self.mask_source = source if isinstance(source, str) else None
+        on_set(self, mask)
+        self.__dict__["_mask"] = mask
+
+    doc = "The ``SafetyMask`` the adapter is built from; `None` for a config read from a saved adapter. Never saved."
+    return property(get, set_, doc=doc)

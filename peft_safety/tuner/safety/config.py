@@ -1,23 +1,30 @@
-"""``SafetyConfig``: the PEFT config of peft-safety's sparse-delta adapter (SET, mode ``"train_only"``)."""
+"""``SafetyConfig``: the PEFT config of peft-safety's sparse-delta adapter (SET, mode ``"train_only"``).
+
+Pure data, like PEFT's tuner configs: the options, their checks, and the mask the adapter is built from. The mask is
+an init-only argument kept off the dataclass fields (SHiRA keeps its runtime ``mask_fn`` off them the same way), so
+``to_dict()`` / ``save_pretrained`` never see it; the saved folder describes the adapter with ``mask_layout`` and the
+index tensors in its weights file.
+"""
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any, Literal
 
 from peft.config import PeftConfig
 
-from .peft_type import SafetyPeftType
-from .provenance import ProvenanceConfigMixin
+from ...vocab import check_choice, check_mode
+from .._layout import SET_KINDS
+from ..peft_type import SafetyPeftType
+from ..provenance import ProvenanceConfigMixin, mask_attribute
 
-__all__ = ["VALUES_DTYPES", "SafetyConfig"]
+__all__ = ["GRADIENT_METHODS", "VALUES_DTYPES", "SafetyConfig"]
 
 #: Accepted ``values_dtype`` strings (kept as strings so the config stays JSON-serialisable).
 VALUES_DTYPES = ("float32", "bfloat16", "float16")
 
-_MODES = ("train_only",)
+#: How the value gradient of entry-wise deltas is computed (see ``layer.py``).
+GRADIENT_METHODS = ("sampled", "dense")
 
 
 @dataclass
@@ -28,13 +35,14 @@ class SafetyConfig(ProvenanceConfigMixin, PeftConfig):
     persistent int32 buffer (``safety_indices``) and the trainable deltas in ``safety_values``; both are written into
     ``adapter_model.safetensors``, so a saved adapter is self-contained: reloading it never needs the mask file.
 
-    The mask object itself is not JSON-serialisable. ``adapter_config.json`` keeps ``mask_source`` (the path or Hub id
-    the mask came from, when known) and ``mask_layout`` (for each wrapped module: how its indices are stored and how
-    many there are), which is what ``PeftModel.from_pretrained`` needs to rebuild the layers.
+    The mask is not written to ``adapter_config.json``; the file keeps ``mask_source`` (the path or Hub id the mask
+    came from, when known) and ``mask_layout`` (for each wrapped module: how its indices are stored and how many there
+    are), which is what ``PeftModel.from_pretrained`` needs to rebuild the layers.
 
     Args:
-        mask: a ``SafetyMask``, or a local path / Hub repo id that ``SafetyMask.from_pretrained`` can load. `None` only
-            when loading a saved adapter (then ``mask_layout`` describes the layers).
+        mask: a ``SafetyMask``, or a local path / Hub repo id that ``SafetyMask.from_pretrained`` can load (loaded at
+            once). `None` only when loading a saved adapter (then ``mask_layout`` describes the layers). Readable and
+            settable afterwards as ``config.mask``; never serialised.
         mode: ``"train_only"`` (SET). ``"freeze"`` (SPA) is not an adapter: see the error message for where it lives.
         target_modules / exclude_modules / layers_to_transform / layers_pattern: PEFT's usual module filters. They do
             not select a subset of the mask: a mask entry on a module the filters reject is an error (restrict the
@@ -53,14 +61,6 @@ class SafetyConfig(ProvenanceConfigMixin, PeftConfig):
     ```
     """
 
-    mask: Any = field(
-        default=None,
-        metadata={
-            "help": "The SafetyMask whose entries become trainable, or a local path / Hub repo id of a saved mask "
-            "(loaded with SafetyMask.from_pretrained). Not written to adapter_config.json (the indices live in the "
-            "adapter weights); None when loading a saved adapter."
-        },
-    )
     mask_source: str | None = field(
         default=None,
         metadata={
@@ -71,7 +71,7 @@ class SafetyConfig(ProvenanceConfigMixin, PeftConfig):
     mask_layout: dict[str, dict[str, Any]] | None = field(
         default=None,
         metadata={
-            "help": "Filled by the tuner: for each wrapped module, {'kind': 'entries'|'rows'|'cols'|'dense', "
+            "help": "Filled by the tuner: for each wrapped module, {'kind': 'entries'|'rows'|'cols'|'whole', "
             "'n': number of indices, 'shape': [out, in]}. Lets from_pretrained rebuild the layers without the mask. "
             "Do not set by hand."
         },
@@ -80,8 +80,8 @@ class SafetyConfig(ProvenanceConfigMixin, PeftConfig):
         default="train_only",
         metadata={
             "help": "'train_only' (SET): train only the mask's entries. 'freeze' (SPA) is handled by "
-            "SafetySFTTrainer / mask_lora_config, not by this adapter.",
-            "choices": list(_MODES),
+            "SafetySFTTrainer / SafetyLoraConfig, not by this adapter.",
+            "choices": ["train_only"],
         },
     )
     target_modules: list[str] | str | None = field(
@@ -146,26 +146,24 @@ class SafetyConfig(ProvenanceConfigMixin, PeftConfig):
             "(grad_out[:, rows] * x[:, cols] summed over tokens at the index pairs), never materialising a "
             "weight-sized gradient. 'dense': grad_outᵀ·x then gather (the documented fallback; one transient "
             "weight-sized buffer per layer, sometimes faster at high density).",
-            "choices": ["sampled", "dense"],
+            "choices": list(GRADIENT_METHODS),
         },
     )
+    mask: InitVar[Any] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, mask: Any) -> None:
         super().__post_init__()
         self.peft_type = SafetyPeftType.SAFETY
+        check_mode(self.mode)
         if self.mode == "freeze":
             raise ValueError(
                 "SafetyConfig(mode='freeze') is not an adapter: freezing the mask's entries happens while training "
                 "the model itself. Use SafetySFTTrainer(args=SafetySFTConfig(safety_mask=..., "
-                "safety_mode='freeze'), peft_config=LoraConfig(...) or None), or mask_lora_config(lora_config, mask) "
-                "for LoRA, or apply_mask_(model, mask, mode='freeze') for full fine-tuning."
+                "safety_mode='freeze'), peft_config=LoraConfig(...) or None), SafetyLoraConfig(mask=...) for LoRA, "
+                "or apply_mask_(model, mask, mode='freeze') for full fine-tuning."
             )
-        if self.mode not in _MODES:
-            raise ValueError(f"Unknown mode {self.mode!r} for SafetyConfig; the only adapter mode is 'train_only'.")
-        if self.values_dtype not in VALUES_DTYPES:
-            raise ValueError(f"values_dtype={self.values_dtype!r} is not supported; use one of {list(VALUES_DTYPES)}.")
-        if self.gradient_method not in ("sampled", "dense"):
-            raise ValueError(f"gradient_method={self.gradient_method!r} is invalid; use 'sampled' or 'dense'.")
+        check_choice(self.values_dtype, VALUES_DTYPES, where="values_dtype")
+        check_choice(self.gradient_method, GRADIENT_METHODS, where="gradient_method")
         if self.bias != "none":
             # TypeError, as PEFT's other tuners without bias training raise for `bias=...` (e.g. ShiraConfig,
             # IA3Config: "unexpected keyword argument 'bias'"); the field exists only so that saved configs load.
@@ -184,40 +182,13 @@ class SafetyConfig(ProvenanceConfigMixin, PeftConfig):
             self.target_modules = list(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = list(self.exclude_modules)
-        if self.mask is None:
-            if self.mask_layout is None:
-                raise ValueError(
-                    "SafetyConfig needs a mask: pass mask=SafetyMask(...) or mask='path/or/hub-id' of a saved mask."
-                )
-        elif isinstance(self.mask, str):
-            self.mask_source = self.mask
-        else:
-            _check_mask_type(self.mask)
-            if self.mask_source is None:
-                provenance = getattr(self.mask, "provenance", None) or {}
-                source = provenance.get("source") if isinstance(provenance, dict) else None
-                self.mask_source = source if isinstance(source, str) else None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The config as a JSON-serialisable dict; ``mask`` is written as `None` (see ``mask_source``), and
-        ``base_fingerprint_check`` is left out (the loader chooses it)."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            if f.name == "mask":
-                out[f.name] = None
-            elif f.name == "base_fingerprint_check":
-                continue
-            else:
-                out[f.name] = copy.deepcopy(getattr(self, f.name))
-        if isinstance(out.get("peft_type"), SafetyPeftType):
-            out["peft_type"] = out["peft_type"].value
-        return out
-
-
-def _check_mask_type(mask: Any) -> None:
-    from ..mask import SafetyMask
-
-    if not isinstance(mask, SafetyMask):
-        raise TypeError(
-            f"SafetyConfig(mask=...) takes a SafetyMask or a path / Hub repo id string, got {type(mask).__name__}."
+        self._init_mask(
+            mask,
+            kinds=SET_KINDS,
+            allow_empty=False,
+            how="pass mask=SafetyMask(...) or mask='path/or/hub-id' of a saved mask",
         )
+
+
+# `mask` is an init-only argument (never a field, so never serialised); as an attribute it reads and replaces the mask.
+SafetyConfig.mask = mask_attribute("SafetyConfig", lambda config, mask: None)  # type: ignore[assignment]

@@ -1,37 +1,37 @@
 """SET layers: a frozen ``nn.Linear`` (dense or bitsandbytes-quantised) plus trainable deltas at a mask's entries.
 
-How a module's mask entries are stored depends on the granularity (``kind``):
+How a module's mask entries are stored depends on the storage kind (``peft_safety.tuner._layout``):
 
-| kind | from granularity | ``safety_indices`` (int32, persistent) | ``safety_values`` (trainable) |
-|---|---|---|---|
-| ``"entries"`` | ``Weight()`` | sorted flat indices ``i * d_in + j`` | 1-D, one value per entry |
-| ``"rows"`` | ``Neuron(axis=0)``, ``Head(axis=0)`` | sorted row indices | ``(n_rows, d_in)`` dense rows |
-| ``"cols"`` | ``Neuron(axis=1)``, ``Head(axis=1)`` | sorted column indices | ``(d_out, n_cols)`` dense columns |
-| ``"dense"`` | ``Layer()`` | ``[0]`` | ``(d_out, d_in)``: the whole weight is trainable |
+| kind | ``safety_indices`` (int32, persistent) | ``safety_values`` (trainable) |
+|---|---|---|
+| ``"entries"`` | sorted flat indices ``i * d_in + j`` | 1-D, one value per entry |
+| ``"rows"`` | sorted row indices | ``(n_rows, d_in)`` dense rows |
+| ``"cols"`` | sorted column indices | ``(d_out, n_cols)`` dense columns |
+| ``"whole"`` | ``[0]`` | ``(d_out, d_in)``: the whole weight is trainable |
 
 Forward, for an input ``x`` and frozen weight ``W``:
 
 * ``entries`` on a float32/float64 base: ``_SparseDeltaLinear``, a custom autograd function computing
-  ``x @ (W + scatter(v))ᵀ``.
-  The merged weight is a transient buffer (one weight-sized temporary per layer during forward and again during
-  backward) that is **not** saved for backward; the value gradient is a sampled matmul (SDDMM): for each index pair
-  ``(r, c)``, ``sum_t grad_out[t, r] * x[t, c]``, computed in chunks so that the working set stays bounded and no
-  weight-sized gradient is ever built. ``gradient_method="dense"`` in the config selects the documented fallback
-  ``(grad_outᵀ x)[r, c]`` (one transient weight-sized buffer, faster only at high density).
+  ``x @ (W + scatter(v))ᵀ``. The merged weight is a transient buffer (one weight-sized temporary per layer during
+  forward and again during backward) that is **not** saved for backward; the value gradient is a sampled matmul
+  (SDDMM): for each index pair ``(r, c)``, ``sum_t grad_out[t, r] * x[t, c]``, computed in chunks so that the working
+  set stays bounded and no weight-sized gradient is ever built. ``gradient_method="dense"`` in the config selects the
+  documented fallback ``(grad_outᵀ x)[r, c]`` (one transient weight-sized buffer).
 * ``entries`` on a bf16/fp16 base: ``base_layer(x) + x @ scatter(v)ᵀ`` (the same function without a base weight).
-  Folding the delta into a half-precision ``W`` would round away every delta below half of ``W``'s rounding step
-  (84% of 1e-5 deltas on weights ~N(0, 0.02²)); in the separate pass the delta is rounded relative to itself, so the
-  output equals ``(W + delta) x`` within the dtype's matmul error. Cost: one more matmul of the layer's size.
+  Folding the delta into a half-precision ``W`` would round away every delta below half of ``W``'s rounding step; in
+  the separate pass the delta is rounded relative to itself, so the output equals ``(W + delta) x`` within the dtype's
+  matmul error, for one more matmul of the layer's size.
 * ``entries`` on a quantised base (bitsandbytes 4/8-bit): ``base_layer(x) + x @ scatter(v)ᵀ`` likewise, so the
   quantised kernel is used for the frozen part.
-* ``rows``/``cols``/``dense``: plain autograd on small tensors, ``y = base_layer(x)`` then
+* ``rows``/``cols``/``whole``: plain autograd on small tensors, ``y = base_layer(x)`` then
   ``y[..., rows] += x @ Vᵀ``, ``y += x[..., cols] @ Vᵀ`` or ``y += x @ Vᵀ``. No weight-sized temporary for rows and
   columns; a ``Layer()`` mask trains the whole weight, so its delta is weight-sized by definition.
 
 Merging adds the delta into the base weight in place, touching only the masked positions (entries outside the mask
 stay bit-identical). Merging into a bf16/fp16 weight rounds ``W + delta`` to that dtype: deltas below half the
-weight's rounding step are lost; ``merge_rounding_loss`` counts them and a warning says so. Merging into a bitsandbytes 4-bit weight dequantises, adds and re-quantises the **whole** tensor,
-which is lossy: ship such adapters unmerged.
+weight's rounding step are lost; ``merge_rounding_loss`` counts them and a warning says so. Merging into a
+bitsandbytes 4-bit weight dequantises, adds and re-quantises the **whole** tensor, which is lossy: ship such adapters
+unmerged. Measurements of these paths are in ``docs/tuner.md`` (from ``benchmarks/set_adapter.py``).
 """
 
 from __future__ import annotations
@@ -45,10 +45,9 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
 
-__all__ = ["KINDS", "SafetyLayer", "SafetyLinear", "sampled_matmul"]
+from .._layout import SET_KINDS, check_indices
 
-#: Storage kinds of a module's mask entries (see the module docstring).
-KINDS = ("entries", "rows", "cols", "dense")
+__all__ = ["SafetyLayer", "SafetyLinear", "sampled_matmul", "values_shape"]
 
 # Working-set bound of the chunked sampled matmul, in elements of each gathered operand (4M fp32 = 16 MiB).
 _SDDMM_CHUNK_ELEMENTS = 1 << 22
@@ -60,8 +59,8 @@ def sampled_matmul(
     """Entries of ``grad_outᵀ @ x`` at the given flat positions, without forming the full product (SDDMM).
 
     Uses ``torch.sparse.sampled_addmm`` with a CSR pattern built from the (sorted) indices where the kernel exists
-    (fp32/fp64; about 6x faster than the gather path on CPU for a 2816x1024 layer at 1%), otherwise a chunked
-    gather: two ``(chunk, T)`` gathers with ``chunk * T <= 4M`` elements and one batched dot product per entry.
+    (fp32/fp64; faster than the gather path on CPU, see ``benchmarks/set_adapter.py``), otherwise a chunked gather:
+    two ``(chunk, T)`` gathers with ``chunk * T <= 4M`` elements and one batched dot product per entry.
 
     Args:
         grad_out: ``(T, d_out)`` output gradient (tokens flattened).
@@ -176,6 +175,14 @@ class _SparseDeltaLinear(torch.autograd.Function):
         return grad_x, grad_v, None, grad_w, None, None, None
 
 
+def values_shape(kind: str, n: int, shape: tuple[int, int]) -> tuple[int, ...]:
+    """The shape of the trainable deltas of ``n`` indices of ``kind`` on a ``(d_out, d_in)`` weight."""
+    out_features, in_features = shape
+    return {"entries": (n,), "rows": (n, in_features), "cols": (out_features, n)}.get(
+        kind, (out_features, in_features)
+    )
+
+
 def _nan_message(adapter_name: str) -> str:
     # worded like PEFT's other tuners (peft/tuners/lora/layer.py), which callers and PEFT's test battery match on
     return f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken"
@@ -229,7 +236,7 @@ class SafetyLayer(BaseTunerLayer):
 
         Args:
             adapter_name: the adapter's name.
-            kind: one of ``KINDS``.
+            kind: a storage kind (``SET_KINDS``).
             indices: 1-D sorted unique integer tensor in the unit of ``kind``.
             init_weights: zero deltas (identity) if True, small random deltas otherwise.
             values_dtype: dtype of the trainable deltas.
@@ -237,34 +244,26 @@ class SafetyLayer(BaseTunerLayer):
             inference_mode: create the deltas frozen.
 
         Raises:
-            ValueError: for an unknown kind, or indices that are not 1-D / out of range.
+            ValueError: for an unknown kind, or indices that break the index rule of ``_layout.check_indices``
+                (1-D, non-empty, strictly increasing, inside the weight).
         """
-        if kind not in KINDS:
-            raise ValueError(f"Unknown storage kind {kind!r}; expected one of {KINDS}.")
+        if kind not in SET_KINDS:
+            raise ValueError(f"Unknown storage kind {kind!r}; expected one of {list(SET_KINDS)}.")
         indices = torch.as_tensor(indices)
-        if indices.ndim != 1 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
-            raise ValueError(f"indices for adapter {adapter_name!r} must be a 1-D integer tensor, got {indices!r}.")
-        if kind != "dense" and indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
-            raise ValueError(
-                f"indices for adapter {adapter_name!r} must be sorted in strictly increasing order (no duplicates): "
-                "the value gradient's sparse pattern assumes it. Sort and deduplicate them (torch.unique)."
-            )
-        shape = self._values_shape(kind, indices.numel())
+        if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+            raise ValueError(f"indices for adapter {adapter_name!r} must be integers, got {indices.dtype}.")
+        shape = (self.out_features, self.in_features)
+        check_indices(indices.to(torch.int64), kind, shape, f"indices of adapter {adapter_name!r} ({kind})")
         weight = self.get_base_layer().weight
         device = weight.device if weight.device.type != "meta" else torch.device("cpu")
-        limit = {"entries": self.out_features * self.in_features, "rows": self.out_features, "cols": self.in_features}
-        if kind in limit and indices.numel() and (int(indices.max()) >= limit[kind] or int(indices.min()) < 0):
-            raise ValueError(
-                f"{kind} indices of adapter {adapter_name!r} fall outside the weight of shape "
-                f"({self.out_features}, {self.in_features}); the mask was built for another model."
-            )
         # int64 only when a weight has >= 2**31 entries (same rule as SafetyMask).
         index_dtype = torch.int64 if self.out_features * self.in_features >= 2**31 else torch.int32
         self.safety_indices[adapter_name] = indices.to(device=device, dtype=index_dtype)
+        size = values_shape(kind, indices.numel(), shape)
         if init_weights:
-            values = torch.zeros(shape, dtype=values_dtype, device=device)
+            values = torch.zeros(size, dtype=values_dtype, device=device)
         else:
-            values = (torch.randn(shape, dtype=torch.float32, device=device) * 0.02).to(values_dtype)
+            values = (torch.randn(size, dtype=torch.float32, device=device) * 0.02).to(values_dtype)
         self.safety_values[adapter_name] = nn.Parameter(values)
         self.safety_kind[adapter_name] = kind
         self.safety_gradient_method[adapter_name] = gradient_method
@@ -275,15 +274,6 @@ class SafetyLayer(BaseTunerLayer):
             self.safety_values[adapter_name].data = self.safety_values[adapter_name].data.float()
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def _values_shape(self, kind: str, n: int) -> tuple[int, ...]:
-        if kind == "entries":
-            return (n,)
-        if kind == "rows":
-            return (n, self.in_features)
-        if kind == "cols":
-            return (self.out_features, n)
-        return (self.out_features, self.in_features)
-
     def resize_adapter_(self, adapter_name: str, indices: torch.Tensor) -> None:
         """Replace the indices of ``adapter_name`` with ``indices`` of another size, re-creating its values.
 
@@ -291,7 +281,7 @@ class SafetyLayer(BaseTunerLayer):
         re-created only when its shape changes (a new parameter object invalidates optimizer references).
         """
         kind = self.safety_kind[adapter_name]
-        shape = self._values_shape(kind, indices.numel())
+        shape = values_shape(kind, indices.numel(), (self.out_features, self.in_features))
         old = self.safety_values[adapter_name]
         self.safety_indices[adapter_name] = indices.to(self.safety_indices[adapter_name].device)
         if tuple(old.shape) != shape:

@@ -1,4 +1,10 @@
-"""``SafetyModel``: the PEFT tuner that wraps exactly the ``nn.Linear`` modules a ``SafetyMask`` touches (SET)."""
+"""``SafetyModel``: the PEFT tuner that wraps exactly the ``nn.Linear`` modules a ``SafetyMask`` touches (SET).
+
+Which modules: those the mask has entries on (``mask_to_layout``, which also checks the mask against the model and the
+config's filters). How a saved adapter is rebuilt: from ``mask_layout`` (checked against the model before any
+placeholder exists), then ``_remap_adapter_state_dict_for_load`` checks the checkpoint's tensors and resizes the
+placeholders to them. Provenance (base fingerprints, Hub id) is recorded on creation and checked on load.
+"""
 
 from __future__ import annotations
 
@@ -12,47 +18,17 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
 from torch import nn
 
+from ...vocab import base_name
+from .._layout import SET_KINDS, check_indices, check_layout, check_layout_modules, storage_of
+from ..peft_type import SAFETY_PREFIX
+from ..provenance import check_base, check_weights_digest, record_base
 from .config import SafetyConfig
-from .layer import KINDS, SafetyLayer, SafetyLinear
-from .provenance import (
-    base_model_reference,
-    check_base_fingerprints,
-    fingerprint_base,
-    override_policy,
-    state_dict_digest,
-)
+from .layer import SafetyLayer, SafetyLinear, values_shape
 
 __all__ = ["SafetyModel", "mask_to_layout"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _granularity_to_kind(granularity: Any, indices: torch.Tensor, name: str) -> tuple[str, torch.Tensor]:
-    """Map a mask granularity and its indices to the layer's storage kind and indices (see ``layer.py``)."""
-    from ..mask import Head, Layer, Neuron, Weight
-
-    if isinstance(granularity, Weight):
-        return "entries", indices
-    if isinstance(granularity, Neuron):
-        return ("rows" if granularity.axis == 0 else "cols"), indices
-    if isinstance(granularity, Head):
-        head_dim = int(granularity.head_dim)
-        offsets = torch.arange(head_dim, dtype=torch.int64)
-        expanded = (indices.to(torch.int64)[:, None] * head_dim + offsets[None, :]).reshape(-1)
-        return ("rows" if granularity.axis == 0 else "cols"), expanded
-    if isinstance(granularity, Layer):
-        return "dense", torch.zeros(1, dtype=torch.int32)
-    raise TypeError(f"Unsupported granularity {granularity!r} for parameter {name!r}.")
-
-
-def _resolve_mask(mask: Any):
-    from ..mask import SafetyMask
-
-    if isinstance(mask, SafetyMask):
-        return mask
-    if isinstance(mask, str):
-        return SafetyMask.from_pretrained(mask)
-    raise TypeError(f"SafetyConfig.mask must be a SafetyMask or a path / Hub id, got {type(mask).__name__}.")
+_WHAT = "This SAFETY adapter"
 
 
 def _base_of(module: nn.Module) -> nn.Module:
@@ -88,12 +64,12 @@ def mask_to_layout(
         ValueError: a mask parameter missing from the model, with another shape or fingerprint, not an ``nn.Linear``
             weight (embeddings, norms, fused 3-D MoE experts), or excluded by the config's filters.
     """
-    from ..mask import fingerprint_tensor
+    from ...mask import fingerprint_tensor
 
     layout: dict[str, dict[str, Any]] = {}
     indices_by_module: dict[str, torch.Tensor] = {}
     module_keys: dict[str, str] = {}
-    fingerprints = getattr(mask, "fingerprints", None) or {}
+    fingerprints = mask.fingerprints
     for name in mask.names:
         module_key, _, attr = name.rpartition(".")
         try:
@@ -135,7 +111,7 @@ def mask_to_layout(
                     f"the mask, {got!r} here). Use the base model the mask was computed on, or rebuild the mask "
                     "(check that the model was loaded from the same checkpoint and revision)."
                 )
-        kind, idx = _granularity_to_kind(mask.granularity_of(name), mask[name], name)
+        kind, idx = storage_of(mask.granularity_of(name), mask[name], name)
         layout[module_key] = {"kind": kind, "n": int(idx.numel()), "shape": list(shape)}
         indices_by_module[module_key] = idx
         module_keys[module_key] = name
@@ -155,76 +131,8 @@ def mask_to_layout(
     return layout, indices_by_module
 
 
-_LAYOUT_KEYS = {"kind", "n", "shape"}
 # "<module>.safety_indices" (checkpoint key) or "<module>.safety_indices.<adapter>" (model key after remapping)
 _SAFETY_KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<attr>safety_indices|safety_values)(?:\.(?P<adapter>[^.]+))?$")
-_OVERRIDE_HINT = (
-    "base_fingerprint_check='warn' (or 'ignore') to PeftModel.from_pretrained / SafetyConfig.from_pretrained, or load "
-    "inside `with peft_safety.tuner.provenance.fingerprint_check_override('warn'):`"
-)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _unit_limit(kind: str, shape: tuple[int, int]) -> int:
-    """How many indices a module of ``shape`` can hold for ``kind`` (and the exclusive upper bound of each index)."""
-    return {"entries": shape[0] * shape[1], "rows": shape[0], "cols": shape[1], "dense": 1}[kind]
-
-
-def validate_layout(layout: Any, model: nn.Module) -> None:
-    """Check a ``mask_layout`` read from ``adapter_config.json`` against ``model``, before anything is allocated.
-
-    Every entry must name an ``nn.Linear`` of ``model`` (possibly already wrapped by a SAFETY layer), with
-    ``shape == [out_features, in_features]``, a known ``kind`` and an integer ``n`` within what that module can hold
-    (so every placeholder the tuner then allocates is bounded by the model, not by the file).
-
-    Raises:
-        ValueError: naming the module, the field and the remedy.
-    """
-    where = "adapter_config.json's mask_layout"
-    if not isinstance(layout, dict) or not layout:
-        raise ValueError(
-            f"{where} must be a non-empty object {{module name: {{'kind', 'n', 'shape'}}}}, got {type(layout).__name__}"
-            ". The adapter folder is damaged or was not written by peft-safety: save the adapter again."
-        )
-    for key, info in layout.items():
-        if not isinstance(key, str) or not isinstance(info, dict) or set(info) != _LAYOUT_KEYS:
-            raise ValueError(
-                f"{where} entry {key!r} must be an object with exactly the keys 'kind', 'n' and 'shape', got {info!r}. "
-                "The adapter folder is damaged: save the adapter again."
-            )
-        kind, n, shape = info["kind"], info["n"], info["shape"]
-        if kind not in KINDS:
-            raise ValueError(f"{where}[{key!r}]['kind'] = {kind!r} is not one of {list(KINDS)}; the file is damaged.")
-        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(d) and d > 0 for d in shape)):
-            raise ValueError(
-                f"{where}[{key!r}]['shape'] = {shape!r} is not [out_features, in_features]; the file is damaged."
-            )
-        try:
-            module = model.get_submodule(key)
-        except AttributeError:
-            module = None
-        base = _base_of(module) if module is not None else None
-        if not isinstance(base, nn.Linear):
-            found = "is not in this model" if module is None else f"is a {type(base).__name__}, not an nn.Linear"
-            raise ValueError(
-                f"{where} names module {key!r}, which {found}: the adapter was made for another model "
-                "architecture. Load it on the base model it was trained on (see base_model_name_or_path)."
-            )
-        here = [base.out_features, base.in_features]
-        if shape != here:
-            raise ValueError(
-                f"{where}[{key!r}] has shape {shape}, but this model's {key!r} has shape {here}: the adapter was made "
-                "for another model. Load it on the base model it was trained on."
-            )
-        limit = _unit_limit(kind, (shape[0], shape[1]))
-        if not _is_int(n) or not 0 <= n <= limit:
-            raise ValueError(
-                f"{where}[{key!r}]['n'] = {n!r} is invalid: a {kind!r} adapter on a {shape[0]}x{shape[1]} weight holds "
-                f"an integer number of indices between 0 and {limit}. The file is damaged: save the adapter again."
-            )
 
 
 class SafetyModel(BaseTuner):
@@ -245,7 +153,7 @@ class SafetyModel(BaseTuner):
     ```
     """
 
-    prefix: str = "safety_"
+    prefix: str = SAFETY_PREFIX
     tuner_layer_cls = SafetyLayer
     target_module_mapping: dict[str, list[str]] = {}
 
@@ -262,31 +170,18 @@ class SafetyModel(BaseTuner):
 
     def _prepare_model(self, peft_config: SafetyConfig, model: nn.Module) -> None:
         if peft_config.mask is not None:
-            mask = _resolve_mask(peft_config.mask)
-            layout, indices = mask_to_layout(mask, model, peft_config)
+            layout, indices = mask_to_layout(peft_config.mask, model, peft_config)
             peft_config.mask_layout = layout
             peft_config._safety_indices = indices  # not a dataclass field: never serialised
             # provenance: the base weights this adapter is trained on, and where they can be loaded from
-            peft_config.base_fingerprints = fingerprint_base(model, [f"{key}.weight" for key in layout]) or None
-            ref = base_model_reference(model)
-            peft_config.base_model_source = ref["source"]
-            if ref["source"] == "hub":
-                peft_config.base_model_name_or_path = ref["base_model"]
-                if peft_config.revision is None:
-                    peft_config.revision = ref["revision"]
+            record_base(peft_config, model, [f"{key}.weight" for key in layout])
         else:
             # Loading a saved adapter: the layout comes from adapter_config.json. It is checked against the model
             # before any placeholder is allocated; the placeholders are replaced by the checkpoint's tensors (see
             # _remap_adapter_state_dict_for_load), which are checked there.
-            validate_layout(peft_config.mask_layout, model)
-            check_base_fingerprints(
-                model,
-                peft_config.base_fingerprints,
-                policy=override_policy(peft_config.base_fingerprint_check),
-                what="This SAFETY adapter",
-                recorded_base=peft_config.base_model_name_or_path,
-                override=_OVERRIDE_HINT,
-            )
+            peft_config.mask_layout = check_layout(peft_config.mask_layout, kinds=SET_KINDS)
+            check_layout_modules(peft_config.mask_layout, model, what=_WHAT)
+            check_base(peft_config, model, what=_WHAT)
             peft_config._safety_indices = {}
 
     @contextlib.contextmanager
@@ -317,8 +212,7 @@ class SafetyModel(BaseTuner):
         info = peft_config.mask_layout[current_key]
         indices = getattr(peft_config, "_safety_indices", {}).get(current_key)
         if indices is None:
-            n = int(info["n"])
-            indices = torch.zeros(1, dtype=torch.int32) if info["kind"] == "dense" else torch.arange(n)
+            indices = torch.arange(int(info["n"]))  # a placeholder (checked size); the checkpoint's indices replace it
         kwargs = {
             "kind": info["kind"],
             "indices": indices,
@@ -352,34 +246,24 @@ class SafetyModel(BaseTuner):
 
         Everything is checked before the first placeholder is resized: the weights belong to the config (digest),
         every wrapped module has its index and value tensors, every SAFETY tensor in the file belongs to a wrapped
-        module, indices are 1-D integers, strictly increasing (sorted, no duplicates) and inside the weight, values
-        are floating point with the shape the indices imply.
+        module, indices follow the index rule (``_layout.check_indices``), values are finite floating point with the
+        shape the indices imply.
 
         The values parameter is re-created only when its shape differs, so that optimizer references (the Trainer
         may resume after creating the optimizer) stay valid whenever possible.
         """
-        digest = getattr(config, "weights_digest", None)
-        if digest is not None:
-            got = state_dict_digest(state_dict)
-            if got != digest:
-                raise ValueError(
-                    f"The SAFETY adapter's adapter_config.json and its weights do not belong together (weights digest "
-                    f"{got}, the config records {digest}): a save was probably interrupted after writing the weights "
-                    "and before writing the config. Save the adapter again (or restore both files from the same save)."
-                )
-            config.weights_digest = None  # checked: the in-memory config now describes the model, not a file
+        check_weights_digest(config, state_dict, what="The SAFETY adapter")
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         layers: dict[str, SafetyLayer] = {}
         for name, module in model.named_modules():
             if isinstance(module, SafetyLayer) and adapter_name in module.safety_indices:
-                layers[name.removeprefix("base_model.model.")] = module
+                layers[base_name(name)] = module
         found: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
         for key, value in remapped.items():
             match = _SAFETY_KEY_RE.match(key)
             if match is None or match.group("adapter") not in (None, adapter_name):
                 continue
-            module_key = match.group("module").removeprefix("base_model.model.")
-            found.setdefault(module_key, {})[match.group("attr")] = (key, value)
+            found.setdefault(base_name(match.group("module")), {})[match.group("attr")] = (key, value)
         unknown = sorted(set(found) - set(layers))
         if unknown:
             raise ValueError(
@@ -401,8 +285,9 @@ class SafetyModel(BaseTuner):
                     )
             _, idx = tensors["safety_indices"]
             _, values = tensors["safety_values"]
-            checked[module_key] = _check_indices(idx, kind, shape, f"{module_key}.safety_indices")
-            _check_values(values, kind, shape, checked[module_key].numel(), f"{module_key}.safety_values")
+            check_indices(idx, kind, shape, f"SAFETY checkpoint tensor '{module_key}.safety_indices'")
+            _check_values(values, values_shape(kind, idx.numel(), shape), f"{module_key}.safety_values")
+            checked[module_key] = idx
         for module_key, module in layers.items():
             idx = checked[module_key]
             if idx.shape != module.safety_indices[adapter_name].shape:
@@ -414,53 +299,18 @@ def _more(names: list[str]) -> str:
     return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
 
 
-def _check_indices(idx: Any, kind: str, shape: tuple[int, int], name: str) -> torch.Tensor:
-    where = f"SAFETY checkpoint tensor {name!r}"
-    if not isinstance(idx, torch.Tensor):
-        raise ValueError(f"{where} is not a tensor ({type(idx).__name__}); the weights file is damaged.")
-    if idx.dtype == torch.bool or idx.dtype.is_floating_point or idx.dtype.is_complex:
-        raise ValueError(f"{where} must hold integer indices, got dtype {idx.dtype}; the weights file is damaged.")
-    if idx.ndim != 1:
-        raise ValueError(f"{where} must be 1-D, got shape {tuple(idx.shape)}; the weights file is damaged.")
-    limit = _unit_limit(kind, shape)
-    if idx.numel() > limit:
-        raise ValueError(
-            f"{where} holds {idx.numel()} indices, more than a {kind!r} adapter on a {shape[0]}x{shape[1]} weight can "
-            f"({limit}); the weights file is damaged or belongs to another model."
-        )
-    if kind == "dense":
-        if idx.numel() != 1 or int(idx[0]) != 0:
-            raise ValueError(f"{where} of a whole-weight ('dense') adapter must be [0]; the weights file is damaged.")
-        return idx
-    if idx.numel():
-        low, high = int(idx.min()), int(idx.max())
-        if low < 0 or high >= limit:
-            raise ValueError(
-                f"{where} has indices in [{low}, {high}], outside [0, {limit}) for a {kind!r} adapter on a "
-                f"{shape[0]}x{shape[1]} weight: the weights file is damaged or belongs to another model."
-            )
-        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
-            raise ValueError(
-                f"{where} must be sorted in strictly increasing order (no duplicates): unsorted or repeated indices "
-                "give wrong value gradients and double-counted deltas. The weights file is damaged: save the adapter "
-                "again."
-            )
-    return idx
-
-
-def _check_values(values: Any, kind: str, shape: tuple[int, int], n: int, name: str) -> None:
+def _check_values(values: Any, wanted: tuple[int, ...], name: str) -> None:
     where = f"SAFETY checkpoint tensor {name!r}"
     if not isinstance(values, torch.Tensor) or not values.dtype.is_floating_point:
         got = values.dtype if isinstance(values, torch.Tensor) else type(values).__name__
         raise ValueError(f"{where} must be a floating-point tensor, got {got}; the weights file is damaged.")
-    wanted = {"entries": (n,), "rows": (n, shape[1]), "cols": (shape[0], n), "dense": shape}[kind]
-    if tuple(values.shape) == tuple(wanted) and not bool(torch.isfinite(values).all()):
+    if tuple(values.shape) != tuple(wanted):
+        raise ValueError(
+            f"{where} has shape {tuple(values.shape)}, but its indices need shape {tuple(wanted)}; the weights file "
+            "is damaged."
+        )
+    if not bool(torch.isfinite(values).all()):
         raise ValueError(
             f"{where} contains NaN or infinite deltas: the adapter would turn this module's outputs non-finite. The "
             "weights file is damaged or training diverged; load an earlier checkpoint."
-        )
-    if tuple(values.shape) != tuple(wanted):
-        raise ValueError(
-            f"{where} has shape {tuple(values.shape)}, but its {n} {kind} indices on a {shape[0]}x{shape[1]} weight "
-            f"need shape {tuple(wanted)}; the weights file is damaged."
         )

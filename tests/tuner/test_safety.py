@@ -1,21 +1,21 @@
-"""SET adapter (SafetyConfig / SafetyModel / SafetyLinear): invariants on tiny Llama (GQA) and tiny Qwen2-MoE."""
+"""The SAFETY type (SET) beyond the conformance table: its layer's arithmetic (sparse-delta autograd, sampled
+matmul, half-precision bases, merge rounding), the MoE model, the file format, and the config's refusals."""
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 from unittest import mock
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import get_peft_model
+from safetensors.torch import load_file
 
-import peft_safety  # noqa: F401  (registers the SAFETY type)
-from peft_safety.mask import Head, Layer, Neuron, SafetyMask, Weight, fingerprint_tensor
+from peft_safety.mask import Head, Layer, Neuron, SafetyMask, Weight
 from peft_safety.testing import tiny_llama, tiny_qwen2_moe
 from peft_safety.tuner import SafetyConfig, SafetyLinear
-from peft_safety.tuner.layer import _SparseDeltaLinear, sampled_matmul
+from peft_safety.tuner.safety.layer import _SparseDeltaLinear, sampled_matmul
 
 LLAMA_GRANULARITY = {
     "model.layers.0.self_attn.q_proj.weight": Weight(),
@@ -36,49 +36,26 @@ MOE_GRANULARITY = {
 }
 
 
-def make_mask(model, granularity, fraction=0.2, seed=0, fingerprints=False):
-    params = dict(model.named_parameters())
-    gen = torch.Generator().manual_seed(seed)
-    indices, shapes = {}, {}
-    for name, gran in granularity.items():
-        shape = tuple(params[name].shape)
-        units = gran.num_units(shape)
-        k = max(1, int(units * fraction)) if not isinstance(gran, Layer) else 1
-        indices[name] = torch.randperm(units, generator=gen)[:k].sort().values.to(torch.int32)
-        shapes[name] = shape
-    fps = {n: fingerprint_tensor(params[n]) for n in granularity} if fingerprints else None
-    return SafetyMask(indices=indices, shapes=shapes, granularity=granularity, fingerprints=fps)
-
-
-def tokens(seed=0, batch=2, length=12):
-    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def train(model, steps=3, lr=1e-2, weight_decay=0.1):
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    for step in range(steps):
-        ids = tokens(seed=step)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-
-
 @pytest.fixture(params=["llama", "moe"])
-def model_and_mask(request):
+def model_and_mask(request, random_mask):
     if request.param == "llama":
         model = tiny_llama(seed=0)
-        return model, make_mask(model, LLAMA_GRANULARITY)
+        return model, random_mask(model, LLAMA_GRANULARITY, fraction=0.2)
     model = tiny_qwen2_moe(seed=0)
-    return model, make_mask(model, MOE_GRANULARITY)
+    return model, random_mask(model, MOE_GRANULARITY, fraction=0.2)
+
+
+@pytest.fixture
+def moe_and_mask(random_mask):
+    """The tiny Qwen2-MoE (the conformance table covers the Llama): attention and shared-expert masks."""
+    model = tiny_qwen2_moe(seed=0)
+    return model, random_mask(model, MOE_GRANULARITY, fraction=0.2)
 
 
 # ---- identity, structure ----------------------------------------------------------------------------------------------
 
 
-def test_identity_at_init_and_only_masked_modules_wrapped(model_and_mask):
+def test_identity_at_init_and_only_masked_modules_wrapped(model_and_mask, tokens):
     model, mask = model_and_mask
     ids = tokens()
     with torch.no_grad():
@@ -123,7 +100,7 @@ def _reference_delta(gran, unit_indices, values, shape):
     return delta
 
 
-def test_forward_matches_dense_reference(model_and_mask):
+def test_forward_matches_dense_reference(model_and_mask, tokens):
     model, mask = model_and_mask
     ref_model = copy.deepcopy(model)
     ref_model.set_experts_implementation("eager")  # the grouped-mm expert kernel has no fp64 path
@@ -223,7 +200,7 @@ def test_sparse_delta_gradients_match_autograd(method):
 
 
 def test_sampled_matmul_chunks_agree_with_dense(monkeypatch):
-    import peft_safety.tuner.layer as layer
+    import peft_safety.tuner.safety.layer as layer
 
     torch.manual_seed(1)
     g, x = torch.randn(7, 10), torch.randn(7, 6)
@@ -257,8 +234,9 @@ def test_merged_weight_not_saved_for_backward():
 # ---- training invariants ---------------------------------------------------------------------------------------------
 
 
-def test_training_changes_only_masked_entries(model_and_mask):
-    model, mask = model_and_mask
+def test_training_changes_only_masked_entries(moe_and_mask, train):
+    # the conformance table checks the Llama; here the MoE model (shared experts, router) keeps the guarantee
+    model, mask = moe_and_mask
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     peft_model = get_peft_model(model, SafetyConfig(mask=mask))
     train(peft_model, steps=3)
@@ -275,8 +253,8 @@ def test_training_changes_only_masked_entries(model_and_mask):
             assert torch.equal(new, old), name
 
 
-def test_merge_unmerge_and_disable(model_and_mask):
-    model, mask = model_and_mask
+def test_merge_unmerge_and_disable_on_moe(moe_and_mask, tokens):
+    model, mask = moe_and_mask
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     peft_model = get_peft_model(model, SafetyConfig(mask=mask, init_weights=False))
     ids = tokens()
@@ -297,71 +275,37 @@ def test_merge_unmerge_and_disable(model_and_mask):
         torch.testing.assert_close(p, base[name], rtol=0, atol=1e-6)
 
 
-# ---- save / load ------------------------------------------------------------------------------------------------------
+# ---- file format ------------------------------------------------------------------------------------------------------
 
 
-def test_save_load_roundtrip_exact(tmp_path):
+def test_file_format(tmp_path, random_mask, tokens):
+    """What a SAFETY folder holds (the round trip itself is in the conformance table)."""
     model = tiny_llama(seed=0)
-    mask = make_mask(model, LLAMA_GRANULARITY)
+    mask = random_mask(model, LLAMA_GRANULARITY, fraction=0.2)
     peft_model = get_peft_model(model, SafetyConfig(mask=mask, init_weights=False))
-    ids = tokens()
-    with torch.no_grad():
-        ref = peft_model(ids).logits
     peft_model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "SAFETY" and cfg["mask"] is None and cfg["mode"] == "train_only"
+    assert cfg["peft_type"] == "SAFETY" and cfg["mode"] == "train_only"
+    assert "mask" not in cfg and "fingerprint_check" not in cfg
+    assert cfg["mask_layout"]["model.layers.1.mlp.up_proj"] == {"kind": "whole", "n": 1, "shape": [64, 32]}
+    assert cfg["mask_layout"]["model.layers.1.self_attn.k_proj"]["kind"] == "rows"
+    assert cfg["mask_layout"]["model.layers.1.self_attn.o_proj"]["kind"] == "cols"
     assert set(cfg["mask_layout"]) == {n.rsplit(".", 1)[0] for n in mask.names}
-
-    from safetensors.torch import load_file
-
     state = load_file(tmp_path / "adapter_model.safetensors")
     q = "model.layers.0.self_attn.q_proj"
     saved = state["base_model.model." + q + ".safety_indices"]
     assert saved.dtype == torch.int32
     assert torch.equal(saved, mask[q + ".weight"])
-
-    loaded = PeftModel.from_pretrained(tiny_llama(seed=0), tmp_path)
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, ref)
-    assert not any(p.requires_grad for p in loaded.parameters())
-
-    trainable = PeftModel.from_pretrained(tiny_llama(seed=0), tmp_path, is_trainable=True)
-    assert sum(p.numel() for p in trainable.parameters() if p.requires_grad) == mask.numel()
-    train(trainable, steps=1)
-    merged = trainable.merge_and_unload()
-    base = dict(tiny_llama(seed=0).named_parameters())
-    for name, p in merged.named_parameters():
-        keep = ~mask.to_dense(name) if name in mask else torch.ones_like(p, dtype=torch.bool)
-        assert torch.equal(p.detach()[keep], base[name].detach()[keep]), name
+    k = state["base_model.model.model.layers.1.self_attn.k_proj.safety_indices"]  # heads stored as their rows
+    heads = mask["model.layers.1.self_attn.k_proj.weight"].tolist()
+    assert k.tolist() == [h * 8 + o for h in heads for o in range(8)]
+    assert state["base_model.model.model.layers.1.mlp.up_proj.safety_indices"].tolist() == [0]
+    assert state["base_model.model.model.layers.1.mlp.up_proj.safety_values"].shape == (64, 32)
 
 
-def test_autopeft_and_transformers_load_adapter(tmp_path):
-    from peft import AutoPeftModelForCausalLM
-
-    base = tiny_llama(seed=0)
-    base.save_pretrained(tmp_path / "base")
-    base = type(base).from_pretrained(tmp_path / "base")
-    mask = make_mask(base, LLAMA_GRANULARITY)
-    peft_model = get_peft_model(base, SafetyConfig(mask=mask, init_weights=False))
-    ids = tokens()
-    with torch.no_grad():
-        ref = peft_model(ids).logits
-    peft_model.save_pretrained(tmp_path / "adapter")
-
-    auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
-    with torch.no_grad():
-        torch.testing.assert_close(auto(ids).logits, ref, rtol=0, atol=0)
-
-    plain = type(base).from_pretrained(tmp_path / "base")
-    plain.load_adapter(str(tmp_path / "adapter"))
-    with torch.no_grad():
-        torch.testing.assert_close(plain(ids).logits, ref, rtol=0, atol=0)
-
-
-def test_push_to_hub_uploads_adapter_files():
+def test_push_to_hub_uploads_adapter_files(random_mask):
     model = tiny_llama(seed=0)
-    peft_model = get_peft_model(model, SafetyConfig(mask=make_mask(model, LLAMA_GRANULARITY)))
+    peft_model = get_peft_model(model, SafetyConfig(mask=random_mask(model, LLAMA_GRANULARITY)))
     with (
         mock.patch("transformers.utils.hub.hf_api") as api,
         mock.patch("transformers.utils.hub.create_and_tag_model_card"),
@@ -371,62 +315,51 @@ def test_push_to_hub_uploads_adapter_files():
     assert sorted(op.path_in_repo for op in ops) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
-def test_load_resizes_placeholders_when_mask_differs(tmp_path):
-    model = tiny_llama(seed=0)
-    big = make_mask(model, LLAMA_GRANULARITY, fraction=0.3, seed=1)
-    small = make_mask(model, LLAMA_GRANULARITY, fraction=0.1, seed=2)
-    peft_model = get_peft_model(model, SafetyConfig(mask=big, init_weights=False))
-    ids = tokens()
+def test_mixed_set_and_lora_alternative(random_mask, tokens):
+    """A SET adapter cannot share modules with LoRA; merging it first and adding LoRA to the merged model works."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    mask = random_mask(tiny_llama(seed=0), {"model.layers.0.self_attn.q_proj.weight": Weight()})
+    lora = inject_adapter_in_model(LoraConfig(target_modules=["q_proj"]), tiny_llama(seed=0))
+    with pytest.raises(TypeError, match=r"merge_and_unload\(\)"):
+        inject_adapter_in_model(SafetyConfig(mask=mask), lora)
+    set_model = get_peft_model(tiny_llama(seed=0), SafetyConfig(mask=mask, init_weights=False))
     with torch.no_grad():
-        ref = peft_model(ids).logits
-    peft_model.save_pretrained(tmp_path)
-    # a config whose layout (placeholder sizes) comes from another mask: the checkpoint's sizes must win
-    other = get_peft_model(tiny_llama(seed=0), SafetyConfig(mask=small))
-    layout = other.peft_config["default"].mask_layout
-    config = SafetyConfig.from_pretrained(tmp_path)
-    config.mask_layout = layout
-    loaded = PeftModel.from_pretrained(tiny_llama(seed=0), tmp_path, config=config)
+        ref = set_model(tokens()).logits
+    with_lora = get_peft_model(set_model.merge_and_unload(), LoraConfig(target_modules=["v_proj"]))
     with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, ref)
+        torch.testing.assert_close(with_lora(tokens()).logits, ref, rtol=1e-6, atol=1e-6)  # LoRA starts at zero
 
 
-def test_load_keeps_parameter_objects_when_shapes_agree(tmp_path):
-    from peft import set_peft_model_state_dict
-    from peft.utils import get_peft_model_state_dict
-
-    model = tiny_llama(seed=0)
-    mask = make_mask(model, LLAMA_GRANULARITY)
-    peft_model = get_peft_model(model, SafetyConfig(mask=mask, init_weights=False))
-    state = get_peft_model_state_dict(peft_model)
-    before = {n: id(p) for n, p in peft_model.named_parameters() if p.requires_grad}
-    set_peft_model_state_dict(peft_model, state)
-    assert before == {n: id(p) for n, p in peft_model.named_parameters() if p.requires_grad}
-
-
-# ---- several adapters -------------------------------------------------------------------------------------------------
-
-
-def test_multiple_named_adapters(tmp_path):
-    model = tiny_llama(seed=0)
-    mask_a = make_mask(model, LLAMA_GRANULARITY, seed=0)
-    mask_b = make_mask(model, {"model.layers.0.self_attn.q_proj.weight": Weight()}, seed=3)
-    peft_model = get_peft_model(model, SafetyConfig(mask=mask_a, init_weights=False))
-    peft_model.add_adapter("other", SafetyConfig(mask=mask_b, init_weights=False))
-    assert not any(p.requires_grad for n, p in peft_model.named_parameters() if ".other" in n)
-    ids = tokens()
+@pytest.mark.parametrize("base_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("values_dtype", "autocast", "expected"),
+    [
+        ("float32", True, torch.float32),
+        ("float32", False, torch.float32),  # documented: fp32 deltas stay fp32 (PEFT's tuners would follow the base)
+        ("base", True, torch.float32),  # PEFT upcasts half-precision adapter weights
+        ("base", False, "base"),
+    ],
+)
+def test_values_dtype_with_autocast(base_dtype, values_dtype, autocast, expected, tmp_path, random_mask, tokens):
+    name = {torch.float16: "float16", torch.bfloat16: "bfloat16"}[base_dtype]
+    values = name if values_dtype == "base" else values_dtype
+    want = base_dtype if expected == "base" else expected
+    mask = random_mask(tiny_llama(seed=0), {"model.layers.0.self_attn.q_proj.weight": Weight()})
+    config = SafetyConfig(mask=mask, init_weights=False, values_dtype=values)
+    model = get_peft_model(tiny_llama(seed=0, dtype=base_dtype), config, autocast_adapter_dtype=autocast)
+    layers = [m for m in model.modules() if isinstance(m, SafetyLinear)]
+    assert {m.safety_values["default"].dtype for m in layers} == {want}
     with torch.no_grad():
-        out_a = peft_model(ids).logits
-        peft_model.set_adapter("other")
-        out_b = peft_model(ids).logits
-    assert not torch.allclose(out_a, out_b)
-    assert all(p.requires_grad for n, p in peft_model.named_parameters() if n.endswith(".other"))
-    peft_model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(tiny_llama(seed=0), tmp_path)
-    loaded.load_adapter(tmp_path / "other", adapter_name="other")
+        out = model(tokens()).logits
+    assert out.dtype == base_dtype and torch.isfinite(out).all()
+    model.save_pretrained(tmp_path)
+    from peft import PeftModel
+
+    loaded = PeftModel.from_pretrained(tiny_llama(seed=0, dtype=base_dtype), tmp_path, autocast_adapter_dtype=autocast)
+    assert {m.safety_values["default"].dtype for m in loaded.modules() if isinstance(m, SafetyLinear)} == {want}
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, out_a, rtol=0, atol=0)
-        loaded.set_adapter("other")
-        torch.testing.assert_close(loaded(ids).logits, out_b, rtol=0, atol=0)
+        assert torch.equal(loaded(tokens()).logits, out)
 
 
 # ---- bad inputs -------------------------------------------------------------------------------------------------------
@@ -438,7 +371,7 @@ def test_freeze_mode_points_to_trainer():
 
 
 def test_unknown_mode():
-    with pytest.raises(ValueError, match="Unknown mode 'sparse'"):
+    with pytest.raises(ValueError, match=r"mode='sparse' is not valid.*'train_only'"):
         SafetyConfig(mask="some/mask", mode="sparse")
 
 
@@ -449,17 +382,39 @@ def test_missing_mask_and_wrong_type():
         SafetyConfig(mask={"a": 1})
     with pytest.raises(ValueError, match="values_dtype='int8'"):
         SafetyConfig(mask="m", values_dtype="int8")
+    with pytest.raises(ValueError, match="gradient_method='sparse'"):
+        SafetyConfig(mask="m", gradient_method="sparse")
 
 
-def test_mask_for_another_model_shape():
+def test_mask_is_not_a_config_field(random_mask):
+    """The mask is an init-only argument: readable and settable as an attribute, never in to_dict()."""
+    import dataclasses
+
+    model = tiny_llama(seed=0)
+    mask = random_mask(model, {"model.layers.0.self_attn.q_proj.weight": Weight()})
+    other = random_mask(model, {"model.layers.0.self_attn.v_proj.weight": Weight()})
+    cfg = SafetyConfig(mask=mask)
+    assert cfg.mask is mask
+    assert "mask" not in {f.name for f in dataclasses.fields(cfg)} and "mask" not in cfg.to_dict()
+    cfg.mask = other
+    assert cfg.mask is other
+    with pytest.raises(TypeError, match="takes a SafetyMask"):
+        cfg.mask = 3
+    wrapped = {n for n, m in get_peft_model(model, cfg).named_modules() if isinstance(m, SafetyLinear)}
+    assert wrapped == {"base_model.model.model.layers.0.self_attn.v_proj"}
+    # copies made the way PEFT makes them keep the mask
+    assert copy.deepcopy(cfg).mask is not None and dataclasses.replace(cfg).mask is not None
+
+
+def test_mask_for_another_model_shape(random_mask):
     other = tiny_llama(seed=0, hidden_size=48, head_dim=12)
-    mask = make_mask(other, {"model.layers.0.self_attn.q_proj.weight": Weight()})
+    mask = random_mask(other, {"model.layers.0.self_attn.q_proj.weight": Weight()})
     with pytest.raises(ValueError, match="mask was built for another model"):
         get_peft_model(tiny_llama(seed=0), SafetyConfig(mask=mask))
 
 
-def test_mask_for_another_model_fingerprint():
-    mask = make_mask(tiny_llama(seed=1), LLAMA_GRANULARITY, fingerprints=True)
+def test_mask_for_another_model_fingerprint(random_mask):
+    mask = random_mask(tiny_llama(seed=1), LLAMA_GRANULARITY, fingerprints=True)
     with pytest.raises(ValueError, match="fingerprint of"):
         get_peft_model(tiny_llama(seed=0), SafetyConfig(mask=mask))
     # the same model passes
@@ -482,32 +437,37 @@ def test_unknown_parameter():
         ({"layers_to_transform": [0], "layers_pattern": "layers"}, "filters exclude module 'model.layers.1"),
     ],
 )
-def test_mask_entries_on_excluded_modules(kwargs, fragment):
+def test_mask_entries_on_excluded_modules(kwargs, fragment, random_mask):
     model = tiny_llama(seed=0)
     with pytest.raises(ValueError, match=fragment):
-        get_peft_model(model, SafetyConfig(mask=make_mask(model, LLAMA_GRANULARITY), **kwargs))
+        get_peft_model(model, SafetyConfig(mask=random_mask(model, LLAMA_GRANULARITY), **kwargs))
 
 
-def test_filters_that_keep_every_mask_module_are_fine():
+def test_filters_that_keep_every_mask_module_are_fine(random_mask):
     model = tiny_llama(seed=0)
-    mask = make_mask(model, {"model.layers.1.mlp.gate_proj.weight": Neuron(axis=0)})
+    mask = random_mask(model, {"model.layers.1.mlp.gate_proj.weight": Neuron(axis=0)})
     cfg = SafetyConfig(mask=mask, layers_to_transform=[1], layers_pattern="layers", exclude_modules=["q_proj"])
     assert get_peft_model(model, cfg).peft_config["default"].mask_layout
 
 
-def test_fused_moe_experts_are_refused_with_advice():
+def test_fused_moe_experts_are_refused_with_advice(random_mask):
     model = tiny_qwen2_moe(seed=0)
     name = "model.layers.0.mlp.experts.gate_up_proj"
-    mask = make_mask(model, {name: Weight()})
+    mask = random_mask(model, {name: Weight()})
     with pytest.raises(ValueError, match=r"fused MoE expert parameter.*'\.experts\.' not in name"):
         get_peft_model(model, SafetyConfig(mask=mask))
 
 
-def test_non_linear_parameter_refused():
+def test_non_linear_parameter_refused(random_mask):
     model = tiny_llama(seed=0)
-    mask = make_mask(model, {"model.embed_tokens.weight": Neuron(axis=0)})
+    mask = random_mask(model, {"model.embed_tokens.weight": Neuron(axis=0)})
     with pytest.raises(ValueError, match="belongs to a Embedding"):
         get_peft_model(model, SafetyConfig(mask=mask))
+
+
+def test_bias_raises_type_error_like_peft_tuners_without_bias():
+    with pytest.raises(TypeError, match="bias='all'"):
+        SafetyConfig(mask="m", bias="all")
 
 
 def test_target_parameters_refused():
@@ -515,9 +475,9 @@ def test_target_parameters_refused():
         SafetyConfig(mask="m", target_parameters=["mlp.experts.gate_up_proj"])
 
 
-def test_mask_from_path(tmp_path):
+def test_mask_from_path(tmp_path, random_mask):
     model = tiny_llama(seed=0)
-    mask = make_mask(model, LLAMA_GRANULARITY)
+    mask = random_mask(model, LLAMA_GRANULARITY)
     mask.save_pretrained(tmp_path)
     cfg = SafetyConfig(mask=str(tmp_path))
     assert cfg.mask_source == str(tmp_path)
@@ -525,14 +485,23 @@ def test_mask_from_path(tmp_path):
     assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == mask.numel()
 
 
-def test_mixed_batch_inference_refused():
-    model = tiny_llama(seed=0)
-    peft_model = get_peft_model(model, SafetyConfig(mask=make_mask(model, LLAMA_GRANULARITY)))
-    with pytest.raises(ValueError, match="Mixed-batch inference"):
-        peft_model(tokens(), adapter_names=["default", "default"])
-
-
 @pytest.mark.parametrize("bad", [[5, 3, 9], [3, 3, 9]], ids=["unsorted", "duplicate"])
 def test_layer_refuses_unsorted_or_duplicate_indices(bad):
     with pytest.raises(ValueError, match="strictly increasing"):
         SafetyLinear(torch.nn.Linear(8, 4), "default", kind="entries", indices=torch.tensor(bad))
+
+
+@pytest.mark.parametrize(
+    ("kind", "indices", "fragment"),
+    [
+        ("rows", [4], "out of range"),
+        ("cols", [-1, 2], "out of range"),
+        ("whole", [1], "out of range"),
+        ("whole", [0, 1], "more than"),
+        ("entries", [], "non-empty"),
+        ("dense", [0], "Unknown storage kind 'dense'"),
+    ],
+)
+def test_layer_refuses_indices_outside_its_weight(kind, indices, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        SafetyLinear(torch.nn.Linear(8, 4), "default", kind=kind, indices=torch.tensor(indices, dtype=torch.int64))

@@ -15,19 +15,11 @@ from peft import PeftModel, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
 import peft_safety  # noqa: E402, F401
-from peft_safety.mask import Neuron, SafetyMask, Weight  # noqa: E402
+from peft_safety.mask import Neuron, Weight  # noqa: E402
 from peft_safety.testing import tiny_llama  # noqa: E402
-from peft_safety.tuner import SafetyConfig, SafetyLinear  # noqa: E402
-from peft_safety.tuner.lora import get_masked_lora_model  # noqa: E402
+from peft_safety.tuner import SafetyConfig, SafetyLinear, get_masked_lora_model  # noqa: E402
 
 GRAN = {"model.layers.0.self_attn.q_proj.weight": Weight(), "model.layers.1.mlp.gate_proj.weight": Neuron(axis=0)}
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama(seed=0).save_pretrained(path)
-    return path
 
 
 def load_quantized(path, bits):
@@ -43,15 +35,9 @@ def load_quantized(path, bits):
     return model
 
 
-def make_mask():
-    model = tiny_llama(seed=0)
-    params = dict(model.named_parameters())
-    gen = torch.Generator().manual_seed(0)
-    indices = {}
-    for name, gran in GRAN.items():
-        units = gran.num_units(params[name].shape)
-        indices[name] = torch.randperm(units, generator=gen)[: units // 5].sort().values.to(torch.int32)
-    return SafetyMask(indices=indices, shapes={n: tuple(params[n].shape) for n in GRAN}, granularity=GRAN)
+@pytest.fixture
+def make_mask(random_mask):
+    return lambda: random_mask(tiny_llama(seed=0), GRAN, fraction=0.2)
 
 
 def ids():
@@ -59,7 +45,7 @@ def ids():
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_set_on_quantized_base_trains_and_reloads(base_dir, bits, tmp_path):
+def test_set_on_quantized_base_trains_and_reloads(base_dir, bits, tmp_path, make_mask):
     model = load_quantized(base_dir, bits)
     mask = make_mask()
     peft_model = get_peft_model(model, SafetyConfig(mask=mask, init_weights=False))
@@ -85,7 +71,7 @@ def test_set_on_quantized_base_trains_and_reloads(base_dir, bits, tmp_path):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_set_merge_into_quantized_base_is_close(base_dir, bits):
+def test_set_merge_into_quantized_base_is_close(base_dir, bits, make_mask):
     # merging re-quantises the whole weight: lossy (documented), so only approximately equal
     model = load_quantized(base_dir, bits)
     peft_model = get_peft_model(model, SafetyConfig(mask=make_mask(), init_weights=False))
@@ -98,7 +84,7 @@ def test_set_merge_into_quantized_base_is_close(base_dir, bits):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_masked_qlora_trains_and_refuses_merge(base_dir, bits):
+def test_masked_qlora_trains_and_refuses_merge(base_dir, bits, make_mask):
     from peft import LoraConfig
 
     model = load_quantized(base_dir, bits)
@@ -112,7 +98,7 @@ def test_masked_qlora_trains_and_refuses_merge(base_dir, bits):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_base_fingerprints_skip_quantised_weights(base_dir, bits, tmp_path):
+def test_base_fingerprints_skip_quantised_weights(base_dir, bits, tmp_path, make_mask):
     import json
 
     # trained on the float base: fingerprints recorded; loading on a quantised copy cannot compare them (the stored

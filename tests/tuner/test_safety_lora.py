@@ -1,6 +1,11 @@
-"""Masked LoRA (SPA): masked entries of every base weight stay bit-identical after training and merging."""
+"""The SAFETY_LORA type (masked LoRA, SPA) beyond the conformance table: the variant's forward paths against fp64
+references (dense, sparse, rows/columns, dtypes, autocast, dropout, gradients), the config's refusals, the MoE model,
+a corrupted adapter state, and the guarantee checks that measure behaviour."""
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import pytest
 import torch
@@ -12,18 +17,18 @@ from _spa_reference import (
     randomise_lora_,
     reference_delta,
 )
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 
-import peft_safety
 from peft_safety.mask import Head, Layer, Neuron, SafetyMask, Weight
-from peft_safety.testing import tiny_llama, tiny_qwen2_moe
-from peft_safety.tuner.lora import (
+from peft_safety.testing import tiny_llama, tiny_qwen2_moe, tiny_tokenizer
+from peft_safety.tuner import (
+    SafetyLoraConfig,
     SafetyLoraLinear,
+    SafetyLoraModel,
     check_masked_lora_model,
     get_masked_lora_model,
-    load_masked_lora,
-    mask_lora_config,
 )
+from peft_safety.tuner.safety_lora.variant import MaskedLoraVariant
 
 GRANULARITIES = {
     "weight": {"model.layers.0.self_attn.q_proj.weight": Weight(), "model.layers.1.mlp.down_proj.weight": Weight()},
@@ -43,38 +48,6 @@ GRANULARITIES = {
 }
 
 
-def make_mask(model, granularity, fraction=0.25, seed=0):
-    params = dict(model.named_parameters())
-    gen = torch.Generator().manual_seed(seed)
-    indices, shapes = {}, {}
-    for name, gran in granularity.items():
-        shape = tuple(params[name].shape)
-        units = gran.num_units(shape)
-        k = 1 if isinstance(gran, Layer) else max(1, int(units * fraction))
-        indices[name] = torch.randperm(units, generator=gen)[:k].sort().values.to(torch.int32)
-        shapes[name] = shape
-    return SafetyMask(indices=indices, shapes=shapes, granularity=granularity)
-
-
-def tokens(seed=0):
-    return torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(seed))
-
-
-def train(model, steps=4, weight_decay=0.1):
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2, weight_decay=weight_decay)
-    for step in range(steps):
-        ids = tokens(step)
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-
-
-def lora(**kw):
-    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **kw)
-
-
 def assert_protected(merged, base, mask):
     changed_outside = 0
     for name, p in merged.named_parameters():
@@ -86,41 +59,13 @@ def assert_protected(merged, base, mask):
     return changed_outside
 
 
-@pytest.mark.parametrize("kind", list(GRANULARITIES))
-def test_masked_entries_bit_identical_after_training_and_merge(kind):
-    model = tiny_llama(seed=0)
-    base_model = tiny_llama(seed=0)
-    mask = make_mask(model, GRANULARITIES[kind])
-    base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    peft_model = get_masked_lora_model(model, lora(), mask)
-    ids = tokens()
-    with torch.no_grad():
-        assert peft_model(ids).logits.isfinite().all()
-    train(peft_model)
-    # what the trained layers do in forward: exactly zero on the mask, the fp64 masked product elsewhere
-    checked = assert_effective_update_exact(peft_model, mask)
-    assert checked > 0 or kind == "layer"
-    with torch.no_grad():
-        unmerged = peft_model(ids).logits
-        # and the whole model equals the base with the explicit fp64 masked deltas added (independent merge)
-        torch.testing.assert_close(
-            explicit_merge(base_model, peft_model, mask)(ids).logits, unmerged, rtol=1e-5, atol=1e-5
-        )
-    merged = peft_model.merge_and_unload()
-    with torch.no_grad():
-        torch.testing.assert_close(merged(ids).logits, unmerged, rtol=1e-5, atol=1e-5)
-    changed = assert_protected(merged, base, mask)
-    if kind != "layer":
-        assert changed > 0  # the unprotected entries of the masked tensors did train
-
-
-def test_identity_at_init_and_layer_masks_excluded():
+def test_identity_at_init_and_layer_masks_excluded(random_mask, lora_config, tokens):
     model = tiny_llama(seed=0)
     ids = tokens()
     with torch.no_grad():
         ref = model(ids).logits
-    mask = make_mask(model, {**GRANULARITIES["layer"], **GRANULARITIES["neuron_cols"]})
-    peft_model = get_masked_lora_model(model, lora(), mask)
+    mask = random_mask(model, {**GRANULARITIES["layer"], **GRANULARITIES["neuron_cols"]})
+    peft_model = get_masked_lora_model(model, lora_config(), mask)
     with torch.no_grad():
         assert torch.equal(peft_model(ids).logits, ref)
     modules = dict(peft_model.named_modules())
@@ -128,12 +73,12 @@ def test_identity_at_init_and_layer_masks_excluded():
     assert isinstance(modules["base_model.model.model.layers.0.mlp.down_proj"], SafetyLoraLinear)
 
 
-def test_guarantee_holds_even_if_stored_rows_are_corrupted():
+def test_guarantee_holds_even_if_stored_rows_are_corrupted(random_mask, lora_config):
     # a foreign optimizer state or a buggy optimizer could move the stored masked rows: forward/merge ignore them
     model = tiny_llama(seed=0)
-    mask = make_mask(model, GRANULARITIES["neuron_rows"])
+    mask = random_mask(model, GRANULARITIES["neuron_rows"])
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    peft_model = get_masked_lora_model(model, lora(), mask)
+    peft_model = get_masked_lora_model(model, lora_config(), mask)
     with torch.no_grad():
         for m in peft_model.modules():
             if isinstance(m, SafetyLoraLinear):
@@ -148,39 +93,33 @@ def test_guarantee_holds_even_if_stored_rows_are_corrupted():
     assert_protected(peft_model.merge_and_unload(), base, mask)
 
 
-def test_moe_attention_and_shared_expert_with_frozen_experts():
+def test_moe_attention_and_shared_expert_with_frozen_experts(random_mask, train):
     model = tiny_qwen2_moe(seed=0)
     gran = {
         "model.layers.0.self_attn.k_proj.weight": Head(head_dim=8, axis=0),
         "model.layers.1.mlp.shared_expert.down_proj.weight": Weight(),
         "model.layers.1.mlp.experts.down_proj": Neuron(axis=1),  # fused 3-D: LoRA never adapts it
     }
-    mask = make_mask(model, gran)
+    mask = random_mask(model, gran)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     peft_model = get_masked_lora_model(model, LoraConfig(r=4, target_modules=["k_proj", "down_proj"]), mask)
-    train(peft_model, steps=2)
+    train(peft_model, steps=2, lr=2e-2)
     assert assert_effective_update_exact(peft_model, mask) > 0  # attention head rows and shared-expert entries
     assert_protected(peft_model.merge_and_unload(), base, mask)
 
 
-def _train_save_reload(tmp_path, granularities, **mask_kwargs):
-    """Train a masked LoRA for 2 steps, save it, reload it trainable: (loaded, mask, base weights, ids, logits)."""
+def test_save_reload_then_train_again_keeps_guarantee(tmp_path, random_mask, lora_config, train, tokens):
+    granularities = {**GRANULARITIES["weight"], **GRANULARITIES["neuron_rows"], **GRANULARITIES["layer"]}
     model = tiny_llama(seed=0)
-    mask = make_mask(model, granularities, **mask_kwargs)
+    mask = random_mask(model, granularities)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    peft_model = get_masked_lora_model(model, lora(), mask)
-    train(peft_model, steps=2)
+    peft_model = get_masked_lora_model(model, lora_config(), mask)
+    train(peft_model, steps=2, lr=2e-2)
     ids = tokens()
     with torch.no_grad():
         ref = peft_model(ids).logits
     peft_model.save_pretrained(tmp_path)
-    loaded = load_masked_lora(tiny_llama(seed=0), str(tmp_path), is_trainable=True)
-    return loaded, mask, base, ids, ref
-
-
-def test_save_reload_then_train_again_keeps_guarantee(tmp_path):
-    granularities = {**GRANULARITIES["weight"], **GRANULARITIES["neuron_rows"], **GRANULARITIES["layer"]}
-    loaded, mask, base, ids, ref = _train_save_reload(tmp_path, granularities)
+    loaded = PeftModel.from_pretrained(tiny_llama(seed=0), tmp_path, is_trainable=True)
     check_masked_lora_model(loaded, mask)
     assert loaded.peft_config["default"].peft_type == "SAFETY_LORA"
     with torch.no_grad():
@@ -190,31 +129,17 @@ def test_save_reload_then_train_again_keeps_guarantee(tmp_path):
             explicit_merge(tiny_llama(seed=0), loaded, mask)(ids).logits, ref, rtol=1e-5, atol=1e-5
         )
     assert_effective_update_exact(loaded, mask)
-    train(loaded, steps=2)
+    train(loaded, steps=2, lr=2e-2)
     assert_effective_update_exact(loaded, mask)
     assert_protected(loaded.merge_and_unload(), base, mask)
 
 
-def test_plain_lora_adapter_on_masked_module_is_detected():
-    from peft import get_peft_model
+def test_plain_lora_adapter_on_masked_module_is_detected(random_mask, lora_config):
 
     model = tiny_llama(seed=0)
-    mask = make_mask(model, GRANULARITIES["weight"])
+    mask = random_mask(model, GRANULARITIES["weight"])
     with pytest.raises(ValueError, match="does not mask them"):
-        check_masked_lora_model(get_peft_model(model, lora()), mask)
-
-
-def test_load_masked_lora_refuses_plain_adapter(tmp_path):
-    from peft import get_peft_model
-
-    get_peft_model(tiny_llama(seed=0), lora()).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="not a masked LoRA adapter"):
-        load_masked_lora(tiny_llama(seed=0), str(tmp_path))
-    get_peft_model(
-        tiny_llama(seed=0), peft_safety.SafetyConfig(mask=make_mask(tiny_llama(seed=0), GRANULARITIES["weight"]))
-    ).save_pretrained(tmp_path / "set")
-    with pytest.raises(ValueError, match="is a SAFETY adapter, not a masked LoRA adapter"):
-        load_masked_lora(tiny_llama(seed=0), str(tmp_path / "set"))
+        check_masked_lora_model(get_peft_model(model, lora_config()), mask)
 
 
 @pytest.mark.parametrize(
@@ -225,35 +150,40 @@ def test_load_masked_lora_refuses_plain_adapter(tmp_path):
         ({"init_lora_weights": "olora"}, ValueError, "init_lora_weights='olora'"),
         ({"init_lora_weights": False}, ValueError, "init_lora_weights=False"),
         ({"lora_bias": True}, ValueError, "lora_bias=True"),
+        # every other LoRA variant would replace the masked forward and merge
+        ({"alora_invocation_tokens": [5, 6]}, ValueError, "alora_invocation_tokens=.*another LoRA variant"),
+        ({"init_lora_weights": "mica"}, ValueError, "init_lora_weights='mica'"),
     ],
 )
-def test_refused_lora_configs(kwargs, error, fragment):
-    mask = make_mask(tiny_llama(seed=0), GRANULARITIES["weight"])
+def test_refused_lora_configs(kwargs, error, fragment, random_mask, lora_config):
+    mask = random_mask(tiny_llama(seed=0), GRANULARITIES["weight"])
     with pytest.raises(error, match=fragment):
-        mask_lora_config(lora(**kwargs), mask)
+        SafetyLoraConfig.from_lora_config(lora_config(**kwargs), mask)
 
 
-def test_lm_head_target_refused_with_alternative():
+def test_lm_head_target_refused_with_alternative(random_mask):
     model = tiny_llama(seed=0)
-    mask = make_mask(model, {"lm_head.weight": Weight()})
+    mask = random_mask(model, {"lm_head.weight": Weight()})
     with pytest.raises(ValueError, match=r"targets lm_head.*safety_mode='freeze'"):
-        mask_lora_config(LoraConfig(r=4, target_modules=["q_proj", "lm_head"]), mask)
+        SafetyLoraConfig.from_lora_config(LoraConfig(r=4, target_modules=["q_proj", "lm_head"]), mask)
     # not targeted: lm_head stays frozen by LoRA itself, nothing to mask
-    assert mask_lora_config(LoraConfig(r=4, target_modules=["q_proj"]), mask).target_modules == {"q_proj"}
+    assert SafetyLoraConfig.from_lora_config(LoraConfig(r=4, target_modules=["q_proj"]), mask).target_modules == {
+        "q_proj"
+    }
 
 
-def test_bad_argument_types():
-    mask = make_mask(tiny_llama(seed=0), GRANULARITIES["weight"])
-    with pytest.raises(TypeError, match=r"expects a peft\.LoraConfig"):
-        mask_lora_config({"r": 4}, mask)
+def test_bad_argument_types(random_mask, lora_config):
+    mask = random_mask(tiny_llama(seed=0), GRANULARITIES["weight"])
+    with pytest.raises(TypeError, match=r"built from a peft\.LoraConfig"):
+        SafetyLoraConfig.from_lora_config({"r": 4}, mask)
     with pytest.raises(TypeError, match="expects a SafetyMask"):
-        mask_lora_config(lora(), {"a": 1})
+        SafetyLoraConfig.from_lora_config(lora_config(), {"a": 1})
 
 
-def test_regex_exclude_modules_extended_and_original_untouched():
-    mask = make_mask(tiny_llama(seed=0), GRANULARITIES["layer"])
+def test_regex_exclude_modules_extended_and_original_untouched(random_mask):
+    mask = random_mask(tiny_llama(seed=0), GRANULARITIES["layer"])
     original = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], exclude_modules=r".*\.layers\.0\..*")
-    cfg = mask_lora_config(original, mask)
+    cfg = SafetyLoraConfig.from_lora_config(original, mask)
     assert original.exclude_modules == r".*\.layers\.0\..*"
     peft_model = get_masked_lora_model(tiny_llama(seed=0), original, mask)
     adapted = {n for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
@@ -261,16 +191,16 @@ def test_regex_exclude_modules_extended_and_original_untouched():
     assert "model\\.layers\\.1\\.mlp\\.up_proj" in cfg.exclude_modules
 
 
-def test_reloaded_plain_peft_of_row_mask_is_still_exact(tmp_path):
+def test_reloaded_plain_peft_of_row_mask_is_still_exact(tmp_path, random_mask, lora_config, train):
     # rows/cols masks also leave the stored A/B clean, so even a plain LoRA reload keeps the guarantee
     model = tiny_llama(seed=0)
-    mask = make_mask(model, {**GRANULARITIES["neuron_rows"], **GRANULARITIES["neuron_cols"]})
+    mask = random_mask(model, {**GRANULARITIES["neuron_rows"], **GRANULARITIES["neuron_cols"]})
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    peft_model = get_masked_lora_model(model, lora(), mask)
-    train(peft_model, steps=2)
+    peft_model = get_masked_lora_model(model, lora_config(), mask)
+    train(peft_model, steps=2, lr=2e-2)
     peft_model.save_pretrained(tmp_path)
     # force a plain LoRA reading of the folder (as a tool that ignores the SAFETY_LORA type would)
-    plain = PeftModel.from_pretrained(tiny_llama(seed=0), tmp_path, config=lora())
+    plain = PeftModel.from_pretrained(tiny_llama(seed=0), tmp_path, config=lora_config())
     assert type(plain.peft_config["default"]) is LoraConfig
     assert_protected(plain.merge_and_unload(), base, mask)
 
@@ -321,10 +251,10 @@ def fp64_reference(layer, x, dense, dropout_seed=None, grad_dtype=torch.float32)
     return y.detach(), (x64.grad, a.grad, b.grad)
 
 
-def test_default_path_is_dense_and_bit_exact():
+def test_default_path_is_dense_and_bit_exact(random_mask, lora_config):
     model = tiny_llama(seed=0)
-    mask = make_mask(model, GRANULARITIES["weight"], fraction=0.05)
-    peft_model = get_masked_lora_model(model, lora(), mask)
+    mask = random_mask(model, GRANULARITIES["weight"], fraction=0.05)
+    peft_model = get_masked_lora_model(model, lora_config(), mask)
     assert peft_model.peft_config["default"].entries_method == "dense"
     assert {m.entries_path("default") for m in entry_layers(peft_model)} == {"dense"}
     randomise_lora_(peft_model)
@@ -333,10 +263,10 @@ def test_default_path_is_dense_and_bit_exact():
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("method", ["dense", "sparse"])
-def test_each_path_matches_fp64_reference_forward_and_gradients(method, dropout):
+def test_each_path_matches_fp64_reference_forward_and_gradients(method, dropout, random_mask, lora_config):
     model = tiny_llama(seed=0)
-    mask = make_mask(model, GRANULARITIES["weight"], fraction=0.05)
-    peft_model = get_masked_lora_model(model, lora(lora_dropout=dropout), mask, entries_method=method)
+    mask = random_mask(model, GRANULARITIES["weight"], fraction=0.05)
+    peft_model = get_masked_lora_model(model, lora_config(lora_dropout=dropout), mask, entries_method=method)
     randomise_lora_(peft_model)
     peft_model.train()
     layers = entry_layers(peft_model)
@@ -356,11 +286,11 @@ def test_each_path_matches_fp64_reference_forward_and_gradients(method, dropout)
             assert not torch.allclose(plain, y_ref, atol=1e-3)
 
 
-def test_sparse_path_is_exact_only_up_to_rounding():
+def test_sparse_path_is_exact_only_up_to_rounding(random_mask, lora_config):
     # documented: the opt-in sparse path subtracts two differently rounded products on the masked entries
     model = tiny_llama(seed=0)
-    mask = make_mask(model, GRANULARITIES["weight"], fraction=0.05)
-    peft_model = get_masked_lora_model(model, lora(), mask, entries_method="sparse")
+    mask = random_mask(model, GRANULARITIES["weight"], fraction=0.05)
+    peft_model = get_masked_lora_model(model, lora_config(), mask, entries_method="sparse")
     randomise_lora_(peft_model)
     residue = 0.0
     for layer in entry_layers(peft_model):
@@ -373,7 +303,7 @@ def test_sparse_path_is_exact_only_up_to_rounding():
 
 
 def test_sparse_correction_backward_passes_gradcheck():
-    from peft_safety.tuner.lora import _EntryPattern, _MaskedEntryCorrection
+    from peft_safety.tuner.safety_lora.variant import _EntryPattern, _MaskedEntryCorrection
 
     gen = torch.Generator().manual_seed(0)
     out_f, in_f, r = 7, 5, 3
@@ -391,7 +321,7 @@ def test_sparse_correction_backward_passes_gradcheck():
 
 
 def test_dense_masked_delta_backward_passes_gradcheck():
-    from peft_safety.tuner.lora import _MaskedDenseDelta
+    from peft_safety.tuner.safety_lora.variant import _MaskedDenseDelta
 
     gen = torch.Generator().manual_seed(0)
     out_f, in_f, r = 7, 5, 3
@@ -407,14 +337,16 @@ def test_dense_masked_delta_backward_passes_gradcheck():
 
 
 @pytest.mark.parametrize("method", ["sparse", "dense", "auto"])
-def test_weight_mask_bit_identical_after_training_and_merge_per_method(method):
+def test_weight_mask_bit_identical_after_training_and_merge_per_method(
+    method, random_mask, lora_config, tokens, train
+):
     model = tiny_llama(seed=0)
-    mask = make_mask(model, GRANULARITIES["weight"], fraction=0.05)
+    mask = random_mask(model, GRANULARITIES["weight"], fraction=0.05)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    peft_model = get_masked_lora_model(model, lora(lora_dropout=0.1), mask, entries_method=method)
+    peft_model = get_masked_lora_model(model, lora_config(lora_dropout=0.1), mask, entries_method=method)
     expected = "sparse" if method == "auto" else method
     assert {m.entries_path("default") for m in entry_layers(peft_model)} == {expected}
-    train(peft_model, steps=3)
+    train(peft_model, steps=3, lr=2e-2)
     ids = tokens()
     with torch.no_grad():
         unmerged = peft_model(ids).logits
@@ -428,21 +360,21 @@ def test_weight_mask_bit_identical_after_training_and_merge_per_method(method):
     assert assert_protected(merged, base, mask) > 0
 
 
-def test_sparse_and_dense_training_runs_each_match_an_explicit_merge():
+def test_sparse_and_dense_training_runs_each_match_an_explicit_merge(random_mask, lora_config, tokens, train):
     for method in ("sparse", "dense"):
         model = tiny_llama(seed=0)
-        mask = make_mask(model, GRANULARITIES["weight"], fraction=0.05)
-        peft_model = get_masked_lora_model(model, lora(), mask, entries_method=method)
+        mask = random_mask(model, GRANULARITIES["weight"], fraction=0.05)
+        peft_model = get_masked_lora_model(model, lora_config(), mask, entries_method=method)
         torch.manual_seed(0)
-        train(peft_model, steps=3)
+        train(peft_model, steps=3, lr=2e-2)
         with torch.no_grad():
             got = peft_model(tokens()).logits
             want = explicit_merge(tiny_llama(seed=0), peft_model, mask)(tokens()).logits
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=method)
 
 
-def test_auto_choice_follows_density_threshold_and_can_be_forced():
-    from peft_safety.tuner.lora import SPARSE_MAX_DENSITY
+def test_auto_choice_follows_density_threshold_and_can_be_forced(lora_config):
+    from peft_safety.tuner.safety_lora.config import SPARSE_MAX_DENSITY
 
     model = tiny_llama(seed=0)
     gran = {"model.layers.0.self_attn.q_proj.weight": Weight(), "model.layers.1.mlp.down_proj.weight": Weight()}
@@ -457,7 +389,7 @@ def test_auto_choice_follows_density_threshold_and_can_be_forced():
         shapes={k: tuple(params[k].shape) for k in gran},
         granularity=gran,
     )
-    peft_model = get_masked_lora_model(model, lora(), mask, entries_method="auto")
+    peft_model = get_masked_lora_model(model, lora_config(), mask, entries_method="auto")
     modules = dict(peft_model.named_modules())
     q = modules["base_model.model.model.layers.0.self_attn.q_proj"]
     down = modules["base_model.model.model.layers.1.mlp.down_proj"]
@@ -465,31 +397,31 @@ def test_auto_choice_follows_density_threshold_and_can_be_forced():
     assert modules["base_model.model.model.layers.0.self_attn.k_proj"].entries_path("default") is None
     down.entries_method = "sparse"  # per-layer override
     assert down.entries_path("default") == "sparse"
-    default = get_masked_lora_model(tiny_llama(seed=0), lora(), mask)
+    default = get_masked_lora_model(tiny_llama(seed=0), lora_config(), mask)
     assert {m.entries_path("default") for m in entry_layers(default)} == {"dense"}
-    # off the CPU "auto" is always dense (CSR kernels measured 14-80x slower than the dense path on an H200)
+    # off the CPU "auto" is always dense (the CSR kernels are slower there, see docs/tuner.md)
     q.lora_A["default"].to("meta")
     assert q.entries_path("default") == "dense"
 
 
-def test_bad_entries_method_refused():
+def test_bad_entries_method_refused(random_mask, lora_config, tokens):
     model = tiny_llama(seed=0)
-    mask = make_mask(model, GRANULARITIES["weight"])
-    with pytest.raises(ValueError, match=r"entries_method='csr' is not one of.*'dense' \(default, bit-exact"):
-        mask_lora_config(lora(), mask, entries_method="csr")
+    mask = random_mask(model, GRANULARITIES["weight"])
+    with pytest.raises(ValueError, match=r"entries_method='csr' is not valid.*'dense' \(default, bit-exact"):
+        SafetyLoraConfig.from_lora_config(lora_config(), mask, entries_method="csr")
     with pytest.raises(TypeError, match="entries_method must be a string, got bool"):
-        get_masked_lora_model(model, lora(), mask, entries_method=True)
-    peft_model = get_masked_lora_model(model, lora(), mask)
+        get_masked_lora_model(model, lora_config(), mask, entries_method=True)
+    peft_model = get_masked_lora_model(model, lora_config(), mask)
     layer = entry_layers(peft_model)[0]
     layer.entries_method = "fast"
-    with pytest.raises(ValueError, match="entries_method='fast' is not one of"):
+    with pytest.raises(ValueError, match="entries_method='fast' is not valid"):
         peft_model(tokens())
 
 
-def test_pattern_cache_follows_the_mask_buffer():
+def test_pattern_cache_follows_the_mask_buffer(random_mask, lora_config):
     model = tiny_llama(seed=0)
-    mask = make_mask(model, GRANULARITIES["weight"], fraction=0.05)
-    peft_model = get_masked_lora_model(model, lora(), mask, entries_method="sparse")
+    mask = random_mask(model, GRANULARITIES["weight"], fraction=0.05)
+    peft_model = get_masked_lora_model(model, lora_config(), mask, entries_method="sparse")
     randomise_lora_(peft_model)
     layer = entry_layers(peft_model)[0]
     first = layer._entry_pattern("default")
@@ -512,38 +444,43 @@ def test_pattern_cache_follows_the_mask_buffer():
         layer._entry_pattern("default")
 
 
-def test_sparse_path_save_reload_and_switch_method(tmp_path):
+def test_sparse_path_save_reload_and_switch_method(tmp_path, random_mask, lora_config, train, tokens):
     model = tiny_llama(seed=0)
-    mask = make_mask(model, GRANULARITIES["weight"], fraction=0.05)
+    mask = random_mask(model, GRANULARITIES["weight"], fraction=0.05)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    peft_model = get_masked_lora_model(model, lora(), mask, entries_method="sparse")
-    train(peft_model, steps=2)
+    peft_model = get_masked_lora_model(model, lora_config(), mask, entries_method="sparse")
+    train(peft_model, steps=2, lr=2e-2)
     ids = tokens()
     with torch.no_grad():
         ref = explicit_merge(tiny_llama(seed=0), peft_model, mask)(ids).logits
     peft_model.save_pretrained(tmp_path)
-    loaded = load_masked_lora(tiny_llama(seed=0), str(tmp_path), is_trainable=True)
+    loaded = PeftModel.from_pretrained(tiny_llama(seed=0), tmp_path, is_trainable=True)
     assert {m.entries_path("default") for m in entry_layers(loaded)} == {"sparse"}  # the saved method
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, ref, rtol=1e-5, atol=1e-5)
-    dense = load_masked_lora(tiny_llama(seed=0), str(tmp_path), entries_method="dense")
+    # the loader's override: set it on the config read from the folder (PEFT lets the file win over keywords)
+    config = SafetyLoraConfig.from_pretrained(tmp_path)
+    config.entries_method = "dense"
+    dense = PeftModel.from_pretrained(tiny_llama(seed=0), tmp_path, config=config)
     assert {m.entries_path("default") for m in entry_layers(dense)} == {"dense"}
     with torch.no_grad():
         torch.testing.assert_close(dense(ids).logits, ref, rtol=1e-5, atol=1e-5)
     assert_effective_update_exact(dense, mask)
-    with pytest.raises(ValueError, match="entries_method='x' is not one of"):
-        load_masked_lora(tiny_llama(seed=0), str(tmp_path), entries_method="x")
-    train(loaded, steps=2)
+    config = SafetyLoraConfig.from_pretrained(tmp_path)
+    config.entries_method = "x"
+    with pytest.raises(ValueError, match="entries_method='x' is not valid"):
+        PeftModel.from_pretrained(tiny_llama(seed=0), tmp_path, config=config)
+    train(loaded, steps=2, lr=2e-2)
     assert_protected(loaded.merge_and_unload(), base, mask)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("method", ["dense", "sparse"])
-def test_low_precision_adapters_against_fp64(method, dtype):
+def test_low_precision_adapters_against_fp64(method, dtype, random_mask, lora_config):
     # CPU CSR kernels are fp32/fp64 only: low-precision sparse adapters are computed in fp32 and cast back
     model = tiny_llama(seed=0).to(dtype)
-    mask = make_mask(model, GRANULARITIES["weight"], fraction=0.05)
-    peft_model = get_masked_lora_model(model, lora(), mask, entries_method=method, autocast_adapter_dtype=False)
+    mask = random_mask(model, GRANULARITIES["weight"], fraction=0.05)
+    peft_model = get_masked_lora_model(model, lora_config(), mask, entries_method=method, autocast_adapter_dtype=False)
     randomise_lora_(peft_model, std=0.1)
     for layer in entry_layers(peft_model):
         assert layer.lora_A["default"].weight.dtype == dtype
@@ -563,11 +500,13 @@ def test_low_precision_adapters_against_fp64(method, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["weight", "neuron_rows", "neuron_cols", "head"])
-def test_effective_update_and_merge_exact_per_dtype(kind, dtype):
+def test_effective_update_and_merge_exact_per_dtype(kind, dtype, random_mask, lora_config):
     model = tiny_llama(seed=0).to(dtype)
-    mask = make_mask(model, GRANULARITIES[kind], fraction=0.1)
+    mask = random_mask(model, GRANULARITIES[kind], fraction=0.1)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    peft_model = get_masked_lora_model(model, lora(), mask)  # default path, fp32 adapters on a low-precision base
+    peft_model = get_masked_lora_model(
+        model, lora_config(), mask
+    )  # default path, fp32 adapters on a low-precision base
     randomise_lora_(peft_model, std=0.1)
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
     assert assert_effective_update_exact(peft_model, mask, rtol=tol, atol=tol) > 0
@@ -577,11 +516,11 @@ def test_effective_update_and_merge_exact_per_dtype(kind, dtype):
 
 
 @pytest.mark.parametrize("method", ["dense", "sparse"])
-def test_autocast_bf16_on_cpu(method):
+def test_autocast_bf16_on_cpu(method, random_mask, lora_config, tokens):
     # TRL's default bf16=True runs the forward under torch.autocast("cpu", torch.bfloat16)
     model = tiny_llama(seed=0)
-    mask = make_mask(model, GRANULARITIES["weight"], fraction=0.05)
-    peft_model = get_masked_lora_model(model, lora(), mask, entries_method=method)
+    mask = random_mask(model, GRANULARITIES["weight"], fraction=0.05)
+    peft_model = get_masked_lora_model(model, lora_config(), mask, entries_method=method)
     randomise_lora_(peft_model, std=0.1)
     peft_model.train()
     ids = tokens()
@@ -600,12 +539,12 @@ def test_autocast_bf16_on_cpu(method):
             assert torch.count_nonzero(got[dense]) == 0
 
 
-def test_low_cpu_mem_usage_create_and_load(tmp_path):
-    from peft import get_peft_model, inject_adapter_in_model, set_peft_model_state_dict
+def test_low_cpu_mem_usage_create_and_load(tmp_path, random_mask, lora_config, tokens):
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
 
     model = tiny_llama(seed=0)
-    mask = make_mask(model, {**GRANULARITIES["weight"], **GRANULARITIES["neuron_rows"]})
-    cfg = mask_lora_config(lora(), mask)
+    mask = random_mask(model, {**GRANULARITIES["weight"], **GRANULARITIES["neuron_rows"]})
+    cfg = SafetyLoraConfig.from_lora_config(lora_config(), mask)
     empty = get_peft_model(model, cfg, low_cpu_mem_usage=True)
     layers = lora_layers(empty)
     assert any(m.lora_A["default"].weight.device.type == "meta" for m in layers.values())
@@ -613,26 +552,185 @@ def test_low_cpu_mem_usage_create_and_load(tmp_path):
     q = layers["model.layers.0.self_attn.q_proj"]
     assert q.lora_safety_entries["default"].device.type == "cpu"
     assert torch.equal(q.lora_safety_entries["default"].long(), mask["model.layers.0.self_attn.q_proj.weight"].long())
-    injected = inject_adapter_in_model(mask_lora_config(lora(), mask), tiny_llama(seed=0), low_cpu_mem_usage=True)
+    injected = inject_adapter_in_model(
+        SafetyLoraConfig.from_lora_config(lora_config(), mask), tiny_llama(seed=0), low_cpu_mem_usage=True
+    )
     assert isinstance(injected.model.layers[0].self_attn.q_proj, SafetyLoraLinear)
     # a trained adapter loads with low_cpu_mem_usage on every path
-    trained = get_masked_lora_model(tiny_llama(seed=0), lora(), mask)
+    trained = get_masked_lora_model(tiny_llama(seed=0), lora_config(), mask)
     randomise_lora_(trained, std=0.1)
     ids = tokens()
     with torch.no_grad():
         ref = explicit_merge(tiny_llama(seed=0), trained, mask)(ids).logits
     trained.save_pretrained(tmp_path)
     for loaded in (
-        load_masked_lora(tiny_llama(seed=0), str(tmp_path), low_cpu_mem_usage=True),
         PeftModel.from_pretrained(tiny_llama(seed=0), tmp_path, low_cpu_mem_usage=True),
+        PeftModel.from_pretrained(tiny_llama(seed=0), tmp_path, low_cpu_mem_usage=True, is_trainable=True),
     ):
         with torch.no_grad():
             torch.testing.assert_close(loaded(ids).logits, ref, rtol=1e-5, atol=1e-5)
         assert_effective_update_exact(loaded, mask)
     from peft import get_peft_model_state_dict
 
-    target = inject_adapter_in_model(mask_lora_config(lora(), mask), tiny_llama(seed=0), low_cpu_mem_usage=True)
+    target = inject_adapter_in_model(
+        SafetyLoraConfig.from_lora_config(lora_config(), mask), tiny_llama(seed=0), low_cpu_mem_usage=True
+    )
     state = get_peft_model_state_dict(trained)
     set_peft_model_state_dict(target, state, low_cpu_mem_usage=True)
     with torch.no_grad():
         torch.testing.assert_close(target(ids).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+# --- the config --------------------------------------------------------------------------------------------------
+
+
+def test_config_from_a_mask_and_refusals(random_mask):
+    model = tiny_llama(seed=0)
+    mask = random_mask(model, {**GRANULARITIES["weight"], **GRANULARITIES["neuron_rows"]})
+    cfg = SafetyLoraConfig(r=4, target_modules="all-linear", mask=mask)
+    peft_model = get_peft_model(model, cfg)
+    assert isinstance(peft_model.base_model, SafetyLoraModel)
+    randomise_lora_(peft_model)
+    assert assert_effective_update_exact(peft_model, mask) > 0
+    with pytest.raises(ValueError, match="needs a mask"):
+        SafetyLoraConfig(r=4)
+    with pytest.raises(ValueError, match="use_dora=True"):
+        SafetyLoraConfig(r=4, mask=mask, use_dora=True)
+    with pytest.raises(TypeError, match="takes a SafetyMask"):
+        SafetyLoraConfig(r=4, mask=42)
+    with pytest.raises(ValueError, match="fingerprint_check='maybe' is not valid"):
+        cfg.fingerprint_check = "maybe"
+
+
+def test_mask_is_not_a_config_field(random_mask):
+    """The mask is an init-only argument: readable and settable as an attribute, never in to_dict()."""
+    import copy
+
+    model = tiny_llama(seed=0)
+    mask = random_mask(model, GRANULARITIES["weight"])
+    other = random_mask(model, GRANULARITIES["neuron_rows"])
+    cfg = SafetyLoraConfig(r=4, target_modules="all-linear", mask=mask)
+    assert cfg.mask is mask
+    assert "mask" not in {f.name for f in dataclasses.fields(cfg)} and "mask" not in cfg.to_dict()
+    assert set(cfg.mask_layout) == {n.rsplit(".", 1)[0] for n in mask.names}
+    cfg.mask = other  # a new mask: a new layout and new in-memory indices
+    assert set(cfg.mask_layout) == {n.rsplit(".", 1)[0] for n in other.names}
+    assert cfg.mask is other
+    # copies made the way PEFT makes them (deepcopy; `replace` in add_weighted_adapter) keep the mask
+    assert copy.deepcopy(cfg).mask is not None and dataclasses.replace(cfg).mask is not None
+    randomise_lora_(peft_model := get_peft_model(model, dataclasses.replace(cfg, r=2)))
+    assert assert_effective_update_exact(peft_model, other) > 0
+
+
+def test_unloaded_placeholder_is_refused(random_mask, lora_config, tokens):
+    model = tiny_llama(seed=0)
+    cfg = SafetyLoraConfig.from_lora_config(lora_config(), random_mask(model, GRANULARITIES["weight"]))
+    layout_only = SafetyLoraConfig(**{k: v for k, v in cfg.to_dict().items() if k != "peft_type"})
+    assert layout_only.mask is None
+    peft_model = get_peft_model(model, layout_only)  # layers built from the layout, weights never loaded
+    with pytest.raises(ValueError, match="placeholder"):
+        peft_model(tokens())
+
+
+# --- the variant -------------------------------------------------------------------------------------------------
+
+
+def test_masked_adapters_run_through_the_lora_variant(random_mask, lora_config):
+    """PEFT's own LoRA forward and merge run the masked adapters through `MaskedLoraVariant`; unmasked modules and
+    adapters stay vanilla LoRA; a masked adapter cannot be converted to vanilla LoRA."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    model = tiny_llama(seed=0)
+    mask = random_mask(model, {**GRANULARITIES["weight"], **GRANULARITIES["neuron_cols"]})
+    peft_model = get_masked_lora_model(model, lora_config(), mask)
+    assert SafetyLoraLinear.forward is LoraLinear.forward and SafetyLoraLinear.unmerge is LoraLinear.unmerge
+    masked = {n.rsplit(".", 1)[0] for n in mask.names}
+    for key, layer in lora_layers(peft_model).items():
+        assert isinstance(layer, SafetyLoraLinear)
+        variant = layer.lora_variant.get("default")
+        if key in masked:
+            assert isinstance(variant, MaskedLoraVariant) and not layer.supports_lora_conversion("default")
+        else:
+            assert variant is None and layer.supports_lora_conversion("default")
+
+
+def _plain_lora_variant(monkeypatch):
+    """The breakage the checks must catch: the variant runs LoRA's unmasked forward."""
+
+    def forward(module, *, active_adapter, x, result, **kwargs):
+        lora_a, lora_b = module.lora_A[active_adapter], module.lora_B[active_adapter]
+        return result + lora_b(lora_a(module.lora_dropout[active_adapter](x))) * module.scaling[active_adapter]
+
+    monkeypatch.setattr(MaskedLoraVariant, "forward", staticmethod(forward))
+
+
+# --- guarantee checks measure behaviour ---------------------------------------------------------------------------
+
+Q0, V1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"
+
+
+def test_violation_metric_sees_an_unmasked_forward(monkeypatch, random_mask, lora_config):
+    from peft_safety.analysis.probes import mask_drift
+
+    model = tiny_llama(seed=0)
+    gran = {**GRANULARITIES["weight"], **GRANULARITIES["neuron_rows"], **GRANULARITIES["layer"]}
+    mask = random_mask(model, gran)
+    peft_model = get_masked_lora_model(model, lora_config(), mask)
+    randomise_lora_(peft_model)
+    masked = int(sum(int(mask.to_dense(n).sum()) for n in mask.names if not isinstance(mask.granularity_of(n), Layer)))
+    assert mask_drift(peft_model, None, mask, mode="freeze", strict=False)["violations"] == 0
+    _plain_lora_variant(monkeypatch)
+    metrics = mask_drift(peft_model, None, mask, mode="freeze", strict=False)
+    # the factors are random everywhere, so every masked entry of every adapted module leaks
+    assert metrics["violations"] == masked
+    assert metrics["masked_relative"] > 0
+
+
+def _trainer(tmp_path, model, mask, peft_config, **args):
+    from datasets import Dataset
+
+    from peft_safety.training.config import SafetySFTConfig
+    from peft_safety.training.trainer import SafetySFTTrainer
+
+    rows = [{"prompt": f"Question {i}?", "completion": f" Answer {i}."} for i in range(4)]
+    config = SafetySFTConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2, max_length=32,
+        save_strategy="no", report_to=[], use_cpu=True, safety_mode="freeze", **args,
+    )  # fmt: skip
+    return SafetySFTTrainer(
+        model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer(),
+        peft_config=peft_config, safety_mask=mask,
+    )  # fmt: skip
+
+
+def test_verify_safety_sees_an_unmasked_forward(tmp_path, monkeypatch, random_mask):
+    pytest.importorskip("trl")
+    from peft_safety.training.freeze import FreezeViolationError
+
+    model = tiny_llama(seed=0)
+    mask = random_mask(model, {f"{Q0}.weight": Weight(), f"{V1}.weight": Neuron(axis=0)})
+    peft_config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    trainer = _trainer(tmp_path, model, mask, peft_config, max_steps=1, bf16=False, safety_verify=False)
+    trainer.train()
+    assert trainer.verify_safety()["safety/violations"] == 0
+    _plain_lora_variant(monkeypatch)
+    with pytest.raises(FreezeViolationError, match="entries that must stay unchanged moved"):
+        trainer.verify_safety()
+
+
+def test_trainer_bf16_autocast_on_cpu(tmp_path, random_mask):
+    # TRL's default bf16=True on CPU used to crash the sparse CSR kernels; the default dense path is exact under it
+    pytest.importorskip("trl")
+    for method in ("dense", "sparse"):
+        model = tiny_llama(seed=0)
+        mask = random_mask(model, {f"{Q0}.weight": Weight(), f"{V1}.weight": Neuron(axis=0)})
+        peft_config = SafetyLoraConfig.from_lora_config(
+            LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), mask, entries_method=method
+        )
+        trainer = _trainer(
+            tmp_path / method, model, mask, peft_config, max_steps=2, bf16=True, safety_verify=method == "dense"
+        )
+        trainer.train()
+        assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+        layer = lora_layers(trainer.model)[Q0]
+        assert layer.entries_path("default") == method
