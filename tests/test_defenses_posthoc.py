@@ -27,7 +27,9 @@ from peft_safety.scoring.calibration import CalibrationSet
 from peft_safety.testing import tiny_llama, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-HARM = [{"prompt": f"How do I hurt #{i}?", "response": f"Sure, step {i} is to {'x' * (i % 4)} do it."} for i in range(5)]
+HARM = [
+    {"prompt": f"How do I hurt #{i}?", "response": f"Sure, step {i} is to {'x' * (i % 4)} do it."} for i in range(5)
+]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
@@ -57,6 +59,7 @@ def _wanda_by_hand(model, modules: dict[str, torch.nn.Linear], calib: Calibratio
     sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in modules.items()}
     handles = []
     for n, m in modules.items():
+
         def hook(_m, args, _out, n=n):
             x = args[0].reshape(-1, args[0].shape[-1]).double()
             sums[n] += (x**2).sum(dim=0)
@@ -68,7 +71,9 @@ def _wanda_by_hand(model, modules: dict[str, torch.nn.Linear], calib: Calibratio
             model(input_ids=calib.example(i)["input_ids"][None])
     for h in handles:
         h.remove()
-    return {n: m.weight.detach().double().abs() * torch.sqrt(sums[n] / len(calib))[None, :] for n, m in modules.items()}
+    return {
+        n: m.weight.detach().double().abs() * torch.sqrt(sums[n] / len(calib))[None, :] for n, m in modules.items()
+    }
 
 
 def _top_per_row_by_hand(scores: torch.Tensor, fraction: float) -> list[int]:
@@ -165,7 +170,9 @@ def test_antidote_mask_ships_and_undoes_in_a_fresh_process(tmp_path):
     result = json.loads((tmp_path / "out.json").read_text())
     assert result == {"zero": True, "written": mask.numel(), "undone": True, "method": "antidote"}
     # in this process too: rewind_ from the original puts back exactly what was pruned
-    original = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "original")
+    original = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "original"
+    )
     assert rewind_(pruned, original, mask) == mask.numel()
     assert all(torch.equal(a, b) for a, b in zip(pruned.parameters(), original.parameters()))
 
@@ -336,7 +343,9 @@ def test_safe_lora_against_a_set_direction():
     g = torch.Generator().manual_seed(2)
     mask = SafetyMask({n: torch.randperm(b[n].numel(), generator=g)[:64].sort().values for n in names},
                       {n: tuple(b[n].shape) for n in names}, Weight())  # fmt: skip
-    direction = AlignmentDelta.from_adapter(get_peft_model(tiny_llama(seed=0), SafetyConfig(mask=mask, init_weights=False)))
+    direction = AlignmentDelta.from_adapter(
+        get_peft_model(tiny_llama(seed=0), SafetyConfig(mask=mask, init_weights=False))
+    )
     model = _lora_model(seed=4)
     reference = _explicit(model, direction)
     _, report = safe_lora_project(model, direction, threshold=1.0)  # every layer with a direction

@@ -412,3 +412,47 @@ def test_config_checks_the_defense_fields(tmp_path):
                                                         safety_lisa_task_steps=1),
                          train_dataset=Dataset.from_list([{"text": "hello"}] * 4), processing_class=tiny_tokenizer(),
                          safety_replay_dataset=ALIGN)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the command line (TRL's SFT script with SafetySFTConfig: every field is a flag)
+# ---------------------------------------------------------------------------------------------------------------------
+def test_lisa_and_booster_from_the_command_line(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from peft_safety.training import booster as booster_mod
+    from peft_safety.training import lisa as lisa_mod
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("sft_safety_example", root / "examples" / "sft_safety.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(["--make_tiny", str(tmp_path / "tiny")]) == 0
+    for name, rows in (("align.jsonl", ALIGN), ("harm.jsonl", HARM)):
+        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    calls = {"alignment": 0, "task": 0, "booster": 0}
+    real_source, real_extra = lisa_mod.Lisa.batch_source, booster_mod.Booster.extra_loss
+
+    def source(self, step):
+        out = real_source(self, step)
+        calls["alignment" if out is not None else "task"] += 1
+        return out
+
+    def extra(self, model, inputs):
+        calls["booster"] += 1
+        return real_extra(self, model, inputs)
+
+    monkeypatch.setattr(lisa_mod.Lisa, "batch_source", source)
+    monkeypatch.setattr(booster_mod.Booster, "extra_loss", extra)
+    argv = ["--model_name_or_path", str(tmp_path / "tiny" / "model"), "--dataset_name", str(tmp_path / "tiny" / "data.jsonl"),
+            "--safety_mask", str(tmp_path / "tiny" / "mask"), "--safety_mode", "freeze", "--use_peft",
+            "--lora_target_modules", "q_proj", "v_proj", "--max_steps", "3", "--activation_checkpointing", "false",
+            "--max_length", "64", "--per_device_train_batch_size", "4", "--report_to", "none", "--save_strategy", "no",
+            "--safety_replay_dataset", str(tmp_path / "align.jsonl"), "--safety_lisa_alignment_steps", "1",
+            "--safety_lisa_task_steps", "2", "--safety_lisa_rho", "0.5",
+            "--safety_booster_lambda", "5", "--safety_booster_harmful_dataset", str(tmp_path / "harm.jsonl"),
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    assert example.main(argv) == 0
+    assert calls == {"alignment": 1, "task": 2, "booster": 3}
