@@ -19,10 +19,14 @@ fine-tune the aligned model on the task rows (``--steps`` steps), then time, on 
 0.1). Each is timed ``--posthoc-repeats`` times (median reported); what each one did (layers projected, entries
 pruned) is recorded too. The SET and LoRA runs are setup, timed once.
 
+Threads: the committed run uses one torch thread. On the heavily shared 2-core machine of this project, a side by
+side check made every step several times slower with two threads than with one (each parallel region waits for the
+thread the scheduler starves); the thread count is recorded in the provenance block.
+
 Writes ``benchmarks/results/defenses.json`` (every raw timing, the provenance block) and prints a table;
 ``benchmarks/tables.py`` renders ``docs/defenses.md``'s table from it.
 
-    nice python benchmarks/defenses.py --threads 2                 # the committed run
+    nice python benchmarks/defenses.py --threads 1                 # the committed run
     python benchmarks/defenses.py --small --out /tmp/defenses.json  # a wiring check on the tiny model (seconds)
 """
 
@@ -239,7 +243,7 @@ def posthoc_section(name: str, args: argparse.Namespace, data: dict[str, list], 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="the tiny model only, few steps (a wiring check)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run (the first is dropped)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4)
