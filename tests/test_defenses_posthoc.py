@@ -425,3 +425,57 @@ def test_add_safety_vector_refuses_a_lora_model_and_works_after_merging(tmp_path
         add_safety_vector(tiny_llama(seed=0, num_hidden_layers=1), vector)
     with pytest.raises(ValueError, match="finite"):
         add_safety_vector(tiny_llama(seed=0), vector, scale=float("nan"))
+
+
+@pytest.mark.slow
+def test_set_then_safe_lora_and_resta_on_smollm2(tmp_path):
+    """The documented flow on the embedded SmolLM2-135M-Instruct: SET-align on refusal rows, take the SET direction,
+    LoRA fine-tune the aligned model, project it (Safe LoRA) and add the vector back (RESTA); checked against the
+    explicit formulas on every layer."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from peft_safety.scoring import score
+    from peft_safety.scoring.selection import select
+    from peft_safety.sources.datasets import load_rows
+    from peft_safety.sources.models import load_model
+    from peft_safety.training.config import SafetySFTConfig
+    from peft_safety.training.trainer import SafetySFTTrainer
+
+    model, tok = load_model("smollm2-135m")
+    refusals = load_rows("uncensorbench_refusal", n=8, seed=0)
+    mask = select(score(model, CalibrationSet(refusals, tok, max_length=64), "snip", progress=False), fraction=0.01)
+    common = dict(max_steps=2, per_device_train_batch_size=2, max_length=64, bf16=False, activation_checkpointing=False,
+                  logging_steps=100, save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True)  # fmt: skip
+    chat = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]}
+            for r in refusals]  # fmt: skip
+    set_trainer = SafetySFTTrainer(model, args=SafetySFTConfig(str(tmp_path / "set"), learning_rate=1e-3,
+                                                               safety_mode="train_only", **common),
+                                   train_dataset=Dataset.from_list(chat), processing_class=tok, safety_mask=mask)  # fmt: skip
+    set_trainer.train()
+    direction = AlignmentDelta.from_adapter(set_trainer.model)
+    assert direction.provenance["peft_type"] == "SAFETY" and direction.nonzero() <= mask.numel()
+    set_trainer.model.merge_and_unload().save_pretrained(tmp_path / "aligned")
+    task = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]}
+            for r in load_rows("chat_pairs", n=8, seed=0)]  # fmt: skip
+    lora_trainer = SafetySFTTrainer(AutoModelForCausalLM.from_pretrained(tmp_path / "aligned"),
+                                    args=SafetySFTConfig(str(tmp_path / "lora"), learning_rate=1e-3, **common),
+                                    train_dataset=Dataset.from_list(task), processing_class=tok,
+                                    peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))  # fmt: skip
+    lora_trainer.train()
+    lora_trainer.model.save_pretrained(tmp_path / "adapter")
+    fresh = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "aligned"), tmp_path / "adapter")
+    reference = _explicit(fresh, direction)
+    _, report = safe_lora_project(fresh, direction, top_k=5)
+    with_direction = [k for k, (c, _, _) in reference.items() if c is not None]
+    assert with_direction and len(report.projected) == min(5, len(with_direction))
+    after = _updates(fresh)
+    for key, (_, dw, cdw) in reference.items():
+        torch.testing.assert_close(after[key], cdw if key in report.projected else dw, rtol=1e-5, atol=1e-8)
+    merged = fresh.merge_and_unload()
+    before = {n: p.detach().clone() for n, p in merged.named_parameters()}
+    add_safety_vector(merged, direction)
+    for n, p in merged.named_parameters():
+        expected = before[n] + direction[n] if n in direction else before[n]
+        assert torch.equal(p.detach(), expected), n

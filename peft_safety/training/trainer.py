@@ -193,7 +193,8 @@ class SafetySFTTrainer(SFTTrainer):
         safety_booster_harmful_dataset: harmful rows for Booster (``args.safety_booster_lambda``), overriding
             ``args.safety_booster_harmful_dataset``.
         protections: further `Protection` objects (``peft_safety.training.protection``), appended to `protections`
-            after the replay and the mask's protection; each one's hooks run at their point of the loop.
+            after the replay, the mask's protection and the defenses the config's fields turn on (Lisa, Booster);
+            each one's hooks run at their point of the loop.
 
     The mode comes from ``args.safety_mode`` (``"freeze"`` or ``"train_only"``; required with a mask). See the module
     docstring for the table of modes, and ``docs/trainer.md`` for the logged metrics.
