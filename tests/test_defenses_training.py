@@ -456,3 +456,13 @@ def test_lisa_and_booster_from_the_command_line(tmp_path, monkeypatch):
             "--output_dir", str(tmp_path / "out")]  # fmt: skip
     assert example.main(argv) == 0
     assert calls == {"alignment": 1, "task": 2, "booster": 3}
+
+
+def test_the_defense_flags_are_in_the_train_help():
+    from peft_safety.recipes.sft import make_sft_parser
+
+    text = make_sft_parser("peft-safety train").format_help()  # argparse expands every help string here
+    for flag in ("--safety_lisa_alignment_steps", "--safety_lisa_task_steps", "--safety_lisa_rho",
+                 "--safety_lisa_proximal_after", "--safety_booster_lambda", "--safety_booster_alpha",
+                 "--safety_booster_harmful_dataset"):  # fmt: skip
+        assert flag in text, flag

@@ -179,7 +179,7 @@ class SafetySFTConfig(SFTConfig):
     safety_lisa_proximal_after: int = field(
         default=0,
         metadata={
-            "help": "Lisa: add the proximal term from this optimizer step on (the public code waits for 10% of the "
+            "help": "Lisa: add the proximal term from this optimizer step on (the public code waits for a tenth of the "
             "steps; 0: from the first step)."
         },
     )
