@@ -61,6 +61,7 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "bench_masked_lora": ("benchmarks/results/masked_lora.json",),
     "tuner_trade": ("benchmarks/results/masked_lora.json", "benchmarks/results/set_adapter.json"),
     "mutation_check": ("benchmarks/results/mutation_check.json",),
+    "bench_defenses": ("benchmarks/results/defenses.json",),
     "preserve_full": (
         "benchmarks/results/preserve_full/preserve.json",
         "benchmarks/results/preserve_combined/preserve.json",
@@ -477,6 +478,36 @@ def tuner_trade() -> str:
 
 
 # ------------------------------------------------------------------------------------------------ mutation check
+def bench_defenses() -> str:
+    d = load("benchmarks/results/defenses.json")
+    rows = []
+    for section in d["training"]:
+        for r in section["rows"]:
+            note = ""
+            if r["arm"] == "lisa":
+                note = f"alignment steps {r['alignment_ratio']:.2f}x, task steps {r['task_ratio']:.2f}x"
+            rows.append([section["model"], r["arm"], spread(r["step"]), f"{r['ratio']:.2f}x", note])
+    first = d["training"][0]
+    head = (
+        f"Time per optimizer step through `SafetySFTTrainer` (LoRA r=16 on q_proj/v_proj, batch {first['batch_size']}, "
+        f"{first['steps_per_run'] - 1} timed steps per run x {first['rounds']} rounds, arms interleaved with rotating "
+        f"order; max length: " + ", ".join(f"{s['model']} {s['max_length']}" for s in d["training"]) + " tokens).\n\n"
+    )
+    training = table(["model", "arm", "step, median (IQR)", "x plain LoRA", "note"], rows)
+    post = d["posthoc"]
+    prows = [
+        [f"`{r['function']}`", r["what"], spread(r["time"]),
+         ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in r["result"].items())]
+        for r in post["rows"]
+    ]  # fmt: skip
+    setup = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.0f} s" for k, v in post["setup_s"].items())
+    posthoc = (
+        f"\nPost-hoc defenses on {post['model']} after a SET alignment and a LoRA fine-tune (setup, timed once: "
+        f"{setup}):\n\n" + table(["function", "on", "wall time, median (IQR)", "what it did"], prows)
+    )
+    return head + training + posthoc + "\n" + prov_line(d)
+
+
 def mutation_check() -> str:
     d = load("benchmarks/results/mutation_check.json")
     s = d["summary"]
@@ -906,6 +937,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "bench_masked_lora": bench_masked_lora,
     "tuner_trade": tuner_trade,
     "mutation_check": mutation_check,
+    "bench_defenses": bench_defenses,
     "preserve_setup": preserve_setup,
     "preserve_benign": preserve_benign,
     "preserve_verdict": preserve_verdict,
