@@ -33,13 +33,18 @@ SafetyError fraction=2 must be in (0, 1]
 from __future__ import annotations
 
 __all__ = [
+    "NETWORK_MODULES",
     "HubUnreachableError",
     "SafetyError",
     "SafetyFileError",
     "SafetyFileNotFoundError",
     "SafetyImportError",
     "SafetyTypeError",
+    "is_network_error",
 ]
+
+#: packages whose exceptions are network failures (their forks, e.g. ``httpx2``, included by prefix)
+NETWORK_MODULES = ("httpx", "httpcore", "requests", "urllib3", "aiohttp")
 
 
 class SafetyError(ValueError):
@@ -64,3 +69,21 @@ class SafetyImportError(SafetyError, ImportError):
 
 class HubUnreachableError(SafetyError, ConnectionError):
     """The Hugging Face Hub could not be reached; nothing was changed there (also a `ConnectionError`)."""
+
+
+def is_network_error(err: BaseException) -> bool:
+    """Whether ``err`` (or an error it was raised from) is a failure to reach a server: a `ConnectionError`, a
+    `TimeoutError` (huggingface_hub's ``OfflineModeIsEnabled`` is one) or an exception of an HTTP client package
+    (`NETWORK_MODULES`). Argument errors (`ValueError`, `TypeError`) never are, whatever module raised them."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (ConnectionError, TimeoutError)):
+            return True
+        if not isinstance(current, (ValueError, TypeError)):
+            for cls in type(current).__mro__:
+                if cls.__module__.split(".")[0].startswith(NETWORK_MODULES):
+                    return True
+        current = current.__cause__ or current.__context__
+    return False

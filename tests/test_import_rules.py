@@ -27,6 +27,7 @@ BASE = {
     "peft_safety._version",
     "peft_safety._io",
     "peft_safety._files",
+    "peft_safety._models",
     "peft_safety.errors",
     "peft_safety.vocab",
     "peft_safety.testing",

@@ -8,14 +8,44 @@ It sits above `peft_safety.mask.safety_mask` (it loads the folder's mask) while 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from .._io import atomic_write_bytes
+from .._io import atomic_write_bytes, read_bytes_nofollow
+from ..errors import SafetyFileError
 from .safety_mask import SafetyMask, load_mask
 from .serialization import MASK_FILENAME
 
 __all__ = ["write_card"]
+
+#: the largest README.md merged (cards are a few KB; a larger file is not a card)
+MAX_CARD_BYTES = 16 * 2**20
+
+
+def _existing_card(readme: str) -> str | None:
+    """The text of ``readme``, `None` if there is none. A symlink planted at the name is not followed: its target is
+    neither read into the card nor written (the atomic write replaces the link with the card)."""
+    if not os.path.lexists(readme):
+        return None
+    if os.path.islink(readme):
+        warnings.warn(
+            f"{readme} is a symbolic link (to {os.readlink(readme)!r}); it is replaced by the card, its target is "
+            "neither read nor written",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None
+    try:
+        data = read_bytes_nofollow(readme, max_bytes=MAX_CARD_BYTES, what="model card")
+    except OSError as err:
+        raise SafetyFileError(f"{err}; remove it or replace it with a text file") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SafetyFileError(
+            f"{readme}: the model card is not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from None
 
 
 def write_card(
@@ -63,10 +93,7 @@ def write_card(
     if adapter_config is None and os.path.isfile(config_path):
         adapter_config = _read_json(config_path)
     readme = os.path.join(folder, "README.md")
-    existing = None
-    if os.path.isfile(readme):
-        with open(readme, encoding="utf-8") as f:
-            existing = f.read()
+    existing = _existing_card(readme)
     card = build_card(
         existing,
         mask=mask,

@@ -52,6 +52,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .._files import check_adapter_folder
 from .peft_type import SafetyPeftType
 from .spa_config import (
     ENTRIES_METHODS,
@@ -732,8 +733,12 @@ def load_masked_lora(
     if entries_method is not None:
         check_entries_method(entries_method)
     hub = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
-    with open(_adapter_file(model_id, "adapter_config.json", hub), encoding="utf-8") as fh:
-        peft_type = json.load(fh).get("peft_type")
+    local = check_adapter_folder(model_id, hub.get("subfolder"))  # names a damaged config or weights file
+    if local is not None:
+        peft_type = local.get("peft_type")
+    else:
+        with open(_adapter_file(model_id, "adapter_config.json", hub), encoding="utf-8") as fh:
+            peft_type = json.load(fh).get("peft_type")
     if peft_type == SafetyPeftType.SAFETY_LORA.value:
         config = PeftConfig.from_pretrained(model_id, **{k: v for k, v in hub.items() if k != "local_files_only"})
     elif peft_type == "LORA":

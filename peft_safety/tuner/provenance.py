@@ -57,6 +57,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._config_files import ConfigFilesMixin
+
 __all__ = [
     "FINGERPRINT_POLICIES",
     "SOURCE_MARKER",
@@ -375,7 +377,7 @@ def digest_of_folder(directory: str) -> str | None:
 
 
 @dataclass
-class ProvenanceConfigMixin:
+class ProvenanceConfigMixin(ConfigFilesMixin):
     """Provenance fields and config-file behaviour shared by peft-safety's adapter configs (put it before the PEFT
     config class in the bases).
 
