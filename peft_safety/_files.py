@@ -39,6 +39,7 @@ __all__ = [
     "check_adapter_folder",
     "check_adapter_weights",
     "check_hub_id",
+    "check_safetensors_file",
     "is_local_path",
     "read_adapter_config",
     "read_json_file",
@@ -211,13 +212,85 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
+def check_safetensors_file(path: str | os.PathLike, what: str = "safetensors file", remedy: str = "") -> str:
+    """Check that ``path`` is a complete safetensors file, reading only its header.
+
+    A regular file (a link into the Hub cache is fine, a link to a device is not) of at least the 8-byte header
+    length, a header of sane size that is a JSON object whose entries have integer ``data_offsets``, and tensor data
+    that exactly fills the rest of the file (a truncated copy does not).
+
+    Args:
+        path: the file.
+        what: how to name it in messages (``"adapter weights file"``, ``"scores file"``).
+        remedy: what to do about a damaged file, appended to the message.
+
+    Returns:
+        The path.
+
+    Raises:
+        SafetyFileNotFoundError: no such file (or a broken link).
+        SafetyFileError: a folder or device, empty, truncated or not a safetensors file; the message names it.
+    """
+    path = os.fspath(path)
+    fix = f"; {remedy}" if remedy else ""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        link = f" (a broken link to {os.readlink(path)!r})" if os.path.islink(path) else ""
+        raise SafetyFileNotFoundError(f"{path}: no such {what}{link}") from None
+    if not stat.S_ISREG(st.st_mode):
+        target = f" (a link to {os.path.realpath(path)!r})" if os.path.islink(path) else ""
+        raise SafetyFileError(f"{path}: the {what} is not a regular file{target}: a folder, device or pipe{fix}")
+    size = st.st_size
+    if size < 8:
+        raise SafetyFileError(
+            f"{path}: the {what} has {size} bytes, fewer than a safetensors header needs: it is empty or "
+            f"truncated{fix}"
+        )
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise SafetyFileError(
+                f"{path}: the {what} declares a {n}-byte safetensors header but has {size - 8} bytes after the "
+                f"length field: it is truncated or not a safetensors file{fix}"
+            )
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise SafetyFileError(
+            f"{path}: the {what}'s safetensors header is not valid JSON: the file is damaged{fix}"
+        ) from None
+    if not isinstance(header, dict):
+        raise SafetyFileError(
+            f"{path}: the {what}'s safetensors header is not a JSON object: the file is damaged{fix}"
+        )
+    ends = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise SafetyFileError(
+                f"{path}: tensor {name!r} of the {what} has no valid data_offsets: the file is damaged{fix}"
+            )
+        ends.append(offsets[1])
+    data_len = size - 8 - n
+    end = max(ends, default=0)
+    if end != data_len:
+        state = "truncated" if end > data_len else "followed by bytes no tensor uses"
+        raise SafetyFileError(
+            f"{path}: the {what}'s tensors end at byte {end} of a {data_len}-byte data section: the file is "
+            f"{state}{fix}"
+        )
+    return path
+
+
 def check_adapter_weights(folder: str | os.PathLike) -> str:
     """The path of the adapter weights in ``folder``, checked to be a complete file before anything loads it.
 
-    ``adapter_model.safetensors``: a regular file (a link into the Hub cache is fine, a link to a device is not), at
-    least the 8-byte header length, a header of sane size that is a JSON object, and tensor data that exactly fills
-    the rest of the file (a truncated copy does not). ``adapter_model.bin`` (PEFT's pickle fallback): a non-empty
-    regular file. Reads at most the header.
+    ``adapter_model.safetensors``: see `check_safetensors_file` (reads the header only). ``adapter_model.bin``
+    (PEFT's pickle fallback): a non-empty regular file.
 
     Raises:
         SafetyFileNotFoundError: neither weights file exists.
@@ -243,46 +316,7 @@ def check_adapter_weights(folder: str | os.PathLike) -> str:
         if size == 0:
             raise SafetyFileError(f"{path}: the adapter weights file is empty (0 bytes); {_SAVE_AGAIN}")
         return path
-    if size < 8:
-        raise SafetyFileError(
-            f"{path}: the adapter weights file has {size} bytes, fewer than a safetensors header needs: it is empty or "
-            f"truncated; {_SAVE_AGAIN}"
-        )
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise SafetyFileError(
-                f"{path}: the safetensors header declares {n} bytes but the file has {size - 8} after the length "
-                f"field: the file is truncated or not a safetensors file; {_SAVE_AGAIN}"
-            )
-        raw = fh.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise SafetyFileError(
-            f"{path}: the safetensors header is not valid JSON; the file is damaged: {_SAVE_AGAIN}"
-        ) from None
-    if not isinstance(header, dict):
-        raise SafetyFileError(
-            f"{path}: the safetensors header is not a JSON object; the file is damaged: {_SAVE_AGAIN}"
-        )
-    ends = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise SafetyFileError(
-                f"{path}: tensor {name!r} has no valid data_offsets; the file is damaged: {_SAVE_AGAIN}"
-            )
-        ends.append(offsets[1])
-    data_len = size - 8 - n
-    if max(ends, default=0) != data_len:
-        what = "truncated" if max(ends, default=0) > data_len else "followed by bytes no tensor uses"
-        raise SafetyFileError(
-            f"{path}: the tensors end at byte {max(ends, default=0)} of the data section, which has {data_len} bytes: "
-            f"the file is {what}; {_SAVE_AGAIN}"
-        )
+    check_safetensors_file(path, "adapter weights file", _SAVE_AGAIN)
     return path
 
 

@@ -8,6 +8,7 @@ import argparse
 import os
 import re
 
+from ..errors import SafetyError, SafetyFileNotFoundError
 from ._common import add_hub_context, check_local_or_hub
 
 __all__ = ["CHECKS"]
@@ -44,17 +45,17 @@ def check_select(args: argparse.Namespace) -> None:
 def check_score(args: argparse.Namespace) -> None:
     """The command reads --data only after loading the model: check the file, the scorer name and the ranges first."""
     if not os.path.isfile(args.data):
-        raise FileNotFoundError(f"--data {args.data!r} does not exist.")
+        raise SafetyFileNotFoundError(f"--data {args.data!r} does not exist.")
     ext = os.path.splitext(args.data)[1].lower()
     if ext not in (".jsonl", ".json", ".csv"):
-        raise ValueError(f"--data {args.data!r}: unsupported extension {ext!r}; use .jsonl, .json or .csv.")
+        raise SafetyError(f"--data {args.data!r}: unsupported extension {ext!r}; use .jsonl, .json or .csv.")
     fraction = getattr(args, "fraction", None)
     if fraction is not None and not 0.0 < fraction <= 1.0:
-        raise ValueError(f"--fraction must be in (0, 1], got {fraction}.")
+        raise SafetyError(f"--fraction must be in (0, 1], got {fraction}.")
     for flag in ("batch_size", "max_length"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}.")
+            raise SafetyError(f"--{flag.replace('_', '-')} must be >= 1, got {value}.")
     from ..scoring.registry import SCORERS
 
     SCORERS.get(args.method)  # an unknown name raises with the closest match and the list
@@ -65,7 +66,7 @@ def check_score(args: argparse.Namespace) -> None:
 def check_push(args: argparse.Namespace) -> None:
     """Before any network call: the repo id's form (the command checks the mask folder itself)."""
     if not _REPO_ID.match(args.repo_id):
-        raise ValueError(
+        raise SafetyError(
             f"REPO_ID {args.repo_id!r} is not a Hub model repo id; use 'owner/name' (e.g. me/llama-mask)."
         )
     add_hub_context("upload to repo", args.repo_id, _MASK_FILE)

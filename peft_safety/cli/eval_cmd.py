@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import SafetyError
+
 HELP = "refusal, over-refusal and utility evaluation of a model or adapter"
 
 
@@ -55,9 +57,9 @@ def check(args: argparse.Namespace) -> None:
     from ._common import check_data_source, check_local_or_hub
 
     if args.n < 1 or args.n_utility < 1:
-        raise ValueError(f"--n and --n-utility must be >= 1, got {args.n} and {args.n_utility}.")
+        raise SafetyError(f"--n and --n-utility must be >= 1, got {args.n} and {args.n_utility}.")
     if args.max_new_tokens < 1 or args.batch_size < 1:
-        raise ValueError(
+        raise SafetyError(
             f"--max-new-tokens and --batch-size must be >= 1, got {args.max_new_tokens}, {args.batch_size}."
         )
     if args.source != "hub":  # with --source hub, names are Hub data sets

@@ -18,6 +18,8 @@ import csv
 import json
 import os
 
+from ..errors import SafetyError, SafetyFileNotFoundError
+
 HELP = "score a model's parameters on a calibration set and save a mask"
 
 
@@ -44,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def read_rows(path: str) -> list[dict]:
     """Rows from a .jsonl / .json / .csv file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--data {path!r} does not exist.")
+        raise SafetyFileNotFoundError(f"--data {path!r} does not exist.")
     ext = os.path.splitext(path)[1].lower()
     with open(path, encoding="utf-8", newline="") as fh:
         if ext == ".jsonl":
@@ -54,7 +56,7 @@ def read_rows(path: str) -> list[dict]:
             return data["rows"] if isinstance(data, dict) and "rows" in data else data
         if ext == ".csv":
             return [dict(r) for r in csv.DictReader(fh)]
-    raise ValueError(f"--data {path!r}: unsupported extension {ext!r}; use .jsonl, .json or .csv.")
+    raise SafetyError(f"--data {path!r}: unsupported extension {ext!r}; use .jsonl, .json or .csv.")
 
 
 def run(args: argparse.Namespace) -> int:

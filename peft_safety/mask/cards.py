@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._io import atomic_write_bytes, read_bytes_nofollow
-from ..errors import SafetyFileError
+from ..errors import SafetyFileError, SafetyFileNotFoundError
 from .safety_mask import SafetyMask, load_mask
 from .serialization import MASK_FILENAME
 
@@ -84,7 +84,7 @@ def write_card(
 
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"write_card: {folder!r} is not a folder; save the adapter or mask there first")
+        raise SafetyFileNotFoundError(f"write_card: {folder!r} is not a folder; save the adapter or mask there first")
     sub = _check_subfolder(mask_subfolder)
     mask_file = os.path.join(folder, *(sub.split("/") if sub else []), MASK_FILENAME)
     if mask is None and os.path.isfile(mask_file):

@@ -32,7 +32,7 @@ import posixpath
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import HubUnreachableError, SafetyError, SafetyFileError, is_network_error
+from ..errors import HubUnreachableError, SafetyError, SafetyFileError, SafetyTypeError, is_network_error
 from .serialization import MASK_FILENAME, mask_to_bytes, require_mask
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -70,7 +70,7 @@ def normalize_mode(mode: str | None) -> str | None:
     if mode is None:
         return None
     if not isinstance(mode, str) or mode.strip().lower() not in _MODES:
-        raise ValueError(f"mode={mode!r} is unknown; use 'SET' (train_only) or 'SPA' (freeze)")
+        raise SafetyError(f"mode={mode!r} is unknown; use 'SET' (train_only) or 'SPA' (freeze)")
     return _MODES[mode.strip().lower()]
 
 
@@ -78,10 +78,10 @@ def _check_subfolder(subfolder: str | None) -> str | None:
     if subfolder is None or subfolder in ("", "."):
         return None
     if not isinstance(subfolder, str):
-        raise TypeError(f"subfolder must be a str such as 'mask', got {type(subfolder).__name__}")
+        raise SafetyTypeError(f"subfolder must be a str such as 'mask', got {type(subfolder).__name__}")
     norm = posixpath.normpath(subfolder.replace("\\", "/"))
     if norm.startswith(("/", "../")) or norm == ".." or ":" in norm:
-        raise ValueError(f"subfolder={subfolder!r} must be a relative folder inside the repository, e.g. 'mask'")
+        raise SafetyError(f"subfolder={subfolder!r} must be a relative folder inside the repository, e.g. 'mask'")
     return norm
 
 
@@ -245,7 +245,7 @@ def build_card(
     if mask is not None:
         require_mask(mask, "build_card")
     if existing is not None and not isinstance(existing, str):
-        raise TypeError(f"existing must be the README text (str) or None, got {type(existing).__name__}")
+        raise SafetyTypeError(f"existing must be the README text (str) or None, got {type(existing).__name__}")
     card = ModelCard(existing) if existing and existing.strip() else None
     data = card.data if card is not None else ModelCardData()
     previous = data.get("peft_safety") or {}
@@ -398,7 +398,7 @@ def push_mask_to_hub(
     """
     require_mask(mask, "push_mask_to_hub")
     if not isinstance(repo_id, str) or not repo_id.strip():
-        raise ValueError(f"repo_id must be a non-empty string such as 'me/my-safety-mask', got {repo_id!r}")
+        raise SafetyError(f"repo_id must be a non-empty string such as 'me/my-safety-mask', got {repo_id!r}")
     sub = _check_subfolder(subfolder)
     normalize_mode(mode)
     # serialise first: an invalid mask must fail before anything is created on the Hub

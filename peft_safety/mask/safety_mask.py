@@ -834,8 +834,9 @@ class SafetyMask:
         names = list(self._indices) + [n for n in other._indices if n not in self._indices]
         for name in names:
             if name in self._shapes and name in other._shapes and self._shapes[name] != other._shapes[name]:
-                raise ValueError(
-                    f"{name!r} has shape {self._shapes[name]} in one mask and {other._shapes[name]} in the other"
+                raise SafetyError(
+                    f"{name!r} has shape {self._shapes[name]} in one mask and {other._shapes[name]} in the other: the "
+                    "masks belong to different models"
                 )
             a, b = self._indices.get(name), other._indices.get(name)
             if a is None or b is None:

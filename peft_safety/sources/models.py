@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from .._files import ADAPTER_CONFIG, check_adapter_folder
+from ..errors import SafetyImportError
 from ..tuner.provenance import SOURCE_MARKER
 from .offline import (
     SplitFile,
@@ -182,7 +183,7 @@ def _require_gguf() -> None:
     try:
         import gguf  # noqa: F401
     except ImportError as err:
-        raise ImportError(
+        raise SafetyImportError(
             "Converting the offline copy of the default model needs the `gguf` package: "
             "pip install 'peft-safety[gguf]'."
         ) from err
