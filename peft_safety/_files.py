@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import struct
 from typing import Any
@@ -134,6 +135,17 @@ def _read(path: str, what: str, max_bytes: int) -> bytes:
         raise SafetyFileError(str(err).replace(os.path.realpath(path), path, 1)) from None
 
 
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def _ends_early(text: str) -> bool:
+    """Whether a JSON text that failed to parse stops inside a string or an open ``[``/``{`` (a truncated file)."""
+    stripped = _JSON_STRING.sub('""', text)
+    if stripped.count('"') % 2:
+        return True  # an unterminated string
+    return stripped.count("{") + stripped.count("[") > stripped.count("}") + stripped.count("]")
+
+
 def read_json_file(path: str | os.PathLike, what: str = "JSON file", *, max_bytes: int = MAX_CONFIG_BYTES) -> Any:
     """The JSON value in ``path``, read with a size limit and without unbounded recursion.
 
@@ -159,7 +171,7 @@ def read_json_file(path: str | os.PathLike, what: str = "JSON file", *, max_byte
             f"{path}: the {what} is nested too deeply to be read; the file is damaged or hostile"
         ) from None
     except json.JSONDecodeError as err:
-        cut = " (it ends in the middle of a value: the file is truncated)" if err.pos >= len(text.rstrip()) else ""
+        cut = " (it ends in the middle of a value: the file is truncated)" if _ends_early(text) else ""
         raise SafetyFileError(
             f"{path}: the {what} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}{cut}"
         ) from None

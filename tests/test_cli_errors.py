@@ -52,7 +52,7 @@ def test_push_without_network_is_one_line(mask_dir, capsys, monkeypatch):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["push", "{mask}", "not a repo"], "is not a Hub model repo id"),
+        (["push", "{mask}", "not a repo"], "is not a Hub repo id"),
         (["push", "{tmp}/nope", "me/mask"], "No such mask folder"),
         (["inspect", "{tmp}/nope"], "no such file or folder"),
         (["diff", "{mask}", "{tmp}"], "safety_mask.safetensors"),

@@ -70,7 +70,13 @@ def check(args: argparse.Namespace) -> None:
 
         resolve_judges(list(args.judges))  # unknown preset names raise here, not after the model has loaded
     if args.model.strip().lower() not in _MODEL_NAMES:
-        check_local_or_hub("MODEL", args.model, "config.json")
+        import os
+
+        from .._files import ADAPTER_CONFIG
+
+        # a folder holding an adapter_config.json is an adapter: its config and weights are checked like --adapter's
+        is_adapter = os.path.lexists(os.path.join(os.path.expanduser(args.model), ADAPTER_CONFIG))
+        check_local_or_hub("MODEL", args.model, ADAPTER_CONFIG if is_adapter else "config.json")
     check_local_or_hub("--adapter", args.adapter, "adapter_config.json")
 
 
