@@ -58,3 +58,25 @@ def test_the_test_command_installs_scipy_and_ci_runs_it():
     assert "[dev," in command
     ci = (ROOT / ".ci" / "run").read_text()
     assert ci.strip().splitlines()[-1].replace("pip install -q ", "pip install ") == command  # -q: quieter CI logs
+
+
+def test_docs_list_each_sources_licence_from_the_sources_table():
+    from peft_safety.sources.datasets import DATA_SOURCES
+    from peft_safety.sources.models import MODEL_SOURCES
+
+    text = (ROOT / "docs" / "datasets.md").read_text(encoding="utf-8")
+    header = "| name | rows | offline copy (package==version: member) | Hub id | licence of the data |"
+    rows = text[text.index(header) :].split("\n\n")[0].splitlines()[2:]
+    seen = set()
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        names = re.findall(r"`([a-z0-9_]+)`", cells[0])
+        for name in names:
+            assert DATA_SOURCES[name].license, name
+            assert cells[-1] == DATA_SOURCES[name].license, (name, cells[-1])
+        seen.update(names)
+    assert seen == set(DATA_SOURCES)  # every source is listed, with its licence
+    for src in MODEL_SOURCES.values():
+        section = text[text.index(f"`{src.hub_id}`") :]
+        licence_row = next(line for line in section.splitlines() if line.startswith("| licence |"))
+        assert src.wheel.license in licence_row, (src.hub_id, licence_row)
