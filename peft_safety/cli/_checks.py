@@ -41,9 +41,11 @@ def check_select(args: argparse.Namespace) -> None:
     is read."""
     from .._files import check_safetensors_file
 
+    if not os.path.lexists(args.scores):
+        raise SafetyFileNotFoundError(f"no scores file at {args.scores!r}.")
     check_safetensors_file(args.scores, "scores file", "write it with Scores.to_safetensors(path)")
     if args.fraction is not None and not 0.0 < args.fraction <= 1.0:
-        raise SafetyError(f"--fraction must be in (0, 1], got {args.fraction}.")
+        raise SafetyError(f"--fraction={args.fraction} is outside (0, 1]: give the share of units to select.")
     if args.k is not None and args.k < 1:
         raise SafetyError(f"--k must be >= 1, got {args.k}.")
     if args.scope not in _SCOPES:

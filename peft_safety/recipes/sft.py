@@ -16,14 +16,26 @@ This module imports trl only inside its functions.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 from .._files import is_local_path
 from ..errors import SafetyError, SafetyFileNotFoundError, SafetyImportError
 
-__all__ = ["check_sft_args", "load_sft_dataset", "make_sft_parser", "parse_sft_args", "run_sft", "sft_dataclasses"]
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "check_sft_args",
+    "load_sft_dataset",
+    "make_sft_parser",
+    "parse_sft_args",
+    "run_sft",
+    "sft_dataclasses",
+    "with_use_cpu",
+]
 
 _LOCAL_KINDS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -58,10 +70,67 @@ def make_sft_parser(prog: str | None = None):
     )
 
 
+def _has_accelerator() -> bool:
+    """Whether this machine has a device a distributed run would use instead of the CPU (CUDA, XPU, MPS)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        return True
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def _world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return 1
+
+
+def with_use_cpu(argv: Sequence[str], world_size: int, has_accelerator: bool) -> list[str]:
+    """``argv`` with ``--use_cpu true`` added when several processes were launched (``WORLD_SIZE > 1``, by
+    ``torchrun`` or ``accelerate launch``) on a machine without an accelerator and the command line does not set
+    ``--use_cpu`` itself.
+
+    Without it transformers sets up no CPU process group: every process trains on its own, all of them write the
+    same output folder, and the launcher exits 0. With it, each rank joins one gloo group (DDP on CPU).
+    """
+    argv = list(argv)
+    if world_size <= 1 or has_accelerator or any(a == "--use_cpu" or a.startswith("--use_cpu=") for a in argv):
+        return argv
+    logger.warning(
+        "WORLD_SIZE=%d and no GPU: adding --use_cpu true, so that the %d processes form one gloo (CPU) process group",
+        world_size,
+        world_size,
+    )
+    return [*argv, "--use_cpu", "true"]
+
+
 def parse_sft_args(argv: Sequence[str] | None = None, prog: str | None = None) -> tuple[Any, Any, Any, Any]:
     """Parse a TRL SFT command line (and its ``--config`` YAML file) into ``(script_args, training_args, model_args,
-    dataset_args)``; unknown flags and unknown YAML keys are errors."""
-    return tuple(make_sft_parser(prog).parse_args_and_config(list(argv) if argv is not None else None))
+    dataset_args)``; unknown flags and unknown YAML keys are errors.
+
+    Launched as several processes on a machine without an accelerator, ``--use_cpu true`` is added unless the command
+    line sets ``--use_cpu`` (see `with_use_cpu`); ``--use_cpu false`` there is refused.
+
+    Raises:
+        SafetyError: ``WORLD_SIZE > 1``, no accelerator, and ``--use_cpu false``: the processes would train
+            independently into one output folder.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    world = _world_size()
+    accelerator = _has_accelerator() if world > 1 else False
+    parsed = tuple(make_sft_parser(prog).parse_args_and_config(with_use_cpu(argv, world, accelerator)))
+    if world > 1 and not accelerator and not getattr(parsed[1], "use_cpu", False):
+        raise SafetyError(
+            f"WORLD_SIZE={world} but this machine has no GPU, and --use_cpu is false: the {world} processes would each "
+            "train on their own and write the same output folder. Pass --use_cpu true (DDP over a gloo process group "
+            "on the CPU), or launch one process."
+        )
+    return parsed
 
 
 def check_sft_args(script_args: Any, training_args: Any, model_args: Any, dataset_args: Any = None) -> None:

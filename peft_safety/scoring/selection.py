@@ -16,9 +16,10 @@ entries of a *stable* descending sort of the concatenated scores (``largest=Fals
 property tests check.
 
 Counting rule for fractions: ``k = floor(fraction * n + 1/2)`` (round half up) where ``n`` is the number of units in
-the group (all tensors, one tensor, one row). Round half up instead of Python's ``round`` (half to even) so that the
-count grows monotonically with ``fraction``; instead of ``floor`` so that a float product like ``0.29 * 100 =
-28.999...`` gives 29 and not 28.
+the group (all tensors, one tensor, one row), computed exactly on the decimal the caller wrote (``0.58 * 25 = 14.5``
+gives 15, although the float product is ``14.499999999999998``). Round half up instead of Python's ``round`` (half
+to even) so that the count grows monotonically with ``fraction``; instead of ``floor`` so that ``0.29 * 100`` (the
+float product is ``28.999...``) gives 29 and not 28.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import difflib
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -46,7 +48,8 @@ _CHUNK = 1 << 20
 
 
 def count_for_fraction(fraction: float, n: int) -> int:
-    """Number of units a fraction selects out of ``n``: ``floor(fraction * n + 1/2)`` (round half up).
+    """Number of units a fraction selects out of ``n``: ``floor(fraction * n + 1/2)`` (round half up), computed
+    exactly on the decimal value of ``fraction`` (its shortest ``repr``), not on the rounded float product.
 
     Args:
         fraction: a float in ``(0, 1]``.
@@ -59,7 +62,9 @@ def count_for_fraction(fraction: float, n: int) -> int:
         >>> count_for_fraction(0.01, 250), count_for_fraction(0.29, 100)
         (3, 29)
     """
-    return min(n, math.floor(fraction * n + 0.5))
+    # on the decimal the caller wrote (the float's shortest repr), exactly: 0.58 * 25 is 14.5 and rounds up to 15,
+    # where the float product 14.499999999999998 would floor to 14
+    return min(n, math.floor(Fraction(repr(float(fraction))) * n + Fraction(1, 2)))
 
 
 def _oriented(chunk: torch.Tensor, largest: bool) -> torch.Tensor:
