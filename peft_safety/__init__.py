@@ -64,6 +64,7 @@ elif not any(isinstance(f, _RegisterAfterPeftImport) for f in sys.meta_path):
 _EXPORTS: dict[str, str] = {
     "SafetyError": "peft_safety.errors",
     "SafetyFileError": "peft_safety.errors",
+    "check_adapter_folder": "peft_safety._files",
     "Granularity": "peft_safety.mask",
     "Head": "peft_safety.mask",
     "Layer": "peft_safety.mask",
@@ -189,6 +190,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ._files import check_adapter_folder  # noqa: F401
     from .analysis import (  # noqa: F401
         LayerDistribution,
         StabilityReport,

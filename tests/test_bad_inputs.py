@@ -52,3 +52,20 @@ def test_to_dense_refuses_a_shape_no_dense_mask_can_hold(shape):
 def test_to_dense_of_a_real_shape_is_unchanged():
     mask = SafetyMask({"w": [0, 5]}, {"w": (2, 3)}, provenance={})
     assert mask.to_dense("w").flatten().nonzero().flatten().tolist() == [0, 5]
+
+
+def test_a_model_that_already_holds_adapter_layers_is_named():
+    """What the quickstart ran into: get_peft_model (and the trainer) add their adapter to the model in place."""
+    from peft import LoraConfig, get_peft_model
+
+    from peft_safety._models import adapter_layers, check_fresh_base
+
+    model = tiny_llama()
+    check_fresh_base(model, "SafetySFTTrainer")  # a plain model passes
+    assert adapter_layers(model) == []
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    found = adapter_layers(model)
+    assert [n for n, _ in found] == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+    with pytest.raises(SafetyError, match=r"already holds adapter layers \('model.layers.0.self_attn.q_proj' is a "
+                       r"Linear and 1 more\).*Load a fresh base model"):  # fmt: skip
+        check_fresh_base(model, "SafetySFTTrainer")
