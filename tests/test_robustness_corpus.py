@@ -64,11 +64,30 @@ def test_the_classifier_reads_the_command_line(bench, capsys):
     assert _outcome(bench, exit_code(0), needle="--k", cli=True) == "silent"
 
 
-def test_a_hang_is_a_crash(bench, monkeypatch):
+def test_a_hang_or_a_dead_interpreter_is_a_crash(bench, tmp_path):
+    import os
     import time
 
-    monkeypatch.setattr(bench, "TIMEOUT_S", 1)
-    assert _outcome(bench, lambda: time.sleep(5), needle="x") == "crash"
+    hang = bench.Case("entry", "hang", lambda: time.sleep(30), needle="x")
+    bench.classify_isolated(hang, timeout_s=1)
+    assert (hang.outcome, hang.detail) == ("crash", "hang: no answer within 1 s")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def native_block():  # blocks inside safetensors' Rust code, where no Python signal handler can run
+        from safetensors import safe_open
+
+        safe_open(str(fifo), framework="pt")
+
+    blocked = bench.Case("entry", "fifo", native_block, needle="x")
+    bench.classify_isolated(blocked, timeout_s=2)
+    assert blocked.outcome == "crash" and blocked.detail.startswith("hang")
+    died = bench.Case("entry", "died", lambda: os._exit(3), needle="x")
+    bench.classify_isolated(died)
+    assert died.outcome == "crash" and "died" in died.detail
+    fine = bench.Case("entry", "clear", lambda: (_ for _ in ()).throw(ValueError("x")), needle="x")
+    bench.classify_isolated(fine)
+    assert fine.outcome == "unclear"  # a plain ValueError, whatever it says, is not one of our checks
 
 
 def test_the_published_table_is_the_committed_result(bench):
@@ -78,9 +97,9 @@ def test_the_published_table_is_the_committed_result(bench):
     assert block == bench.render(payload)
     totals = payload["totals"]
     assert totals["tried"] == sum(1 for c in payload["cases"] if c["open"] is None)
-    # what the page claims: no crash, no silent acceptance, unclear errors only on PEFT's own path
-    assert totals["crash"] == 0 and totals["silent"] == 0
-    assert totals["unclear"] == totals["unclear_on_peft_path"]
+    # what the page claims: every outcome that is not a clear error comes from PEFT's own code (docs/footguns.md)
+    for kind in ("unclear", "crash", "silent"):
+        assert totals[kind] == totals[f"{kind}_on_peft_path"], kind
     for case in payload["cases"]:
-        if case["open"] is None and case["outcome"] == "unclear":
+        if case["open"] is None and case["outcome"] != "clear":
             assert case["route"] == "peft", case

@@ -30,8 +30,9 @@ def _existing_card(readme: str) -> str | None:
         return None
     if os.path.islink(readme):
         warnings.warn(
-            f"{readme} is a symbolic link (to {os.readlink(readme)!r}); it is replaced by the card, its target is "
-            "neither read nor written",
+            f"{readme} is a symbolic link (to {os.readlink(readme)!r}); peft-safety replaces it by the card and "
+            "neither reads nor writes its target (PEFT's save_pretrained writes its own card through such a link "
+            "before that: check the target)",
             UserWarning,
             stacklevel=3,
         )

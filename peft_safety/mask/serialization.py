@@ -450,6 +450,12 @@ def resolve_mask_file(
         raise SafetyError("empty path: pass a folder, a safety_mask.safetensors file or a Hub repo id")
     if os.path.isdir(p):
         target = os.path.join(p, subfolder, MASK_FILENAME) if subfolder else os.path.join(p, MASK_FILENAME)
+        if os.path.lexists(target) and not os.path.isfile(target):
+            link = f" (a link to {os.path.realpath(target)!r})" if os.path.islink(target) else ""
+            raise SafetyFileError(
+                f"{target}: the mask file is not a regular file{link}; it is a device, a pipe or a folder. Save the "
+                "mask again with mask.save_pretrained(folder)"
+            )
         if not os.path.isfile(target):
             raise SafetyFileNotFoundError(
                 f"No {MASK_FILENAME} in {os.path.dirname(target)!r}; write one with mask.save_pretrained(folder)"
@@ -457,6 +463,9 @@ def resolve_mask_file(
         return target
     if os.path.isfile(p):
         return p
+    if os.path.lexists(p):  # a device, a pipe, a broken link: never opened (reading /dev/zero would not end)
+        link = f" (a link to {os.path.realpath(p)!r})" if os.path.islink(p) else ""
+        raise SafetyFileError(f"{p}: not a regular file{link}; pass a mask folder or a safety_mask.safetensors file")
     if is_local_path(p):  # the package's one "local path or Hub id" rule: a missing local path never asks the Hub
         raise SafetyFileNotFoundError(f"No such mask file or folder: {p!r}")
     from huggingface_hub import hf_hub_download  # lazy: importing peft_safety.mask never imports huggingface_hub

@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import SafetyError, SafetyTypeError
+
 __all__ = ["SCOPES", "TIE_BREAK", "count_for_fraction", "isolate", "select", "topk_indices", "topk_indices_per_row"]
 
 #: the scopes :func:`select` accepts
@@ -266,22 +268,22 @@ def _did_you_mean(value: str, choices: Sequence[str]) -> str:
 def _check_count_args(fraction: Any, k: Any) -> tuple[float | None, int | None]:
     """Validate ``fraction`` / ``k`` and return them as plain Python ``float`` / ``int`` (numpy scalars accepted)."""
     if (fraction is None) == (k is None):
-        raise ValueError(
+        raise SafetyError(
             "Give exactly one of fraction= (share of units, in (0, 1]) or k= (number of units), "
             f"got fraction={fraction!r} and k={k!r}."
         )
     if fraction is not None:
         if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
-            raise TypeError(f"fraction must be a float in (0, 1], got {type(fraction).__name__} {fraction!r}.")
+            raise SafetyTypeError(f"fraction must be a float in (0, 1], got {type(fraction).__name__} {fraction!r}.")
         fraction = float(fraction)
         if math.isnan(fraction) or not 0.0 < fraction <= 1.0:
-            raise ValueError(f"fraction={fraction!r} is outside (0, 1]; e.g. fraction=0.01 selects 1% of the units.")
+            raise SafetyError(f"fraction={fraction!r} is outside (0, 1]; e.g. fraction=0.01 selects 1% of the units.")
     if k is not None:
         if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-            raise TypeError(f"k must be an int >= 1, got {type(k).__name__} {k!r}.")
+            raise SafetyTypeError(f"k must be an int >= 1, got {type(k).__name__} {k!r}.")
         k = int(k)
         if k < 1:
-            raise ValueError(f"k={k} must be >= 1.")
+            raise SafetyError(f"k={k} must be >= 1.")
     return fraction, k
 
 
