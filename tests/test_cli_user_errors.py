@@ -159,7 +159,10 @@ PATHS = [
     (["select", "{root}/truncated.safetensors", "--fraction", "0.1", "--out", "{root}/o"], "truncated"),
     (["select", "{root}/devzero.safetensors", "--fraction", "0.1", "--out", "{root}/o"], "not a regular file"),
     (["select", "{root}/missing.safetensors", "--k", "1", "--out", "{root}/o"], "no scores file at"),
-    (["select", "{root}/scores.safetensors", "--fraction", "2", "--out", "{root}/o"], "--fraction=2.0 is outside (0, 1]"),
+    (
+        ["select", "{root}/scores.safetensors", "--fraction", "2", "--out", "{root}/o"],
+        "--fraction=2.0 is outside (0, 1]",
+    ),
     (["select", "{root}/scores.safetensors", "--k", "0", "--out", "{root}/o"], "--k must be >= 1"),
     (["select", "{root}/scores.safetensors", "--k", "1", "--scope", "per_rows", "--out", "{root}/o"], "'per_row'"),
     (["select", "{root}/scores.safetensors", "--k", "1", "--exclude", "./nope", "--out", "{root}/o"], "--exclude"),
