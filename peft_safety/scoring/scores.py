@@ -462,6 +462,10 @@ class Scores(Mapping[str, torch.Tensor]):
         from .._files import check_safetensors_file
 
         path = os.fspath(path)
+        if not os.path.lexists(path):
+            from ..errors import SafetyFileNotFoundError
+
+            raise SafetyFileNotFoundError(f"no scores file at {path!r}.")
         # empty, truncated, device or non-safetensors files are named here, not inside safetensors
         check_safetensors_file(path, "scores file", "write it again with Scores.to_safetensors(path)")
         with safe_open(path, framework="pt", device=str(device)) as f:
