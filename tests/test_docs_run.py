@@ -68,6 +68,6 @@ def test_page_runs_top_to_bottom_offline(page, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true"}  # fmt: skip
     run = subprocess.run([sys.executable, "page.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=1800)  # fmt: skip
+                         timeout=3600)  # fmt: skip
     done = re.findall(r"BLOCK (\d+) DONE", run.stdout)
     assert run.returncode == 0 and len(done) == n, f"{page}: {len(done)} of {n} blocks ran\n{run.stderr[-4000:]}"
