@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from .._io import atomic_write_text
+from ..errors import SafetyImportError
 from ..vocab import check_fraction, environment
 
 logger = logging.getLogger(__name__)
@@ -248,7 +249,7 @@ def run_main_job(cfg: MainJobConfig | None = None) -> MainJobResult:
         import datasets  # noqa: F401
         import trl  # noqa: F401
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("The main job needs trl and datasets: pip install 'peft-safety[trl]'.") from err
+        raise SafetyImportError("The main job needs trl and datasets: pip install 'peft-safety[trl]'.") from err
     from peft import LoraConfig, PeftModel
 
     from ..evaluation import evaluate, generate_responses, perplexity

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -59,6 +60,13 @@ def _to_fp32(name: str, value: Any) -> torch.Tensor:
         raise TypeError(f"scores[{name!r}] must be a torch.Tensor, got {type(value).__name__}.")
     if not value.is_floating_point():
         raise TypeError(f"scores[{name!r}] has dtype {value.dtype}; scores must be floating point (they become fp32).")
+    if value.is_meta:
+        from ..errors import SafetyError
+
+        raise SafetyError(
+            f"scores[{name!r}] is on the meta device and holds no values: score a model whose weights are loaded "
+            "(not one built under init_empty_weights() or with device_map='meta')."
+        )
     t = value.detach()
     if t.dtype != torch.float32:
         t = t.float()
@@ -461,9 +469,15 @@ class Scores(Mapping[str, torch.Tensor]):
         """
         from safetensors import safe_open
 
+        from .._files import check_safetensors_file
+
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no scores file at {path!r}.")
+        if not os.path.lexists(path):
+            from ..errors import SafetyFileNotFoundError
+
+            raise SafetyFileNotFoundError(f"no scores file at {path!r}.")
+        # empty, truncated, device or non-safetensors files are named here, not inside safetensors
+        check_safetensors_file(path, "scores file", "write it again with Scores.to_safetensors(path)")
         with safe_open(path, framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
             keys = list(f.keys())
@@ -473,6 +487,10 @@ class Scores(Mapping[str, torch.Tensor]):
         fingerprints: dict[str, str] = {}
         if meta.get("format") == _FORMAT:
             version = meta.get("format_version", "1")
+            if not re.fullmatch(r"[0-9]{1,9}", version):  # int() would read "1_0" as 10
+                from ..errors import SafetyFileError
+
+                raise SafetyFileError(f"{path!r}: scores format_version {version!r} is not a version number.")
             if int(version) > int(_FORMAT_VERSION):
                 raise ValueError(
                     f"{path!r} has scores format_version {version}, newer than this library reads "

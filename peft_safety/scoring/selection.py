@@ -16,21 +16,25 @@ entries of a *stable* descending sort of the concatenated scores (``largest=Fals
 property tests check.
 
 Counting rule for fractions: ``k = floor(fraction * n + 1/2)`` (round half up) where ``n`` is the number of units in
-the group (all tensors, one tensor, one row). Round half up instead of Python's ``round`` (half to even) so that the
-count grows monotonically with ``fraction``; instead of ``floor`` so that a float product like ``0.29 * 100 =
-28.999...`` gives 29 and not 28.
+the group (all tensors, one tensor, one row), computed exactly on the decimal the caller wrote (``0.58 * 25 = 14.5``
+gives 15, although the float product is ``14.499999999999998``). Round half up instead of Python's ``round`` (half
+to even) so that the count grows monotonically with ``fraction``; instead of ``floor`` so that ``0.29 * 100`` (the
+float product is ``28.999...``) gives 29 and not 28.
 """
 
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
 import torch
+
+from ..errors import SafetyError, SafetyTypeError
+from ..vocab import did_you_mean
 
 __all__ = ["SCOPES", "TIE_BREAK", "count_for_fraction", "isolate", "select", "topk_indices", "topk_indices_per_row"]
 
@@ -46,7 +50,8 @@ _CHUNK = 1 << 20
 
 
 def count_for_fraction(fraction: float, n: int) -> int:
-    """Number of units a fraction selects out of ``n``: ``floor(fraction * n + 1/2)`` (round half up).
+    """Number of units a fraction selects out of ``n``: ``floor(fraction * n + 1/2)`` (round half up), computed
+    exactly on the decimal value of ``fraction`` (its shortest ``repr``), not on the rounded float product.
 
     Args:
         fraction: a float in ``(0, 1]``.
@@ -59,7 +64,9 @@ def count_for_fraction(fraction: float, n: int) -> int:
         >>> count_for_fraction(0.01, 250), count_for_fraction(0.29, 100)
         (3, 29)
     """
-    return min(n, math.floor(fraction * n + 0.5))
+    # on the decimal the caller wrote (the float's shortest repr), exactly: 0.58 * 25 is 14.5 and rounds up to 15,
+    # where the float product 14.499999999999998 would floor to 14
+    return min(n, math.floor(Fraction(repr(float(fraction))) * n + Fraction(1, 2)))
 
 
 def _oriented(chunk: torch.Tensor, largest: bool) -> torch.Tensor:
@@ -252,31 +259,25 @@ def topk_indices_per_row(tensor: torch.Tensor, k: int, *, largest: bool = True, 
     return torch.cat(parts).to(dtype)
 
 
-def _did_you_mean(value: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(value, choices, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return f"{hint} Available: {', '.join(repr(c) for c in choices)}."
-
-
 def _check_count_args(fraction: Any, k: Any) -> tuple[float | None, int | None]:
     """Validate ``fraction`` / ``k`` and return them as plain Python ``float`` / ``int`` (numpy scalars accepted)."""
     if (fraction is None) == (k is None):
-        raise ValueError(
+        raise SafetyError(
             "Give exactly one of fraction= (share of units, in (0, 1]) or k= (number of units), "
             f"got fraction={fraction!r} and k={k!r}."
         )
     if fraction is not None:
         if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
-            raise TypeError(f"fraction must be a float in (0, 1], got {type(fraction).__name__} {fraction!r}.")
+            raise SafetyTypeError(f"fraction must be a float in (0, 1], got {type(fraction).__name__} {fraction!r}.")
         fraction = float(fraction)
         if math.isnan(fraction) or not 0.0 < fraction <= 1.0:
-            raise ValueError(f"fraction={fraction!r} is outside (0, 1]; e.g. fraction=0.01 selects 1% of the units.")
+            raise SafetyError(f"fraction={fraction!r} is outside (0, 1]; e.g. fraction=0.01 selects 1% of the units.")
     if k is not None:
         if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-            raise TypeError(f"k must be an int >= 1, got {type(k).__name__} {k!r}.")
+            raise SafetyTypeError(f"k must be an int >= 1, got {type(k).__name__} {k!r}.")
         k = int(k)
         if k < 1:
-            raise ValueError(f"k={k} must be >= 1.")
+            raise SafetyError(f"k={k} must be >= 1.")
     return fraction, k
 
 
@@ -303,7 +304,7 @@ def _select_indices(
     if not isinstance(scope, str):
         raise TypeError(f"scope must be a str, got {type(scope).__name__}.")
     if scope not in SCOPES:
-        raise ValueError(f"Unknown scope {scope!r}.{_did_you_mean(scope, SCOPES)}")
+        raise SafetyError(f"Unknown scope {scope!r}.{did_you_mean(scope, SCOPES)}")
     names = list(scores.names)
     if not names:
         raise ValueError("scores is empty: there is nothing to select from.")
