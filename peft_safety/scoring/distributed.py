@@ -1,0 +1,921 @@
+"""Scores of models that do not fit one device: shards, exact cross-shard statistics, and exact distributed top-k.
+
+Under FSDP2 (``torch.distributed.fsdp.fully_shard``, directly or through accelerate) a parameter is a ``DTensor``
+whose rank-local part is a box of the full tensor (``Shard(0)``: a range of rows, the default). Under DeepSpeed
+ZeRO-3 a parameter is an empty placeholder whose rank-local part, ``param.ds_tensor``, is a range of the flattened
+tensor (``ds_numel`` entries split into ``ceil(ds_numel / world)``-sized partitions, the last one padded). A `Shard`
+describes either layout: a box ``[offsets, offsets + shape)`` in a *grid* (the full shape for DTensor boxes,
+``(numel,)`` for flat partitions), so that a local flat index maps to the tensor's global flat index in one rule.
+
+Scoring keeps one fp32 accumulator per local shard; nothing full-size is all-reduced. `Scores` built from shards are
+*sharded* (`Scores.shards`), and `select` on them runs the exact distributed selection of this module:
+
+* ``global`` / ``per_tensor``: a radix search over the composite order key ``(score, tensor position, flat index)``:
+  16-bit digits of the fp32 bit pattern (mapped to order-preserving int32 keys), then the tensor position, then the
+  flat index, each level one histogram whose counts are all-reduced. A level that leaves few enough undecided
+  entries moves them into memory, so a selection usually reads the scores twice: one histogram pass and one pass that
+  keeps the sure winners and the undecided entries; the remaining levels run on those in memory. The k-th entry of
+  the composite order is exact, so the result is the first ``k`` entries of a stable sort of the concatenated scores,
+  the tie-break of single-process `select`, whatever the layout.
+* ``per_row``: each row's top-k where a rank holds whole rows; rows a flat partition splits are completed from the
+  fragments of the neighbouring ranks (at most two per rank and tensor).
+
+The same engine selects from score files on disk (`peft_safety.scoring.score_files`), where a "rank" holds every
+tensor and a pass is a read of the files.
+
+Mask assembly: every rank sends its selected global flat indices of one tensor at a time to rank 0, which either
+builds the `SafetyMask` or streams the indices straight into ``safety_mask.safetensors`` (`select_and_save`), so rank
+0 never holds more than one tensor's indices.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Shard",
+    "Comm",
+    "exact_group_std",
+    "is_sharded_model",
+    "is_sharded_parameter",
+    "local_values",
+    "shard_of",
+    "sharded_fingerprints",
+    "write_mask_stream",
+]
+
+_BINS = 1 << 16
+
+
+# =====================================================================================================================
+# shards
+# =====================================================================================================================
+@dataclass(frozen=True)
+class Shard:
+    """The part of a full tensor that one rank holds.
+
+    Attributes:
+        grid: the index space the box lives in: the full shape for DTensor boxes, ``(numel,)`` for flat partitions
+            (DeepSpeed ZeRO-3). Row-major flat indices are the same in both, so ``grid`` only says how to read
+            ``offsets``.
+        offsets: the box's first coordinate in ``grid``.
+        shape: the box's extent (the local tensor holds ``prod(shape)`` entries, row-major).
+        counted: ``False`` on a replica (HSDP's replicate groups hold the same box on several ranks): its entries are
+            counted and selected on another rank only.
+    """
+
+    grid: tuple[int, ...]
+    offsets: tuple[int, ...]
+    shape: tuple[int, ...]
+    counted: bool = True
+
+    def __post_init__(self) -> None:
+        if not (len(self.grid) == len(self.offsets) == len(self.shape)):
+            raise ValueError(f"Shard grid {self.grid}, offsets {self.offsets} and shape {self.shape} differ in rank.")
+        for g, o, s in zip(self.grid, self.offsets, self.shape):
+            if o < 0 or s < 0 or o + s > g and s > 0:
+                raise ValueError(f"Shard box offsets {self.offsets} + shape {self.shape} leaves the grid {self.grid}.")
+
+    @classmethod
+    def whole(cls, shape: Sequence[int]) -> Shard:
+        """The shard of a tensor held entirely by this rank."""
+        shape = tuple(int(s) for s in shape)
+        return cls(grid=shape, offsets=(0,) * len(shape), shape=shape)
+
+    @classmethod
+    def flat(cls, numel: int, start: int, length: int) -> Shard:
+        """A range ``[start, start + length)`` of the flattened tensor."""
+        return cls(grid=(int(numel),), offsets=(int(start),), shape=(int(length),))
+
+    @property
+    def numel(self) -> int:
+        """Entries this rank holds."""
+        return math.prod(self.shape)
+
+    @property
+    def full_numel(self) -> int:
+        """Entries of the full tensor."""
+        return math.prod(self.grid)
+
+    def flat_start(self) -> int | None:
+        """The global flat index of the first local entry when the box is one contiguous range, else `None`."""
+        if self.numel == 0:
+            return 0
+        nd = len(self.grid)
+        i = 0
+        while i < nd and self.shape[i] == 1:
+            i += 1
+        if all(self.shape[j] == self.grid[j] for j in range(i + 1, nd)):
+            return self._ravel(self.offsets)
+        return None
+
+    def _ravel(self, coords: Sequence[int]) -> int:
+        flat = 0
+        for c, g in zip(coords, self.grid):
+            flat = flat * g + c
+        return flat
+
+    def to_global(self, local: torch.Tensor) -> torch.Tensor:
+        """Global flat indices (int64) of local flat indices (row-major in ``shape``). Increasing local indices map to
+        increasing global indices (a box keeps the row-major order)."""
+        local = local.to(torch.int64)
+        start = self.flat_start()
+        if start is not None:
+            return local + start
+        out = torch.zeros_like(local)
+        rest = local.clone()
+        stride = 1
+        for g, o, s in reversed(list(zip(self.grid, self.offsets, self.shape))):
+            coord = rest % s
+            rest = rest.div_(s, rounding_mode="floor")
+            out += (coord + o) * stride
+            stride *= g
+        return out
+
+    def rows_whole(self) -> bool:
+        """Whether every row (all dimensions but the last of the full tensor) the box touches lies in it whole."""
+        if len(self.grid) == 1:  # a flat partition: rows of the full tensor need the full shape
+            return False
+        return self.shape[-1] == self.grid[-1]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"grid": list(self.grid), "offsets": list(self.offsets), "shape": list(self.shape), "counted": self.counted}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Shard:
+        return cls(tuple(d["grid"]), tuple(d["offsets"]), tuple(d["shape"]), bool(d.get("counted", True)))
+
+
+def _is_dtensor(t: Any) -> bool:
+    return type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor"
+
+
+def _is_zero3(t: Any) -> bool:
+    return hasattr(t, "ds_tensor") and hasattr(t, "ds_numel")
+
+
+def is_sharded_parameter(param: Any) -> bool:
+    """Whether ``param`` is a sharded FSDP2 ``DTensor`` or a DeepSpeed ZeRO-3 partitioned parameter."""
+    return _is_dtensor(param) or _is_zero3(param)
+
+
+def is_sharded_model(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is sharded (FSDP2 ``DTensor`` or DeepSpeed ZeRO-3)."""
+    return any(is_sharded_parameter(p) for p in model.parameters())
+
+
+def full_shape(param: Any) -> tuple[int, ...]:
+    """The logical shape of a parameter (ZeRO-3 keeps it in ``ds_shape``; a DTensor's ``shape`` is global)."""
+    ds = getattr(param, "ds_shape", None)
+    return tuple(int(s) for s in (ds if ds is not None else param.shape))
+
+
+def _zero3_layout(param: Any) -> tuple[int, int]:
+    """(rank in the partition group, partition size) of a ZeRO-3 parameter, checked against the default group."""
+    group = getattr(param, "ds_process_group", None)
+    dist = torch.distributed
+    world = dist.get_world_size(group=group) if group is not None else dist.get_world_size()
+    if world != dist.get_world_size():
+        raise ValueError(
+            "DeepSpeed partitions this parameter over a subgroup of the processes (ZeRO++ hpZ / MiCS): each "
+            "partition then exists on several ranks, which peft-safety's sharded scoring does not count. Score with "
+            "plain ZeRO-3 (no zero_hpz_partition_size / mics_shard_size)."
+        )
+    rank = dist.get_rank(group=group) if group is not None else dist.get_rank()
+    return rank, int(param.ds_tensor.numel())
+
+
+def shard_of(param: Any) -> Shard | None:
+    """Where this rank's part of ``param`` sits in the full tensor, or `None` for an unsharded parameter.
+
+    Raises:
+        ValueError: DTensor placements other than ``Shard``/``Replicate`` (``Partial``, strided shards of FSDP2 + TP),
+            whose local part is not one box; ZeRO-3 partitions over a subgroup (hpZ, MiCS).
+    """
+    if _is_zero3(param):
+        numel = int(param.ds_numel)
+        rank, size = _zero3_layout(param)
+        start = min(rank * size, numel)
+        return Shard.flat(numel, start, max(0, min(size, numel - start)))
+    if not _is_dtensor(param):
+        return None
+    t = param.data if isinstance(param, nn.Parameter) else param
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor import Shard as DShard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    placements = tuple(t.placements)
+    for p in placements:
+        if type(p) not in (DShard, Replicate):
+            raise ValueError(
+                f"A DTensor parameter has placement {p!r}; sharded scoring reads Shard(d) and Replicate placements "
+                "(FSDP2's default). Score before applying tensor parallelism, or with Shard placements only."
+            )
+    shape = tuple(int(s) for s in t.shape)
+    local_shape, offsets = compute_local_shape_and_global_offset(shape, t.device_mesh, placements)
+    local = t.to_local()
+    if tuple(local.shape) != tuple(local_shape):
+        raise ValueError(
+            f"The local part of a DTensor has shape {tuple(local.shape)}, but its placements {placements} give "
+            f"{tuple(local_shape)}; its layout is not a box of the full tensor."
+        )
+    coordinate = t.device_mesh.get_coordinate() or []
+    counted = all(c == 0 for p, c in zip(placements, coordinate) if isinstance(p, Replicate))
+    return Shard(grid=shape, offsets=tuple(int(o) for o in offsets), shape=tuple(local_shape), counted=counted)
+
+
+def local_values(param: Any, shard: Shard | None = None) -> torch.Tensor:
+    """This rank's values of ``param`` (detached), shaped like its `Shard` (the whole tensor when unsharded)."""
+    if _is_zero3(param):
+        shard = shard or shard_of(param)
+        return param.ds_tensor.detach().reshape(-1)[: shard.numel]
+    t = param.data if isinstance(param, nn.Parameter) else param
+    if _is_dtensor(t):
+        return t.to_local().detach()
+    return t.detach()
+
+
+def local_grad(param: Any, grad: torch.Tensor, shard: Shard) -> torch.Tensor:
+    """This rank's part of a gradient already reduced over the ranks (FSDP2: the sharded ``DTensor`` gradient)."""
+    return grad.to_local() if _is_dtensor(grad) else grad
+
+
+# =====================================================================================================================
+# communication
+# =====================================================================================================================
+class Comm:
+    """The collectives the sharded code needs, as no-ops in one process (``world == 1``).
+
+    Tensors travel on the backend's device (CUDA for NCCL, CPU for gloo) and come back on the caller's device.
+    """
+
+    def __init__(self, world: int | None = None) -> None:
+        dist = torch.distributed
+        active = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if active else 0
+        self.world = dist.get_world_size() if active else 1
+        if world is not None and world != self.world:
+            raise ValueError(f"expected a process group of {world} ranks, found {self.world}.")
+        self.device = torch.device("cpu")
+        if active and "nccl" in str(dist.get_backend()).lower() and torch.cuda.is_available():
+            self.device = torch.device("cuda", torch.cuda.current_device())
+
+    @classmethod
+    def local(cls) -> Comm:
+        """A one-process communicator even inside a process group (selection from files on one rank)."""
+        c = cls.__new__(cls)
+        c.rank, c.world, c.device = 0, 1, torch.device("cpu")
+        return c
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduce (sum) in place; returns ``t``."""
+        if self.world > 1:
+            buf = t.to(self.device)
+            torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)
+            if buf is not t:
+                t.copy_(buf.to(t.device))
+        return t
+
+    def max_int(self, value: int) -> int:
+        t = torch.tensor([int(value)], dtype=torch.int64)
+        if self.world > 1:
+            buf = t.to(self.device)
+            torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.MAX)
+            t = buf.cpu()
+        return int(t.item())
+
+    def any(self, flag: bool) -> bool:
+        return self.max_int(int(bool(flag))) > 0
+
+    def min_float(self, value: float) -> float:
+        return -self.max_float(-value)
+
+    def max_float(self, value: float) -> float:
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        if self.world > 1:
+            buf = t.to(self.device)
+            torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.MAX)
+            t = buf.cpu()
+        return float(t.item())
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def gather_to_root(self, t: torch.Tensor, counts: Sequence[int]) -> list[torch.Tensor] | None:
+        """Rank 0 receives every rank's 1-D ``t`` (rank ``r`` sends ``counts[r]`` entries); other ranks get `None`.
+
+        Point-to-point, one rank after the other, so rank 0 holds the pieces of one tensor only.
+        """
+        if self.world == 1:
+            return [t]
+        if self.rank == 0:
+            parts = [t]
+            for r in range(1, self.world):
+                if counts[r]:
+                    buf = torch.empty(counts[r], dtype=t.dtype, device=self.device)
+                    torch.distributed.recv(buf, src=r)
+                    parts.append(buf.to(t.device))
+            return parts
+        if counts[self.rank]:
+            torch.distributed.send(t.to(self.device).contiguous(), dst=0)
+        return None
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+# =====================================================================================================================
+# exact statistics over shards
+# =====================================================================================================================
+def _group_slices(shard: Shard, group_numel: int) -> Iterator[tuple[int, slice]]:
+    """``(group id, slice of the local flat values)`` for groups of ``group_numel`` consecutive global entries
+    (a whole tensor, or one expert of a fused expert tensor), for boxes that are contiguous or split only inside
+    a group-aligned leading dimension."""
+    start = shard.flat_start()
+    n = shard.numel
+    if start is not None:
+        pos = 0
+        while pos < n:
+            gid = (start + pos) // group_numel
+            end = min(n, (gid + 1) * group_numel - start)
+            yield gid, slice(pos, end)
+            pos = end
+        return
+    # a non-contiguous box: the groups must be whole leading-dimension slices of it (experts of a (E, d, d) tensor
+    # sharded along dim >= 1), so each leading index of the box is one group
+    inner = math.prod(shard.grid[1:])
+    if group_numel % inner and inner % group_numel:
+        raise ValueError(f"groups of {group_numel} entries do not align with the box {shard}.")
+    per_lead = math.prod(shard.shape[1:])
+    for i in range(shard.shape[0]):
+        lead = shard.offsets[0] + i
+        if group_numel >= inner:
+            yield (lead * inner) // group_numel, slice(i * per_lead, (i + 1) * per_lead)
+        else:
+            raise ValueError(f"groups of {group_numel} entries split the rows of the box {shard}; not supported.")
+
+
+def exact_group_std(
+    values: torch.Tensor, shard: Shard, group_numel: int, comm: Comm | None = None
+) -> torch.Tensor:
+    """Unbiased standard deviation of every group of ``group_numel`` consecutive entries of the full tensor,
+    from this rank's shard, exactly as if computed on the whole tensor: two passes in float64 (the mean from the
+    all-reduced sums, then the all-reduced squared deviations from it), rounded to float32 once at the end.
+
+    A group is the whole tensor (``group_numel = numel``) or one expert of a fused expert tensor.
+
+    Returns:
+        ``(num_groups,)`` float32; 0 for groups of fewer than 2 entries.
+    """
+    comm = comm or Comm()
+    groups = max(1, shard.full_numel // max(group_numel, 1))
+    flat = values.reshape(-1)
+    sums = torch.zeros(groups, dtype=torch.float64)
+    counts = torch.zeros(groups, dtype=torch.float64)
+    if shard.counted:
+        for gid, sl in _group_slices(shard, group_numel):
+            part = flat[sl]
+            sums[gid] += part.double().sum().item()
+            counts[gid] += part.numel()
+    comm.sum_(sums)
+    comm.sum_(counts)
+    mean = sums / counts.clamp_min(1)
+    m2 = torch.zeros(groups, dtype=torch.float64)
+    if shard.counted:
+        for gid, sl in _group_slices(shard, group_numel):
+            m2[gid] += (flat[sl].double() - mean[gid]).pow(2).sum().item()
+    comm.sum_(m2)
+    std = torch.where(counts > 1, (m2 / (counts - 1).clamp_min(1)).sqrt(), torch.zeros_like(m2))
+    return std.float()
+
+
+def broadcast_groups(values: torch.Tensor, shard: Shard, group_numel: int, per_group: torch.Tensor) -> torch.Tensor:
+    """``values * per_group[group of each entry]`` in place, for the groups of `exact_group_std`."""
+    flat = values.reshape(-1)
+    for gid, sl in _group_slices(shard, group_numel):
+        flat[sl].mul_(per_group[gid].to(flat.device))
+    return values
+
+
+def sharded_fingerprints(params: Mapping[str, Any], shards: Mapping[str, Shard], comm: Comm | None = None) -> dict:
+    """`peft_safety.mask.fingerprint_tensor` of sharded weights, equal to the fingerprint of the full tensor: each rank
+    reads the sampled positions (at most 4096 per tensor) it holds, one all-gather brings them together, and they are
+    hashed as `fingerprint_tensor` hashes them (``tests/test_sharded_selection.py`` checks that the two agree)."""
+    from ..mask.safety_mask import FINGERPRINT_SAMPLES
+
+    comm = comm or Comm()
+    positions: dict[str, torch.Tensor] = {}
+    mine: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, param in params.items():
+        shard = shards[name]
+        n = shard.full_numel
+        if n > FINGERPRINT_SAMPLES:
+            positions[name] = torch.arange(FINGERPRINT_SAMPLES, dtype=torch.int64) * n // FINGERPRINT_SAMPLES
+        else:
+            positions[name] = torch.arange(n, dtype=torch.int64)
+        if shard.counted and shard.numel:
+            local = local_values(param, shard).reshape(-1)
+            owned, where = _positions_in_shard(shard, positions[name])
+            mine[name] = (owned, local[where.to(local.device)].cpu())
+    gathered = comm.all_gather_object(mine)
+    out = {}
+    for name, param in params.items():
+        sample: torch.Tensor | None = None
+        for part in gathered:
+            if name in part:
+                owned, values = part[name]
+                if sample is None:
+                    sample = torch.zeros(positions[name].numel(), dtype=values.dtype)
+                sample[owned] = values
+        if sample is not None:
+            out[name] = fingerprint_of_sample(sample, full_shape(param))
+    return out
+
+
+def fingerprint_of_sample(sample: torch.Tensor, shape: Sequence[int]) -> str:
+    """The fingerprint `peft_safety.mask.fingerprint_tensor` gives a tensor of ``shape`` whose values at its sampled
+    positions are ``sample`` (in the weight's own dtype)."""
+    import hashlib
+
+    from ..mask.safety_mask import FINGERPRINT_SCHEME
+
+    bits = sample.to(torch.bfloat16).view(torch.int16).tolist()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr(tuple(int(s) for s in shape)).encode())
+    h.update(struct.pack(f"<{len(bits)}h", *bits))
+    return f"{FINGERPRINT_SCHEME}:{h.hexdigest()}"
+
+
+def _positions_in_shard(shard: Shard, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(which of the global flat ``positions`` this shard holds, their local flat indices)."""
+    nd = len(shard.grid)
+    rest = positions.clone()
+    coords = []
+    for g in reversed(shard.grid):
+        coords.append(rest % g)
+        rest = rest // g
+    coords.reverse()
+    inside = torch.ones_like(positions, dtype=torch.bool)
+    local = torch.zeros_like(positions)
+    for d in range(nd):
+        c = coords[d] - shard.offsets[d]
+        inside &= (c >= 0) & (c < shard.shape[d])
+        local = local * shard.shape[d] + c.clamp(0, max(shard.shape[d] - 1, 0))
+    return inside.nonzero().reshape(-1), local[inside]
+
+
+# =====================================================================================================================
+# the selection engine: exact k-th entry of the composite order (score, tensor position, flat index)
+# =====================================================================================================================
+def order_keys(values: torch.Tensor, largest: bool) -> torch.Tensor:
+    """Order-preserving int32 keys of fp32 scores: larger key = better score (``largest=False``: smaller score).
+
+    ``x + 0.0`` / ``0.0 - x`` fold ``-0.0`` into ``+0.0`` (they must tie); non-negative floats keep their bit
+    pattern, negative ones flip every bit but the sign, so the signed int32 order is the float order.
+    """
+    v = values + 0.0 if largest else 0.0 - values
+    bits = v.view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+class Piece:
+    """This rank's part of one score tensor, as the selection engine reads it.
+
+    Args:
+        tid: the tensor's position in the scores order (the second key of the tie-break).
+        shard: where the part sits in the full tensor.
+        read: ``read(start, count)`` -> fp32 1-D values of local flat entries ``[start, start + count)``.
+        device: where the engine keeps this piece's index buffers.
+    """
+
+    def __init__(self, tid: int, shard: Shard, read: Callable[[int, int], torch.Tensor], device: Any = "cpu"):
+        self.tid = tid
+        self.shard = shard
+        self.read = read
+        self.device = torch.device(device)
+        self.sure: list[torch.Tensor] = []
+        self.cand_idx: torch.Tensor | None = None
+        self.cand_key: torch.Tensor | None = None
+
+    @classmethod
+    def of_tensor(cls, tid: int, tensor: torch.Tensor, shard: Shard | None = None) -> Piece:
+        flat = tensor.reshape(-1)
+        shard = shard or Shard.whole(tuple(tensor.shape))
+        return cls(tid, shard, lambda s, n: flat[s : s + n], flat.device)
+
+    @property
+    def numel(self) -> int:
+        return self.shard.numel if self.shard.counted else 0
+
+    def chunks(self, chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
+        n = self.numel
+        for start in range(0, n, chunk):
+            yield start, self.read(start, min(chunk, n - start))
+
+    def reset(self) -> None:
+        self.sure, self.cand_idx, self.cand_key = [], None, None
+
+
+@dataclass
+class _Cut:
+    """The part of the composite order fixed so far: each level fixes one digit of the k-th entry's key."""
+
+    high: int | None = None  # key >> 16 of the k-th entry
+    key: int | None = None  # its full key
+    tid: int | None = None  # its tensor position
+    digits: list[tuple[int, int]] = field(default_factory=list)  # (shift, digit) of its global flat index
+    finished: bool = False  # the last fixed level's bucket is taken whole
+
+    def classify(
+        self, keys: torch.Tensor, piece: Piece, local: Callable[[], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(selected for sure, undecided) masks of entries with these keys; ``local()`` gives their local flat
+        indices (needed only at the index levels)."""
+        if self.high is None:
+            return torch.zeros_like(keys, dtype=torch.bool), torch.ones_like(keys, dtype=torch.bool)
+        high = keys >> 16
+        better = high > self.high
+        und = high == self.high
+        if self.key is not None:
+            better |= und & (keys > self.key)
+            und &= keys == self.key
+            if self.tid is not None:
+                if piece.tid < self.tid:
+                    better |= und
+                    und = torch.zeros_like(und)
+                elif piece.tid > self.tid:
+                    und = torch.zeros_like(und)
+                elif self.digits:
+                    g = piece.shard.to_global(local())
+                    for shift, digit in self.digits:
+                        d = (g >> shift) & 0xFFFF
+                        better |= und & (d < digit)
+                        und &= d == digit
+        if self.finished:
+            better |= und
+            und = torch.zeros_like(und)
+        return better, und
+
+
+def _count(hist: torch.Tensor, buckets: torch.Tensor) -> None:
+    if buckets.numel() >= hist.numel() // 4:
+        hist += torch.bincount(buckets, minlength=hist.numel()).to(hist.device)
+    elif buckets.numel():
+        hist.index_add_(0, buckets.to(hist.device), torch.ones(buckets.shape, dtype=hist.dtype, device=hist.device))
+
+
+def _pick(hist: torch.Tensor, need: int, larger_first: bool) -> tuple[int, int, int]:
+    """(bucket holding the ``need``-th best entry, entries in better buckets, entries in the bucket)."""
+    h = hist.cpu()
+    if larger_first:
+        at_or_above = h.flip(0).cumsum(0).flip(0)
+        bucket = int((at_or_above >= need).sum()) - 1
+        above = int(at_or_above[bucket] - h[bucket])
+    else:
+        at_or_below = h.cumsum(0)
+        bucket = int((at_or_below < need).sum())
+        above = int(at_or_below[bucket] - h[bucket])
+    return bucket, above, int(h[bucket])
+
+
+def _index_shifts(numel: int) -> list[int]:
+    bits = max(1, (max(numel, 1) - 1).bit_length())
+    return list(range(((bits - 1) // 16) * 16, -1, -16))
+
+
+def select_pieces(
+    pieces: Sequence[Piece],
+    k: int,
+    *,
+    largest: bool,
+    comm: Comm,
+    tensor_numel: Mapping[int, int],
+    n_tensors: int,
+    chunk: int = 1 << 20,
+    budget: int | None = None,
+) -> dict[int, list[torch.Tensor]]:
+    """The exact top-``k`` entries of every rank's ``pieces`` together, in the composite order (score, tensor
+    position, global flat index): equal to the first ``k`` entries of a stable sort of the concatenated scores.
+
+    Collective: every rank calls it with its own pieces (possibly none) and the same ``k``.
+
+    Args:
+        pieces: this rank's pieces of the tensors in the group.
+        k: entries to select over all ranks, ``1 <= k <=`` the group's total.
+        largest: highest scores (``False``: lowest).
+        comm: the ranks.
+        tensor_numel: ``{tensor position: full numel}`` of the tensors in the group.
+        n_tensors: number of tensor positions (bins of the tensor level).
+        chunk: entries read at once.
+        budget: the most undecided entries a rank keeps in memory (12 bytes each) to spare a read; default a third
+            of the largest piece, at least 2**20.
+
+    Returns:
+        ``{tensor position: [sorted global flat indices (int64) of each of this rank's pieces]}``.
+    """
+    pieces = list(pieces)
+    for p in pieces:
+        p.reset()
+    if budget is None:
+        budget = max(1 << 20, max((p.numel for p in pieces), default=0) // 3)
+    cut = _Cut()
+    need = k
+    in_memory = False
+    level = 0  # 0: key high 16 bits, 1: key low 16 bits, 2: tensor position, 3+: global flat index digits
+    shifts: list[int] = []
+
+    def local_range(start: int, n: int, device: Any) -> Callable[[], torch.Tensor]:
+        return lambda: torch.arange(start, start + n, device=device, dtype=torch.int64)
+
+    def histogram(level: int) -> torch.Tensor:
+        bins = _BINS if level != 2 else max(n_tensors, 1)
+        hist = torch.zeros(bins, dtype=torch.int64)
+        for p in pieces:
+            if level >= 3 and p.tid != cut.tid:
+                continue
+            if in_memory:
+                sources: Iterable[tuple[torch.Tensor, Callable[[], torch.Tensor]]] = (
+                    [(p.cand_key, lambda p=p: p.cand_idx)] if p.cand_key is not None and p.cand_key.numel() else []
+                )
+            else:
+                sources = (
+                    (order_keys(c, largest), local_range(s, c.numel(), c.device)) for s, c in p.chunks(chunk)
+                )
+            for keys, local in sources:
+                if level == 0:
+                    _count(hist, ((keys >> 16) + 32768).to(torch.int64))
+                    continue
+                _, und = cut.classify(keys, p, local)
+                if level == 1:
+                    _count(hist, (keys[und] & 0xFFFF).to(torch.int64))
+                elif level == 2:
+                    hist[p.tid] += int(und.sum())
+                else:
+                    g = p.shard.to_global(local()[und])
+                    _count(hist, ((g >> shifts[level - 3]) & 0xFFFF).to(torch.int64))
+        return hist
+
+    def collect() -> None:
+        """Read every piece once: keep the sure winners and, unless finished, the undecided entries."""
+        for p in pieces:
+            idx_parts, key_parts = [], []
+            for s, c in p.chunks(chunk):
+                keys = order_keys(c, largest)
+                local = local_range(s, c.numel(), c.device)
+                better, und = cut.classify(keys, p, local)
+                if bool(better.any()):
+                    p.sure.append(better.nonzero().reshape(-1).to(torch.int64) + s)
+                if bool(und.any()):
+                    pos = und.nonzero().reshape(-1)
+                    idx_parts.append(pos.to(torch.int64) + s)
+                    key_parts.append(keys[pos])
+            if idx_parts:
+                p.cand_idx, p.cand_key = torch.cat(idx_parts), torch.cat(key_parts)
+
+    while True:
+        hist_local = histogram(level)
+        hist = comm.sum_(hist_local.clone())
+        larger_first = level < 2
+        bucket, above, inside = _pick(hist, need, larger_first)
+        if level == 0:
+            cut.high = bucket - 32768
+        elif level == 1:
+            cut.key = (cut.high << 16) | bucket
+        elif level == 2:
+            cut.tid = bucket
+            shifts = _index_shifts(tensor_numel[bucket])
+        else:
+            cut.digits.append((shifts[level - 3], bucket))
+        need -= above
+        if need == inside:
+            cut.finished = True
+            break
+        if level >= 3 and level - 3 == len(shifts) - 1:  # pragma: no cover - the composite key is unique
+            raise RuntimeError("selection did not converge: two entries share tensor position and flat index")
+        if not in_memory and comm.max_int(int(hist_local[bucket])) <= budget:
+            collect()
+            in_memory = True
+        level += 1
+
+    result: dict[int, list[torch.Tensor]] = {}
+    if not in_memory:
+        collect()
+    for p in pieces:
+        parts = list(p.sure)
+        if p.cand_key is not None and p.cand_key.numel():
+            better, _ = cut.classify(p.cand_key, p, lambda p=p: p.cand_idx)
+            parts.append(p.cand_idx[better])
+        local = torch.cat(parts).sort().values if parts else torch.empty(0, dtype=torch.int64, device=p.device)
+        result.setdefault(p.tid, []).append(p.shard.to_global(local))
+        p.reset()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------- per row
+def _rows_of_flat_piece(p: Piece, width: int, k: int, largest: bool, chunk: int, comm: Comm, tensor: str):
+    """Per-row top-k of a flat partition: whole rows here, split rows completed from the other ranks' fragments."""
+    from .selection import topk_indices_per_row
+
+    start = p.shard.offsets[0] if p.numel else 0
+    n = p.numel
+    parts: list[torch.Tensor] = []
+    fragments: list[tuple[int, int, torch.Tensor]] = []
+    if n:
+        end = start + n
+        head_row, tail_row = start // width, (end - 1) // width
+        if head_row == tail_row and (start % width or end % width):  # a part of one row only
+            fragments.append((head_row, start % width, p.read(0, n).cpu()))
+        else:
+            first_full = -(-start // width) * width
+            last_full = (end // width) * width
+            if start % width:
+                fragments.append((head_row, start % width, p.read(0, first_full - start).cpu()))
+            rows_total = (last_full - first_full) // width
+            block = max(1, chunk // width)
+            for r0 in range(0, rows_total, block):
+                nr = min(block, rows_total - r0)
+                vals = p.read(first_full - start + r0 * width, nr * width).reshape(nr, width)
+                local = topk_indices_per_row(vals, k, largest=largest).to(torch.int64)
+                parts.append(local + first_full + r0 * width)
+            if end % width:
+                fragments.append((tail_row, 0, p.read(last_full - start, end - last_full).cpu()))
+    gathered = comm.all_gather_object(fragments)
+    rows: dict[int, list[tuple[int, int, torch.Tensor]]] = {}
+    for rank, frs in enumerate(gathered):
+        for row, col, vals in frs:
+            rows.setdefault(row, []).append((col, rank, vals))
+    for row, frs in sorted(rows.items()):
+        frs.sort(key=lambda f: f[0])
+        if min(f[1] for f in frs) != comm.rank:
+            continue  # the lowest rank holding a fragment of the row selects it
+        cols = [f[0] for f in frs]
+        full = torch.cat([f[2] for f in frs])
+        if full.numel() != width or cols[0] != 0:
+            raise RuntimeError(f"{tensor!r}: the fragments of row {row} cover {full.numel()} of {width} columns.")
+        local = topk_indices_per_row(full.reshape(1, width).float(), k, largest=largest).to(torch.int64)
+        parts.append(local + row * width)
+    return torch.cat(parts).sort().values if parts else torch.empty(0, dtype=torch.int64)
+
+
+def select_rows(
+    pieces: Sequence[Piece], shape: Sequence[int], k: int, *, largest: bool, comm: Comm, tensor: str, chunk: int
+) -> list[torch.Tensor]:
+    """Per-row top-``k`` (rows = all dimensions but the last) of one tensor, from this rank's pieces: sorted global
+    flat indices (int64) per piece. Collective for flat partitions (their split rows travel between ranks)."""
+    from .selection import topk_indices_per_row
+
+    width = int(shape[-1])
+    out = []
+    flat_layout = any(len(p.shard.grid) == 1 for p in pieces)
+    if comm.any(flat_layout):
+        if len(pieces) > 1:
+            raise ValueError(f"{tensor!r}: per-row selection reads one flat partition per rank, got {len(pieces)}.")
+        p = pieces[0] if pieces else Piece(0, Shard.flat(math.prod(shape), 0, 0), lambda s, n: torch.empty(0))
+        return [_rows_of_flat_piece(p, width, k, largest, chunk, comm, tensor)]
+    for p in pieces:
+        if not p.numel:
+            out.append(torch.empty(0, dtype=torch.int64))
+            continue
+        if not p.shard.rows_whole():
+            raise ValueError(
+                f"scope='per_row' needs whole rows on each rank, but {tensor!r} is split along its last dimension "
+                f"(this rank holds {p.shard.shape} of {p.shard.grid}). Shard it along dim 0 (FSDP2's default "
+                "Shard(0)), or use scope='per_tensor' / 'global'."
+            )
+        w_local = p.shard.shape[-1]
+        rows = p.numel // w_local
+        block = max(1, chunk // w_local)
+        parts = []
+        for r0 in range(0, rows, block):
+            nr = min(block, rows - r0)
+            vals = p.read(r0 * w_local, nr * w_local).reshape(nr, w_local)
+            parts.append(topk_indices_per_row(vals, k, largest=largest).to(torch.int64) + r0 * w_local)
+        local = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+        out.append(p.shard.to_global(local))
+    return out
+
+
+# =====================================================================================================================
+# mask assembly on rank 0
+# =====================================================================================================================
+def mask_index_dtype(shape: Sequence[int]) -> torch.dtype:
+    """The index dtype a `SafetyMask` stores for a parameter of ``shape`` (int64 from 2**31 entries on)."""
+    return torch.int64 if math.prod(shape) >= 2**31 else torch.int32
+
+
+def file_order(counts: Mapping[str, tuple[torch.dtype, int]]) -> list[str]:
+    """The order safetensors lays tensors out in: larger dtypes first, then by name (empty tensors left out: a
+    `SafetyMask` stores none)."""
+    return sorted((n for n, (_, c) in counts.items() if c), key=lambda n: (-counts[n][0].itemsize, n))
+
+
+def assemble(
+    names: Sequence[str],
+    local: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, Sequence[int]],
+    comm: Comm,
+) -> tuple[dict[str, tuple[torch.dtype, int]], Callable[[Sequence[str]], Iterator[tuple[str, torch.Tensor | None]]]]:
+    """The global count of selected units per name, and an iterator that brings one name's indices to rank 0.
+
+    Args:
+        names: every scored name (the same list on every rank).
+        local: this rank's selected global flat indices per name (sorted, int64; missing = none).
+        shapes: full shapes.
+        comm: the ranks.
+
+    Returns:
+        ``(counts, stream)``: ``counts[name] = (mask index dtype, total count)`` on every rank; ``stream(order)``
+        yields ``(name, sorted index tensor on rank 0, None elsewhere)`` for the names of ``order`` (collective: every
+        rank iterates the same order).
+    """
+    mine = torch.zeros(comm.world, len(names), dtype=torch.int64)
+    for j, n in enumerate(names):
+        if n in local:
+            mine[comm.rank, j] = int(local[n].numel())
+    per_rank = comm.sum_(mine)
+    position = {n: j for j, n in enumerate(names)}
+    counts = {n: (mask_index_dtype(shapes[n]), int(per_rank[:, j].sum())) for j, n in enumerate(names)}
+
+    def stream(order: Sequence[str]) -> Iterator[tuple[str, torch.Tensor | None]]:
+        for n in order:
+            j = position[n]
+            mine_n = local.get(n, torch.empty(0, dtype=torch.int64)).to(torch.int64)
+            parts = comm.gather_to_root(mine_n, per_rank[:, j].tolist())
+            if parts is None:
+                yield n, None
+                continue
+            idx = torch.cat([p.cpu() for p in parts]) if len(parts) > 1 else parts[0].cpu()
+            if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+                idx = idx.sort().values  # boxes that interleave in flat order (Shard(d > 0))
+            yield n, idx.to(counts[n][0])
+
+    return counts, stream
+
+
+def _mask_metadata(shapes, granularity, fingerprints, provenance) -> dict[str, str]:
+    """The ``__metadata__`` of the mask file `SafetyMask.save_pretrained` writes for these fields (taken from the
+    library's own writer, on a mask without indices: the metadata does not depend on them)."""
+    from ..mask import SafetyMask
+    from ..mask.serialization import mask_to_bytes
+
+    empty = SafetyMask(
+        indices={}, shapes=shapes, granularity=granularity, fingerprints=fingerprints, provenance=provenance
+    )
+    blob = mask_to_bytes(empty)
+    (n,) = struct.unpack("<Q", blob[:8])
+    return json.loads(blob[8 : 8 + n])["__metadata__"]
+
+
+def write_mask_stream(
+    save_directory: str | os.PathLike,
+    *,
+    shapes: Mapping[str, Sequence[int]],
+    granularity: Any,
+    fingerprints: Mapping[str, str],
+    provenance: Mapping[str, Any],
+    counts: Mapping[str, tuple[torch.dtype, int]],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+) -> str:
+    """Write ``save_directory/safety_mask.safetensors`` from index tensors that arrive one at a time, in
+    `file_order`, with the header entries and data bytes `SafetyMask.save_pretrained` writes for the same mask (the
+    metadata keys sorted: the safetensors library writes them in hash order); atomically.
+
+    Memory: one tensor's indices at a time. The header (shapes, granularity, fingerprints, provenance and every
+    tensor's byte range) is written first from ``counts``; each arriving tensor is checked against its declared count
+    and dtype, and against the mask rules (1-D, sorted, unique, in range).
+    """
+    from ..mask.serialization import MASK_FILENAME
+    from .score_files import write_safetensors
+
+    directory = os.fspath(save_directory)
+    if os.path.isfile(directory) or directory.endswith(".safetensors"):
+        raise ValueError(f"save_directory must be a folder, got {directory!r}; the file is always {MASK_FILENAME}.")
+    meta = _mask_metadata(shapes, granularity, fingerprints, provenance)
+    order = file_order(counts)
+    entries = [(n, "I64" if counts[n][0] == torch.int64 else "I32", (counts[n][1],)) for n in order]
+
+    def checked() -> Iterator[tuple[str, torch.Tensor]]:
+        for n, idx in tensors:
+            numel = math.prod(shapes[n])
+            if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= numel):
+                raise RuntimeError(f"{n!r}: assembled indices leave [0, {numel}).")
+            if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+                raise RuntimeError(f"{n!r}: assembled indices are not sorted and unique.")
+            yield n, idx
+
+    os.makedirs(directory, exist_ok=True)
+    return write_safetensors(os.path.join(directory, MASK_FILENAME), entries, meta, checked())
