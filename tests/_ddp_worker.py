@@ -8,6 +8,12 @@
 * ``python _ddp_worker.py score OUT`` (tests/test_scoring_ddp.py): scores the shared calibration set of
   `score_calibration` with snip and esi; each rank runs only its share of the batches and the scorers all-reduce
   the accumulators. Writes this rank's scores and the number of forward passes it ran to ``OUT/rank<r>.pt``.
+* ``python _ddp_worker.py fsdp2_score OUT`` / ``zero3_score OUT`` (tests/test_sharded_scoring.py): shards
+  `sharded_model` with FSDP2 (``fully_shard``, one tensor with a ``Shard(1)`` placement) or DeepSpeed ZeRO-3, scores
+  it with every run of `SHARDED_RUNS` and selects with every entry of `SHARDED_SELECTIONS`; writes the gathered
+  scores (`Scores.save_pretrained`), the masks (rank 0, `SafetyMask.save_pretrained`), the streamed masks
+  (`select_and_save`) and per-rank facts to ``OUT``. ``fsdp2_score OUT accelerate`` shards through accelerate's own
+  FSDP2 preparation function instead of calling ``fully_shard``.
 """
 
 from __future__ import annotations
@@ -34,10 +40,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(mode: str, out: Path, world: int = 2, timeout: float = 240.0) -> None:
+def launch(
+    mode: str, out: Path, world: int = 2, timeout: float = 240.0, args: tuple[str, ...] = (), env: dict | None = None
+) -> None:
     """Run ``world`` ranks of this script in ``mode`` on CPU; raise with the failing rank's output if one fails."""
     port = _free_port()
     procs = []
+    extra = env
     for rank in range(world):
         env = dict(
             os.environ,
@@ -51,10 +60,14 @@ def launch(mode: str, out: Path, world: int = 2, timeout: float = 240.0) -> None
             HF_HUB_OFFLINE="1",
             HF_DATASETS_OFFLINE="1",
             TOKENIZERS_PARALLELISM="false",
+            **(extra or {}),
         )
         procs.append(
             subprocess.Popen(
-                [sys.executable, __file__, mode, str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+                [sys.executable, __file__, mode, str(out), *args],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
             )
         )
     outputs = []
@@ -111,6 +124,129 @@ def score_main(out: str) -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+#: sharded-scoring runs: (label, method, kwargs); the single-process reference runs the same
+SHARDED_RUNS = (
+    ("snip", "snip", {}),
+    ("snip_abs_of_sum", "snip", {"aggregation": "abs_of_sum", "batch_size": 2}),
+    ("esi", "esi", {"batch_size": 2}),
+    ("wanda", "wanda", {"batch_size": 3}),
+)
+#: selections of every sharded run: (label, select kwargs); "per_row" leaves out the Shard(1) tensor (its rows are split)
+SHARDED_SELECTIONS = (
+    ("global", {"fraction": 0.05}),
+    ("global_smallest", {"k": 300, "largest": False}),
+    ("per_tensor", {"fraction": 0.1}),
+    ("per_row", {"k": 3, "scope": "per_row"}),
+)
+SHARDED_TARGETS = ["q_proj", "o_proj", "up_proj", "down_proj"]
+#: sharded along its columns (FSDP2 Shard(1)) in the FSDP2 run: a box that is not one range of flat indices
+COLUMN_SHARDED = "model.layers.0.self_attn.o_proj.weight"
+
+
+def sharded_model():
+    """The model of the sharded tests: an odd MLP width (37) gives uneven FSDP2 row shards and ZeRO-3 partitions that
+    split rows."""
+    from peft_safety.testing import tiny_llama
+
+    return tiny_llama(seed=0, intermediate_size=37)
+
+
+def sharded_selection_kwargs(label: str) -> dict:
+    kwargs = dict(dict(SHARDED_SELECTIONS)[label])
+    kwargs.setdefault("scope", "per_tensor" if label == "per_tensor" else "global")
+    return kwargs
+
+
+def score_and_select(model, calib, out: str, rank: int, world: int) -> dict:
+    """Every sharded run and selection on ``model`` (collective); returns this rank's facts."""
+    from peft_safety.mask import SafetyMask
+    from peft_safety.scoring import score
+    from peft_safety.scoring.selection import select, select_and_save
+
+    facts: dict = {"world_size": world, "runs": {}}
+    for label, method, kwargs in SHARDED_RUNS:
+        scores = score(model, calib, method, target_modules=SHARDED_TARGETS, progress=False, **kwargs)
+        run = {
+            "sharded": scores.is_sharded,
+            "local_numel": scores.local_numel(),
+            "numel": scores.numel(),
+            "shards": {n: s.to_json() for n, s in scores.shards.items()},
+            "histogram": scores.histogram(bins=16, range=(0.0, 1.0))[0],
+            "fingerprints": dict(scores.fingerprints),
+        }
+        scores.save_pretrained(os.path.join(out, f"{label}_scores"), max_file_bytes=20_000)
+        for sel, _ in SHARDED_SELECTIONS:
+            kwargs_sel = sharded_selection_kwargs(sel)
+            source = scores.restrict([n for n in scores.names if n != COLUMN_SHARDED]) if sel == "per_row" else scores
+            mask = select(source, **kwargs_sel)
+            if rank == 0:
+                assert isinstance(mask, SafetyMask)
+                mask.save_pretrained(os.path.join(out, f"{label}_{sel}"))
+            else:
+                assert mask is None
+            select_and_save(source, os.path.join(out, f"{label}_{sel}_stream"), **kwargs_sel)
+        if COLUMN_SHARDED in scores.shards:
+            try:
+                select(scores, k=2, scope="per_row")
+            except ValueError as err:
+                run["per_row_error"] = str(err)
+        facts["runs"][label] = run
+    try:
+        score(model, calib, "magnitude", target_modules=SHARDED_TARGETS, progress=False)
+    except ValueError as err:
+        facts["refused"] = str(err)
+    return facts
+
+
+def fsdp2_score_main(out: str, via: str = "fully_shard") -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    model = sharded_model()
+    column = dict(model.named_parameters())[COLUMN_SHARDED]
+    if via == "accelerate":
+        from accelerate import Accelerator
+        from accelerate.utils import FullyShardedDataParallelPlugin
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["LlamaDecoderLayer"]
+        )
+        accelerator = Accelerator(cpu=True)
+        accelerator.state.fsdp_plugin = plugin
+        model = fsdp2_prepare_model(accelerator, model)
+    else:
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p is column else None)
+        fully_shard(model, mesh=mesh)
+    facts = score_and_select(model, score_calibration(), out, rank, world)
+    torch.save(facts, os.path.join(out, f"rank{rank}.pt"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def zero3_score_main(out: str) -> None:
+    import torch._dynamo  # noqa: F401 - imported before DeepSpeed patches tensor constructors
+    import transformers.generation.utils  # noqa: F401
+
+    import deepspeed
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    engine, *_ = deepspeed.initialize(model=sharded_model(), config=config)
+    facts = score_and_select(engine.module, score_calibration(), out, rank, world)
+    torch.save(facts, os.path.join(out, f"rank{rank}.pt"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 #: the FSDP2 test's mask: flat entries, whole rows, whole columns, and entries on both shards of each tensor
@@ -246,4 +382,11 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    {"train": main, "score": score_main, "fsdp2": fsdp2_main}[sys.argv[1]](sys.argv[2])
+    modes = {
+        "train": main,
+        "score": score_main,
+        "fsdp2": fsdp2_main,
+        "fsdp2_score": fsdp2_score_main,
+        "zero3_score": zero3_score_main,
+    }
+    modes[sys.argv[1]](*sys.argv[2:])

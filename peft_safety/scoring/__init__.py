@@ -111,6 +111,9 @@ def score(
     """
     fn = SCORERS.get(method)
     _reject_injected_adapters(model)
+    from .distributed import check_sharded_support
+
+    check_sharded_support(model, method, fn)
     targets = resolve_targets(
         model,
         target_modules=target_modules,

@@ -191,7 +191,13 @@ def _zero3_layout(param: Any) -> tuple[int, int]:
             "plain ZeRO-3 (no zero_hpz_partition_size / mics_shard_size)."
         )
     rank = dist.get_rank(group=group) if group is not None else dist.get_rank()
-    return rank, int(param.ds_tensor.numel())
+    size = int(param.ds_tensor.numel())
+    if size != -(-int(param.ds_numel) // world):
+        raise ValueError(
+            f"A DeepSpeed ZeRO-3 partition holds {size} entries of {int(param.ds_numel)} over {world} ranks, not the "
+            "ceil(numel / world) this code assumes; the partition layout of this DeepSpeed version is not supported."
+        )
+    return rank, size
 
 
 def shard_of(param: Any) -> Shard | None:
@@ -244,9 +250,19 @@ def local_values(param: Any, shard: Shard | None = None) -> torch.Tensor:
     return t.detach()
 
 
-def local_grad(param: Any, grad: torch.Tensor, shard: Shard) -> torch.Tensor:
-    """This rank's part of a gradient already reduced over the ranks (FSDP2: the sharded ``DTensor`` gradient)."""
-    return grad.to_local() if _is_dtensor(grad) else grad
+def reduce_scatter_flat(grad: torch.Tensor, shard: Shard) -> torch.Tensor:
+    """Sum a full-size gradient over the ranks and keep this rank's flat partition (DeepSpeed ZeRO-3's layout:
+    partitions of ``ceil(numel / world)`` entries, the last one padded). Returns ``shard.numel`` fp32 entries."""
+    dist = torch.distributed
+    world = dist.get_world_size()
+    numel = shard.full_numel
+    size = -(-numel // world)
+    comm = Comm()
+    flat = torch.zeros(size * world, dtype=torch.float32, device=comm.device)
+    flat[:numel].copy_(grad.detach().reshape(-1))
+    out = torch.empty(size, dtype=torch.float32, device=comm.device)
+    dist.reduce_scatter_tensor(out, flat, op=dist.ReduceOp.SUM)
+    return out[: shard.numel].to(grad.device)
 
 
 # =====================================================================================================================
@@ -919,3 +935,19 @@ def write_mask_stream(
 
     os.makedirs(directory, exist_ok=True)
     return write_safetensors(os.path.join(directory, MASK_FILENAME), entries, meta, checked())
+
+
+def check_sharded_support(model: nn.Module, method: str, fn: Any) -> None:
+    """Refuse a scorer on a sharded model unless it declares ``fn.supports_sharding = True``.
+
+    Built-ins that do: ``snip`` (both aggregations), ``esi`` and ``wanda`` (see their modules for how each stays
+    exact). The others (baselines, safety neurons, safety layers) read or edit whole weights and would silently see
+    one shard; a scorer of your own declares support by setting the attribute once it handles `Shard` layouts.
+    """
+    if getattr(fn, "supports_sharding", False) or not is_sharded_model(model):
+        return
+    raise ValueError(
+        f"score(..., {method!r}) cannot score a sharded model (FSDP2 DTensor or DeepSpeed ZeRO-3 parameters): it "
+        "reads whole weights, and each rank holds a shard. Sharded scoring supports 'snip', 'esi' and 'wanda'; for "
+        f"{method!r}, score an unsharded copy (e.g. on CPU, or with device_map='auto' across GPUs)."
+    )
