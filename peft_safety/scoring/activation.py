@@ -206,7 +206,7 @@ def wanda(
         return Scores(values, shapes=targets.shapes, provenance=provenance)
     from .distributed import sharded_fingerprints
 
-    fingerprints = sharded_fingerprints({n: params[n] for n in shards}, shards, Comm())
+    fingerprints = sharded_fingerprints({n: params[n] for n in shards}, shards, targets.shapes, Comm())
     return Scores(values, shapes=targets.shapes, provenance=provenance, shards=shards, fingerprints=fingerprints)
 
 

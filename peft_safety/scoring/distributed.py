@@ -427,7 +427,12 @@ def broadcast_groups(values: torch.Tensor, shard: Shard, group_numel: int, per_g
     return values
 
 
-def sharded_fingerprints(params: Mapping[str, Any], shards: Mapping[str, Shard], comm: Comm | None = None) -> dict:
+def sharded_fingerprints(
+    params: Mapping[str, Any],
+    shards: Mapping[str, Shard],
+    shapes: Mapping[str, Sequence[int]],
+    comm: Comm | None = None,
+) -> dict:
     """`peft_safety.mask.fingerprint_tensor` of sharded weights, equal to the fingerprint of the full tensor: each rank
     reads the sampled positions (at most 4096 per tensor) it holds, one all-gather brings them together, and they are
     hashed as `fingerprint_tensor` hashes them (``tests/test_sharded_selection.py`` checks that the two agree)."""
@@ -449,7 +454,7 @@ def sharded_fingerprints(params: Mapping[str, Any], shards: Mapping[str, Shard],
             mine[name] = (owned, local[where.to(local.device)].cpu())
     gathered = comm.all_gather_object(mine)
     out = {}
-    for name, param in params.items():
+    for name in params:
         sample: torch.Tensor | None = None
         for part in gathered:
             if name in part:
@@ -458,7 +463,7 @@ def sharded_fingerprints(params: Mapping[str, Any], shards: Mapping[str, Shard],
                     sample = torch.zeros(positions[name].numel(), dtype=values.dtype)
                 sample[owned] = values
         if sample is not None:
-            out[name] = fingerprint_of_sample(sample, full_shape(param))
+            out[name] = fingerprint_of_sample(sample, shapes[name])
     return out
 
 

@@ -311,7 +311,7 @@ def _make_scores(
         return Scores(values, shapes=targets.shapes, provenance=provenance)
     from .distributed import sharded_fingerprints
 
-    fingerprints = sharded_fingerprints({n: params[n] for n in shards}, shards)
+    fingerprints = sharded_fingerprints({n: params[n] for n in shards}, shards, targets.shapes)
     return Scores(values, shapes=targets.shapes, provenance=provenance, shards=shards, fingerprints=fingerprints)
 
 
