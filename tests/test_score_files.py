@@ -109,10 +109,12 @@ class CountingFiles(ScoreFiles):
         return read
 
 
-@pytest.mark.parametrize("budget", [None, 0])
-def test_out_of_core_reads_twice_when_the_bucket_fits(budget, tmp_path, monkeypatch):
-    """Uniform scores: one histogram pass and one collecting pass read every byte twice (``budget=0`` forbids keeping
-    undecided entries, which costs one more pass), in chunks of ``selection_chunk`` entries."""
+@pytest.mark.parametrize(("budget", "passes"), [(None, 1), (1 << 30, 2), (0, 3)])
+def test_out_of_core_read_passes(budget, passes, tmp_path, monkeypatch):
+    """Uniform scores, 1% selected: the one-pass buffer reads every byte once; the histogram engine (chosen when the
+    buffer would not fit; forced here with a budget) reads twice (a histogram pass, a collecting pass that keeps the
+    undecided entries), three times when nothing undecided may be kept (``budget=0``); always in chunks of
+    ``selection_chunk`` entries."""
     g = torch.Generator().manual_seed(4)
     scores = Scores({f"t{i}": torch.rand(300, 100, generator=g) for i in range(5)})
     scores.save_pretrained(tmp_path / "s", max_file_bytes=130_000)
@@ -123,9 +125,31 @@ def test_out_of_core_reads_twice_when_the_bucket_fits(budget, tmp_path, monkeypa
         monkeypatch.setattr(D, "select_pieces", lambda *a, **kw: real(*a, **{**kw, "budget": budget}))
     got = select(files, fraction=0.01)
     assert got == select(scores, fraction=0.01)
-    passes = files.bytes_read / (4 * scores.numel())
-    assert passes == (2 if budget is None else 3)
+    assert files.bytes_read / (4 * scores.numel()) == passes
     assert files.largest_read == 4096
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_one_pass_buffer_equals_stable_sort(seed):
+    """The one-process buffer of `select_pieces` on tie-heavy tensors (small chunks: many prunes) against a stable
+    sort of the concatenation."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randint(-2, 3, (int(n),), generator=g).float() for n in torch.randint(0, 40, (4,), generator=g)]
+    total = sum(t.numel() for t in tensors)
+    if total == 0:
+        return
+    k = int(torch.randint(1, total + 1, (1,), generator=g))
+    largest = seed % 2 == 0
+    pieces = [D.Piece.of_tensor(i, t) for i, t in enumerate(tensors)]
+    assert D._streamable(pieces)
+    found = D.select_pieces(pieces, k, largest=largest, comm=D.Comm.local(),
+                            tensor_numel={i: t.numel() for i, t in enumerate(tensors)}, n_tensors=4, chunk=3)  # fmt: skip
+    cat = torch.cat(tensors)
+    order = torch.sort(cat, descending=largest, stable=True).indices[:k].sort().values
+    offsets = torch.tensor([0] + [t.numel() for t in tensors]).cumsum(0)
+    for i in range(4):
+        want = order[(order >= offsets[i]) & (order < offsets[i + 1])] - offsets[i]
+        assert found[i][0].tolist() == want.tolist(), (seed, i)
 
 
 def test_score_files_reject_bad_files(tmp_path):

@@ -523,11 +523,19 @@ class Piece:
         device: where the engine keeps this piece's index buffers.
     """
 
-    def __init__(self, tid: int, shard: Shard, read: Callable[[int, int], torch.Tensor], device: Any = "cpu"):
+    def __init__(
+        self,
+        tid: int,
+        shard: Shard,
+        read: Callable[[int, int], torch.Tensor],
+        device: Any = "cpu",
+        chunks: Callable[[int], Iterator[tuple[int, torch.Tensor]]] | None = None,
+    ):
         self.tid = tid
         self.shard = shard
         self.read = read
         self.device = torch.device(device)
+        self._chunks = chunks
         self.sure: list[torch.Tensor] = []
         self.cand_idx: torch.Tensor | None = None
         self.cand_key: torch.Tensor | None = None
@@ -543,9 +551,12 @@ class Piece:
         return self.shard.numel if self.shard.counted else 0
 
     def chunks(self, chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
-        n = self.numel
-        for start in range(0, n, chunk):
-            yield start, self.read(start, min(chunk, n - start))
+        """``(local start, values)`` of consecutive chunks (a file piece reads the next chunk ahead)."""
+        if not self.numel:
+            return iter(())
+        if self._chunks is not None:
+            return self._chunks(chunk)
+        return ((s, self.read(s, min(chunk, self.numel - s))) for s in range(0, self.numel, chunk))
 
     def reset(self) -> None:
         self.sure, self.cand_idx, self.cand_key = [], None, None
@@ -651,8 +662,11 @@ def select_pieces(
     pieces = list(pieces)
     for p in pieces:
         p.reset()
+    largest_piece = max((p.numel for p in pieces), default=0)
+    if comm.world == 1 and budget is None and _streamable(pieces) and 3 * (2 * k + chunk) <= max(largest_piece, 1 << 20):
+        return _stream_select(pieces, k, largest, chunk)
     if budget is None:
-        budget = max(1 << 20, max((p.numel for p in pieces), default=0) // 3)
+        budget = max(1 << 20, largest_piece // 3)
     cut = _Cut()
     need = k
     in_memory = False
@@ -743,6 +757,58 @@ def select_pieces(
         local = torch.cat(parts).sort().values if parts else torch.empty(0, dtype=torch.int64, device=p.device)
         result.setdefault(p.tid, []).append(p.shard.to_global(local))
         p.reset()
+    return result
+
+
+def _streamable(pieces: Sequence[Piece]) -> bool:
+    """One process, one piece per tensor, in tensor order: reading order is the tie-break order."""
+    tids = [p.tid for p in pieces]
+    return tids == sorted(set(tids))
+
+
+def _stream_select(pieces: Sequence[Piece], k: int, largest: bool, chunk: int) -> dict[int, list[torch.Tensor]]:
+    """The top-``k`` in one read, for one process: a buffer keeps the best entries seen so far (at most ``2k`` plus a
+    chunk); when it overflows, a stable sort keeps the best ``k`` (ties: the earlier entry, as entries arrive in the
+    tie-break order) and the k-th value becomes the bar a later entry must beat strictly (an equal later entry loses
+    the tie to every kept one). Memory: about 24 bytes per buffered entry."""
+    values: list[torch.Tensor] = []
+    owners: list[torch.Tensor] = []
+    positions: list[torch.Tensor] = []
+    size = 0
+    bar: float | None = None
+
+    def prune(keep: int) -> None:
+        nonlocal size, bar, values, owners, positions
+        v, o, i = torch.cat(values), torch.cat(owners), torch.cat(positions)
+        best = torch.sort(v, descending=True, stable=True).indices[:keep].sort().values  # back to arrival order
+        values, owners, positions = [v[best]], [o[best]], [i[best]]
+        size = best.numel()
+        if size == keep:
+            bar = float(values[0].min())
+
+    for j, p in enumerate(pieces):
+        for s, c in p.chunks(chunk):
+            v = c + 0.0 if largest else 0.0 - c  # oriented: larger is better; -0.0 folded into +0.0
+            if bar is not None:
+                pos = (v > bar).nonzero().reshape(-1)
+                v = v[pos]
+            else:
+                pos = torch.arange(v.numel(), device=v.device)
+            if pos.numel():
+                values.append(v)
+                owners.append(torch.full((pos.numel(),), j, dtype=torch.int32, device=v.device))
+                positions.append(pos.to(torch.int64) + s)
+                size += pos.numel()
+                if size > 2 * k:
+                    prune(k)
+    result: dict[int, list[torch.Tensor]] = {p.tid: [] for p in pieces}
+    if size:
+        prune(k)
+    o = torch.cat(owners) if owners else torch.empty(0, dtype=torch.int32)
+    i = torch.cat(positions) if positions else torch.empty(0, dtype=torch.int64)
+    for j, p in enumerate(pieces):
+        local = i[o == j].sort().values
+        result[p.tid].append(p.shard.to_global(local))
     return result
 
 
