@@ -502,17 +502,6 @@ def _positions_in_shard(shard: Shard, positions: torch.Tensor) -> tuple[torch.Te
 # =====================================================================================================================
 # the selection engine: exact k-th entry of the composite order (score, tensor position, flat index)
 # =====================================================================================================================
-def order_keys(values: torch.Tensor, largest: bool) -> torch.Tensor:
-    """Order-preserving int32 keys of fp32 scores: larger key = better score (``largest=False``: smaller score).
-
-    ``x + 0.0`` / ``0.0 - x`` fold ``-0.0`` into ``+0.0`` (they must tie); non-negative floats keep their bit
-    pattern, negative ones flip every bit but the sign, so the signed int32 order is the float order.
-    """
-    v = values + 0.0 if largest else 0.0 - values
-    bits = v.view(torch.int32)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
-
-
 class Piece:
     """This rank's part of one score tensor, as the selection engine reads it.
 
@@ -538,7 +527,7 @@ class Piece:
         self._chunks = chunks
         self.sure: list[torch.Tensor] = []
         self.cand_idx: torch.Tensor | None = None
-        self.cand_key: torch.Tensor | None = None
+        self.cand_val: torch.Tensor | None = None
 
     @classmethod
     def of_tensor(cls, tid: int, tensor: torch.Tensor, shard: Shard | None = None) -> Piece:
@@ -559,7 +548,41 @@ class Piece:
         return ((s, self.read(s, min(chunk, self.numel - s))) for s in range(0, self.numel, chunk))
 
     def reset(self) -> None:
-        self.sure, self.cand_idx, self.cand_key = [], None, None
+        self.sure, self.cand_idx, self.cand_val = [], None, None
+
+
+def _oriented(values: torch.Tensor, largest: bool) -> torch.Tensor:
+    """fp32 values where larger is better, ``-0.0`` folded into ``+0.0`` (exact)."""
+    return values + 0.0 if largest else 0.0 - values
+
+
+def order_keys(values: torch.Tensor, largest: bool) -> torch.Tensor:
+    """Order-preserving int32 keys of fp32 scores: larger key = better score (``largest=False``: smaller score).
+
+    Non-negative floats keep their bit pattern, negative ones flip every bit but the sign, so the signed int32 order
+    is the float order; ``-0.0`` ties with ``+0.0``.
+    """
+    return _keys_of_oriented(_oriented(values, largest))
+
+
+def _keys_of_oriented(v: torch.Tensor) -> torch.Tensor:
+    bits = v.view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _key_to_float(key: int) -> float:
+    """The oriented fp32 value of a key (keys past +-inf, NaN bit patterns, clamp to +-inf)."""
+    bits = key ^ 0x7FFFFFFF if key < 0 else key
+    value = float(torch.tensor([bits], dtype=torch.int32).view(torch.float32).item())
+    if math.isnan(value):
+        return math.inf if key > 0 else -math.inf
+    return value
+
+
+def _raw_high_to_key() -> torch.Tensor:
+    """Raw high 16 bits of an fp32 (offset by 32768) -> position of its key bucket: a permutation of 65536 bins."""
+    high = torch.arange(-32768, 32768, dtype=torch.int64)
+    return torch.where(high >= 0, high, high ^ 0x7FFF) + 32768
 
 
 @dataclass
@@ -572,42 +595,66 @@ class _Cut:
     digits: list[tuple[int, int]] = field(default_factory=list)  # (shift, digit) of its global flat index
     finished: bool = False  # the last fixed level's bucket is taken whole
 
-    def classify(
-        self, keys: torch.Tensor, piece: Piece, local: Callable[[], torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(selected for sure, undecided) masks of entries with these keys; ``local()`` gives their local flat
-        indices (needed only at the index levels)."""
+    def split(
+        self, values: torch.Tensor, piece: Piece, where: Callable[[torch.Tensor], torch.Tensor], largest: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(selected for sure, undecided, undecided oriented values)`` among ``values``: the first two as local
+        flat indices (``where(positions in values)``), the last as oriented fp32.
+
+        ``values`` are raw scores (``largest`` says which end is better) or already oriented (``largest=True``).
+        Float comparisons against the fixed bucket's bounds: one comparison pass over ``values`` plus work on the
+        entries at or above the bucket only.
+        """
+        none = torch.empty(0, dtype=torch.int64, device=values.device)
         if self.high is None:
-            return torch.zeros_like(keys, dtype=torch.bool), torch.ones_like(keys, dtype=torch.bool)
-        high = keys >> 16
-        better = high > self.high
-        und = high == self.high
-        if self.key is not None:
-            better |= und & (keys > self.key)
-            und &= keys == self.key
-            if self.tid is not None:
-                if piece.tid < self.tid:
-                    better |= und
-                    und = torch.zeros_like(und)
-                elif piece.tid > self.tid:
-                    und = torch.zeros_like(und)
-                elif self.digits:
-                    g = piece.shard.to_global(local())
-                    for shift, digit in self.digits:
-                        d = (g >> shift) & 0xFFFF
-                        better |= und & (d < digit)
-                        und &= d == digit
+            pos = torch.arange(values.numel(), device=values.device)
+            return none, where(pos), _oriented(values, largest)
+        if self.key is None:
+            low = _key_to_float(self.high << 16)
+            high = _key_to_float((self.high << 16) | 0xFFFF)
+        else:
+            low = high = _key_to_float(self.key)
+        pos = _nonzero(values >= low if largest else values <= -low)
+        sub = _oriented(values[pos], largest)
+        above = sub > high
+        better, und, und_v = pos[above], pos[~above], sub[~above]
+        if self.tid is not None and und.numel():
+            if piece.tid < self.tid:
+                better, und = torch.cat([better, und]), und[:0]
+            elif piece.tid > self.tid:
+                und = und[:0]
+            elif self.digits:
+                g = piece.shard.to_global(where(und))
+                keep = torch.ones_like(und, dtype=torch.bool)
+                for shift, digit in self.digits:
+                    d = (g >> shift) & 0xFFFF
+                    wins = keep & (d < digit)
+                    better = torch.cat([better, und[wins]])
+                    keep &= d == digit
+                und = und[keep]
+            und_v = _oriented(values[und], largest)
         if self.finished:
-            better |= und
-            und = torch.zeros_like(und)
-        return better, und
+            better, und = torch.cat([better, und]), und[:0]
+            und_v = und_v[:0]
+        return where(better), where(und), und_v
+
+
+def _nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Positions of the true entries (int64); numpy's ``flatnonzero`` on CPU, several times faster than torch's."""
+    if mask.device.type == "cpu":
+        import numpy as np
+
+        return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return mask.nonzero().reshape(-1)
 
 
 def _count(hist: torch.Tensor, buckets: torch.Tensor) -> None:
     if buckets.numel() >= hist.numel() // 4:
         hist += torch.bincount(buckets, minlength=hist.numel()).to(hist.device)
     elif buckets.numel():
-        hist.index_add_(0, buckets.to(hist.device), torch.ones(buckets.shape, dtype=hist.dtype, device=hist.device))
+        hist.index_add_(
+            0, buckets.to(hist.device, torch.int64), torch.ones(buckets.shape, dtype=hist.dtype, device=hist.device)
+        )
 
 
 def _pick(hist: torch.Tensor, need: int, larger_first: bool) -> tuple[int, int, int]:
@@ -643,7 +690,9 @@ def select_pieces(
     """The exact top-``k`` entries of every rank's ``pieces`` together, in the composite order (score, tensor
     position, global flat index): equal to the first ``k`` entries of a stable sort of the concatenated scores.
 
-    Collective: every rank calls it with its own pieces (possibly none) and the same ``k``.
+    Collective: every rank calls it with its own pieces (possibly none) and the same ``k``. In one process with the
+    pieces in tensor order and ``budget`` unset, a one-read buffer is used when ``2k`` entries fit next to the largest
+    piece (`_stream_select`); otherwise the radix levels of the module docstring.
 
     Args:
         pieces: this rank's pieces of the tensors in the group.
@@ -663,7 +712,9 @@ def select_pieces(
     for p in pieces:
         p.reset()
     largest_piece = max((p.numel for p in pieces), default=0)
-    if comm.world == 1 and budget is None and _streamable(pieces) and 3 * (2 * k + chunk) <= max(largest_piece, 1 << 20):
+    # the one-read buffer when its peak (about 52 bytes per selected entry and 24 per chunk entry: buffer, prune
+    # temporaries, read-ahead) stays within twice the largest piece's fp32 bytes
+    if budget is None and comm.world == 1 and _streamable(pieces) and 13 * k + 6 * chunk <= 2 * max(largest_piece, 1 << 20):
         return _stream_select(pieces, k, largest, chunk)
     if budget is None:
         budget = max(1 << 20, largest_piece // 3)
@@ -673,59 +724,59 @@ def select_pieces(
     level = 0  # 0: key high 16 bits, 1: key low 16 bits, 2: tensor position, 3+: global flat index digits
     shifts: list[int] = []
 
-    def local_range(start: int, n: int, device: Any) -> Callable[[], torch.Tensor]:
-        return lambda: torch.arange(start, start + n, device=device, dtype=torch.int64)
+    def sources(p: Piece) -> Iterator[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], bool]]:
+        """(values, positions -> local flat indices, raw orientation) of what is still undecided in ``p``: raw
+        chunks read from the piece, or the kept undecided entries (already oriented)."""
+        if in_memory:
+            if p.cand_val is not None and p.cand_val.numel():
+                yield p.cand_val, lambda sel, p=p: p.cand_idx[sel], True
+            return
+        for s, c in p.chunks(chunk):
+            yield c, lambda sel, s=s: sel + s, largest
 
     def histogram(level: int) -> torch.Tensor:
-        bins = _BINS if level != 2 else max(n_tensors, 1)
-        hist = torch.zeros(bins, dtype=torch.int64)
+        if level == 0:  # raw high 16 bits of the oriented values, permuted into key order once
+            raw = torch.zeros(_BINS, dtype=torch.int64)
+            for p in pieces:
+                for c, _, orientation in sources(p):
+                    bits = _oriented(c, orientation).view(torch.int32)
+                    raw += torch.bincount((bits >> 16) + 32768, minlength=_BINS).cpu()
+            hist = torch.zeros_like(raw)
+            hist[_raw_high_to_key()] = raw
+            return hist
+        hist = torch.zeros(_BINS if level != 2 else max(n_tensors, 1), dtype=torch.int64)
         for p in pieces:
             if level >= 3 and p.tid != cut.tid:
                 continue
-            if in_memory:
-                sources: Iterable[tuple[torch.Tensor, Callable[[], torch.Tensor]]] = (
-                    [(p.cand_key, lambda p=p: p.cand_idx)] if p.cand_key is not None and p.cand_key.numel() else []
-                )
-            else:
-                sources = (
-                    (order_keys(c, largest), local_range(s, c.numel(), c.device)) for s, c in p.chunks(chunk)
-                )
-            for keys, local in sources:
-                if level == 0:
-                    _count(hist, ((keys >> 16) + 32768).to(torch.int64))
-                    continue
-                _, und = cut.classify(keys, p, local)
+            for c, where, orientation in sources(p):
+                _, und, und_v = cut.split(c, p, where, orientation)
                 if level == 1:
-                    _count(hist, (keys[und] & 0xFFFF).to(torch.int64))
+                    _count(hist, _keys_of_oriented(und_v) & 0xFFFF)
                 elif level == 2:
-                    hist[p.tid] += int(und.sum())
+                    hist[p.tid] += und.numel()
                 else:
-                    g = p.shard.to_global(local()[und])
-                    _count(hist, ((g >> shifts[level - 3]) & 0xFFFF).to(torch.int64))
+                    _count(hist, (p.shard.to_global(und) >> shifts[level - 3]) & 0xFFFF)
         return hist
 
     def collect() -> None:
-        """Read every piece once: keep the sure winners and, unless finished, the undecided entries."""
+        """Read every piece once: keep the sure winners and, unless finished, the undecided entries (local flat
+        indices and oriented values)."""
         for p in pieces:
-            idx_parts, key_parts = [], []
-            for s, c in p.chunks(chunk):
-                keys = order_keys(c, largest)
-                local = local_range(s, c.numel(), c.device)
-                better, und = cut.classify(keys, p, local)
-                if bool(better.any()):
-                    p.sure.append(better.nonzero().reshape(-1).to(torch.int64) + s)
-                if bool(und.any()):
-                    pos = und.nonzero().reshape(-1)
-                    idx_parts.append(pos.to(torch.int64) + s)
-                    key_parts.append(keys[pos])
-            if idx_parts:
-                p.cand_idx, p.cand_key = torch.cat(idx_parts), torch.cat(key_parts)
+            idx_parts, val_parts = [], []
+            for c, where, orientation in sources(p):
+                better, und, und_v = cut.split(c, p, where, orientation)
+                if better.numel():
+                    p.sure.append(better)
+                if und.numel():
+                    idx_parts.append(und)
+                    val_parts.append(und_v)
+            p.cand_idx = torch.cat(idx_parts) if idx_parts else None
+            p.cand_val = torch.cat(val_parts) if val_parts else None
 
     while True:
         hist_local = histogram(level)
         hist = comm.sum_(hist_local.clone())
-        larger_first = level < 2
-        bucket, above, inside = _pick(hist, need, larger_first)
+        bucket, above, inside = _pick(hist, need, larger_first=level < 2)
         if level == 0:
             cut.high = bucket - 32768
         elif level == 1:
@@ -746,14 +797,14 @@ def select_pieces(
             in_memory = True
         level += 1
 
-    result: dict[int, list[torch.Tensor]] = {}
     if not in_memory:
-        collect()
+        collect()  # finished: every entry is decided in this read
+    result: dict[int, list[torch.Tensor]] = {}
     for p in pieces:
         parts = list(p.sure)
-        if p.cand_key is not None and p.cand_key.numel():
-            better, _ = cut.classify(p.cand_key, p, lambda p=p: p.cand_idx)
-            parts.append(p.cand_idx[better])
+        if p.cand_val is not None and p.cand_val.numel():
+            better, _, _ = cut.split(p.cand_val, p, lambda sel, p=p: p.cand_idx[sel])
+            parts.append(better)
         local = torch.cat(parts).sort().values if parts else torch.empty(0, dtype=torch.int64, device=p.device)
         result.setdefault(p.tid, []).append(p.shard.to_global(local))
         p.reset()
@@ -767,48 +818,59 @@ def _streamable(pieces: Sequence[Piece]) -> bool:
 
 
 def _stream_select(pieces: Sequence[Piece], k: int, largest: bool, chunk: int) -> dict[int, list[torch.Tensor]]:
-    """The top-``k`` in one read, for one process: a buffer keeps the best entries seen so far (at most ``2k`` plus a
-    chunk); when it overflows, a stable sort keeps the best ``k`` (ties: the earlier entry, as entries arrive in the
-    tie-break order) and the k-th value becomes the bar a later entry must beat strictly (an equal later entry loses
-    the tie to every kept one). Memory: about 24 bytes per buffered entry."""
-    values: list[torch.Tensor] = []
-    owners: list[torch.Tensor] = []
-    positions: list[torch.Tensor] = []
+    """The top-``k`` in one read, for one process: a buffer of ``2k + chunk`` entries keeps the best entries seen so
+    far; when it is full, it keeps the best ``k`` (the k-th value by ``kthvalue``, every entry above it, and the
+    earliest entries equal to it: entries arrive in the tie-break order), and the k-th value becomes the bar a later
+    entry must beat strictly (an equal later entry loses the tie to every kept one). Linear time per prune; memory
+    12 bytes per buffer entry (fp32 value, int64 position over all pieces) plus a prune's temporaries."""
+    capacity = 2 * k + chunk
+    device = pieces[0].device if pieces else torch.device("cpu")
+    buf_v = torch.empty(capacity, dtype=torch.float32, device=device)
+    buf_i = torch.empty(capacity, dtype=torch.int64, device=device)
+    starts = [0]
+    for p in pieces:
+        starts.append(starts[-1] + p.numel)
     size = 0
     bar: float | None = None
 
     def prune(keep: int) -> None:
-        nonlocal size, bar, values, owners, positions
-        v, o, i = torch.cat(values), torch.cat(owners), torch.cat(positions)
-        best = torch.sort(v, descending=True, stable=True).indices[:keep].sort().values  # back to arrival order
-        values, owners, positions = [v[best]], [o[best]], [i[best]]
-        size = best.numel()
+        nonlocal size, bar
+        v = buf_v[:size]
+        if size > keep:
+            kth = float(torch.kthvalue(v, size - keep + 1).values)  # the keep-th largest
+            above = _nonzero(v > kth)
+            ties = _nonzero(v == kth)[: keep - above.numel()]  # the earliest of the equal entries
+            best = torch.cat([above, ties]).sort().values
+            kept_v, kept_i = v[best], buf_i[:size][best]
+            size = best.numel()
+            buf_v[:size], buf_i[:size] = kept_v, kept_i
         if size == keep:
-            bar = float(values[0].min())
+            bar = float(buf_v[:size].min())
 
     for j, p in enumerate(pieces):
         for s, c in p.chunks(chunk):
-            v = c + 0.0 if largest else 0.0 - c  # oriented: larger is better; -0.0 folded into +0.0
-            if bar is not None:
-                pos = (v > bar).nonzero().reshape(-1)
-                v = v[pos]
+            if bar is not None:  # compared raw (-0.0 == +0.0 as floats), oriented only when kept
+                pos = _nonzero(c > bar if largest else c < -bar)
+                v = _oriented(c[pos], largest)
             else:
+                v = _oriented(c, largest)
                 pos = torch.arange(v.numel(), device=v.device)
-            if pos.numel():
-                values.append(v)
-                owners.append(torch.full((pos.numel(),), j, dtype=torch.int32, device=v.device))
-                positions.append(pos.to(torch.int64) + s)
-                size += pos.numel()
-                if size > 2 * k:
-                    prune(k)
-    result: dict[int, list[torch.Tensor]] = {p.tid: [] for p in pieces}
+            n = pos.numel()
+            if not n:
+                continue
+            if size + n > capacity:
+                prune(k)
+            buf_v[size : size + n] = v
+            buf_i[size : size + n] = pos.to(device) + (starts[j] + s)
+            size += n
     if size:
         prune(k)
-    o = torch.cat(owners) if owners else torch.empty(0, dtype=torch.int32)
-    i = torch.cat(positions) if positions else torch.empty(0, dtype=torch.int64)
+    kept = buf_i[:size].sort().values
+    result: dict[int, list[torch.Tensor]] = {}
+    bounds = torch.searchsorted(kept, torch.tensor(starts, dtype=torch.int64, device=kept.device)).tolist()
     for j, p in enumerate(pieces):
-        local = i[o == j].sort().values
-        result[p.tid].append(p.shard.to_global(local))
+        local = kept[bounds[j] : bounds[j + 1]] - starts[j]
+        result.setdefault(p.tid, []).append(p.shard.to_global(local))
     return result
 
 

@@ -251,9 +251,12 @@ class ScoreFiles:
     #: entries read at once (a read buffer of 16 MiB)
     selection_chunk = 1 << 22
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, drop_cache: bool = False) -> None:
         path = os.fspath(path)
         self.path = path
+        #: evict every range from the page cache once read (``posix_fadvise(DONTNEED)``): each pass then reads the
+        #: disk, as it must for scores larger than RAM (for measurements; the result is the same)
+        self.drop_cache = bool(drop_cache)
         self._handles: dict[str, Any] = {}
         if os.path.isdir(path):
             self._open_folder(path)
@@ -445,16 +448,16 @@ class ScoreFiles:
         from .distributed import Piece, Shard
 
         return {
-            n: [Piece(tid, Shard.whole(self._locations[n].shape), self._reader(n))]
+            n: [Piece(tid, Shard.whole(self._locations[n].shape), self._reader(n), chunks=self._chunker(n))]
             for tid, n in enumerate(self._names)
         }
 
     # --- reading -------------------------------------------------------------------------------------------------
-    def _handle(self, path: str) -> Any:
-        fh = self._handles.get(path)
-        if fh is None:
-            fh = self._handles[path] = open(path, "rb")  # noqa: SIM115 - kept open for chunked reads, closed in close()
-        return fh
+    def _handle(self, path: str) -> int:
+        fd = self._handles.get(path)
+        if fd is None:
+            fd = self._handles[path] = os.open(path, os.O_RDONLY)
+        return fd
 
     def _reader(self, name: str):
         loc = self._locations[name]
@@ -463,14 +466,42 @@ class ScoreFiles:
             if start < 0 or count < 0 or start + count > loc.numel:
                 raise IndexError(f"{name!r}: read of [{start}, {start + count}) outside {loc.numel} entries.")
             out = torch.empty(count, dtype=torch.float32)
-            fh = self._handle(loc.path)
-            fh.seek(loc.begin + 4 * start)
-            got = fh.readinto(memoryview(out.numpy()).cast("B"))
-            if got != 4 * count:
-                raise ValueError(f"{loc.path}: short read of {name!r}; the file changed or is truncated.")
+            fd = self._handle(loc.path)
+            view = memoryview(out.numpy()).cast("B")
+            offset, done = loc.begin + 4 * start, 0
+            while done < len(view):  # pread: no shared file position, so a read-ahead thread may read meanwhile
+                got = os.preadv(fd, [view[done:]], offset + done)
+                if got <= 0:
+                    raise ValueError(f"{loc.path}: short read of {name!r}; the file changed or is truncated.")
+                done += got
+            if self.drop_cache and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_DONTNEED)
             return out
 
         return read
+
+    def _chunker(self, name: str):
+        """Consecutive chunks of one tensor, the next one read by a helper thread while the caller works on the
+        current one (file reads and torch kernels release the GIL)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        read = self._reader(name)
+        numel = self._locations[name].numel
+
+        def chunks(chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
+            starts = list(range(0, numel, chunk))
+            if not starts:
+                return
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                ahead = pool.submit(read, 0, min(chunk, numel))
+                for i, s in enumerate(starts):
+                    values = ahead.result()
+                    if i + 1 < len(starts):
+                        nxt = starts[i + 1]
+                        ahead = pool.submit(read, nxt, min(chunk, numel - nxt))
+                    yield s, values
+
+        return chunks
 
     def read(self, name: str) -> torch.Tensor:
         """One whole score tensor (fp32, its score shape)."""
@@ -491,8 +522,8 @@ class ScoreFiles:
 
     def close(self) -> None:
         """Close the open files."""
-        for fh in self._handles.values():
-            fh.close()
+        for fd in self._handles.values():
+            os.close(fd)
         self._handles.clear()
 
     def __enter__(self) -> ScoreFiles:
