@@ -102,6 +102,9 @@ def worker(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     model, tokenizer = _model(args.model)
+    with torch.no_grad():  # fault every weight page in (loaders may map the checkpoint lazily): part of the baseline
+        for p in model.parameters():
+            p.sum()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     rank, world = 0, 1
     if args.sharded:
