@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import socket
@@ -79,7 +78,9 @@ def _model(name: str):
     if name == "tiny":
         from peft_safety.testing import tiny_llama, tiny_tokenizer
 
-        return tiny_llama(seed=0, num_hidden_layers=4, hidden_size=256, intermediate_size=512, head_dim=32), tiny_tokenizer()
+        return tiny_llama(
+            seed=0, num_hidden_layers=4, hidden_size=256, intermediate_size=512, head_dim=32
+        ), tiny_tokenizer()
     from peft_safety.sources.models import load_model
 
     return load_model(name)
@@ -281,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"({per:5.2f} B/entry)  select {r['select_peak_extra_bytes'] / 2**20:7.1f} MiB")  # fmt: skip
     result = {
         "benchmark": "memory",
-        "config": {k: getattr(args, k) for k in ("models", "methods", "rows", "batch_size", "max_length", "threads", "world")},
+        "config": {
+            k: getattr(args, k) for k in ("models", "methods", "rows", "batch_size", "max_length", "threads", "world")
+        },
         "measured": measured,
         "projection": project(measured),
     }

@@ -427,7 +427,11 @@ def out_of_core(args: argparse.Namespace) -> int:
     print(f"out-of-core top-{result['config']['k']:,} ({args.fraction:g}) of {total:,} fp32 scores in {len(shapes)} "
           f"tensors, {n_files} files ({total * 4 / 2**30:.2f} GiB; largest tensor {_mb(largest)}); median of "
           f"{args.repeat}, every pass from disk")  # fmt: skip
-    for kind, label in (("read", "one read pass"), ("select", "select (default)"), ("histogram", "select (histogram)")):
+    for kind, label in (
+        ("read", "one read pass"),
+        ("select", "select (default)"),
+        ("histogram", "select (histogram)"),
+    ):
         print(f"  {label:22s} {med[kind]:8.2f} s  x read {med[kind] / med['read']:5.2f}   peak extra "
               f"{_mb(peak[kind])} ({peak[kind] / largest:.2f} x largest tensor)")  # fmt: skip
     print(f"same mask as in-memory select: {result['same_as_in_memory']}")

@@ -226,7 +226,9 @@ def fsdp2_score_main(out: str, via: str = "fully_shard", device: str = "cpu") ->
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
         plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["LlamaDecoderLayer"]
+            fsdp_version=2,
+            auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
         )
         accelerator = Accelerator(cpu=device == "cpu")
         accelerator.state.fsdp_plugin = plugin
@@ -243,10 +245,9 @@ def fsdp2_score_main(out: str, via: str = "fully_shard", device: str = "cpu") ->
 
 
 def zero3_score_main(out: str, device: str = "cpu") -> None:
-    import torch._dynamo  # noqa: F401 - imported before DeepSpeed patches tensor constructors
-    import transformers.generation.utils  # noqa: F401
-
     import deepspeed
+    import torch._dynamo
+    import transformers.generation.utils  # noqa: F401
 
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -255,7 +256,10 @@ def zero3_score_main(out: str, device: str = "cpu") -> None:
         torch.set_num_threads(1)
         deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    }
     engine, *_ = deepspeed.initialize(model=sharded_model(), config=config)
     facts = score_and_select(engine.module, score_calibration(), out, rank, world)
     facts["device"] = device

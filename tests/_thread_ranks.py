@@ -75,7 +75,7 @@ def run_ranks(world: int, fn: Callable[[ThreadComm], Any]) -> list[Any]:
     def target(rank: int) -> None:
         try:
             results[rank] = fn(ThreadComm(hub, rank))
-        except BaseException as err:  # noqa: BLE001 - re-raised below
+        except BaseException as err:
             errors[rank] = err
             hub.barrier.abort()
 

@@ -54,7 +54,7 @@ def test_save_pretrained_round_trip_and_file_groups(tmp_path):
     assert sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) == ["scores-00001-of-00001.safetensors"]
     # the one-file format of to_safetensors opens as files too
     scores.to_safetensors(tmp_path / "one.safetensors")
-    assert ScoreFiles(tmp_path / "one.safetensors").to_scores() == scores
+    assert Scores.from_pretrained(tmp_path / "one.safetensors") == scores
 
 
 SELECTIONS = [
@@ -76,7 +76,8 @@ def test_out_of_core_selection_equals_in_memory(kwargs, tmp_path):
             got = select(files, **kwargs, **extra)
             assert got == want and got.provenance == want.provenance and got.fingerprints == want.fingerprints
         path = select_and_save(files, tmp_path / "mask", **kwargs)
-    assert _file_parts(open(path, "rb").read()) == _file_parts(select(scores, **kwargs).to_bytes())
+    with open(path, "rb") as fh:
+        assert _file_parts(fh.read()) == _file_parts(select(scores, **kwargs).to_bytes())
 
 
 def test_out_of_core_per_row(tmp_path):
@@ -155,41 +156,47 @@ def test_one_pass_buffer_equals_stable_sort(seed):
 def test_score_files_reject_bad_files(tmp_path):
     folder = _saved(make_scores(), tmp_path / "s")
     index_path = os.path.join(folder, INDEX_FILENAME)
-    index = json.loads(open(index_path).read())
+    with open(index_path) as fh:
+        index = json.load(fh)
     name = index["names"][0]
 
+    def write(path, data):
+        with open(path, "wb") as fh:
+            fh.write(data)
+
     def write_index(**change):
-        open(index_path, "w").write(json.dumps({**index, **change}))
+        write(index_path, json.dumps({**index, **change}).encode())
 
     write_index(files={**index["files"], name: "../../etc/passwd"})
-    with pytest.raises(ValueError, match="must name a scores-NNNNN-of-NNNNN.safetensors file"):
+    with pytest.raises(ValueError, match=r"must name a scores-NNNNN-of-NNNNN\.safetensors file"):
         ScoreFiles(folder)
     write_index(format_version=99)
     with pytest.raises(ValueError, match="newer than this library reads"):
         ScoreFiles(folder)
     write_index(shapes={**index["shapes"], name: [3, 3]})
-    with pytest.raises(ValueError, match="stored scores of .* have shape"):
+    with pytest.raises(ValueError, match=r"stored scores of .* have shape"):
         ScoreFiles(folder)
     write_index(format="something else")
     with pytest.raises(ValueError, match="not a peft-safety scores index"):
         ScoreFiles(folder)
     write_index()
     data_file = os.path.join(folder, index["files"][name])
-    blob = open(data_file, "rb").read()
-    open(data_file, "wb").write(blob[:-8])  # truncated data
+    with open(data_file, "rb") as fh:
+        blob = fh.read()
+    write(data_file, blob[:-8])  # truncated data
     with pytest.raises(ValueError, match="outside the file's"):
         ScoreFiles(folder)
-    open(data_file, "wb").write(struct.pack("<Q", 10**12) + blob[8:])  # absurd header length
+    write(data_file, struct.pack("<Q", 10**12) + blob[8:])  # absurd header length
     with pytest.raises(ValueError, match="declares a header of"):
         ScoreFiles(folder)
     header, data = _file_parts(blob)
     header[name]["dtype"] = "I32"
     head = json.dumps(header).encode()
-    open(data_file, "wb").write(struct.pack("<Q", len(head)) + head + data)
+    write(data_file, struct.pack("<Q", len(head)) + head + data)
     with pytest.raises(ValueError, match="scores are F32"):
         ScoreFiles(folder)
     os.unlink(index_path)
-    with pytest.raises(FileNotFoundError, match="has no scores_index.json"):
+    with pytest.raises(FileNotFoundError, match=r"has no scores_index\.json"):
         ScoreFiles(folder)
     with pytest.raises(FileNotFoundError, match="no scores folder or file"):
         ScoreFiles(tmp_path / "missing")

@@ -252,7 +252,7 @@ def test_select_per_row_k_too_large_and_empty_scores():
         select(Scores({"a": torch.rand(2, 4)}), k=5, scope="per_row")
     with pytest.raises(ValueError, match="scores is empty"):
         select(Scores({}), k=1)
-    with pytest.raises(TypeError, match="scores must be a Scores or a mapping"):
+    with pytest.raises(TypeError, match="scores must be a Scores, a ScoreFiles or a mapping"):
         select([torch.ones(2)], k=1)
 
 

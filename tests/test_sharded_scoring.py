@@ -18,7 +18,14 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-from _ddp_worker import SHARDED_RUNS, SHARDED_SELECTIONS, launch, sharded_reference, sharded_selection_kwargs, verify_sharded_run
+from _ddp_worker import (
+    SHARDED_RUNS,
+    SHARDED_SELECTIONS,
+    launch,
+    sharded_reference,
+    sharded_selection_kwargs,
+    verify_sharded_run,
+)
 
 pytest.importorskip("torch.distributed.fsdp")
 

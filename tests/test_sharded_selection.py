@@ -32,7 +32,7 @@ def rows(shape, world):
     out = []
     for r in range(world):
         lo, hi = min(r * size, shape[0]), min((r + 1) * size, shape[0])
-        out.append(D.Shard(tuple(shape), (lo,) + (0,) * (len(shape) - 1), (hi - lo,) + tuple(shape[1:])))
+        out.append(D.Shard(tuple(shape), (lo,) + (0,) * (len(shape) - 1), (hi - lo, *shape[1:])))
     return out
 
 
@@ -40,7 +40,7 @@ def cols(shape, world):
     """FSDP2 Shard(1) (even: FSDP2 requires it for dim > 0)."""
     size = shape[1] // world
     return [
-        D.Shard(tuple(shape), (0, r * size) + (0,) * (len(shape) - 2), (shape[0], size) + tuple(shape[2:]))
+        D.Shard(tuple(shape), (0, r * size) + (0,) * (len(shape) - 2), (shape[0], size, *shape[2:]))
         for r in range(world)
     ]
 
@@ -265,7 +265,8 @@ def test_sharded_select_equals_single_process_select(layout, kwargs, tmp_path):
     assert mask == want and mask.provenance == want.provenance and mask.fingerprints == want.fingerprints
     assert mask_excl == want_excl and mask_excl.provenance == want_excl.provenance
     assert all(r[0] is None and r[1] is None for r in results[1:])
-    assert _file_parts(open(path, "rb").read()) == _file_parts(want.to_bytes())
+    with open(path, "rb") as fh:
+        assert _file_parts(fh.read()) == _file_parts(want.to_bytes())
     assert SafetyMask.from_pretrained(path) == want
 
 
@@ -288,13 +289,13 @@ def test_sharded_scores_checks_and_histogram():
         Scores({"w": torch.rand(3, 6)}, shapes={"w": (4, 6)}, shards={"w": boxes[0]})
     with pytest.raises(ValueError, match="full parameter shape"):
         Scores({"w": torch.rand(2, 6)}, shards={"w": boxes[0]})
-    with pytest.raises(TypeError, match="must be a peft_safety.scoring.distributed.Shard"):
+    with pytest.raises(TypeError, match=r"must be a peft_safety\.scoring\.distributed\.Shard"):
         Scores({"w": torch.rand(2, 6)}, shapes={"w": (4, 6)}, shards={"w": (0, 2)})
 
     def rank(comm):
         view = sharded_scores_of(full, {"w": boxes}, comm)
         assert view.is_sharded and view.numel() == 24 and view.local_numel() == 12
-        with pytest.raises(ValueError, match="sharded over ranks; use scores.save_pretrained"):
+        with pytest.raises(ValueError, match=r"sharded over ranks; use scores\.save_pretrained"):
             view.to_safetensors("x.safetensors")
         return view.histogram(bins=4)
 
@@ -306,9 +307,13 @@ def test_sharded_scores_checks_and_histogram():
 def test_write_safetensors_reads_back_with_the_library(tmp_path):
     from safetensors import safe_open
 
-    from peft_safety.scoring.score_files import write_safetensors
+    from peft_safety.scoring.distributed import write_safetensors
 
-    tensors = {"b": torch.arange(5, dtype=torch.int32), "a": torch.randn(2, 3), "c": torch.arange(3, dtype=torch.int64)}
+    tensors = {
+        "b": torch.arange(5, dtype=torch.int32),
+        "a": torch.randn(2, 3),
+        "c": torch.arange(3, dtype=torch.int64),
+    }
     entries = [("c", "I64", (3,)), ("a", "F32", (2, 3)), ("b", "I32", (5,))]
     path = write_safetensors(tmp_path / "x.safetensors", entries, {"k": "v"}, ((n, tensors[n]) for n, _, _ in entries))
     with safe_open(path, framework="pt") as f:

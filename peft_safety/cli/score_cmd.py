@@ -93,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         **kwargs,
     )
-    if hasattr(scores, "save_pretrained"):  # scorers that select internally return a SafetyMask
+    from peft_safety.mask import SafetyMask
+
+    if isinstance(scores, SafetyMask):  # scorers that select internally return a SafetyMask
         mask = scores
     else:
         mask = select(scores, fraction=args.fraction, scope=args.scope, provenance={"seed": args.seed})

@@ -42,8 +42,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "Shard",
     "Comm",
+    "Shard",
     "exact_group_std",
     "is_sharded_model",
     "is_sharded_parameter",
@@ -51,9 +51,14 @@ __all__ = [
     "shard_of",
     "sharded_fingerprints",
     "write_mask_stream",
+    "write_safetensors",
 ]
 
 _BINS = 1 << 16
+#: bytes written to a file at once (one tensor is streamed in pieces of this size)
+_WRITE_CHUNK = 1 << 26
+#: the one-process per-row kernel: ``(rows, k, largest=...) -> sorted flat indices``
+RowTopK = Callable[..., torch.Tensor]
 
 
 # =====================================================================================================================
@@ -82,7 +87,7 @@ class Shard:
         if not (len(self.grid) == len(self.offsets) == len(self.shape)):
             raise ValueError(f"Shard grid {self.grid}, offsets {self.offsets} and shape {self.shape} differ in rank.")
         for g, o, s in zip(self.grid, self.offsets, self.shape):
-            if o < 0 or s < 0 or o + s > g and s > 0:
+            if o < 0 or s < 0 or (o + s > g and s > 0):
                 raise ValueError(f"Shard box offsets {self.offsets} + shape {self.shape} leaves the grid {self.grid}.")
 
     @classmethod
@@ -148,7 +153,12 @@ class Shard:
         return self.shape[-1] == self.grid[-1]
 
     def to_json(self) -> dict[str, Any]:
-        return {"grid": list(self.grid), "offsets": list(self.offsets), "shape": list(self.shape), "counted": self.counted}
+        return {
+            "grid": list(self.grid),
+            "offsets": list(self.offsets),
+            "shape": list(self.shape),
+            "counted": self.counted,
+        }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Shard:
@@ -385,9 +395,7 @@ def _group_slices(shard: Shard, group_numel: int) -> Iterator[tuple[int, slice]]
             raise ValueError(f"groups of {group_numel} entries split the rows of the box {shard}; not supported.")
 
 
-def exact_group_std(
-    values: torch.Tensor, shard: Shard, group_numel: int, comm: Comm | None = None
-) -> torch.Tensor:
+def exact_group_std(values: torch.Tensor, shard: Shard, group_numel: int, comm: Comm | None = None) -> torch.Tensor:
     """Unbiased standard deviation of every group of ``group_numel`` consecutive entries of the full tensor,
     from this rank's shard, exactly as if computed on the whole tensor: two passes in float64 (the mean from the
     all-reduced sums, then the all-reduced squared deviations from it), rounded to float32 once at the end.
@@ -714,7 +722,12 @@ def select_pieces(
     largest_piece = max((p.numel for p in pieces), default=0)
     # the one-read buffer when its peak (about 52 bytes per selected entry and 24 per chunk entry: buffer, prune
     # temporaries, read-ahead) stays within twice the largest piece's fp32 bytes
-    if budget is None and comm.world == 1 and _streamable(pieces) and 13 * k + 6 * chunk <= 2 * max(largest_piece, 1 << 20):
+    if (
+        budget is None
+        and comm.world == 1
+        and _streamable(pieces)
+        and 13 * k + 6 * chunk <= 2 * max(largest_piece, 1 << 20)
+    ):
         return _stream_select(pieces, k, largest, chunk)
     if budget is None:
         budget = max(1 << 20, largest_piece // 3)
@@ -875,10 +888,10 @@ def _stream_select(pieces: Sequence[Piece], k: int, largest: bool, chunk: int) -
 
 
 # ---------------------------------------------------------------------------------------------------------- per row
-def _rows_of_flat_piece(p: Piece, width: int, k: int, largest: bool, chunk: int, comm: Comm, tensor: str):
+def _rows_of_flat_piece(
+    p: Piece, width: int, k: int, largest: bool, chunk: int, comm: Comm, tensor: str, topk_indices_per_row: RowTopK
+):
     """Per-row top-k of a flat partition: whole rows here, split rows completed from the other ranks' fragments."""
-    from .selection import topk_indices_per_row
-
     start = p.shard.offsets[0] if p.numel else 0
     n = p.numel
     parts: list[torch.Tensor] = []
@@ -921,12 +934,21 @@ def _rows_of_flat_piece(p: Piece, width: int, k: int, largest: bool, chunk: int,
 
 
 def select_rows(
-    pieces: Sequence[Piece], shape: Sequence[int], k: int, *, largest: bool, comm: Comm, tensor: str, chunk: int
+    pieces: Sequence[Piece],
+    shape: Sequence[int],
+    k: int,
+    *,
+    largest: bool,
+    comm: Comm,
+    tensor: str,
+    chunk: int,
+    topk_indices_per_row: RowTopK,
 ) -> list[torch.Tensor]:
     """Per-row top-``k`` (rows = all dimensions but the last) of one tensor, from this rank's pieces: sorted global
-    flat indices (int64) per piece. Collective for flat partitions (their split rows travel between ranks)."""
-    from .selection import topk_indices_per_row
+    flat indices (int64) per piece. Collective for flat partitions (their split rows travel between ranks).
 
+    ``topk_indices_per_row(block, k, largest=...)`` is the one-process kernel (`selection.topk_indices_per_row`),
+    applied to blocks of whole rows."""
     width = int(shape[-1])
     out = []
     flat_layout = any(len(p.shard.grid) == 1 for p in pieces)
@@ -934,7 +956,7 @@ def select_rows(
         if len(pieces) > 1:
             raise ValueError(f"{tensor!r}: per-row selection reads one flat partition per rank, got {len(pieces)}.")
         p = pieces[0] if pieces else Piece(0, Shard.flat(math.prod(shape), 0, 0), lambda s, n: torch.empty(0))
-        return [_rows_of_flat_piece(p, width, k, largest, chunk, comm, tensor)]
+        return [_rows_of_flat_piece(p, width, k, largest, chunk, comm, tensor, topk_indices_per_row)]
     for p in pieces:
         if not p.numel:
             out.append(torch.empty(0, dtype=torch.int64))
@@ -1029,6 +1051,59 @@ def _mask_metadata(shapes, granularity, fingerprints, provenance) -> dict[str, s
     return json.loads(blob[8 : 8 + n])["__metadata__"]
 
 
+def write_safetensors(
+    path: str | os.PathLike,
+    entries: Sequence[tuple[str, str, Sequence[int]]],
+    metadata: Mapping[str, str],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    fsync: bool = True,
+) -> str:
+    """Write a safetensors file whose tensors arrive one at a time, atomically.
+
+    Args:
+        path: the file.
+        entries: ``(name, dtype code, shape)`` in the order the data is laid out (``"F32"``, ``"I32"``, ``"I64"``).
+        metadata: the ``__metadata__`` strings (written with sorted keys, as the safetensors library writes them).
+        tensors: ``(name, tensor)`` in the order of ``entries``; each is checked against its entry.
+
+    The header is ``{"__metadata__": ..., name: {"dtype", "shape", "data_offsets"}, ...}`` in compact JSON padded
+    with spaces to a multiple of 8 bytes, the layout of the safetensors library.
+    """
+    from .._io import atomic_path
+
+    itemsize = {"F32": 4, "I32": 4, "I64": 8}
+    dtypes = {"F32": torch.float32, "I32": torch.int32, "I64": torch.int64}
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+    offset = 0
+    for name, code, shape in entries:
+        size = math.prod(shape) * itemsize[code]
+        header[name] = {"dtype": code, "shape": [int(s) for s in shape], "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    with atomic_path(path, fsync=fsync) as tmp, open(tmp, "wb") as fh:
+        fh.write(struct.pack("<Q", len(head)))
+        fh.write(head)
+        expected = iter(entries)
+        for name, t in tensors:
+            entry = next(expected, None)
+            if entry is None or entry[0] != name:
+                raise RuntimeError(f"{path}: tensor {name!r} arrived out of order (expected {entry and entry[0]!r}).")
+            _, code, shape = entry
+            if t.dtype != dtypes[code] or t.numel() != math.prod(shape):
+                raise RuntimeError(f"{path}: tensor {name!r} is {t.dtype} x {t.numel()}, declared {code} {shape}.")
+            flat = t.detach().reshape(-1).contiguous().cpu()
+            step = max(1, _WRITE_CHUNK // flat.element_size())
+            for s in range(0, flat.numel(), step):
+                fh.write(memoryview(flat[s : s + step].numpy()).cast("B"))
+        if next(expected, None) is not None:
+            raise RuntimeError(f"{path}: fewer tensors arrived than the header declares.")
+    return os.fspath(path)
+
+
 def write_mask_stream(
     save_directory: str | os.PathLike,
     *,
@@ -1048,7 +1123,6 @@ def write_mask_stream(
     and dtype, and against the mask rules (1-D, sorted, unique, in range).
     """
     from ..mask.serialization import MASK_FILENAME
-    from .score_files import write_safetensors
 
     directory = os.fspath(save_directory)
     if os.path.isfile(directory) or directory.endswith(".safetensors"):

@@ -22,19 +22,20 @@ the selected indices; so scores larger than RAM can be selected.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from ..mask.granularity import Granularity, Weight, granularity_from_dict
 
-__all__ = ["INDEX_FILENAME", "ScoreFiles", "save_scores", "write_safetensors"]
+__all__ = ["INDEX_FILENAME", "ScoreFiles", "save_scores"]
 
 #: the index file of a scores folder
 INDEX_FILENAME = "scores_index.json"
@@ -43,64 +44,9 @@ FORMAT_VERSION = 1
 _FILE_RE = re.compile(r"scores-\d{5}-of-\d{5}\.safetensors")
 _MAX_HEADER = 100_000_000
 _MAX_INDEX = 100_000_000
-#: bytes written to a file at once (one tensor is streamed in pieces of this size)
-_WRITE_CHUNK = 1 << 26
 
 
 # ------------------------------------------------------------------------------------------------------------ write
-def write_safetensors(
-    path: str | os.PathLike,
-    entries: Sequence[tuple[str, str, Sequence[int]]],
-    metadata: Mapping[str, str],
-    tensors: Iterable[tuple[str, torch.Tensor]],
-    *,
-    fsync: bool = True,
-) -> str:
-    """Write a safetensors file whose tensors arrive one at a time, atomically.
-
-    Args:
-        path: the file.
-        entries: ``(name, dtype code, shape)`` in the order the data is laid out (``"F32"``, ``"I32"``, ``"I64"``).
-        metadata: the ``__metadata__`` strings (written with sorted keys, as the safetensors library writes them).
-        tensors: ``(name, tensor)`` in the order of ``entries``; each is checked against its entry.
-
-    The header is ``{"__metadata__": ..., name: {"dtype", "shape", "data_offsets"}, ...}`` in compact JSON padded
-    with spaces to a multiple of 8 bytes, the layout of the safetensors library.
-    """
-    from .._io import atomic_path
-
-    itemsize = {"F32": 4, "I32": 4, "I64": 8}
-    dtypes = {"F32": torch.float32, "I32": torch.int32, "I64": torch.int64}
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
-    offset = 0
-    for name, code, shape in entries:
-        size = math.prod(shape) * itemsize[code]
-        header[name] = {"dtype": code, "shape": [int(s) for s in shape], "data_offsets": [offset, offset + size]}
-        offset += size
-    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    head += b" " * (-len(head) % 8)
-    with atomic_path(path, fsync=fsync) as tmp, open(tmp, "wb") as fh:
-        fh.write(struct.pack("<Q", len(head)))
-        fh.write(head)
-        expected = iter(entries)
-        for name, t in tensors:
-            entry = next(expected, None)
-            if entry is None or entry[0] != name:
-                raise RuntimeError(f"{path}: tensor {name!r} arrived out of order (expected {entry and entry[0]!r}).")
-            _, code, shape = entry
-            if t.dtype != dtypes[code] or t.numel() != math.prod(shape):
-                raise RuntimeError(f"{path}: tensor {name!r} is {t.dtype} x {t.numel()}, declared {code} {shape}.")
-            flat = t.detach().reshape(-1).contiguous().cpu()
-            step = max(1, _WRITE_CHUNK // flat.element_size())
-            for s in range(0, flat.numel(), step):
-                fh.write(memoryview(flat[s : s + step].numpy()).cast("B"))
-        if next(expected, None) is not None:
-            raise RuntimeError(f"{path}: fewer tensors arrived than the header declares.")
-    return os.fspath(path)
-
-
 def _plan_files(names: Sequence[str], nbytes: Mapping[str, int], max_file_bytes: int) -> list[list[str]]:
     groups: list[list[str]] = []
     size = 0
@@ -123,7 +69,8 @@ def save_scores(scores: Any, save_directory: str | os.PathLike, *, max_file_byte
         The folder.
     """
     from .._io import atomic_write_text
-    from .scores import expected_score_shape
+    from .distributed import write_safetensors
+    from .units import expected_score_shape
 
     if isinstance(max_file_bytes, bool) or not isinstance(max_file_bytes, int) or max_file_bytes < 1:
         raise ValueError(f"max_file_bytes={max_file_bytes!r} must be a positive int (bytes per file).")
@@ -284,7 +231,9 @@ class ScoreFiles:
         if not isinstance(version, int) or version < 1:
             raise ValueError(f"{where}: invalid format_version {version!r}.")
         if version > FORMAT_VERSION:
-            raise ValueError(f"{where}: format_version {version} is newer than this library reads; upgrade peft-safety.")
+            raise ValueError(
+                f"{where}: format_version {version} is newer than this library reads; upgrade peft-safety."
+            )
         names = index.get("names")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
             raise ValueError(f"{where}: 'names' must be a list of distinct strings.")
@@ -294,7 +243,9 @@ class ScoreFiles:
         for n in names:
             fname = files.get(n)
             if not isinstance(fname, str) or os.path.basename(fname) != fname or not _FILE_RE.fullmatch(fname):
-                raise ValueError(f"{where}: files[{n!r}] = {fname!r} must name a scores-NNNNN-of-NNNNN.safetensors file.")
+                raise ValueError(
+                    f"{where}: files[{n!r}] = {fname!r} must name a scores-NNNNN-of-NNNNN.safetensors file."
+                )
             fpath = os.path.join(folder, fname)
             if fname not in headers:
                 if not os.path.isfile(fpath):
@@ -369,7 +320,7 @@ class ScoreFiles:
         return _Location(path, begin + offsets[0], tuple(shape))
 
     def _init(self, names, shapes, gran, provenance, fingerprints, locations, where) -> None:
-        from .scores import expected_score_shape
+        from .units import expected_score_shape
 
         self._names = tuple(names)
         self._shapes: dict[str, tuple[int, ...]] = {}
@@ -426,9 +377,9 @@ class ScoreFiles:
 
     def with_granularity(self, granularity: Any) -> ScoreFiles:
         """The same files read with another granularity (validated against the stored shapes)."""
-        from .scores import _granularity_map, expected_score_shape
+        from .units import expected_score_shape, granularity_map
 
-        new = _granularity_map(self._names, granularity)
+        new = granularity_map(self._names, granularity)
         for n, g in new.items():
             want = expected_score_shape(self._shapes[n], g, n)
             if tuple(want) != self._locations[n].shape:
@@ -508,18 +459,6 @@ class ScoreFiles:
         loc = self._locations[name]
         return self._reader(name)(0, loc.numel).reshape(loc.shape)
 
-    def to_scores(self) -> Any:
-        """Every tensor in memory, as `Scores`."""
-        from .scores import Scores
-
-        return Scores(
-            {n: self.read(n) for n in self._names},
-            granularity=dict(self._granularity),
-            shapes=dict(self._shapes),
-            provenance=self.provenance,
-            fingerprints=self.fingerprints,
-        )
-
     def close(self) -> None:
         """Close the open files."""
         for fd in self._handles.values():
@@ -533,7 +472,5 @@ class ScoreFiles:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown
             self.close()
-        except Exception:  # pragma: no cover - interpreter shutdown
-            pass

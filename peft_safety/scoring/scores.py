@@ -19,38 +19,15 @@ from typing import Any
 
 import torch
 
-from ..mask.granularity import Granularity, Layer, Weight, granularity_from_dict, is_granularity
+from ..mask.granularity import Granularity, Weight, granularity_from_dict
+from .units import GranularitySpec, expected_score_shape
+from .units import granularity_map as _granularity_map
 
 __all__ = ["Scores", "expected_score_shape"]
 
 _FORMAT = "peft_safety.scoring.scores"
 _FORMAT_VERSION = "1"
 _CHECK_CHUNK = 1 << 22
-
-GranularitySpec = Granularity | Mapping[str, Granularity] | None
-
-
-def expected_score_shape(shape: Iterable[int], granularity: Granularity, name: str = "parameter") -> tuple[int, ...]:
-    """Shape of the score tensor of one parameter under ``granularity``.
-
-    ``Weight()``: the parameter's shape; ``Neuron``/``Head``: ``(num_units,)`` (rows or columns, numbered per expert
-    for fused 3-D expert tensors; see :mod:`peft_safety.mask.granularity`); ``Layer()``: ``()``.
-
-    Raises:
-        ValueError: when the granularity cannot address a parameter of this shape.
-        TypeError: when ``granularity`` is not a granularity.
-    """
-    shape = tuple(int(s) for s in shape)
-    if not is_granularity(granularity):
-        raise TypeError(
-            f"{name!r}: {granularity!r} is not a granularity; use Weight(), Neuron(axis), Head(head_dim) or Layer()."
-        )
-    granularity.check_shape(shape, name)
-    if isinstance(granularity, Weight):
-        return shape
-    if isinstance(granularity, Layer):
-        return ()
-    return (granularity.num_units(shape),)
 
 
 def _to_fp32(name: str, value: Any) -> torch.Tensor:
@@ -75,28 +52,6 @@ def _to_fp32(name: str, value: Any) -> torch.Tensor:
             "finite. Check the scorer's accumulators (fp32, no overflow) or replace them, e.g. torch.nan_to_num."
         )
     return t
-
-
-def _granularity_map(names: Iterable[str], granularity: GranularitySpec) -> dict[str, Granularity]:
-    names = list(names)
-    if granularity is None:
-        return dict.fromkeys(names, Weight())
-    if is_granularity(granularity):
-        return dict.fromkeys(names, granularity)
-    if isinstance(granularity, Mapping):
-        missing = [n for n in names if n not in granularity]
-        if missing:
-            raise ValueError(f"granularity has no entry for {missing[:3]}; give one granularity or one per name.")
-        out = {}
-        for n in names:
-            g = granularity[n]
-            if not is_granularity(g):
-                raise TypeError(f"granularity[{n!r}] must be a Granularity (e.g. Weight()), got {type(g).__name__}.")
-            out[n] = g
-        return out
-    raise TypeError(
-        f"granularity must be a Granularity or a mapping name -> Granularity, got {type(granularity).__name__}."
-    )
 
 
 def _check_fingerprints(fingerprints: Mapping[str, str] | None, names: Iterable[str]) -> dict[str, str]:
@@ -263,9 +218,7 @@ class Scores(Mapping[str, torch.Tensor]):
 
     def numel(self) -> int:
         """Total number of units (score entries) over every tensor (of the full tensors, for sharded scores)."""
-        return sum(
-            self._shards[n].full_numel if n in self._shards else t.numel() for n, t in self._tensors.items()
-        )
+        return sum(self._shards[n].full_numel if n in self._shards else t.numel() for n, t in self._tensors.items())
 
     # --- sharded scores ------------------------------------------------------------------------------------------
     @property
@@ -295,9 +248,7 @@ class Scores(Mapping[str, torch.Tensor]):
         """``{name: [Piece]}``: this rank's part of each tensor for the selection engine."""
         from .distributed import Piece
 
-        return {
-            n: [Piece.of_tensor(tid, t, self._shards.get(n))] for tid, (n, t) in enumerate(self._tensors.items())
-        }
+        return {n: [Piece.of_tensor(tid, t, self._shards.get(n))] for tid, (n, t) in enumerate(self._tensors.items())}
 
     def __eq__(self, other: object) -> bool:
         """Same names in the same order, same shapes, granularities, shards, provenance and bit-identical tensors."""
@@ -475,7 +426,9 @@ class Scores(Mapping[str, torch.Tensor]):
         if self.numel() == 0:
             raise ValueError("cannot build a histogram of empty scores.")
         comm = self.selection_comm()
-        counted = [t for n, t in self._tensors.items() if t.numel() and (n not in self._shards or self._shards[n].counted)]
+        counted = [
+            t for n, t in self._tensors.items() if t.numel() and (n not in self._shards or self._shards[n].counted)
+        ]
         if range is None:
             lo = comm.min_float(min((float(t.min()) for t in counted), default=math.inf))
             hi = comm.max_float(max((float(t.max()) for t in counted), default=-math.inf))
@@ -523,7 +476,13 @@ class Scores(Mapping[str, torch.Tensor]):
         from .score_files import ScoreFiles
 
         with ScoreFiles(path) as files:
-            return files.to_scores()
+            return cls(
+                {n: files.read(n) for n in files.names},
+                granularity=files.granularity,
+                shapes=files.shapes,
+                provenance=files.provenance,
+                fingerprints=files.fingerprints,
+            )
 
     def to_safetensors(self, path: str | os.PathLike) -> None:
         """Write the scores **densely** to one safetensors file (as large as the parameters, fp32), atomically.

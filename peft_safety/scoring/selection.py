@@ -324,8 +324,7 @@ def _group_counts(
             )
         return n, {}
     from ..mask.granularity import Weight
-
-    from .scores import expected_score_shape
+    from .units import expected_score_shape
 
     counts: dict[str, int] = {}
     for nm in names:
@@ -571,7 +570,7 @@ def _select_distributed(
     Returns the `SafetyMask` on rank 0 and `None` on the other ranks, or the written path with ``save_directory``.
     """
     from . import distributed as dist_sel
-    from .scores import expected_score_shape
+    from .units import expected_score_shape
 
     comm = scores.selection_comm()
     n, counts = _group_counts(scores, fraction=fraction, k=k, scope=scope)
@@ -611,7 +610,14 @@ def _select_distributed(
         for nm in names:
             if nm in counts:
                 parts = dist_sel.select_rows(
-                    pieces.get(nm, []), score_shapes[nm], counts[nm], largest=largest, comm=comm, tensor=nm, chunk=chunk
+                    pieces.get(nm, []),
+                    score_shapes[nm],
+                    counts[nm],
+                    largest=largest,
+                    comm=comm,
+                    tensor=nm,
+                    chunk=chunk,
+                    topk_indices_per_row=topk_indices_per_row,
                 )
                 local[nm] = merged(parts)
     local = {nm: idx for nm, idx in local.items() if idx.numel()}
