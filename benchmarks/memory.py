@@ -10,10 +10,10 @@ buffers leave the process at once). Phases: ``score`` (`peft_safety.score`, the 
 scored entries and this rank's part (the fp32 accumulators/scores are 4 bytes each), and the calibration tokens.
 
 The projection (``projection`` in the JSON, the table in ``docs/memory.md``) applies the per-rank model of
-``docs/memory.md`` to the published Llama-2 7B and 70B shapes, with two coefficients measured here on the largest
-model run: the bytes of scoring state per scored entry a rank holds, from the one-process and the sharded run of the
-same model (the activations and fixed costs, equal in both, cancel in the difference), and the selection's peak extra
-bytes per scored entry a rank holds.
+``docs/memory.md`` to the published Llama-2 7B and 70B shapes: the fp32 state at 4 bytes per scored entry a rank
+holds (one accumulator, by construction; the measured peaks minus it leave the activations and buffers, which do
+not shrink with the shard), and the selection's peak extra bytes per scored entry a rank holds, measured on the
+largest model. ``--reproject`` recomputes the projection from the measurements already in ``--out``.
 
 ```bash
 python benchmarks/memory.py                 # tiny + smollm2-135m, one process and 2-process FSDP2 (minutes)
@@ -189,36 +189,35 @@ def llama_params(c: dict) -> dict[str, int]:
     return {"total": n * layer + 2 * v * h + h, "scored": n * layer_linear, "layer": layer, "embedding": v * h}
 
 
+#: bytes of scoring state per scored entry a rank holds: one fp32 accumulator, turned into the score in place
+STATE_BYTES = 4
+
+
 def coefficients(measured: list[dict]) -> dict[str, dict]:
-    """Per method, on the largest measured model: the scoring state's bytes per scored entry held by a rank, from the
-    difference between the one-process and the sharded runs (``(peak_1 - peak_W) / (local_1 - local_W)``: the
-    activations and fixed costs, equal in both, cancel), the rest of the peak (``fixed``), and the selection's peak
-    extra bytes per local scored entry (sharded runs)."""
+    """Per method, on the largest measured model: the fp32 state (`STATE_BYTES` per entry held, by construction),
+    the rest of each run's scoring peak (``peak - 4 * entries held``: activations, autograd and FSDP2 buffers, which
+    do not shrink with the shard), and the selection's peak extra bytes per entry held (sharded runs)."""
     biggest = max(r["parameters"] for r in measured)
     out = {}
     for method in sorted({r["method"] for r in measured}):
         rows = [r for r in measured if r["method"] == method and r["parameters"] == biggest]
-        one = [r for r in rows if r["world"] == 1]
-        many = [r for r in rows if r["world"] > 1]
-        if not one or not many:
-            continue
-        p1 = one[0]["score_peak_extra_bytes"]
-        pw = sum(r["score_peak_extra_bytes"] for r in many) / len(many)
-        l1, lw = one[0]["local_scored"], sum(r["local_scored"] for r in many) / len(many)
-        per_entry = (p1 - pw) / (l1 - lw)
+        rest = {w: max(r["score_peak_extra_bytes"] - STATE_BYTES * r["local_scored"] for r in rows if r["world"] == w)
+                for w in sorted({r["world"] for r in rows})}  # fmt: skip
+        sharded = [r for r in rows if r["world"] > 1] or rows
         out[method] = {
-            "model": one[0]["model"],
-            "state_bytes_per_entry": per_entry,
-            "fixed_bytes": p1 - per_entry * l1,
-            "select_bytes_per_local_entry": max(r["select_peak_extra_bytes"] / r["local_scored"] for r in many),
+            "model": rows[0]["model"],
+            "state_bytes_per_entry": STATE_BYTES,
+            "rest_bytes_by_world": {str(w): v for w, v in rest.items()},
+            "select_bytes_per_local_entry": max(r["select_peak_extra_bytes"] / r["local_scored"] for r in sharded),
         }
     return out
 
 
 def project(measured: list[dict], world: int = 8, gpu_gib: int = 80, tokens: int = 1024) -> dict:
     """Per-rank memory of ESI scoring and 1% selection for Llama-2 7B and 70B over ``world`` GPUs (bf16 weights),
-    from the model of docs/memory.md: the measured coefficients (`coefficients`) for the fp32 state and the
-    selection, exact arithmetic for the weights, and stated estimates for FSDP2's working set and the activations."""
+    from the model of docs/memory.md: exact arithmetic for the weights and the fp32 state, the selection coefficient
+    measured on the largest model (`coefficients`), and stated estimates for FSDP2's working set and the
+    activations."""
     coef = coefficients(measured)
     esi = coef["esi"]
     out = {"world": world, "gpu_gib": gpu_gib, "tokens_per_batch": tokens, "coefficients": coef, "models": {}}
@@ -227,7 +226,7 @@ def project(measured: list[dict], world: int = 8, gpu_gib: int = 80, tokens: int
         p = llama_params(c)
         weights = 2 * p["total"] / world  # bf16, sharded
         working = 2 * 2 * p["layer"] + 4 * p["layer"]  # current + prefetched layer unsharded (bf16), one fp32 grad
-        state = esi["state_bytes_per_entry"] * p["scored"] / world  # fp32 accumulators -> scores, measured
+        state = STATE_BYTES * p["scored"] / world  # the fp32 accumulators, which become the scores
         acts = 2 * tokens * c["hidden"] * (c["layers"] + 16) + 4 * tokens * c["vocab"]  # checkpointed + logits
         sel = esi["select_bytes_per_local_entry"] * p["scored"] / world
         score_total = weights + working + state + acts
@@ -243,7 +242,7 @@ def project(measured: list[dict], world: int = 8, gpu_gib: int = 80, tokens: int
                 "selection_extra": sel / gib,
             },
             "fits": bool(score_total + sel < gpu_gib * gib * 0.9),
-            "unsharded_gib": (2 * p["total"] + esi["state_bytes_per_entry"] * p["scored"] + working + acts) / gib,
+            "unsharded_gib": (2 * p["total"] + STATE_BYTES * p["scored"] + working + acts) / gib,
         }
     return out
 
@@ -263,9 +262,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--sharded", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--reproject", action="store_true", help="recompute the projection of --out's measurements")
     args = parser.parse_args(argv)
     if args.worker:
         print("RESULT " + json.dumps(worker(args)))
+        return 0
+    if args.reproject:
+        with open(args.out, encoding="utf-8") as fh:
+            result = json.load(fh)
+        result["projection"] = project(result["measured"])
+        result["projection_command"] = " ".join(["python", *sys.argv])
+        _bench.write_json(args.out, result)
+        print(f"-> {args.out}")
         return 0
     if args.small:
         args.models = "tiny"

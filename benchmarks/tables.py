@@ -393,23 +393,23 @@ def memory_measured() -> str:
     c = d["config"]
     rows = []
     for r in d["measured"]:
+        state = 4 * r["local_scored"]
         rows.append([r["model"], f"`{r['method']}`", str(r["world"]), str(r["rank"]), f"{r['local_scored']:,}",
                      f"{r['local_weight_bytes'] / 2**20:,.1f}", f"{r['score_peak_extra_bytes'] / 2**20:,.1f}",
+                     f"{state / 2**20:,.1f}", f"{(r['score_peak_extra_bytes'] - state) / 2**20:,.1f}",
                      f"{r['select_peak_extra_bytes'] / 2**20:,.1f}"])  # fmt: skip
     head = (
         f"{c['rows']} calibration rows of at most {c['max_length']} tokens, batch {c['batch_size']}, "
         f"{c['threads']} thread(s); sharded runs: FSDP2 `fully_shard` over {c['world']} CPU processes (gloo). Peak "
-        "extra memory of each phase in a fresh process (VmHWM after - VmRSS before).\n\n"
+        "extra memory of each phase in a fresh process (VmHWM after - VmRSS before; MiB).\n\n"
     )
-    header = ["model", "scorer", "ranks", "rank", "scored entries held", "weights held, MiB", "score: peak extra, MiB",
-              "select 1%: peak extra, MiB"]  # fmt: skip
-    coef = d["projection"]["coefficients"]
-    lines = [
-        f"* `{m}` on {v['model']}: {v['state_bytes_per_entry']:.2f} bytes of scoring state per scored entry a rank "
-        f"holds (the difference between the one-process and the sharded run), {v['fixed_bytes'] / 2**20:,.0f} MiB "
-        f"fixed (activations, workspace); selection {v['select_bytes_per_local_entry']:.2f} bytes per entry held."
-        for m, v in coef.items()
-    ]
+    header = ["model", "scorer", "ranks", "rank", "scored entries held", "weights held", "score: peak extra",
+              "of which fp32 state (4 B/entry)", "rest", "select 1%: peak extra"]  # fmt: skip
+    lines = []
+    for m, v in d["projection"]["coefficients"].items():
+        rest = ", ".join(f"{v2 / 2**20:,.0f} MiB with {w} rank(s)" for w, v2 in v["rest_bytes_by_world"].items())
+        lines.append(f"* `{m}` on {v['model']}: the rest of the scoring peak is {rest}; selection "
+                     f"{v['select_bytes_per_local_entry']:.3f} bytes per entry held.")  # fmt: skip
     return head + table(header, rows) + "\n" + "\n".join(lines) + "\n\n" + prov_line(d)
 
 
@@ -421,14 +421,14 @@ def memory_projection() -> str:
         g = m["per_rank_gib"]
         rows.append([f"Llama-2 {name}", f"{m['parameters'] / 1e9:.1f} B", f"{g['weights']:.1f}",
                      f"{g['layer_working_set']:.1f}", f"{g['fp32_state']:.1f}", f"{g['activations']:.1f}",
-                     f"**{g['scoring_total']:.1f}**", f"{g['selection_extra']:.1f}", "yes" if m["fits"] else "no",
+                     f"**{g['scoring_total']:.1f}**", f"{g['selection_extra']:.2f}", "yes" if m["fits"] else "no",
                      f"{m['unsharded_gib']:.0f}"])  # fmt: skip
     esi = p["coefficients"]["esi"]
     head = (
         f"ESI, bf16 weights, {p['world']} ranks of {p['gpu_gib']} GB, {p['tokens_per_batch']} tokens per batch, "
-        f"activation checkpointing; fp32 state at the measured {esi['state_bytes_per_entry']:.2f} bytes per scored "
-        f"entry and selection at {esi['select_bytes_per_local_entry']:.2f} ({esi['model']}, table above). GiB per "
-        "rank.\n\n"
+        f"activation checkpointing; fp32 state at {esi['state_bytes_per_entry']} bytes per scored entry, selection at "
+        f"the measured {esi['select_bytes_per_local_entry']:.3f} bytes per entry ({esi['model']}, table above). GiB "
+        "per rank.\n\n"
     )
     header = ["model", "parameters", "weights", "FSDP2 layer working set", "fp32 state", "activations (est.)",
               "scoring", "+ select 1%", f"fits {p['world']} x {p['gpu_gib']} GB", "one device, unsharded"]  # fmt: skip

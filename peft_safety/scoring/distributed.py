@@ -408,20 +408,24 @@ def exact_group_std(values: torch.Tensor, shard: Shard, group_numel: int, comm: 
     comm = comm or Comm()
     groups = max(1, shard.full_numel // max(group_numel, 1))
     flat = values.reshape(-1)
+
+    def pieces() -> Iterator[tuple[int, torch.Tensor]]:  # float64 copies of at most 2**22 entries at a time
+        if shard.counted:
+            for gid, sl in _group_slices(shard, group_numel):
+                for s in range(sl.start, sl.stop, 1 << 22):
+                    yield gid, flat[s : min(s + (1 << 22), sl.stop)].double()
+
     sums = torch.zeros(groups, dtype=torch.float64)
     counts = torch.zeros(groups, dtype=torch.float64)
-    if shard.counted:
-        for gid, sl in _group_slices(shard, group_numel):
-            part = flat[sl]
-            sums[gid] += part.double().sum().item()
-            counts[gid] += part.numel()
+    for gid, part in pieces():
+        sums[gid] += part.sum().item()
+        counts[gid] += part.numel()
     comm.sum_(sums)
     comm.sum_(counts)
     mean = sums / counts.clamp_min(1)
     m2 = torch.zeros(groups, dtype=torch.float64)
-    if shard.counted:
-        for gid, sl in _group_slices(shard, group_numel):
-            m2[gid] += (flat[sl].double() - mean[gid]).pow(2).sum().item()
+    for gid, part in pieces():
+        m2[gid] += (part - mean[gid]).pow(2).sum().item()
     comm.sum_(m2)
     std = torch.where(counts > 1, (m2 / (counts - 1).clamp_min(1)).sqrt(), torch.zeros_like(m2))
     return std.float()
