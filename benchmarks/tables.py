@@ -375,16 +375,18 @@ def bench_selection_out_of_core() -> str:
                         ("histogram", "select (two-pass histogram, forced)")):  # fmt: skip
         times = [r["time_s"] for r in d["runs"][kind]]
         peak = d["peak_extra_bytes"][kind]
+        cpu = d.get("median_cpu_s", {}).get(kind)
         rows.append([label, f"{d['median_s'][kind]:.2f} s ({min(times):.2f}-{max(times):.2f}, n={len(times)})",
-                     f"{d['median_s'][kind] / d['median_s']['read']:.2f}", f"{peak / 2**20:,.0f} MiB",
-                     f"{peak / largest:.2f}"])  # fmt: skip
+                     f"{d['median_s'][kind] / d['median_s']['read']:.2f}", "n/a" if cpu is None else f"{cpu:.2f} s",
+                     f"{peak / 2**20:,.0f} MiB", f"{peak / largest:.2f}"])  # fmt: skip
     head = (
         f"{c['numel']:,} fp32 scores ({c['score_bytes'] / 2**30:.2f} GiB) in {c['tensors']} tensors and {c['files']} "
         f"files, largest tensor {largest / 2**20:,.0f} MiB; global top {c['fraction']:g} (k = {c['k']:,}). Every pass "
         f"reads the disk (pages evicted before each run and once read); runs alternate, fresh process each. "
         f"Same mask as in-memory `select`: {d['same_as_in_memory']}.\n\n"
     )
-    header = ["run", "time, median (min-max)", "x read pass", "peak extra memory", "x largest tensor"]
+    header = ["run", "time, median (min-max)", "x read pass", "CPU time, median", "peak extra memory",
+              "x largest tensor"]  # fmt: skip
     return head + table(header, rows) + "\n" + prov_line(d)
 
 

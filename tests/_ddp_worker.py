@@ -165,6 +165,20 @@ def score_and_select(model, calib, out: str, rank: int, world: int) -> dict:
     from peft_safety.scoring import score
     from peft_safety.scoring.selection import select, select_and_save
 
+    def state() -> dict:
+        """What scoring must leave as it found: FSDP2's reduction settings, hooks, requires_grad, train mode."""
+        groups = [
+            g for m in model.modules() if hasattr(m, "_get_fsdp_state") for g in m._get_fsdp_state()._fsdp_param_groups
+        ]
+        return {
+            "reduction": [(g.gradient_divide_factor, g.force_sum_reduction_for_comms) for g in groups],
+            "hooks": sum(len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) for p in model.parameters()),
+            "requires_grad": [p.requires_grad for p in model.parameters()],
+            "grads": sum(p.grad is not None for p in model.parameters()),
+            "training": model.training,
+        }
+
+    before = state()
     facts: dict = {"world_size": world, "runs": {}}
     for label, method, kwargs in SHARDED_RUNS:
         scores = score(model, calib, method, target_modules=SHARDED_TARGETS, progress=False, **kwargs)
@@ -197,6 +211,7 @@ def score_and_select(model, calib, out: str, rank: int, world: int) -> dict:
         score(model, calib, "magnitude", target_modules=SHARDED_TARGETS, progress=False)
     except ValueError as err:
         facts["refused"] = str(err)
+    facts["state_before"], facts["state_after"] = before, state()
     return facts
 
 
@@ -319,6 +334,12 @@ def verify_sharded_run(
     facts = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
     assert all(f["world_size"] == world for f in facts)
     assert all("cannot score a sharded model" in f["refused"] and "'magnitude'" in f["refused"] for f in facts)
+    # scoring left the model as it found it: FSDP2's gradient averaging, no hooks or gradients left, flags and mode
+    assert all(f["state_after"] == f["state_before"] for f in facts), (
+        facts[0]["state_before"],
+        facts[0]["state_after"],
+    )
+    assert all(f["state_after"]["hooks"] == 0 and f["state_after"]["grads"] == 0 for f in facts)
     masks = 0
     for label, _, _ in SHARDED_RUNS:
         ref = reference[label]
