@@ -22,7 +22,6 @@ the selected indices; so scores larger than RAM can be selected.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -472,5 +471,8 @@ class ScoreFiles:
         self.close()
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # interpreter shutdown
+        # at interpreter shutdown module globals (os, contextlib) may already be gone: nothing left to close then
+        try:  # noqa: SIM105
             self.close()
+        except Exception:
+            pass
