@@ -135,6 +135,9 @@ def score(
     _check_inputs(calib, kwargs)
     fn = SCORERS.get(method)
     _reject_injected_adapters(model)
+    from .distributed import check_sharded_support
+
+    check_sharded_support(model, method, fn)
     targets = resolve_targets(
         model,
         target_modules=target_modules,
