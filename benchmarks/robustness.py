@@ -167,7 +167,7 @@ def build(root: Path) -> dict[str, Any]:
     from peft_safety import SafetyConfig, SafetyMask
     from peft_safety.scoring.scores import Scores
     from peft_safety.testing import tiny_llama, tiny_tokenizer
-    from peft_safety.tuner.lora import get_masked_lora_model
+    from peft_safety.tuner import get_masked_lora_model
 
     base = tiny_llama(seed=0)
     base.save_pretrained(root / "base")

@@ -185,7 +185,7 @@ PATHS = [
     (["push", "{root}/mask", "not a repo"], "is not a Hub repo id"),
     (["push", "{root}/mask", "me/a--b"], "is not a Hub repo id"),
     (["push", "{root}/nope", "me/mask"], "No such mask folder"),
-    (["push", "{root}/mask", "me/mask", "--mode", "lora"], "mode='lora' is unknown"),
+    (["push", "{root}/mask", "me/mask", "--mode", "lora"], "mode='lora' is not valid"),
     (["push", "{root}/mask", "me/mask", "--subfolder", "../up"], "relative folder"),
     (["fetch", "--data", "harmbnch_test"], "Did you mean 'harmbench_test'"),
 ]

