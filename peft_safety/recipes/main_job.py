@@ -157,6 +157,7 @@ class MainJobResult:
     files: dict[str, str]
     environment: dict[str, Any]
     config: dict[str, Any]
+    cpu_timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -194,8 +195,8 @@ class MainJobResult:
         n = self.rows[0]["n"] if self.rows else {}
         lines += ["", f"Prompts per evaluation: {n.get('harmful', 0)} harmful, {n.get('benign', 0)} benign, "
                   f"{n.get('lookalike', 0)} look-alike; [low-high] = 95% Wilson interval."]  # fmt: skip
-        lines += ["", "| stage | seconds |", "|---|---|"]
-        lines += [f"| {k} | {v:.1f} |" for k, v in self.timings.items()]
+        lines += ["", "| stage | seconds | CPU seconds |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.1f} | {num(self.cpu_timings.get(k), '.1f')} |" for k, v in self.timings.items()]
         env = self.environment
         lines += [
             "",
@@ -425,13 +426,18 @@ def run_main_job(cfg: MainJobConfig | None = None) -> MainJobResult:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
+    # CPU seconds of this process per stage: on a machine shared with other jobs, wall time measures the load too
+    cpu_timings: dict[str, float] = {}
     files: dict[str, str] = {}
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
+    c_last = [c_start]
 
     def tick(name: str, since: float) -> float:
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         timings[name] = now - since
-        logger.info("main job: %s took %.1f s", name, timings[name])
+        cpu_timings[name] = cpu - c_last[0]
+        c_last[0] = cpu
+        logger.info("main job: %s took %.1f s (%.1f CPU s)", name, timings[name], cpu_timings[name])
         return now
 
     # ---------------------------------------------------------------- data (no prompt is both trained on and evaluated)
@@ -565,6 +571,7 @@ def run_main_job(cfg: MainJobConfig | None = None) -> MainJobResult:
         except ImportError as err:
             logger.warning("Skipping plots: %s", err)
     timings["total"] = time.perf_counter() - t_start
+    cpu_timings["total"] = time.process_time() - c_start
     result = MainJobResult(
         rows=rows,
         timings=timings,
@@ -572,6 +579,7 @@ def run_main_job(cfg: MainJobConfig | None = None) -> MainJobResult:
         files=files,
         environment=environment(),
         config=asdict(cfg),
+        cpu_timings=cpu_timings,
     )
     atomic_write_text(out / "results.json", json.dumps(result.to_dict(), indent=2, default=str))
     atomic_write_text(out / "results.md", result.to_markdown())
