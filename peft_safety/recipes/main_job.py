@@ -2,8 +2,11 @@
 
 Stages (each one library call; the job is wiring):
 
-1. **baseline**: evaluate the model (refusal on held-out harmful prompts by two keyword presets, over-refusal on benign
-   prompts, perplexity of held-out benign and task responses, multiple-choice accuracy).
+1. **baseline**: evaluate the model: refusal on held-out harmful prompts, over-refusal on benign prompts and on benign
+   look-alike prompts (XSTest-style: benign questions on topics that sound unsafe), each by the keyword presets and by
+   a model-output judge (the classifier judge by default, its rates with 95% Wilson intervals); perplexity of held-out
+   benign and task responses; multiple-choice accuracy. The three prompt sets are answered in one batched greedy
+   generation pass (left padding, KV cache; the tokens do not depend on the batch).
 2. **score**: a safety mask of ``fraction`` (1% by default) from ``scorer`` (ESI by default) on harmful prompts paired
    with refusals (the identification data), selected globally.
 3. **SET**: train only the mask's entries on refusal data for ``set_steps`` steps (a ``SAFETY`` sparse-delta adapter),
