@@ -33,7 +33,9 @@ def test_batched_left_padded_greedy_equals_one_by_one_token_for_token(batch_size
     max_new = 12
     eos = tok.eos_token_id
     expected = [_naive_greedy(model, ids, max_new, eos) for ids in render_prompts(tok, prompts)]
-    got, stats = generate_with_stats(model, tok, prompts, max_new_tokens=max_new, batch_size=batch_size, progress=False)
+    got, stats = generate_with_stats(
+        model, tok, prompts, max_new_tokens=max_new, batch_size=batch_size, progress=False
+    )
     want = [tok.decode(e, skip_special_tokens=True).strip() for e in expected]
     assert got == want
     # every generated token counted, up to and including the first EOS
