@@ -153,13 +153,25 @@ def readme_results() -> str:
 
 def main_job() -> str:
     d = load("docs/results/main_job.json")
-    header = ["model", "refusal (wei2024)", "ASR (wei2024, >=20 words)", "refusal (gcg_extended)", "refusal (prefix)",
+    # the model-output judge's columns (rate [95% Wilson interval]), where the run measured them
+    judged = [k for k in ("refusal_classifier", "over_refusal_classifier", "lookalike_over_refusal_classifier")
+              if k in d["rows"][0]]  # fmt: skip
+    names = {"refusal_classifier": "refusal", "over_refusal_classifier": "over-refusal",
+             "lookalike_over_refusal_classifier": "look-alike over-refusal"}  # fmt: skip
+
+    def ci(r: dict[str, Any], key: str) -> str:
+        low, high = r.get(f"{key}_ci") or (None, None)
+        return pct(r[key]) if low is None else f"{pct(r[key])} [{100 * low:.0f}-{100 * high:.0f}]"
+
+    header = ["model", *(f"{names[k]} ({d['rows'][0].get('judge', 'classifier')})" for k in judged),
+              "refusal (wei2024)", "ASR (wei2024, >=20 words)", "refusal (gcg_extended)", "refusal (prefix)",
               "over-refusal (wei2024)", "over-refusal (gcg_extended)", "benign ppl", "task ppl", "MC acc",
               "repetitive (harmful)"]  # fmt: skip
     rows = [
-        [r["stage"], pct(r["refusal_wei2024"]), pct(r["attack_success_wei2024_min20"]), pct(r["refusal_gcg_extended"]),
-         pct(r["refusal_prefix"]), pct(r["over_refusal_wei2024"]), pct(r["over_refusal_gcg_extended"]),
-         num(r["benign_ppl"]), num(r["task_ppl"]), pct(r["mc_accuracy"]), pct(r["repetition_harmful"])]
+        [r["stage"], *(ci(r, k) for k in judged), pct(r["refusal_wei2024"]), pct(r["attack_success_wei2024_min20"]),
+         pct(r["refusal_gcg_extended"]), pct(r["refusal_prefix"]), pct(r["over_refusal_wei2024"]),
+         pct(r["over_refusal_gcg_extended"]), num(r["benign_ppl"]), num(r["task_ppl"]), pct(r["mc_accuracy"]),
+         pct(r["repetition_harmful"])]
         for r in d["rows"]
     ]  # fmt: skip
     return table(header, rows)
