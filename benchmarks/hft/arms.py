@@ -304,8 +304,10 @@ def _booster_artifact(ctx: ArmContext) -> dict[str, Any]:
 
     model, info = _alignment_run(
         ctx, steps=cfg.booster_steps, lr=cfg.booster_lr, weight_decay=cfg.booster_weight_decay, posthoc=capture,
-        extra_args={"safety_booster_lambda": cfg.booster_lambda, "safety_booster_alpha": cfg.booster_alpha},
-        trainer_kwargs={"safety_booster_harmful_dataset": chat_rows(data.harmful_pool)},
+        # lambda 0: the same alignment run without the term (the reference's plain SFT alignment, sft.sh)
+        extra_args={"safety_booster_lambda": cfg.booster_lambda, "safety_booster_alpha": cfg.booster_alpha}
+        if cfg.booster_lambda else None,
+        trainer_kwargs={"safety_booster_harmful_dataset": chat_rows(data.harmful_pool)} if cfg.booster_lambda else None,
     )  # fmt: skip
     for p in model.parameters():
         p.requires_grad_(False)
