@@ -147,6 +147,8 @@ CPU_CUTS = [
     "masked LoRA with the sparse forward (exact up to fp rounding during training; merged weights exact)",
     "SPPFT and RSN-Tune one seed (the protocol allows it); the other arms 3 seeds",
     "the learning curve (64 test rows every 25 steps) scored in plain LoRA's runs only (it cost about a fifth of a run)",
+    "defenses scaled to 100 steps: Lisa's cycle 50/450 -> 10/90 steps (its reference: 100/900 in a longer run), "
+    "Booster's alignment run and the alignment direction's run 500 -> 100 steps, Antidote's harmful rows 256 -> 64",
 ]
 
 
