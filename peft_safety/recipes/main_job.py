@@ -101,7 +101,7 @@ class MainJobConfig:
         default="classifier",
         metadata={
             "help": "The model-output judge next to the keyword judges (a `peft_safety.recipes.judges.load_judges` "
-            "name: 'classifier', 'classifier:<path>', 'rubric'); its rates carry 95% Wilson intervals."
+            "name: 'classifier', 'classifier:<path>', 'rubric'); its rates carry 95 percent Wilson intervals."
         },
     )
     eval_batch_size: int = field(
