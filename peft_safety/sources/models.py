@@ -20,7 +20,7 @@ to, the Hub's bf16 weights. Results on it are reproducible among themselves, not
 Example:
 
 ```python
->>> from peft_safety import load_default_model
+>>> from peft_safety.sources import load_default_model
 >>> model, tokenizer = load_default_model()  # doctest: +SKIP
 >>> model.config.num_hidden_layers  # doctest: +SKIP
 30
