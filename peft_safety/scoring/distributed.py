@@ -652,7 +652,8 @@ class _Cut:
 
 
 def _nonzero(mask: torch.Tensor) -> torch.Tensor:
-    """Positions of the true entries (int64); numpy's ``flatnonzero`` on CPU, several times faster than torch's."""
+    """Positions of the true entries (int64); numpy's ``flatnonzero`` on CPU, where it is faster than torch's
+    ``nonzero`` (no multi-dimensional index tensor is built)."""
     if mask.device.type == "cpu":
         import numpy as np
 

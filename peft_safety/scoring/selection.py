@@ -113,8 +113,9 @@ def _chunks(tensor: torch.Tensor, chunk: int) -> Iterable[tuple[int, torch.Tenso
 
 
 def _count_into(hist: torch.Tensor, buckets: torch.Tensor) -> None:
-    """``hist[b] += 1`` for every ``b`` in ``buckets``. ``bincount`` is fastest on large chunks, but it allocates the
-    full 65536-bin result each call; for small chunks a scatter-add into the accumulator is ~40x cheaper."""
+    """``hist[b] += 1`` for every ``b`` in ``buckets``. ``bincount`` is fastest on large chunks, but it allocates and
+    adds the full 65536-bin result each call; a small chunk touches few bins, so a scatter-add into the accumulator
+    does work in proportion to the chunk instead (selection timings: ``docs/selection.md``)."""
     if buckets.numel() >= hist.numel() // 4:
         hist += torch.bincount(buckets, minlength=hist.numel()).to(hist.device)
     elif buckets.numel():
