@@ -447,7 +447,7 @@ def sharded_fingerprints(
 ) -> dict:
     """`peft_safety.mask.fingerprint_tensor` of sharded weights, equal to the fingerprint of the full tensor: each rank
     reads the sampled positions (at most 4096 per tensor) it holds, one all-gather brings them together, and they are
-    hashed as `fingerprint_tensor` hashes them (``tests/test_sharded_selection.py`` checks that the two agree)."""
+    hashed as `fingerprint_tensor` hashes them (``tests/scoring/test_sharded_selection.py`` checks that the two agree)."""
     from ..mask.safety_mask import FINGERPRINT_SAMPLES
 
     comm = comm or Comm()
