@@ -26,6 +26,7 @@ PKG = Path(__file__).resolve().parents[1] / "peft_safety"
 BASE = {
     "peft_safety._version",
     "peft_safety._io",
+    "peft_safety._lazy",
     "peft_safety._files",
     "peft_safety._models",
     "peft_safety.errors",

@@ -15,11 +15,11 @@ This package never imports ``tuner/``, ``training/`` or ``hub.py``.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from .._lazy import lazy_getattr
 from ..mask import fingerprints_of
 from .calibration import CalibrationSet, refusal_rows, utility_rows
 from .registry import SCORERS, Registry, register_scorer
@@ -77,13 +77,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'peft_safety.scoring' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 def _accepts(fn: Any, name: str) -> bool:
