@@ -34,8 +34,6 @@ MOVED: dict[str, str] = {
             "fingerprint_tensor",
             "fingerprints_of",
             "granularity_from_dict",
-            "mask_model_card",
-            "push_mask_to_hub",
             "write_card",
         ],
         "peft_safety.mask",
@@ -61,6 +59,7 @@ MOVED: dict[str, str] = {
         ],
         "peft_safety.scoring",
     ),
+    **dict.fromkeys(["mask_model_card", "push_mask_to_hub"], "peft_safety.mask.hub"),
     **dict.fromkeys(["bootstrap_masks", "consensus", "consensus_mask"], "peft_safety.scoring.consensus"),
     **dict.fromkeys(
         [

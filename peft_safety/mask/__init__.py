@@ -3,8 +3,8 @@
 * `peft_safety.mask.granularity` -- `Weight`, `Neuron`, `Head`, `Layer`;
 * `peft_safety.mask.serialization` -- the file format v1 (``safety_mask.safetensors``), checked before it is believed;
 * `peft_safety.mask.safety_mask` -- `SafetyMask`: validation, algebra, fingerprints, summaries, files;
-* `peft_safety.mask.hub` -- model cards (`build_card`, `mask_model_card`) and uploads (`push_mask_to_hub`;
-  ``huggingface_hub`` is imported only when used);
+* `peft_safety.mask.hub` -- model cards (`build_card`, `mask_model_card`) and uploads (`push_mask_to_hub`); not
+  imported by this package, ``huggingface_hub`` only when used;
 * `peft_safety.mask.cards` -- `write_card`: the README.md of a saved folder (adapter and/or mask).
 
 Imports only torch, safetensors, huggingface_hub (lazily) and the standard library.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from .cards import write_card
 from .granularity import Granularity, Head, Layer, Neuron, Weight, granularity_from_dict
-from .hub import mask_model_card, push_mask_to_hub
 from .safety_mask import (
     MaskSummary,
     SafetyMask,
@@ -40,8 +39,6 @@ __all__ = [
     "layer_index_of",
     "load_mask",
     "mask_from_bytes",
-    "mask_model_card",
     "module_type_of",
-    "push_mask_to_hub",
     "write_card",
 ]
