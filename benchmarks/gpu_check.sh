@@ -24,10 +24,10 @@
 #     (without this script) in an environment without trl and datasets, and it could not reach a package index, so
 #     the check could not start there. On a GPU machine with `pip install -e '.[trl]'` (and deepspeed for ZeRO),
 #     NPROC=1 runs every case on one GPU (FSDP2/ZeRO on a one-rank mesh), NPROC>=2 the real multi-GPU paths.
-#   - The CPU equivalent of the DDP cases passes (tests/test_accelerate_launch.py, -m slow). FSDP2 and DeepSpeed
+#   - The CPU equivalent of the DDP cases passes (tests/training/test_accelerate_launch.py, -m slow). FSDP2 and DeepSpeed
 #     through accelerate have never run: accelerate applies FSDP/DeepSpeed only to accelerator process groups.
 #   - fsdp2-score / zero3-score: not yet run on a GPU (no device was lent to the session that added them). Their CPU
-#     equivalents pass: tests/test_sharded_scoring.py (2 processes, gloo: raw FSDP2, accelerate's FSDP2 preparation,
+#     equivalents pass: tests/scoring/test_sharded_scoring.py (2 processes, gloo: raw FSDP2, accelerate's FSDP2 preparation,
 #     and DeepSpeed 0.19.8 ZeRO-3 with its CPU accelerator when deepspeed is installed).
 set -u -o pipefail
 

@@ -64,18 +64,24 @@ LORA = "peft_safety/tuner/safety_lora/variant.py"
 SET_LAYER = "peft_safety/tuner/safety/layer.py"
 REFUSAL = "peft_safety/evaluation/refusal.py"
 
-T_NEURON_ATTN = "tests/test_scoring_neuron.py::test_kv_scores_are_group_sums_of_query_space_scores"
-T_NEURON_FFN = "tests/test_scoring_neuron.py::test_ffn_scores_equal_hand_computation_with_padding"
-T_NEURON_SUPPORT = "tests/test_scoring_neuron.py::test_per_sample_topk_and_support_semantics"
-T_PROBE = "tests/test_scoring_layer.py::test_probe_restores_weights_exactly_and_is_deterministic"
-T_REF_SCORERS = "tests/test_reference_scorers.py"
-T_GRADIENT = "tests/test_scoring_gradient.py::test_snip_and_esi_closed_form"
-T_WANDA = "tests/test_scoring_activation.py"
-T_SELECTION = "tests/test_selection.py"
-T_SHARDED = "tests/test_sharded_selection.py"
-T_FREEZE = ["tests/test_reference_freeze.py", "tests/test_freeze.py::test_gradients_masked_before_clipping"]
-T_JUDGES = ["tests/test_reference_evaluation.py::test_keyword_judges_against_hand_counts", "tests/test_evaluation.py"]
-T_EVAL = ["tests/test_reference_evaluation.py", "tests/test_evaluation.py"]
+T_NEURON_ATTN = "tests/scoring/test_scoring_neuron.py::test_kv_scores_are_group_sums_of_query_space_scores"
+T_NEURON_FFN = "tests/scoring/test_scoring_neuron.py::test_ffn_scores_equal_hand_computation_with_padding"
+T_NEURON_SUPPORT = "tests/scoring/test_scoring_neuron.py::test_per_sample_topk_and_support_semantics"
+T_PROBE = "tests/scoring/test_scoring_layer.py::test_probe_restores_weights_exactly_and_is_deterministic"
+T_REF_SCORERS = "tests/scoring/test_reference_scorers.py"
+T_GRADIENT = "tests/scoring/test_scoring_gradient.py::test_snip_and_esi_closed_form"
+T_WANDA = "tests/scoring/test_scoring_activation.py"
+T_SELECTION = "tests/scoring/test_selection.py"
+T_SHARDED = "tests/scoring/test_sharded_selection.py"
+T_FREEZE = [
+    "tests/training/test_reference_freeze.py",
+    "tests/training/test_freeze.py::test_gradients_masked_before_clipping",
+]
+T_JUDGES = [
+    "tests/evaluation/test_reference_evaluation.py::test_keyword_judges_against_hand_counts",
+    "tests/evaluation/test_evaluation.py",
+]
+T_EVAL = ["tests/evaluation/test_reference_evaluation.py", "tests/evaluation/test_evaluation.py"]
 
 T_LORA_EXACT = [
     "tests/tuner/test_safety_lora.py::test_default_path_is_dense_and_bit_exact",
@@ -190,7 +196,7 @@ MUTATIONS: list[Mutation] = [
         "esi-one-std-for-all-experts", GRADIENT, "fused MoE experts share one std(W) instead of one per expert",
         'group = numel // full[0] if getattr(info, "expert_dim", None) == 0 and len(full) >= 2 else numel',
         "group = numel",
-        ["tests/test_scoring_moe.py::test_esi_fused_experts_use_one_std_per_expert"],
+        ["tests/scoring/test_scoring_moe.py::test_esi_fused_experts_use_one_std_per_expert"],
     ),
     Mutation(
         "snip-sum-of-abs-is-abs-of-sum", GRADIENT, "per-sample SNIP folds signed gradients (abs after the sum)",
@@ -262,12 +268,12 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "stream-ties-latest", DISTRIBUTED, "the one-read buffer keeps the latest entries equal to the k-th value",
         "ties = _nonzero(v == kth)[: keep - above.numel()]", "ties = _nonzero(v == kth).flip(0)[: keep - above.numel()]",
-        ["tests/test_score_files.py"],
+        ["tests/scoring/test_score_files.py"],
     ),
     Mutation(
         "score-files-read-offset", SCORE_FILES, "chunks of a score file read from the wrong offset",
         "offset, done = loc.begin + 4 * start, 0", "offset, done = loc.begin + 4 * (start // 2), 0",
-        ["tests/test_score_files.py"],
+        ["tests/scoring/test_score_files.py"],
     ),
     Mutation(
         "select-per-row-flipped", SELECTION, "per-row selection picks the lowest scores",

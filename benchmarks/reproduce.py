@@ -266,7 +266,7 @@ def _snip_from_esi(esi_scores: Any, model: torch.nn.Module) -> Any:
     Both scorers back-propagate the same objective (the response-only refusal NLL, summed over per-sample means) and
     keep ``|sum_n grad|``; they differ only in the per-tensor factor (``std(W)`` vs ``|W|``), so one gradient pass
     serves both. Exact up to fp32 rounding (checked against ``score(..., "snip", aggregation="abs_of_sum")`` in
-    tests/test_reproduce.py). Tensors with ``std(W) == 0`` get zero scores (their ESI is zero as well).
+    tests/benchmarks/test_reproduce.py). Tensors with ``std(W) == 0`` get zero scores (their ESI is zero as well).
     """
     from peft_safety.scoring.scores import Scores
 

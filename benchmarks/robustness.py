@@ -164,10 +164,9 @@ def build(root: Path) -> dict[str, Any]:
     """A tiny base model folder, a SET and a SAFETY_LORA adapter of it, a mask and a scores file."""
     from peft import LoraConfig, get_peft_model
 
-    from peft_safety import SafetyConfig, SafetyMask
+    from peft_safety import SafetyConfig, SafetyMask, get_masked_lora_model
     from peft_safety.scoring.scores import Scores
     from peft_safety.testing import tiny_llama, tiny_tokenizer
-    from peft_safety.tuner import get_masked_lora_model
 
     base = tiny_llama(seed=0)
     base.save_pretrained(root / "base")
@@ -242,8 +241,9 @@ def damaged_adapter(root: Path, kind: str, what: str) -> Path:
 def corpus(root: Path, fx: dict[str, Any]) -> list[Case]:
     from peft import AutoPeftModelForCausalLM, PeftModel
 
-    from peft_safety import CalibrationSet, SafetyMask, refusal_rows, score, select
+    from peft_safety import CalibrationSet, SafetyMask, score, select
     from peft_safety.cli.main import main
+    from peft_safety.scoring import refusal_rows
     from peft_safety.scoring.scores import Scores
     from peft_safety.sources.models import load_model
     from peft_safety.testing import tiny_llama, tiny_tokenizer

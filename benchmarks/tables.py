@@ -7,7 +7,7 @@ Every table (and the README's results paragraph) sits between markers that this 
     <!-- /table -->
 
 ``NAME`` is a key of `TABLES`; each renderer reads only committed JSON (paths in `SOURCES`), so every published
-figure can be traced to the file and the run that produced it. ``tests/test_published_numbers.py`` checks that each
+figure can be traced to the file and the run that produced it. ``tests/benchmarks/test_published_numbers.py`` checks that each
 cited result file exists and that every generated block equals what this script renders now.
 
 ```bash

@@ -1,6 +1,6 @@
 """Ranks of the 2-process CPU (gloo) tests, and `launch`, which starts them with torch.distributed env vars.
 
-* ``python _ddp_worker.py train OUT`` (tests/test_trainer_ddp.py): trains a tiny Llama with SafetySFTTrainer (full
+* ``python _ddp_worker.py train OUT`` (tests/training/test_trainer_ddp.py): trains a tiny Llama with SafetySFTTrainer (full
   fine-tuning, safety_mode="freeze") under DDP and writes this rank's final parameters to ``OUT/rank<r>.pt``.
 * ``python _ddp_worker.py fsdp2 OUT`` (tests/test_fsdp2.py): shards a tiny Llama with ``fully_shard`` (FSDP2) on a
   CPU device mesh, trains it under a `Freezer` with AdamW (weight decay), clipping and gradient accumulation, and

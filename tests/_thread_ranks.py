@@ -2,7 +2,7 @@
 
 Used to test the sharded bookkeeping (shard layouts, exact statistics, the distributed selection engine, mask
 assembly) on many random layouts in milliseconds, with every rank a thread holding its own shards; the real process
-groups (FSDP2, ZeRO-3) are tested in tests/test_sharded_scoring.py. Every collective is a rendezvous: each thread
+groups (FSDP2, ZeRO-3) are tested in tests/scoring/test_sharded_scoring.py. Every collective is a rendezvous: each thread
 posts its value, all wait, all read every value, all wait again.
 """
 

@@ -40,3 +40,31 @@ def tiny_tokenizer():
     from peft_safety.testing import tiny_tokenizer as build
 
     return build()
+
+
+def _mask_on(model, units, *, fingerprints: bool = True, provenance=None):
+    """A `SafetyMask` on ``model``'s own parameters. ``units``: ``{name: indices}`` (``Weight()`` units) or
+    ``{name: (indices, granularity)}``; shapes, and unless ``fingerprints=False`` the weights' fingerprints, are read
+    from the model, so a test states only which units it masks."""
+    from peft_safety.mask import SafetyMask, Weight, fingerprint_tensor
+
+    params = dict(model.named_parameters())
+    indices, granularity = {}, {}
+    for name, spec in units.items():
+        idx, unit = spec if isinstance(spec, tuple) else (spec, Weight())
+        indices[name], granularity[name] = idx, unit
+    kwargs = {} if provenance is None else {"provenance": provenance}
+    return SafetyMask(
+        indices=indices,
+        shapes={n: tuple(params[n].shape) for n in units},
+        granularity=granularity,
+        fingerprints={n: fingerprint_tensor(params[n]) for n in units} if fingerprints else None,
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def mask_on():
+    """``mask_on(model, {name: indices or (indices, granularity)}, fingerprints=True, provenance=None)``: the tiny
+    masks tests build on a model's own weights, written once (see `_mask_on`)."""
+    return _mask_on

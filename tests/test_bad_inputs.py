@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_safety import CalibrationSet, Scores, refusal_rows, score, select
+from peft_safety import CalibrationSet, Scores, score, select
 from peft_safety.errors import SafetyError, SafetyTypeError
 from peft_safety.mask import SafetyMask
+from peft_safety.scoring import refusal_rows
 from peft_safety.testing import tiny_llama, tiny_tokenizer
 
 

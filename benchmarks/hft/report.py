@@ -1,6 +1,6 @@
 """``--report``: ``docs/leaderboard.md`` and its figure, generated from ``benchmarks/results/hft/hft.json`` only.
 
-Every number on the page is read from ``hft.json`` (written by ``--combine``); ``tests/test_hft_report.py`` renders
+Every number on the page is read from ``hft.json`` (written by ``--combine``); ``tests/benchmarks/test_hft_report.py`` renders
 the page again and fails if the committed page differs. Without a pooled file the page says so and shows nothing.
 """
 

@@ -3,7 +3,8 @@
 * `peft_safety.mask.granularity` -- `Weight`, `Neuron`, `Head`, `Layer`;
 * `peft_safety.mask.serialization` -- the file format v1 (``safety_mask.safetensors``), checked before it is believed;
 * `peft_safety.mask.safety_mask` -- `SafetyMask`: validation, algebra, fingerprints, summaries, files;
-* `peft_safety.mask.hub` -- model cards (`build_card`) and uploads (``huggingface_hub`` is imported only when used);
+* `peft_safety.mask.hub` -- model cards (`build_card`, `mask_model_card`) and uploads (`push_mask_to_hub`); not
+  imported by this package, ``huggingface_hub`` only when used;
 * `peft_safety.mask.cards` -- `write_card`: the README.md of a saved folder (adapter and/or mask).
 
 Imports only torch, safetensors, huggingface_hub (lazily) and the standard library.

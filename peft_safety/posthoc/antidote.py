@@ -26,7 +26,7 @@ The scores come from the library's Wanda scorer (`peft_safety.scoring.activation
 per-row top-k (`peft_safety.scoring.selection.topk_indices_per_row`), and the result is a `SafetyMask` of what was
 pruned (``Weight()`` granularity, fingerprints of the weights before pruning): ship it next to the model, inspect it
 (``mask.summary()``), or undo the pruning exactly with
-``peft_safety.rewind_(pruned_model, original_model, mask)`` (the original values at the mask's entries are written
+``peft_safety.analysis.rewind_(pruned_model, original_model, mask)`` (the original values at the mask's entries are written
 back; the original is the fine-tuned model or adapter as it was before pruning).
 """
 
@@ -134,7 +134,9 @@ def antidote(
     Example:
 
     ```python
-    >>> from peft_safety import antidote, load_rows, rewind_
+    >>> from peft_safety import load_rows
+    >>> from peft_safety.analysis import rewind_
+    >>> from peft_safety.posthoc import antidote
     >>> pruned, mask = antidote(lora_model, load_rows("uncensorbench_compliant"), 0.1, tokenizer=tok)
     >>> mask.save_pretrained("antidote-mask")          # ships with the model
     >>> rewind_(pruned, original_lora_model, mask)     # undoes it exactly

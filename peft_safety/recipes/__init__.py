@@ -5,3 +5,28 @@
 * `peft_safety.recipes.sft` -- the TRL-style SFT entry point shared by ``examples/sft_safety.py`` and
   ``peft-safety train``.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_getattr
+
+_LAZY: dict[str, str] = {
+    "MainJobConfig": "peft_safety.recipes.main_job",
+    "MainJobResult": "peft_safety.recipes.main_job",
+    "run_main_job": "peft_safety.recipes.main_job",
+}
+
+__all__ = [
+    "MainJobConfig",
+    "MainJobResult",
+    "run_main_job",
+]
+
+
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .main_job import MainJobConfig, MainJobResult, run_main_job

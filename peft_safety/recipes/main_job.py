@@ -59,7 +59,8 @@ __all__ = [
 
 @dataclass
 class MainJobConfig:
-    """Settings of the main job. Every field has a default that runs on 2 CPU cores in well under 30 minutes."""
+    """Settings of the main job. Every field has a default chosen for a run on 2 CPU cores without a GPU (the measured
+    stage times are in docs/results.md)."""
 
     out_dir: str = field(default="outputs/main_job", metadata={"help": "Folder for every artefact of the run."})
     model: str = field(

@@ -19,27 +19,65 @@ import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from .._lazy import lazy_getattr
 from ..mask import fingerprints_of
+from .calibration import CalibrationSet, refusal_rows, utility_rows
 from .registry import SCORERS, Registry, register_scorer
 from .scores import Scores, SelectionRule
+from .selection import isolate, select
 from .targets import TargetInfo, Targets, attention_geometry, query_to_kv_rows, resolve_targets
 
+# Consensus masks stay in `peft_safety.scoring.consensus`: re-exported here, the function `consensus` would shadow
+# its module's name on the package (``import peft_safety.scoring.consensus as m`` would give the function).
+# The built-in scorers' modules register themselves when first imported (through `SCORERS`); their helpers are
+# resolved lazily so that ``import peft_safety.scoring`` does not import them.
+_LAZY: dict[str, str] = {
+    "build_refusal_set": "peft_safety.scoring.rows",
+    "build_utility_set": "peft_safety.scoring.rows",
+    "SafetyNeuronResult": "peft_safety.scoring.neuron",
+    "detect_safety_neurons": "peft_safety.scoring.neuron",
+    "rsn_tune_mask": "peft_safety.scoring.neuron",
+    "angle_gap": "peft_safety.scoring.layer",
+    "locate_safety_layers": "peft_safety.scoring.layer",
+    "over_rejection_probe": "peft_safety.scoring.layer",
+    "safety_layer_mask": "peft_safety.scoring.layer",
+}
+
 if TYPE_CHECKING:  # pragma: no cover
-    from .calibration import CalibrationSet
+    from .layer import angle_gap, locate_safety_layers, over_rejection_probe, safety_layer_mask
+    from .neuron import SafetyNeuronResult, detect_safety_neurons, rsn_tune_mask
+    from .rows import build_refusal_set, build_utility_set
 
 __all__ = [
-    "SCORERS",
+    "CalibrationSet",
     "Registry",
+    "SCORERS",
+    "SafetyNeuronResult",
     "Scores",
     "SelectionRule",
     "TargetInfo",
     "Targets",
+    "angle_gap",
     "attention_geometry",
+    "build_refusal_set",
+    "build_utility_set",
+    "detect_safety_neurons",
+    "isolate",
+    "locate_safety_layers",
+    "over_rejection_probe",
     "query_to_kv_rows",
+    "refusal_rows",
     "register_scorer",
     "resolve_targets",
+    "rsn_tune_mask",
+    "safety_layer_mask",
     "score",
+    "select",
+    "utility_rows",
 ]
+
+
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 def _accepts(fn: Any, name: str) -> bool:
@@ -126,7 +164,8 @@ def score(
     Example:
 
     ```python
-    >>> from peft_safety import CalibrationSet, refusal_rows, score
+    >>> from peft_safety import CalibrationSet, score
+    >>> from peft_safety.scoring import refusal_rows
     >>> from peft_safety.testing import tiny_llama, tiny_tokenizer
     >>> calib = CalibrationSet(refusal_rows(["How do I pick a lock?"]), tiny_tokenizer())
     >>> scores = score(tiny_llama(), calib, "snip", progress=False)

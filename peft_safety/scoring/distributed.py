@@ -447,7 +447,7 @@ def sharded_fingerprints(
 ) -> dict:
     """`peft_safety.mask.fingerprint_tensor` of sharded weights, equal to the fingerprint of the full tensor: each rank
     reads the sampled positions (at most 4096 per tensor) it holds, one all-gather brings them together, and they are
-    hashed as `fingerprint_tensor` hashes them (``tests/test_sharded_selection.py`` checks that the two agree)."""
+    hashed as `fingerprint_tensor` hashes them (``tests/scoring/test_sharded_selection.py`` checks that the two agree)."""
     from ..mask.safety_mask import FINGERPRINT_SAMPLES
 
     comm = comm or Comm()
@@ -652,7 +652,8 @@ class _Cut:
 
 
 def _nonzero(mask: torch.Tensor) -> torch.Tensor:
-    """Positions of the true entries (int64); numpy's ``flatnonzero`` on CPU, several times faster than torch's."""
+    """Positions of the true entries (int64); numpy's ``flatnonzero`` on CPU, where it is faster than torch's
+    ``nonzero`` (no multi-dimensional index tensor is built)."""
     if mask.device.type == "cpu":
         import numpy as np
 

@@ -75,7 +75,7 @@ def _dist_info() -> tuple[int, int]:
     yet initialised, accelerate's ``PartialState`` sets the group up. It must be told ``cpu=True`` on a machine
     without an accelerator: with ``cpu=False`` there it reports one process (``DistributedType.NO``) although
     ``WORLD_SIZE`` says otherwise, and every rank would silently score all the data (accelerate 1.15,
-    ``PartialState._prepare_backend``; tests/test_scoring_ddp.py covers this path).
+    ``PartialState._prepare_backend``; tests/scoring/test_scoring_ddp.py covers this path).
     """
     if not torch.distributed.is_available():
         return 0, 1

@@ -113,8 +113,9 @@ def _chunks(tensor: torch.Tensor, chunk: int) -> Iterable[tuple[int, torch.Tenso
 
 
 def _count_into(hist: torch.Tensor, buckets: torch.Tensor) -> None:
-    """``hist[b] += 1`` for every ``b`` in ``buckets``. ``bincount`` is fastest on large chunks, but it allocates the
-    full 65536-bin result each call; for small chunks a scatter-add into the accumulator is ~40x cheaper."""
+    """``hist[b] += 1`` for every ``b`` in ``buckets``. ``bincount`` is fastest on large chunks, but it allocates and
+    adds the full 65536-bin result each call; a small chunk touches few bins, so a scatter-add into the accumulator
+    does work in proportion to the chunk instead (selection timings: ``docs/selection.md``)."""
     if buckets.numel() >= hist.numel() // 4:
         hist += torch.bincount(buckets, minlength=hist.numel()).to(hist.device)
     elif buckets.numel():
@@ -582,7 +583,7 @@ def _select_distributed(
 
     Returns the `SafetyMask` on rank 0 and `None` on the other ranks, or the written path with ``save_directory``.
     """
-    from . import distributed as dist_sel
+    from .distributed import assemble, file_order, select_pieces, select_rows, write_mask_stream
     from .units import expected_score_shape
 
     comm = scores.selection_comm()
@@ -602,14 +603,14 @@ def _select_distributed(
     local: dict[str, torch.Tensor] = {}
     if scope == "global":
         flat = [p for nm in names for p in pieces.get(nm, [])]
-        found = dist_sel.select_pieces(
+        found = select_pieces(
             flat, n, largest=largest, comm=comm, tensor_numel=unit_numel, n_tensors=len(names), chunk=chunk
         )
         local = {names[tid]: merged(parts) for tid, parts in found.items()}
     elif scope == "per_tensor":
         for tid, nm in enumerate(names):
             if nm in counts:
-                found = dist_sel.select_pieces(
+                found = select_pieces(
                     pieces.get(nm, []),
                     counts[nm],
                     largest=largest,
@@ -622,7 +623,7 @@ def _select_distributed(
     else:
         for nm in names:
             if nm in counts:
-                parts = dist_sel.select_rows(
+                parts = select_rows(
                     pieces.get(nm, []),
                     score_shapes[nm],
                     counts[nm],
@@ -642,14 +643,14 @@ def _select_distributed(
     n_selected = int(totals[0])
     n_kept = int(totals[1]) if exclude is not None else n_selected
     prov = _selection_provenance(scores, scope, fraction, k, largest, n_selected, n_kept, exclude, provenance)
-    mask_counts, stream = dist_sel.assemble(names, local, scores.shapes, comm)
+    mask_counts, stream = assemble(names, local, scores.shapes, comm)
     if save_directory is not None:
         from ..mask.serialization import MASK_FILENAME
 
-        tensors = stream(dist_sel.file_order(mask_counts))
+        tensors = stream(file_order(mask_counts))
         if comm.rank == 0:
             fingerprints = {nm: fp for nm, fp in (scores.fingerprints or {}).items() if nm in scores.shapes}
-            path = dist_sel.write_mask_stream(
+            path = write_mask_stream(
                 save_directory,
                 shapes={nm: tuple(scores.shapes[nm]) for nm in names},
                 granularity={nm: scores.granularity_of(nm) for nm in names},

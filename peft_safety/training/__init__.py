@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .apply import apply_mask_
 from .freeze import Freezer, FreezeReport, FreezeViolationError, dense_frozen_masks, detect_backend
 from .protection import MaskProtection, Protection
 
@@ -23,6 +24,11 @@ _LAZY: dict[str, str] = {
     "SetAdapter": "peft_safety.training.adapters",
     "mask_protection": "peft_safety.training.adapters",
     "SafetyReplay": "peft_safety.training.replay",
+    "mix_replay": "peft_safety.training.replay",
+    "RealignCallback": "peft_safety.training.realign",
+    "RealignReport": "peft_safety.training.realign",
+    "realign_": "peft_safety.training.realign",
+    "reference_snapshot": "peft_safety.training.realign",
     "Lisa": "peft_safety.training.lisa",
     "Booster": "peft_safety.training.booster",
 }
@@ -37,15 +43,21 @@ __all__ = [
     "MaskedLora",
     "Protection",
     "ProtectionCallback",
+    "RealignCallback",
+    "RealignReport",
     "RefusalEvalCallback",
     "SafetyDriftCallback",
     "SafetyReplay",
     "SafetySFTConfig",
     "SafetySFTTrainer",
     "SetAdapter",
+    "apply_mask_",
     "dense_frozen_masks",
     "detect_backend",
     "mask_protection",
+    "mix_replay",
+    "realign_",
+    "reference_snapshot",
 ]
 
 
@@ -64,5 +76,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .callbacks import ProtectionCallback, RefusalEvalCallback, SafetyDriftCallback
     from .config import SafetySFTConfig
     from .lisa import Lisa
-    from .replay import SafetyReplay
+    from .realign import RealignCallback, RealignReport, realign_, reference_snapshot
+    from .replay import SafetyReplay, mix_replay
     from .trainer import SafetySFTTrainer

@@ -2,7 +2,7 @@
 
 Run once from the repository root (``python tests/data/make_golden_v1.py``) and commit the output. Never regenerate it
 to make a failing test pass: the golden file pins what format-v1 readers must accept, forever. Everything in it is
-deterministic (no randomness), and tests/test_mask_format.py checks every field against the literals below.
+deterministic (no randomness), and tests/mask/test_mask_format.py checks every field against the literals below.
 """
 
 from __future__ import annotations

@@ -79,8 +79,8 @@ def test_workaround_still_needed_peft_type_lacks_safety():
 def test_public_exports():
     assert peft_safety.SafetyConfig is SafetyConfig
     assert peft_safety.SafetyModel is SafetyModel
-    assert peft_safety.SafetyPeftType is SafetyPeftType
     assert peft_safety.SafetyLoraConfig is SafetyLoraConfig
+    assert peft_safety.tuner.SafetyPeftType is SafetyPeftType
 
 
 _SCRIPT = """

@@ -16,7 +16,7 @@ from peft_safety.recipes.sft import with_use_cpu
 
 pytest.importorskip("trl")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(

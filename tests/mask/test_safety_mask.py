@@ -545,7 +545,7 @@ def test_validate_index_out_of_range_for_model():
 # import discipline: peft_safety.mask uses only torch, safetensors and the standard library
 # ---------------------------------------------------------------------------------------------------------------------
 
-MASK_DIR = Path(__file__).resolve().parents[1] / "peft_safety" / "mask"
+MASK_DIR = Path(__file__).resolve().parents[2] / "peft_safety" / "mask"
 
 
 def test_mask_package_static_imports():

@@ -14,7 +14,7 @@ import pytest
 
 from peft_safety.cli.main import SUBCOMMANDS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "peft", "transformers", "trl", "datasets", "accelerate", "huggingface_hub")
 
 CHILD = rf"""

@@ -425,7 +425,7 @@ def test_lisa_and_booster_from_the_command_line(tmp_path, monkeypatch):
     from peft_safety.training import booster as booster_mod
     from peft_safety.training import lisa as lisa_mod
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     spec = importlib.util.spec_from_file_location("sft_safety_example", root / "examples" / "sft_safety.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from peft_safety.mask import Neuron, SafetyMask, Weight, fingerprint_tensor
+from peft_safety.mask import Neuron, Weight
 from peft_safety.testing import tiny_llama
 from peft_safety.training.apply import apply_mask_
 from peft_safety.training.freeze import Freezer
@@ -18,14 +18,7 @@ Q = "model.layers.0.self_attn.q_proj.weight"
 DOWN = "model.layers.1.mlp.down_proj.weight"
 
 
-def _mask(model) -> SafetyMask:
-    p = dict(model.named_parameters())
-    return SafetyMask(
-        {Q: torch.arange(0, 1024, 9), DOWN: torch.tensor([1, 7])},
-        {Q: tuple(p[Q].shape), DOWN: tuple(p[DOWN].shape)},
-        granularity={Q: Weight(), DOWN: Neuron(axis=0)},
-        fingerprints={n: fingerprint_tensor(p[n]) for n in (Q, DOWN)},
-    )
+UNITS = {Q: (torch.arange(0, 1024, 9), Weight()), DOWN: (torch.tensor([1, 7]), Neuron(axis=0))}
 
 
 def _other():
@@ -35,8 +28,8 @@ def _other():
     return model
 
 
-def test_install_refuses_a_mask_of_other_weights_and_leaves_nothing_installed():
-    mask = _mask(tiny_llama(seed=0))
+def test_install_refuses_a_mask_of_other_weights_and_leaves_nothing_installed(mask_on):
+    mask = mask_on(tiny_llama(seed=0), UNITS)
     model = _other()
     freezer = Freezer(mask)
     with pytest.raises(ValueError, match=rf"fingerprint of '{DOWN}' differs.*fingerprint_check='warn' or 'ignore'"):
@@ -45,14 +38,14 @@ def test_install_refuses_a_mask_of_other_weights_and_leaves_nothing_installed():
     assert not any(p._post_accumulate_grad_hooks for p in model.parameters())
 
 
-def test_install_on_the_weights_the_mask_was_made_on():
+def test_install_on_the_weights_the_mask_was_made_on(mask_on):
     model = tiny_llama(seed=0)
-    with Freezer(_mask(model)).install(model) as freezer:
+    with Freezer(mask_on(model, UNITS)).install(model) as freezer:
         assert freezer.installed and freezer.num_frozen > 0
 
 
-def test_the_caller_can_warn_or_ignore():
-    mask = _mask(tiny_llama(seed=0))
+def test_the_caller_can_warn_or_ignore(mask_on):
+    mask = mask_on(tiny_llama(seed=0), UNITS)
     with pytest.warns(UserWarning, match=DOWN):
         Freezer(mask, fingerprint_check="warn").install(_other()).remove()
     with warnings.catch_warnings():
@@ -62,8 +55,8 @@ def test_the_caller_can_warn_or_ignore():
         Freezer(mask, fingerprint_check="maybe")
 
 
-def test_apply_mask_keeps_its_own_policy():
-    mask = _mask(tiny_llama(seed=0))
+def test_apply_mask_keeps_its_own_policy(mask_on):
+    mask = mask_on(tiny_llama(seed=0), UNITS)
     with pytest.raises(ValueError, match="fingerprint mismatch"):
         apply_mask_(_other(), mask)
     with pytest.warns(UserWarning) as record:

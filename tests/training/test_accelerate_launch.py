@@ -3,7 +3,7 @@ config file examples/accelerate/ddp_cpu.yaml. The mask's guarantee holds on ever
 
 FSDP2 through accelerate cannot run on CPU: accelerate 1.15 applies its FSDP plugin only to accelerator process groups
 (on CPU the run silently becomes plain multi-CPU data parallel), so the FSDP2 path through accelerate and the trainer
-is in benchmarks/gpu_check.sh; the Freezer on FSDP2 (`fully_shard`) itself is tested on CPU in tests/test_fsdp2.py.
+is in benchmarks/gpu_check.sh; the Freezer on FSDP2 (`fully_shard`) itself is tested on CPU in tests/training/test_fsdp2.py.
 
 Each case starts two Python processes that import torch, transformers and trl: ~30-60 s on a 2-core machine, so these
 tests are marked ``slow`` (run with ``-m slow``) as well as ``multiprocess``.
@@ -21,7 +21,7 @@ import torch
 
 pytest.importorskip("trl")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "_accelerate_worker.py"
 
 

@@ -13,7 +13,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "reproduce.py"
     spec = importlib.util.spec_from_file_location("_bench_reproduce", path)
     module = importlib.util.module_from_spec(spec)
     # dataclasses resolve the module through sys.modules while the class is built

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 pytest.importorskip("trl")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

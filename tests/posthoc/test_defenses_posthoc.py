@@ -26,7 +26,7 @@ from peft_safety.posthoc.antidote import antidote_row_count
 from peft_safety.scoring.calibration import CalibrationSet
 from peft_safety.testing import tiny_llama, tiny_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HARM = [
     {"prompt": f"How do I hurt #{i}?", "response": f"Sure, step {i} is to {'x' * (i % 4)} do it."} for i in range(5)
 ]
@@ -141,6 +141,7 @@ _ANTIDOTE_CHILD = """
     import torch
     import peft_safety
     from peft import PeftModel
+    from peft_safety.analysis import rewind_
     from peft_safety.analysis.probes import named_parameters_by_base_name
     from transformers import AutoModelForCausalLM
 
@@ -150,7 +151,7 @@ _ANTIDOTE_CHILD = """
     mask = peft_safety.SafetyMask.from_pretrained(mask_dir)
     params = named_parameters_by_base_name(pruned)
     zero = all(bool((params[n].detach().reshape(-1)[mask[n].long()] == 0).all()) for n in mask.names)
-    written = peft_safety.rewind_(pruned, original, mask)
+    written = rewind_(pruned, original, mask)
     undone = all(torch.equal(a.detach(), b.detach()) for a, b in zip(pruned.parameters(), original.parameters()))
     json.dump({"zero": zero, "written": written, "undone": undone, "method": mask.provenance["method"]}, open(out, "w"))
 """

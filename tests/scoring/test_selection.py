@@ -390,7 +390,7 @@ def test_selection_benchmark_smoke(tmp_path, capsys):
     import json
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "selection.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "selection.py"
     spec = importlib.util.spec_from_file_location("_bench_selection", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from peft_safety.mask import Head, Layer, Neuron, SafetyMask, Weight, fingerprint_tensor, load_mask, mask_from_bytes
 from peft_safety.mask.serialization import FORMAT_VERSION, MASK_FILENAME, mask_to_bytes, resolve_mask_file
 
-GOLDEN = Path(__file__).parent / "data" / "golden_v1" / MASK_FILENAME
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden_v1" / MASK_FILENAME
 
 
 def _mask() -> SafetyMask:

@@ -15,7 +15,7 @@ pytest.importorskip("trl")
 
 @pytest.fixture(scope="module")
 def bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "preserve.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "preserve.py"
     spec = importlib.util.spec_from_file_location("_bench_preserve", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

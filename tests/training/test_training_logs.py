@@ -14,7 +14,6 @@ pytest.importorskip("trl")
 from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from peft_safety.mask import SafetyMask, fingerprint_tensor
 from peft_safety.testing import tiny_llama, tiny_tokenizer
 from peft_safety.training.callbacks import RefusalEvalCallback, SafetyDriftCallback
 from peft_safety.training.config import SafetySFTConfig
@@ -39,12 +38,6 @@ def _as_integration(trainer, recorder):
     return recorder
 
 
-def _mask(model) -> SafetyMask:
-    p = dict(model.named_parameters())
-    return SafetyMask(indices={Q0: [0, 5, 77]}, shapes={Q0: tuple(p[Q0].shape)},
-                      fingerprints={Q0: fingerprint_tensor(p[Q0])}, provenance={})  # fmt: skip
-
-
 def _data(n: int = 16) -> Dataset:
     return Dataset.from_list([{"prompt": f"q{i}?", "completion": f" a{i}."} for i in range(n)])
 
@@ -54,7 +47,7 @@ def _train_entries(history: list[dict]) -> list[dict]:
 
 
 @pytest.mark.parametrize(("logging_steps", "eval_steps"), [(1, 1), (1, 2), (2, 2), (3, 2)])
-def test_refusal_eval_keeps_loss_grad_norm_and_learning_rate(tmp_path, logging_steps, eval_steps):
+def test_refusal_eval_keeps_loss_grad_norm_and_learning_rate(tmp_path, logging_steps, eval_steps, mask_on):
     steps = 6
     model = tiny_llama(seed=0)
     args = SafetySFTConfig(str(tmp_path / "o"), max_steps=steps, logging_steps=logging_steps, report_to="none",
@@ -62,7 +55,8 @@ def test_refusal_eval_keeps_loss_grad_norm_and_learning_rate(tmp_path, logging_s
                            per_device_train_batch_size=2, activation_checkpointing=False)  # fmt: skip
     rates = iter([0.25, 0.5, 0.75, 1.0, 0.0, 0.125])
     trainer = SafetySFTTrainer(model, args=args, train_dataset=_data(), processing_class=tiny_tokenizer(),
-                               safety_mask=_mask(model), safety_evaluator=lambda m, t: {"refusal_rate": next(rates)})  # fmt: skip
+                               safety_mask=mask_on(model, {Q0: [0, 5, 77]}, provenance={}),
+                               safety_evaluator=lambda m, t: {"refusal_rate": next(rates)})  # fmt: skip
     recorder = _as_integration(trainer, Recorder())
     trainer.train()
     entries = _train_entries(trainer.state.log_history)
@@ -81,9 +75,9 @@ def test_refusal_eval_keeps_loss_grad_norm_and_learning_rate(tmp_path, logging_s
     assert entries == _train_entries(recorder.seen)
 
 
-def test_drift_callback_with_plain_trainer_reaches_log_history_and_integrations(tmp_path):
+def test_drift_callback_with_plain_trainer_reaches_log_history_and_integrations(tmp_path, mask_on):
     model = tiny_llama(seed=0)
-    mask = _mask(model)
+    mask = mask_on(model, {Q0: [0, 5, 77]}, provenance={})
     tok = tiny_tokenizer()
     data = Dataset.from_list([{"input_ids": tok(f"sample {i} text")["input_ids"]} for i in range(8)])
 

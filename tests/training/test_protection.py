@@ -11,7 +11,7 @@ pytest.importorskip("trl")
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 
-from peft_safety.mask import Layer, Neuron, SafetyMask, Weight, fingerprint_tensor
+from peft_safety.mask import Layer, Neuron, SafetyMask, Weight
 from peft_safety.testing import tiny_llama, tiny_tokenizer
 from peft_safety.training.adapters import MaskedLora, SetAdapter, mask_protection
 from peft_safety.training.apply import apply_mask_
@@ -27,16 +27,13 @@ DOWN0 = "model.layers.0.mlp.down_proj.weight"
 O1 = "model.layers.1.self_attn.o_proj.weight"
 
 
-def _mask(model) -> SafetyMask:
-    p = dict(model.named_parameters())
-    shapes = {n: tuple(p[n].shape) for n in (Q0, V1, DOWN0, O1)}
-    return SafetyMask(
-        indices={Q0: [0, 3, 33, 100, 500], V1: [1, 4], DOWN0: [2, 17], O1: [0]},
-        shapes=shapes,
-        granularity={Q0: Weight(), V1: Neuron(axis=0), DOWN0: Neuron(axis=1), O1: Layer()},
-        fingerprints={n: fingerprint_tensor(p[n]) for n in shapes},
-        provenance={"method": "test"},
-    )
+#: one unit of each granularity, on the weights of two layers
+MIXED = {
+    Q0: ([0, 3, 33, 100, 500], Weight()),
+    V1: ([1, 4], Neuron(axis=0)),
+    DOWN0: ([2, 17], Neuron(axis=1)),
+    O1: ([0], Layer()),
+}
 
 
 def _dense(mask: SafetyMask, name: str) -> torch.Tensor:
@@ -77,9 +74,9 @@ def _hooks(model: nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 # each implementation alone
 # ---------------------------------------------------------------------------------------------------------------------
-def test_freezer_installs_verifies_removes():
+def test_freezer_installs_verifies_removes(mask_on):
     model = tiny_llama(seed=0)
-    mask = _mask(model)
+    mask = mask_on(model, MIXED, provenance={"method": "test"})
     params = dict(model.named_parameters())
     before = {n: p.detach().clone() for n, p in params.items()}
     freezer = Freezer(mask, "freeze", log_drift=True)
@@ -110,9 +107,9 @@ def test_freezer_installs_verifies_removes():
     assert params[O1].requires_grad
 
 
-def test_freezer_verify_catches_a_moved_entry():
+def test_freezer_verify_catches_a_moved_entry(mask_on):
     model = tiny_llama(seed=0)
-    freezer = Freezer(_mask(model), "freeze")
+    freezer = Freezer(mask_on(model, MIXED, provenance={"method": "test"}), "freeze")
     freezer.prepare_model(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     with freezer.install(model, optimizer):
@@ -128,9 +125,9 @@ def _effective_update_leak(module: nn.Module) -> None:
     module.register_forward_hook(lambda _m, _args, out: out + 1e-3)
 
 
-def test_set_adapter_installs_verifies_removes():
+def test_set_adapter_installs_verifies_removes(mask_on):
     model = tiny_llama(seed=0)
-    mask = _mask(model).restrict([Q0, V1, DOWN0])
+    mask = mask_on(model, MIXED, provenance={"method": "test"}).restrict([Q0, V1, DOWN0])
     set_ = SetAdapter(mask)
     same, cfg = set_.prepare_model(model, None)
     assert same is model and cfg.mask is mask and type(cfg).__name__ == "SafetyConfig"
@@ -155,9 +152,9 @@ def test_set_adapter_installs_verifies_removes():
         set_.verify()
 
 
-def test_masked_lora_installs_verifies_removes():
+def test_masked_lora_installs_verifies_removes(mask_on):
     model = tiny_llama(seed=0)
-    mask = _mask(model).restrict([Q0, V1])
+    mask = mask_on(model, MIXED, provenance={"method": "test"}).restrict([Q0, V1])
     lora = MaskedLora(mask, log_drift=True)
     peft_model, cfg = lora.prepare_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert cfg is None and peft_model.peft_config["default"].peft_type == "SAFETY_LORA"
@@ -177,11 +174,11 @@ def test_masked_lora_installs_verifies_removes():
         lora.verify()
 
 
-def test_mask_protection_table():
+def test_mask_protection_table(mask_on):
     from peft_safety.tuner import SafetyConfig
 
     model = tiny_llama(seed=0)
-    mask = _mask(model)
+    mask = mask_on(model, MIXED, provenance={"method": "test"})
     full = SafetySFTConfig(output_dir="x", report_to=[], use_cpu=True, safety_train_only_full_weights=True)
     assert type(mask_protection(mask, "train_only")) is SetAdapter
     assert type(mask_protection(mask, "train_only", SafetyConfig(mask=mask))) is SetAdapter
@@ -273,9 +270,9 @@ def _trainer(tmp_path, model, protections, **kw) -> SafetySFTTrainer:
                             processing_class=tiny_tokenizer(), protections=protections)  # fmt: skip
 
 
-def test_trainer_runs_a_list_of_protections(tmp_path):
+def test_trainer_runs_a_list_of_protections(tmp_path, mask_on):
     model = tiny_llama(seed=0)
-    mask = _mask(model)
+    mask = mask_on(model, MIXED, provenance={"method": "test"})
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     recorder = Recorder()
     replay_rows = [{"prompt": "How do I hurt someone?", "response": "I can't help with that."}]

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("trl")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMMON = ["--max_steps", "3", "--activation_checkpointing", "false", "--max_length", "64",
           "--per_device_train_batch_size", "4", "--report_to", "none", "--save_strategy", "no",
           "--learning_rate", "1e-2", "--weight_decay", "0.1"]  # fmt: skip
