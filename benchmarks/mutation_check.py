@@ -111,12 +111,12 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "set-scatter-misplaced", SET_LAYER, "SET adds each delta at the wrong entry (indices reversed)",
-        "flat.index_add_(0, idx, values.to(flat.dtype))", "flat.index_add_(0, idx.flip(0), values.to(flat.dtype))",
+        "flat.scatter_(0, idx, saved + values.to(data.dtype))", "flat.scatter_(0, idx, saved + values.flip(0).to(data.dtype))",
         T_SET_FORWARD,
     ),
     Mutation(
         "set-delta-sign-flipped", SET_LAYER, "SET subtracts its deltas instead of adding them",
-        "flat.index_add_(0, idx, values.to(flat.dtype))", "flat.index_add_(0, idx, -values.to(flat.dtype))",
+        "flat.scatter_(0, idx, saved + values.to(data.dtype))", "flat.scatter_(0, idx, saved - values.to(data.dtype))",
         T_SET_FORWARD,
     ),
     # ---- safety neurons
@@ -150,7 +150,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "neuron-support-off-by-one", NEURON, "support threshold off by one (> instead of >=)",
-        "units = (sup >= need).nonzero().reshape(-1)", "units = (sup > need).nonzero().reshape(-1)",
+        "units = (self.support[name][start:stop] >= self.need)", "units = (self.support[name][start:stop] > self.need)",
         [T_NEURON_SUPPORT],
     ),
     # ---- safety layers (over-rejection probe)
@@ -237,7 +237,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "select-round-down", SELECTION, "fraction -> count rounds down instead of half up",
-        "return min(n, math.floor(fraction * n + 0.5))", "return min(n, math.floor(fraction * n))",
+        "* n + Fraction(1, 2)))", "* n))",
         [T_SELECTION],
     ),
     Mutation(
