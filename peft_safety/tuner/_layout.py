@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import SafetyError, SafetyTypeError
 from ..vocab import STORAGE_KINDS, base_name, did_you_mean, is_int
 
 __all__ = [
@@ -85,7 +86,7 @@ def storage_of(granularity: Any, indices: torch.Tensor, name: str) -> tuple[str,
         head_dim = int(granularity.head_dim)
         expanded = (idx[:, None] * head_dim + torch.arange(head_dim, dtype=torch.int64)[None, :]).reshape(-1)
         return ("rows" if granularity.axis == 0 else "cols"), torch.unique(expanded)
-    raise TypeError(f"Unsupported granularity {granularity!r} for parameter {name!r}.")
+    raise SafetyTypeError(f"Unsupported granularity {granularity!r} for parameter {name!r}.")
 
 
 def check_layout(
@@ -108,32 +109,32 @@ def check_layout(
     kinds = tuple(kinds)
     if not isinstance(layout, dict) or (not layout and not allow_empty):
         got = type(layout).__name__ if not isinstance(layout, dict) else "an empty dict"
-        raise ValueError(
+        raise SafetyError(
             f"{where} must be a {'' if allow_empty else 'non-empty '}dict {{module name: {{'kind', 'n', 'shape'}}}}, "
             f"got {got}. {_FIX_CONFIG}"
         )
     out: dict[str, dict[str, Any]] = {}
     for module, entry in layout.items():
         if not isinstance(module, str) or not module:
-            raise ValueError(f"{where} keys must be non-empty module names, got {module!r}. {_FIX_CONFIG}")
+            raise SafetyError(f"{where} keys must be non-empty module names, got {module!r}. {_FIX_CONFIG}")
         if not isinstance(entry, dict) or set(entry) != set(LAYOUT_KEYS):
-            raise ValueError(
+            raise SafetyError(
                 f"{where}[{module!r}] must be a dict with exactly the keys {list(LAYOUT_KEYS)}, got {entry!r}. "
                 f"{_FIX_CONFIG}"
             )
         kind, n, shape = entry["kind"], entry["n"], entry["shape"]
         if kind not in kinds:
-            raise ValueError(
+            raise SafetyError(
                 f"{where}[{module!r}]['kind'] = {kind!r} is not a storage kind of this adapter type "
                 f"({list(kinds)}).{did_you_mean(kind, kinds, available=False)} {_FIX_CONFIG}"
             )
         if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(is_int(d) and d > 0 for d in shape)):
-            raise ValueError(
+            raise SafetyError(
                 f"{where}[{module!r}]['shape'] = {shape!r} must be two positive ints [d_out, d_in]. {_FIX_CONFIG}"
             )
         limit = unit_limit(kind, shape)
         if not is_int(n) or not 1 <= n <= limit:
-            raise ValueError(
+            raise SafetyError(
                 f"{where}[{module!r}]['n'] = {n!r} must be an int between 1 and {limit} (the number of {kind} a "
                 f"{shape[0]}x{shape[1]} weight has). {_FIX_CONFIG}"
             )
@@ -169,13 +170,13 @@ def check_layout_modules(layout: dict[str, dict[str, Any]], model: nn.Module, *,
         base = modules.get(key)
         if not isinstance(base, nn.Linear):
             found = "is not in this model" if base is None else f"is a {type(base).__name__}, not an nn.Linear"
-            raise ValueError(
+            raise SafetyError(
                 f"{what}'s mask_layout names module {key!r}, which {found}: the adapter belongs to another base "
                 "model. Load it on the base model it was trained on (see base_model_name_or_path)."
             )
         here = [int(base.out_features), int(base.in_features)]
         if here != list(entry["shape"]):
-            raise ValueError(
+            raise SafetyError(
                 f"{what}'s mask_layout[{key!r}] is for a {entry['shape'][0]}x{entry['shape'][1]} weight, but this "
                 f"model's {key!r} is {here[0]}x{here[1]}: the adapter belongs to another base model. Load it on the "
                 "base model it was trained on."
@@ -195,14 +196,14 @@ def check_indices(idx: Any, kind: str, shape: tuple[int, int], where: str) -> No
     """
     if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int32, torch.int64):
         got = idx.dtype if isinstance(idx, torch.Tensor) else type(idx).__name__
-        raise ValueError(f"{where} must hold int32/int64 integer indices, got {got}. {_FIX_WEIGHTS}")
+        raise SafetyError(f"{where} must hold int32/int64 integer indices, got {got}. {_FIX_WEIGHTS}")
     if idx.ndim != 1 or idx.numel() == 0:
-        raise ValueError(
+        raise SafetyError(
             f"{where} must be a non-empty 1-D tensor of indices, got shape {tuple(idx.shape)}. {_FIX_WEIGHTS}"
         )
     limit = unit_limit(kind, shape)
     if idx.numel() > limit:
-        raise ValueError(
+        raise SafetyError(
             f"{where} holds {idx.numel()} {kind} indices, more than a {shape[0]}x{shape[1]} weight has ({limit}). "
             f"{_FIX_WEIGHTS}"
         )
@@ -210,17 +211,17 @@ def check_indices(idx: Any, kind: str, shape: tuple[int, int], where: str) -> No
         return
     low, high = int(idx.min()), int(idx.max())
     if low == -1 and high == -1:
-        raise ValueError(
+        raise SafetyError(
             f"{where} still holds its placeholder: the adapter weights were never loaded into it. Load adapters with "
             "PeftModel.from_pretrained / AutoPeftModelForCausalLM / load_adapter after `import peft_safety`."
         )
     if low < 0 or high >= limit:
-        raise ValueError(
+        raise SafetyError(
             f"{where} has indices in [{low}, {high}], out of range [0, {limit}) for the {kind} of a "
             f"{shape[0]}x{shape[1]} weight. {_FIX_WEIGHTS}"
         )
     if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
-        raise ValueError(
+        raise SafetyError(
             f"{where} must be strictly increasing (sorted and unique, no duplicates): unsorted or repeated indices "
             f"double-count deltas and give wrong gradients. {_FIX_WEIGHTS}"
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import SafetyError
 from .peft_type import MIXING_HINTS
 
 __all__ = ["AdapterConfigs", "own_configs", "refuse_foreign_configs"]
@@ -41,7 +42,7 @@ class AdapterConfigs(dict):
 
     def __setitem__(self, adapter_name: str, config: Any) -> None:
         if not isinstance(config, self.config_cls):
-            raise ValueError(
+            raise SafetyError(
                 f"Cannot add adapter {adapter_name!r} of PEFT type {_type_name(config)} to a model that carries "
                 f"{self.type_name} adapters ({', '.join(map(repr, self))}): {MIXING_HINTS[self.type_name]}."
             )
@@ -76,7 +77,7 @@ def refuse_foreign_configs(model: Any, adapter_name: str, type_name: str) -> Non
     if not foreign:
         return
     name, other = next(iter(foreign.items()))
-    raise ValueError(
+    raise SafetyError(
         f"Cannot add the {type_name} adapter {adapter_name!r} to a model that already carries adapter {name!r} of PEFT "
         f"type {_type_name(other)}: a model holds adapters of one PEFT type. Merge the existing adapter into the base "
         f"first (base = model.merge_and_unload()), then add the {type_name} adapter to the merged model."

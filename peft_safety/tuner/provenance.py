@@ -62,6 +62,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import SafetyError, SafetyTypeError
 from ..vocab import check_fingerprint_policy
 from ._config_files import ConfigFilesMixin
 
@@ -267,7 +268,7 @@ def fingerprint_base(model: nn.Module, names: Iterable[str]) -> dict[str, list[s
     for name in names:
         tensor = _weight_of(inner, name)
         if tensor is None:
-            raise ValueError(f"Cannot fingerprint {name!r}: the model has no such tensor.")
+            raise SafetyError(f"Cannot fingerprint {name!r}: the model has no such tensor.")
         if _checkable(tensor):
             out[name] = _fingerprints(tensor)
     return out
@@ -305,14 +306,16 @@ def check_base_fingerprints(
     if policy == "ignore" or not recorded:
         return []
     if not isinstance(recorded, Mapping):
-        raise TypeError(f"recorded fingerprints must be a dict, got {type(recorded).__name__}.")
+        raise SafetyTypeError(f"recorded fingerprints must be a dict, got {type(recorded).__name__}.")
     inner = _unwrap(model)
     mismatches: list[str] = []
     details: list[str] = []
     for name, wanted in recorded.items():
         accepted = [wanted] if isinstance(wanted, str) else list(wanted)
         if not isinstance(name, str) or not accepted or not all(isinstance(w, str) for w in accepted):
-            raise TypeError(f"recorded fingerprint of {name!r} must be a string or a list of strings, got {wanted!r}.")
+            raise SafetyTypeError(
+                f"recorded fingerprint of {name!r} must be a string or a list of strings, got {wanted!r}."
+            )
         tensor = _weight_of(inner, name)
         if tensor is None:
             mismatches.append(name)
@@ -340,7 +343,7 @@ def check_base_fingerprints(
         f"copy of that base), pass {override}."
     )
     if policy == "error":
-        raise ValueError(message)
+        raise SafetyError(message)
     warnings.warn(message, UserWarning, stacklevel=3)
     return mismatches
 
@@ -376,7 +379,7 @@ def check_weights_digest(config: Any, state_dict: Mapping[str, torch.Tensor], wh
         return
     got = state_dict_digest(state_dict)
     if got != digest:
-        raise ValueError(
+        raise SafetyError(
             f"{what}'s {adapter_file(config, 'adapter_config.json')} and its weights "
             f"({adapter_file(config, 'adapter_model.safetensors')}) do not belong together (weights digest {got}, the "
             f"config records {digest}): a save was probably interrupted after writing the weights and before writing "
@@ -405,7 +408,7 @@ def refuse_file_mask(config: Any, mask: Any) -> None:
 
     if mask is None or isinstance(mask, SafetyMask) or config.peft_type is None:
         return
-    raise ValueError(
+    raise SafetyError(
         f"{type(config).__name__} was given mask={mask!r} together with peft_type={config.peft_type!r}, as "
         "adapter_config.json would: a saved adapter never stores its mask there (its weights file holds the indices), "
         "and a mask named by the file would skip the base-model check. Remove the 'mask' key from the file (or, in "
@@ -497,7 +500,7 @@ class ProvenanceConfigMixin(ConfigFilesMixin):
         if parent is not None:
             parent()
         if self.base_fingerprints is not None and not isinstance(self.base_fingerprints, dict):
-            raise TypeError(f"base_fingerprints must be a dict, got {type(self.base_fingerprints).__name__}.")
+            raise SafetyTypeError(f"base_fingerprints must be a dict, got {type(self.base_fingerprints).__name__}.")
 
     def _init_mask(self, mask: Any, *, kinds: tuple[str, ...], allow_empty: bool, how: str) -> None:
         """The end of both configs' ``__post_init__``: take the mask (see `mask_attribute`), or check the
@@ -511,7 +514,7 @@ class ProvenanceConfigMixin(ConfigFilesMixin):
         if mask is not None:
             self.mask = mask
         elif self.mask_layout is None:
-            raise ValueError(
+            raise SafetyError(
                 f"{type(self).__name__} needs a mask: {how}. A saved adapter carries mask_layout instead; this config "
                 "has neither."
             )
@@ -553,7 +556,7 @@ class ProvenanceConfigMixin(ConfigFilesMixin):
         a mask named by the file would replace the saved layout and skip the base-fingerprint check)."""
         loaded = super().from_json_file(path_json_file, **kwargs)  # type: ignore[misc]
         if isinstance(loaded, dict) and "mask" in loaded:
-            raise ValueError(
+            raise SafetyError(
                 f"{path_json_file} has a 'mask' key ({loaded['mask']!r}). A saved adapter never stores its mask in "
                 "adapter_config.json (the indices live in its weights file and mask_layout describes them), and a "
                 "mask named by the file would replace what was saved and skip the base-model check. The file was "
@@ -585,7 +588,7 @@ def mask_attribute(config_name: str, on_set: Callable[[Any, Any], None]) -> prop
             self.mask_source = mask
             mask = SafetyMask.from_pretrained(mask)
         elif not isinstance(mask, SafetyMask):
-            raise TypeError(
+            raise SafetyTypeError(
                 f"{config_name}(mask=...) takes a SafetyMask or a path / Hub repo id string, got {type(mask).__name__}."
             )
         elif self.mask_source is None:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from peft.config import PeftConfig
 
+from ...errors import SafetyError, SafetyTypeError
 from ...vocab import check_choice, check_mode
 from .._layout import SET_KINDS
 from ..peft_type import SafetyPeftType
@@ -157,7 +158,7 @@ class SafetyConfig(ProvenanceConfigMixin, PeftConfig):
         self.peft_type = SafetyPeftType.SAFETY
         check_mode(self.mode)
         if self.mode == "freeze":
-            raise ValueError(
+            raise SafetyError(
                 "SafetyConfig(mode='freeze') is not an adapter: freezing the mask's entries happens while training "
                 "the model itself. Use SafetySFTTrainer(args=SafetySFTConfig(safety_mask=..., "
                 "safety_mode='freeze'), peft_config=LoraConfig(...) or None), SafetyLoraConfig(mask=...) for LoRA, "
@@ -168,17 +169,17 @@ class SafetyConfig(ProvenanceConfigMixin, PeftConfig):
         if self.bias != "none":
             # TypeError, as PEFT's other tuners without bias training raise for `bias=...` (e.g. ShiraConfig,
             # IA3Config: "unexpected keyword argument 'bias'"); the field exists only so that saved configs load.
-            raise TypeError(
+            raise SafetyTypeError(
                 f"SafetyConfig does not support bias={self.bias!r}: SET never trains biases (only 'none' is "
                 "accepted). To train biases as well, list their modules in modules_to_save or unfreeze them by hand."
             )
         if self.target_parameters:
-            raise ValueError(
+            raise SafetyError(
                 f"SafetyConfig does not support target_parameters={self.target_parameters!r}: SET wraps nn.Linear "
                 "modules only. Remove fused expert parameters from the mask (mask.filter(...)) instead."
             )
         if not isinstance(self.init_weights, bool):
-            raise TypeError(f"init_weights must be a bool, got {type(self.init_weights).__name__}.")
+            raise SafetyTypeError(f"init_weights must be a bool, got {type(self.init_weights).__name__}.")
         if isinstance(self.target_modules, list):
             self.target_modules = list(self.target_modules)
         if isinstance(self.exclude_modules, list):

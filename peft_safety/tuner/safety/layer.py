@@ -53,6 +53,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
 
+from ...errors import SafetyError
 from .._layout import SET_KINDS, check_indices
 from .._sparse import EntryPattern, compute_dtype
 
@@ -262,10 +263,10 @@ class SafetyLayer(BaseTunerLayer):
                 (1-D, non-empty, strictly increasing, inside the weight).
         """
         if kind not in SET_KINDS:
-            raise ValueError(f"Unknown storage kind {kind!r}; expected one of {list(SET_KINDS)}.")
+            raise SafetyError(f"Unknown storage kind {kind!r}; expected one of {list(SET_KINDS)}.")
         indices = torch.as_tensor(indices)
         if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
-            raise ValueError(f"indices for adapter {adapter_name!r} must be integers, got {indices.dtype}.")
+            raise SafetyError(f"indices for adapter {adapter_name!r} must be integers, got {indices.dtype}.")
         shape = (self.out_features, self.in_features)
         check_indices(indices.to(torch.int64), kind, shape, f"indices of adapter {adapter_name!r} ({kind})")
         weight = self.get_base_layer().weight
@@ -388,7 +389,7 @@ class SafetyLinear(nn.Module, SafetyLayer):
                 weight = self.get_base_weight().clone()
                 self._apply_delta_(weight, name, +1.0)
                 if safe_merge and not torch.isfinite(weight).all():
-                    raise ValueError(_nan_message(name))
+                    raise SafetyError(_nan_message(name))
                 self.set_base_weight(weight)
             else:
                 base = self.get_base_layer().weight
@@ -397,7 +398,7 @@ class SafetyLinear(nn.Module, SafetyLayer):
                     weight = base.data.clone()
                     self._apply_delta_(weight, name, +1.0)
                     if not torch.isfinite(weight).all():
-                        raise ValueError(_nan_message(name))
+                        raise SafetyError(_nan_message(name))
                     base.data.copy_(weight)
                 else:
                     self._apply_delta_(base.data, name, +1.0)
@@ -438,7 +439,7 @@ class SafetyLinear(nn.Module, SafetyLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if kwargs.pop("adapter_names", None) is not None:
-            raise ValueError(
+            raise SafetyError(
                 "Mixed-batch inference (adapter_names=...) is not supported by SAFETY adapters; use "
                 "set_adapter(...) to switch adapters."
             )

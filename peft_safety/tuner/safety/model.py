@@ -21,6 +21,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
 from torch import nn
 
+from ...errors import SafetyError, SafetyTypeError
 from ...vocab import base_name
 from .._layout import SET_KINDS, check_indices, check_layout, check_layout_modules, storage_of
 from .._load_check import PendingLoadCheck, adapter_layers, resolve_pending
@@ -84,26 +85,26 @@ def mask_to_layout(
         base = _base_of(module) if module is not None else None
         param = getattr(base, attr, None) if base is not None else None
         if not isinstance(param, torch.Tensor):
-            raise ValueError(
+            raise SafetyError(
                 f"The mask has entries on {name!r}, which this model does not have: the mask was built for another "
                 "model. Build the mask on this model, or restrict it to this model's parameters (mask.restrict(...))."
             )
         if param.ndim >= 3:
-            raise ValueError(
+            raise SafetyError(
                 f"SET cannot adapt {name!r} (shape {tuple(param.shape)}): it is a fused MoE expert parameter, not "
                 "an nn.Linear weight, and SafetyConfig wraps nn.Linear modules only. Remove the experts from the "
                 "mask, e.g. mask.filter(lambda name: '.experts.' not in name), or use SPA / full fine-tuning "
                 "for them."
             )
         if attr != "weight" or not isinstance(base, nn.Linear):
-            raise ValueError(
+            raise SafetyError(
                 f"SET cannot adapt {name!r}: it belongs to a {type(base).__name__}, and SafetyConfig wraps "
                 "nn.Linear weights only. Remove it from the mask (mask.restrict(...) / mask.filter(...))."
             )
         shape = (base.out_features, base.in_features)
         expected = tuple(mask.shapes[name])
         if expected != shape:
-            raise ValueError(
+            raise SafetyError(
                 f"The mask was built for another model: {name!r} has shape {expected} in the mask but {shape} here. "
                 "Build the mask on this model."
             )
@@ -111,7 +112,7 @@ def mask_to_layout(
         if wanted_fp is not None and base.weight.dtype.is_floating_point and base.weight.device.type != "meta":
             got = fingerprint_tensor(base.weight)
             if got != wanted_fp:
-                raise ValueError(
+                raise SafetyError(
                     f"The mask was built for another model: the fingerprint of {name!r} differs ({wanted_fp!r} in "
                     f"the mask, {got!r} here). Use the base model the mask was computed on, or rebuild the mask "
                     "(check that the model was loaded from the same checkpoint and revision)."
@@ -125,14 +126,14 @@ def mask_to_layout(
     for module_key, name in module_keys.items():
         result = check_target_module_exists(probe, module_key)
         if isinstance(result, _ExcludedModule) or not result:
-            raise ValueError(
+            raise SafetyError(
                 f"The mask has entries on {name!r}, but the config's filters exclude module {module_key!r} "
                 f"(target_modules={config.target_modules!r}, exclude_modules={config.exclude_modules!r}, "
                 f"layers_to_transform={config.layers_to_transform!r}, modules_to_save={config.modules_to_save!r}). "
                 "SET never drops mask entries silently: restrict the mask (mask.restrict(...)) or widen the filters."
             )
     if not layout:
-        raise ValueError("The mask has no entries: there is nothing to train. Select a non-empty mask.")
+        raise SafetyError("The mask has no entries: there is nothing to train. Select a non-empty mask.")
     return layout, indices_by_module
 
 
@@ -186,7 +187,7 @@ class SafetyModel(BaseTuner):
 
     def _prepare_adapter_config(self, peft_config: SafetyConfig, model_config: dict) -> SafetyConfig:
         if not isinstance(peft_config, SafetyConfig):
-            raise TypeError(
+            raise SafetyTypeError(
                 f"SafetyModel needs a SafetyConfig, got {type(peft_config).__name__}. A SAFETY (SET) adapter cannot "
                 "share a model with adapters of another PEFT type (PeftMixedModel accepts PEFT's built-in types "
                 "only). Merge the SET adapter first (base = peft_model.merge_and_unload()), then add the other "
@@ -216,7 +217,7 @@ class SafetyModel(BaseTuner):
         # PeftModel.forward silently drops `adapter_names` for tuners without this hook; refuse instead of running
         # the batch through the wrong adapter.
         if kwargs.get("adapter_names") is not None:
-            raise ValueError(
+            raise SafetyError(
                 "Mixed-batch inference (adapter_names=...) is not supported by SAFETY adapters; use "
                 "set_adapter(...) to switch adapters."
             )
@@ -252,13 +253,15 @@ class SafetyModel(BaseTuner):
             target.update_layer(adapter_name, **kwargs)
             return
         if isinstance(target, BaseTunerLayer):
-            raise TypeError(
+            raise SafetyTypeError(
                 f"Module {current_key!r} is already wrapped by another PEFT method ({type(target).__name__}); a SAFETY "
                 "adapter cannot be stacked on it. Merge the other adapter first (merge_and_unload()), then add the "
                 "SAFETY adapter to the merged model."
             )
         if not isinstance(target, nn.Linear):
-            raise TypeError(f"SET supports nn.Linear modules only; {current_key!r} is a {type(target).__name__}.")
+            raise SafetyTypeError(
+                f"SET supports nn.Linear modules only; {current_key!r} is a {type(target).__name__}."
+            )
         new_module = SafetyLinear(target, adapter_name, **kwargs)
         if adapter_name not in self.active_adapters:
             # An added (not yet active) adapter must not become trainable.
@@ -339,7 +342,7 @@ def _check_tensors(
     cfg_file = adapter_file(config, "adapter_config.json")
     unknown = sorted(set(found) - set(layers))
     if unknown:
-        raise ValueError(
+        raise SafetyError(
             f"{weights} has SAFETY deltas for module {unknown[0]!r}, which {cfg_file}'s mask_layout does not list (or "
             f"this model lacks){_more(unknown)}: loading would drop them silently. The config does not belong to "
             "these weights: save the adapter again."
@@ -352,7 +355,7 @@ def _check_tensors(
             if attr not in found.get(module_key, {}) and f"{module_key}.{attr}" not in absent
         ]
     if absent:
-        raise ValueError(
+        raise SafetyError(
             f"SAFETY tensor '{absent[0]}' is missing from {weights}{_more(absent)}, although {cfg_file}'s mask_layout "
             "lists its module: the layer keeps the placeholder it was built with. The weights file is incomplete or "
             "belongs to another adapter, or no weights were loaded at all: load the adapter with "
@@ -375,14 +378,14 @@ def _check_values(values: Any, wanted: tuple[int, ...], name: str, weights: str)
     where = f"{weights}: SAFETY tensor {name!r}"
     if not isinstance(values, torch.Tensor) or not values.dtype.is_floating_point:
         got = values.dtype if isinstance(values, torch.Tensor) else type(values).__name__
-        raise ValueError(f"{where} must be a floating-point tensor, got {got}; the weights file is damaged.")
+        raise SafetyError(f"{where} must be a floating-point tensor, got {got}; the weights file is damaged.")
     if tuple(values.shape) != tuple(wanted):
-        raise ValueError(
+        raise SafetyError(
             f"{where} has shape {tuple(values.shape)}, but its indices need shape {tuple(wanted)}; the weights file "
             "is damaged."
         )
     if values.device.type != "meta" and not bool(torch.isfinite(values).all()):
-        raise ValueError(
+        raise SafetyError(
             f"{where} contains NaN or infinite deltas: the adapter would turn this module's outputs non-finite. The "
             "weights file is damaged or training diverged; load an earlier checkpoint."
         )

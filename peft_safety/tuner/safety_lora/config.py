@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from peft import LoraConfig
 
+from ...errors import SafetyError, SafetyTypeError
 from ...vocab import check_choice
 from .._layout import LORA_KINDS, check_layout, storage_of
 from ..peft_type import SafetyPeftType
@@ -55,23 +56,23 @@ def check_lora_options(config: LoraConfig) -> None:
         ValueError: the offending option, with the fix.
     """
     if not isinstance(config, LoraConfig):
-        raise TypeError(f"A masked LoRA is built from a peft.LoraConfig, got {type(config).__name__}.")
+        raise SafetyTypeError(f"A masked LoRA is built from a peft.LoraConfig, got {type(config).__name__}.")
     if config.use_dora:
-        raise ValueError(
+        raise SafetyError(
             "use_dora=True cannot keep masked entries frozen: DoRA rescales whole rows through its magnitude vector, "
             "so every protected entry moves. Use plain LoRA (use_dora=False) with a safety mask."
         )
     if config.init_lora_weights not in _ZERO_B_INITS:
-        raise ValueError(
+        raise SafetyError(
             f"init_lora_weights={config.init_lora_weights!r} starts LoRA with a non-zero update (or rewrites the base "
             "weights), which moves protected entries before training. Use init_lora_weights=True or 'gaussian'."
         )
     if config.lora_bias:
-        raise ValueError("lora_bias=True adds a trainable bias to every output, masked rows included; use False.")
+        raise SafetyError("lora_bias=True adds a trainable bias to every output, masked rows included; use False.")
     # Masked LoRA is itself a LoRA variant (``layer.MaskedLoraVariant``), and PEFT runs one variant per adapter.
     for f in dataclasses.fields(config):
         if f.metadata.get("is_lora_variant") and getattr(config, f.name, None):
-            raise ValueError(
+            raise SafetyError(
                 f"{f.name}={getattr(config, f.name)!r} turns on another LoRA variant, whose forward and merge would "
                 f"replace the masked ones and move protected entries. Leave {f.name} unset with a safety mask."
             )
@@ -85,7 +86,7 @@ def check_entries_method(entries_method: Any) -> str:
         ValueError: not one of the methods.
     """
     if not isinstance(entries_method, str):
-        raise TypeError(f"entries_method must be a string, got {type(entries_method).__name__}.")
+        raise SafetyTypeError(f"entries_method must be a string, got {type(entries_method).__name__}.")
     return check_choice(
         entries_method,
         ENTRIES_METHODS,
@@ -222,7 +223,9 @@ class SafetyLoraConfig(ProvenanceConfigMixin, LoraConfig):
         check_lora_options(lora_config)
         check_entries_method(entries_method)
         if not isinstance(mask, SafetyMask):
-            raise TypeError(f"SafetyLoraConfig.from_lora_config expects a SafetyMask, got {type(mask).__name__}.")
+            raise SafetyTypeError(
+                f"SafetyLoraConfig.from_lora_config expects a SafetyMask, got {type(mask).__name__}."
+            )
         options = {
             f.name: copy.deepcopy(getattr(lora_config, f.name))
             for f in dataclasses.fields(LoraConfig)
@@ -239,7 +242,7 @@ def _apply_mask(self: SafetyLoraConfig, mask: Any) -> None:
     for name in mask.names:
         module_key, _, attr = name.rpartition(".")
         if module_key.rsplit(".", 1)[-1] == "lm_head" and _targets_lm_head(self, module_key):
-            raise ValueError(
+            raise SafetyError(
                 f"The mask has entries on {name!r} and the LoRA config targets lm_head. TRL's SFTTrainer rejects "
                 "lm_head adapters, and a LoRA layer there cannot keep its entries frozen under TRL's fused loss. "
                 "Leave lm_head out of target_modules (it then stays frozen), or protect it with full fine-tuning "
@@ -249,7 +252,7 @@ def _apply_mask(self: SafetyLoraConfig, mask: Any) -> None:
         if attr != "weight":
             targeted = self.target_parameters and any(name.endswith(p) for p in self.target_parameters)
             if targeted:
-                raise ValueError(
+                raise SafetyError(
                     f"The mask has entries on {name!r}, which the LoRA config adapts through target_parameters. "
                     "Masked LoRA supports nn.Linear modules only: drop it from target_parameters (it then stays "
                     "frozen) or protect it with full fine-tuning (safety_mode='freeze', peft_config=None)."
@@ -261,7 +264,7 @@ def _apply_mask(self: SafetyLoraConfig, mask: Any) -> None:
             layer_keys.append(module_key)  # the whole weight is protected: LoRA leaves the module out
             continue
         if len(shape) != 2:
-            raise ValueError(
+            raise SafetyError(
                 f"The mask's {name!r} has shape {shape}; masked LoRA supports 2-D nn.Linear weights only."
             )
         layout[module_key] = {"kind": kind, "n": int(idx.numel()), "shape": [int(shape[0]), int(shape[1])]}

@@ -21,6 +21,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 
+from ...errors import SafetyError
 from ...vocab import base_name
 from .._layout import check_indices
 from .._sparse import EntryPattern
@@ -89,7 +90,7 @@ class SafetyLoraLinear(LoraLinear):
             return {}
         shape = (int(self.out_features), int(self.in_features))
         if tuple(entry["shape"]) != shape:
-            raise ValueError(
+            raise SafetyError(
                 f"The masked-LoRA adapter's mask for {target!r} is for a {entry['shape'][0]}x{entry['shape'][1]} "
                 f"weight, but this model's module is {shape[0]}x{shape[1]}: the adapter belongs to another base model."
             )
@@ -208,7 +209,7 @@ class SafetyLoraLinear(LoraLinear):
         from peft.utils.quantization_utils import resolve_quantization_backend
 
         if resolve_quantization_backend(self.get_base_layer()) is not None:
-            raise ValueError(
+            raise SafetyError(
                 "Merging a masked LoRA adapter into a quantised (bitsandbytes) base re-quantises the whole weight and "
                 "moves the protected entries. Keep the adapter unmerged, or load the base in bf16/fp32 and merge there."
             )

@@ -38,6 +38,7 @@ from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ...errors import SafetyError, SafetyTypeError
 from ...vocab import base_name
 from .._layout import LORA_KINDS, base_modules, check_indices, check_layout, check_layout_modules
 from .._load_check import PendingLoadCheck, adapter_layers, resolve_pending
@@ -87,7 +88,7 @@ class SafetyLoraModel(LoraModel):
 
     def _check_new_adapter_config(self, config: Any) -> None:
         if not isinstance(config, SafetyLoraConfig):
-            raise TypeError(
+            raise SafetyTypeError(
                 f"A SAFETY_LORA model takes SafetyLoraConfig adapters only, got {type(config).__name__}: a plain LoRA "
                 "adapter next to a masked one would move the protected entries. Build it with "
                 "SafetyLoraConfig.from_lora_config(cfg, mask), or load it into a separate model."
@@ -266,7 +267,7 @@ def _check_tensors(
     stray = sorted(m for m in found if m not in layers)
     if stray:
         held = ", ".join(sorted(found[stray[0]]))
-        raise ValueError(
+        raise SafetyError(
             f"{weights} holds {held} for module {stray[0]!r}{_more(stray)}, but {cfg_file} places no adapter there "
             f"(target_modules={_show(config.target_modules)}, exclude_modules={_show(config.exclude_modules)}, "
             f"layers_to_transform={config.layers_to_transform!r}): loading would drop those weights silently. The "
@@ -280,7 +281,7 @@ def _check_tensors(
         absent += [f"{module}.{attr}" for attr in needed if attr not in found.get(module, {})]
     if absent:
         absent = sorted(set(absent))
-        raise ValueError(
+        raise SafetyError(
             f"{weights} has no tensor {absent[0]!r}{_more(absent)}, although {cfg_file} places an adapter (and, for "
             "a masked module, its mask) there: the layer keeps the placeholder it was built with (random factors, an "
             "unloaded mask). The weights file is incomplete (an interrupted save?) or belongs to another adapter, or "
@@ -292,7 +293,7 @@ def _check_tensors(
             if attr in _MASK_ATTRS:
                 _check_mask_tensor(layout, module, attr, value, weights, cfg_file)
             elif _non_finite(value):
-                raise ValueError(
+                raise SafetyError(
                     f"{weights}: tensor '{module}.{attr}' contains NaN or infinite values: the adapter would turn this "
                     "module's outputs non-finite. The weights file is damaged or training diverged; load an earlier "
                     "checkpoint."
@@ -314,17 +315,17 @@ def _check_mask_tensor(layout: dict, module: str, attr: str, idx: Any, weights: 
     entry = layout.get(module)
     where = f"{weights}: tensor '{module}.{attr}'"
     if entry is None:
-        raise ValueError(
+        raise SafetyError(
             f"{where} is a mask for {module!r}, which {cfg_file}'s mask_layout does not list: the config and the "
             "weights come from different saves (an interrupted or mixed save). Re-save the adapter."
         )
     if entry["kind"] != kind:
-        raise ValueError(
+        raise SafetyError(
             f"{where}: mask_layout says {entry['kind']!r} for {module!r}, the weights file has {kind!r}: the config "
             "and the weights come from different saves. Re-save the adapter."
         )
     if isinstance(idx, torch.Tensor) and idx.dim() == 1 and idx.numel() != entry["n"]:
-        raise ValueError(
+        raise SafetyError(
             f"{where}: {idx.numel()} indices, but mask_layout declares n={entry['n']} for {module!r}: the config "
             "and the weights come from different saves. Re-save the adapter."
         )
@@ -406,7 +407,7 @@ def _check_layers_carry_masks(config: SafetyLoraConfig, model: nn.Module, adapte
         if not isinstance(module, BaseTunerLayer) or adapter_name not in getattr(module, "lora_A", {}):
             continue  # not targeted by this adapter: LoRA never changes that module
         if not is_masked_layer(module, adapter_name):
-            raise ValueError(
+            raise SafetyError(
                 f"{key!r} carries adapter {adapter_name!r} without its mask ({type(module).__name__}): masked LoRA "
                 "needs nn.Linear targets. Remove the module from target_modules or from the mask."
             )
@@ -433,12 +434,12 @@ def check_masked_lora_model(peft_model: nn.Module, mask: Any) -> None:
         if not isinstance(module, BaseTunerLayer) or not hasattr(module, "lora_A") or not len(module.lora_A):
             continue
         if isinstance(mask.granularity_of(name), Layer):
-            raise ValueError(
+            raise SafetyError(
                 f"{module_key!r} is Layer()-masked but carries a LoRA adapter; build the config with "
                 "SafetyLoraConfig(mask=...) or SafetyLoraConfig.from_lora_config(...), which leaves it out."
             )
         if not isinstance(module, SafetyLoraLinear) or any(module._mask_of(a) is None for a in module.lora_A):
-            raise ValueError(
+            raise SafetyError(
                 f"{module_key!r} has mask entries and a LoRA adapter that does not mask them "
                 f"({type(module).__name__}). Build the config with SafetyLoraConfig(mask=...) / "
                 "SafetyLoraConfig.from_lora_config(...) and load adapters with PeftModel.from_pretrained after "
@@ -485,7 +486,7 @@ def _check_mask_fits(mask: Any, model: nn.Module) -> None:
     from ...mask import SafetyMask
 
     if not isinstance(mask, SafetyMask):
-        raise TypeError(f"expected a SafetyMask, got {type(mask).__name__}.")
+        raise SafetyTypeError(f"expected a SafetyMask, got {type(mask).__name__}.")
     state: dict[str, torch.Tensor] = {}
     quantised = False
     for module_name, base in base_modules(model).items():
