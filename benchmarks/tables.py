@@ -134,16 +134,34 @@ def readme_results() -> str:
     rows = {r["stage"]: r for r in d["rows"]}
     base, set_, lora, spa = rows["baseline"], rows["SET"], rows["SET+LoRA"], rows["SET+SPA-LoRA"]
     minutes = d["timings"]["total"] / 60
+    cfg = d["config"]
+    cpu = d.get("cpu_timings", {}).get("total")
+    cpu_text = f", {cpu / 60:.1f} min of CPU time" if cpu else ""
+    sizes = (f"{cfg.get('n_harmful', cfg['n_eval'])} harmful, {cfg['n_eval']} benign"
+             + (f", {cfg['n_lookalike']} look-alike" if cfg.get("n_lookalike") else "") + " prompts")  # fmt: skip
+    judged = ""
+    if "refusal_classifier" in base:
+        judged = (
+            f" The classifier judge, read beside the keywords, puts SET's refusal at {pct(set_['refusal_classifier'])} "
+            f"but also its over-refusal at {pct(set_['over_refusal_classifier'])} of benign and "
+            f"{pct(set_['lookalike_over_refusal_classifier'])} of look-alike prompts (baseline "
+            f"{pct(base['over_refusal_classifier'])} and {pct(base['lookalike_over_refusal_classifier'])})"
+            + (
+                ": this SET run refuses the harmless too."
+                if set_["lookalike_over_refusal_classifier"] - base["lookalike_over_refusal_classifier"] > 0.05
+                else ", within 5 points of the baseline on look-alike prompts."
+            )
+        )
     text = (
-        f"On 2 CPU cores ({minutes:.1f} min of pipeline time, `docs/results.md`, `docs/results/main_job.json`; one "
-        f"seed, {d['config']['n_eval']} prompts per set): a 1% ESI mask trained with SET for "
-        f"{d['config']['set_steps']} steps takes refusal of held-out HarmBench prompts from "
+        f"On 2 CPU cores ({minutes:.1f} min of pipeline time{cpu_text}, `docs/results.md`, "
+        f"`docs/results/main_job.json`; one seed, {sizes}): a 1% ESI mask trained with SET for "
+        f"{cfg['set_steps']} steps takes refusal of held-out HarmBench prompts from "
         f"{pct(base['refusal_wei2024'])} to {pct(set_['refusal_wei2024'])} (Wei et al.'s keywords; attack success "
         f"{pct(base['attack_success_wei2024_min20'])} -> {pct(set_['attack_success_wei2024_min20'])}) with "
         f"multiple-choice accuracy {pct(base['mc_accuracy'])} -> {pct(set_['mc_accuracy'])}, at the cost of more "
         f"keyword-judged refusals of benign prompts ({pct(base['over_refusal_wei2024'])} -> "
         f"{pct(set_['over_refusal_wei2024'])} by the same keywords; the baseline's rate is keyword false positives on "
-        f"chatty answers). {d['config']['spa_steps']} steps of benign LoRA fine-tuning then erode most of it, and "
+        f"chatty answers).{judged} {cfg['spa_steps']} steps of benign LoRA fine-tuning then erode most of it, and "
         f"SPA-LoRA (the mask frozen exactly) keeps only a little more (refusal {pct(spa['refusal_wei2024'])} vs "
         f"{pct(lora['refusal_wei2024'])}, task perplexity {num(spa['task_ppl'])} vs {num(lora['task_ppl'])}): "
         "freezing the mask is a guarantee about those weights, not about the behaviour."
