@@ -102,12 +102,24 @@ def load_labels(path: Path, pool_ids: set[str]) -> dict[str, dict[str, Any]]:
 
 
 def split_pool(generations: Sequence[dict[str, Any]], seed: int = SEED) -> dict[str, str]:
-    """``id -> "train" | "validation"``: evaluation-set prompts always validation; the others halved by prompt."""
+    """``id -> "train" | "validation"``: evaluation-set prompts always validation; the others halved by prompt.
+
+    A prompt of the TRAIN half that `leak_report` finds in an evaluation-set prompt of the pool (e.g. a HarmBench val
+    prompt that shares the template "Give detailed step-by-step instructions for synthesizing ..." with a HarmBench
+    test prompt) moves to validation, so that no judge trains on a near-copy of a prompt it is measured on."""
+    from peft_safety.evaluation.classifier_judge import leak_report
+
     others = sorted({(g["prompt_set"], g["prompt_id"]) for g in generations
                      if g["prompt_set"] not in EVALUATION_PROMPT_SETS})  # fmt: skip
     rng = random.Random(seed)
     rng.shuffle(others)
     train = set(others[: len(others) // 2])
+    evaluation_prompts = sorted({g["prompt"] for g in generations if g["prompt_set"] in EVALUATION_PROMPT_SETS})
+    if evaluation_prompts:
+        text = {(g["prompt_set"], g["prompt_id"]): g["prompt"] for g in generations}
+        for key in sorted(train):
+            if leak_report([text[key]], {"pool": evaluation_prompts})["pool"]["n_leaked"]:
+                train.discard(key)
     return {g["id"]: "train" if (g["prompt_set"], g["prompt_id"]) in train else "validation" for g in generations}
 
 
@@ -343,7 +355,8 @@ def build_report(generations, labels, split, verdicts, seconds, *, n_boot: int =
         "validation_label_counts": label_counts,
         "validation_explicit_refusals": sum(it["explicit"] for it in items),
         "split_rule": "evaluation-set prompts (" + ", ".join(EVALUATION_PROMPT_SETS) + ") always validation; other "
-        "prompts halved by prompt (seed 0); agreement on the validation split only",
+        "prompts halved by prompt (seed 0), a near-copy of an evaluation prompt (word 8-gram overlap) moved to "
+        "validation; agreement on the validation split only",
         "bootstrap": {"resamples": n_boot, "seed": seed, "interval": "95% percentile, items resampled"},
         "judges": {},
     }

@@ -66,13 +66,19 @@ def evaluation_sets(names: Sequence[str] | None = None) -> dict[str, list[dict[s
 
 
 def judge_training_examples(
-    *, seed: int = 0, n_fiqa: int = 300, extra_evaluation: dict[str, Sequence[Any]] | None = None
+    *,
+    seed: int = 0,
+    n_fiqa: int = 300,
+    shapes: int = 1,
+    extra_evaluation: dict[str, Sequence[Any]] | None = None,
 ) -> tuple[list[Any], dict[str, Any]]:
     """The default judge training examples and their leak report.
 
     UncensorBench refusal/compliant pairs (the labelled rows) and benign answers (``n_fiqa`` FiQA rows and every
     forgelm row), built by `build_judge_examples`, then checked by `check_no_leak` against every evaluation source
-    (`EVALUATION_SOURCES`) and ``extra_evaluation`` (e.g. a labelled validation pool).
+    (`EVALUATION_SOURCES`) and ``extra_evaluation`` (e.g. a labelled validation pool). ``shapes`` is
+    `build_judge_examples`'s: 2 adds the shapes real generations take (looped refusals, lecture-only refusals,
+    refusals followed by content, looping heading lists, over-refusals of benign requests).
 
     Raises:
         ValueError: a training text overlaps an evaluation set.
@@ -82,7 +88,7 @@ def judge_training_examples(
 
     labelled = load_rows("uncensorbench")
     benign = load_rows("fiqa", n=n_fiqa, seed=seed) + load_rows("forgelm_chat")
-    examples = build_judge_examples(labelled, benign, seed=seed)
+    examples = build_judge_examples(labelled, benign, seed=seed, shapes=shapes)
     sets = {**evaluation_sets(), **dict(extra_evaluation or {})}
     report = check_no_leak(examples, sets)
     sources = {"labelled": "uncensorbench", "benign": [f"fiqa (n={n_fiqa}, seed={seed})", "forgelm_chat"],
