@@ -134,3 +134,60 @@ class StageClock:
         print(f"  [{name}: {dt:.1f} s]", flush=True)
         self._t = now
         return dt
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    """Raw values with their median, min, max and interquartile range (for ratios and other unitless series)."""
+    if not values:
+        raise ValueError("summary(): no values to summarise")
+    ordered = sorted(values)
+    q = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) >= 2 else [ordered[0]] * 3
+    return {
+        "raw": list(values),
+        "median": statistics.median(ordered),
+        "min": ordered[0],
+        "max": ordered[-1],
+        "iqr": [q[0], q[2]],
+        "repeats": len(values),
+    }
+
+
+def paired_rounds(
+    steps: dict[str, Callable[[], Any]], rounds: int, baseline: str, warmup: int = 2
+) -> dict[str, dict[str, Any]]:
+    """Time one call of every step per round (the order rotates every round, so A B C, B C A, ...), after ``warmup``
+    untimed rounds, in wall-clock and in process CPU seconds.
+
+    On a shared machine both sides of a ratio see the same load when they run back to back, so each round gives one
+    ratio per step against ``baseline`` and the ratios are summarised per round (median and spread), next to the
+    ratio of the medians.
+
+    Returns:
+        ``{"wall": {name: stats}, "cpu": {name: stats}, "ratio_wall": {name: summary}, "ratio_cpu": {name: summary},
+        "ratio_of_medians_wall": {name: float}, "ratio_of_medians_cpu": {name: float}}``.
+    """
+    names = list(steps)
+    if baseline not in steps:
+        raise ValueError(f"paired_rounds(): baseline {baseline!r} is not one of {names}")
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(warmup + rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            w, c = time.perf_counter(), time.process_time()
+            steps[name]()
+            if r >= warmup:
+                wall[name].append(time.perf_counter() - w)
+                cpu[name].append(time.process_time() - c)
+    out: dict[str, dict[str, Any]] = {
+        "wall": {n: stats(wall[n]) for n in names},
+        "cpu": {n: stats(cpu[n]) for n in names},
+    }
+    for kind, series in (("wall", wall), ("cpu", cpu)):
+        out[f"ratio_{kind}"] = {
+            n: summary([a / b for a, b in zip(series[n], series[baseline])]) for n in names if n != baseline
+        }
+        out[f"ratio_of_medians_{kind}"] = {
+            n: out[kind][n]["median_s"] / out[kind][baseline]["median_s"] for n in names if n != baseline
+        }
+    return out

@@ -59,7 +59,9 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "bench_spa_training": ("benchmarks/results/spa_training.json",),
     "bench_set_adapter": ("benchmarks/results/set_adapter.json",),
     "bench_masked_lora": ("benchmarks/results/masked_lora.json",),
+    "tuner_trade": ("benchmarks/results/masked_lora.json", "benchmarks/results/set_adapter.json"),
     "mutation_check": ("benchmarks/results/mutation_check.json",),
+    "bench_defenses": ("benchmarks/results/defenses.json",),
     "preserve_full": (
         "benchmarks/results/preserve_full/preserve.json",
         "benchmarks/results/preserve_combined/preserve.json",
@@ -295,15 +297,20 @@ def bench_summary() -> str:
          f"{spa_rows['neuron']['ratio']:.2f}x ({1000 * spa_rows['neuron']['freezer_work_s']:.2f} ms, "
          f"{pct(spa_rows['neuron']['extra_memory_fraction'])}); frozen entries bit-identical: "
          f"{all(x['exact'] for x in spa['rows'])}", "`results/spa_training.json`"],
-        ["`set_adapter.py`", "SET adapter vs frozen base, dense masked gradient, dense merged copy",
-         f"SET step {set_rows['set']['time_vs_frozen']:.2f}x the frozen-base step; optimizer+gradient state "
+        ["`set_adapter.py`", "SET adapter vs frozen base, the previous dense half-precision pass, dense masked "
+         "gradient, dense merged copy",
+         "SET step " + ", ".join(f"{r['model']} {r['dtype']} {r['ratio_wall']['set']['median']:.2f}x"
+                                 for r in st["runs"]) + " the frozen step (matmul FLOPs "
+         + ", ".join(f"{r['flops_vs_frozen']['set']:.2f}x" for r in st["runs"]) + "); optimizer+gradient state "
          f"{set_rows['set']['state_MiB']:.1f} MiB vs {set_rows['dense_mask']['state_MiB']:.0f} MiB for a dense "
-         f"gradient mask; dense copy {set_rows['dense_copy']['time_vs_frozen']:.2f}x, dense masked gradient "
-         f"{set_rows['dense_mask']['time_vs_frozen']:.2f}x", "`results/set_adapter.json`"],
-        ["`masked_lora.py`", "masked LoRA (SPA) step vs plain LoRA, per granularity; sparse vs dense correction",
-         "1% masks: " + ", ".join(f"{g} {ml_rows[g]['ratio']:.2f}x" for g in ml_rows) + " plain LoRA; weight-mask "
-         "sweep sparse/dense: " + ", ".join(f"{pct(s['density'], 0)} {s['sparse_ratio']:.2f}/{s['dense_ratio']:.2f}x"
-                                             for s in ml["sweep"]), "`results/masked_lora.json`"],
+         "gradient mask", "`results/set_adapter.json`"],
+        ["`masked_lora.py`", "masked LoRA (SPA) step vs plain LoRA: default and dense weight-mask paths, other "
+         "granularities, density sweep",
+         "1% weight masks, default path: " + ", ".join(f"{r['model']} {r['dtype']} {r['ratio_wall']['default']['median']:.2f}x"
+                                                      for r in ml["runs"]) + " plain LoRA (dense path "
+         + ", ".join(f"{r['ratio_wall']['dense']['median']:.2f}x" for r in ml["runs"]) + "); "
+         + ", ".join(f"{g} {ml_rows[g]['ratio_wall']['masked']['median']:.2f}x" for g in ml_rows),
+         "`results/masked_lora.json`"],
     ]  # fmt: skip
     return table(["benchmark", "compares", "result (medians; details below)", "JSON"], rows)
 
@@ -379,37 +386,128 @@ def bench_spa_training() -> str:
     return head + table(header, rows) + "\n" + prov_line(d)
 
 
+def _paired(block: dict[str, Any], name: str, kind: str = "wall", digits: int = 2) -> str:
+    """``median [IQR]`` of the per-round ratios of ``name`` in a `_bench.paired_rounds` block."""
+    r = block[f"ratio_{kind}"][name]
+    return f"{r['median']:.{digits}f} [{r['iqr'][0]:.{digits}f}-{r['iqr'][1]:.{digits}f}]"
+
+
+def _threads_line(d: dict[str, Any]) -> str:
+    env = d.get("environment") or {}
+    rounds = d["args"].get("rounds")
+    return (
+        f"Ratios: median [interquartile range] over {rounds} rounds of the per-round ratio (one step of every variant "
+        f"per round, order rotating), wall-clock and process CPU time; {env.get('torch_threads')} torch threads, "
+        f"OMP_WAIT_POLICY={env.get('omp_wait_policy')}, niceness {env.get('niceness')}.\n\n"
+    )
+
+
 def bench_set_adapter() -> str:
     d = load("benchmarks/results/set_adapter.json")
+    variants = [v for v in d["runs"][0]["wall"] if v != "frozen"]
     rows = [
-        [r["variant"], f"{r['params']:,}", f"{r['trainable']:,}", f"{r['state_MiB']:.2f}", f"{r['peak_rss_MiB']:.0f}",
-         spread(r["step"]) if "step" in r else f"{r['step_s_median']:.3f} s", f"{r['time_vs_frozen']:.2f}"]
+        [r["model"], r["dtype"], spread(r["wall"]["frozen"]), spread(r["wall"]["set"]), _paired(r, "set", digits=3),
+         _paired(r, "set", "cpu", digits=3), *[_paired(r, v) for v in variants if v != "set"],
+         f"{r['flops_vs_frozen']['set']:.2f} / " + " / ".join(f"{r['flops_vs_frozen'][v]:.2f}" for v in variants
+                                                               if v != "set"),
+         f"<= {r['target_max']}"]
+        for r in d["runs"]
+    ]  # fmt: skip
+    others = [v for v in variants if v != "set"]
+    header = ["model", "dtype", "frozen step", "SET step", "SET x frozen (wall)", "SET x frozen (CPU)",
+              *[f"{v} x frozen" for v in others], "matmul FLOPs x frozen (SET / " + " / ".join(others) + ")",
+              "target"]  # fmt: skip
+    memory = [
+        [r["variant"], f"{r['params']:,}", f"{r['trainable']:,}", f"{r['state_MiB']:.2f}", f"{r['peak_rss_MiB']:.0f}"]
         for r in d["results"]
     ]  # fmt: skip
-    header = ["variant", "params", "trainable", "state MiB", "peak RSS MiB", "step, median (IQR)", "x frozen"]
-    return table(header, rows) + "\n" + prov_line(d)
+    first = d["runs"][0]
+    return (
+        _threads_line(d)
+        + table(header, rows)
+        + f"\nMemory ({first['model']}, fp32, each variant in its own process):\n\n"
+        + table(["variant", "params", "trainable", "state MiB", "peak RSS MiB"], memory)
+        + "\n"
+        + prov_line(d)
+    )
 
 
 def bench_masked_lora() -> str:
     d = load("benchmarks/results/masked_lora.json")
     rows = [
-        [r["granularity"], spread(r["plain_step"]) if "plain_step" in r else f"{r['plain_step_s']:.3f} s",
-         spread(r["masked_step"]) if "masked_step" in r else f"{r['masked_step_s']:.3f} s", f"{r['ratio']:.2f}",
-         f"<= {r['target_max']}"]
-        for r in d["results"]
+        [r["model"], r["dtype"], spread(r["wall"]["plain"]), spread(r["wall"]["default"]), _paired(r, "default"),
+         _paired(r, "default", "cpu"), _paired(r, "dense"), _paired(r, "dense", "cpu"), f"<= {r['target_max']}"]
+        for r in d["runs"]
     ]  # fmt: skip
-    out = table(["mask", "plain LoRA step", "masked LoRA step", "ratio", "target"], rows)
+    header = ["model", "dtype", "plain LoRA step", "default step", "default x plain (wall)", "default x plain (CPU)",
+              "dense x plain (wall)", "dense x plain (CPU)", "target"]  # fmt: skip
+    out = _threads_line(d) + table(header, rows)
+    if d.get("results"):
+        other = [
+            [r["granularity"], r["model"], _paired(r, "masked"), _paired(r, "masked", "cpu"), f"<= {r['target_max']}"]
+            for r in d["results"]
+        ]  # fmt: skip
+        out += "\n" + table(["mask", "model (fp32)", "masked x plain (wall)", "masked x plain (CPU)", "target"], other)
     if d.get("sweep"):
         sweep = [
-            [pct(s["density"], 0), f"{s['plain_step_s']:.3f}", f"{s['sparse_step_s']:.3f}", f"{s['dense_step_s']:.3f}",
-             f"{s['sparse_ratio']:.2f}", f"{s['dense_ratio']:.2f}"]
+            [pct(s["density"], 0), _paired(s, "sparse"), _paired(s, "sparse", "cpu"), _paired(s, "dense"),
+             _paired(s, "dense", "cpu")]
             for s in d["sweep"]
         ]  # fmt: skip
-        out += "\n" + table(["weight-mask density", "plain s", "sparse s", "dense s", "sparse x", "dense x"], sweep)
+        out += "\n" + table(
+            ["weight-mask density", "sparse x plain (wall)", "sparse x plain (CPU)", "dense x plain (wall)",
+             "dense x plain (CPU)"], sweep)  # fmt: skip
     return out + "\n" + prov_line(d)
 
 
+def tuner_trade() -> str:
+    """The exactness / speed trade of the weight-mask paths (docs/tuner.md), from the two tuner benchmarks."""
+    ml, st = load("benchmarks/results/masked_lora.json"), load("benchmarks/results/set_adapter.json")
+    columns = [f"{r['model']} {r['dtype']}" for r in ml["runs"]]
+    set_runs = {f"{r['model']} {r['dtype']}": r for r in st["runs"]}
+    rows = [
+        ['masked LoRA, `entries_method="auto"` (default; `"sparse"` on CPU)', "within fp32 rounding (bounded)",
+         "bit-exact", "plain LoRA step", *[_paired(r, "default") for r in ml["runs"]]],
+        ['masked LoRA, `entries_method="dense"` (opt-in)', "bit-exact", "bit-exact", "plain LoRA step",
+         *[_paired(r, "dense") for r in ml["runs"]]],
+        ["SET (fold on fp32, sparse pass on bf16)", "bit-exact (the unmasked entries)", "bit-exact (the unmasked entries)",
+         "frozen step", *[_paired(set_runs[c], "set", digits=3) if c in set_runs else "n/a" for c in columns]],
+    ]  # fmt: skip
+    header = ["path", "training forward on the frozen entries", "merged weights", "x", *columns]
+    return table(header, rows) + "\n" + prov_line(ml) + prov_line(st)
+
+
 # ------------------------------------------------------------------------------------------------ mutation check
+def bench_defenses() -> str:
+    d = load("benchmarks/results/defenses.json")
+    rows = []
+    for section in d["training"]:
+        for r in section["rows"]:
+            note = ""
+            if r["arm"] == "lisa":
+                note = f"alignment steps {r['alignment_ratio']:.2f}x, task steps {r['task_ratio']:.2f}x"
+            rows.append([section["model"], r["arm"], spread(r["step"]), f"{r['ratio']:.2f}x", note])
+    first = d["training"][0]
+    head = (
+        f"Time per optimizer step through `SafetySFTTrainer` (LoRA r=16 on q_proj/v_proj, batch {first['batch_size']}, "
+        f"{first['steps_per_run'] - 1} timed steps per run x {first['rounds']} rounds, arms interleaved with rotating "
+        f"order; max length: " + ", ".join(f"{s['model']} {s['max_length']}" for s in d["training"]) + " tokens).\n\n"
+    )
+    training = table(["model", "arm", "step, median (IQR)", "x plain LoRA", "note"], rows)
+    post = d["posthoc"]
+    prows = [
+        [f"`{r['function']}`", r["what"], spread(r["time"]),
+         ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in r["result"].items())]
+        for r in post["rows"]
+    ]  # fmt: skip
+    setup = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.0f} s" for k, v in post["setup_s"].items())
+    posthoc = (
+        f"\nPost-hoc defenses on {post['model']} after a SET alignment and a LoRA fine-tune (setup, timed once: "
+        f"{setup}):\n\n" + table(["function", "on", "wall time, median (IQR)", "what it did"], prows)
+    )
+    return head + training + posthoc + "\n" + prov_line(d)
+
+
 def mutation_check() -> str:
     d = load("benchmarks/results/mutation_check.json")
     s = d["summary"]
@@ -837,7 +935,9 @@ TABLES: dict[str, Callable[[], str]] = {
     "bench_spa_training": bench_spa_training,
     "bench_set_adapter": bench_set_adapter,
     "bench_masked_lora": bench_masked_lora,
+    "tuner_trade": tuner_trade,
     "mutation_check": mutation_check,
+    "bench_defenses": bench_defenses,
     "preserve_setup": preserve_setup,
     "preserve_benign": preserve_benign,
     "preserve_verdict": preserve_verdict,

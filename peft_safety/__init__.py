@@ -136,6 +136,13 @@ _EXPORTS: dict[str, str] = {
     "realign_": "peft_safety.training.realign",
     "reference_snapshot": "peft_safety.training.realign",
     "mix_replay": "peft_safety.training.replay",
+    "Lisa": "peft_safety.training.lisa",
+    "Booster": "peft_safety.training.booster",
+    "AlignmentDelta": "peft_safety.posthoc",
+    "SafeLoraReport": "peft_safety.posthoc",
+    "add_safety_vector": "peft_safety.posthoc",
+    "antidote": "peft_safety.posthoc",
+    "safe_lora_project": "peft_safety.posthoc",
     "apply_mask_": "peft_safety.training.apply",
     "MODEL_SOURCES": "peft_safety.sources.models",
     "load_default_model": "peft_safety.sources.models",
@@ -225,6 +232,7 @@ if TYPE_CHECKING:  # pragma: no cover
         write_card,
     )
     from .mask.hub import mask_model_card, push_mask_to_hub  # noqa: F401
+    from .posthoc import AlignmentDelta, SafeLoraReport, add_safety_vector, antidote, safe_lora_project  # noqa: F401
     from .recipes.main_job import MainJobConfig, MainJobResult, run_main_job  # noqa: F401
     from .scoring import (  # noqa: F401
         SCORERS,
@@ -245,9 +253,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from .sources.datasets import DATA_SOURCES, assert_disjoint, deduplicate, load_rows  # noqa: F401
     from .sources.models import MODEL_SOURCES, load_default_model, load_model, resolve_model  # noqa: F401
     from .training.apply import apply_mask_  # noqa: F401
+    from .training.booster import Booster  # noqa: F401
     from .training.callbacks import RefusalEvalCallback, SafetyDriftCallback  # noqa: F401
     from .training.config import SafetySFTConfig  # noqa: F401
     from .training.freeze import Freezer, FreezeReport, FreezeViolationError  # noqa: F401
+    from .training.lisa import Lisa  # noqa: F401
     from .training.realign import RealignCallback, RealignReport, realign_, reference_snapshot  # noqa: F401
     from .training.replay import mix_replay  # noqa: F401
     from .training.trainer import SafetySFTTrainer  # noqa: F401

@@ -34,10 +34,12 @@ ALLOWED: dict[str, set[str]] = {
     "scoring": {"mask", "analysis.probes", "sources.datasets"},
     "tuner": {"mask"},
     "training": {"mask", "tuner", "analysis", "sources.datasets"},
+    # post-hoc defenses: edits of a trained model (Antidote scores with Wanda)
+    "posthoc": {"mask", "analysis", "scoring", "sources.datasets"},
     "evaluation": {"mask", *(m.removeprefix("peft_safety.") for m in CALIBRATION_DATA)},
     "sources": {"tuner"},  # loading a saved adapter needs the SAFETY type registered
-    "recipes": {"mask", "analysis", "scoring", "tuner", "training", "evaluation", "sources"},
-    "cli": {"mask", "analysis", "scoring", "tuner", "training", "evaluation", "sources", "recipes"},
+    "recipes": {"mask", "analysis", "scoring", "tuner", "training", "posthoc", "evaluation", "sources"},
+    "cli": {"mask", "analysis", "scoring", "tuner", "training", "posthoc", "evaluation", "sources", "recipes"},
 }
 
 

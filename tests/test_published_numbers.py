@@ -67,8 +67,8 @@ def test_benchmark_results_keep_raw_timings(tables):
         "benchmarks/results/scoring.json": lambda d: [r["raw_s"] for r in d["results"].values()],
         "benchmarks/results/selection.json": lambda d: [d["timing"][k]["raw_s"] for k in ("ours", "naive")],
         "benchmarks/results/spa_training.json": lambda d: [r[k]["raw_s"] for r in d["rows"] for k in ("plain_step", "spa_step")],
-        "benchmarks/results/set_adapter.json": lambda d: [r["step"]["raw_s"] for r in d["results"]],
-        "benchmarks/results/masked_lora.json": lambda d: [r[k]["raw_s"] for r in d["results"] for k in ("plain_step", "masked_step")],
+        "benchmarks/results/set_adapter.json": lambda d: [r[k][v]["raw_s"] for r in d["runs"] for k in ("wall", "cpu") for v in r[k]],
+        "benchmarks/results/masked_lora.json": lambda d: [r[k][v]["raw_s"] for r in d["runs"] + d["results"] + d["sweep"] for k in ("wall", "cpu") for v in r[k]],
     }  # fmt: skip
     for source, get in raw.items():
         data = json.loads((ROOT / source).read_text(encoding="utf-8"))

@@ -471,6 +471,33 @@ def _effective_update(module: nn.Module) -> torch.Tensor | None:
     return _adapter_delta(module)  # other layer types: the adapter's own delta
 
 
+def _forward_tolerance(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(per-entry bound, merged delta)`` of a layer whose forward is exact only up to rounding, else ``(None, None)``."""
+    bound_of = getattr(module, "forward_tolerance", None)
+    bound = bound_of() if callable(bound_of) else None
+    if bound is None:
+        return None, None
+    return bound, _adapter_delta(module)
+
+
+def _violations(
+    delta: torch.Tensor,
+    dense: torch.Tensor,
+    mode: str,
+    tolerance: torch.Tensor | None,
+    merged: torch.Tensor | None,
+) -> int:
+    """Entries that must stay unchanged and moved: a non-zero effective update, or, for a layer with a
+    ``tolerance``, one above it or a non-zero merged delta."""
+    frozen = dense if mode == "freeze" else ~dense
+    if tolerance is None:
+        return int(torch.count_nonzero(delta[frozen]))
+    moved = delta[frozen].abs() > tolerance.to(delta.device).reshape(dense.shape)[frozen]
+    if merged is not None:
+        moved |= merged.to(delta.device).reshape(dense.shape)[frozen] != 0
+    return int(moved.sum())
+
+
 @torch.no_grad()
 def mask_drift(
     model: nn.Module,
@@ -498,7 +525,11 @@ def mask_drift(
     * ``masked_max_abs``, ``masked_numel``, ``unmasked_numel``;
     * with ``mode``: ``violations``, the number of entries that must stay unchanged and did not (the mask's in
       ``"freeze"`` mode, the rest of each covered tensor in ``"train_only"`` mode): for adapters an entry whose
-      effective update is not exactly zero.
+      effective update is not exactly zero. A layer whose forward is exact only up to rounding says so through a
+      ``forward_tolerance()`` method (masked LoRA's ``"sparse"`` entry path): there an entry violates when its
+      effective update exceeds that per-entry bound, or when the delta a merge would add
+      (``get_delta_weight``) is not exactly zero on it: the merged weights are held to bit-exactness, the training
+      forward to its rounding bound.
 
     Args:
         model: the model after fine-tuning (or any edit): plain, or wrapped by PEFT or DDP.
@@ -538,8 +569,10 @@ def mask_drift(
         module_name, _, leaf = name.rpartition(".")
         module = modules.get(module_name)
         delta = _effective_update(module) if module is not None and leaf == "weight" else None
+        tolerance = merged = None
         if delta is not None:
             w0 = _base_weight(module)
+            tolerance, merged = _forward_tolerance(module)
         else:
             param = params.get(name)
             ref = None if reference is None else _reference_tensor(reference, name)
@@ -576,7 +609,7 @@ def mask_drift(
             "nm": int(dense.sum()),
             "nu": dense.numel() - int(dense.sum()),
             "max": float(delta[dense].abs().max()) if bool(dense.any()) else 0.0,
-            "violations": int(torch.count_nonzero(delta[dense if mode == "freeze" else ~dense])) if mode else 0,
+            "violations": _violations(delta, dense, mode, tolerance, merged) if mode else 0,
         }
         per_parameter[name] = _drift_row(row, mode)
         for key in keys:

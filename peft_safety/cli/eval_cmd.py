@@ -10,6 +10,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
 
 HELP = "refusal, over-refusal and utility evaluation of a model or adapter"
 
@@ -70,6 +71,10 @@ def check(args: argparse.Namespace) -> None:
     if args.model.strip().lower() not in _MODEL_NAMES:
         check_local_or_hub("MODEL", args.model, "config.json")
     check_local_or_hub("--adapter", args.adapter, "adapter_config.json")
+    if args.adapter and os.path.isdir(args.adapter):
+        from ..tuner import check_adapter_type
+
+        check_adapter_type(args.adapter)  # the weights file says what the adapter is, whatever its config says
 
 
 #: short names of the embedded models (peft_safety.sources.models.MODEL_SOURCES), resolved without the Hub

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._io import atomic_write_bytes
+from .adapter_files import check_adapter_type
 from .safety_mask import SafetyMask, load_mask
 from .serialization import MASK_FILENAME
 
@@ -48,7 +49,8 @@ def write_card(
 
     Raises:
         FileNotFoundError: if `folder` is not a folder.
-        ValueError: if a file in it is corrupted.
+        ValueError: if a file in it is corrupted, or ``adapter_config.json`` says another PEFT type than the weights
+            file holds (`peft_safety.mask.adapter_files.check_adapter_type`).
     """
     from .hub import _check_subfolder, _read_json, build_card  # lazy: huggingface_hub only when a card is built
 
@@ -61,6 +63,7 @@ def write_card(
         mask = load_mask(mask_file)
     config_path = os.path.join(folder, "adapter_config.json")
     if adapter_config is None and os.path.isfile(config_path):
+        check_adapter_type(folder)  # a relabelled peft_type must not be described as what it claims
         adapter_config = _read_json(config_path)
     readme = os.path.join(folder, "README.md")
     existing = None

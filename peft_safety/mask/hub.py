@@ -97,7 +97,13 @@ def _adapter_facts(adapter_config: Mapping[str, Any] | None) -> dict[str, Any]:
     cfg = dict(adapter_config)
     peft_type = cfg.get("peft_type")
     peft_type = getattr(peft_type, "value", peft_type)
-    return {"peft_type": peft_type, "base": cfg.get("base_model_name_or_path"), "mode": cfg.get("mode")}
+    layout = cfg.get("mask_layout") if peft_type == "SAFETY_LORA" else None
+    return {
+        "peft_type": peft_type,
+        "base": cfg.get("base_model_name_or_path"),
+        "mode": cfg.get("mode"),
+        "masked_modules": set(layout) if isinstance(layout, Mapping) else None,
+    }
 
 
 def _infer_mode(mode: str | None, adapter: dict[str, Any], previous: Mapping[str, Any]) -> str | None:
@@ -178,6 +184,16 @@ def _section(
             f"- weight entries covered: {mask.numel()} of {mask.total_numel()} (density {mask.density:.4%})",
             f"- parameters with entries: {len(mask.names)} of {len(mask.shapes)}",
             f"- weight fingerprints recorded: {len(mask.fingerprints)} of {len(mask.shapes)} parameters",
+        ]
+        masked_modules = adapter.get("masked_modules")
+        outside = sorted(n for n in mask.names if n.rpartition(".")[0] not in (masked_modules or ()))
+        if masked_modules is not None and outside:
+            lines.append(
+                f"- parameters with entries that this LoRA does not adapt: {len(outside)} (e.g. `{outside[0]}`). LoRA "
+                "cannot change a module it does not adapt (not in its target modules, or left out for a `Layer()` "
+                "mask), so those entries keep their base values exactly and the adapter stores no mask for them."
+            )
+        lines += [
             "",
             "| provenance | value |",
             "|---|---|",

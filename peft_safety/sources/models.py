@@ -425,8 +425,10 @@ def load_model(
     if adapter is not None:
         from peft import PeftModel
 
-        from ..tuner import _registration  # noqa: F401  (registers SAFETY / SAFETY_LORA before PeftModel reads the config)
+        from ..tuner import check_adapter_type  # also registers SAFETY / SAFETY_LORA before PeftModel reads the config
 
+        if os.path.isdir(os.fspath(adapter)):
+            check_adapter_type(adapter)  # a relabelled peft_type would load through PEFT's code without our checks
         model = PeftModel.from_pretrained(model, os.fspath(adapter))
         model.eval()
         if (Path(os.fspath(adapter)) / "tokenizer_config.json").is_file():

@@ -23,12 +23,16 @@ _LAZY: dict[str, str] = {
     "SetAdapter": "peft_safety.training.adapters",
     "mask_protection": "peft_safety.training.adapters",
     "SafetyReplay": "peft_safety.training.replay",
+    "Lisa": "peft_safety.training.lisa",
+    "Booster": "peft_safety.training.booster",
 }
 
 __all__ = [
+    "Booster",
     "FreezeReport",
     "FreezeViolationError",
     "Freezer",
+    "Lisa",
     "MaskProtection",
     "MaskedLora",
     "Protection",
@@ -56,7 +60,9 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapters import MaskedLora, SetAdapter, mask_protection
+    from .booster import Booster
     from .callbacks import ProtectionCallback, RefusalEvalCallback, SafetyDriftCallback
     from .config import SafetySFTConfig
+    from .lisa import Lisa
     from .replay import SafetyReplay
     from .trainer import SafetySFTTrainer

@@ -126,14 +126,14 @@ class MaskedLora(_AdapterProtection):
 
     def prepare_model(self, model: nn.Module, peft_config: Any = None, args: Any = None) -> tuple[nn.Module, Any]:
         """Build the masked LoRA from ``peft_config`` (a ``LoraConfig``); TRL then gets the PEFT model and no
-        config. A `SafetyLoraConfig` keeps its own forward method; any other ``LoraConfig`` gets the bit-exact
-        default."""
+        config. A `SafetyLoraConfig` keeps its own forward method; any other ``LoraConfig`` gets the default
+        (``entries_method="auto"``)."""
         from ..tuner import get_masked_lora_model
 
         self._check(model, peft_config)
         if getattr(args, "gradient_checkpointing", False):
             model.enable_input_require_grads()
-        entries_method = getattr(peft_config, "entries_method", "dense")
+        entries_method = getattr(peft_config, "entries_method", "auto")
         self._model = get_masked_lora_model(model, peft_config, self.mask, entries_method=entries_method)
         return self._model, None
 
@@ -227,14 +227,16 @@ def mask_protection(mask: Any, mode: str, peft_config: Any = None, args: Any = N
             raise ValueError(
                 f"safety_mode='train_only' supports SafetyConfig or no peft_config, got {type(peft_config).__name__}."
             )
-        return Freezer(mask, "train_only", log_drift=log_drift)
+        return Freezer(mask, "train_only", log_drift=log_drift, fingerprint_check="ignore")
     if isinstance(peft_config, SafetyConfig):
         raise ValueError(
             "A SafetyConfig (SET adapter) trains the mask's entries; it cannot freeze them. Use "
             "safety_mode='train_only' with it, or a LoraConfig / full fine-tuning with safety_mode='freeze'."
         )
     if peft_config is None:
-        return Freezer(mask, "freeze", log_drift=log_drift)
+        # "ignore": the trainer checked the mask against the base weights when it was built (safety_fingerprint_check);
+        # at install the weights may already be a resumed checkpoint's, whose trained entries changed the fingerprints
+        return Freezer(mask, "freeze", log_drift=log_drift, fingerprint_check="ignore")
     if not isinstance(peft_config, LoraConfig):
         raise ValueError(
             f"safety_mode='freeze' supports LoraConfig (LoRA / QLoRA) or full fine-tuning (no peft_config), got "

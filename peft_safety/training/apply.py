@@ -84,7 +84,8 @@ def apply_mask_(
         raise TypeError(f"apply_mask_ expects a torch.nn.Module, got {type(model).__name__}.")
     if hasattr(mask, "validate"):
         mask.validate(_named_params(model), fingerprint_check=fingerprint_check)
-    freezer = Freezer(mask, mode, backend=backend)
+    # the fingerprints were validated above, by the caller's policy
+    freezer = Freezer(mask, mode, backend=backend, fingerprint_check="ignore")
     freezer.prepare_model(model)
     try:
         freezer.install(model, optimizer)

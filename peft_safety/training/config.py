@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 try:
@@ -12,7 +13,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from ..vocab import FINGERPRINT_POLICIES, MODES, check_fingerprint_policy, check_mode
 
-__all__ = ["SafetySFTConfig", "resolve_bf16"]
+__all__ = ["SafetySFTConfig", "check_defense_fields", "resolve_bf16"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,34 @@ class SafetySFTConfig(SFTConfig):
         Share of replay rows in the training stream, in ``[0, 1)``: ``round(N * r / (1 - r))`` replay rows are
         spread evenly among the ``N`` task rows.
     safety_replay_seed (`int` or `None`, defaults to `None`):
-        Seed of the replay-row order (defaults to ``seed``).
+        Seed of the replay-row order (defaults to ``seed``; with Lisa, the order of its alignment batches).
+
+    > Lisa (Huang et al. 2024; see `peft_safety.training.lisa` and ``docs/defenses.md``)
+
+    safety_lisa_alignment_steps (`int`, defaults to `0`):
+        Optimizer steps of each alignment state: Lisa is on when this is positive. The alignment rows are those of
+        ``safety_replay_dataset`` (or ``SafetySFTTrainer(safety_replay_dataset=rows)``); with Lisa they feed the
+        alignment state and are not mixed into the task stream (``safety_replay_ratio`` must stay 0).
+    safety_lisa_task_steps (`int`, defaults to `0`):
+        Optimizer steps of each task state (required with Lisa; the reference script's split is 100 : 900).
+    safety_lisa_rho (`float`, defaults to `1.0`):
+        Weight of the proximal term ``rho / 2 * ||w - w_switch||^2`` (``w_switch``: the trainable weights at the
+        last switch of state). 0 gives Bi-State Optimization without the proximal term.
+    safety_lisa_proximal_after (`int`, defaults to `0`):
+        The proximal term is added from this optimizer step on (0-based count of the steps taken). The public code
+        waits for 10% of the run's steps; 0 adds it from the first step, as the paper's formula.
+
+    > Booster (Huang et al. 2025; an alignment-stage regulariser, see `peft_safety.training.booster`)
+
+    safety_booster_lambda (`float`, defaults to `0.0`):
+        Weight ``lambda`` of ``h(w) - h(w - alpha * g_h / ||g_h||)`` added to the loss (``h``: the loss on a batch
+        of harmful rows, ``g_h`` its gradient): Booster is on when this is positive. The reference's value is 5.
+    safety_booster_alpha (`float`, defaults to `0.1`):
+        Step size ``alpha`` of the simulated harmful step (normalised gradient). The reference's value is 0.1.
+    safety_booster_harmful_dataset (`str` or `None`, defaults to `None`):
+        Harmful (prompt, harmful answer) rows: an offline data set name such as ``uncensorbench_compliant``, a
+        ``.json``/``.jsonl``/``.csv`` file or a Hub data set id, read by `peft_safety.sources.datasets.load_rows`
+        (rows can be given directly: ``SafetySFTTrainer(safety_booster_harmful_dataset=rows)``).
     """
 
     safety_mask: str | None = field(
@@ -131,16 +159,65 @@ class SafetySFTConfig(SFTConfig):
         metadata={"help": "Seed of the replay-row order (default: seed)."},
     )
 
+    safety_lisa_alignment_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Lisa: optimizer steps of each alignment state (0: Lisa off). The alignment rows come from "
+            "safety_replay_dataset and are not mixed into the task stream."
+        },
+    )
+    safety_lisa_task_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Lisa: optimizer steps of each task state (required with Lisa; the reference uses 100:900)."
+        },
+    )
+    safety_lisa_rho: float = field(
+        default=1.0,
+        metadata={"help": "Lisa: weight rho of the proximal term rho/2 * ||w - w_switch||^2 (0: no proximal term)."},
+    )
+    safety_lisa_proximal_after: int = field(
+        default=0,
+        metadata={
+            "help": "Lisa: add the proximal term from this optimizer step on (the public code waits for a tenth of the "
+            "steps; 0: from the first step)."
+        },
+    )
+    safety_booster_lambda: float = field(
+        default=0.0,
+        metadata={
+            "help": "Booster: weight lambda of h(w) - h(w - alpha * g_h/||g_h||) on harmful rows (0: Booster off; the "
+            "reference uses 5)."
+        },
+    )
+    safety_booster_alpha: float = field(
+        default=0.1,
+        metadata={"help": "Booster: step size alpha of the simulated harmful step (the reference uses 0.1)."},
+    )
+    safety_booster_harmful_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Booster: harmful (prompt, harmful answer) rows: an offline data set name such as "
+            "uncensorbench_compliant, a .json/.jsonl/.csv file, or a Hub data set id."
+        },
+    )
+
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.safety_replay_ratio) < 1.0:
             raise ValueError(
                 f"safety_replay_ratio={self.safety_replay_ratio} must be in [0, 1): the share of replay rows in the "
                 "training stream (0.1 = one replay row in ten)."
             )
-        if self.safety_replay_dataset is not None and not self.safety_replay_ratio:
+        check_defense_fields(self)
+        if (
+            self.safety_replay_dataset is not None
+            and not self.safety_replay_ratio
+            and not self.safety_lisa_alignment_steps
+        ):
             raise ValueError(
                 f"safety_replay_dataset={self.safety_replay_dataset!r} is set but safety_replay_ratio is 0: set "
-                "safety_replay_ratio (e.g. 0.1) or drop the replay data set."
+                "safety_replay_ratio (e.g. 0.1) to mix the rows in, safety_lisa_alignment_steps to train on them in "
+                "Lisa's alignment states, or drop the replay data set."
             )
         if self.bf16 is None and not self.fp16:
             self.bf16 = resolve_bf16(self.use_cpu)
@@ -155,6 +232,55 @@ class SafetySFTConfig(SFTConfig):
         check_fingerprint_policy(self.safety_fingerprint_check, where="safety_fingerprint_check")
         if self.safety_eval_steps is not None and self.safety_eval_steps <= 0:
             raise ValueError(f"safety_eval_steps must be a positive int or None, got {self.safety_eval_steps}.")
+
+
+def _nonnegative_int(args: object, name: str) -> int:
+    value = getattr(args, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}.")
+    return value
+
+
+def _nonnegative_float(args: object, name: str) -> float:
+    value = getattr(args, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+    return float(value)
+
+
+def check_defense_fields(args: object) -> None:
+    """Check the Lisa and Booster fields of a `SafetySFTConfig` (also called by the protections built from them).
+
+    Raises:
+        ValueError: a negative or non-integer step count, a negative weight, Lisa without task steps or next to
+            replay mixing, Booster fields without ``safety_booster_lambda``.
+    """
+    align = _nonnegative_int(args, "safety_lisa_alignment_steps")
+    task = _nonnegative_int(args, "safety_lisa_task_steps")
+    _nonnegative_int(args, "safety_lisa_proximal_after")
+    _nonnegative_float(args, "safety_lisa_rho")
+    lamb = _nonnegative_float(args, "safety_booster_lambda")
+    _nonnegative_float(args, "safety_booster_alpha")
+    if align and not task:
+        raise ValueError(
+            f"safety_lisa_alignment_steps={align} needs safety_lisa_task_steps > 0: Lisa alternates that many "
+            "alignment steps with task steps (the reference script uses 100 and 900)."
+        )
+    if task and not align:
+        raise ValueError(
+            f"safety_lisa_task_steps={task} is set but safety_lisa_alignment_steps is 0: set both to turn Lisa on "
+            "(e.g. 100 and 900), or neither."
+        )
+    if align and float(getattr(args, "safety_replay_ratio", 0.0) or 0.0):
+        raise ValueError(
+            "Lisa (safety_lisa_alignment_steps > 0) trains on the replay rows in its alignment states instead of mixing "
+            "them into the task stream: set safety_replay_ratio=0."
+        )
+    if getattr(args, "safety_booster_harmful_dataset", None) is not None and not lamb:
+        raise ValueError(
+            f"safety_booster_harmful_dataset={args.safety_booster_harmful_dataset!r} is set but safety_booster_lambda "
+            "is 0: set safety_booster_lambda (the reference uses 5) or drop the harmful data set."
+        )
 
 
 _BF16_INFO_SHOWN = False

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -45,7 +46,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..vocab import Mode, StorageKind, base_name, check_choice, check_mode
+from ..vocab import Mode, StorageKind, base_name, check_choice, check_fingerprint_policy, check_mode
 from .protection import FreezeReport, FreezeViolationError, MaskProtection
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,42 @@ def _check_shapes(declared: Mapping[str, tuple[int, ...]], actual: Mapping[str, 
                 f"Mask shape {tuple(shape)} does not match parameter {name!r} of shape {tuple(actual[name])}; the "
                 "mask was computed for another model."
             )
+
+
+def _check_fingerprints(mask: Any, params: Mapping[str, torch.Tensor], policy: str) -> None:
+    """The weights the freezer is installed on are those the mask was computed on (its recorded fingerprints), as
+    `SafetyMask.validate` checks for `apply_mask_` and the trainer. Sharded, quantised and meta weights are skipped.
+
+    Raises:
+        ValueError: with ``policy="error"``, naming the first differing parameter and the override.
+    """
+    from ..mask import fingerprint_tensor
+
+    recorded = getattr(mask, "fingerprints", None)
+    if policy == "ignore" or not isinstance(recorded, Mapping):
+        return
+    differing = []
+    for name, wanted in recorded.items():
+        p = params.get(name)
+        if p is None or _is_dtensor(p) or hasattr(p, "ds_shape") or p.numel() == 0:
+            continue
+        if not p.dtype.is_floating_point or p.device.type == "meta":
+            continue
+        if fingerprint_tensor(p) != wanted:
+            differing.append(name)
+    if not differing:
+        return
+    more = f" (and {len(differing) - 1} more)" if len(differing) > 1 else ""
+    message = (
+        f"The mask was computed on other weights than this model's: the fingerprint of {differing[0]!r}{more} differs "
+        "from the one the mask recorded (another checkpoint, a fine-tuned copy, or weights this mask already "
+        "protected in an earlier run). Install it on the model the mask was made for, or pass "
+        "Freezer(mask, fingerprint_check='warn' or 'ignore') if this is intended (e.g. resuming a full fine-tuning "
+        "from its own checkpoint)."
+    )
+    if policy == "error":
+        raise ValueError(message)
+    warnings.warn(message, UserWarning, stacklevel=4)
 
 
 def dense_frozen_masks(mask: Any, mode: Mode = "freeze") -> Iterator[tuple[str, torch.Tensor]]:
@@ -259,6 +296,11 @@ class Freezer(MaskProtection):
             either way; this only keeps the state tidy.
         log_drift: keep a CPU copy of the covered tensors at :meth:`install` and add ``safety/masked_drift`` /
             ``safety/unmasked_drift`` to :meth:`metrics` (needs a `SafetyMask`).
+        fingerprint_check: what :meth:`install` does when a weight differs from the fingerprint the mask recorded
+            (a mask for other weights): ``"error"`` (default), ``"warn"`` or ``"ignore"``, as `SafetyMask.validate`.
+            Use ``"ignore"`` when installing on weights this mask already protected in an earlier run (a resumed
+            full fine-tuning checkpoint: its unmasked entries were trained, so its fingerprints differ). Sharded
+            (FSDP, DeepSpeed ZeRO-3), quantised and meta weights are not compared.
 
     The `Freezer` is a `Protection` (``peft_safety.training.protection``): :meth:`prepare_model` switches off the
     tensors frozen whole (before the optimizer exists), :meth:`install` registers the hooks, :meth:`before_clip` and
@@ -289,9 +331,11 @@ class Freezer(MaskProtection):
         backend: Backend = "auto",
         scrub_optimizer_state: bool = True,
         log_drift: bool = False,
+        fingerprint_check: str = "error",
     ) -> None:
         super().__init__(mask, mode, log_drift=log_drift)
         check_choice(backend, _BACKENDS, where="backend")
+        self.fingerprint_check = check_fingerprint_policy(fingerprint_check, where="fingerprint_check")
         _mask_names_and_shapes(mask)  # type check up front
         if log_drift and (isinstance(mask, Mapping) or not hasattr(mask, "to_dense")):
             raise TypeError("log_drift=True needs a SafetyMask (the drift is measured per mask entry).")
@@ -424,6 +468,7 @@ class Freezer(MaskProtection):
         # every declared shape is compared with the model before any dense mask of that shape is built: a mask file
         # may declare any shape, and a dense bool tensor of a wrong, huge one would exhaust memory
         _check_shapes(shapes, {n: _full_shape(params[n]) for n in shapes})
+        _check_fingerprints(self.mask, params, self.fingerprint_check)
         for name, frozen in dense_frozen_masks(self.mask, self.mode):
             p = params[name]
             if not p.requires_grad and bool(frozen.all()):

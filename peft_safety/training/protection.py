@@ -11,13 +11,17 @@ replay, or a new defense next to a mask); it never branches on which protection 
 | `SetAdapter` (``training/adapters.py``) | only the mask's entries train (SET, a ``SAFETY`` adapter) | `prepare_model` (the `SafetyConfig`), `on_wrapped` (fp32 deltas on quantised bases), `verify`, `metrics` |
 | `MaskedLora` (``training/adapters.py``) | LoRA's update is exactly zero on the mask (SPA, a ``SAFETY_LORA`` adapter) | `prepare_model` (the masked LoRA), `verify`, `metrics` |
 | `SafetyReplay` (``training/replay.py``) | refusal rows make up a fixed share of the training stream | `prepare_dataset` |
+| `Lisa` (``training/lisa.py``) | alternating alignment / task states with a proximal term (Huang et al. 2024) | `prepare_dataset` (the task format), `prepare_batches`, `install`, `batch_source`, `extra_loss`, `after_optimizer_step`, `metrics` |
+| `Booster` (``training/booster.py``) | the harmful-perturbation regulariser of an alignment run (Huang et al. 2025) | `prepare_dataset` (the task format), `prepare_batches`, `extra_loss`, `metrics` |
 
 The order in which a trainer calls the hooks:
 
 1. ``prepare_dataset(train_dataset, args)`` and ``prepare_model(model, peft_config, args)``: before TRL wraps the
    model (a protection may build the PEFT model itself or hand TRL a ``peft_config``; tensors it switches off leave
    the optimizer and DDP before they exist).
-2. ``on_wrapped(model)``: after TRL applied PEFT and its dtype casts, before ``accelerator.prepare``.
+2. ``on_wrapped(model)``: after TRL applied PEFT and its dtype casts, before ``accelerator.prepare``; then
+   ``prepare_batches(make_loader)``: ``make_loader(rows, name=..., seed=...)`` turns raw rows into a data loader of
+   collated batches prepared exactly as the training set (TRL's tokenization, the trainer's collator and batch size).
 3. ``install(model, optimizer)``: after ``accelerator.prepare`` and the checkpoint load, on every rank (hooks see the
    final, wrapped or sharded parameters).
 4. per optimizer step: ``batch_source(step)`` (where this step's batches come from), ``extra_loss(model, inputs)``
@@ -32,7 +36,7 @@ Every hook has a default that does nothing, so a new defense overrides only what
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +111,14 @@ class Protection:
 
     def on_wrapped(self, model: nn.Module) -> None:
         """Called with the model TRL built (PEFT applied, its dtype casts done), before ``accelerator.prepare``."""
+
+    def prepare_batches(self, make_loader: Callable[..., Iterable[Any]]) -> None:
+        """Called once after `on_wrapped`, with ``make_loader(rows, *, name, seed)``: a function that turns raw rows
+        (in the training set's format) into a finite iterable of collated batches prepared exactly as the trainer
+        prepares its training set (TRL's tokenization and the same options, the trainer's collator, the per-device
+        batch size), in a random order drawn from ``seed``. A defense that trains on rows of its own (Lisa's
+        alignment rows, Booster's harmful rows) builds its loader here and feeds it through `batch_source` or
+        `extra_loss`."""
 
     def install(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Protection:
         """Register hooks on the model as it will be trained (after ``accelerator.prepare``); returns ``self``."""

@@ -12,7 +12,8 @@ points of TRL's loop; it never branches on which protections it holds. A mask gi
 | ``"freeze"`` | ``LoraConfig`` (also on a bnb 4-/8-bit base: QLoRA) | LoRA, zero update on the mask (SPA) | `MaskedLora` |
 | ``"freeze"`` | ``None`` | every weight except the mask's entries (SPA) | `Freezer`, installed after ``accelerator.prepare`` |
 
-Safety replay (``safety_replay_ratio``) adds `SafetyReplay`; ``SafetySFTTrainer(protections=[...])`` adds others.
+Safety replay (``safety_replay_ratio``) adds `SafetyReplay`, Lisa (``safety_lisa_*``) adds `Lisa`, Booster
+(``safety_booster_*``) adds `Booster`; ``SafetySFTTrainer(protections=[...])`` adds others.
 """
 
 from __future__ import annotations
@@ -93,6 +94,69 @@ def _checked_mask(mask: Any, model: Any, args: Any) -> Any:
     return mask
 
 
+def _check_mask_after_trl(
+    mask: Any, model: Any, args: Any, components: Sequence[Protection], cause: BaseException | None = None
+) -> None:
+    """The mask still fits ``model`` after ``SFTTrainer.__init__``, which may change shapes after the mask was checked:
+    ``chat_template_path`` naming a tokenizer copies its chat template and tokens and resizes the embeddings (and a
+    tied or untied ``lm_head``). Refused here, at construction, instead of failing late in ``train()``. The parameters
+    with mask entries are compared, and every parameter the mask declares when a `Freezer` protects it (in
+    ``"train_only"`` mode it freezes a declared parameter without entries whole).
+
+    Raises:
+        ValueError: naming the parameters whose shape changed and the ways out (``from cause`` when given).
+    """
+    if mask is None or not isinstance(model, nn.Module):
+        return
+    current = _shape_view(model)
+    names = set(mask.shapes) if any(isinstance(c, Freezer) for c in components) else set(mask.names)
+    changed = {n: (tuple(mask.shapes[n]), tuple(current[n].shape)) for n in sorted(names) if n in current}
+    changed = {n: shapes for n, shapes in changed.items() if shapes[0] != shapes[1]}
+    if not changed:
+        return
+    name, (old, new) = next(iter(changed.items()))
+    more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+    template = getattr(args, "chat_template_path", None)
+    why = (
+        f"chat_template_path={template!r} copies that tokenizer's chat template and added tokens and resizes the "
+        "embeddings"
+        if template
+        else "the trainer changed the model"
+    )
+    message = (
+        f"TRL changed {name!r} from {old} to {new}{more} while building the trainer ({why}), after the mask was "
+        "checked: the mask describes the old shapes. Resize first and compute the mask on the resized model "
+        f"(model, tokenizer, _ = trl.clone_chat_template(model, tokenizer, {template or '<path>'!r}), then score and "
+        "select), or pass a .jinja chat template file (no new tokens, no resize), or leave those parameters out of "
+        f"the mask (mask.filter(lambda name: name not in {sorted(changed)!r}))."
+    )
+    if cause is not None:
+        raise ValueError(message) from cause
+    raise ValueError(message)
+
+
+def _configured_defenses(args: Any, replay_rows: Any, harmful_rows: Any) -> list[Protection]:
+    """The protections the ``safety_lisa_*`` and ``safety_booster_*`` fields ask for (none by default)."""
+    from .config import check_defense_fields
+
+    check_defense_fields(args)
+    out: list[Protection] = []
+    if getattr(args, "safety_lisa_alignment_steps", 0):
+        from .lisa import Lisa
+
+        out.append(Lisa.from_args(args, rows=replay_rows))
+    if getattr(args, "safety_booster_lambda", 0.0):
+        from .booster import Booster
+
+        out.append(Booster.from_args(args, rows=harmful_rows))
+    elif harmful_rows is not None:
+        raise ValueError(
+            "SafetySFTTrainer(safety_booster_harmful_dataset=...) was given but safety_booster_lambda is 0: set "
+            "safety_booster_lambda (the reference uses 5) or drop the harmful rows."
+        )
+    return out
+
+
 def _overrides(component: Protection, hook: str) -> bool:
     return getattr(type(component), hook) is not getattr(Protection, hook)
 
@@ -165,9 +229,13 @@ class SafetySFTTrainer(SFTTrainer):
             ``args.safety_eval_steps`` steps by `RefusalEvalCallback` (for example a refusal-rate evaluation); its
             results are logged with a ``safety/`` prefix.
         safety_replay_dataset: refusal rows (a list of dicts or a ``datasets.Dataset``) to mix into the training set
-            at ``args.safety_replay_ratio``, overriding ``args.safety_replay_dataset``.
+            at ``args.safety_replay_ratio``, overriding ``args.safety_replay_dataset``; with Lisa on
+            (``args.safety_lisa_alignment_steps``), the rows of its alignment states.
+        safety_booster_harmful_dataset: harmful rows for Booster (``args.safety_booster_lambda``), overriding
+            ``args.safety_booster_harmful_dataset``.
         protections: further `Protection` objects (``peft_safety.training.protection``), appended to `protections`
-            after the replay and the mask's protection; each one's hooks run at their point of the loop.
+            after the replay, the mask's protection and the defenses the config's fields turn on (Lisa, Booster);
+            each one's hooks run at their point of the loop.
 
     The mode comes from ``args.safety_mode`` (``"freeze"`` or ``"train_only"``; required with a mask). See the module
     docstring for the table of modes, and ``docs/trainer.md`` for the logged metrics.
@@ -200,6 +268,7 @@ class SafetySFTTrainer(SFTTrainer):
         safety_mask: Any = None,
         safety_evaluator: Any = None,
         safety_replay_dataset: Any = None,
+        safety_booster_harmful_dataset: Any = None,
         protections: Sequence[Protection] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -210,10 +279,13 @@ class SafetySFTTrainer(SFTTrainer):
         # so the safety_* fields always exist (with their defaults)
         training_args = params["args"] = _as_safety_config(params.get("args"), params.get("model"))
         components: list[Protection] = []
-        if safety_replay_dataset is not None or getattr(training_args, "safety_replay_ratio", 0.0):
+        lisa_on = bool(getattr(training_args, "safety_lisa_alignment_steps", 0))
+        if not lisa_on and (safety_replay_dataset is not None or getattr(training_args, "safety_replay_ratio", 0.0)):
             from .replay import SafetyReplay  # safety replay: mix refusal rows into the training set
 
             components.append(SafetyReplay(safety_replay_dataset))
+        # the defenses configured by fields (Lisa, Booster) run after the mask's protection
+        defenses = _configured_defenses(training_args, safety_replay_dataset, safety_booster_harmful_dataset)
         extra = list(protections or ())
         for component in extra:
             if not isinstance(component, Protection):
@@ -254,6 +326,7 @@ class SafetySFTTrainer(SFTTrainer):
         if self.safety_mask is not None:
             self.safety_mask = _checked_mask(self.safety_mask, params.get("model"), training_args)
             components.append(mask_protection(self.safety_mask, mode, params.get("peft_config"), training_args))
+        components.extend(defenses)
         components.extend(extra)
         for component in components:
             params["train_dataset"] = component.prepare_dataset(params.get("train_dataset"), training_args)
@@ -280,7 +353,13 @@ class SafetySFTTrainer(SFTTrainer):
             callbacks.append(RefusalEvalCallback(safety_evaluator, eval_steps, trainer=self))
         params["callbacks"] = callbacks or None
         try:
-            super().__init__(**params)
+            try:
+                super().__init__(**params)
+            except Exception as err:
+                # TRL may have resized the model before failing on the mask (a SET adapter on lm_head): say why
+                _check_mask_after_trl(self.safety_mask, params.get("model"), training_args, components, cause=err)
+                raise
+            _check_mask_after_trl(self.safety_mask, self.model, training_args, components)
         except BaseException:
             for component in components:
                 component.remove()
@@ -290,6 +369,30 @@ class SafetySFTTrainer(SFTTrainer):
                 training_args.model_init_kwargs = restore_init_kwargs
         for component in components:
             component.on_wrapped(self.model)
+        for component in components:
+            component.prepare_batches(self._protection_loader)
+
+    def _protection_loader(self, rows: Any, *, name: str, seed: int):
+        """The ``make_loader`` of `Protection.prepare_batches`: ``rows`` (a list of dicts or a ``datasets.Dataset``
+        in the training set's format) prepared as the training set is (TRL's ``_prepare_dataset`` with the same
+        processing class and options, unless ``skip_prepare_dataset``), collated by the trainer's collator at the
+        per-device batch size, in a random order drawn from ``seed`` (a generator of its own: the training set's
+        order and every other random stream are untouched), through ``accelerator.prepare`` (each process gets its
+        share under DDP)."""
+        from datasets import Dataset
+        from torch.utils.data import RandomSampler
+
+        dataset = rows if isinstance(rows, Dataset) else Dataset.from_list(list(rows))
+        if not getattr(self, "_skip_prepare_dataset", False):
+            dataset = self._prepare_dataset(dataset, self.processing_class, self.args, self.args.packing, None, name)
+        generator = torch.Generator().manual_seed(int(seed))
+        return self._get_dataloader(
+            dataset=dataset,
+            description=name,
+            batch_size=self._train_batch_size,
+            sampler_fn=lambda ds: RandomSampler(ds, generator=generator),
+            is_training=True,
+        )
 
     @property
     def freezer(self) -> Freezer | None:
@@ -319,10 +422,22 @@ class SafetySFTTrainer(SFTTrainer):
         extras = [e for e in (c.extra_loss(model, inputs) for c in self.protections) if e is not None]
         if not extras:
             return result
+        extra = sum(extras)
+        # each term is at the scale of one micro-batch's loss: when the loss is already normalised over the whole
+        # accumulated batch (num_items_in_batch), Trainer.training_step does not divide it by the accumulation steps,
+        # so the terms are divided here (as TRL does for the MoE aux loss); otherwise training_step divides the sum
+        if self.loss_is_scaled_for_ga is not None:
+            scaled_for_ga = self.loss_is_scaled_for_ga
+        else:
+            scaled_for_ga = (
+                self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            ) or self.compute_loss_func is not None
+        if scaled_for_ga:
+            extra = extra / self.current_gradient_accumulation_steps
         if return_outputs:
             loss, outputs = result
-            return loss + sum(extras), outputs
-        return result + sum(extras)
+            return loss + extra, outputs
+        return result + extra
 
     def _clip_grad_norm(self, model):
         for component in self.protections:

@@ -6,11 +6,15 @@
 
 Shared by both: ``_layout`` (storage kinds and the one check of an adapter's ``mask_layout`` and index tensors),
 ``provenance`` (base-model fingerprints and Hub id, weights digest), ``peft_type`` (the type names) and
-``_registration`` (the one place that writes into PEFT's tables). Importing this package registers both types.
+``_registration`` (the one place that writes into PEFT's tables), ``_mixing`` (one PEFT type per model),
+``_load_check`` (the load checks for loaders that bypass PEFT's hook). `detect_adapter_type` says what an adapter
+folder's weights file holds, whatever its ``adapter_config.json`` says (`check_adapter_type` compares the two).
+Importing this package registers both types.
 """
 
 from __future__ import annotations
 
+from ..mask.adapter_files import check_adapter_type, detect_adapter_type
 from . import _registration  # noqa: F401  (registers the SAFETY and SAFETY_LORA types)
 from .peft_type import SafetyPeftType
 from .safety import SafetyConfig, SafetyLayer, SafetyLinear, SafetyModel
@@ -31,6 +35,8 @@ __all__ = [
     "SafetyLoraModel",
     "SafetyModel",
     "SafetyPeftType",
+    "check_adapter_type",
     "check_masked_lora_model",
+    "detect_adapter_type",
     "get_masked_lora_model",
 ]

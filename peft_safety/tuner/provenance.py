@@ -70,6 +70,7 @@ __all__ = [
     "base_model_reference",
     "check_base",
     "check_base_fingerprints",
+    "adapter_file",
     "check_weights_digest",
     "digest_of_folder",
     "fingerprint_base",
@@ -77,6 +78,7 @@ __all__ = [
     "mask_attribute",
     "override_policy",
     "record_base",
+    "refuse_file_mask",
     "state_dict_digest",
 ]
 
@@ -374,11 +376,40 @@ def check_weights_digest(config: Any, state_dict: Mapping[str, torch.Tensor], wh
     got = state_dict_digest(state_dict)
     if got != digest:
         raise ValueError(
-            f"{what}'s adapter_config.json and its weights do not belong together (weights digest {got}, the config "
-            f"records {digest}): a save was probably interrupted after writing the weights and before writing the "
-            "config. Save the adapter again (or restore both files from the same save)."
+            f"{what}'s {adapter_file(config, 'adapter_config.json')} and its weights "
+            f"({adapter_file(config, 'adapter_model.safetensors')}) do not belong together (weights digest {got}, the "
+            f"config records {digest}): a save was probably interrupted after writing the weights and before writing "
+            "the config, or one of the files was edited by hand. Save the adapter again (or restore both files from "
+            "the same save)."
         )
     config.weights_digest = None
+
+
+def adapter_file(config: Any, filename: str) -> str:
+    """``<folder>/<filename>`` when ``config`` was read from a folder (``<Config>.from_pretrained``, which every PEFT
+    loader calls), else ``filename``: how load errors name the file they are about."""
+    folder = getattr(config, "__dict__", {}).get("_loaded_from")
+    return os.path.join(folder, filename) if folder else filename
+
+
+def refuse_file_mask(config: Any, mask: Any) -> None:
+    """A config built from ``adapter_config.json`` (PEFT passes the file's ``peft_type`` on, which a config built in
+    code never needs) must not take its mask from the file: such a mask would replace the saved layout and turn the
+    load into a creation that records the base instead of checking it.
+
+    Raises:
+        ValueError: ``mask`` is a JSON value (not a `SafetyMask`) and ``peft_type`` was given.
+    """
+    from ..mask import SafetyMask
+
+    if mask is None or isinstance(mask, SafetyMask) or config.peft_type is None:
+        return
+    raise ValueError(
+        f"{type(config).__name__} was given mask={mask!r} together with peft_type={config.peft_type!r}, as "
+        "adapter_config.json would: a saved adapter never stores its mask there (its weights file holds the indices), "
+        "and a mask named by the file would skip the base-model check. Remove the 'mask' key from the file (or, in "
+        "code, pass mask= without peft_type=)."
+    )
 
 
 def record_base(config: Any, model: nn.Module, names: Iterable[str]) -> None:
@@ -510,7 +541,24 @@ class ProvenanceConfigMixin:
         check_fingerprint_policy(policy)
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)  # type: ignore[misc]
         config.fingerprint_check = policy
+        folder = os.fspath(pretrained_model_name_or_path)
+        # where the config was read from: named by every load error about this adapter's files (never saved)
+        config.__dict__["_loaded_from"] = os.path.join(folder, subfolder) if subfolder else folder
         return config
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict[str, Any]:
+        """Read ``adapter_config.json``; a ``"mask"`` key is refused (a saved adapter never stores its mask there, and
+        a mask named by the file would replace the saved layout and skip the base-fingerprint check)."""
+        loaded = super().from_json_file(path_json_file, **kwargs)  # type: ignore[misc]
+        if isinstance(loaded, dict) and "mask" in loaded:
+            raise ValueError(
+                f"{path_json_file} has a 'mask' key ({loaded['mask']!r}). A saved adapter never stores its mask in "
+                "adapter_config.json (the indices live in its weights file and mask_layout describes them), and a "
+                "mask named by the file would replace what was saved and skip the base-model check. The file was "
+                "edited by hand: remove the key, or save the adapter again."
+            )
+        return loaded
 
 
 def mask_attribute(config_name: str, on_set: Callable[[Any, Any], None]) -> property:

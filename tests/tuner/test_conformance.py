@@ -65,6 +65,14 @@ GRANULARITIES = {
         "model.layers.0.self_attn.o_proj.weight": Head(head_dim=8, axis=1),
         "model.layers.1.mlp.gate_proj.weight": Layer(),
     },
+    # TRL's default path: LoraConfig() targets q_proj and v_proj only; the mask also covers modules LoRA never adapts
+    "trl_default": {
+        "model.layers.0.self_attn.q_proj.weight": Weight(),
+        "model.layers.1.self_attn.v_proj.weight": Neuron(axis=0),
+        "model.layers.0.mlp.down_proj.weight": Neuron(axis=1),
+        "model.layers.1.mlp.up_proj.weight": Weight(),
+        "model.layers.0.mlp.gate_proj.weight": Layer(),
+    },
 }
 IDS = torch.arange(3, 27).view(2, 12)
 
@@ -206,8 +214,22 @@ class SafetyLoraTester:
             layer.lora_B["default"].weight.fill_(float("nan"))
 
 
-TESTERS = {"SAFETY": SetTester, "SAFETY_LORA": SafetyLoraTester}
-CASES = [(t, k) for t in TESTERS for k in GRANULARITIES]
+class SafetyLoraDefaultTargetsTester(SafetyLoraTester):
+    """``SAFETY_LORA`` built from ``LoraConfig()`` without ``target_modules`` (PEFT's defaults for Llama: q_proj and
+    v_proj), as TRL's default path does: mask entries in modules LoRA does not adapt need no mask in the adapter."""
+
+    @staticmethod
+    def config(mask, **kwargs):
+        return SafetyLoraConfig.from_lora_config(LoraConfig(r=4, lora_alpha=8, **kwargs), mask)
+
+
+TESTERS = {
+    "SAFETY": SetTester,
+    "SAFETY_LORA": SafetyLoraTester,
+    "SAFETY_LORA_DEFAULT_TARGETS": SafetyLoraDefaultTargetsTester,
+}
+CASES = [(t, k) for t in ("SAFETY", "SAFETY_LORA") for k in GRANULARITIES if k != "trl_default"]
+CASES += [("SAFETY_LORA_DEFAULT_TARGETS", "trl_default")]
 pytestmark = pytest.mark.parametrize(("adapter_type", "kind"), CASES, ids=[f"{t}-{k}" for t, k in CASES])
 
 
@@ -458,6 +480,111 @@ def test_mixed_batch_inference(case):
     assert not torch.allclose(single["default"][0], single["other"][0], atol=1e-3)
 
 
+def test_refused_mixed_batch_leaves_the_model_as_it_was(case, tmp_path):
+    """A mixed-batch call the model refuses (SET: always; masked LoRA: a batch of another length, or merged adapters)
+    leaves no hook behind: every later call, plain or mixed, and the generic checks behave as before."""
+    peft_model, mask = case.build()
+    peft_model.add_adapter("other", case.tester.config(case.mask(seed=5)))
+    case.tester.randomise_(peft_model, "other", seed=9)
+    peft_model.eval()
+    before = logits(peft_model)
+    refusals = [(["default", "other"], "Mixed-batch inference")]
+    if case.tester.mixed_batch == "supported":
+        refusals = [(["default", "other", "__base__"], "Length of `adapter_names`")]
+    for names, message in refusals:
+        with pytest.raises(ValueError, match=message):
+            peft_model(IDS, adapter_names=names)
+        assert not any(m._forward_pre_hooks for m in peft_model.modules())
+        assert torch.equal(logits(peft_model), before)
+    if case.tester.mixed_batch == "supported":
+        with torch.no_grad():
+            mixed = peft_model(IDS, adapter_names=["other", "default"]).logits  # mixed batches still work
+            peft_model.set_adapter("other")
+            torch.testing.assert_close(mixed[0], logits(peft_model)[0], rtol=1e-6, atol=1e-6)
+            peft_model.set_adapter("default")
+    case.assert_like_reference(peft_model, {"default": mask})
+    case.assert_update_exact(peft_model, mask)
+    with peft_model.disable_adapter():
+        assert torch.equal(logits(peft_model), base_logits())
+    peft_model.save_pretrained(tmp_path)
+    assert torch.equal(logits(PeftModel.from_pretrained(tiny_llama(seed=0), tmp_path)), logits(peft_model))
+    if case.tester.mixed_batch == "supported":  # refused inside the layers, after PEFT installed its hooks
+        with torch.no_grad():
+            peft_model.merge_adapter()
+            with pytest.raises(ValueError, match="merged adapters"):
+                peft_model(IDS, adapter_names=["default", "other"])
+            assert not any(m._forward_pre_hooks for m in peft_model.modules())
+            peft_model.unmerge_adapter()
+            torch.testing.assert_close(logits(peft_model), before, rtol=1e-5, atol=1e-5)
+
+
+# ---- add_weighted_adapter --------------------------------------------------------------------------------------------
+
+
+def _mask_union(first, second):
+    """The union of two masks of one case (same granularity per parameter), as dense tensors per parameter."""
+    return {
+        n: first.to_dense(n) | second.to_dense(n) if n in second.names else first.to_dense(n) for n in first.names
+    } | {n: second.to_dense(n) for n in second.names if n not in first.names}
+
+
+@pytest.mark.parametrize("combination_type", ["cat", "svd", "linear"])
+def test_add_weighted_adapter_protects_the_union_of_the_masks(case, tmp_path, combination_type):
+    """Masked LoRA: the combination's update is exactly zero on every entry either adapter protects, and "cat" gives
+    the weighted sum of the two adapters' updates elsewhere (fp64 reference from the source factors). SET: refused."""
+    peft_model, mask = case.build()
+    other_mask = case.mask(seed=5)
+    peft_model.add_adapter("other", case.tester.config(other_mask))
+    case.tester.randomise_(peft_model, "other", seed=9)
+    weights = {"default": 0.7, "other": -0.4}
+    if case.tester is SetTester:
+        with pytest.raises(NotImplementedError, match="not available for SAFETY"):
+            peft_model.add_weighted_adapter(list(weights), list(weights.values()), "combined")
+        return
+    layers = case.tester.layers(peft_model)
+    expected = {}
+    for key, layer in layers.items():
+        total = torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64)
+        for adapter, w in weights.items():
+            if adapter in layer.lora_A:
+                a, b = layer.lora_A[adapter].weight.double(), layer.lora_B[adapter].weight.double()
+                total += w * float(layer.scaling[adapter]) * (b @ a)
+        expected[key] = total
+    union = _mask_union(mask, other_mask)
+    peft_model.add_weighted_adapter(
+        list(weights), list(weights.values()), "combined", combination_type=combination_type
+    )
+    peft_model.set_adapter("combined")
+    checked = 0
+    for key, layer in case.tester.layers(peft_model).items():
+        if "combined" not in layer.lora_A:
+            continue
+        got = identity_update(layer).double()
+        protected = union.get(f"{key}.weight")
+        if protected is not None:
+            assert int(torch.count_nonzero(got[protected])) == 0, f"{key}: protected entries moved"
+            checked += int(protected.sum())
+            if combination_type == "cat":
+                want = expected[key].masked_fill(protected, 0.0)
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        elif combination_type == "cat":
+            torch.testing.assert_close(got, expected[key], rtol=1e-5, atol=1e-6)
+    assert checked > 0 or case.kind == "layer"
+    for name in union:  # the combination never adapts a module either adapter leaves out
+        key = name.rpartition(".")[0]
+        if isinstance(mask.granularity_of(name) if name in mask.names else other_mask.granularity_of(name), Layer):
+            assert "combined" not in getattr(case.tester.layers(peft_model).get(key), "lora_A", {})
+    combined = logits(peft_model)
+    peft_model.save_pretrained(tmp_path, selected_adapters=["combined"])
+    loaded = PeftModel.from_pretrained(tiny_llama(seed=0), tmp_path / "combined")
+    # the same tensors (PEFT's SVD leaves non-contiguous factors, so the matmuls may round differently)
+    torch.testing.assert_close(logits(loaded), combined, rtol=1e-6, atol=1e-6)
+    for key, layer in case.tester.layers(loaded).items():  # the union mask was saved and restored
+        protected = union.get(f"{key}.weight")
+        if protected is not None:
+            assert int(torch.count_nonzero(identity_update(layer)[protected])) == 0, key
+
+
 # ---- dtype -----------------------------------------------------------------------------------------------------------
 
 
@@ -517,7 +644,7 @@ def test_other_peft_types_are_refused(case):
     with pytest.raises(ValueError, match="Cannot combine adapters with different peft types"):
         peft_model.add_adapter("plain", LoraConfig(target_modules=["v_proj"]))
     # SafetyLoraModel refuses it too on paths that bypass PEFT's type check
-    if case.tester is SafetyLoraTester:
+    if issubclass(case.tester, SafetyLoraTester):
         with pytest.raises(TypeError, match="SafetyLoraConfig adapters only"):
             peft_model.base_model._check_new_adapter_config(LoraConfig(target_modules=["v_proj"]))
 

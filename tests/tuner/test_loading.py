@@ -354,7 +354,7 @@ def test_tensors_of_a_module_the_layout_lacks_are_refused(saved, base_dir, tmp_p
 def test_missing_index_tensor(saved, base_dir, tmp_path, adapter_type):
     key = FORMATS[adapter_type].index_key(Q)
     folder = copy_of(saved, adapter_type, tmp_path, edit_weights=lambda w: w.pop(key))
-    fragment = rf"{Q}\.safety_indices.*missing" if adapter_type == "SAFETY" else rf"no mask tensor for \['{Q}'\]"
+    fragment = rf"{Q}\.(safety_indices|lora_safety_entries)"
     with pytest.raises(ValueError, match=fragment):
         PeftModel.from_pretrained(base(base_dir), folder)
 
@@ -374,7 +374,7 @@ def test_masked_lora_extra_mask_tensor_is_refused(saved, base_dir, tmp_path):
         tmp_path,
         edit_weights=lambda w: w.__setitem__(extra, torch.tensor([1], dtype=torch.int32)),
     )
-    with pytest.raises(ValueError, match="does not list"):
+    with pytest.raises(ValueError, match=rf"lora_safety_rows for module '{UP}'.*places no adapter there"):
         PeftModel.from_pretrained(base(base_dir), folder)
 
 
@@ -502,3 +502,192 @@ def test_set_load_keeps_parameter_objects_when_shapes_agree(random_mask):
     before = {n: id(p) for n, p in peft_model.named_parameters() if p.requires_grad}
     set_peft_model_state_dict(peft_model, state)
     assert before == {n: id(p) for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+# ---- every loader: PEFT's, AutoPeftModel, transformers' load_adapter (no PEFT load hook), PeftModel.load_adapter ----
+
+
+def _forward(model):
+    with torch.no_grad():
+        model(IDS)  # transformers' load_adapter bypasses PEFT's load hook: its checks run on the first forward
+    return model
+
+
+def every_loader(folder, make_base, first_folder, **first_kwargs) -> dict:
+    """``{loader: load}``: each loads ``folder`` onto ``make_base()`` (AutoPeftModel: onto the base the folder names)
+    and runs a forward. ``PeftModel.load_adapter`` loads it as a second adapter next to ``first_folder``."""
+
+    def transformers_load_adapter():
+        model = make_base()
+        model.load_adapter(str(folder))
+        return _forward(model)
+
+    def peft_load_adapter():
+        model = PeftModel.from_pretrained(make_base(), first_folder, **first_kwargs)
+        model.load_adapter(folder, adapter_name="second")
+        model.set_adapter("second")
+        return _forward(model)
+
+    return {
+        "PeftModel.from_pretrained": lambda: _forward(PeftModel.from_pretrained(make_base(), folder)),
+        "AutoPeftModelForCausalLM": lambda: _forward(AutoPeftModelForCausalLM.from_pretrained(folder)),
+        "transformers load_adapter": transformers_load_adapter,
+        "PeftModel.load_adapter": peft_load_adapter,
+    }
+
+
+def assert_every_loader_refuses(loaders: dict, fragment: str, tf_fragment: str | None = None) -> None:
+    for name, load in loaders.items():
+        wanted = tf_fragment if (tf_fragment and name == "transformers load_adapter") else fragment
+        with pytest.raises(ValueError, match=wanted):
+            load()
+
+
+def redigest(cfg, folder):
+    from peft_safety.tuner.provenance import digest_of_folder
+
+    cfg["weights_digest"] = digest_of_folder(folder)
+
+
+def copy_redigested(saved, adapter_type, tmp_path, edit_weights):
+    """A copy whose weights are edited and whose config records their new digest (a consistent, hand-made folder)."""
+    folder = copy_of(saved, adapter_type, tmp_path, edit_weights=edit_weights)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    redigest(cfg, folder)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@TYPES
+def test_every_loader_accepts_the_saved_adapter(saved, base_dir, adapter_type):
+    folder = saved[adapter_type][0]
+    for load in every_loader(folder, lambda: base(base_dir), folder).values():
+        check_loaded(load(), adapter_type, saved)
+
+
+@TYPES
+def test_a_policy_written_into_the_file_is_ignored_by_every_loader(saved, base_dir, tmp_path, adapter_type):
+    """The fingerprint policy is the loader's choice: a value added to adapter_config.json, under any spelling, is
+    not read by any loader, and the adapter is refused on another base."""
+    other_dir = tmp_path / "other-base"
+    other = base(base_dir)
+    with torch.no_grad():
+        other.get_parameter(f"{Q}.weight").mul_(-3)
+    other.save_pretrained(other_dir)
+
+    def edit(cfg):
+        cfg.update(fingerprint_check="ignore", base_fingerprint_check="ignore", _fingerprint_check="ignore")
+        cfg["base_model_name_or_path"] = str(other_dir)  # what AutoPeftModelForCausalLM loads
+
+    folder = copy_of(saved, adapter_type, tmp_path, edit_config=edit)
+    loaders = every_loader(
+        folder,
+        lambda: AutoModelForCausalLM.from_pretrained(other_dir),
+        saved[adapter_type][0],
+        fingerprint_check="ignore",
+    )
+    assert_every_loader_refuses(loaders, rf"other base weights.*{Q}\.weight")
+
+
+@TYPES
+def test_a_mask_named_in_the_file_is_refused_by_every_loader(saved, base_dir, tmp_path, adapter_type):
+    """A 'mask' key would replace the saved layout and turn the load into a creation (base recorded, not checked):
+    refused on every loader, before anything is built."""
+    mask_dir = tmp_path / "mask"
+    saved[adapter_type][1].save_pretrained(mask_dir)
+    folder = copy_of(saved, adapter_type, tmp_path, edit_config=lambda c: c.update(mask=str(mask_dir)))
+    assert_every_loader_refuses(
+        every_loader(folder, lambda: base(base_dir), saved[adapter_type][0]),
+        r"has a 'mask' key|mask=.* together with peft_type=",  # PeftConfig.from_pretrained: AutoPeft, transformers
+    )
+
+
+NON_FINITE = {
+    "SAFETY-values": ("SAFETY", f"{PREFIX}{V}.safety_values", rf"{V}\.safety_values.*NaN or infinite"),
+    "SAFETY_LORA-lora_B": ("SAFETY_LORA", f"{PREFIX}{Q}.lora_B.weight", rf"{Q}\.lora_B\.weight.*NaN or infinite"),
+    "SAFETY_LORA-lora_A": (
+        "SAFETY_LORA",
+        f"{PREFIX}{DOWN}.lora_A.weight",
+        rf"{DOWN}\.lora_A\.weight.*NaN or infinite",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(NON_FINITE))
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_weights_are_refused_by_every_loader(saved, base_dir, tmp_path, case, value):
+    adapter_type, key, fragment = NON_FINITE[case]
+
+    def edit(w):
+        w[key] = w[key].clone()
+        w[key].view(-1)[1] = value
+
+    folder = copy_redigested(saved, adapter_type, tmp_path, edit)
+    assert_every_loader_refuses(every_loader(folder, lambda: base(base_dir), saved[adapter_type][0]), fragment)
+
+
+@TYPES
+def test_a_missing_tensor_is_refused_by_every_loader(saved, base_dir, tmp_path, adapter_type):
+    """A weights file without one of the declared tensors (digest recomputed, so only the structure check can see it):
+    the layer would keep its random initialisation or placeholder."""
+    key = f"{PREFIX}{DOWN}.safety_values" if adapter_type == "SAFETY" else f"{PREFIX}{DOWN}.lora_A.weight"
+    folder = copy_redigested(saved, adapter_type, tmp_path, lambda w: w.pop(key))
+    attr = "safety_values" if adapter_type == "SAFETY" else r"lora_A\.weight"
+    assert_every_loader_refuses(
+        every_loader(folder, lambda: base(base_dir), saved[adapter_type][0]), rf"{DOWN}\.{attr}.*placeholder"
+    )
+
+
+def test_a_config_that_drops_a_trained_module_from_target_modules_is_refused_by_every_loader(
+    saved, base_dir, tmp_path
+):
+    """The module's LoRA weights and mask are in the file, but the config no longer places an adapter there: loading
+    would drop them silently. PEFT's loaders name the module; transformers' (no load hook) sees the weights digest."""
+
+    def edit(cfg):
+        cfg["target_modules"] = [t for t in cfg["target_modules"] if t != DOWN]
+
+    folder = copy_of(saved, "SAFETY_LORA", tmp_path, edit_config=edit)
+    assert_every_loader_refuses(
+        every_loader(folder, lambda: base(base_dir), saved["SAFETY_LORA"][0]),
+        rf"holds lora_A\.weight, lora_B\.weight, lora_safety_cols for module '{DOWN}'.*places no adapter there",
+        tf_fragment="do not belong together",
+    )
+
+
+@TYPES
+def test_a_config_that_drops_a_module_from_the_layout_is_refused_by_every_loader(
+    saved, base_dir, tmp_path, adapter_type
+):
+    folder = copy_of(saved, adapter_type, tmp_path, edit_config=lambda c: c["mask_layout"].pop(DOWN))
+    fragment = rf"{DOWN}.*mask_layout does not list" if adapter_type == "SAFETY" else rf"'{DOWN}'.*does not list"
+    assert_every_loader_refuses(
+        every_loader(folder, lambda: base(base_dir), saved[adapter_type][0]), fragment, "do not belong together"
+    )
+
+
+@TYPES
+def test_every_loader_with_trainable_tokens_and_modules_to_save(base_dir, tmp_path, adapter_type):
+    """PEFT's other adapter tensors (trainable tokens, a module saved whole) travel with ours: the checks look at
+    LoRA's and SET's tensors only, and every loader restores the adapter exactly."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    mask = make_mask(model)
+    extra = {"trainable_token_indices": [5, 9], "modules_to_save": ["lm_head"]}
+    if adapter_type == "SAFETY":
+        config = SafetyConfig(mask=mask, init_weights=False, **extra)
+    else:
+        from peft import LoraConfig
+
+        config = SafetyLoraConfig.from_lora_config(LoraConfig(r=4, target_modules="all-linear", **extra), mask)
+    peft_model = get_peft_model(model, config)
+    if adapter_type == "SAFETY_LORA":
+        randomise_lora_(peft_model, std=0.3)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "trainable_tokens_delta" in name or "modules_to_save" in name:
+                p.add_(0.1)
+        ref = peft_model(IDS).logits
+    peft_model.save_pretrained(tmp_path)
+    for name, load in every_loader(tmp_path, lambda: base(base_dir), tmp_path).items():
+        with torch.no_grad():
+            assert torch.equal(load()(IDS).logits, ref), name

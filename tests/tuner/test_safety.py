@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from peft_safety.mask import Head, Layer, Neuron, SafetyMask, Weight
 from peft_safety.testing import tiny_llama, tiny_qwen2_moe
 from peft_safety.tuner import SafetyConfig, SafetyLinear
-from peft_safety.tuner.safety.layer import _SparseDeltaLinear, sampled_matmul
+from peft_safety.tuner._sparse import EntryPattern
+from peft_safety.tuner.safety.layer import _FoldedDeltaLinear, _SparseDelta, sampled_matmul
 
 LLAMA_GRANULARITY = {
     "model.layers.0.self_attn.q_proj.weight": Weight(),
@@ -178,45 +179,70 @@ def test_half_precision_merge_reports_rounded_away_deltas():
 # ---- gradients --------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("method", ["sampled", "dense"])
-def test_sparse_delta_gradients_match_autograd(method):
+def test_sparse_delta_gradients_match_autograd(method, fold):
     torch.manual_seed(0)
     weight = torch.randn(12, 9)
+    before = weight.clone()
     idx = torch.tensor([0, 5, 17, 40, 41, 99, 107], dtype=torch.int32)
+    pattern = EntryPattern(idx, 12, 9)
     values = torch.randn(idx.numel(), requires_grad=True)
     x = torch.randn(3, 4, 9, requires_grad=True)
-    y = _SparseDeltaLinear.apply(x, values, idx, weight, 12, 9, method)
+    if fold:
+        y = _FoldedDeltaLinear.apply(x, values, weight, pattern, method)
+    else:
+        y = x @ weight.t() + _SparseDelta.apply(x, values, pattern, method)
     grad_out = torch.randn_like(y)
     gx, gv = torch.autograd.grad(y, (x, values), grad_out)
+    assert torch.equal(weight, before)  # a fold is written back bit-exactly
 
+    # reference: a naive loop places the deltas, plain autograd differentiates
     values_ref = values.detach().clone().requires_grad_(True)
     x_ref = x.detach().clone().requires_grad_(True)
-    dense = weight.reshape(-1).index_add(0, idx.long(), values_ref).view(12, 9)
-    y_ref = x_ref @ dense.t()
+    delta = torch.zeros(12, 9)
+    for k, flat in enumerate(idx.tolist()):
+        delta = delta + torch.nn.functional.one_hot(torch.tensor(flat), 12 * 9).view(12, 9) * values_ref[k]
+    y_ref = x_ref @ (weight + delta).t()
     gx_ref, gv_ref = torch.autograd.grad(y_ref, (x_ref, values_ref), grad_out)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(gx, gx_ref)
     torch.testing.assert_close(gv, gv_ref)
 
 
+def test_sparse_delta_passes_gradcheck():
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.tensor([1, 4, 6, 13, 19], dtype=torch.int32)
+    pattern = EntryPattern(idx, 4, 5)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    values = torch.randn(5, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(4, 5, dtype=torch.float64, generator=gen)
+    assert torch.autograd.gradcheck(lambda x, v: _SparseDelta.apply(x, v, pattern, "sampled"), (x, values))
+    assert torch.autograd.gradcheck(
+        lambda x, v: _FoldedDeltaLinear.apply(x, v, weight, pattern, "sampled"), (x, values)
+    )
+
+
 def test_sampled_matmul_chunks_agree_with_dense(monkeypatch):
-    import peft_safety.tuner.safety.layer as layer
+    import peft_safety.tuner._sparse as sparse
 
     torch.manual_seed(1)
     g, x = torch.randn(7, 10), torch.randn(7, 6)
     idx = torch.tensor([1, 2, 13, 30, 59], dtype=torch.int32)
-    monkeypatch.setattr(layer, "_SDDMM_CHUNK_ELEMENTS", 14)  # two entries per chunk
+    monkeypatch.setattr(sparse, "_GATHER_CHUNK_ELEMENTS", 14)  # two entries per chunk
     expected = (g.t() @ x).reshape(-1)[idx.long()]
     torch.testing.assert_close(sampled_matmul(g, x, idx, 6), expected)  # sampled_addmm path (fp32)
-    rows, cols = idx.long() // 6, idx.long() % 6
-    torch.testing.assert_close(layer._gather_sddmm(g, x, rows, cols), expected)  # chunked gather fallback
+    pattern = EntryPattern(idx, 10, 6)
+    torch.testing.assert_close(pattern._gather_sample(g.t(), x.t()), expected)  # chunked gather fallback
     got_bf16 = sampled_matmul(g.bfloat16(), x.bfloat16(), idx, 6)  # no sparse kernel: gather, fp32 accumulation
+    assert got_bf16.dtype == torch.float32
     torch.testing.assert_close(got_bf16, expected, rtol=2e-2, atol=5e-2)
 
 
 def test_merged_weight_not_saved_for_backward():
     weight = torch.randn(64, 64)
     idx = torch.arange(0, 4096, 97, dtype=torch.int32)
+    pattern = EntryPattern(idx, 64, 64)
     values = torch.zeros(idx.numel(), requires_grad=True)
     x = torch.randn(5, 64)
     saved = []
@@ -226,9 +252,10 @@ def test_merged_weight_not_saved_for_backward():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _SparseDeltaLinear.apply(x, values, idx, weight, 64, 64, "sampled").sum()
-    # only x, the values, the indices and the (frozen, shared) base weight itself are kept
-    assert all(t.numel() < weight.numel() or t.data_ptr() == weight.data_ptr() for t in saved)
+        _FoldedDeltaLinear.apply(x, values, weight, pattern, "sampled").sum()
+        _SparseDelta.apply(x, values, pattern, "sampled").sum()
+    # only x and the values are kept (the frozen base weight is referenced, never copied)
+    assert saved and all(t.numel() < weight.numel() for t in saved)
 
 
 # ---- training invariants ---------------------------------------------------------------------------------------------
@@ -321,7 +348,7 @@ def test_mixed_set_and_lora_alternative(random_mask, tokens):
 
     mask = random_mask(tiny_llama(seed=0), {"model.layers.0.self_attn.q_proj.weight": Weight()})
     lora = inject_adapter_in_model(LoraConfig(target_modules=["q_proj"]), tiny_llama(seed=0))
-    with pytest.raises(TypeError, match=r"merge_and_unload\(\)"):
+    with pytest.raises(ValueError, match=r"already carries adapter 'default' of PEFT type LORA.*merge_and_unload\(\)"):
         inject_adapter_in_model(SafetyConfig(mask=mask), lora)
     set_model = get_peft_model(tiny_llama(seed=0), SafetyConfig(mask=mask, init_weights=False))
     with torch.no_grad():

@@ -205,7 +205,8 @@ def test_reloaded_plain_peft_of_row_mask_is_still_exact(tmp_path, random_mask, l
     assert_protected(plain.merge_and_unload(), base, mask)
 
 
-# --- Weight() masks: dense (default, bit-exact) and sparse (opt-in) paths, against fp64 references ----------------
+# --- Weight() masks: sparse ("auto"'s choice on CPU at low density, the default) and dense (bit-exact forward) ----
+# (the fast path's exactness against explicit dense references: test_fast_paths.py)
 
 
 def entry_layers(peft_model):
@@ -251,14 +252,17 @@ def fp64_reference(layer, x, dense, dropout_seed=None, grad_dtype=torch.float32)
     return y.detach(), (x64.grad, a.grad, b.grad)
 
 
-def test_default_path_is_dense_and_bit_exact(random_mask, lora_config):
+def test_default_is_auto_and_dense_is_bit_exact(random_mask, lora_config):
     model = tiny_llama(seed=0)
     mask = random_mask(model, GRANULARITIES["weight"], fraction=0.05)
     peft_model = get_masked_lora_model(model, lora_config(), mask)
-    assert peft_model.peft_config["default"].entries_method == "dense"
-    assert {m.entries_path("default") for m in entry_layers(peft_model)} == {"dense"}
-    randomise_lora_(peft_model)
-    assert assert_effective_update_exact(peft_model, mask) == int(mask.numel())
+    assert peft_model.peft_config["default"].entries_method == "auto"
+    assert SafetyLoraConfig(r=4, mask=mask).entries_method == "auto"
+    assert {m.entries_path("default") for m in entry_layers(peft_model)} == {"sparse"}  # CPU, 5% density
+    dense = get_masked_lora_model(tiny_llama(seed=0), lora_config(), mask, entries_method="dense")
+    assert {m.entries_path("default") for m in entry_layers(dense)} == {"dense"}
+    randomise_lora_(dense)
+    assert assert_effective_update_exact(dense, mask) == int(mask.numel())
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
@@ -287,7 +291,7 @@ def test_each_path_matches_fp64_reference_forward_and_gradients(method, dropout,
 
 
 def test_sparse_path_is_exact_only_up_to_rounding(random_mask, lora_config):
-    # documented: the opt-in sparse path subtracts two differently rounded products on the masked entries
+    # documented: the sparse path subtracts two differently rounded products on the masked entries
     model = tiny_llama(seed=0)
     mask = random_mask(model, GRANULARITIES["weight"], fraction=0.05)
     peft_model = get_masked_lora_model(model, lora_config(), mask, entries_method="sparse")
@@ -302,22 +306,24 @@ def test_sparse_path_is_exact_only_up_to_rounding(random_mask, lora_config):
     assert residue < 1e-5
 
 
-def test_sparse_correction_backward_passes_gradcheck():
-    from peft_safety.tuner.safety_lora.variant import _EntryPattern, _MaskedEntryCorrection
+def test_sparse_masked_lora_backward_passes_gradcheck():
+    from peft_safety.tuner._sparse import EntryPattern
+    from peft_safety.tuner.safety_lora.variant import _MaskedFactoredLora
 
     gen = torch.Generator().manual_seed(0)
     out_f, in_f, r = 7, 5, 3
     flat = torch.randperm(out_f * in_f, generator=gen)[:9].sort().values.to(torch.int32)
-    pattern = _EntryPattern(flat, out_f, in_f)
+    pattern = EntryPattern(flat, out_f, in_f)
     x = torch.randn(2, 4, in_f, dtype=torch.float64, generator=gen, requires_grad=True)
     a = torch.randn(r, in_f, dtype=torch.float64, generator=gen, requires_grad=True)
     b = torch.randn(out_f, r, dtype=torch.float64, generator=gen, requires_grad=True)
-    fn = lambda x, a, b: _MaskedEntryCorrection.apply(x, a, b, pattern, 1.5)  # noqa: E731
+    fn = lambda x, a, b: _MaskedFactoredLora.apply(x, a, b, pattern, 1.5)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, a, b))
-    # and it is exactly what LoRA adds at the masked entries
-    dense = torch.zeros(out_f * in_f, dtype=torch.float64)
-    dense[flat.long()] = ((b @ a) * 1.5).reshape(-1)[flat.long()]
-    torch.testing.assert_close(fn(x, a, b), x @ dense.view(out_f, in_f).t())
+    # and it is LoRA's update with the masked entries removed, placed by a loop
+    masked = ((b @ a) * 1.5).detach().clone()
+    for flat_index in flat.tolist():
+        masked[flat_index // in_f, flat_index % in_f] = 0.0
+    torch.testing.assert_close(fn(x, a, b), x @ masked.t())
 
 
 def test_dense_masked_delta_backward_passes_gradcheck():
@@ -397,9 +403,9 @@ def test_auto_choice_follows_density_threshold_and_can_be_forced(lora_config):
     assert modules["base_model.model.model.layers.0.self_attn.k_proj"].entries_path("default") is None
     down.entries_method = "sparse"  # per-layer override
     assert down.entries_path("default") == "sparse"
-    default = get_masked_lora_model(tiny_llama(seed=0), lora_config(), mask)
-    assert {m.entries_path("default") for m in entry_layers(default)} == {"dense"}
-    # off the CPU "auto" is always dense (the CSR kernels are slower there, see docs/tuner.md)
+    default = get_masked_lora_model(tiny_llama(seed=0), lora_config(), mask)  # the default is "auto"
+    assert sorted(m.entries_path("default") for m in entry_layers(default)) == ["dense", "sparse"]
+    # off the CPU "auto" is always dense (unmeasured there; see docs/tuner.md)
     q.lora_A["default"].to("meta")
     assert q.entries_path("default") == "dense"
 
@@ -407,7 +413,7 @@ def test_auto_choice_follows_density_threshold_and_can_be_forced(lora_config):
 def test_bad_entries_method_refused(random_mask, lora_config, tokens):
     model = tiny_llama(seed=0)
     mask = random_mask(model, GRANULARITIES["weight"])
-    with pytest.raises(ValueError, match=r"entries_method='csr' is not valid.*'dense' \(default, bit-exact"):
+    with pytest.raises(ValueError, match=r"entries_method='csr' is not valid.*'auto' \(default.*'dense' \(bit-exact"):
         SafetyLoraConfig.from_lora_config(lora_config(), mask, entries_method="csr")
     with pytest.raises(TypeError, match="entries_method must be a string, got bool"):
         get_masked_lora_model(model, lora_config(), mask, entries_method=True)
@@ -504,9 +510,9 @@ def test_effective_update_and_merge_exact_per_dtype(kind, dtype, random_mask, lo
     model = tiny_llama(seed=0).to(dtype)
     mask = random_mask(model, GRANULARITIES[kind], fraction=0.1)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    peft_model = get_masked_lora_model(
-        model, lora_config(), mask
-    )  # default path, fp32 adapters on a low-precision base
+    # the bit-exact forward (the default sparse path is checked against its bound in test_fast_paths.py),
+    # fp32 adapters on a low-precision base
+    peft_model = get_masked_lora_model(model, lora_config(), mask, entries_method="dense")
     randomise_lora_(peft_model, std=0.1)
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
     assert assert_effective_update_exact(peft_model, mask, rtol=tol, atol=tol) > 0
@@ -719,7 +725,7 @@ def test_verify_safety_sees_an_unmasked_forward(tmp_path, monkeypatch, random_ma
 
 
 def test_trainer_bf16_autocast_on_cpu(tmp_path, random_mask):
-    # TRL's default bf16=True on CPU used to crash the sparse CSR kernels; the default dense path is exact under it
+    # TRL's default bf16=True on CPU: both paths train under it, and verify_safety holds each to its guarantee
     pytest.importorskip("trl")
     for method in ("dense", "sparse"):
         model = tiny_llama(seed=0)
@@ -727,9 +733,7 @@ def test_trainer_bf16_autocast_on_cpu(tmp_path, random_mask):
         peft_config = SafetyLoraConfig.from_lora_config(
             LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), mask, entries_method=method
         )
-        trainer = _trainer(
-            tmp_path / method, model, mask, peft_config, max_steps=2, bf16=True, safety_verify=method == "dense"
-        )
+        trainer = _trainer(tmp_path / method, model, mask, peft_config, max_steps=2, bf16=True, safety_verify=True)
         trainer.train()
         assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
         layer = lora_layers(trainer.model)[Q0]

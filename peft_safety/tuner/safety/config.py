@@ -16,7 +16,7 @@ from peft.config import PeftConfig
 from ...vocab import check_choice, check_mode
 from .._layout import SET_KINDS
 from ..peft_type import SafetyPeftType
-from ..provenance import ProvenanceConfigMixin, mask_attribute
+from ..provenance import ProvenanceConfigMixin, mask_attribute, refuse_file_mask
 
 __all__ = ["GRADIENT_METHODS", "VALUES_DTYPES", "SafetyConfig"]
 
@@ -152,6 +152,7 @@ class SafetyConfig(ProvenanceConfigMixin, PeftConfig):
     mask: InitVar[Any] = None
 
     def __post_init__(self, mask: Any) -> None:
+        refuse_file_mask(self, mask)
         super().__post_init__()
         self.peft_type = SafetyPeftType.SAFETY
         check_mode(self.mode)

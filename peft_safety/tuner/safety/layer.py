@@ -11,16 +11,22 @@ How a module's mask entries are stored depends on the storage kind (``peft_safet
 
 Forward, for an input ``x`` and frozen weight ``W``:
 
-* ``entries`` on a float32/float64 base: ``_SparseDeltaLinear``, a custom autograd function computing
-  ``x @ (W + scatter(v))ᵀ``. The merged weight is a transient buffer (one weight-sized temporary per layer during
-  forward and again during backward) that is **not** saved for backward; the value gradient is a sampled matmul
-  (SDDMM): for each index pair ``(r, c)``, ``sum_t grad_out[t, r] * x[t, c]``, computed in chunks so that the working
-  set stays bounded and no weight-sized gradient is ever built. ``gradient_method="dense"`` in the config selects the
-  documented fallback ``(grad_outᵀ x)[r, c]`` (one transient weight-sized buffer).
-* ``entries`` on a bf16/fp16 base: ``base_layer(x) + x @ scatter(v)ᵀ`` (the same function without a base weight).
+* ``entries`` on a float32/float64 base: ``_FoldedDeltaLinear``, a custom autograd function computing
+  ``x @ (W + scatter(v))ᵀ`` in one matmul of the layer's size. The delta is folded into ``W``'s own storage at its
+  ``nnz`` positions for the one matmul (forward, and again for the input gradient), and the original entries, read
+  just before, are written back right after it (also on an exception; one process-wide lock, so threads never
+  interleave folds): O(nnz) extra work and memory instead of a weight-sized copy, ``W`` bit-identical afterwards
+  (tested), autograd's version counter of ``W`` untouched. A weight that cannot be written as a flat view (a
+  non-contiguous, meta or tensor-subclass weight) gets a transient copy instead. The value gradient is a sampled
+  matmul (SDDMM): for each index pair ``(r, c)``, ``sum_t grad_out[t, r] * x[t, c]``, without any weight-sized
+  gradient (``_sparse.EntryPattern.sample``). ``gradient_method="dense"`` in the config selects the documented
+  fallback ``(grad_outᵀ x)[r, c]`` (one transient weight-sized buffer).
+* ``entries`` on a bf16/fp16 base, or under ``torch.autocast`` (which would run the folded matmul in bf16/fp16):
+  ``base_layer(x) + x @ scatter(v)ᵀ``, the delta's contribution computed sparsely
+  (``_SparseDelta``: O(nnz * tokens) in fp32, ``_sparse.EntryPattern``; no second matmul of the layer's size).
   Folding the delta into a half-precision ``W`` would round away every delta below half of ``W``'s rounding step; in
-  the separate pass the delta is rounded relative to itself, so the output equals ``(W + delta) x`` within the dtype's
-  matmul error, for one more matmul of the layer's size.
+  the separate pass the delta is rounded relative to itself, so the output and the input gradient equal
+  ``(W + delta)`` applied in fp64 within the dtype's rounding.
 * ``entries`` on a quantised base (bitsandbytes 4/8-bit): ``base_layer(x) + x @ scatter(v)ᵀ`` likewise, so the
   quantised kernel is used for the frozen part.
 * ``rows``/``cols``/``whole``: plain autograd on small tensors, ``y = base_layer(x)`` then
@@ -36,7 +42,9 @@ unmerged. Measurements of these paths are in ``docs/tuner.md`` (from ``benchmark
 
 from __future__ import annotations
 
+import threading
 import warnings
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -46,21 +54,19 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 
 from .._layout import SET_KINDS, check_indices
+from .._sparse import EntryPattern, compute_dtype
 
 __all__ = ["SafetyLayer", "SafetyLinear", "sampled_matmul", "values_shape"]
 
-# Working-set bound of the chunked sampled matmul, in elements of each gathered operand (4M fp32 = 16 MiB).
-_SDDMM_CHUNK_ELEMENTS = 1 << 22
+#: Held while an entry-wise delta is folded into a base weight in place (`_folded`): one fold at a time per process, so
+#: two threads running the same layer never see (or restore) each other's fold.
+_FOLD_LOCK = threading.Lock()
 
 
 def sampled_matmul(
     grad_out: torch.Tensor, x: torch.Tensor, flat_indices: torch.Tensor, in_features: int
 ) -> torch.Tensor:
     """Entries of ``grad_outᵀ @ x`` at the given flat positions, without forming the full product (SDDMM).
-
-    Uses ``torch.sparse.sampled_addmm`` with a CSR pattern built from the (sorted) indices where the kernel exists
-    (fp32/fp64; faster than the gather path on CPU, see ``benchmarks/set_adapter.py``), otherwise a chunked gather:
-    two ``(chunk, T)`` gathers with ``chunk * T <= 4M`` elements and one batched dot product per entry.
 
     Args:
         grad_out: ``(T, d_out)`` output gradient (tokens flattened).
@@ -69,110 +75,111 @@ def sampled_matmul(
         in_features: ``d_in``.
 
     Returns:
-        A 1-D fp32 tensor ``g`` with ``g[k] = sum_t grad_out[t, r_k] * x[t, c_k]``. Memory is O(nnz + T * chunk),
-        never O(d_out * d_in).
+        A 1-D tensor ``g`` with ``g[k] = sum_t grad_out[t, r_k] * x[t, c_k]`` (fp32 for half-precision operands).
+        Memory is O(nnz + T * chunk), never O(d_out * d_in). See `EntryPattern.sample`.
     """
-    idx = flat_indices.to(torch.int64)
-    rows = torch.div(idx, in_features, rounding_mode="floor")
-    cols = idx - rows * in_features
-    if grad_out.dtype in (torch.float32, torch.float64) and x.dtype == grad_out.dtype and idx.numel():
+    pattern = EntryPattern(flat_indices, grad_out.shape[1], in_features)
+    return pattern.sample(grad_out.t().contiguous(), x.t().contiguous())
+
+
+@contextmanager
+def _folded(weight: torch.Tensor, pattern: EntryPattern, values: torch.Tensor):
+    """``W + scatter(values)`` for the duration of the block, written into ``weight``'s storage at the ``nnz`` masked
+    positions only, then the original entries, read just before, written back (bit-exact, also on an exception);
+    yields the folded weight. Falls back to a transient weight-sized copy where ``weight`` cannot be written as a flat
+    view (a non-contiguous, meta or tensor-subclass weight)."""
+    data = weight.data  # a fresh version counter: the fold does not invalidate autograd's saved references to W
+    idx = pattern.flat
+    if not (data.is_contiguous() and type(data) is torch.Tensor and data.device.type != "meta"):
+        yield data.reshape(-1).clone().index_add_(0, idx, values.to(data.dtype)).view(data.shape)
+        return
+    flat = data.view(-1)
+    with _FOLD_LOCK:
+        saved = flat.index_select(0, idx)
         try:
-            return _sampled_addmm(grad_out, x, rows, cols, in_features).to(torch.float32)
-        except (RuntimeError, NotImplementedError):  # no kernel for this device/dtype: use the gather path
-            pass
-    return _gather_sddmm(grad_out, x, rows, cols)
+            # scatter_ with unique indices is a plain copy: each masked entry becomes exactly fl(W + v)
+            flat.scatter_(0, idx, saved + values.to(data.dtype))
+            yield data
+        finally:
+            flat.scatter_(0, idx, saved)
 
 
-def _sampled_addmm(grad_out, x, rows, cols, in_features):
-    out_features = grad_out.shape[1]
-    # Sorted flat indices are in CSR order, so the column array is `cols` as is.
-    crow = torch.zeros(out_features + 1, dtype=torch.int64, device=rows.device)
-    crow[1:] = torch.bincount(rows, minlength=out_features).cumsum(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta" and invariant-check notices
-        pattern = torch.sparse_csr_tensor(
-            crow,
-            cols,
-            torch.zeros(rows.numel(), dtype=grad_out.dtype, device=grad_out.device),
-            (out_features, in_features),
-        )
-        return torch.sparse.sampled_addmm(pattern, grad_out.t(), x, beta=0.0).values()
+class _FoldedDeltaLinear(torch.autograd.Function):
+    """``x @ (W + scatter(v))ᵀ`` in one matmul of the layer's size, for float32/float64 base weights.
 
-
-def _gather_sddmm(grad_out, x, rows, cols):
-    # Transposed, contiguous operands make each gathered row a contiguous run of T values.
-    gT = grad_out.t().contiguous()
-    xT = x.t().contiguous()
-    tokens = max(1, gT.shape[1])
-    chunk = max(1, _SDDMM_CHUNK_ELEMENTS // tokens)
-    out = torch.empty(rows.numel(), dtype=torch.float32, device=grad_out.device)
-    for start in range(0, rows.numel(), chunk):
-        stop = min(start + chunk, rows.numel())
-        a = gT.index_select(0, rows[start:stop])
-        b = xT.index_select(0, cols[start:stop])
-        # bmm of (k,1,T) x (k,T,1): one dot product per entry; low precision is upcast so sums accumulate in fp32.
-        if a.dtype in (torch.float16, torch.bfloat16):
-            a, b = a.float(), b.float()
-        out[start:stop] = torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
-    return out
-
-
-def _scatter_dense(
-    values: torch.Tensor, flat_indices: torch.Tensor, shape: tuple[int, int], base: torch.Tensor | None
-):
-    """``base + scatter(values)`` (or a zero matrix plus the scatter) as a new dense ``shape`` tensor."""
-    idx = flat_indices.to(torch.int64)
-    if base is None:
-        flat = torch.zeros(shape[0] * shape[1], dtype=values.dtype, device=values.device)
-    else:
-        flat = base.reshape(-1).clone()
-    flat.index_add_(0, idx, values.to(flat.dtype))
-    return flat.view(shape)
-
-
-class _SparseDeltaLinear(torch.autograd.Function):
-    """``x @ (W + scatter(v))ᵀ`` (or ``x @ scatter(v)ᵀ`` when ``weight`` is None) without saving the merged weight.
-
-    Saved for backward: ``x`` (which the base matmul needs anyway), ``v``, the indices and a reference to ``W``
-    (a frozen parameter: no copy). The merged weight is rebuilt in backward only when the input needs a gradient.
+    The delta is folded into ``W`` in place at its ``nnz`` positions for the one matmul and the original entries are
+    written back from a saved copy (`_folded`): O(nnz) extra work and memory instead of a weight-sized copy, and ``W``
+    is bit-identical afterwards. Backward folds again for ``grad_x = g (W + scatter(v))``; the value gradient is the
+    SDDMM ``(gᵀ x)`` at the entries (`EntryPattern.sample`), or with ``method="dense"`` the full ``gᵀ x`` gathered.
+    Saved for backward: ``x`` (which the matmul needs anyway), ``v`` and a reference to the frozen ``W`` (no copy).
     """
 
     @staticmethod
-    def forward(ctx, x, values, flat_indices, weight, out_features, in_features, method):
-        shape = (out_features, in_features)
-        dtype = weight.dtype if weight is not None else x.dtype
-        merged = _scatter_dense(values.to(dtype), flat_indices, shape, weight)
-        y = F.linear(x.to(dtype), merged)
-        del merged
-        ctx.save_for_backward(x, values, flat_indices, weight)
-        ctx.shape = shape
-        ctx.method = method
-        ctx.dtype = dtype
+    def forward(ctx, x, values, weight, pattern, method):
+        with _folded(weight, pattern, values) as merged:
+            y = F.linear(x.to(weight.dtype), merged)
+        ctx.save_for_backward(x, values)
+        ctx.weight, ctx.pattern, ctx.method = weight, pattern, method
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, values, flat_indices, weight = ctx.saved_tensors
-        out_features, in_features = ctx.shape
+        x, values = ctx.saved_tensors
+        weight, pattern = ctx.weight, ctx.pattern
+        dtype = weight.dtype
+        g2 = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         grad_x = grad_v = grad_w = None
-        g2 = grad_y.reshape(-1, out_features)
-        x2 = x.reshape(-1, in_features).to(ctx.dtype)
         if ctx.needs_input_grad[0]:
-            merged = _scatter_dense(values.to(ctx.dtype), flat_indices, ctx.shape, weight)
-            grad_x = (g2.to(ctx.dtype) @ merged).reshape(x.shape).to(x.dtype)
-            del merged
+            with _folded(weight, pattern, values) as merged:
+                grad_x = (g2 @ merged).view(x.shape).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            if ctx.method == "dense":
-                full = g2.t().to(ctx.dtype) @ x2
-                grad_v = full.reshape(-1).index_select(0, flat_indices.to(torch.int64))
-                del full
-            else:
-                grad_v = sampled_matmul(g2.to(ctx.dtype), x2, flat_indices, in_features)
-            grad_v = grad_v.to(values.dtype)
-        if weight is not None and ctx.needs_input_grad[3]:
+            grad_v = _value_gradient(g2, x2, pattern, ctx.method).to(values.dtype)
+        if ctx.needs_input_grad[2]:
             # Only reached when a user unfreezes the base weight on purpose.
-            grad_w = (g2.t().to(ctx.dtype) @ x2).to(weight.dtype)
-        return grad_x, grad_v, None, grad_w, None, None, None
+            grad_w = (g2.t() @ x2).to(weight.dtype)
+        return grad_x, grad_v, grad_w, None, None
+
+
+class _SparseDelta(torch.autograd.Function):
+    """``x @ scatter(v)ᵀ``, the delta's contribution alone, in O(nnz · tokens): `EntryPattern.rows_product` on
+    ``xᵀ`` in forward, `EntryPattern.cols_product` on ``gᵀ`` and the SDDMM in backward; no weight-sized tensor.
+
+    For bases where folding would round the delta away (bf16/fp16) or cannot be done (quantised): computed in fp32
+    (fp64 for fp64), so each delta is rounded relative to itself, never to ``W``; the caller adds it to the base
+    output. Saved for backward: ``x`` and ``v``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, values, pattern, method):
+        dtype = compute_dtype(x.dtype, values.dtype)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        out = pattern.rows_product(values.to(dtype), x2.t().contiguous())  # (d_out, tokens)
+        ctx.save_for_backward(x, values)
+        ctx.pattern, ctx.method = pattern, method
+        return out.t().reshape(*x.shape[:-1], out.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_c):
+        x, values = ctx.saved_tensors
+        pattern = ctx.pattern
+        dtype = compute_dtype(x.dtype, values.dtype)
+        g2 = grad_c.reshape(-1, grad_c.shape[-1]).to(dtype)
+        grad_x = grad_v = None
+        if ctx.needs_input_grad[0]:
+            grad_x = pattern.cols_product(values.to(dtype), g2.t().contiguous()).t()
+            grad_x = grad_x.reshape(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            grad_v = _value_gradient(g2, x2, pattern, ctx.method).to(values.dtype)
+        return grad_x, grad_v, None, None
+
+
+def _value_gradient(g2: torch.Tensor, x2: torch.Tensor, pattern: EntryPattern, method: str) -> torch.Tensor:
+    """``(g2ᵀ x2)`` at the pattern's entries: sampled (default) or ``"dense"`` (the full product, then gathered)."""
+    if method == "dense":
+        return (g2.t() @ x2).reshape(-1).index_select(0, pattern.flat)
+    return pattern.sample(g2.t().contiguous(), x2.t().contiguous())
 
 
 def values_shape(kind: str, n: int, shape: tuple[int, int]) -> tuple[int, ...]:
@@ -186,6 +193,13 @@ def values_shape(kind: str, n: int, shape: tuple[int, int]) -> tuple[int, ...]:
 def _nan_message(adapter_name: str) -> str:
     # worded like PEFT's other tuners (peft/tuners/lora/layer.py), which callers and PEFT's test battery match on
     return f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken"
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except (RuntimeError, TypeError):  # devices without autocast support
+        return False
 
 
 def _fold_keeps_delta(weight_dtype: torch.dtype, values_dtype: torch.dtype) -> bool:
@@ -259,6 +273,7 @@ class SafetyLayer(BaseTunerLayer):
         # int64 only when a weight has >= 2**31 entries (same rule as SafetyMask).
         index_dtype = torch.int64 if self.out_features * self.in_features >= 2**31 else torch.int32
         self.safety_indices[adapter_name] = indices.to(device=device, dtype=index_dtype)
+        self.__dict__.get("_entry_patterns", {}).pop(adapter_name, None)
         size = values_shape(kind, indices.numel(), shape)
         if init_weights:
             values = torch.zeros(size, dtype=values_dtype, device=device)
@@ -284,6 +299,7 @@ class SafetyLayer(BaseTunerLayer):
         shape = values_shape(kind, indices.numel(), (self.out_features, self.in_features))
         old = self.safety_values[adapter_name]
         self.safety_indices[adapter_name] = indices.to(self.safety_indices[adapter_name].device)
+        self.__dict__.get("_entry_patterns", {}).pop(adapter_name, None)
         if tuple(old.shape) != shape:
             self.safety_values[adapter_name] = nn.Parameter(
                 torch.zeros(shape, dtype=old.dtype, device=old.device), requires_grad=old.requires_grad
@@ -295,10 +311,10 @@ class SafetyLayer(BaseTunerLayer):
         idx = self.safety_indices[adapter_name].to(torch.int64)
         shape = (self.out_features, self.in_features)
         kind = self.safety_kind[adapter_name]
-        if kind == "entries":
-            return _scatter_dense(values.detach(), idx, shape, None)
         delta = torch.zeros(shape, dtype=values.dtype, device=values.device)
-        if kind == "rows":
+        if kind == "entries":
+            delta.view(-1).index_add_(0, idx, values.detach())
+        elif kind == "rows":
             delta[idx] = values.detach()
         elif kind == "cols":
             delta[:, idx] = values.detach()
@@ -437,26 +453,24 @@ class SafetyLinear(nn.Module, SafetyLayer):
         base = self.get_base_layer()
         entries = [a for a in active if self.safety_kind[a] == "entries"]
         others = [a for a in active if self.safety_kind[a] != "entries"]
-        fuse_first = (
+        fold_first = (
             bool(entries)
             and self.quantization_backend is None
             and not args
             and not kwargs
             and _fold_keeps_delta(base.weight.dtype, self.safety_values[entries[0]].dtype)
+            and not _autocast_on(x.device.type)  # autocast would run the folded matmul in bf16/fp16: deltas lost
         )
-        if fuse_first:
-            # Fold the first entry-wise delta into the frozen matmul (no separate x @ Dᵀ pass). Only for fp32/fp64
-            # weights: in bf16/fp16, W + delta would round the delta away wherever it is below half the weight's
-            # rounding step, so there the delta takes the separate pass below (its own rounding is relative to
-            # the delta, not to W).
+        if fold_first:
+            # Fold the first entry-wise delta into the frozen matmul (one matmul, no separate pass). Only for
+            # fp32/fp64 weights: in bf16/fp16, W + delta would round the delta away wherever it is below half the
+            # weight's rounding step, so there the delta takes the sparse pass below (rounded relative to itself).
             first = entries.pop(0)
-            result = _SparseDeltaLinear.apply(
+            result = _FoldedDeltaLinear.apply(
                 x,
                 self.safety_values[first],
-                self.safety_indices[first],
                 base.weight,
-                self.out_features,
-                self.in_features,
+                self._entry_pattern(first),
                 self.safety_gradient_method[first],
             )
             if base.bias is not None:
@@ -465,15 +479,11 @@ class SafetyLinear(nn.Module, SafetyLayer):
             result = self.base_layer(x, *args, **kwargs)
         out_dtype = result.dtype
         for name in entries:
-            result = result + _SparseDeltaLinear.apply(
-                x,
-                self.safety_values[name],
-                self.safety_indices[name],
-                None,
-                self.out_features,
-                self.in_features,
-                self.safety_gradient_method[name],
-            ).to(out_dtype)
+            with torch.autocast(device_type=x.device.type, enabled=False):  # computed in fp32 whatever autocast says
+                delta = _SparseDelta.apply(
+                    x, self.safety_values[name], self._entry_pattern(name), self.safety_gradient_method[name]
+                )
+            result = result + delta.to(out_dtype)
         for name in others:
             values = self.safety_values[name]
             idx = self.safety_indices[name].to(torch.int64)
@@ -486,6 +496,17 @@ class SafetyLinear(nn.Module, SafetyLayer):
             else:
                 result = result + F.linear(xd, values).to(out_dtype)
         return result
+
+    def _entry_pattern(self, adapter_name: str) -> EntryPattern:
+        """The cached index structure of an entry-wise adapter (rebuilt when its indices move or are overwritten)."""
+        idx = self.safety_indices[adapter_name]
+        key = (idx.device, idx.data_ptr(), idx._version, idx.numel())
+        cache = self.__dict__.setdefault("_entry_patterns", {})
+        cached = cache.get(adapter_name)
+        if cached is None or cached[0] != key:
+            cached = (key, EntryPattern(idx, self.out_features, self.in_features))
+            cache[adapter_name] = cached
+        return cached[1]
 
     def __repr__(self) -> str:
         return "safety." + super().__repr__()

@@ -3,7 +3,9 @@
 Which modules: those the mask has entries on (``mask_to_layout``, which also checks the mask against the model and the
 config's filters). How a saved adapter is rebuilt: from ``mask_layout`` (checked against the model before any
 placeholder exists), then ``_remap_adapter_state_dict_for_load`` checks the checkpoint's tensors and resizes the
-placeholders to them. Provenance (base fingerprints, Hub id) is recorded on creation and checked on load.
+placeholders to them; transformers' ``model.load_adapter``, which bypasses that hook, gets the same checks at the first
+forward (`peft_safety.tuner._load_check`). Provenance (base fingerprints, Hub id) is recorded on creation and checked
+on load. A model holds SAFETY adapters only (`peft_safety.tuner._mixing`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,8 +23,10 @@ from torch import nn
 
 from ...vocab import base_name
 from .._layout import SET_KINDS, check_indices, check_layout, check_layout_modules, storage_of
-from ..peft_type import SAFETY_PREFIX
-from ..provenance import check_base, check_weights_digest, record_base
+from .._load_check import PendingLoadCheck, adapter_layers, resolve_pending
+from .._mixing import own_configs, refuse_foreign_configs
+from ..peft_type import SAFETY_PREFIX, SafetyPeftType
+from ..provenance import adapter_file, check_base, check_weights_digest, record_base
 from .config import SafetyConfig
 from .layer import SafetyLayer, SafetyLinear, values_shape
 
@@ -157,6 +162,28 @@ class SafetyModel(BaseTuner):
     tuner_layer_cls = SafetyLayer
     target_module_mapping: dict[str, list[str]] = {}
 
+    def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str, **kwargs: Any) -> None:
+        refuse_foreign_configs(model, adapter_name, SafetyPeftType.SAFETY.value)
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+        # a model holds SAFETY adapters only: another type's config is refused, with the hint, wherever it is added
+        own_configs(self, SafetyConfig, SafetyPeftType.SAFETY.value)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        loading = self.peft_config[adapter_name].mask is None
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        if loading:
+            # transformers' load_adapter loads the weights without PEFT's load hook: check them on first use
+            layers = {k: m for k, m in adapter_layers(model, adapter_name).items() if isinstance(m, SafetyLayer)}
+            PendingLoadCheck(model, adapter_name, layers, _SET_ATTRS, type(self)._check_loaded)
+
+    def add_weighted_adapter(self, adapters: list[str], *args: Any, **kwargs: Any) -> None:
+        """Not available for SET adapters (PEFT offers it for LoRA-like tuners only)."""
+        raise NotImplementedError(
+            f"add_weighted_adapter({adapters!r}) is not available for SAFETY (SET) adapters. To apply several SET "
+            "adapters at once, merge them into the base one after the other (model.merge_and_unload("
+            "adapter_names=[...])), or activate them together (model.base_model.set_adapter([...]))."
+        )
+
     def _prepare_adapter_config(self, peft_config: SafetyConfig, model_config: dict) -> SafetyConfig:
         if not isinstance(peft_config, SafetyConfig):
             raise TypeError(
@@ -247,60 +274,105 @@ class SafetyModel(BaseTuner):
         Everything is checked before the first placeholder is resized: the weights belong to the config (digest),
         every wrapped module has its index and value tensors, every SAFETY tensor in the file belongs to a wrapped
         module, indices follow the index rule (``_layout.check_indices``), values are finite floating point with the
-        shape the indices imply.
+        shape the indices imply (`_check_tensors`).
 
         The values parameter is re-created only when its shape differs, so that optimizer references (the Trainer
         may resume after creating the optimizer) stay valid whenever possible.
         """
+        resolve_pending(model, adapter_name)
         check_weights_digest(config, state_dict, what="The SAFETY adapter")
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        layers: dict[str, SafetyLayer] = {}
-        for name, module in model.named_modules():
-            if isinstance(module, SafetyLayer) and adapter_name in module.safety_indices:
-                layers[base_name(name)] = module
-        found: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+        layers = {key: m for key, m in adapter_layers(model, adapter_name).items() if isinstance(m, SafetyLayer)}
+        found: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in remapped.items():
             match = _SAFETY_KEY_RE.match(key)
             if match is None or match.group("adapter") not in (None, adapter_name):
                 continue
-            found.setdefault(base_name(match.group("module")), {})[match.group("attr")] = (key, value)
-        unknown = sorted(set(found) - set(layers))
-        if unknown:
-            raise ValueError(
-                f"The SAFETY checkpoint has deltas for module {unknown[0]!r}, which adapter_config.json's mask_layout "
-                f"does not list (or this model lacks){_more(unknown)}: loading would drop them silently. The config "
-                "does not belong to these weights: save the adapter again."
-            )
-        checked: dict[str, torch.Tensor] = {}
+            found.setdefault(base_name(match.group("module")), {})[match.group("attr")] = value
+        _check_tensors(config, found, layers, adapter_name)
         for module_key, module in layers.items():
-            tensors = found.get(module_key, {})
-            kind = module.safety_kind[adapter_name]
-            shape = (module.out_features, module.in_features)
-            for attr in ("safety_indices", "safety_values"):
-                if attr not in tensors:
-                    raise ValueError(
-                        f"SAFETY checkpoint tensor '{module_key}.{attr}' is missing, although adapter_config.json's "
-                        f"mask_layout lists {module_key!r}: the weights file is incomplete or belongs to another "
-                        "adapter. Save the adapter again."
-                    )
-            _, idx = tensors["safety_indices"]
-            _, values = tensors["safety_values"]
-            check_indices(idx, kind, shape, f"SAFETY checkpoint tensor '{module_key}.safety_indices'")
-            _check_values(values, values_shape(kind, idx.numel(), shape), f"{module_key}.safety_values")
-            checked[module_key] = idx
-        for module_key, module in layers.items():
-            idx = checked[module_key]
+            idx = found[module_key]["safety_indices"]
             if idx.shape != module.safety_indices[adapter_name].shape:
                 module.resize_adapter_(adapter_name, idx.to(module.safety_indices[adapter_name].dtype))
         return remapped
+
+    @staticmethod
+    def _check_loaded(model: nn.Module, adapter_name: str, found: dict, missing: list[str]) -> None:
+        """The checks of `_remap_adapter_state_dict_for_load` on what a loader without PEFT's hook put into the
+        layers (`peft_safety.tuner._load_check.PendingLoadCheck`)."""
+        from peft.utils import get_peft_model_state_dict
+
+        config = model.peft_config[adapter_name]
+        layers = {key: m for key, m in adapter_layers(model, adapter_name).items() if isinstance(m, SafetyLayer)}
+        _check_tensors(config, found, layers, adapter_name, missing=missing)
+        if getattr(config, "weights_digest", None) is not None:
+            state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+            if any(t.device.type == "meta" for t in state.values()):
+                warnings.warn(
+                    f"The weights digest of adapter {adapter_name!r} was not checked: some of its tensors are offloaded "
+                    "(on the meta device). Load it with PeftModel.from_pretrained to check it.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                return
+            check_weights_digest(config, state, what="The SAFETY adapter")
+
+
+_SET_ATTRS = ("safety_indices", "safety_values")
+
+
+def _check_tensors(
+    config: SafetyConfig,
+    found: dict[str, dict[str, torch.Tensor]],
+    layers: dict[str, SafetyLayer],
+    adapter_name: str,
+    missing: list[str] = (),
+) -> None:
+    """A checkpoint's (or the loaded layers') SET tensors agree with ``config``: every SAFETY tensor belongs to a
+    wrapped module, every wrapped module has its indices and values, indices follow the index rule, values are finite
+    floating point with the shape the indices imply.
+
+    Raises:
+        ValueError: naming the file, the module and the problem.
+    """
+    weights = adapter_file(config, "adapter_model.safetensors")
+    cfg_file = adapter_file(config, "adapter_config.json")
+    unknown = sorted(set(found) - set(layers))
+    if unknown:
+        raise ValueError(
+            f"{weights} has SAFETY deltas for module {unknown[0]!r}, which {cfg_file}'s mask_layout does not list (or "
+            f"this model lacks){_more(unknown)}: loading would drop them silently. The config does not belong to "
+            "these weights: save the adapter again."
+        )
+    absent = sorted(set(missing))
+    for module_key in layers:
+        absent += [
+            f"{module_key}.{attr}"
+            for attr in ("safety_indices", "safety_values")
+            if attr not in found.get(module_key, {}) and f"{module_key}.{attr}" not in absent
+        ]
+    if absent:
+        raise ValueError(
+            f"SAFETY tensor '{absent[0]}' is missing from {weights}{_more(absent)}, although {cfg_file}'s mask_layout "
+            "lists its module: the layer keeps the placeholder it was built with. The weights file is incomplete or "
+            "belongs to another adapter, or no weights were loaded at all: load the adapter with "
+            "PeftModel.from_pretrained / load_adapter, or save it again."
+        )
+    for module_key, module in layers.items():
+        kind = module.safety_kind[adapter_name]
+        shape = (module.out_features, module.in_features)
+        idx = found[module_key]["safety_indices"]
+        check_indices(idx, kind, shape, f"{weights}: SAFETY tensor '{module_key}.safety_indices'")
+        values = found[module_key]["safety_values"]
+        _check_values(values, values_shape(kind, idx.numel(), shape), f"{module_key}.safety_values", weights)
 
 
 def _more(names: list[str]) -> str:
     return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
 
 
-def _check_values(values: Any, wanted: tuple[int, ...], name: str) -> None:
-    where = f"SAFETY checkpoint tensor {name!r}"
+def _check_values(values: Any, wanted: tuple[int, ...], name: str, weights: str) -> None:
+    where = f"{weights}: SAFETY tensor {name!r}"
     if not isinstance(values, torch.Tensor) or not values.dtype.is_floating_point:
         got = values.dtype if isinstance(values, torch.Tensor) else type(values).__name__
         raise ValueError(f"{where} must be a floating-point tensor, got {got}; the weights file is damaged.")
@@ -309,7 +381,7 @@ def _check_values(values: Any, wanted: tuple[int, ...], name: str) -> None:
             f"{where} has shape {tuple(values.shape)}, but its indices need shape {tuple(wanted)}; the weights file "
             "is damaged."
         )
-    if not bool(torch.isfinite(values).all()):
+    if values.device.type != "meta" and not bool(torch.isfinite(values).all()):
         raise ValueError(
             f"{where} contains NaN or infinite deltas: the adapter would turn this module's outputs non-finite. The "
             "weights file is damaged or training diverged; load an earlier checkpoint."

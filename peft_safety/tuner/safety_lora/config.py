@@ -27,16 +27,15 @@ from peft import LoraConfig
 from ...vocab import check_choice
 from .._layout import LORA_KINDS, check_layout, storage_of
 from ..peft_type import SafetyPeftType
-from ..provenance import ProvenanceConfigMixin, mask_attribute
+from ..provenance import ProvenanceConfigMixin, mask_attribute, refuse_file_mask
 
 __all__ = ["ENTRIES_METHODS", "SPARSE_MAX_DENSITY", "SafetyLoraConfig", "check_entries_method", "check_lora_options"]
 
-#: How a ``Weight()``-masked layer removes its masked entries in forward. ``"dense"`` (default) is bit-exact: the
-#: effective update of every masked entry is exactly zero in every dtype. ``"sparse"`` (LoRA's factored path minus a
-#: sparse correction) does less work at low density on CPU but is exact only up to fp rounding (it subtracts two
-#: differently rounded products); ``"auto"`` picks ``"sparse"`` on CPU up to :data:`SPARSE_MAX_DENSITY` and ``"dense"``
-#: above or off the CPU (where the CSR kernels are slower than the dense masked delta). Merging is bit-exact whatever
-#: the method.
+#: How a ``Weight()``-masked layer removes its masked entries in forward. ``"auto"`` (default) picks ``"sparse"`` on
+#: CPU up to :data:`SPARSE_MAX_DENSITY` and ``"dense"`` above or off the CPU. ``"sparse"`` (LoRA's factored path minus
+#: a sparse correction, no weight-sized tensor) is exact on the mask up to fp32 rounding of the update (it subtracts
+#: two differently rounded products); ``"dense"`` (the masked dense delta) is bit-exact in forward in every dtype.
+#: Merging is bit-exact whatever the method.
 ENTRIES_METHODS = ("dense", "sparse", "auto")
 
 #: ``"auto"`` uses the sparse correction for entry masks covering at most this fraction of their weight: the CPU
@@ -91,8 +90,8 @@ def check_entries_method(entries_method: Any) -> str:
         entries_method,
         ENTRIES_METHODS,
         where="entries_method",
-        help=f"'dense' (default, bit-exact on the mask), or opt into 'sparse' / 'auto' (sparse correction up to "
-        f"{SPARSE_MAX_DENSITY:.0%} mask density: less work on CPU, exact only up to fp rounding in forward)",
+        help=f"'auto' (default: the sparse correction on CPU up to {SPARSE_MAX_DENSITY:.0%} mask density, exact up to "
+        "fp32 rounding in forward), 'sparse', or 'dense' (bit-exact training forward on the mask)",
     )
 
 
@@ -135,7 +134,7 @@ class SafetyLoraConfig(ProvenanceConfigMixin, LoraConfig):
             loading a saved adapter. Readable and settable afterwards as ``config.mask``.
         mask_layout: filled from the mask: per masked module ``{"kind", "n", "shape"}``. Do not set by hand.
         mask_source: where the mask came from (path or Hub id), when known; informational.
-        entries_method: forward of ``Weight()`` masks: ``"dense"`` (default, bit-exact), ``"sparse"`` or ``"auto"``.
+        entries_method: forward of ``Weight()`` masks: ``"auto"`` (default), ``"sparse"`` or ``"dense"`` (bit-exact).
         base_fingerprints: fingerprints of the masked base weights, recorded when the adapter is created and
             checked when it is loaded (see ``fingerprint_check``). The base's Hub id goes into
             ``base_model_name_or_path`` (and ``revision``), its kind into ``base_model_source``.
@@ -164,18 +163,19 @@ class SafetyLoraConfig(ProvenanceConfigMixin, LoraConfig):
         metadata={"help": "Where the mask came from (path or Hub id), from the mask's provenance; informational."},
     )
     entries_method: str = field(
-        default="dense",
+        default="auto",
         metadata={
-            "help": "Forward of Weight()-masked layers. 'dense' (default): the masked dense delta, bit-exact on the "
-            "mask in every dtype. 'sparse': LoRA's factored path minus a sparse correction, less work at low density "
-            "on CPU but exact only up to fp rounding in forward. 'auto': sparse on CPU up to SPARSE_MAX_DENSITY of the "
-            "weight. Merge is exact always.",
+            "help": "Forward of Weight()-masked layers. 'auto' (default): 'sparse' on CPU up to SPARSE_MAX_DENSITY of "
+            "the weight, else 'dense'. 'sparse': LoRA's factored path minus a sparse correction, no weight-sized "
+            "tensor, exact on the mask up to fp32 rounding in forward. 'dense': the masked dense delta, a bit-exact "
+            "training forward in every dtype. Merge is bit-exact always.",
             "choices": list(ENTRIES_METHODS),
         },
     )
     mask: InitVar[Any] = None
 
     def __post_init__(self, mask: Any) -> None:
+        refuse_file_mask(self, mask)
         super().__post_init__()
         self.peft_type = SafetyPeftType.SAFETY_LORA
         check_lora_options(self)
@@ -188,18 +188,17 @@ class SafetyLoraConfig(ProvenanceConfigMixin, LoraConfig):
         )
 
     @classmethod
-    def from_lora_config(
-        cls, lora_config: LoraConfig, mask: Any, *, entries_method: str = "dense"
-    ) -> SafetyLoraConfig:
+    def from_lora_config(cls, lora_config: LoraConfig, mask: Any, *, entries_method: str = "auto") -> SafetyLoraConfig:
         """A ``SafetyLoraConfig`` with every option of ``lora_config`` whose LoRA update is exactly zero on ``mask``.
 
         Args:
             lora_config: the LoRA config to protect (not modified). A ``SafetyLoraConfig`` is re-masked with ``mask``.
             mask: the ``SafetyMask`` of entries to keep frozen.
-            entries_method: forward mechanism for ``Weight()`` masks. ``"dense"`` (default): the dense masked delta,
-                bit-exact on the mask in every dtype; ``"sparse"``: LoRA's factored path minus a sparse correction at
-                the masked entries (exact only up to fp rounding); ``"auto"``: sparse on CPU when the mask covers at
-                most :data:`SPARSE_MAX_DENSITY` of the weight. Merging is exact either way.
+            entries_method: forward mechanism for ``Weight()`` masks. ``"auto"`` (default): ``"sparse"`` on CPU when
+                the mask covers at most :data:`SPARSE_MAX_DENSITY` of the weight, else ``"dense"``; ``"sparse"``:
+                LoRA's factored path minus a sparse correction at the masked entries (exact up to fp32 rounding in
+                forward); ``"dense"``: the dense masked delta, a bit-exact training forward. Merging is bit-exact on
+                every path.
 
         Returns:
             A new config; pass it to ``get_peft_model`` (or use ``get_masked_lora_model``, which also checks the

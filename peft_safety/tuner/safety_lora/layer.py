@@ -23,8 +23,9 @@ from torch import nn
 
 from ...vocab import base_name
 from .._layout import check_indices
+from .._sparse import EntryPattern
 from .config import SPARSE_MAX_DENSITY, SafetyLoraConfig, check_entries_method
-from .variant import BUFFERS, MaskedLoraVariant, _EntryPattern, mask_delta
+from .variant import BUFFERS, MaskedLoraVariant, mask_delta, sparse_forward_bound
 
 __all__ = ["SafetyLoraLinear", "is_masked_layer"]
 
@@ -40,8 +41,9 @@ class SafetyLoraLinear(LoraLinear):
     """
 
     #: Forward mechanism of entry masks, one of ``ENTRIES_METHODS`` (set from the config; assign on an instance to
-    #: override one layer). ``"dense"`` is bit-exact on the mask; ``"sparse"``/``"auto"`` only up to fp rounding.
-    entries_method: str = "dense"
+    #: override one layer). ``"dense"`` is bit-exact on the mask; ``"sparse"`` (and ``"auto"`` where it picks it) is
+    #: exact up to fp32 rounding in forward (`forward_tolerance`). Merging is bit-exact on every path.
+    entries_method: str = "auto"
 
     other_param_names = (*LoraLinear.other_param_names, *BUFFERS.values())
 
@@ -146,17 +148,42 @@ class SafetyLoraLinear(LoraLinear):
         density = mask[1].numel() / max(1, self.out_features * self.in_features)
         return "sparse" if density <= SPARSE_MAX_DENSITY else "dense"
 
-    def _entry_pattern(self, adapter_name: str) -> _EntryPattern:
-        """The cached CSR structure of the adapter's entry mask (rebuilt if the buffer moved or was overwritten)."""
+    def _entry_pattern(self, adapter_name: str) -> EntryPattern:
+        """The cached index structure of the adapter's entry mask (rebuilt if the buffer moved or was overwritten)."""
         idx = self.lora_safety_entries[adapter_name]
         key = (idx.device, idx.data_ptr(), idx._version, idx.numel())
         cache = self.__dict__.setdefault("_entry_patterns", {})
         cached = cache.get(adapter_name)
         if cached is None or cached[0] != key:
             self._check_buffer(adapter_name, "entries", idx)
-            cached = (key, _EntryPattern(idx, self.out_features, self.in_features))
+            cached = (key, EntryPattern(idx, self.out_features, self.in_features))
             cache[adapter_name] = cached
         return cached[1]
+
+    def forward_tolerance(self) -> torch.Tensor | None:
+        """How far the training forward's effective update may be from exactly zero on the mask, per weight entry.
+
+        None when every active, unmerged adapter's forward is bit-exact on its mask (rows, columns, the ``"dense"``
+        entry path, adapters without a mask). Otherwise a float ``(d_out, d_in)`` tensor: the sum over the adapters
+        on the ``"sparse"`` path of :func:`~peft_safety.tuner.safety_lora.variant.sparse_forward_bound` (a rounding
+        bound derived from the compute dtype's epsilon and the magnitude ``s·|B|·|A|`` of the update), in the unit of
+        an identity-input measurement (``analysis.mask_drift``, ``verify_safety``). The merged delta is bit-exact on
+        the mask whatever this says.
+        """
+        bound = None
+        out_dtype = self.get_base_layer().weight.dtype
+        if not out_dtype.is_floating_point:  # quantised storage: the layer computes in its compute dtype
+            out_dtype = getattr(self.get_base_layer(), "compute_dtype", None) or torch.float32
+        for adapter in self.active_adapters:
+            if adapter not in self.lora_A or adapter in self.merged_adapters:
+                continue
+            if self.entries_path(adapter) != "sparse":
+                continue
+            term = sparse_forward_bound(
+                self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter], out_dtype
+            )
+            bound = term if bound is None else bound + term
+        return bound
 
     def _masked_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` weights with masked columns of A / rows of B replaced by zeros (out of place, autograd-safe)."""

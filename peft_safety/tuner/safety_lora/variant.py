@@ -11,26 +11,27 @@ variant for every adapter that has a mask on its module, and PEFT's own ``Linear
 * refusing to merge into a quantised base: PEFT's vanilla path (adapters without a mask on that module) would
   re-quantise the whole weight too, so the refusal belongs to the layer, not to one adapter's variant.
 
-The mechanism depends on the mask's storage kind, always the cheapest one that is **exact with any optimizer**:
+The mechanism depends on the mask's storage kind:
 
 | kind | forward | merge |
 |---|---|---|
 | ``rows`` | rows of ``lora_B`` enter as zeros (``B.index_fill(0, rows, 0)``) | the masked delta |
 | ``cols`` | columns of ``lora_A`` enter as zeros (and start at zero) | the masked delta |
-| ``entries``, ``entries_method="dense"`` (default, bit-exact) | the dense delta ``(B A) * s`` with the masked entries zeroed, by an autograd function that rebuilds it in backward instead of keeping it | the masked delta |
-| ``entries``, ``"sparse"`` (opt-in) | LoRA's factored path minus a sparse correction ``x @ Dᵀ`` at the masked entries | the masked delta |
+| ``entries``, ``entries_method="sparse"`` (what ``"auto"``, the default, picks on CPU up to ``SPARSE_MAX_DENSITY``) | LoRA's factored path minus what it adds at the masked entries, ``s·(x Aᵀ) Bᵀ - x Dᵀ``, in fp32, no ``(d_out, d_in)`` tensor | the masked delta |
+| ``entries``, ``"dense"`` (opt-in; ``"auto"`` off the CPU or above the density) | the dense delta ``(B A) * s`` with the masked entries zeroed, by an autograd function that rebuilds it in backward instead of keeping it | the masked delta |
 
-Every default path zeroes the masked rows, columns or entries of the update *before* they meet the input, so the
-output there is ``base + 0``: bit-exact in fp32, bf16 and fp16 and under autocast. The sparse path subtracts two
-differently rounded computations of the same number and leaves residues of about one ulp of the update on the mask,
-so it is opt-in and ``verify_safety`` counts those residues as violations. Masking the *effective* factors rather
-than gradients makes the guarantee independent of the optimizer and its state. Measurements: ``docs/tuner.md``
-(from ``benchmarks/masked_lora.py``).
+Merging adds the masked delta, whose masked entries are exact zeros, on every path: a merged (or served) model is
+bit-identical to the base on the mask whatever path trained it. The rows, columns and dense paths zero the masked part
+of the update *before* it meets the input, so their training forward is ``base + 0`` on the mask too: bit-exact in
+fp32, bf16 and fp16 and under autocast. The sparse path subtracts two differently rounded computations of the same
+number, so its forward is exact on the mask only up to fp32 rounding of the update: :func:`sparse_forward_bound` is
+the bound ``verify_safety`` / ``safety/violations`` hold it to (``analysis.mask_drift``), next to a bit-exact check of
+the merged delta. Masking the *effective* factors rather than gradients makes the guarantee independent of the
+optimizer and its state. Measurements: ``docs/tuner.md`` (from ``benchmarks/masked_lora.py``).
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -38,124 +39,122 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import LoraVariant
 
 from .._layout import LORA_KINDS
+from .._sparse import compute_dtype
 
-__all__ = ["BUFFERS", "MaskedLoraVariant", "mask_delta"]
+__all__ = ["BUFFERS", "MaskedLoraVariant", "mask_delta", "matmul_eps", "sparse_forward_bound"]
 
 #: The persistent buffer that holds an adapter's mask on a layer, per storage kind (saved in adapter_model.safetensors).
 BUFFERS = {kind: f"lora_safety_{kind}" for kind in LORA_KINDS}
 
 
-class _EntryPattern:
-    """The fixed sparsity structure of an entry mask, as CSR index arrays of ``D`` and of ``Dᵀ``.
+class _MaskedFactoredLora(torch.autograd.Function):
+    """LoRA's factored update minus what it adds at the masked entries: ``s·(x Aᵀ) Bᵀ - x Dᵀ`` with ``D`` sparse on
+    the mask and ``D[k] = s·B[i_k]·A[:, j_k]``, so that the result is the masked-delta forward without any
+    ``(d_out, d_in)`` tensor.
 
-    Built once per layer and adapter from the mask buffer (cached on the layer): every step only fills in new values.
-    """
+    All of it runs in fp32 (fp64 for fp64 operands, `_sparse.compute_dtype`) with autocast off: the two computations of
+    a masked entry (the factored product and ``D[k]``) then differ only by fp32 rounding, whatever the layer's dtype,
+    and the caller casts the result to the output dtype once.
 
-    def __init__(self, flat_indices: torch.Tensor, out_features: int, in_features: int) -> None:
-        # unique() also sorts: sorted flat indices are in CSR (row-major) order, and a duplicate would be subtracted
-        # twice by the sparse product (the dense path's index_fill is idempotent, so both paths agree on any buffer).
-        flat = torch.unique(flat_indices.to(torch.int64))
-        rows = torch.div(flat, in_features, rounding_mode="floor")
-        cols = flat - rows * in_features
-        self.shape = (out_features, in_features)
-        self.nnz = flat.numel()
-        self.crow = _crow(rows, out_features)
-        self.cols = cols
-        # Dᵀ in CSR order: sort the entries by (column, row); the permutation maps D's values to Dᵀ's.
-        self.perm_t = torch.argsort(cols * out_features + rows)
-        self.crow_t = _crow(cols, in_features)
-        self.rows_t = rows[self.perm_t]
-
-    def matrix(self, values: torch.Tensor) -> torch.Tensor:
-        """``D`` as a ``(d_out, d_in)`` CSR tensor with ``values`` in sorted flat order."""
-        return _csr(self.crow, self.cols, values, self.shape)
-
-    def matrix_t(self, values: torch.Tensor) -> torch.Tensor:
-        """``Dᵀ`` as a ``(d_in, d_out)`` CSR tensor, for ``D``'s ``values`` in sorted flat order."""
-        return _csr(self.crow_t, self.rows_t, values[self.perm_t], (self.shape[1], self.shape[0]))
-
-    def sample(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        """The entries of ``left @ right`` at the pattern (SDDMM), in sorted flat order, without the full product."""
-        pattern = self.matrix(torch.zeros(self.nnz, dtype=left.dtype, device=left.device))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            return torch.sparse.sampled_addmm(pattern, left, right, beta=0.0).values()
-
-
-def _crow(major: torch.Tensor, size: int) -> torch.Tensor:
-    crow = torch.zeros(size + 1, dtype=torch.int64, device=major.device)
-    crow[1:] = torch.bincount(major, minlength=size).cumsum(0)
-    return crow
-
-
-def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # The CPU CSR kernels exist for fp32/fp64 only; lower precisions are computed (and accumulated) in fp32.
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-class _MaskedEntryCorrection(torch.autograd.Function):
-    """``c = x @ Dᵀ`` with ``D`` sparse on the mask and ``D[i, j] = s * (B @ A)[i, j]``: what LoRA adds at the masked
-    entries, so ``base(x) + s * x Aᵀ Bᵀ - c`` is the masked-delta forward without any ``(d_out, d_in)`` tensor.
-
-    Forward: the values by SDDMM of ``B`` and ``A`` (O(nnz * r)), then one CSR product (O(nnz * tokens)). Backward,
-    hand-written so that nothing weight-sized appears either: ``grad_x = grad_c @ D`` (CSR product with ``Dᵀ``), the
-    value gradient ``g = (grad_cᵀ x)`` sampled at the mask (SDDMM), then ``grad_B = s * G @ Aᵀ`` and
-    ``grad_A = s * (Gᵀ @ B)ᵀ`` with ``G`` the sparse matrix of ``g``. Computed in fp32 (fp64 for fp64 inputs) with autocast off, then cast back.
+    Forward: ``h = x Aᵀ`` (kept for backward, ``tokens x r``), ``D``'s values by SDDMM of ``B`` and ``A`` (O(nnz·r)),
+    ``(x Dᵀ)ᵀ`` by `EntryPattern.rows_product` (O(nnz·tokens)), and one ``addmm`` for ``s·h Bᵀ - x Dᵀ``. Backward
+    (nothing weight-sized either), with ``g`` the output gradient and ``gv = (gᵀ x)`` sampled at the mask:
+    ``grad_x = s·(g B) A - g D``, ``grad_B = s·gᵀ h - s·Gv Aᵀ``, ``grad_A = s·(g B)ᵀ x - s·(Gvᵀ B)ᵀ``. Saved for
+    backward: ``x`` itself (the caller's tensor, no copy), ``h`` and ``D``'s values.
     """
 
     @staticmethod
     def forward(ctx, x, weight_a, weight_b, pattern, scaling):
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            # the CPU CSR kernels have no bf16/fp16 (``addmm_out_sparse_csr_impl_mkl``): never let autocast lower them
-            return _MaskedEntryCorrection._forward(ctx, x, weight_a, weight_b, pattern, scaling)
-
-    @staticmethod
-    def _forward(ctx, x, weight_a, weight_b, pattern, scaling):
-        dtype = _compute_dtype(x.dtype)
+        dtype = compute_dtype(x.dtype, weight_a.dtype, weight_b.dtype)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         a, b = weight_a.to(dtype), weight_b.to(dtype)
-        values = pattern.sample(b, a) * scaling
-        # (D @ xᵀ)ᵀ: the CSR kernel wants the sparse operand on the left.
-        c = torch.sparse.mm(pattern.matrix(values), x2.t()).t()
-        ctx.save_for_backward(x, weight_a, weight_b, values)
+        h = x2 @ a.t()
+        values = pattern.sample(b, a.t()) * scaling
+        correction = pattern.rows_product(values, x2.t().contiguous())  # (d_out, tokens)
+        # computed transposed, in the correction's storage (no strided copy); the caller's add reads it transposed
+        update_t = torch.addmm(correction, b, h.t(), beta=-1, alpha=scaling)
+        ctx.save_for_backward(x, weight_a, weight_b, h, values)
         ctx.pattern = pattern
         ctx.scaling = scaling
-        return c.reshape(*x.shape[:-1], c.shape[-1]).to(x.dtype)
+        return update_t.t().reshape(*x.shape[:-1], update_t.shape[0])
 
     @staticmethod
-    def backward(ctx, grad_c):
-        with torch.autocast(device_type=grad_c.device.type, enabled=False):
-            return _MaskedEntryCorrection._backward(ctx, grad_c)
+    def backward(ctx, grad_update):
+        with torch.autocast(device_type=grad_update.device.type, enabled=False):
+            return _MaskedFactoredLora._backward(ctx, grad_update)
 
     @staticmethod
-    def _backward(ctx, grad_c):
-        x, weight_a, weight_b, values = ctx.saved_tensors
+    def _backward(ctx, grad_update):
+        x, weight_a, weight_b, h, values = ctx.saved_tensors
         pattern, scaling = ctx.pattern, ctx.scaling
         dtype = values.dtype
-        g2 = grad_c.reshape(-1, grad_c.shape[-1]).to(dtype)
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        g2 = grad_update.reshape(-1, grad_update.shape[-1]).to(dtype)
+        a, b = weight_a.to(dtype), weight_b.to(dtype)
+        gt = g2.t().contiguous()
+        gh = g2 @ b
         grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.sparse.mm(pattern.matrix_t(values), g2.t()).t()
-            grad_x = grad_x.reshape(x.shape).to(x.dtype)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        if need_x:
+            grad_x_t = torch.addmm(pattern.cols_product(values, gt), a.t(), gh.t(), beta=-1, alpha=scaling)
+            grad_x = grad_x_t.t().reshape(x.shape).to(x.dtype)
+        if need_a or need_b:
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            grad_values = pattern.sample(g2.t(), x2) * scaling
-            if ctx.needs_input_grad[2]:
-                grad_b = torch.sparse.mm(pattern.matrix(grad_values), weight_a.to(dtype).t()).to(weight_b.dtype)
-            if ctx.needs_input_grad[1]:
-                grad_a = (
-                    torch.sparse.mm(pattern.matrix_t(grad_values), weight_b.to(dtype))
-                    .t()
-                    .contiguous()
-                    .to(weight_a.dtype)
-                )
+            grad_values = pattern.sample(gt, x2.t().contiguous())
+            if need_b:
+                grad_b = torch.addmm(
+                    pattern.rows_product(grad_values, a.t().contiguous()), g2.t(), h, beta=-scaling, alpha=scaling
+                ).to(weight_b.dtype)
+            if need_a:
+                grad_a = torch.addmm(
+                    pattern.cols_product(grad_values, b).t(), gh.t(), x2, beta=-scaling, alpha=scaling
+                ).to(weight_a.dtype)
         return grad_x, grad_a, grad_b, None, None
+
+
+def _sparse_masked_forward(x, weight_a, weight_b, pattern, scaling):
+    """Run :class:`_MaskedFactoredLora` with autocast off (it computes in fp32 whatever the autocast dtype)."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _MaskedFactoredLora.apply(x, weight_a, weight_b, pattern, scaling)
+
+
+def matmul_eps(dtype: torch.dtype, device: torch.device) -> float:
+    """The relative precision of a ``dtype`` matmul on ``device`` as torch is set up now: the dtype's machine epsilon,
+    or bf16's where fp32 matmuls may run in reduced precision (TF32 or bf16: ``torch.set_float32_matmul_precision``
+    other than ``"highest"``, or ``torch.backends.cuda.matmul.allow_tf32``)."""
+    eps = torch.finfo(dtype).eps
+    if dtype == torch.float32:
+        reduced = torch.get_float32_matmul_precision() != "highest"
+        if device.type == "cuda":
+            reduced = reduced or bool(torch.backends.cuda.matmul.allow_tf32)
+        if reduced:
+            eps = torch.finfo(torch.bfloat16).eps
+    return eps
+
+
+def sparse_forward_bound(
+    weight_a: torch.Tensor, weight_b: torch.Tensor, scaling: float, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """The largest ``|effective update|`` the ``"sparse"`` forward may leave on a masked entry, per entry of the weight.
+
+    On an identity input (how ``analysis.mask_drift`` measures a layer) a masked entry ``(i, j)`` gets the factored
+    product ``s·Σ_r B[i, r] A[r, j]`` minus ``D[k]``, the same sum computed in another order: each is within
+    ``gamma_(r+1) ≈ (r + 1)·ε/2`` of ``S = s·Σ_r |B[i, r] A[r, j]|`` (the standard dot-product error bound, one rounding more
+    for the scaling), so their difference is within ``(r + 1)·ε·S``. Casting it to the layer's dtype rounds it relative
+    to itself (down to that dtype's smallest subnormal ``τ``), and adding it to the base output and subtracting the base
+    output again at most doubles it. The bound is twice that::
+
+        bound[i, j] = 4 · ((r + 1) · ε · s · (|B| @ |A|)[i, j] + τ)
+
+    with ``ε`` from :func:`matmul_eps` of the compute dtype (fp32, or fp64 for fp64 factors) and ``τ`` of
+    ``out_dtype``. An unmasked update is of the order of ``S / sqrt(r)``: on fp32 that is about ``10⁴`` times the
+    bound, so a forward that ignores the mask stands out.
+    """
+    dtype = compute_dtype(weight_a.dtype, weight_b.dtype)
+    eps = matmul_eps(dtype, weight_a.device)
+    out = torch.finfo(out_dtype)
+    tiny = out.smallest_normal * out.eps  # the smallest subnormal of the output dtype
+    magnitude = weight_b.detach().to(dtype).abs() @ weight_a.detach().to(dtype).abs()
+    return magnitude.mul_((weight_a.shape[0] + 1) * eps * abs(float(scaling))).add_(tiny).mul_(4)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -277,11 +276,10 @@ class MaskedLoraVariant(LoraVariant):
             idx = module._mask_of(active_adapter)[1].to(weight_a.device)
             update = _dense_masked_forward(dropout(x), weight_a, weight_b, idx, scaling)
         elif path == "sparse":
-            # Factored LoRA minus what it adds at the masked entries: no (d_out, d_in) tensor at all (not bit-exact).
-            xd = dropout(x)
-            lora_out = F.linear(F.linear(xd, weight_a), weight_b) * scaling
+            # Factored LoRA minus what it adds at the masked entries: no (d_out, d_in) tensor at all (exact on the
+            # mask up to fp32 rounding; merging stays bit-exact).
             pattern = module._entry_pattern(active_adapter)
-            update = lora_out - _MaskedEntryCorrection.apply(xd, weight_a, weight_b, pattern, scaling)
+            update = _sparse_masked_forward(dropout(x), weight_a, weight_b, pattern, scaling)
         else:
             weight_a, weight_b = module._masked_factors(active_adapter)
             update = F.linear(F.linear(dropout(x), weight_a), weight_b) * scaling
