@@ -193,7 +193,7 @@ def test_real_classifier_trains_on_the_train_split_only(monkeypatch, tmp_path):
     benign = [{"prompt": "Why diversify?", "response": "Holding many assets lowers the risk of ruin."}]
     seen: dict = {}
 
-    def fake_examples(*, seed=0, n_fiqa=300, extra_evaluation=None):
+    def fake_examples(*, seed=0, n_fiqa=300, shapes=1, extra_evaluation=None):
         seen["extra"] = extra_evaluation
         return build_judge_examples(labelled, benign, seed=seed), {"leak_check": {}}
 

@@ -262,25 +262,38 @@ def _judge_key(name: str, judge: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def real_examples(generations: Sequence[dict[str, Any]], labels: dict[str, dict[str, Any]],
+                  ids: set[str]) -> list[Any]:  # fmt: skip
+    """The labelled pool items ``ids`` as `JudgeExample` s (group: the prompt set; source: ``pool_train:<model>``)."""
+    from peft_safety.evaluation.classifier_judge import JudgeExample
+
+    return [JudgeExample(g["prompt"], g["response"], labels[g["id"]]["label"], f"pool-{g['prompt_set']}",
+                         f"pool_train:{g['source']}") for g in generations if g["id"] in ids]  # fmt: skip
+
+
 def train_real_classifier(generations: list[dict[str, Any]], labels: dict[str, dict[str, Any]], split: dict[str, str],
-                          out_dir: Path | None, *, weight: int = 5) -> Any:  # fmt: skip
+                          out_dir: Path | None, *, weight: int = 5, features: int = 1, shapes: int = 1,
+                          base: tuple[list[Any], dict[str, Any]] | None = None) -> Any:  # fmt: skip
     """The classifier retrained on its default examples plus the labelled TRAIN split of the pool (each real item
-    repeated ``weight`` times), leak-checked against every evaluation source and the validation split's texts."""
-    from peft_safety.evaluation.classifier_judge import JudgeExample, check_no_leak, train_classifier_judge
-    from peft_safety.recipes.judges import _CLASSIFIER_SETTINGS, judge_training_examples
+    repeated ``weight`` times), leak-checked against every evaluation source and the validation split's texts.
 
-    train_items = [g for g in generations if split[g["id"]] == "train" and g["id"] in labels]
+    ``features`` / ``shapes`` are `ClassifierJudge`'s feature set and `build_judge_examples`'s example shapes (chosen
+    by `select_classifier.py` by cross-validation inside the TRAIN split); ``base`` reuses already built default
+    examples and their info (they must have been leak-checked against the validation prompts)."""
+    from peft_safety.evaluation.classifier_judge import check_no_leak, train_classifier_judge
+    from peft_safety.recipes.judges import _CLASSIFIER_SETTINGS, evaluation_sets, judge_training_examples
+
+    train_ids = {g["id"] for g in generations if split[g["id"]] == "train" and g["id"] in labels}
+    real = real_examples(generations, labels, train_ids)
     validation = [{"prompt": g["prompt"]} for g in generations if split[g["id"]] == "validation"]
-    real = [JudgeExample(g["prompt"], g["response"], labels[g["id"]]["label"], f"pool-{g['prompt_set']}",
-                         f"pool_train:{g['source']}") for g in train_items]  # fmt: skip
-    base, info = judge_training_examples(extra_evaluation={"pool_validation_prompts": validation})
-    from peft_safety.recipes.judges import evaluation_sets
-
+    if base is None:
+        base = judge_training_examples(shapes=shapes, extra_evaluation={"pool_validation_prompts": validation})
+    examples, info = base[0], dict(base[1])
     info["leak_check_real"] = check_no_leak(real, {**evaluation_sets(), "pool_validation_prompts": validation})
     s = _CLASSIFIER_SETTINGS
-    judge = train_classifier_judge([*base, *real * weight], hash_bits=s["hash_bits"], max_iter=s["max_iter"],
-                                   seed=s["seed"], name="classifier_real")  # fmt: skip
-    judge.metadata.update(n_real_train=len(real), real_weight=weight, **info)
+    judge = train_classifier_judge([*examples, *real * weight], hash_bits=s["hash_bits"], max_iter=s["max_iter"],
+                                   seed=s["seed"], name="classifier_real", features=features)  # fmt: skip
+    judge.metadata.update(n_real_train=len(real), real_weight=weight, shapes=shapes, **info)
     if out_dir is not None:
         from peft_safety.evaluation.classifier_judge import ClassifierJudge
 

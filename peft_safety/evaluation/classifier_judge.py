@@ -85,8 +85,9 @@ _N_DENSE = 6
 FEATURE_SETS = {1: _N_DENSE, 2: _N_DENSE + 5}
 #: a sentence that declines (first person): the signal of the sentence features of set 2
 _DECLINE = re.compile(
-    r"\b(?:i\s*(?:'m|am)\s*(?:sorry|unable|not able|not going to|not here to)|i\s*(?:can't|cannot|can not|won't|"
-    r"will not|must decline|refuse|apologi[sz]e)|i\s*(?:do not|don't) have the ability|as an ai\b|sorry, but)",
+    r"\b(?:i\s*(?:['\u2019]m|am)\s*(?:sorry|unable|not able|not going to|not here to)|i\s*(?:can['\u2019]t|cannot|"
+    r"can not|won['\u2019]t|will not|must decline|refuse|apologi[sz]e)|i\s*(?:do not|don['\u2019]t) have the ability|"
+    r"(?:as|i['\u2019]m just|i am just) an ai\b|sorry, but)",
     re.IGNORECASE,
 )
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
