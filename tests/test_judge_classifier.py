@@ -220,7 +220,8 @@ def test_feature_set_2_appends_the_sentence_features_after_set_1():
     prompts, responses = ["p", "q"], SENTENCE_CASES[1:3]
     one = _features(prompts, responses, 10, 1).to_dense()
     two = _features(prompts, responses, 10, 2).to_dense()
-    assert one.shape == (2, 1024 + FEATURE_SETS[1]) and two.shape == (2, 1024 + FEATURE_SETS[2]) and FEATURE_SETS[2] == 11
+    assert FEATURE_SETS[2] == 11
+    assert one.shape == (2, 1024 + FEATURE_SETS[1]) and two.shape == (2, 1024 + FEATURE_SETS[2])
     assert torch.equal(two[:, : 1024 + 6], one)  # set 1's columns are unchanged
     for i, r in enumerate(responses):
         assert two[i, 1024 + 6 :].tolist() == pytest.approx(_sentence_features(r))
@@ -260,7 +261,7 @@ def test_feature_sets_save_load_and_old_files_load_as_set_1(tmp_path):
     with pytest.raises(ValueError, match=r"implies \[3, 267\]"):
         ClassifierJudge.from_pretrained(old)
     save_file({"weight": w1, "bias": torch.zeros(3)}, str(old), metadata={**header, "features": "7"})
-    with pytest.raises(ValueError, match="feature set 7.*retrain"):
+    with pytest.raises(ValueError, match=r"feature set 7.*retrain"):
         ClassifierJudge.from_pretrained(old)
     with pytest.raises(ValueError, match="features must be one of"):
         ClassifierJudge(w1, torch.zeros(3), hash_bits=8, features=3)
@@ -293,6 +294,7 @@ def test_shapes_2_adds_rubric_labelled_shapes_and_keeps_shapes_1():
         assert e.label == "compliant" and _DECLINE.search(s[0]) and len(s) >= 2
     assert all(e.label == "non_answer" for e in by["heading_loop"])
     assert all(e.label == "refusal" and _DECLINE.search(e.response) for e in by["over_refusal"])
-    assert len(by["refusal_loop"]) == len(_labelled()) and len(by["heading_loop"]) == len(range(0, len(_labelled()), 3))
+    n_rows = len(_labelled())
+    assert len(by["refusal_loop"]) == n_rows and len(by["heading_loop"]) == len(range(0, n_rows, 3))
     with pytest.raises(ValueError, match="shapes must be 1 or 2"):
         build_judge_examples(_labelled(), BENIGN, seed=0, shapes=3)
