@@ -76,6 +76,10 @@ def test_calibration_learns_a_letter_permutation(tiny):
     # the calibrated map is used: explicit formula softmax(x W^T + b)
     w, b = torch.tensor(cal["weight"]), torch.tensor(cal["bias"])
     torch.testing.assert_close(judge._logits(x), x @ w.T + b)
+    # log-probs computed by the judge itself (inference tensors) can be passed back in
+    real = judge.letter_logprobs(["p"] * 3, ["I cannot.", "Sure: step one.", "I agree. I agree."])
+    assert real.is_inference()
+    judge.calibrate(examples[:3], logprobs=real)
     with pytest.raises(ValueError, match="every label"):
         judge.calibrate(examples[:1], logprobs=x[:1])
     with pytest.raises(ValueError, match="shape"):

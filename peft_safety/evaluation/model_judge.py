@@ -279,7 +279,8 @@ class RubricJudge:
         x = logprobs if logprobs is not None else self.letter_logprobs(
             [e.prompt for e in examples], [e.response for e in examples]
         )  # fmt: skip
-        x = torch.as_tensor(x, dtype=torch.float32)
+        # a clone outside inference mode: `letter_logprobs` returns inference tensors, which autograd cannot save
+        x = torch.as_tensor(x, dtype=torch.float32).clone()
         if tuple(x.shape) != (len(examples), 3):
             raise ValueError(f"logprobs must have shape ({len(examples)}, 3), got {tuple(x.shape)}.")
         class_weight = counts.sum() / (3 * counts)
