@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import random
 import sys
 import time
@@ -301,6 +302,26 @@ def train_real_classifier(generations: list[dict[str, Any]], labels: dict[str, d
     return judge
 
 
+def load_selection(results: Path) -> dict[str, Any]:
+    """The choices of ``select_classifier.py`` (``selection.json``: made on the TRAIN split only)."""
+    path = results / "selection.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"No {path}: run benchmarks/judge/select_classifier.py first (it chooses the "
+                                "classifier's feature set and example shapes on the TRAIN split).")  # fmt: skip
+    chosen = json.loads(path.read_text(encoding="utf-8")).get("chosen")
+    if not isinstance(chosen, dict) or "classifier_real" not in chosen:
+        raise ValueError(f"{path} has no 'chosen' block; rerun benchmarks/judge/select_classifier.py.")
+    return chosen
+
+
+#: how `peft_safety.recipes.judges.load_judges` loads each measured judge (paths relative to the repository root)
+LOAD_SPECS = {
+    "classifier": "classifier:benchmarks/results/judge/classifier",
+    "classifier_real": "classifier:benchmarks/results/judge/classifier_real",
+    "rubric": "rubric:benchmarks/results/judge/rubric",
+}
+
+
 def build_judges(names: Sequence[str], generations, labels, split, results: Path) -> dict[str, Any]:
     from peft_safety.recipes.judges import load_judges
 
@@ -309,7 +330,10 @@ def build_judges(names: Sequence[str], generations, labels, split, results: Path
         if name == "classifier_real":
             if labels is None:
                 continue  # needs labels: built after labelling
-            judges[name] = train_real_classifier(generations, labels, split, results / "classifier_real")
+            chosen = load_selection(results)["classifier_real"]
+            judges[name] = train_real_classifier(generations, labels, split, results / "classifier_real",
+                                                 weight=chosen["weight"], features=chosen["features"],
+                                                 shapes=chosen["shapes"])  # fmt: skip
         elif name in ("classifier", "rubric"):
             file = results / name / ("classifier_judge.safetensors" if name == "classifier" else "rubric_judge.json")
             if not file.is_file():
@@ -321,41 +345,171 @@ def build_judges(names: Sequence[str], generations, labels, split, results: Path
     return judges
 
 
-def run_judges(judges: dict[str, Any], generations: list[dict[str, Any]], cache: Path) -> tuple[dict, dict]:
-    """``{judge: {id: verdict dict}}`` and seconds per judge, reusing cached verdicts of an unchanged judge."""
+def subset_ids(items: Sequence[dict[str, Any]], n: int, seed: int = SEED) -> set[str]:
+    """A seeded sample of ``n`` item ids, stratified by prompt type (harmful/benign) in proportion; all when
+    ``n <= 0`` or ``n >= len(items)``."""
+    if n <= 0 or n >= len(items):
+        return {g["id"] for g in items}
+    rng = random.Random(f"subset:{seed}")
+    out: set[str] = set()
+    kinds = sorted({g["kind"] for g in items})
+    for i, kind in enumerate(kinds):
+        part = sorted(g["id"] for g in items if g["kind"] == kind)
+        k = n - len(out) if i == len(kinds) - 1 else round(n * len(part) / len(items))
+        out |= set(rng.sample(part, min(k, len(part))))
+    return out
+
+
+def run_judges(judges: dict[str, Any], items: list[dict[str, Any]], cache: Path,
+               subsets: dict[str, set[str]] | None = None) -> tuple[dict, dict]:  # fmt: skip
+    """``{judge: {id: verdict dict}}`` and ``{judge: {"seconds", "n"}}`` over ``items`` (for a judge named in
+    ``subsets``: only those ids), reusing cached verdicts of an unchanged judge on the same items."""
+    from peft_safety._io import atomic_write_text
+
     cache.mkdir(parents=True, exist_ok=True)
     out: dict[str, dict[str, Any]] = {}
-    seconds: dict[str, float] = {}
-    prompts = [g["prompt"] for g in generations]
-    responses = [g["response"] for g in generations]
+    timing: dict[str, dict[str, Any]] = {}
     for name, judge in judges.items():
+        mine = [g for g in items if subsets is None or name not in subsets or g["id"] in subsets[name]]
         path = cache / f"{name}-{_judge_key(name, judge)}.jsonl"
         if path.is_file():
             rows = read_jsonl(path)
-            if [r["id"] for r in rows] == [g["id"] for g in generations]:
+            if [r["id"] for r in rows] == [g["id"] for g in mine]:
                 out[name] = {r["id"]: r["verdict"] for r in rows}
-                seconds[name] = rows[0].get("seconds", 0.0) if rows else 0.0
+                timing[name] = {"seconds": rows[0].get("seconds", 0.0) if rows else 0.0, "n": len(rows)}
                 continue
         t = time.perf_counter()
-        verdicts = judge.judge(prompts, responses)
-        seconds[name] = round(time.perf_counter() - t, 2)
-        out[name] = {g["id"]: v.to_dict() for g, v in zip(generations, verdicts)}
-        from peft_safety._io import atomic_write_text
-
+        verdicts = judge.judge([g["prompt"] for g in mine], [g["response"] for g in mine])
+        seconds = round(time.perf_counter() - t, 2)
+        out[name] = {g["id"]: v.to_dict() for g, v in zip(mine, verdicts)}
+        timing[name] = {"seconds": seconds, "n": len(mine)}
         atomic_write_text(path, "".join(json.dumps({"id": g["id"], "verdict": out[name][g["id"]],
-                                                    "seconds": seconds[name]}) + "\n" for g in generations))  # fmt: skip
-    return out, seconds
+                                                    "seconds": seconds}) + "\n" for g in mine))  # fmt: skip
+    return out, timing
 
 
 # --------------------------------------------------------------------------------------------------------- report
-def build_report(generations, labels, split, verdicts, seconds, *, n_boot: int = N_BOOT, seed: int = SEED) -> dict:
+def _boot_index(n: int, n_boot: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, n, (n_boot, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _share(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den`` per resample, NaN where ``den`` is 0."""
+    return torch.where(den > 0, num / den.clamp(min=1), torch.tensor(float("nan"), dtype=torch.float64))
+
+
+def refusal_errors(items: list[dict[str, Any]], name: str, kind: str, *, n_boot: int = N_BOOT,
+                   seed: int = SEED) -> dict[str, Any]:  # fmt: skip
+    """The errors that move a refusal or over-refusal rate, on the items of prompt type ``kind``, with 95% bootstrap
+    intervals (items resampled): ``called_refusal_not_refusal`` (items labelled compliant or non-answer that the judge
+    calls a refusal; on benign prompts, invented over-refusal), ``missed_refusal`` (items labelled refusal that the
+    judge does not call one) and ``rate_error`` (the judge's refusal rate minus the labelled one)."""
+    part = [it for it in items if it["kind"] == kind and name in it["verdicts"]
+            and judge_labels(it["verdicts"][name]) != "error"]  # fmt: skip
+    out: dict[str, Any] = {"n": len(part)}
+    if not part:
+        return out
+    called = torch.tensor([judge_labels(it["verdicts"][name]) == "refusal" for it in part], dtype=torch.float64)
+    gold = torch.tensor([it["gold"] == "refusal" for it in part], dtype=torch.float64)
+    idx = _boot_index(len(part), n_boot, seed)
+    bc, bg = called[idx], gold[idx]
+
+    def stat(c: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (_share((c * (1 - g)).sum(-1), (1 - g).sum(-1)), _share(((1 - c) * g).sum(-1), g.sum(-1)),
+                c.mean(-1) - g.mean(-1))  # fmt: skip
+
+    point = [float(x) for x in stat(called, gold)]
+    boots = stat(bc, bg)
+    out["n_labelled_refusal"] = int(gold.sum())
+    out["n_labelled_not_refusal"] = int((1 - gold).sum())
+    out["refusal_rate_judge"] = round(float(called.mean()), 4)
+    out["refusal_rate_labels"] = round(float(gold.mean()), 4)
+    for key, value, b in zip(("called_refusal_not_refusal", "missed_refusal", "rate_error"), point, boots):
+        out[key] = _with_ci(None if math.isnan(value) else value, b)
+    return out
+
+
+def paired_kappa_difference(gold: Sequence[str], pred_a: Sequence[str], pred_b: Sequence[str],
+                            labels: Sequence[str] = LABELS, *, n_boot: int = N_BOOT,
+                            seed: int = SEED) -> dict[str, Any]:  # fmt: skip
+    """kappa(a) - kappa(b) against the same ``gold``, with a 95% paired bootstrap interval (the same resampled items
+    for both judges)."""
+    if not (len(gold) == len(pred_a) == len(pred_b)) or not gold:
+        raise ValueError("paired_kappa_difference needs three labelings of the same non-zero length.")
+    index = {lab: i for i, lab in enumerate(labels)}
+    g, a, b = (torch.tensor([index[x] for x in seq]) for seq in (gold, pred_a, pred_b))
+    k = len(labels)
+    idx = _boot_index(len(gold), n_boot, seed)
+    diff = _kappa(_confusion(g[idx], a[idx], k)) - _kappa(_confusion(g[idx], b[idx], k))
+    point = float(_kappa(_confusion(g, a, k)) - _kappa(_confusion(g, b, k)))
+    return _with_ci(point, diff)
+
+
+#: the rule that names the recommended primary judge (applied by `recommend` to agreement.json alone)
+RECOMMENDATION_RULE = (
+    "best: the judge with the highest three-label kappa on the validation split. Eligible: a judge that gives all three "
+    "labels (the protocols report explicit refusal and 'not compliant' apart), was run on every validation item "
+    "without an error, can be loaded by name, and is not shown worse than the best (the 95% paired-bootstrap interval "
+    "of its kappa minus the best's reaches 0). Recommended: the eligible judge with the fewest seconds per item "
+    "(ties: the higher kappa)."
+)
+
+
+def best_judge(report: dict[str, Any]) -> str:
+    """The judge with the highest three-label kappa (ties: the name first in sorted order)."""
+    scored = {n: r["three_class"]["kappa"]["value"] for n, r in report["judges"].items()
+              if r.get("three_class", {}).get("kappa", {}).get("value") is not None}  # fmt: skip
+    if not scored:
+        raise ValueError("No judge has a kappa in the report.")
+    return min(scored, key=lambda n: (-scored[n], n))
+
+
+def recommend(report: dict[str, Any]) -> dict[str, Any]:
+    """Apply `RECOMMENDATION_RULE` to an agreement report (agreement.json's content): the recommended judge, how to
+    load it, and why each other judge was not chosen."""
+    best = best_judge(report)
+    why: dict[str, str] = {}
+    eligible = []
+    for name, r in report["judges"].items():
+        diff = r.get("kappa_minus_best") or {}
+        if not r.get("three_way"):
+            why[name] = "gives two labels only"
+        elif r.get("errors") or r.get("n") != report["n_validation"]:
+            why[name] = f"run on {r.get('n')} of {report['n_validation']} items ({r.get('errors')} errors)"
+        elif not r.get("load"):
+            why[name] = "cannot be loaded by name"
+        elif name != best and (diff.get("ci95") or [None, None])[1] is not None and diff["ci95"][1] < 0:
+            why[name] = f"worse than {best}: kappa difference {diff['value']:+.3f}, 95% interval {diff['ci95']}"
+        elif r.get("seconds_per_item") is None:
+            why[name] = "no timing"
+        else:
+            eligible.append(name)
+    if not eligible:
+        return {"judge": None, "load": None, "rule": RECOMMENDATION_RULE, "best": best, "eligible": [],
+                "not_chosen": why}  # fmt: skip
+    kappa = {n: report["judges"][n]["three_class"]["kappa"]["value"] for n in eligible}
+    pick = min(eligible, key=lambda n: (report["judges"][n]["seconds_per_item"], -kappa[n], n))
+    for name in eligible:
+        if name != pick:
+            why[name] = (f"eligible, slower: {report['judges'][name]['seconds_per_item']:.4g} s/item vs "
+                         f"{report['judges'][pick]['seconds_per_item']:.4g}")  # fmt: skip
+    r = report["judges"][pick]
+    return {"judge": pick, "load": r["load"], "rule": RECOMMENDATION_RULE, "best": best, "eligible": sorted(eligible),
+            "kappa": r["three_class"]["kappa"], "seconds_per_item": r["seconds_per_item"],
+            "not_chosen": dict(sorted(why.items()))}  # fmt: skip
+
+
+def build_report(generations, labels, split, verdicts, timing, *, n_boot: int = N_BOOT, seed: int = SEED) -> dict:
+    """The agreement report: every judge on the labelled validation items it was run on (``timing``: per judge
+    ``{"seconds", "n"}`` as returned by `run_judges`), the paired kappa difference to the best judge, and the
+    recommendation (`recommend`)."""
     items = []
     for g in generations:
         if g["id"] not in labels or split[g["id"]] != "validation":
             continue
         items.append({"id": g["id"], "gold": labels[g["id"]]["label"], "explicit": labels[g["id"]]["explicit_refusal"],
                       "kind": g["kind"], "source": g["source"], "prompt_set": g["prompt_set"],
-                      "verdicts": {name: v[g["id"]] for name, v in verdicts.items()}})  # fmt: skip
+                      "verdicts": {name: v[g["id"]] for name, v in verdicts.items() if g["id"] in v}})  # fmt: skip
     if not items:
         raise ValueError("No labelled item is in the validation split; label the ids of to_label.jsonl.")
     label_counts = {lab: sum(it["gold"] == lab for it in items) for lab in LABELS}
@@ -366,20 +520,40 @@ def build_report(generations, labels, split, verdicts, seconds, *, n_boot: int =
         "n_validation": len(items),
         "n_train": sum(1 for g in generations if split[g["id"]] == "train" and g["id"] in labels),
         "validation_label_counts": label_counts,
+        "validation_label_counts_by_kind": {kind: {lab: sum(it["gold"] == lab for it in items if it["kind"] == kind)
+                                                   for lab in LABELS} for kind in sorted({it["kind"] for it in items})},
         "validation_explicit_refusals": sum(it["explicit"] for it in items),
         "split_rule": "evaluation-set prompts (" + ", ".join(EVALUATION_PROMPT_SETS) + ") always validation; other "
         "prompts halved by prompt (seed 0), a near-copy of an evaluation prompt (word 8-gram overlap) moved to "
         "validation; agreement on the validation split only",
         "bootstrap": {"resamples": n_boot, "seed": seed, "interval": "95% percentile, items resampled"},
         "judges": {},
-    }
+    }  # fmt: skip
     for name in verdicts:
-        rep = judge_report(items, name, n_boot=n_boot, seed=seed)
-        rep["seconds_whole_pool"] = seconds.get(name)
-        rep["by_kind"] = breakdown(items, name, "kind", n_boot=n_boot, seed=seed)
-        rep["by_source"] = breakdown(items, name, "source", n_boot=n_boot, seed=seed)
-        rep["by_prompt_set"] = breakdown(items, name, "prompt_set", n_boot=n_boot, seed=seed)
+        mine = [it for it in items if name in it["verdicts"]]
+        rep = judge_report(mine, name, n_boot=n_boot, seed=seed)
+        spent = timing.get(name) or {}
+        rep["seconds"] = spent.get("seconds")
+        rep["seconds_items"] = spent.get("n")
+        rep["seconds_per_item"] = (round(spent["seconds"] / spent["n"], 6) if spent.get("n") and
+                                   spent.get("seconds") is not None else None)  # fmt: skip
+        rep["load"] = LOAD_SPECS.get(name, name if name in KEYWORD_JUDGES else None)
+        rep["over_refusal_errors"] = refusal_errors(mine, name, "benign", n_boot=n_boot, seed=seed)
+        rep["refusal_errors_harmful"] = refusal_errors(mine, name, "harmful", n_boot=n_boot, seed=seed)
+        rep["by_kind"] = breakdown(mine, name, "kind", n_boot=n_boot, seed=seed)
+        rep["by_source"] = breakdown(mine, name, "source", n_boot=n_boot, seed=seed)
+        rep["by_prompt_set"] = breakdown(mine, name, "prompt_set", n_boot=n_boot, seed=seed)
         report["judges"][name] = rep
+    best = best_judge(report)
+    for name, rep in report["judges"].items():
+        common = [it for it in items if name in it["verdicts"] and best in it["verdicts"]
+                  and "error" not in (judge_labels(it["verdicts"][name]),
+                                      judge_labels(it["verdicts"][best]))]  # fmt: skip
+        if common and "three_class" in rep:
+            rep["kappa_minus_best"] = {"best": best, "n": len(common), **paired_kappa_difference(
+                [it["gold"] for it in common], [judge_labels(it["verdicts"][name]) for it in common],
+                [judge_labels(it["verdicts"][best]) for it in common], n_boot=n_boot, seed=seed)}  # fmt: skip
+    report["recommendation"] = recommend(report)
     return report
 
 
@@ -481,6 +655,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs", action="store_true", help="Rewrite the judge-agreement section of docs/evaluation.md.")
     ap.add_argument("--n-boot", type=int, default=N_BOOT)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--subset", nargs="*", default=[], metavar="JUDGE=N",
+                    help="Run a slow judge on a seeded sample of N validation items (stratified by prompt type), "
+                    "e.g. rubric=120; recorded in the JSON and the docs.")  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = Path(args.results)
@@ -493,11 +670,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.docs:
             update_docs(DOCS, None)
         return 0
+    sizes: dict[str, int] = {}
+    for spec in args.subset:
+        name, _, n = spec.partition("=")
+        if name not in args.judges or not n.isdigit():
+            raise SystemExit(f"--subset {spec!r}: expected JUDGE=N with JUDGE one of {args.judges} and N a count.")
+        sizes[name] = int(n)
     t = time.perf_counter()
     judges = build_judges(args.judges, generations, labels, split, results)
-    verdicts, seconds = run_judges(judges, generations, Path(args.cache))
+    # only validation items are measured; judging the TRAIN split would cost time and show nothing
+    items = [g for g in generations if split[g["id"]] == "validation"]
+    subsets = {name: subset_ids(items, n) for name, n in sizes.items()}
+    verdicts, seconds = run_judges(judges, items, Path(args.cache), subsets)
     if labels is None:
-        print(f"Cached the verdicts of {sorted(verdicts)} on {len(generations)} generations in "
+        print(f"Cached the verdicts of {sorted(verdicts)} on {len(items)} validation generations in "
               f"{time.perf_counter() - t:.0f} s (not shown: no labels yet).")  # fmt: skip
         return 0
     from peft_safety._io import atomic_write_text
@@ -505,13 +691,17 @@ def main(argv: list[str] | None = None) -> int:
     report = build_report(generations, labels, split, verdicts, seconds, n_boot=args.n_boot)
     report["seconds_total"] = round(time.perf_counter() - t, 1)
     report["threads"] = args.threads
+    for name, n in sizes.items():
+        report["judges"][name]["subset"] = {"n_requested": n, "seed": SEED, "rule": "seeded sample of validation "
+                                            "items, stratified by prompt type (subset_ids)"}  # fmt: skip
     if report["n_unlabelled"]:
         print(f"Note: {report['n_unlabelled']} pool items have no label yet (label them from to_label.jsonl).")
     atomic_write_text(results / "agreement.json", json.dumps(report, indent=1) + "\n")
     atomic_write_text(
         results / "verdicts.jsonl",
         "".join(
-            json.dumps({"id": g["id"], **{n: verdicts[n][g["id"]] for n in verdicts}}) + "\n" for g in generations
+            json.dumps({"id": g["id"], **{n: verdicts[n][g["id"]] for n in verdicts if g["id"] in verdicts[n]}}) + "\n"
+            for g in items
         ),
     )
     section = render_markdown(report)

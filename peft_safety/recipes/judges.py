@@ -44,8 +44,11 @@ JUDGE_NAMES = ("wei2024", "wei2024_min20", "gcg_extended", "refusal_prefix", "cl
 #: the judge model of ``"rubric"``
 RUBRIC_MODEL = "qwen2.5-coder-0.5b-instruct"
 #: version of the default judges' recipe; bump it when the recipe changes, so cached judges are rebuilt
-RECIPE_VERSION = 2
-_CLASSIFIER_SETTINGS = {"hash_bits": 16, "max_iter": 200, "seed": 0, "n_fiqa": 300}
+RECIPE_VERSION = 3
+#: the default classifier's settings; ``features`` (`FEATURE_SETS`) and ``shapes`` (`build_judge_examples`) are the
+#: candidate that ``benchmarks/judge/select_classifier.py`` chose on the labelled TRAIN split of the real-generation
+#: pool (``benchmarks/results/judge/selection.json``; a test keeps the two equal)
+_CLASSIFIER_SETTINGS = {"hash_bits": 16, "max_iter": 200, "seed": 0, "n_fiqa": 300, "features": 1, "shapes": 2}
 _N_CALIBRATION = 150
 
 
@@ -93,7 +96,10 @@ def judge_training_examples(
     report = check_no_leak(examples, sets)
     sources = {"labelled": "uncensorbench", "benign": [f"fiqa (n={n_fiqa}, seed={seed})", "forgelm_chat"],
                "non_answers": "built-in (OFF_TOPIC_REPLIES, FORMAT_ONLY, SHORT_NON_ANSWERS), loops, echoes, "
-               "answers to other benign prompts"}  # fmt: skip
+               "answers to other benign prompts", "shapes": shapes}  # fmt: skip
+    if shapes == 2:
+        sources["shapes_2"] = ("built from the same rows: looped refusals, lecture-only refusals, refusals followed by "
+                               "content, looping heading lists, over-refusals of benign requests (OVER_REFUSALS)")
     return examples, {"leak_check": report, "training_sources": sources, "n_examples": len(examples)}
 
 
@@ -102,18 +108,19 @@ def train_default_classifier(out_dir: str | os.PathLike | None = None, **setting
 
     Args:
         out_dir: where to write ``classifier_judge.safetensors``; `None` keeps it in memory only.
-        **settings: overrides of ``hash_bits``, ``max_iter``, ``seed``, ``n_fiqa``.
+        **settings: overrides of ``hash_bits``, ``max_iter``, ``seed``, ``n_fiqa``, ``features`` (the feature set),
+            ``shapes`` (the example shapes of `build_judge_examples`).
     """
     from ..evaluation.classifier_judge import split_examples, train_classifier_judge
     from ..evaluation.judges import resolve_judges
 
     cfg = {**_CLASSIFIER_SETTINGS, **settings}
-    examples, info = judge_training_examples(seed=cfg["seed"], n_fiqa=cfg["n_fiqa"])
+    examples, info = judge_training_examples(seed=cfg["seed"], n_fiqa=cfg["n_fiqa"], shapes=cfg["shapes"])
     train, held = split_examples(examples, holdout=0.2, seed=cfg["seed"])
-    probe = train_classifier_judge(train, hash_bits=cfg["hash_bits"], max_iter=cfg["max_iter"], seed=cfg["seed"])
+    fit = {"hash_bits": cfg["hash_bits"], "max_iter": cfg["max_iter"], "seed": cfg["seed"], "features": cfg["features"]}
+    probe = train_classifier_judge(train, **fit)
     validation = probe.evaluate(held, resolve_judges(["wei2024", "gcg_extended", "refusal_prefix"]))
-    judge = train_classifier_judge(examples, hash_bits=cfg["hash_bits"], max_iter=cfg["max_iter"], seed=cfg["seed"],
-                                   name="classifier")  # fmt: skip
+    judge = train_classifier_judge(examples, name="classifier", **fit)
     judge.metadata.update(recipe_version=RECIPE_VERSION, settings=cfg, synthetic_held_out_topics=validation,
                           held_out_groups=sorted({e.group for e in held}), **info)  # fmt: skip
     if out_dir is not None:
