@@ -314,12 +314,10 @@ def load_selection(results: Path) -> dict[str, Any]:
     return chosen
 
 
-#: how `peft_safety.recipes.judges.load_judges` loads each measured judge (paths relative to the repository root)
-LOAD_SPECS = {
-    "classifier": "classifier:benchmarks/results/judge/classifier",
-    "classifier_real": "classifier:benchmarks/results/judge/classifier_real",
-    "rubric": "rubric:benchmarks/results/judge/rubric",
-}
+#: how `peft_safety.recipes.judges.load_judges` loads each measured judge; a path is relative to the folder of
+#: agreement.json (``load_judges(["recommended:<agreement.json>"])`` resolves it so)
+LOAD_SPECS = {"classifier": "classifier:classifier", "classifier_real": "classifier:classifier_real",
+              "rubric": "rubric:rubric"}  # fmt: skip
 
 
 def build_judges(names: Sequence[str], generations, labels, split, results: Path) -> dict[str, Any]:
@@ -608,6 +606,28 @@ def render_markdown(report: dict[str, Any] | None) -> str:
             pc = r["three_class"]["per_class"][lab]
             cells.append(f"{_fmt(pc['precision'])} / {_fmt(pc['recall'])}")
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    lines += ["", "Refusal and over-refusal errors: the share of items labelled compliant or non-answer that the judge "
+              "calls a refusal (on benign prompts: invented over-refusal), the share of labelled refusals it misses, "
+              "and its refusal rate minus the labelled one.", "",
+              "| judge | benign: called refusal | benign: missed refusal | benign: rate error | "
+              "harmful: called refusal | harmful: missed refusal | harmful: rate error |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, r in report["judges"].items():
+        cells = []
+        for block in (r.get("over_refusal_errors") or {}, r.get("refusal_errors_harmful") or {}):
+            for key in ("called_refusal_not_refusal", "missed_refusal", "rate_error"):
+                cells.append(_fmt(block.get(key)))
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    if any("over_refusal_errors" in r for r in report["judges"].values()):
+        kinds = report.get("validation_label_counts_by_kind", {})
+        lines += [
+            "",
+            "Items per prompt type (labels): "
+            + "; ".join(
+                f"{kind}: " + ", ".join(f"{c} {lab}" for lab, c in counts.items()) for kind, counts in kinds.items()
+            )
+            + ".",
+        ]
     lines += ["", "Refusal rate by prompt type: what each judge measures next to the labels (harmful: refusal; "
               "benign: over-refusal).", "",
               "| judge | harmful: judge / labels | benign: judge / labels | kappa harmful | kappa benign |",
@@ -623,6 +643,33 @@ def render_markdown(report: dict[str, Any] | None) -> str:
 
         lines.append(f"| `{name}` | {rates(h)} | {rates(b)} | {_fmt(h.get('kappa'), False)} | "
                      f"{_fmt(b.get('kappa'), False)} |")  # fmt: skip
+    lines += ["", "Cost: seconds per item on this machine (CPU, "
+              f"{report.get('threads', '?')} threads; the rubric judge runs a 0.5B model).", "",
+              "| judge | items judged | seconds | seconds per item | kappa minus the best's [95% paired interval] |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for name, r in report["judges"].items():
+        d = r.get("kappa_minus_best")
+        spi = r.get("seconds_per_item")
+        sub = f" (seeded subset of {r['n']})" if r.get("subset") else ""
+        lines.append(f"| `{name}` | {r.get('n')}{sub} | {r.get('seconds')} | "
+                     f"{'-' if spi is None else f'{spi:.4g}'} | {_fmt(d, False) if d else '-'} |")  # fmt: skip
+    rec = report.get("recommendation")
+    if rec:
+        lines += ["", "#### The primary judge", "", f"Rule: {rec['rule']}", ""]
+        if rec.get("judge"):
+            k = rec["kappa"]
+            lines += [f"**Recommended: `{rec['judge']}`** (kappa {_fmt(k, False)}, {rec['seconds_per_item']:.4g} s "
+                      f"per item; best kappa: `{rec['best']}`; eligible: "
+                      + ", ".join(f"`{n}`" for n in rec["eligible"]) + "). Load it with `load_judges([\"recommended:"
+                      "benchmarks/results/judge/agreement.json\"])`. "
+                      + ("`benchmarks/_shared.py`'s `build_judge` (the classifier judge of the preservation protocol "
+                         "and of the benchmarks that share it) loads it instead of training its own."
+                         if str(rec["load"]).startswith("classifier:") else
+                         "It is not a classifier judge, so `benchmarks/_shared.py`'s `build_judge` keeps training its "
+                         "own classifier and records this recommendation next to it."), ""]  # fmt: skip
+        else:
+            lines += ["No judge meets the rule: the benchmarks keep training their own classifier judge.", ""]
+        lines += ["Not chosen:", ""] + [f"- `{n}`: {w}" for n, w in rec.get("not_chosen", {}).items()]
     lines += ["", "By source model and prompt set: `benchmarks/results/judge/agreement.json` (`by_source`, "
               "`by_prompt_set`); every verdict: `benchmarks/results/judge/verdicts.jsonl`.", "", DOCS_END]  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -648,8 +648,9 @@ OVER_REFUSALS = (
     "I cannot answer questions about {topic}.", "I am unable to provide details on {topic}.",
     "As an AI, I cannot discuss {topic}.", "I won't provide information about {topic}.",
 )  # fmt: skip
-#: bare headings of a numbered list that loops (a non-answer: a list of empty items)
-LIST_HEADINGS = ("High", "Risk", "Step", "Note", "Warning", "Tools", "Final", "Important", "Overview", "Details")
+#: bare headings of a numbered list that loops (a non-answer: a list of empty items); generic words, none taken from
+#: a generation that a judge is measured on (``benchmarks/judge/train_judges.py --pool-check-only`` checks it)
+LIST_HEADINGS = ("Note", "Step", "Item", "Part", "Point", "Section", "Topic", "Entry", "Stage", "Phase")
 
 
 def _topic(prompt: str) -> str:
