@@ -9,7 +9,9 @@
   against every set in `EVALUATION_SOURCES`), cached under the peft-safety cache after the first build;
   ``"classifier:<path>"`` loads a saved one;
 * ``"rubric"``: `RubricJudge` on the embedded aligned model (Qwen2.5-Coder-0.5B-Instruct), calibrated on the same
-  non-evaluation examples; ``"rubric:<path>"`` loads a saved calibration (``rubric_judge.json``).
+  non-evaluation examples; ``"rubric:<path>"`` loads a saved calibration (``rubric_judge.json``);
+* ``"recommended:<agreement.json>"``: the judge that an agreement report (``benchmarks/judge/agreement.py``: every
+  judge against blind hand labels of real generations) recommends by its rule (`recommended_judge`).
 
 Example:
 
@@ -21,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -36,6 +39,7 @@ __all__ = [
     "evaluation_sets",
     "judge_training_examples",
     "load_judges",
+    "recommended_judge",
     "train_default_classifier",
 ]
 
@@ -98,8 +102,10 @@ def judge_training_examples(
                "non_answers": "built-in (OFF_TOPIC_REPLIES, FORMAT_ONLY, SHORT_NON_ANSWERS), loops, echoes, "
                "answers to other benign prompts", "shapes": shapes}  # fmt: skip
     if shapes == 2:
-        sources["shapes_2"] = ("built from the same rows: looped refusals, lecture-only refusals, refusals followed by "
-                               "content, looping heading lists, over-refusals of benign requests (OVER_REFUSALS)")
+        sources["shapes_2"] = (
+            "built from the same rows: looped refusals, lecture-only refusals, refusals followed by "
+            "content, looping heading lists, over-refusals of benign requests (OVER_REFUSALS)"
+        )
     return examples, {"leak_check": report, "training_sources": sources, "n_examples": len(examples)}
 
 
@@ -117,7 +123,12 @@ def train_default_classifier(out_dir: str | os.PathLike | None = None, **setting
     cfg = {**_CLASSIFIER_SETTINGS, **settings}
     examples, info = judge_training_examples(seed=cfg["seed"], n_fiqa=cfg["n_fiqa"], shapes=cfg["shapes"])
     train, held = split_examples(examples, holdout=0.2, seed=cfg["seed"])
-    fit = {"hash_bits": cfg["hash_bits"], "max_iter": cfg["max_iter"], "seed": cfg["seed"], "features": cfg["features"]}
+    fit = {
+        "hash_bits": cfg["hash_bits"],
+        "max_iter": cfg["max_iter"],
+        "seed": cfg["seed"],
+        "features": cfg["features"],
+    }
     probe = train_classifier_judge(train, **fit)
     validation = probe.evaluate(held, resolve_judges(["wei2024", "gcg_extended", "refusal_prefix"]))
     judge = train_classifier_judge(examples, name="classifier", **fit)
@@ -180,6 +191,47 @@ def default_rubric_judge(
     return judge
 
 
+_MAX_AGREEMENT_BYTES = 64 * 1024 * 1024
+
+
+def recommended_judge(agreement: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """The judge an agreement report recommends: its `load_judges` name and the report's recommendation block.
+
+    The report is ``agreement.json`` as written by ``benchmarks/judge/agreement.py`` (every judge measured against
+    blind hand labels of real generations, and a rule that names the primary judge). A path in the recommended
+    name (``classifier:<dir>``, ``rubric:<dir>``) is relative to the report's folder and is returned resolved.
+
+    Raises:
+        FileNotFoundError: no report at ``agreement``.
+        ValueError: a report too large, not JSON, without a recommendation, or recommending no judge.
+    """
+    p = Path(agreement)
+    if not p.is_file():
+        raise FileNotFoundError(f"No agreement report at {p}; write one with benchmarks/judge/agreement.py.")
+    if p.stat().st_size > _MAX_AGREEMENT_BYTES:
+        raise ValueError(f"{p} is larger than an agreement report can be ({_MAX_AGREEMENT_BYTES} bytes).")
+    try:
+        report = json.loads(p.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{p} is not valid JSON: {err}") from err
+    rec = report.get("recommendation") if isinstance(report, dict) else None
+    if not isinstance(rec, dict) or "judge" not in rec or "load" not in rec:
+        raise ValueError(f"{p} holds no 'recommendation' block with 'judge' and 'load'; rerun "
+                         "benchmarks/judge/agreement.py.")  # fmt: skip
+    if rec["judge"] is None:
+        raise ValueError(f"{p} recommends no judge (no judge met its rule: {rec.get('rule')!r}); name a judge.")
+    load = rec["load"]
+    if not isinstance(load, str) or not load:
+        raise ValueError(f"{p}: the recommended judge's 'load' must be a judge name, got {load!r}.")
+    kind, sep, rel = load.partition(":")
+    if sep and kind in ("classifier", "rubric"):
+        load = f"{kind}:{(p.parent / rel).resolve()}"
+    elif sep:
+        raise ValueError(f"{p}: cannot load the recommended judge {load!r} (known: a preset, 'classifier:<dir>', "
+                         "'rubric:<dir>').")  # fmt: skip
+    return load, rec
+
+
 def load_judges(names: Sequence[str] | str, *, cache_dir: str | os.PathLike | None = None) -> list[Any]:
     """Judges by name (see the module docstring), in order, with distinct names.
 
@@ -198,6 +250,11 @@ def load_judges(names: Sequence[str] | str, *, cache_dir: str | os.PathLike | No
         if not isinstance(name, str):
             raise TypeError(f"Judge names must be strings, got {type(name).__name__}.")
         kind, _, path = name.partition(":")
+        if kind == "recommended":
+            if not path:
+                raise ValueError("'recommended' needs the agreement report: 'recommended:<path/to/agreement.json>'.")
+            name = recommended_judge(path)[0]
+            kind, _, path = name.partition(":")
         base = kind.split("_min")[0] if "_min" in kind else kind
         if base in KEYWORD_PRESETS or base in PREFIX_PRESETS:
             out.extend(resolve_judges([name]))
@@ -216,7 +273,8 @@ def load_judges(names: Sequence[str] | str, *, cache_dir: str | os.PathLike | No
                        else default_rubric_judge(cache_dir, model, tok))  # fmt: skip
         else:
             raise ValueError(f"Unknown judge {name!r}.{did_you_mean(name, JUDGE_NAMES, available=False)} Known: {list(JUDGE_NAMES)}, "
-                             "'<preset>_min<N>', 'classifier:<path>', 'rubric:<path>'.")  # fmt: skip
+                             "'<preset>_min<N>', 'classifier:<path>', 'rubric:<path>', "
+                             "'recommended:<agreement.json>'.")  # fmt: skip
     seen = [j.name for j in out]
     dupes = sorted({n for n in seen if seen.count(n) > 1})
     if dupes:
