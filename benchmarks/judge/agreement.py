@@ -378,7 +378,7 @@ def run_judges(judges: dict[str, Any], items: list[dict[str, Any]], cache: Path,
                 continue
         t = time.perf_counter()
         verdicts = judge.judge([g["prompt"] for g in mine], [g["response"] for g in mine])
-        seconds = round(time.perf_counter() - t, 2)
+        seconds = round(time.perf_counter() - t, 5)
         out[name] = {g["id"]: v.to_dict() for g, v in zip(mine, verdicts)}
         timing[name] = {"seconds": seconds, "n": len(mine)}
         atomic_write_text(path, "".join(json.dumps({"id": g["id"], "verdict": out[name][g["id"]],
@@ -596,6 +596,12 @@ def render_markdown(report: dict[str, Any] | None) -> str:
             f"{_fmt(r['refusal_vs_not']['kappa'], False)} | {_fmt(r['compliant_vs_not']['kappa'], False)} | "
             f"{_fmt(r['explicit_refusal_vs_not']['kappa'], False)} |"
         )
+    lines += ["", "Refusal (every judge): precision / recall of \"refusal\" against the labels.", "",
+              "| judge | refusal precision | refusal recall |", "|---|---|---|"]  # fmt: skip
+    for name, r in report["judges"].items():
+        if "refusal_vs_not" in r:
+            pc = r["refusal_vs_not"]["per_class"]["yes"]
+            lines.append(f"| `{name}` | {_fmt(pc['precision'])} | {_fmt(pc['recall'])} |")
     lines += ["", "Per class (three-label judges): precision / recall.", "",
               "| judge | refusal P / R | compliant P / R | non-answer P / R |", "|---|---|---|---|"]  # fmt: skip
     for name, r in report["judges"].items():
@@ -651,7 +657,8 @@ def render_markdown(report: dict[str, Any] | None) -> str:
         d = r.get("kappa_minus_best")
         spi = r.get("seconds_per_item")
         sub = f" (seeded subset of {r['n']})" if r.get("subset") else ""
-        lines.append(f"| `{name}` | {r.get('n')}{sub} | {r.get('seconds')} | "
+        took = "-" if r.get("seconds") is None else format(r["seconds"], ".3g")
+        lines.append(f"| `{name}` | {r.get('n')}{sub} | {took} | "
                      f"{'-' if spi is None else f'{spi:.4g}'} | {_fmt(d, False) if d else '-'} |")  # fmt: skip
     rec = report.get("recommendation")
     if rec:
