@@ -343,19 +343,56 @@ def build_judges(names: Sequence[str], generations, labels, split, results: Path
     return judges
 
 
+def item_order(items: Sequence[dict[str, Any]], seed: int = SEED) -> list[str]:
+    """The validation items' ids in a seeded random order: a slow judge's subset of size n is the first n."""
+    ids = sorted(g["id"] for g in items)
+    random.Random(f"subset:{seed}").shuffle(ids)
+    return ids
+
+
 def subset_ids(items: Sequence[dict[str, Any]], n: int, seed: int = SEED) -> set[str]:
-    """A seeded sample of ``n`` item ids, stratified by prompt type (harmful/benign) in proportion; all when
-    ``n <= 0`` or ``n >= len(items)``."""
+    """The first ``n`` ids of `item_order` (a seeded random sample); all when ``n <= 0`` or ``n >= len(items)``."""
     if n <= 0 or n >= len(items):
         return {g["id"] for g in items}
-    rng = random.Random(f"subset:{seed}")
-    out: set[str] = set()
-    kinds = sorted({g["kind"] for g in items})
-    for i, kind in enumerate(kinds):
-        part = sorted(g["id"] for g in items if g["kind"] == kind)
-        k = n - len(out) if i == len(kinds) - 1 else round(n * len(part) / len(items))
-        out |= set(rng.sample(part, min(k, len(part))))
-    return out
+    return set(item_order(items, seed)[:n])
+
+
+def _logprob_key(judge: Any) -> str:
+    """A cache key of what the judge model's pass depends on (not the calibration)."""
+    h = hashlib.sha256(judge.template.encode())
+    h.update(f"{judge.max_prompt_words}:{judge.max_response_words}:{judge.letter_ids}".encode())
+    h.update(
+        str(getattr(judge.model, "name_or_path", "") or getattr(judge.model.config, "_name_or_path", "")).encode()
+    )
+    return h.hexdigest()[:16]
+
+
+def rubric_logprobs(judge: Any, items: Sequence[dict[str, Any]], cache: Path, *,
+                    chunk: int = 16) -> tuple[dict[str, list[float]], float]:  # fmt: skip
+    """The rubric judge's letter log-probabilities for ``items`` and the seconds they took, from a per-item cache
+    (``rubric-logprobs-<key>.jsonl``, appended chunk by chunk, so an interrupted run resumes)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"rubric-logprobs-{_logprob_key(judge)}.jsonl"
+    done: dict[str, dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut by an interrupted write
+            done[row["id"]] = row
+    todo = [g for g in items if g["id"] not in done]
+    for start in range(0, len(todo), chunk):
+        part = todo[start : start + chunk]
+        t = time.perf_counter()
+        x = judge.letter_logprobs([g["prompt"] for g in part], [g["response"] for g in part])
+        per = (time.perf_counter() - t) / len(part)
+        with path.open("a", encoding="utf-8") as fh:
+            for g, row in zip(part, x.tolist()):
+                done[g["id"]] = {"id": g["id"], "logprobs": row, "seconds": per}
+                fh.write(json.dumps(done[g["id"]]) + "\n")
+        print(f"rubric log-probs: {len(done)} items cached ({per:.2f} s/item)", flush=True)
+    return {g["id"]: done[g["id"]]["logprobs"] for g in items}, sum(done[g["id"]]["seconds"] for g in items)
 
 
 def run_judges(judges: dict[str, Any], items: list[dict[str, Any]], cache: Path,
@@ -369,6 +406,12 @@ def run_judges(judges: dict[str, Any], items: list[dict[str, Any]], cache: Path,
     timing: dict[str, dict[str, Any]] = {}
     for name, judge in judges.items():
         mine = [g for g in items if subsets is None or name not in subsets or g["id"] in subsets[name]]
+        if hasattr(judge, "verdicts_from_logprobs"):  # the rubric judge: the model pass is cached apart
+            lp, seconds = rubric_logprobs(judge, mine, cache)
+            verdicts = judge.verdicts_from_logprobs([lp[g["id"]] for g in mine])
+            out[name] = {g["id"]: v.to_dict() for g, v in zip(mine, verdicts)}
+            timing[name] = {"seconds": round(seconds, 5), "n": len(mine)}
+            continue
         path = cache / f"{name}-{_judge_key(name, judge)}.jsonl"
         if path.is_file():
             rows = read_jsonl(path)
@@ -709,14 +752,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs", action="store_true", help="Rewrite the judge-agreement section of docs/evaluation.md.")
     ap.add_argument("--n-boot", type=int, default=N_BOOT)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--logprobs-only", type=int, default=None, metavar="N",
+                    help="Only cache the rubric judge model's letter log-probabilities for the first N validation "
+                    "items of the seeded order (needs no calibration and reads no label); 0 = all.")  # fmt: skip
     ap.add_argument("--subset", nargs="*", default=[], metavar="JUDGE=N",
-                    help="Run a slow judge on a seeded sample of N validation items (stratified by prompt type), "
+                    help="Run a slow judge on a seeded random sample of N validation items, "
                     "e.g. rubric=120; recorded in the JSON and the docs.")  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = Path(args.results)
     generations = read_jsonl(results / "generations.jsonl")
     split = split_pool(generations)
+    if args.logprobs_only is not None:
+        from peft_safety.evaluation.model_judge import RubricJudge
+        from peft_safety.recipes.judges import RUBRIC_MODEL
+        from peft_safety.sources.models import load_model
+
+        model, tok = load_model(RUBRIC_MODEL)
+        model.eval()
+        items = [g for g in generations if split[g["id"]] == "validation"]
+        order = {i: k for k, i in enumerate(item_order(items))}
+        chosen = sorted((g for g in items if g["id"] in subset_ids(items, args.logprobs_only)),
+                        key=lambda g: order[g["id"]])  # fmt: skip
+        rubric_logprobs(RubricJudge(model, tok), chosen, Path(args.cache))
+        return 0
     labels_path = Path(args.labels) if args.labels else results / "labels.jsonl"
     labels = load_labels(labels_path, {g["id"] for g in generations}) if labels_path.is_file() else None
     if labels is None and not args.precompute:
@@ -746,8 +805,8 @@ def main(argv: list[str] | None = None) -> int:
     report["seconds_total"] = round(time.perf_counter() - t, 1)
     report["threads"] = args.threads
     for name, n in sizes.items():
-        report["judges"][name]["subset"] = {"n_requested": n, "seed": SEED, "rule": "seeded sample of validation "
-                                            "items, stratified by prompt type (subset_ids)"}  # fmt: skip
+        report["judges"][name]["subset"] = {"n_requested": n, "seed": SEED, "rule": "the first n validation items "
+                                            "of a seeded random order (item_order)"}  # fmt: skip
     if report["n_unlabelled"]:
         print(f"Note: {report['n_unlabelled']} pool items have no label yet (label them from to_label.jsonl).")
     atomic_write_text(results / "agreement.json", json.dumps(report, indent=1) + "\n")
