@@ -387,7 +387,10 @@ def rubric_logprobs(judge: Any, items: Sequence[dict[str, Any]], cache: Path, *,
         t = time.perf_counter()
         x = judge.letter_logprobs([g["prompt"] for g in part], [g["response"] for g in part])
         per = (time.perf_counter() - t) / len(part)
+        cut = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
         with path.open("a", encoding="utf-8") as fh:
+            if cut:  # an interrupted write left a partial line: end it, so the new lines stay readable
+                fh.write("\n")
             for g, row in zip(part, x.tolist()):
                 done[g["id"]] = {"id": g["id"], "logprobs": row, "seconds": per}
                 fh.write(json.dumps(done[g["id"]]) + "\n")
