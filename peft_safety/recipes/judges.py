@@ -49,6 +49,9 @@ JUDGE_NAMES = ("wei2024", "wei2024_min20", "gcg_extended", "refusal_prefix", "cl
 RUBRIC_MODEL = "qwen2.5-coder-0.5b-instruct"
 #: version of the default judges' recipe; bump it when the recipe changes, so cached judges are rebuilt
 RECIPE_VERSION = 3
+#: version of the default rubric judge's recipe (its calibration examples); separate, so that a classifier change does
+#: not recalibrate the rubric judge
+RUBRIC_RECIPE_VERSION = 2
 #: the default classifier's settings; ``features`` (`FEATURE_SETS`) and ``shapes`` (`build_judge_examples`) are the
 #: candidate that ``benchmarks/judge/select_classifier.py`` chose on the labelled TRAIN split of the real-generation
 #: pool (``benchmarks/results/judge/selection.json``; a test keeps the two equal)
@@ -180,13 +183,13 @@ def default_rubric_judge(
 
         model, tokenizer = load_model(RUBRIC_MODEL)
         model.eval()
-    folder = _cache_dir(cache_dir) / f"rubric-v{RECIPE_VERSION}"
+    folder = _cache_dir(cache_dir) / f"rubric-v{RUBRIC_RECIPE_VERSION}"
     if (folder / "rubric_judge.json").is_file():
         return RubricJudge.from_pretrained(folder, model, tokenizer, **overrides)
     judge = RubricJudge(model, tokenizer, **overrides)
     examples = _calibration_examples()
     judge.calibrate(examples)
-    judge.save_pretrained(folder, judge_model=RUBRIC_MODEL, recipe_version=RECIPE_VERSION,
+    judge.save_pretrained(folder, judge_model=RUBRIC_MODEL, recipe_version=RUBRIC_RECIPE_VERSION,
                           n_calibration=len(examples))  # fmt: skip
     return judge
 
