@@ -84,7 +84,8 @@ def test_recommendation_rule_on_fixture_reports():
     report = _report(
         best=_judge(0.80, (0.0, 0.0, 0.0), 2.0, load="rubric:rubric"),
         close=_judge(0.76, (-0.04, -0.10, 0.02), 0.001, load="classifier:real"),
-        closer_slow=_judge(0.79, (-0.01, -0.05, 0.03), 0.01, load="classifier:other"),
+        closer_slow=_judge(0.79, (-0.01, -0.05, 0.03), 0.05, load="classifier:other"),
+        as_cheap=_judge(0.70, (-0.10, -0.20, 0.01), 0.005, load="classifier:third"),
         worse_fast=_judge(0.60, (-0.20, -0.30, -0.10), 0.0001, load="classifier:cheap"),
         keyword=_judge(0.78, (-0.02, -0.06, 0.01), 0.00001, three_way=False, load="wei2024"),
         partial=_judge(0.79, (-0.01, -0.04, 0.03), 0.00001, n=60, load="classifier:partial"),
@@ -92,13 +93,17 @@ def test_recommendation_rule_on_fixture_reports():
     )
     rec = ag.recommend(report)
     assert rec["best"] == "best" and rec["judge"] == "close" and rec["load"] == "classifier:real"
-    assert rec["eligible"] == ["best", "close", "closer_slow"]
+    assert rec["eligible"] == ["as_cheap", "best", "close", "closer_slow"]
+    # within 10x of the cheapest (0.001 s): close and as_cheap; of them the higher kappa (close), not the cheaper
+    assert "lower kappa" in rec["not_chosen"]["as_cheap"] and "10x" in rec["not_chosen"]["closer_slow"]
     assert "worse than best" in rec["not_chosen"]["worse_fast"]
     assert "two labels" in rec["not_chosen"]["keyword"] and "60 of 100" in rec["not_chosen"]["partial"]
-    assert "cannot be loaded" in rec["not_chosen"]["unloadable"] and "slower" in rec["not_chosen"]["best"]
-    # ties in cost go to the higher kappa
-    tie = _report(best=_judge(0.8, (0, 0, 0), 1.0), a=_judge(0.7, (-0.1, -0.2, 0.01), 1.0))
-    assert ag.recommend(tie)["judge"] == "best"
+    assert "cannot be loaded" in rec["not_chosen"]["unloadable"] and "10x" in rec["not_chosen"]["best"]
+    # the cheapest judge is chosen when no other is within the tier, even with a lower kappa
+    far = _report(best=_judge(0.8, (0, 0, 0), 1.0), a=_judge(0.7, (-0.1, -0.2, 0.01), 0.05))
+    assert ag.recommend(far)["judge"] == "a"
+    near = _report(best=_judge(0.8, (0, 0, 0), 0.4), a=_judge(0.7, (-0.1, -0.2, 0.01), 0.05))
+    assert ag.recommend(near)["judge"] == "best"
     # nothing eligible: no recommendation, and the reason for each
     none = _report(kw=_judge(0.5, (0, 0, 0), 0.1, three_way=False))
     rec = ag.recommend(none)

@@ -489,13 +489,16 @@ def paired_kappa_difference(gold: Sequence[str], pred_a: Sequence[str], pred_b: 
     return _with_ci(point, diff)
 
 
+#: judges within this factor of the cheapest eligible judge's seconds per item count as equally cheap
+COST_TIER = 10.0
 #: the rule that names the recommended primary judge (applied by `recommend` to agreement.json alone)
 RECOMMENDATION_RULE = (
     "best: the judge with the highest three-label kappa on the validation split. Eligible: a judge that gives all three "
     "labels (the protocols report explicit refusal and 'not compliant' apart), was run on every validation item "
     "without an error, can be loaded by name, and is not shown worse than the best (the 95% paired-bootstrap interval "
-    "of its kappa minus the best's reaches 0). Recommended: the eligible judge with the fewest seconds per item "
-    "(ties: the higher kappa)."
+    "of its kappa minus the best's reaches 0). Recommended: of the eligible judges within a factor of "
+    f"{COST_TIER:g} of the cheapest one's seconds per item (timings on a shared machine are good to an order of "
+    "magnitude, not to a digit), the one with the highest kappa."
 )
 
 
@@ -532,11 +535,16 @@ def recommend(report: dict[str, Any]) -> dict[str, Any]:
         return {"judge": None, "load": None, "rule": RECOMMENDATION_RULE, "best": best, "eligible": [],
                 "not_chosen": why}  # fmt: skip
     kappa = {n: report["judges"][n]["three_class"]["kappa"]["value"] for n in eligible}
-    pick = min(eligible, key=lambda n: (report["judges"][n]["seconds_per_item"], -kappa[n], n))
+    cost = {n: report["judges"][n]["seconds_per_item"] for n in eligible}
+    cheapest = min(cost.values())
+    tier = [n for n in eligible if cost[n] <= COST_TIER * cheapest]
+    pick = min(tier, key=lambda n: (-kappa[n], cost[n], n))
     for name in eligible:
-        if name != pick:
-            why[name] = (f"eligible, slower: {report['judges'][name]['seconds_per_item']:.4g} s/item vs "
-                         f"{report['judges'][pick]['seconds_per_item']:.4g}")  # fmt: skip
+        if name not in tier:
+            why[name] = (f"eligible, more than {COST_TIER:g}x the cheapest's cost: {cost[name]:.4g} s/item vs "
+                         f"{cheapest:.4g}")  # fmt: skip
+        elif name != pick:
+            why[name] = f"eligible and as cheap, lower kappa: {kappa[name]:.3f} vs {kappa[pick]:.3f}"
     r = report["judges"][pick]
     return {"judge": pick, "load": r["load"], "rule": RECOMMENDATION_RULE, "best": best, "eligible": sorted(eligible),
             "kappa": r["three_class"]["kappa"], "seconds_per_item": r["seconds_per_item"],
@@ -695,14 +703,15 @@ def render_markdown(report: dict[str, Any] | None) -> str:
 
         lines.append(f"| `{name}` | {rates(h)} | {rates(b)} | {_fmt(h.get('kappa'), False)} | "
                      f"{_fmt(b.get('kappa'), False)} |")  # fmt: skip
-    lines += ["", "Cost: seconds per item on this machine (CPU, "
-              f"{report.get('threads', '?')} threads; the rubric judge runs a 0.5B model).", "",
+    lines += ["", f"Cost: seconds per item (CPU, {report.get('threads', '?')} thread(s), `nice`, on 2 cores shared with "
+              "other jobs: good to an order of magnitude; the rubric judge runs a 0.5B model). A judge run on a "
+              "subset is compared with the best on the items both judged.", "",
               "| judge | items judged | seconds | seconds per item | kappa minus the best's [95% paired interval] |",
               "|---|---|---|---|---|"]  # fmt: skip
     for name, r in report["judges"].items():
         d = r.get("kappa_minus_best")
         spi = r.get("seconds_per_item")
-        sub = f" (seeded subset of {r['n']})" if r.get("subset") else ""
+        sub = f" of {report['n_validation']} (seeded random subset)" if r.get("subset") else ""
         took = "-" if r.get("seconds") is None else format(r["seconds"], ".3g")
         lines.append(f"| `{name}` | {r.get('n')}{sub} | {took} | "
                      f"{'-' if spi is None else f'{spi:.4g}'} | {_fmt(d, False) if d else '-'} |")  # fmt: skip
