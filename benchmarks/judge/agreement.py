@@ -722,7 +722,8 @@ def render_markdown(report: dict[str, Any] | None) -> str:
             k = rec["kappa"]
             lines += [f"**Recommended: `{rec['judge']}`** (kappa {_fmt(k, False)}, {rec['seconds_per_item']:.4g} s "
                       f"per item; best kappa: `{rec['best']}`; eligible: "
-                      + ", ".join(f"`{n}`" for n in rec["eligible"]) + "). Load it with `load_judges([\"recommended:"
+                      + ", ".join(f"`{n}`" for n in rec["eligible"]) + "). It is the primary judge for the "
+                      "preservation protocol and for SET evaluation: load it with `load_judges([\"recommended:"
                       "benchmarks/results/judge/agreement.json\"])`. "
                       + ("`benchmarks/_shared.py`'s `build_judge` (the classifier judge of the preservation protocol "
                          "and of the benchmarks that share it) loads it instead of training its own."
@@ -762,6 +763,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default="/tmp/peft_safety_judge_verdicts", help="Verdict cache (outside the repo).")
     ap.add_argument("--precompute", action="store_true", help="Cache verdicts without labels; print none of them.")
     ap.add_argument("--docs", action="store_true", help="Rewrite the judge-agreement section of docs/evaluation.md.")
+    ap.add_argument("--docs-only", action="store_true",
+                    help="Only rewrite the docs section from the existing agreement.json (no judge is run).")  # fmt: skip
     ap.add_argument("--n-boot", type=int, default=N_BOOT)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--logprobs-only", type=int, default=None, metavar="N",
@@ -773,6 +776,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = Path(args.results)
+    if args.docs_only:
+        update_docs(DOCS, json.loads((results / "agreement.json").read_text(encoding="utf-8")))
+        return 0
     generations = read_jsonl(results / "generations.jsonl")
     split = split_pool(generations)
     if args.logprobs_only is not None:
