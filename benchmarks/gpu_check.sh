@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # GPU check of the multi-process paths: DDP, FSDP2 and DeepSpeed ZeRO-2/3, each with SPA (safety_mode=freeze, full
 # fine-tuning through the Freezer) and SET (safety_mode=train_only: a SAFETY sparse adapter, merged for the check).
-# Every case is `accelerate launch` of tests/_accelerate_worker.py (a tiny Llama through SafetySFTTrainer) with a config
-# file of examples/accelerate/, followed by an independent check of every rank's gathered weights against the weights
-# before training (`_accelerate_worker.py --verify`). One line per case:
+# Every training case is `accelerate launch` of tests/_accelerate_worker.py (a tiny Llama through SafetySFTTrainer)
+# with a config file of examples/accelerate/, followed by an independent check of every rank's gathered weights
+# against the weights before training (`_accelerate_worker.py --verify`).
+# The scoring cases (fsdp2-score, zero3-score) are `torchrun` of tests/_ddp_worker.py: the model sharded with FSDP2
+# `fully_shard` or DeepSpeed ZeRO-3 on NCCL, scored with snip/esi/wanda and selected globally, per tensor and per row
+# (sharded scores, distributed selection, streamed mask files), then `_ddp_worker.py verify`, which scores the unsharded
+# model in one process on the same GPU and compares every mask index for index. One line per case:
 #
 #   <case>  ok|FAIL|SKIP  <what was checked, or why not>
 #
@@ -11,6 +15,7 @@
 #   bash benchmarks/gpu_check.sh              # needs >= 2 CUDA GPUs (NPROC, default 2); DeepSpeed cases need deepspeed
 #   bash benchmarks/gpu_check.sh --dry-run    # print the commands only (works anywhere; used by the tests)
 #   NPROC=4 CASES="ddp-spa fsdp2-set" bash benchmarks/gpu_check.sh
+#   CASES="fsdp2-score zero3-score" bash benchmarks/gpu_check.sh      # the sharded scoring cases only
 #
 # Exit code: 0 when no case failed (skips allowed), 1 otherwise.
 #
@@ -21,6 +26,9 @@
 #     NPROC=1 runs every case on one GPU (FSDP2/ZeRO on a one-rank mesh), NPROC>=2 the real multi-GPU paths.
 #   - The CPU equivalent of the DDP cases passes (tests/test_accelerate_launch.py, -m slow). FSDP2 and DeepSpeed
 #     through accelerate have never run: accelerate applies FSDP/DeepSpeed only to accelerator process groups.
+#   - fsdp2-score / zero3-score: not yet run on a GPU (no device was lent to the session that added them). Their CPU
+#     equivalents pass: tests/test_sharded_scoring.py (2 processes, gloo: raw FSDP2, accelerate's FSDP2 preparation,
+#     and DeepSpeed 0.19.8 ZeRO-3 with its CPU accelerator when deepspeed is installed).
 set -u -o pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,7 +37,8 @@ CONFIGS="$ROOT/examples/accelerate"
 NPROC="${NPROC:-2}"
 DRY_RUN=0
 [[ "${1:-}" == "--dry-run" ]] && DRY_RUN=1
-ALL_CASES="ddp-spa ddp-set fsdp2-spa fsdp2-set zero2-spa zero2-set zero3-spa zero3-set"
+ALL_CASES="ddp-spa ddp-set fsdp2-spa fsdp2-set zero2-spa zero2-set zero3-spa zero3-set fsdp2-score zero3-score"
+SCORE_WORKER="$ROOT/tests/_ddp_worker.py"
 CASES="${CASES:-$ALL_CASES}"
 OUT_ROOT="${OUT_ROOT:-${TMPDIR:-/tmp}/peft-safety-gpu-check-$$}"
 
@@ -71,12 +80,20 @@ for case in $CASES; do
     failed=1
     continue
   fi
-  config="$(config_of "$case")"
-  mode="$(mode_of "$case")"
   out="$OUT_ROOT/$case"
-  launch=(accelerate launch --config_file "$config" --num_processes "$NPROC" --main_process_port 0
-          "$WORKER" "$out" "$mode" gpu)
-  verify=(python "$WORKER" --verify "$out" "$mode")
+  if [[ "$case" == *-score ]]; then
+    kind="${case%-score}"
+    launch=(torchrun --standalone --nproc_per_node "$NPROC" "$SCORE_WORKER" "${kind}_score" "$out")
+    [[ "$kind" == fsdp2 ]] && launch+=(fully_shard)
+    launch+=(cuda)
+    verify=(python "$SCORE_WORKER" verify "$out" "$kind" cuda)
+  else
+    config="$(config_of "$case")"
+    mode="$(mode_of "$case")"
+    launch=(accelerate launch --config_file "$config" --num_processes "$NPROC" --main_process_port 0
+            "$WORKER" "$out" "$mode" gpu)
+    verify=(python "$WORKER" --verify "$out" "$mode")
+  fi
   if (( DRY_RUN )); then
     printf '%-10s DRY   %s && %s\n' "$case" "${launch[*]}" "${verify[*]}"
     continue

@@ -56,6 +56,8 @@ LAYER = "peft_safety/scoring/layer.py"
 GRADIENT = "peft_safety/scoring/gradient.py"
 ACTIVATION = "peft_safety/scoring/activation.py"
 SELECTION = "peft_safety/scoring/selection.py"
+DISTRIBUTED = "peft_safety/scoring/distributed.py"
+SCORE_FILES = "peft_safety/scoring/score_files.py"
 FREEZE = "peft_safety/training/freeze.py"
 JUDGES = "peft_safety/evaluation/judges.py"
 LORA = "peft_safety/tuner/safety_lora/variant.py"
@@ -70,6 +72,7 @@ T_REF_SCORERS = "tests/test_reference_scorers.py"
 T_GRADIENT = "tests/test_scoring_gradient.py::test_snip_and_esi_closed_form"
 T_WANDA = "tests/test_scoring_activation.py"
 T_SELECTION = "tests/test_selection.py"
+T_SHARDED = "tests/test_sharded_selection.py"
 T_FREEZE = ["tests/test_reference_freeze.py", "tests/test_freeze.py::test_gradients_masked_before_clipping"]
 T_JUDGES = ["tests/test_reference_evaluation.py::test_keyword_judges_against_hand_counts", "tests/test_evaluation.py"]
 T_EVAL = ["tests/test_reference_evaluation.py", "tests/test_evaluation.py"]
@@ -174,19 +177,19 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "esi-std-dropped", GRADIENT, "ESI without the std(W) factor",
-        "values[name] = grad.abs_().mul_(_esi_std(params[name], targets[name]))", "values[name] = grad.abs_()",
+        "values[name] = _esi_std_(grad.abs_(), weights[name], targets[name], shards.get(name))",
+        "values[name] = grad.abs_()",
         [T_GRADIENT],
     ),
     Mutation(
-        "esi-population-std", GRADIENT, "std(W) with correction=0 instead of the unbiased std",
-        "return w.std() if w.numel() > 1 else w.new_zeros(())",
-        "return w.std(correction=0) if w.numel() > 1 else w.new_zeros(())",
+        "esi-population-std", DISTRIBUTED, "std(W) with correction=0 instead of the unbiased std",
+        "(m2 / (counts - 1).clamp_min(1)).sqrt()", "(m2 / counts.clamp_min(1)).sqrt()",
         [T_GRADIENT],
     ),
     Mutation(
         "esi-one-std-for-all-experts", GRADIENT, "fused MoE experts share one std(W) instead of one per expert",
-        "return per_expert.std(dim=1).reshape((w.shape[0],) + (1,) * (w.dim() - 1))",
-        "return w.std().expand((w.shape[0],) + (1,) * (w.dim() - 1))",
+        'group = numel // full[0] if getattr(info, "expert_dim", None) == 0 and len(full) >= 2 else numel',
+        "group = numel",
         ["tests/test_scoring_moe.py::test_esi_fused_experts_use_one_std_per_expert"],
     ),
     Mutation(
@@ -207,7 +210,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "wanda-prompt-tokens-count", ACTIVATION, "Wanda counts prompt tokens too (response mask dropped)",
-        'state["mask"] = labels != -100', 'state["mask"] = labels != -12345',
+        'state["mask"] = (labels != -100) if real', 'state["mask"] = (labels != -12345) if real',
         [T_WANDA],
     ),
     Mutation(
@@ -235,6 +238,36 @@ MUTATIONS: list[Mutation] = [
         "select-exclude-ignored", SELECTION, "exclude= mask ignored",
         "idx = idx[~torch.isin(idx, drop)]", "idx = idx",
         [T_SELECTION],
+    ),
+    Mutation(
+        "shard-offset-dropped", DISTRIBUTED, "a contiguous shard's flat indices not offset by its start",
+        "            return local + start\n", "            return local\n",
+        [T_SHARDED],
+    ),
+    Mutation(
+        "shard-box-offset-dropped", DISTRIBUTED, "a box shard's coordinates not offset (column-sharded tensors)",
+        "            out += (coord + o) * stride", "            out += coord * stride",
+        [T_SHARDED],
+    ),
+    Mutation(
+        "sharded-replicas-counted", DISTRIBUTED, "HSDP replica shards counted as if they were distinct entries",
+        "        return self.shard.numel if self.shard.counted else 0", "        return self.shard.numel",
+        [T_SHARDED],
+    ),
+    Mutation(
+        "sharded-ties-by-higher-index", DISTRIBUTED, "ties at the threshold split by the higher flat index first",
+        "                    wins = keep & (d < digit)", "                    wins = keep & (d > digit)",
+        [T_SHARDED],
+    ),
+    Mutation(
+        "stream-ties-latest", DISTRIBUTED, "the one-read buffer keeps the latest entries equal to the k-th value",
+        "ties = _nonzero(v == kth)[: keep - above.numel()]", "ties = _nonzero(v == kth).flip(0)[: keep - above.numel()]",
+        ["tests/test_score_files.py"],
+    ),
+    Mutation(
+        "score-files-read-offset", SCORE_FILES, "chunks of a score file read from the wrong offset",
+        "offset, done = loc.begin + 4 * start, 0", "offset, done = loc.begin + 4 * (start // 2), 0",
+        ["tests/test_score_files.py"],
     ),
     Mutation(
         "select-per-row-flipped", SELECTION, "per-row selection picks the lowest scores",

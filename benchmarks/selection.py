@@ -23,7 +23,18 @@ Usage:
 python benchmarks/selection.py --threads 1                 # 100M scores over 200 tensors, 1% selected
 python benchmarks/selection.py --small --out /tmp/sel.json  # smoke run (1M scores over 20 tensors)
 python benchmarks/selection.py --small --in-process --out /tmp/sel.json  # both methods in one process (tests)
+python benchmarks/selection.py --out-of-core --numel 1000000000 --tensors 200   # selection from files on disk
 ```
+
+``--out-of-core`` writes the scores to disk as a `Scores.save_pretrained` folder (tensor by tensor, never all in
+memory; ``--dir``, default a temporary folder under ``/tmp``) and measures, each in a fresh subprocess (peak RSS as
+above): one **read pass** (every file read once in the chunks the selection reads, with its read-ahead thread), the
+out-of-core **selection** (`select(ScoreFiles(...))`: the one-read buffer when it fits, as at 1%) and the selection
+with the two-pass **histogram** engine forced. Every pass reads the disk: the files are evicted from the page cache
+before each run and every range as soon as it is read (``posix_fadvise(DONTNEED)``), as they would be for scores
+larger than RAM. The runs alternate (read, select, histogram, read, ...) ``--repeat`` times; ratios are ratios of
+medians. A last subprocess loads every score into memory and checks that in-memory `select` gives the same mask
+(``--no-check`` skips it: it needs RAM for all the scores). Results: ``results/selection_out_of_core.json``.
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "selection.json")
+DEFAULT_OOC_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "selection_out_of_core.json")
 
 
 def tensor_sizes(total: int, n_tensors: int, seed: int) -> list[tuple[int, int]]:
@@ -230,6 +242,220 @@ def _run_worker(method: str, args: argparse.Namespace, shapes, indices_path: str
     return json.loads(line[len("RESULT ") :])
 
 
+# ------------------------------------------------------------------------------------------------- out of core
+class _GeneratedScores:
+    """The scores of `make_scores`, generated one tensor at a time when `save_scores` asks for it (never all in
+    memory): just the interface `peft_safety.scoring.score_files.save_scores` reads."""
+
+    is_sharded = False
+    shards: dict = {}
+
+    def __init__(self, shapes: list[tuple[int, int]], seed: int) -> None:
+        from peft_safety.mask import Weight
+
+        self._shapes = {f"model.layers.{i}.mlp.proj.weight": tuple(sh) for i, sh in enumerate(shapes)}
+        self._weight = Weight()
+        self._gen = torch.Generator().manual_seed(seed)
+        self.provenance = {"method": "synthetic", "seed": seed}
+        self.fingerprints: dict = {}
+
+    names = property(lambda self: tuple(self._shapes))
+    shapes = property(lambda self: dict(self._shapes))
+
+    def granularity_of(self, name: str):
+        return self._weight
+
+    def selection_comm(self):
+        from peft_safety.scoring.distributed import Comm
+
+        return Comm.local()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = torch.empty(self._shapes[name], dtype=torch.float32)
+        return t.uniform_(0.0, 1.0, generator=self._gen)  # tensors drawn in name order: the same values as make_scores
+
+
+def _evict(folder: str) -> None:
+    """Drop the folder's files from the page cache (they were written with fsync, so their pages are clean)."""
+    for f in os.listdir(folder):
+        fd = os.open(os.path.join(folder, f), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def ooc_measure(kind: str, folder: str, fraction: float, threads: int, indices: str | None) -> dict[str, object]:
+    """One out-of-core run in this (fresh) process: ``read`` (one pass over the files), ``select`` (the default
+    out-of-core selection), ``histogram`` (the radix engine forced), or ``check`` (in-memory `select` on the loaded
+    scores, compared with the saved masks)."""
+    from peft_safety.scoring import distributed as dist_sel
+    from peft_safety.scoring.score_files import ScoreFiles
+    from peft_safety.scoring.scores import Scores
+    from peft_safety.scoring.selection import count_for_fraction, select
+
+    torch.set_num_threads(threads)
+    warm = make_scores([(4, 64), (2, 64)], 1)
+    select(warm, k=10)  # kernels and allocator warm
+    files = ScoreFiles(folder, drop_cache=kind != "check")
+    k = count_for_fraction(fraction, files.numel())
+    if kind == "histogram":  # the default budget, given explicitly: no one-read buffer
+        real = dist_sel.select_pieces
+
+        def forced(pieces, *rest, **kwargs):
+            largest_piece = max((p.numel for p in pieces), default=0)
+            return real(pieces, *rest, **{**kwargs, "budget": max(1 << 20, largest_piece // 3)})
+
+        dist_sel.select_pieces = forced
+    if kind != "check":
+        _evict(folder)
+    before = _status()["VmRSS"]
+    reset = _reset_peak()
+    cpu0 = _cpu_seconds()
+    t0 = time.perf_counter()
+    result: dict[str, object] = {"kind": kind}
+    if kind == "read":
+        total = 0
+        for pieces in files.selection_pieces().values():
+            for p in pieces:
+                for _, c in p.chunks(files.selection_chunk):
+                    total += c.numel()
+        result["entries_read"] = total
+    elif kind in ("select", "histogram"):
+        mask = select(files, k=k)
+        result["selected"] = len(mask)
+        from safetensors.torch import save_file
+
+        save_file(dict(mask), indices)
+    else:  # check: everything in memory, in-memory select, against the masks of the out-of-core runs
+        from safetensors.torch import load_file
+
+        scores = Scores.from_pretrained(folder)
+        mask = select(scores, k=k)
+        same = {}
+        for name, path in json.loads(indices).items():
+            ooc = load_file(path)
+            same[name] = set(ooc) == set(mask.names) and all(torch.equal(ooc[n], mask[n]) for n in mask.names)
+        result["same_as_in_memory"] = same
+    elapsed = time.perf_counter() - t0
+    cpu = _cpu_seconds() - cpu0
+    peak = _status()["VmHWM"]
+    files.close()
+    result.update(
+        {
+            "time_s": elapsed,
+            "cpu_s": cpu,
+            "peak_extra_bytes": peak - before if reset else None,
+            "baseline_rss_bytes": before,
+        }
+    )
+    return result
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, every thread (the read-ahead thread included)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run_ooc_worker(kind: str, args: argparse.Namespace, folder: str, indices: str) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(args.threads))
+    cmd = [sys.executable, os.path.abspath(__file__), "--ooc-worker", kind, "--dir", folder, "--fraction",
+           str(args.fraction), "--threads", str(args.threads), "--indices", indices]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"out-of-core {kind} worker failed:\n{proc.stderr[-4000:]}")
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
+
+
+def out_of_core(args: argparse.Namespace) -> int:
+    """Generate the score files, measure read / select / histogram alternately, check against in-memory select."""
+    import shutil
+
+    from peft_safety.scoring.score_files import save_scores
+
+    prov = _bench.provenance(args.threads)
+    shapes = tensor_sizes(args.numel, args.tensors, args.seed)
+    total = sum(r * c for r, c in shapes)
+    largest = max(r * c for r, c in shapes) * 4
+    base = args.dir or tempfile.mkdtemp(prefix="peft-safety-ooc-", dir="/tmp")
+    folder = os.path.join(base, "scores")
+    os.makedirs(base, exist_ok=True)
+    free = shutil.disk_usage(base).free
+    if free < total * 4 * 1.2:
+        raise SystemExit(f"{base}: {free / 2**30:.1f} GiB free, the scores need {total * 4 / 2**30:.1f} GiB")
+    try:
+        t0 = time.perf_counter()
+        save_scores(_GeneratedScores(shapes, args.seed), folder, max_file_bytes=args.max_file_bytes)
+        written = time.perf_counter() - t0
+        n_files = len([f for f in os.listdir(folder) if f.endswith(".safetensors")])
+        runs: dict[str, list[dict]] = {"read": [], "select": [], "histogram": []}
+        order = list(runs)
+        for r in range(args.repeat):
+            for kind in order[r % 3 :] + order[: r % 3]:  # rotate the order every round
+                path = os.path.join(base, f"{kind}.safetensors")
+                runs[kind].append(_run_ooc_worker(kind, args, folder, path))
+        check = None
+        if args.check:
+            masks = {kind: os.path.join(base, f"{kind}.safetensors") for kind in ("select", "histogram")}
+            check = _run_ooc_worker("check", args, folder, json.dumps(masks))
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    med = {kind: statistics.median(r["time_s"] for r in rs) for kind, rs in runs.items()}
+    cpu = {kind: statistics.median(r["cpu_s"] for r in rs) for kind, rs in runs.items()}
+    peak = {kind: max(r["peak_extra_bytes"] or 0 for r in rs) for kind, rs in runs.items()}
+    result = {
+        "benchmark": "selection_out_of_core",
+        "config": {
+            "numel": total,
+            "tensors": len(shapes),
+            "files": n_files,
+            "max_file_bytes": args.max_file_bytes,
+            "fraction": args.fraction,
+            "k": runs["select"][0]["selected"],
+            "threads": args.threads,
+            "repeat": args.repeat,
+            "seed": args.seed,
+            "score_bytes": total * 4,
+            "largest_tensor_bytes": largest,
+            "write_s": written,
+            "cache": "every file evicted before each run and every range once read (posix_fadvise DONTNEED)",
+            "memory_method": "fresh subprocess per run; VmHWM - VmRSS after /proc/self/clear_refs reset; "
+            "MALLOC_MMAP_THRESHOLD_=65536",
+        },
+        "runs": runs,
+        "median_s": med,
+        "median_cpu_s": cpu,
+        "select_over_read": med["select"] / med["read"],
+        "histogram_over_read": med["histogram"] / med["read"],
+        "peak_extra_bytes": peak,
+        "select_peak_over_largest_tensor": peak["select"] / largest,
+        "histogram_peak_over_largest_tensor": peak["histogram"] / largest,
+        "check": check,
+        "same_as_in_memory": None if check is None else all(check["same_as_in_memory"].values()),
+    }
+    result["provenance"] = _bench.finish(prov)
+    out = args.out if args.out != DEFAULT_OUT else DEFAULT_OOC_OUT
+    _bench.write_json(out, result)
+    print(f"out-of-core top-{result['config']['k']:,} ({args.fraction:g}) of {total:,} fp32 scores in {len(shapes)} "
+          f"tensors, {n_files} files ({total * 4 / 2**30:.2f} GiB; largest tensor {_mb(largest)}); median of "
+          f"{args.repeat}, every pass from disk")  # fmt: skip
+    for kind, label in (
+        ("read", "one read pass"),
+        ("select", "select (default)"),
+        ("histogram", "select (histogram)"),
+    ):
+        print(f"  {label:22s} {med[kind]:8.2f} s  x read {med[kind] / med['read']:5.2f}   CPU {cpu[kind]:7.2f} s   "
+              f"peak extra {_mb(peak[kind])} ({peak[kind] / largest:.2f} x largest tensor)")  # fmt: skip
+    print(f"same mask as in-memory select: {result['same_as_in_memory']}")
+    print(f"-> {out}")
+    return 0 if result["same_as_in_memory"] in (True, None) else 1
+
+
 def _mb(x: float | None) -> str:
     return "n/a" if x is None else f"{x / 2**20:,.1f} MiB"
 
@@ -249,19 +475,31 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run both methods in this process (quick smoke test; memory numbers are less isolated)",
     )
+    parser.add_argument("--out-of-core", action="store_true", help="select from score files on disk (see above)")
+    parser.add_argument("--dir", help="--out-of-core: folder for the score files (default: a new one under /tmp)")
+    parser.add_argument("--max-file-bytes", type=int, default=2**30, help="--out-of-core: bytes per score file")
+    parser.add_argument("--keep", action="store_true", help="--out-of-core: keep the score files")
+    parser.add_argument("--no-check", dest="check", action="store_false", help="--out-of-core: skip the check")
     # internal: run one method in this process
     parser.add_argument("--worker", choices=["ours", "naive"], help=argparse.SUPPRESS)
+    parser.add_argument("--ooc-worker", choices=["read", "select", "histogram", "check"], help=argparse.SUPPRESS)
     parser.add_argument("--shapes", help=argparse.SUPPRESS)
     parser.add_argument("--indices", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
         return 0
+    if args.ooc_worker:
+        result = ooc_measure(args.ooc_worker, args.dir, args.fraction, args.threads, args.indices)
+        print("RESULT " + json.dumps(result))
+        return 0
     if args.small:
         args.numel, args.tensors, args.repeat = 1_000_000, 20, 1
     if args.threads < 1:
         parser.error(f"--threads={args.threads} must be >= 1")
     torch.set_num_threads(args.threads)
+    if args.out_of_core:
+        return out_of_core(args)
     prov = _bench.provenance(args.threads)
 
     shapes = tensor_sizes(args.numel, args.tensors, args.seed)

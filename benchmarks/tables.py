@@ -56,6 +56,9 @@ SOURCES: dict[str, tuple[str, ...]] = {
     ),
     "bench_scoring": ("benchmarks/results/scoring.json",),
     "bench_selection": ("benchmarks/results/selection.json",),
+    "bench_selection_out_of_core": ("benchmarks/results/selection_out_of_core.json",),
+    "memory_measured": ("benchmarks/results/memory.json",),
+    "memory_projection": ("benchmarks/results/memory.json",),
     "bench_spa_training": ("benchmarks/results/spa_training.json",),
     "bench_set_adapter": ("benchmarks/results/set_adapter.json",),
     "bench_masked_lora": ("benchmarks/results/masked_lora.json",),
@@ -150,13 +153,25 @@ def readme_results() -> str:
 
 def main_job() -> str:
     d = load("docs/results/main_job.json")
-    header = ["model", "refusal (wei2024)", "ASR (wei2024, >=20 words)", "refusal (gcg_extended)", "refusal (prefix)",
+    # the model-output judge's columns (rate [95% Wilson interval]), where the run measured them
+    judged = [k for k in ("refusal_classifier", "over_refusal_classifier", "lookalike_over_refusal_classifier")
+              if k in d["rows"][0]]  # fmt: skip
+    names = {"refusal_classifier": "refusal", "over_refusal_classifier": "over-refusal",
+             "lookalike_over_refusal_classifier": "look-alike over-refusal"}  # fmt: skip
+
+    def ci(r: dict[str, Any], key: str) -> str:
+        low, high = r.get(f"{key}_ci") or (None, None)
+        return pct(r[key]) if low is None else f"{pct(r[key])} [{100 * low:.0f}-{100 * high:.0f}]"
+
+    header = ["model", *(f"{names[k]} ({d['rows'][0].get('judge', 'classifier')})" for k in judged),
+              "refusal (wei2024)", "ASR (wei2024, >=20 words)", "refusal (gcg_extended)", "refusal (prefix)",
               "over-refusal (wei2024)", "over-refusal (gcg_extended)", "benign ppl", "task ppl", "MC acc",
               "repetitive (harmful)"]  # fmt: skip
     rows = [
-        [r["stage"], pct(r["refusal_wei2024"]), pct(r["attack_success_wei2024_min20"]), pct(r["refusal_gcg_extended"]),
-         pct(r["refusal_prefix"]), pct(r["over_refusal_wei2024"]), pct(r["over_refusal_gcg_extended"]),
-         num(r["benign_ppl"]), num(r["task_ppl"]), pct(r["mc_accuracy"]), pct(r["repetition_harmful"])]
+        [r["stage"], *(ci(r, k) for k in judged), pct(r["refusal_wei2024"]), pct(r["attack_success_wei2024_min20"]),
+         pct(r["refusal_gcg_extended"]), pct(r["refusal_prefix"]), pct(r["over_refusal_wei2024"]),
+         pct(r["over_refusal_gcg_extended"]), num(r["benign_ppl"]), num(r["task_ppl"]), pct(r["mc_accuracy"]),
+         pct(r["repetition_harmful"])]
         for r in d["rows"]
     ]  # fmt: skip
     return table(header, rows)
@@ -368,6 +383,77 @@ def bench_selection() -> str:
         + "\n"
         + prov_line(d)
     )
+
+
+def bench_selection_out_of_core() -> str:
+    d = load("benchmarks/results/selection_out_of_core.json")
+    c = d["config"]
+    largest = c["largest_tensor_bytes"]
+    rows = []
+    for kind, label in (("read", "one read pass"), ("select", "select (default: one-read buffer)"),
+                        ("histogram", "select (two-pass histogram, forced)")):  # fmt: skip
+        times = [r["time_s"] for r in d["runs"][kind]]
+        peak = d["peak_extra_bytes"][kind]
+        cpu = d.get("median_cpu_s", {}).get(kind)
+        rows.append([label, f"{d['median_s'][kind]:.2f} s ({min(times):.2f}-{max(times):.2f}, n={len(times)})",
+                     f"{d['median_s'][kind] / d['median_s']['read']:.2f}", "n/a" if cpu is None else f"{cpu:.2f} s",
+                     f"{peak / 2**20:,.0f} MiB", f"{peak / largest:.2f}"])  # fmt: skip
+    head = (
+        f"{c['numel']:,} fp32 scores ({c['score_bytes'] / 2**30:.2f} GiB) in {c['tensors']} tensors and {c['files']} "
+        f"files, largest tensor {largest / 2**20:,.0f} MiB; global top {c['fraction']:g} (k = {c['k']:,}). Every pass "
+        f"reads the disk (pages evicted before each run and once read); runs alternate, fresh process each. "
+        f"Same mask as in-memory `select`: {d['same_as_in_memory']}.\n\n"
+    )
+    header = ["run", "time, median (min-max)", "x read pass", "CPU time, median", "peak extra memory",
+              "x largest tensor"]  # fmt: skip
+    return head + table(header, rows) + "\n" + prov_line(d)
+
+
+def memory_measured() -> str:
+    d = load("benchmarks/results/memory.json")
+    c = d["config"]
+    rows = []
+    for r in d["measured"]:
+        state = 4 * r["local_scored"]
+        rows.append([r["model"], f"`{r['method']}`", str(r["world"]), str(r["rank"]), f"{r['local_scored']:,}",
+                     f"{r['local_weight_bytes'] / 2**20:,.1f}", f"{r['score_peak_extra_bytes'] / 2**20:,.1f}",
+                     f"{state / 2**20:,.1f}", f"{(r['score_peak_extra_bytes'] - state) / 2**20:,.1f}",
+                     f"{r['select_peak_extra_bytes'] / 2**20:,.1f}"])  # fmt: skip
+    head = (
+        f"{c['rows']} calibration rows of at most {c['max_length']} tokens, batch {c['batch_size']}, "
+        f"{c['threads']} thread(s); sharded runs: FSDP2 `fully_shard` over {c['world']} CPU processes (gloo). Peak "
+        "extra memory of each phase in a fresh process (VmHWM after - VmRSS before; MiB).\n\n"
+    )
+    header = ["model", "scorer", "ranks", "rank", "scored entries held", "weights held", "score: peak extra",
+              "of which fp32 state (4 B/entry)", "rest", "select 1%: peak extra"]  # fmt: skip
+    lines = []
+    for m, v in d["projection"]["coefficients"].items():
+        rest = ", ".join(f"{v2 / 2**20:,.0f} MiB with {w} rank(s)" for w, v2 in v["rest_bytes_by_world"].items())
+        lines.append(f"* `{m}` on {v['model']}: the rest of the scoring peak is {rest}; selection "
+                     f"{v['select_bytes_per_local_entry']:.3f} bytes per entry held.")  # fmt: skip
+    return head + table(header, rows) + "\n" + "\n".join(lines) + "\n\n" + prov_line(d)
+
+
+def memory_projection() -> str:
+    d = load("benchmarks/results/memory.json")
+    p = d["projection"]
+    rows = []
+    for name, m in p["models"].items():
+        g = m["per_rank_gib"]
+        rows.append([f"Llama-2 {name}", f"{m['parameters'] / 1e9:.1f} B", f"{g['weights']:.1f}",
+                     f"{g['layer_working_set']:.1f}", f"{g['fp32_state']:.1f}", f"{g['activations']:.1f}",
+                     f"**{g['scoring_total']:.1f}**", f"{g['selection_extra']:.2f}", "yes" if m["fits"] else "no",
+                     f"{m['unsharded_gib']:.0f}"])  # fmt: skip
+    esi = p["coefficients"]["esi"]
+    head = (
+        f"ESI, bf16 weights, {p['world']} ranks of {p['gpu_gib']} GB, {p['tokens_per_batch']} tokens per batch, "
+        f"activation checkpointing; fp32 state at {esi['state_bytes_per_entry']} bytes per scored entry, selection at "
+        f"the measured {esi['select_bytes_per_local_entry']:.3f} bytes per entry ({esi['model']}, table above). GiB "
+        "per rank.\n\n"
+    )
+    header = ["model", "parameters", "weights", "FSDP2 layer working set", "fp32 state", "activations (est.)",
+              "scoring", "+ select 1%", f"fits {p['world']} x {p['gpu_gib']} GB", "one device, unsharded"]  # fmt: skip
+    return head + table(header, rows) + "\n" + prov_line(d)
 
 
 def bench_spa_training() -> str:
@@ -932,6 +1018,9 @@ TABLES: dict[str, Callable[[], str]] = {
     "bench_summary": bench_summary,
     "bench_scoring": bench_scoring,
     "bench_selection": bench_selection,
+    "bench_selection_out_of_core": bench_selection_out_of_core,
+    "memory_measured": memory_measured,
+    "memory_projection": memory_projection,
     "bench_spa_training": bench_spa_training,
     "bench_set_adapter": bench_set_adapter,
     "bench_masked_lora": bench_masked_lora,

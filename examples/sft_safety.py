@@ -34,8 +34,12 @@ python examples/sft_safety.py --config examples/sft_safety.yaml --model_name_or_
 # two processes (DDP) on CPU through accelerate; see docs/multiprocess.md for FSDP2 and GPUs
 accelerate launch --config_file examples/accelerate/ddp_cpu.yaml examples/sft_safety.py \
     --config examples/sft_safety.yaml --model_name_or_path /tmp/tiny/model --dataset_name /tmp/tiny/data.jsonl \
-    --safety_mask /tmp/tiny/mask --output_dir /tmp/tiny/spa-ddp
+    --safety_mask /tmp/tiny/mask --output_dir /tmp/tiny/spa-ddp --use_cpu true
 ```
+
+Several processes on a machine without a GPU need ``--use_cpu true`` to form one (gloo) process group; without it
+each process would train alone into the same output folder. When ``WORLD_SIZE > 1`` and there is no GPU, the script
+adds it if the command line does not set ``--use_cpu``, and refuses ``--use_cpu false``.
 
 ``bf16`` follows the hardware when not given (on for a bf16-capable GPU, off on CPU). ``--dataset_name`` is a Hub id
 or a local ``.json``/``.jsonl``/``.csv``/``.parquet`` file. ``peft-safety train ...`` takes identical arguments.

@@ -62,6 +62,9 @@ elif not any(isinstance(f, _RegisterAfterPeftImport) for f in sys.meta_path):
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
+    "SafetyError": "peft_safety.errors",
+    "SafetyFileError": "peft_safety.errors",
+    "check_adapter_folder": "peft_safety._files",
     "Granularity": "peft_safety.mask",
     "Head": "peft_safety.mask",
     "Layer": "peft_safety.mask",
@@ -189,6 +192,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ._files import check_adapter_folder  # noqa: F401
     from .analysis import (  # noqa: F401
         LayerDistribution,
         StabilityReport,
@@ -201,6 +205,7 @@ if TYPE_CHECKING:  # pragma: no cover
         stability,
     )
     from .analysis.probes import mask_drift, noised, restored_from, rewind_, scaled, zeroed  # noqa: F401
+    from .errors import SafetyError, SafetyFileError  # noqa: F401
     from .evaluation import (  # noqa: F401
         ClassifierJudge,
         EvalReport,

@@ -19,6 +19,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
+from .errors import SafetyError, SafetyTypeError
+
 __all__ = [
     "FINGERPRINT_POLICIES",
     "MODES",
@@ -165,7 +167,7 @@ def check_choice(value: Any, choices: Sequence[str], *, where: str, help: str | 
     tail = f" Use {help}." if help else did_you_mean(value, choices)
     if help:
         tail = did_you_mean(value, choices, available=False) + tail
-    raise ValueError(f"{where}={value!r} is not valid.{tail}")
+    raise SafetyError(f"{where}={value!r} is not valid.{tail}")
 
 
 def check_mode(value: Any, *, where: str = "mode") -> str:
@@ -194,12 +196,12 @@ def check_fraction(value: Any, *, where: str = "fraction", allow_zero: bool = Fa
         ValueError: NaN, infinite or out of range.
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{where} must be a number in (0, 1] (e.g. 0.01 for 1%), got {type(value).__name__}.")
+        raise SafetyTypeError(f"{where} must be a number in (0, 1] (e.g. 0.01 for 1%), got {type(value).__name__}.")
     value = float(value)
     low_ok = value >= 0.0 if allow_zero else value > 0.0
     if not math.isfinite(value) or not low_ok or value > 1.0:
         interval = "[0, 1]" if allow_zero else "(0, 1]"
-        raise ValueError(f"{where}={value!r} must lie in {interval}: the share of entries kept (0.01 = 1%).")
+        raise SafetyError(f"{where}={value!r} must lie in {interval}: the share of entries kept (0.01 = 1%).")
     return value
 
 

@@ -46,13 +46,13 @@ def test_push_without_network_is_one_line(mask_dir, capsys, monkeypatch):
     code = main(["push", str(mask_dir), "me/mask"])
     line = _error_line(capsys.readouterr().err)
     assert code == 2
-    assert "'me/mask'" in line and "safety_mask.safetensors" in line and "Hub request failed" in line
+    assert "'me/mask'" in line and "could not reach the Hugging Face Hub" in line and "No file was uploaded" in line
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["push", "{mask}", "not a repo"], "is not a Hub model repo id"),
+        (["push", "{mask}", "not a repo"], "is not a Hub repo id"),
         (["push", "{tmp}/nope", "me/mask"], "No such mask folder"),
         (["inspect", "{tmp}/nope"], "no such file or folder"),
         (["diff", "{mask}", "{tmp}"], "safety_mask.safetensors"),

@@ -31,11 +31,21 @@ def test_dry_run_lists_every_case_with_existing_configs():
         "zero2-set",
         "zero3-spa",
         "zero3-set",
+        "fsdp2-score",
+        "zero3-score",
     ]
     for line in lines:
+        case = line.split()[0]
+        if case.endswith("-score"):
+            # torchrun of the sharded-scoring worker on CUDA, then its one-process comparison on the same GPU
+            kind = case.removesuffix("-score")
+            assert f"tests/_ddp_worker.py {kind}_score " in line and " cuda && " in line, line
+            assert line.rstrip().endswith(f"tests/_ddp_worker.py verify {line.split()[-3]} {kind} cuda"), line
+            assert "torchrun --standalone --nproc_per_node" in line
+            continue
         config = line.split("--config_file ")[1].split()[0]
         assert Path(config).is_file(), config
-        assert ("freeze" in line) is line.split()[0].endswith("-spa")
+        assert ("freeze" in line) is case.endswith("-spa")
         assert "--verify" in line
 
 

@@ -263,8 +263,8 @@ def test_plan_orders_the_grid_and_names_missing_arms():
     assert ids[:4] == ["aligned", "lora_p0.1_seed0", "replay_p0.1_seed0", "spa_esi_p0.1_seed0"]
     assert "sppft_p0.1_seed0" in ids and "sppft_p0.1_seed1" not in ids
     assert ids.index("lora_p0.1_seed2") < ids.index("lora_p0_seed0")
-    assert {r.arm for r in runs if r.p == 0} == {"lora", "replay", "spa_esi"}
-    assert "lisa" in missing
+    assert {r.arm for r in runs if r.p == 0} == {"lora", "replay", "spa_esi", "lisa"}
+    assert missing == [] and plan(parse_args(["--arms", "lora,set_repair"]))[1] == ["set_repair"]
     with pytest.raises(ValueError, match="Unknown arms"):
         plan(parse_args(["--arms", "lora,nope"]))
 

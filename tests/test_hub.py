@@ -276,3 +276,91 @@ def test_hand_written_card_without_front_matter_is_kept():
     assert card.text.lstrip().startswith("# My notes") and "Do not lose me." in card.text
     assert card.data.library_name == "peft-safety" and "set" in card.data.tags
     assert card.text.count("<!-- peft-safety:begin -->") == 1
+
+
+@pytest.mark.parametrize("how", ["unreachable", "offline"])
+def test_push_without_network_is_a_clear_error(monkeypatch, how):
+    """No mock: the real HfApi against an endpoint where nothing listens, and with HF_HUB_OFFLINE."""
+    import huggingface_hub.constants as constants
+
+    from peft_safety.errors import HubUnreachableError, SafetyError
+
+    monkeypatch.setenv("HF_TOKEN", "hf_dummy")
+    if how == "unreachable":
+        monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    else:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubUnreachableError) as info:
+        _mask().push_to_hub("me/mask")
+    message = str(info.value)
+    assert "'me/mask'" in message and "No file was uploaded" in message and "HF_HUB_OFFLINE" in message
+    assert isinstance(info.value, SafetyError) and isinstance(info.value, ConnectionError)
+
+
+def _undefined_names(code: str) -> set[str]:
+    """Names a snippet reads before (or without) defining them, builtins aside."""
+    import ast
+    import builtins
+
+    defined = set(dir(builtins))
+    missing = set()
+    for stmt in ast.parse(code).body:
+        for node in ast.walk(stmt):
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in defined:
+                missing.add(node.id)
+        for node in ast.walk(stmt):
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                defined.add(node.id)
+            elif isinstance(node, ast.alias):
+                defined.add((node.asname or node.name).split(".")[0])
+    return missing
+
+
+def _snippet(card_text: str) -> str:
+    start = card_text.index("```python\n") + len("```python\n")
+    return card_text[start : card_text.index("```", start)]
+
+
+@pytest.mark.parametrize(
+    ("adapter", "with_mask", "key"),
+    [
+        ({"peft_type": "SAFETY", "mode": "train_only", "base_model_name_or_path": "org/base"}, False, "SAFETY"),
+        ({"peft_type": "SAFETY_LORA", "base_model_name_or_path": "org/base"}, False, "SAFETY_LORA"),
+        ({"peft_type": "SAFETY_LORA", "base_model_name_or_path": "org/base"}, True, "SAFETY_LORA"),
+        (None, True, None),  # full fine-tuning: the folder holds a model and its mask, no adapter
+    ],
+)
+def test_card_snippets_define_every_name_and_name_the_right_type(adapter, with_mask, key):
+    from peft_safety.mask.hub import build_card
+
+    card = build_card(
+        None, mask=_mask() if with_mask else None, adapter_config=adapter, mode="SPA" if not adapter else None
+    )
+    code = _snippet(card.text)
+    compile(code, "<card>", "exec")
+    assert _undefined_names(code) == set(), code
+    if key is not None:
+        assert f"KeyError: '{key}'`" in card.text
+        other = {"SAFETY": "SAFETY_LORA", "SAFETY_LORA": "SAFETY"}[key]
+        assert f"KeyError: '{other}'" not in card.text
+    if adapter and adapter["peft_type"] == "SAFETY_LORA":
+        assert "SPA (`freeze`)" in card.text and card.data.peft_safety == {
+            "mode": "SPA",
+            **({"mask_path": MASK_FILENAME} if with_mask else {}),
+        }
+    if with_mask:  # the mask is checked against the base before PeftModel adds its layers to it
+        assert code.index("mask.validate(base)") < code.index("PeftModel.from_pretrained") if adapter else True
+
+
+def test_write_card_never_reads_or_writes_through_a_planted_symlink(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOKEN=hf_secret")
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "README.md").symlink_to(secret)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "SAFETY", "mode": "train_only"}))
+    with pytest.warns(UserWarning, match="symbolic link"):
+        write_card(folder)
+    assert secret.read_text() == "TOKEN=hf_secret"
+    card = (folder / "README.md").read_text()
+    assert not (folder / "README.md").is_symlink() and "hf_secret" not in card and "import peft_safety" in card

@@ -23,7 +23,15 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "peft_safety"
 
 #: base modules every stage may use
-BASE = {"peft_safety._version", "peft_safety._io", "peft_safety.vocab", "peft_safety.testing"}
+BASE = {
+    "peft_safety._version",
+    "peft_safety._io",
+    "peft_safety._files",
+    "peft_safety._models",
+    "peft_safety.errors",
+    "peft_safety.vocab",
+    "peft_safety.testing",
+}
 #: the calibration-data modules of ``scoring`` that later stages may read
 CALIBRATION_DATA = {"peft_safety.scoring.calibration", "peft_safety.scoring.generation"}
 #: stage -> the other stages (or single modules) it may import

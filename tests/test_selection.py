@@ -221,10 +221,10 @@ def test_select_accepts_plain_mapping():
     [
         ({}, ValueError, "exactly one of fraction="),
         ({"fraction": 0.1, "k": 2}, ValueError, "exactly one of fraction="),
-        ({"fraction": 0.0}, ValueError, "fraction=0.0 is outside (0, 1]"),
-        ({"fraction": 1.5}, ValueError, "fraction=1.5 is outside (0, 1]"),
-        ({"fraction": float("nan")}, ValueError, "is outside (0, 1]"),
-        ({"fraction": "0.1"}, TypeError, "fraction must be a float"),
+        ({"fraction": 0.0}, ValueError, "fraction=0.0 must lie in (0, 1]"),
+        ({"fraction": 1.5}, ValueError, "fraction=1.5 must lie in (0, 1]"),
+        ({"fraction": float("nan")}, ValueError, "must lie in (0, 1]"),
+        ({"fraction": "0.1"}, TypeError, "fraction must be a number in (0, 1]"),
         ({"k": 0}, ValueError, "k=0 must be >= 1"),
         ({"k": 2.0}, TypeError, "k must be an int"),
         ({"k": 13}, ValueError, "k=13 is larger than the number of units (12)"),
@@ -252,7 +252,7 @@ def test_select_per_row_k_too_large_and_empty_scores():
         select(Scores({"a": torch.rand(2, 4)}), k=5, scope="per_row")
     with pytest.raises(ValueError, match="scores is empty"):
         select(Scores({}), k=1)
-    with pytest.raises(TypeError, match="scores must be a Scores or a mapping"):
+    with pytest.raises(TypeError, match="scores must be a Scores, a ScoreFiles or a mapping"):
         select([torch.ones(2)], k=1)
 
 
@@ -319,8 +319,10 @@ def test_isolate_errors():
         isolate(a, Scores({"b": torch.rand(2, 2)}), p=0.1, q=0.1)
     with pytest.raises(ValueError, match="safety and utility scores differ for 'a'"):
         isolate(a, Scores({"a": torch.rand(4)}), p=0.1, q=0.1)
-    with pytest.raises(ValueError, match=r"p=0 must be a float in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"p=0.0 must lie in \(0, 1\]"):
         isolate(a, a, p=0, q=0.1)
+    with pytest.raises(TypeError, match=r"q must be a number"):
+        isolate(a, a, p=0.1, q="0.1")
 
 
 def test_select_granularity_reinterprets_scores():
@@ -371,7 +373,7 @@ def test_cli_select_errors(tmp_path, capsys):
 
     Scores({"a": torch.rand(2, 2)}).to_safetensors(tmp_path / "s.safetensors")
     rc = main(["select", str(tmp_path / "s.safetensors"), "--fraction", "2", "--out", str(tmp_path / "m")])
-    assert rc == 2 and "fraction=2.0 is outside (0, 1]" in capsys.readouterr().err
+    assert rc == 2 and "--fraction=2.0 is outside (0, 1]" in capsys.readouterr().err
     rc = main(["select", str(tmp_path / "s.safetensors"), "--k", "1", "--scope", "pertensor", "--out", str(tmp_path)])
     assert rc == 2 and "Did you mean 'per_tensor'?" in capsys.readouterr().err
     rc = main(["select", str(tmp_path / "missing.safetensors"), "--k", "1", "--out", str(tmp_path / "m")])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,9 +123,10 @@ def test_paired_bootstrap_interval_and_p_value():
     assert test.low == pytest.approx(float(d.mean()) - half, abs=0.2 * half)
     assert test.high == pytest.approx(float(d.mean()) + half, abs=0.2 * half)
     assert test.p_value < 0.001
-    # no systematic difference: the p-value is large and the interval covers 0
+    # no systematic difference: the interval covers 0 and the p-value is large (both, not either)
     same = paired_bootstrap(base + 0.1 * torch.randn(400, generator=gen, dtype=torch.float64), base, seed=0)
-    assert same.low < 0 < same.high or same.p_value > 0.05
+    assert same.low < 0 < same.high
+    assert same.p_value > 0.05
 
 
 def test_cohen_kappa_against_a_hand_computed_table():
@@ -144,3 +146,115 @@ def test_rate_with_ci_excludes_undecided():
     assert out["rate"] == pytest.approx(0.75)
     assert out["low"] <= 0.75 <= out["high"]
     assert rate_with_ci([None, None])["rate"] is None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Exact pins: the same resamples recomputed with numpy, and hand tables where the wrong formula gives another number
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _resampled_means(values, n_resamples: int, seed: int, chunk: int = 2000):
+    """The bootstrap resamples the library draws (its documented seeded index stream: ``torch.randint`` rows of
+    ``n`` indices from ``Generator().manual_seed(seed)``, ``chunk`` rows at a time), with the means taken in numpy."""
+    v = np.asarray(values, dtype=np.float64)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, n_resamples, chunk):
+        idx = torch.randint(0, v.size, (min(chunk, n_resamples - start), v.size), generator=gen).numpy()
+        out.append(v[idx].mean(axis=1))
+    return np.concatenate(out)
+
+
+CASES = [
+    ([1] * 7 + [0] * 13, 0.95, 2000, 0),
+    ([1] * 30 + [0] * 70, 0.90, 5000, 3),  # spans the 2000-row chunks
+    ([0.25, 1.5, -2.0, 3.25, 0.0, 7.5, -1.25], 0.95, 999, 11),  # continuous values, an odd count
+    ([1, 0, 0, 1, 1], 0.80, 100, 5),
+]
+
+
+@pytest.mark.parametrize(("values", "confidence", "n_resamples", "seed"), CASES)
+def test_bootstrap_interval_is_exactly_the_inverted_cdf_percentile_of_its_resamples(
+    values, confidence, n_resamples, seed
+):
+    ci = bootstrap_ci(values, confidence=confidence, n_resamples=n_resamples, seed=seed)
+    means = _resampled_means(values, n_resamples, seed)
+    alpha = (1 - confidence) / 2
+    assert ci.estimate == pytest.approx(float(np.mean(values)), rel=1e-15)
+    assert ci.low == pytest.approx(float(np.quantile(means, alpha, method="inverted_cdf")), rel=1e-13, abs=0)
+    assert ci.high == pytest.approx(float(np.quantile(means, 1 - alpha, method="inverted_cdf")), rel=1e-13, abs=0)
+
+
+@pytest.mark.parametrize(("values", "confidence", "n_resamples", "seed"), CASES)
+def test_paired_bootstrap_is_exactly_its_resamples(values, confidence, n_resamples, seed):
+    a = np.asarray(values, dtype=np.float64)
+    b = np.roll(a, 1) * 0.5  # another arm on the same items
+    test = paired_bootstrap(a.tolist(), b.tolist(), confidence=confidence, n_resamples=n_resamples, seed=seed)
+    diffs = _resampled_means(a - b, n_resamples, seed)
+    alpha = (1 - confidence) / 2
+    assert test.difference == pytest.approx(float(np.mean(a - b)), rel=1e-15, abs=1e-15)
+    assert test.low == pytest.approx(float(np.quantile(diffs, alpha, method="inverted_cdf")), rel=1e-13, abs=1e-15)
+    assert test.high == pytest.approx(
+        float(np.quantile(diffs, 1 - alpha, method="inverted_cdf")), rel=1e-13, abs=1e-15
+    )
+    p_ref = min(1.0, 2 * min(float(np.mean(diffs <= 0)), float(np.mean(diffs >= 0))))
+    assert test.p_value == p_ref
+
+
+def test_paired_bootstrap_p_value_counts_zero_differences_on_both_sides():
+    """0/1 outcomes with two discordant pairs: many resamples have a difference of exactly 0, where ``<=``/``>=``
+    and ``<``/``>`` give different p-values; the documented rule counts them on both sides."""
+    a = [1, 1, 0, 0, 1, 0, 1, 0, 0, 0]
+    b = [1, 0, 0, 0, 1, 0, 0, 0, 0, 0]
+    test = paired_bootstrap(a, b, n_resamples=3000, seed=7)
+    diffs = _resampled_means(np.subtract(a, b), 3000, 7)
+    zeros = float(np.mean(diffs == 0))
+    assert zeros > 0.05  # the case exercises the tie rule
+    strict = min(1.0, 2 * min(float(np.mean(diffs < 0)), float(np.mean(diffs > 0))))
+    inclusive = min(1.0, 2 * min(float(np.mean(diffs <= 0)), float(np.mean(diffs >= 0))))
+    assert strict != inclusive
+    assert test.p_value == inclusive
+
+
+def _kappa_reference(table) -> float:
+    """Cohen's kappa from a confusion table with numpy: (n * trace - sum(row * col)) / (n^2 - sum(row * col))."""
+    t = np.asarray(table, dtype=np.float64)
+    n = t.sum()
+    chance = float(t.sum(axis=1) @ t.sum(axis=0))
+    return (n * np.trace(t) - chance) / (n * n - chance)
+
+
+def _labelings(table, labels):
+    a, b = [], []
+    for i, row in enumerate(table):
+        for j, count in enumerate(row):
+            a += [labels[i]] * count
+            b += [labels[j]] * count
+    return a, b
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        [[30, 40], [10, 20]],  # marginals (0.7, 0.3) vs (0.4, 0.6): p_e = 0.46, kappa = 0.04 / 0.54
+        [[5, 1, 0], [7, 2, 3], [0, 4, 9]],  # three labels, every marginal different
+        [[1, 9], [0, 0]],  # a never says "c": p_e = 0.1
+    ],
+)
+def test_cohen_kappa_equals_the_confusion_table_formula_on_asymmetric_tables(table):
+    a, b = _labelings(table, ["r", "c", "n"])
+    assert cohen_kappa(a, b) == pytest.approx(_kappa_reference(table), rel=1e-12, abs=1e-15)
+    # the wrong chance terms give other numbers on these tables, so the test tells them apart
+    t = np.asarray(table, dtype=np.float64)
+    n = t.sum()
+    p_o = np.trace(t) / n
+    for wrong_pe in (
+        float((t.sum(axis=1) / n) @ (t.sum(axis=1) / n)),
+        float((t.sum(axis=0) / n) @ (t.sum(axis=0) / n)),
+    ):
+        assert cohen_kappa(a, b) != pytest.approx((p_o - wrong_pe) / (1 - wrong_pe), rel=1e-6)
+
+
+def test_cohen_kappa_hand_value_of_an_asymmetric_table():
+    a, b = _labelings([[30, 40], [10, 20]], ["r", "c"])
+    assert cohen_kappa(a, b) == pytest.approx((0.5 - 0.46) / (1 - 0.46), rel=1e-12)

@@ -79,7 +79,8 @@ def test_trainer_saves_mask_with_fingerprints_and_one_card(tmp_path, mode):
 
     card = ModelCard((out / "README.md").read_text())
     assert card.text.count("(peft-safety)\n") == 1
-    assert "import peft_safety" in card.text and "KeyError: 'SAFETY'" in card.text
+    peft_type = "SAFETY_LORA" if mode == "freeze" else "SAFETY"  # the type the folder holds, named exactly
+    assert "import peft_safety" in card.text and f"KeyError: '{peft_type}'`" in card.text
     expected = "SPA (`freeze`)" if mode == "freeze" else "SET (`train_only`)"
     assert expected in card.text
     for field in ("| method | snip |", "| sparsity | 0.01 |", "| data_hash | abc |", "| base_model | org/tiny |"):

@@ -155,11 +155,7 @@ COPIES = [
 
 #: files whose owners adopt `peft_safety.vocab` in their own change (tuner/ and cli/ are being restructured, and
 #: scoring/selection.py is being rewritten for distributed selection); each entry is removed with that change
-PENDING = {
-    "cli/_common.py": {"did-you-mean (difflib)"},
-    "cli/fetch_cmd.py": {"did-you-mean (difflib)"},
-    "scoring/selection.py": {"did-you-mean (difflib)"},
-}
+PENDING: dict[str, set[str]] = {}
 
 
 def _copies() -> dict[str, set[str]]:

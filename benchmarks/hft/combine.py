@@ -52,8 +52,25 @@ def load_runs(out: str | Path) -> list[dict[str, Any]]:
 
 def identity_checks(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Raise unless every run is comparable; return what was checked."""
+    import hashlib
+
     first = runs[0]
-    for key in ("settings_digest", "data_digest", "judge_digest", "aligned_probe"):
+    arm_digests: dict[str, str] = {}
+    for r in runs:
+        # the recorded settings must hash to the recorded digest (common settings, plus the arm's own if any)
+        blob = dict(r["settings"])
+        if r.get("arm_settings"):
+            blob["arm_settings"] = {r["arm"]: r["arm_settings"]}
+        if hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest() != r["settings_digest"]:
+            raise ValueError(f"--combine: run {r['id']}'s settings do not hash to its settings_digest.")
+        if arm_digests.setdefault(r["arm"], r["settings_digest"]) != r["settings_digest"]:
+            raise ValueError(f"--combine: the runs of arm {r['arm']} differ in settings_digest; pool only runs of "
+                             "one setting.")  # fmt: skip
+    common = {r["id"]: r.get("common_settings_digest", r["settings_digest"] if not r.get("arm_settings") else None)
+              for r in runs}  # fmt: skip
+    for r in runs:  # runs written before arms had own settings hold the common digest as settings_digest
+        r.setdefault("common_settings_digest", common[r["id"]])
+    for key in ("common_settings_digest", "data_digest", "judge_digest", "aligned_probe"):
         values = {r[key] for r in runs}
         if len(values) != 1:
             by = {}
@@ -61,15 +78,21 @@ def identity_checks(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 by.setdefault(r[key], []).append(r["id"])
             raise ValueError(f"--combine: the runs differ in {key}: {by}; pool only runs of one setting.")
     masks: dict[str, str] = {}
+    artifacts: dict[str, str] = {}
     for r in runs:
         for name, info in r.get("masks", {}).items():
             if masks.setdefault(name, info["digest"]) != info["digest"]:
                 raise ValueError(f"--combine: run {r['id']} used another {name} mask than an earlier run.")
+        for name, info in r.get("artifacts", {}).items():
+            if artifacts.setdefault(name, info["digest"]) != info["digest"]:
+                raise ValueError(f"--combine: run {r['id']} used another {name} artifact than an earlier run.")
     aligned = [r for r in runs if r["arm"] == "aligned"]
     if len(aligned) != 1:
         raise ValueError(f"--combine: need exactly one aligned run, found {len(aligned)}.")
-    return {"runs": len(runs), "settings_digest": first["settings_digest"], "data_digest": first["data_digest"],
-            "judge_digest": first["judge_digest"], "aligned_probe_identical": True, "mask_digests": masks,
+    own = {a: d for a, d in arm_digests.items() if d != first["common_settings_digest"]}
+    return {"runs": len(runs), "settings_digest": first["common_settings_digest"], "arm_settings_digests": own,
+            "data_digest": first["data_digest"], "judge_digest": first["judge_digest"],
+            "aligned_probe_identical": True, "mask_digests": masks, "artifact_digests": artifacts,
             "generations_match_digests": True}  # fmt: skip
 
 
@@ -185,6 +208,7 @@ def _arm_block(rows: list[dict[str, Any]], aligned: dict[str, Any], lora: dict[i
     doses = [r["train"].get("rows_seen") for r in rows if r["train"].get("rows_seen")]
     out["rows_seen"] = doses
     out["lora"] = rows[0]["train"].get("lora")
+    out["arm_settings"] = rows[0].get("arm_settings") or {}
     out["steps"] = [r["train"].get("steps") for r in rows]
     out["masked_entries_moved"] = [r["train"]["masked_entries_moved"] for r in rows
                                    if "masked_entries_moved" in r["train"]]  # fmt: skip

@@ -66,6 +66,38 @@ class HFTConfig:
     curve_every: int = field(default=25, metadata={"help": "Score the curve rows every N steps (0: never)."})
     curve_arms: str = field(default="lora", metadata={"help": "Arms whose runs score the curve ('': every arm)."})
     log_every: int = field(default=10, metadata={"help": "Log the training loss every N steps."})
+    # ------------------------------------------------------------------ defense arms (each field belongs to its arms)
+    # each belongs to the arms `ARM_FIELDS` names and enters only their settings digest
+    lisa_alignment_steps: int = field(default=10, metadata={"help": "Lisa: alignment steps per "
+                                      "cycle (git-disl/Lisa lisa_poison_ratio.sh: 100 of a 1,000-step cycle; / 10)."})  # fmt: skip
+    lisa_task_steps: int = field(default=90, metadata={"help": "Lisa: task steps per cycle "
+                                 "(the reference script: 900; / 10, keeping its 1:9 ratio)."})  # fmt: skip
+    lisa_rho: float = field(default=1.0, metadata={"help": "Lisa: proximal weight (RHO=1)."})
+    lisa_proximal_after: int = field(default=10, metadata={"help": "Lisa: first step with the "
+                                     "proximal term (the reference's trainer: after 10% of the run's steps)."})  # fmt: skip
+    booster_lambda: float = field(default=5.0, metadata={"help": "Booster: lambda "
+                                  "(git-disl/Booster smooth_align.sh: lamb=5)."})  # fmt: skip
+    booster_alpha: float = field(default=0.1, metadata={"help": "Booster: alpha, the "
+                                 "simulated step's size (smooth_align.sh: alpha=0.1)."})  # fmt: skip
+    booster_steps: int = field(default=100, metadata={"help": "Booster: steps of the "
+                               "alignment run on the refusal rows (the reference: 20 epochs of 5,000 rows)."})  # fmt: skip
+    booster_lr: float = field(default=5e-4, metadata={"help": "Booster: the alignment run's "
+                              "learning rate (smooth_align.sh: 5e-4, constant)."})  # fmt: skip
+    booster_weight_decay: float = field(default=0.1, metadata={"help": "Booster: the "
+                                        "alignment run's weight decay (smooth_align.sh: 0.1)."})  # fmt: skip
+    antidote_fraction: float = field(default=0.1, metadata={"help": "Antidote: share of "
+                                     "each row's entries pruned (antidote_poison_ratio.sh: dense_ratio=0.1)."})  # fmt: skip
+    antidote_rows: int = field(default=64, metadata={"help": "Antidote: harmful rows scored "
+                               "by Wanda, none of the run's own (the reference: bad_sample_num=2000)."})  # fmt: skip
+    safe_lora_top_k: int = field(default=10, metadata={"help": "Safe LoRA: project the k "
+                                 "least similar layers (IBM/SafeLoRA config.py: 'number', num_proj_layers=10)."})  # fmt: skip
+    resta_scale: float = field(default=1.0, metadata={"help": "RESTA: scale of the safety "
+                               "vector added back (the paper's add-back: 1)."})  # fmt: skip
+    direction_steps: int = field(default=100, metadata={"help": "Safe LoRA / RESTA: "
+                                 "steps of the LoRA refusal run whose delta is the alignment direction."})  # fmt: skip
+    direction_lr: float = field(default=5e-4, metadata={"help": "Its learning rate "
+                                "(git-disl/Booster sft.sh, the SFT alignment stage: 5e-4, constant)."})  # fmt: skip
+    direction_weight_decay: float = field(default=0.1, metadata={"help": "Its weight decay (sft.sh: 0.1)."})  # fmt: skip
     # ------------------------------------------------------------------ evaluation
     max_new_tokens: int = field(default=64, metadata={"help": "Greedy generation budget per prompt."})
     eval_batch_size: int = field(default=25, metadata={"help": "Prompts per generation call."})
@@ -92,12 +124,15 @@ _TINY = {
     "model": "tiny", "n_train": 16, "n_task_test": 12, "n_curve": 6, "n_harmbench": 6, "n_second": 4,
     "n_lookalike": 4, "n_ident": 6, "steps": 4, "batch_size": 4, "lr": 5e-3, "max_length": 256, "curve_every": 2,
     "log_every": 2, "max_new_tokens": 4, "eval_batch_size": 8, "seeds": "0,1", "n_resamples": 200, "threads": 1,
-    "lora_r": 4, "lora_alpha": 8,
+    "lora_r": 4, "lora_alpha": 8, "lisa_alignment_steps": 1, "lisa_task_steps": 1, "lisa_proximal_after": 0,
+    "booster_steps": 2, "antidote_rows": 4, "safe_lora_top_k": 2, "direction_steps": 2,
 }  # fmt: skip
 _GPU = {
     "n_train": 1000, "p": "0.1,0,0.05,0.2", "steps": 500, "batch_size": 8, "n_task_test": 1000, "n_curve": 200,
     "n_harmbench": 159, "n_second": 281, "n_lookalike": 150, "max_new_tokens": 128, "max_length": 512,
     "eval_batch_size": 64, "spa_entries_method": "dense", "curve_every": 50, "threads": 0,
+    "lisa_alignment_steps": 50, "lisa_task_steps": 450, "lisa_proximal_after": 50, "booster_steps": 500,
+    "antidote_rows": 256, "direction_steps": 500,
 }  # fmt: skip
 PRESET_VALUES: dict[str, dict[str, Any]] = {"tiny": _TINY, "cpu": {}, "gpu": _GPU}
 
@@ -112,18 +147,55 @@ CPU_CUTS = [
     "masked LoRA with the sparse forward (exact up to fp rounding during training; merged weights exact)",
     "SPPFT and RSN-Tune one seed (the protocol allows it); the other arms 3 seeds",
     "the learning curve (64 test rows every 25 steps) scored in plain LoRA's runs only (it cost about a fifth of a run)",
+    "defenses scaled to 100 steps: Lisa's cycle 50/450 -> 10/90 steps (its reference: 100/900 in a longer run), "
+    "Booster's alignment run and the alignment direction's run 500 -> 100 steps, Antidote's harmful rows 256 -> 64",
 ]
 
 
+#: the defense fields: field -> the arms it belongs to. Such a field enters only the settings digest of its arms
+#: (`settings_digest(cfg, arm)`), so adding or changing a defense's field never changes another arm's digest.
+ARM_FIELDS: dict[str, tuple[str, ...]] = {
+    "lisa_alignment_steps": ("lisa",),
+    "lisa_task_steps": ("lisa",),
+    "lisa_rho": ("lisa",),
+    "lisa_proximal_after": ("lisa",),
+    "booster_lambda": ("booster",),
+    "booster_alpha": ("booster",),
+    "booster_steps": ("booster",),
+    "booster_lr": ("booster",),
+    "booster_weight_decay": ("booster",),
+    "antidote_fraction": ("antidote",),
+    "antidote_rows": ("antidote",),
+    "safe_lora_top_k": ("safe_lora",),
+    "resta_scale": ("resta",),
+    "direction_steps": ("safe_lora", "resta"),
+    "direction_lr": ("safe_lora", "resta"),
+    "direction_weight_decay": ("safe_lora", "resta"),
+}
+
+
 def settings_of(cfg: HFTConfig) -> dict[str, Any]:
-    """The fields that change a result (hashed into ``settings_digest``)."""
-    return {k: v for k, v in asdict(cfg).items() if k not in _NOT_SETTINGS}
+    """The fields that change every arm's result (the common part of ``settings_digest``; no arm's own field)."""
+    own = ARM_FIELDS
+    return {k: v for k, v in asdict(cfg).items() if k not in _NOT_SETTINGS and k not in own}
 
 
-def settings_digest(cfg: HFTConfig) -> str:
+def arm_settings_of(cfg: HFTConfig, arm: str) -> dict[str, Any]:
+    """The fields that belong to ``arm`` (its hyper-parameters); ``{}`` for an arm without any."""
+    return {k: getattr(cfg, k) for k, arms in ARM_FIELDS.items() if arm in arms}
+
+
+def settings_digest(cfg: HFTConfig, arm: str | None = None) -> str:
+    """sha256 of the settings a run of ``arm`` depends on: the common settings, plus the arm's own fields if it has
+    any. An arm without own fields (and ``arm=None``) hashes the common settings alone, exactly as before the defense
+    fields existed, so their finished runs keep their digests."""
     import hashlib
 
-    return hashlib.sha256(json.dumps(settings_of(cfg), sort_keys=True).encode()).hexdigest()
+    blob: dict[str, Any] = settings_of(cfg)
+    own = arm_settings_of(cfg, arm) if arm is not None else {}
+    if own:
+        blob = {**blob, "arm_settings": {arm: own}}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
 def parse_args(argv: list[str] | None = None) -> HFTConfig:

@@ -5,6 +5,14 @@ or any ``--out`` holding them): the aligned model's evaluation and one plain LoR
 batch size and sequence length), seconds per generated prompt (at its token budget), seconds per task row scored and
 the setup time. The estimate scales them to the settings asked for (steps; prompts; new tokens, linearly; masked arms
 by the masked-LoRA factor measured on the same model in ``benchmarks/results/preserve/preserve.json``) and sums them over the plan.
+
+The defenses' extra cost comes from `benchmarks/results/defenses.json` (SmolLM2-135M, side by side with plain LoRA
+through the same trainer; the ratios are carried over to the protocol's model): Lisa's steps cost its ratio to plain
+LoRA; Booster's alignment run costs ``booster_steps`` steps at Booster's ratio, once per process (a shared artifact),
+and its fine-tune is plain LoRA; the alignment direction of Safe LoRA and RESTA costs ``direction_steps`` plain-LoRA
+steps once per process; Antidote costs a plain LoRA run plus ``antidote_rows`` rows at the measured Antidote time per
+row relative to a plain-LoRA training row. Safe LoRA's projection and RESTA's add-back are arithmetic on the weights
+(under two seconds in that benchmark) and are left out.
 """
 
 from __future__ import annotations
@@ -86,6 +94,27 @@ def _masked_factor(method: str) -> float:
     return mean(("spa_esi", "spa_random")) / mean(("lora",))
 
 
+def defense_factors(path: Path | None = None) -> dict[str, float]:
+    """From ``defenses.json``: Lisa's and Booster's step time over plain LoRA's, and Antidote's seconds per harmful
+    row over plain LoRA's seconds per training row (a step's time / its batch), all on SmolLM2-135M."""
+    import re
+
+    data = json.loads(Path(path or REPO / "benchmarks" / "results" / "defenses.json").read_text(encoding="utf-8"))
+    model = data["posthoc"]["model"]
+    training = next((m for m in data["training"] if m["model"] == model), None)
+    if training is None:
+        raise ValueError(f"defenses.json has no training timings of {model}, the model of its post-hoc timings.")
+    rows = {r["arm"]: r for r in training["rows"]}
+    antidote = next((r for r in data["posthoc"]["rows"] if r["function"] == "antidote" and "LoRA" in r["what"]), None)
+    found = re.search(r"(\d+) harmful rows", antidote["what"]) if antidote else None
+    if found is None:
+        raise ValueError("defenses.json has no Antidote timing on LoRA factors with its row count.")
+    per_row = antidote["time"]["median_s"] / int(found.group(1))
+    train_row = rows["lora"]["step"]["median_s"] / training["batch_size"]
+    return {"lisa": rows["lisa"]["ratio"], "booster": rows["booster"]["ratio"], "antidote_row": per_row / train_row,
+            "model": model}  # fmt: skip
+
+
 def estimate(cfg: HFTConfig, costs: dict[str, float] | None = None) -> dict[str, Any]:
     """Seconds per planned run and in total (on the pilot's machine and load)."""
     from .arms import ARMS
@@ -99,18 +128,30 @@ def estimate(cfg: HFTConfig, costs: dict[str, float] | None = None) -> dict[str,
     step = costs["step"] * cfg.batch_size / costs["step_batch"]
     curve = (cfg.steps // cfg.curve_every + 1) * cfg.n_curve * costs["task_row"] if cfg.curve_every else 0.0
     curve_arms = [a.strip() for a in cfg.curve_arms.split(",") if a.strip()]
+    defense = defense_factors()
     per_run = {}
     for spec in runs:
         arm = ARMS[spec.arm]
         train = 0.0
         if arm.trains:
-            masked = spec.arm not in ("lora", "replay", "realign")
+            masked = bool(arm.masks) and spec.arm != "realign"  # realign trains plain LoRA, then restores
+            factor = costs["masked_factor"] if masked else defense["lisa"] if spec.arm == "lisa" else 1.0
             scored = not curve_arms or spec.arm in curve_arms
-            train = cfg.steps * step * (costs["masked_factor"] if masked else 1.0) + (curve if scored else 0.0)
+            train = cfg.steps * step * factor + (curve if scored else 0.0)
+            if spec.arm == "antidote":
+                train += cfg.antidote_rows * defense["antidote_row"] * step / cfg.batch_size
         per_run[spec.id] = round(train + gen + task, 1)
-    total = sum(per_run.values()) + costs["setup"]
-    return {"per_run_s": per_run, "total_s": round(total, 1), "total_h": round(total / 3600, 1),
-            "costs": costs, "not_available": missing}  # fmt: skip
+    # shared artifacts: built once per process (each sitting of the grid builds the ones its runs need again)
+    needed = {a for spec in runs for a in ARMS[spec.arm].artifacts}
+    artifacts = {}
+    if "booster" in needed:
+        artifacts["booster"] = round(cfg.booster_steps * step * defense["booster"], 1)
+    if "direction" in needed:
+        artifacts["direction"] = round(cfg.direction_steps * step, 1)
+    total = sum(per_run.values()) + sum(artifacts.values()) + costs["setup"]
+    return {"per_run_s": per_run, "artifacts_s": artifacts, "total_s": round(total, 1),
+            "total_h": round(total / 3600, 1), "costs": {**costs, "defenses": defense},
+            "not_available": missing}  # fmt: skip
 
 
 def print_estimate(cfg: HFTConfig) -> None:
@@ -121,11 +162,15 @@ def print_estimate(cfg: HFTConfig) -> None:
             est = estimate(cfg, pilot_costs(Path(cfg.out) / "pilot.json", threads))
             print(f"From {cfg.out}/pilot.json, CPU seconds / {threads} thread(s): {est['total_h']} h for "
                   f"{len(est['per_run_s'])} runs; per run (min): "
-                  + ", ".join(f"{k} {v / 60:.0f}" for k, v in est["per_run_s"].items()))  # fmt: skip
+                  + ", ".join(f"{k} {v / 60:.0f}" for k, v in est["per_run_s"].items())
+                  + "; artifacts once per sitting (min): "
+                  + ", ".join(f"{k} {v / 60:.0f}" for k, v in est["artifacts_s"].items()))  # fmt: skip
         return
     est = estimate(cfg, unit_costs(Path(cfg.out)))
     for rid, s in est["per_run_s"].items():
         print(f"  {rid}: {s / 60:.0f} min")
+    for name, s in est["artifacts_s"].items():
+        print(f"  artifact {name} (once per sitting): {s / 60:.0f} min")
     print(f"Total: {est['total_h']} h of an idle machine for {len(est['per_run_s'])} runs (unit costs from the CPU "
           f"seconds of {cfg.out}/runs, which ran at load average {est['costs']['load_average']:.1f}: "
           f"{json.dumps(est['costs'])})")  # fmt: skip

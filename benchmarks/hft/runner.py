@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from .arms import ARMS, PLANNED, ArmContext
-from .config import HFTConfig, p_values, seed_list, settings_digest, settings_of, split
+from .arms import ARMS, ARTIFACTS, PLANNED, ArmContext
+from .config import HFTConfig, arm_settings_of, p_values, seed_list, settings_digest, settings_of, split
 
 FORMAT = "peft_safety.hft.run/1"
 
@@ -119,6 +119,8 @@ class Session:
         self.train_markers = marker_rates([r["response"] for r in self.data.task_pool])
         self._masks: dict[str, Any] = {}
         self.mask_info: dict[str, Any] = {}
+        self._artifacts: dict[str, Any] = {}
+        self.artifact_seconds: dict[str, float] = {}
 
     def _aligned_probe(self) -> str:
         """sha256 of the aligned model's greedy answers to 4 HarmBench prompts (8 tokens): every run of a pooled grid
@@ -146,24 +148,46 @@ class Session:
             self._masks[name], self.mask_info[name] = masks[name], info[name]
         return self._masks[name]
 
+    def artifact(self, name: str) -> Any:
+        """The shared artifact ``name`` (Booster's hardened model, the alignment direction), built on first use; its
+        digest must equal the one recorded by every finished run that used it (same as the masks)."""
+        if name not in self._artifacts:
+            ctx = ArmContext(self.cfg, self.base, self.tok, self.data, 0.0, 0, [], self.mask,
+                             self.work / f"artifact-{name}", self.artifact)  # fmt: skip
+            t = time.perf_counter()
+            built = ARTIFACTS[name](ctx)
+            self.artifact_seconds[name] = round(time.perf_counter() - t, 1)
+            digest = built["info"]["digest"]
+            for previous in self.finished():
+                known = previous.get("artifacts", {}).get(name)
+                if known is not None and known["digest"] != digest:
+                    raise RuntimeError(f"The rebuilt {name} artifact differs from the one of {previous['id']} in "
+                                       f"{self.runs_dir}; start a new --out.")  # fmt: skip
+            self._artifacts[name] = built
+        return self._artifacts[name]
+
     def finished(self) -> list[dict[str, Any]]:
         if not self.runs_dir.is_dir():
             return []
         return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(self.runs_dir.glob("*.json"))]
 
     def check_finished(self, run: dict[str, Any], path: Path) -> None:
-        """A finished run must come from the same settings, data and judge; its JSONL must be intact."""
+        """A finished run must come from the same settings (the common ones and its arm's own), data and judge; its
+        JSONL must be intact."""
         from peft_safety.sources.offline import sha256_file
 
         if run.get("format") != FORMAT:
             raise RuntimeError(f"{path} is not a run file of this protocol ({run.get('format')!r}).")
-        for key, mine in (("settings_digest", self.settings_digest), ("data_digest", self.data_digest),
+        arm = run.get("arm")
+        mine_settings = {**settings_of(self.cfg), **arm_settings_of(self.cfg, arm)}
+        theirs = {**run.get("settings", {}), **run.get("arm_settings", {})}
+        for key, mine in (("settings_digest", settings_digest(self.cfg, arm)), ("data_digest", self.data_digest),
                           ("judge_digest", self.judge_digest)):  # fmt: skip
             if run.get(key) != mine:
                 what = key.split("_")[0]
                 differ = ""
                 if what == "settings":
-                    differ = f" (differing: {sorted(k for k, v in settings_of(self.cfg).items() if run['settings'].get(k) != v)})"  # fmt: skip
+                    differ = f" (differing: {sorted(k for k, v in mine_settings.items() if theirs.get(k) != v)})"
                 raise RuntimeError(f"{path} was run with other {what}{differ} than this process; resume with the "
                                    "same settings and code, or write to another --out.")  # fmt: skip
         jsonl = path.with_suffix(".jsonl")
@@ -185,7 +209,7 @@ class Session:
         curve_arms = split(self.cfg.curve_arms)
         cfg = self.cfg if not curve_arms or spec.arm in curve_arms else replace(self.cfg, curve_every=0)
         ctx = ArmContext(cfg, self.base, self.tok, self.data, spec.p if spec.p is not None else 0.0,
-                         spec.seed if spec.seed is not None else 0, rows, self.mask, work)  # fmt: skip
+                         spec.seed if spec.seed is not None else 0, rows, self.mask, work, self.artifact)  # fmt: skip
         t, c = time.perf_counter(), time.process_time()
         prov = _bench.provenance(torch.get_num_threads())
         model, info = arm.build(ctx)
@@ -210,9 +234,12 @@ class Session:
             "data": self.data.summary(), "judges": self.judge_info,
             "train_set_markers": self.train_markers, "setup_seconds": self.setup_seconds,
             "setup_cpu_seconds": self.setup_cpu_seconds,
-            "settings_digest": self.settings_digest, "data_digest": self.data_digest,
-            "judge_digest": self.judge_digest, "aligned_probe": self.probe, "settings": settings_of(self.cfg),
+            "settings_digest": settings_digest(self.cfg, spec.arm), "common_settings_digest": self.settings_digest,
+            "data_digest": self.data_digest, "judge_digest": self.judge_digest, "aligned_probe": self.probe,
+            "settings": settings_of(self.cfg), "arm_settings": arm_settings_of(self.cfg, spec.arm),
             "masks": {m: self.mask_info[m] for m in arm.masks},
+            "artifacts": {a: {**self._artifacts[a]["info"], "build_seconds": self.artifact_seconds[a]}
+                          for a in arm.artifacts},
             "train": {**info, "rows_planned": planned, "seconds": train_seconds},
             "eval": result, "provenance": _bench.finish(prov), "environment": _shared.environment(),
         }  # fmt: skip

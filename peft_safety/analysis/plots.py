@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..errors import SafetyImportError
 from ..mask import SafetyMask
 from .overlap import iou_matrix, layer_distribution
 
@@ -22,7 +23,9 @@ def _figure(width: float, height: float):
     try:
         from matplotlib.figure import Figure
     except ImportError as err:
-        raise ImportError("Plotting needs matplotlib, which is not installed: pip install peft-safety[plot]") from err
+        raise SafetyImportError(
+            "Plotting needs matplotlib, which is not installed: pip install peft-safety[plot]"
+        ) from err
     # a bare Figure renders with the Agg canvas on savefig and never touches pyplot's global figure manager
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 

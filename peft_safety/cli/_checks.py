@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 
+from ..errors import SafetyError, SafetyFileNotFoundError
 from ._common import add_hub_context, check_local_or_hub
 
 __all__ = ["CHECKS"]
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+_SCOPES = ("global", "per_tensor", "per_row")
 _MASK_FILE = "safety_mask.safetensors"
 
 
@@ -37,24 +37,38 @@ def check_compare(args: argparse.Namespace) -> None:
 
 
 def check_select(args: argparse.Namespace) -> None:
-    # the scores file, --fraction, --k and --scope are checked by the command itself before any heavy work
+    """The scores file (a complete safetensors file, header read only), the count and the scope, before any tensor
+    is read."""
+    from .._files import check_safetensors_file
+
+    if not os.path.lexists(args.scores):
+        raise SafetyFileNotFoundError(f"no scores file at {args.scores!r}.")
+    check_safetensors_file(args.scores, "scores file", "write it with Scores.to_safetensors(path)")
+    if args.fraction is not None and not 0.0 < args.fraction <= 1.0:
+        raise SafetyError(f"--fraction={args.fraction} is outside (0, 1]: give the share of units to select.")
+    if args.k is not None and args.k < 1:
+        raise SafetyError(f"--k must be >= 1, got {args.k}.")
+    if args.scope not in _SCOPES:
+        from ..vocab import did_you_mean
+
+        raise SafetyError(f"--scope {args.scope!r} is unknown.{did_you_mean(args.scope, _SCOPES)}")
     _mask("--exclude", getattr(args, "exclude", None))
 
 
 def check_score(args: argparse.Namespace) -> None:
     """The command reads --data only after loading the model: check the file, the scorer name and the ranges first."""
     if not os.path.isfile(args.data):
-        raise FileNotFoundError(f"--data {args.data!r} does not exist.")
+        raise SafetyFileNotFoundError(f"--data {args.data!r} does not exist.")
     ext = os.path.splitext(args.data)[1].lower()
     if ext not in (".jsonl", ".json", ".csv"):
-        raise ValueError(f"--data {args.data!r}: unsupported extension {ext!r}; use .jsonl, .json or .csv.")
+        raise SafetyError(f"--data {args.data!r}: unsupported extension {ext!r}; use .jsonl, .json or .csv.")
     fraction = getattr(args, "fraction", None)
     if fraction is not None and not 0.0 < fraction <= 1.0:
-        raise ValueError(f"--fraction must be in (0, 1], got {fraction}.")
+        raise SafetyError(f"--fraction must be in (0, 1], got {fraction}.")
     for flag in ("batch_size", "max_length"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}.")
+            raise SafetyError(f"--{flag.replace('_', '-')} must be >= 1, got {value}.")
     from ..scoring.registry import SCORERS
 
     SCORERS.get(args.method)  # an unknown name raises with the closest match and the list
@@ -63,11 +77,11 @@ def check_score(args: argparse.Namespace) -> None:
 
 
 def check_push(args: argparse.Namespace) -> None:
-    """Before any network call: the repo id's form (the command checks the mask folder itself)."""
-    if not _REPO_ID.match(args.repo_id):
-        raise ValueError(
-            f"REPO_ID {args.repo_id!r} is not a Hub model repo id; use 'owner/name' (e.g. me/llama-mask)."
-        )
+    """Before any network call: the repo id's form, by huggingface_hub's own rule (the command checks the mask folder
+    itself)."""
+    from .._files import check_hub_id
+
+    check_hub_id(args.repo_id, "REPO_ID")
     add_hub_context("upload to repo", args.repo_id, _MASK_FILE)
 
 

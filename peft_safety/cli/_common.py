@@ -1,7 +1,9 @@
 """Checks shared by the subcommands, run before any model loads (standard library only at import time).
 
-* `check_local_or_hub`: a path must exist; a Hub id is recorded (so that a later network error names the repo and the
-  file) and, offline (``HF_HUB_OFFLINE=1``), must already be in the local Hub cache.
+* `check_local_or_hub`: a path must exist (an adapter folder must hold an intact config and weights file); a Hub id
+  is recorded (so that a later network error names the repo and the file) and, offline (``HF_HUB_OFFLINE=1``), must
+  already be in the local Hub cache. Whether a value is a path or a Hub id is decided by the package's one rule,
+  `peft_safety._files.is_local_path`.
 * `check_data_source`: a named data set of ``peft_safety.sources`` or an existing file.
 * `resolve_device`, `resolve_dtype`: ``"auto"`` becomes the best device and dtype of this machine.
 """
@@ -9,8 +11,10 @@
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
+
+from .._files import ADAPTER_CONFIG, check_adapter_folder
+from ..errors import SafetyError, SafetyFileNotFoundError
 
 __all__ = [
     "add_hub_context",
@@ -23,8 +27,6 @@ __all__ = [
     "resolve_dtype",
 ]
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
-_FILE_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".safetensors", ".txt", ".yaml", ".yml")
 _CONTEXT: list[tuple[str, str, str]] = []  # (what, repo id, file) of the Hub files this command will fetch
 
 
@@ -46,15 +48,10 @@ def add_hub_context(what: str, repo_id: str, filename: str) -> None:
 
 
 def looks_like_path(value: str) -> bool:
-    """A local path rather than a Hub id (``name`` or ``owner/name``)."""
-    return (
-        os.path.exists(value)
-        or os.path.isabs(value)
-        or value.startswith(("./", "../", "~", "."))
-        or value.lower().endswith(_FILE_EXTENSIONS)
-        or os.sep in value.replace("/", "", 1)
-        or not _HUB_ID.match(value)
-    )
+    """A local path rather than a Hub id (``name`` or ``owner/name``): `peft_safety._files.is_local_path`."""
+    from .._files import is_local_path
+
+    return is_local_path(value)
 
 
 def _offline() -> bool:
@@ -71,14 +68,18 @@ def check_local_or_hub(what: str, value: str | None, filename: str, revision: st
         revision: the Hub revision, if any.
 
     Raises:
-        FileNotFoundError: a local path that does not exist, or (offline) a Hub id whose file is not in the cache; the
-            message names the repo, the file and the cache folder.
+        SafetyFileNotFoundError: a local path that does not exist, or (offline) a Hub id whose file is not in the cache;
+            the message names the repo, the file and the cache folder.
+        SafetyFileError: an adapter folder (``filename="adapter_config.json"``) whose config or weights file is
+            damaged.
     """
     if value is None:
         return
     if looks_like_path(value):
         if not os.path.exists(os.path.expanduser(value)):
-            raise FileNotFoundError(f"{what} {value!r}: no such file or folder.")
+            raise SafetyFileNotFoundError(f"{what} {value!r}: no such file or folder.")
+        if filename == ADAPTER_CONFIG:
+            check_adapter_folder(value)
         return
     add_hub_context(what, value, filename)
     if not _offline():
@@ -87,7 +88,7 @@ def check_local_or_hub(what: str, value: str | None, filename: str, revision: st
 
     found = try_to_load_from_cache(value, filename, revision=revision)
     if not isinstance(found, str):
-        raise FileNotFoundError(
+        raise SafetyFileNotFoundError(
             f"{what} {value!r}: file {filename!r} of Hub repo {value!r} is not in the local Hub cache "
             f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 forbids downloading it. Download it once with network "
             "access (unset HF_HUB_OFFLINE), point HF_HUB_CACHE at a cache that has it, or pass a local folder."
@@ -98,8 +99,8 @@ def check_data_source(what: str, value: str | None) -> None:
     """A named data set (``peft_safety.sources.DATA_SOURCES``) or an existing file.
 
     Raises:
-        ValueError: an unknown name (with the closest known one and the list).
-        FileNotFoundError: a path that does not exist.
+        SafetyError: an unknown name (with the closest known one and the list).
+        SafetyFileNotFoundError: a path that does not exist.
     """
     if value is None:
         return
@@ -109,15 +110,13 @@ def check_data_source(what: str, value: str | None) -> None:
         return
     if looks_like_path(value) or os.path.splitext(value)[1]:
         if not os.path.isfile(os.path.expanduser(value)):
-            raise FileNotFoundError(f"{what} {value!r}: no such file.")
+            raise SafetyFileNotFoundError(f"{what} {value!r}: no such file.")
         return
-    import difflib
+    from ..vocab import did_you_mean
 
-    close = difflib.get_close_matches(value, DATA_SOURCES, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(
-        f"Unknown data source {value!r} for {what}.{hint} Available: {sorted(DATA_SOURCES)}, or a .csv/.json/.jsonl "
-        "file."
+    raise SafetyError(
+        f"Unknown data source {value!r} for {what}.{did_you_mean(value, sorted(DATA_SOURCES))} Or give a "
+        ".csv/.json/.jsonl/.parquet file."
     )
 
 

@@ -17,6 +17,8 @@ import argparse
 import json
 import os
 
+from ..errors import SafetyError
+
 HELP = "overlap and stability report of several masks"
 
 
@@ -32,9 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _labels(paths: list[str], labels: list[str] | None) -> list[str]:
     if labels is not None:
         if len(labels) != len(paths):
-            raise ValueError(f"--labels has {len(labels)} entries for {len(paths)} masks; give one label per mask.")
+            raise SafetyError(f"--labels has {len(labels)} entries for {len(paths)} masks; give one label per mask.")
         if len(set(labels)) != len(labels):
-            raise ValueError(f"--labels must be unique, got {labels}.")
+            raise SafetyError(f"--labels must be unique, got {labels}.")
         return labels
     out = [os.path.basename(os.path.normpath(p)) or p for p in paths]
     return out if len(set(out)) == len(out) else list(paths)

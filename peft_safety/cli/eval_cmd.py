@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..errors import SafetyError
+
 HELP = "refusal, over-refusal and utility evaluation of a model or adapter"
 
 
@@ -56,9 +58,9 @@ def check(args: argparse.Namespace) -> None:
     from ._common import check_data_source, check_local_or_hub
 
     if args.n < 1 or args.n_utility < 1:
-        raise ValueError(f"--n and --n-utility must be >= 1, got {args.n} and {args.n_utility}.")
+        raise SafetyError(f"--n and --n-utility must be >= 1, got {args.n} and {args.n_utility}.")
     if args.max_new_tokens < 1 or args.batch_size < 1:
-        raise ValueError(
+        raise SafetyError(
             f"--max-new-tokens and --batch-size must be >= 1, got {args.max_new_tokens}, {args.batch_size}."
         )
     if args.source != "hub":  # with --source hub, names are Hub data sets
@@ -69,7 +71,11 @@ def check(args: argparse.Namespace) -> None:
 
         resolve_judges(list(args.judges))  # unknown preset names raise here, not after the model has loaded
     if args.model.strip().lower() not in _MODEL_NAMES:
-        check_local_or_hub("MODEL", args.model, "config.json")
+        from .._files import ADAPTER_CONFIG
+
+        # a folder holding an adapter_config.json is an adapter: its config and weights are checked like --adapter's
+        is_adapter = os.path.lexists(os.path.join(os.path.expanduser(args.model), ADAPTER_CONFIG))
+        check_local_or_hub("MODEL", args.model, ADAPTER_CONFIG if is_adapter else "config.json")
     check_local_or_hub("--adapter", args.adapter, "adapter_config.json")
     if args.adapter and os.path.isdir(args.adapter):
         from ..tuner import check_adapter_type

@@ -13,6 +13,8 @@ import argparse
 import time
 from pathlib import Path
 
+from ..errors import SafetyError
+
 HELP = "fetch the embedded default model and data sets into the local cache"
 
 #: data fetched without --all: what `peft-safety eval` and the examples use
@@ -38,15 +40,12 @@ def _names(args: argparse.Namespace) -> list[str]:
 
 def check(args: argparse.Namespace) -> None:
     """Data-set names are checked before the (large) model download starts."""
-    import difflib
-
     from ..sources.datasets import DATA_SOURCES
+    from ..vocab import did_you_mean
 
     for name in _names(args):
         if name not in DATA_SOURCES:
-            close = difflib.get_close_matches(name, DATA_SOURCES, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"--data: unknown data source {name!r}.{hint} Available: {sorted(DATA_SOURCES)}.")
+            raise SafetyError(f"--data: unknown data source {name!r}.{did_you_mean(name, sorted(DATA_SOURCES))}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"model  smollm2-135m  {_size(folder):>10}  {folder}  ({time.perf_counter() - start:.1f} s)")
     for name in _names(args):
         if name not in DATA_SOURCES:
-            raise ValueError(f"Unknown data source {name!r}. Available: {sorted(DATA_SOURCES)}.")
+            raise SafetyError(f"Unknown data source {name!r}. Available: {sorted(DATA_SOURCES)}.")
         for path in fetch_source(name):
             print(f"data   {name:<24} {_size(path):>10}  {path}")
     return 0

@@ -15,15 +15,20 @@ every TRL SFT flag; ``demo``: the main-job config) set ``SLOW_HELP = True``: the
 cached under ``$PEFT_SAFETY_CACHE/cli-help`` (default ``~/.cache/peft_safety``), keyed by the installed versions and the
 package's source files, so it is rebuilt whenever either changes.
 
-Errors: a user's error (``ValueError``, ``TypeError``, ``FileNotFoundError``, ``KeyError``, ``ImportError``,
-``OSError``) and any network or Hub error (from huggingface_hub, httpx, requests or urllib3, or a connection error)
-is printed as one line on stderr with exit code 2; ``PEFT_SAFETY_DEBUG=1`` shows the traceback instead. Anything
-else propagates with its traceback.
+Errors: only errors that mean "this input is wrong" are printed as one line on stderr with exit code 2: the
+`peft_safety.errors.SafetyError` family (every check peft-safety makes on purpose raises one, naming the value or
+file and the fix), huggingface_hub's typed errors (an unknown repo, a missing file, an invalid repo id), network
+failures (with the Hub repos and files the command was fetching), and, while the command line is being parsed, the
+parser's own errors (argparse exits with code 2 itself; TRL's and transformers' parsers raise ``ValueError`` for a
+bad flag combination or YAML key). Anything else, a ``ValueError`` or ``KeyError`` from deep inside training included,
+is a failure of the program, not a verdict on the input: it propagates with its traceback (exit code 1), so that it
+can be reported and fixed. ``PEFT_SAFETY_DEBUG=1`` shows the traceback of one-line errors too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib
 import os
@@ -60,9 +65,8 @@ _SHORT_HELP: dict[str, str] = {
     "demo": "the main job: score, SET, SPA and evaluation on the embedded default model",
 }
 
-#: modules whose exceptions are network or Hub failures
-_NETWORK_MODULES = ("huggingface_hub", "httpx", "httpcore", "requests", "urllib3", "aiohttp")
-_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, KeyError, ImportError, OSError)
+#: errors a command-line parser raises for a bad flag, a bad combination of flags or a bad --config file
+_PARSE_ERRORS = (ValueError, TypeError, OSError)
 
 #: packages whose versions decide a cached help text
 _HELP_PACKAGES = ("trl", "transformers", "peft", "accelerate", "torch")
@@ -173,19 +177,17 @@ def _warm_help_cache(name: str, module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- errors
-def _is_network_error(err: BaseException) -> bool:
-    if isinstance(err, (ValueError, TypeError)):
-        return False  # argument validation (e.g. huggingface_hub's HFValidationError), whatever module raised it
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:  # the error or one it was raised from
-        seen.add(id(err))
-        for cls in type(err).__mro__:
-            if cls.__module__.split(".")[0].startswith(_NETWORK_MODULES):  # httpx2/httpcore2 forks included
-                return True
-        if isinstance(err, (ConnectionError, TimeoutError)):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
+def _is_hub_error(err: BaseException) -> bool:
+    """One of huggingface_hub's typed errors (``RepositoryNotFoundError``, ``EntryNotFoundError``,
+    ``HFValidationError``, ``HfHubHTTPError``, ...): what the Hub said about the input, not a bug."""
+    return any(cls.__module__.split(".")[0] == "huggingface_hub" for cls in type(err).__mro__[:-2])
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is printed as one line (see the module docstring) rather than with its traceback."""
+    from ..errors import SafetyError, is_network_error
+
+    return isinstance(err, SafetyError) or _is_hub_error(err) or is_network_error(err)
 
 
 def _one_line(err: BaseException) -> str:
@@ -195,7 +197,9 @@ def _one_line(err: BaseException) -> str:
 
 def error_line(command: str, err: BaseException) -> str:
     """The single line printed for ``err``: what failed and how to fix it."""
-    if _is_network_error(err):
+    from ..errors import SafetyError, is_network_error
+
+    if is_network_error(err) and not isinstance(err, SafetyError):
         from ._common import hub_context
 
         where = hub_context()
@@ -212,8 +216,19 @@ def _debug() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- main
+def _escape_unencodable_output() -> None:
+    """Text the terminal cannot encode (a mask's provenance may hold any string) is printed escaped (``\\udcff``,
+    ``\\xe9``), not turned into a ``UnicodeEncodeError`` after the command has done its work."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            with contextlib.suppress(ValueError, OSError):  # a detached or closed stream
+                reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _escape_unencodable_output()
     if not argv or argv[0] not in SUBCOMMANDS:
         parser = _top_parser()
         if not argv:
@@ -236,20 +251,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             _warm_help_cache(name, module)
         else:
             args = command_parser(name, module).parse_args(rest)  # usage errors: exit code 2, by argparse
+    except _PARSE_ERRORS as err:  # a bad flag, flag combination or --config file, found by the parser
+        if _debug():
+            raise
+        print(error_line(name, err), file=sys.stderr)
+        return 2
+    try:
         from ._checks import CHECKS
 
         check = getattr(module, "check", None) or CHECKS.get(name)
         if check is not None:
             check(args)
         return int(module.run(args) or 0)
-    except _USER_ERRORS as err:
-        if _debug():
-            raise
-        print(error_line(name, err), file=sys.stderr)
-        return 2
     except Exception as err:
-        if _debug() or not _is_network_error(err):
-            raise
+        if _debug() or not is_user_error(err):
+            raise  # a failure of the program: its traceback is what a bug report needs
         print(error_line(name, err), file=sys.stderr)
         return 2
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import SafetyFileNotFoundError
+
 HELP = "upload a mask folder (safety_mask.safetensors) to the Hugging Face Hub with a model card"
 
 
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from peft_safety.mask.hub import push_mask_to_hub
 
     if not os.path.exists(args.mask_dir):
-        raise FileNotFoundError(f"No such mask folder or file: {args.mask_dir!r}")
+        raise SafetyFileNotFoundError(f"No such mask folder or file: {args.mask_dir!r}")
     mask = SafetyMask.from_pretrained(args.mask_dir)
     info = push_mask_to_hub(
         mask,

@@ -18,6 +18,8 @@ import csv
 import json
 import os
 
+from ..errors import SafetyError, SafetyFileError, SafetyFileNotFoundError
+
 HELP = "score a model's parameters on a calibration set and save a mask"
 
 
@@ -42,19 +44,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_rows(path: str) -> list[dict]:
-    """Rows from a .jsonl / .json / .csv file."""
+    """Rows from a .jsonl / .json / .csv file.
+
+    Raises:
+        SafetyFileNotFoundError: no such file.
+        SafetyFileError: a line or file that is not JSON (with its line number), a JSON file that is not a list of
+            rows, a file that is not UTF-8 text.
+    """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--data {path!r} does not exist.")
+        raise SafetyFileNotFoundError(f"--data {path!r} does not exist.")
     ext = os.path.splitext(path)[1].lower()
-    with open(path, encoding="utf-8", newline="") as fh:
-        if ext == ".jsonl":
-            return [json.loads(line) for line in fh if line.strip()]
-        if ext == ".json":
-            data = json.load(fh)
-            return data["rows"] if isinstance(data, dict) and "rows" in data else data
-        if ext == ".csv":
-            return [dict(r) for r in csv.DictReader(fh)]
-    raise ValueError(f"--data {path!r}: unsupported extension {ext!r}; use .jsonl, .json or .csv.")
+    if ext not in (".jsonl", ".json", ".csv"):
+        raise SafetyError(f"--data {path!r}: unsupported extension {ext!r}; use .jsonl, .json or .csv.")
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            if ext == ".csv":
+                return [dict(r) for r in csv.DictReader(fh)]
+            if ext == ".json":
+                try:
+                    data = json.load(fh)
+                except (json.JSONDecodeError, RecursionError) as err:
+                    raise SafetyFileError(f"--data {path!r} is not valid JSON ({err}).") from None
+                rows = data["rows"] if isinstance(data, dict) and "rows" in data else data
+                if not isinstance(rows, list):
+                    raise SafetyFileError(
+                        f"--data {path!r} holds a JSON {type(rows).__name__}; expected a list of rows or "
+                        '{"rows": [...]}.'
+                    )
+                return rows
+            rows = []
+            for number, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except (json.JSONDecodeError, RecursionError) as err:
+                    raise SafetyFileError(f"--data {path!r}, line {number}: not valid JSON ({err}).") from None
+            return rows
+    except UnicodeDecodeError as err:
+        raise SafetyFileError(f"--data {path!r} is not UTF-8 text ({err.reason} at byte {err.start}).") from None
+
+
+def check(args: argparse.Namespace) -> None:
+    """The shared checks of ``score`` (`peft_safety.cli._checks.check_score`), then the rows: the data file is read
+    and parsed here, before the model loads, and kept for `run`."""
+    from ._checks import check_score
+
+    check_score(args)
+    args.rows = read_rows(args.data)
+    if not args.rows:
+        raise SafetyError(f"--data {args.data!r} holds no rows.")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,9 +113,8 @@ def run(args: argparse.Namespace) -> int:
         from peft_safety.sources.models import load_model
 
         model, tokenizer = load_model(args.model, dtype=dtype)
-    calib = CalibrationSet(
-        read_rows(args.data), tokenizer, template=args.template, loss=args.loss, max_length=args.max_length
-    )
+    rows = args.rows if getattr(args, "rows", None) is not None else read_rows(args.data)
+    calib = CalibrationSet(rows, tokenizer, template=args.template, loss=args.loss, max_length=args.max_length)
     if args.max_rows:
         calib = calib.subsample(args.max_rows, seed=args.seed)
     kwargs = {"batch_size": args.batch_size}

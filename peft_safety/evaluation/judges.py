@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from ..errors import SafetyError
+
 __all__ = [
     "KEYWORD_PRESETS",
     "PREFIX_PRESETS",
@@ -179,7 +181,7 @@ class KeywordJudge:
                 keywords, default_mode = PREFIX_PRESETS[preset], "prefix"
             else:
                 known = sorted([*KEYWORD_PRESETS, *PREFIX_PRESETS])
-                raise ValueError(f"Unknown keyword preset {preset!r}. Available: {known}.")
+                raise SafetyError(f"Unknown keyword preset {preset!r}. Available: {known}.")
         else:
             if isinstance(keywords, str) or not all(isinstance(k, str) and k for k in keywords):
                 raise TypeError("keywords must be a sequence of non-empty strings.")

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 
+from ..errors import SafetyFileError
+
 __all__ = ["ADAPTER_WEIGHTS_FILES", "check_adapter_type", "detect_adapter_type", "type_of_tensor_names"]
 
 #: The weights files of a PEFT adapter folder, in the order PEFT looks for them.
@@ -62,7 +64,7 @@ def _tensor_names(path: str) -> list[str]:
 
         return list(torch.load(path, map_location="meta", weights_only=True).keys())
     except Exception as err:  # any unreadable file is reported the same way, naming it
-        raise ValueError(
+        raise SafetyFileError(
             f"{path}: cannot read the tensor names ({type(err).__name__}: {err}); the file is damaged."
         ) from err
 
@@ -124,7 +126,7 @@ def check_adapter_type(folder: str | os.PathLike) -> str | None:
         with open(config_path, encoding="utf-8") as f:
             declared = json.load(f).get("peft_type")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError) as err:
-        raise ValueError(f"{config_path}: not a readable JSON object ({err}); the file is damaged.") from None
+        raise SafetyFileError(f"{config_path}: not a readable JSON object ({err}); the file is damaged.") from None
     ours = ("SAFETY", "SAFETY_LORA")
     if held is None or declared == held or (declared == "SAFETY_LORA" and held == "LORA"):
         return held
@@ -137,7 +139,7 @@ def check_adapter_type(folder: str | os.PathLike) -> str | None:
     else:
         fix = "save the adapter again (the two files come from different adapters)"
         what = f"not a {declared} adapter"
-    raise ValueError(
+    raise SafetyFileError(
         f"{config_path} says peft_type {declared!r}, but {weights_path} holds {holds} (e.g. {example!r}): the folder "
         f"is {what}. Fix: {fix}."
     )

@@ -8,15 +8,46 @@ It sits above `peft_safety.mask.safety_mask` (it loads the folder's mask) while 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from .._io import atomic_write_bytes
+from .._io import atomic_write_bytes, read_bytes_nofollow
+from ..errors import SafetyFileError, SafetyFileNotFoundError
 from .adapter_files import check_adapter_type
 from .safety_mask import SafetyMask, load_mask
 from .serialization import MASK_FILENAME
 
 __all__ = ["write_card"]
+
+#: the largest README.md merged (cards are a few KB; a larger file is not a card)
+MAX_CARD_BYTES = 16 * 2**20
+
+
+def _existing_card(readme: str) -> str | None:
+    """The text of ``readme``, `None` if there is none. A symlink planted at the name is not followed: its target is
+    neither read into the card nor written (the atomic write replaces the link with the card)."""
+    if not os.path.lexists(readme):
+        return None
+    if os.path.islink(readme):
+        warnings.warn(
+            f"{readme} is a symbolic link (to {os.readlink(readme)!r}); peft-safety replaces it by the card and "
+            "neither reads nor writes its target (PEFT's save_pretrained writes its own card through such a link "
+            "before that: check the target)",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None
+    try:
+        data = read_bytes_nofollow(readme, max_bytes=MAX_CARD_BYTES, what="model card")
+    except OSError as err:
+        raise SafetyFileError(f"{err}; remove it or replace it with a text file") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SafetyFileError(
+            f"{readme}: the model card is not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from None
 
 
 def write_card(
@@ -56,7 +87,7 @@ def write_card(
 
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"write_card: {folder!r} is not a folder; save the adapter or mask there first")
+        raise SafetyFileNotFoundError(f"write_card: {folder!r} is not a folder; save the adapter or mask there first")
     sub = _check_subfolder(mask_subfolder)
     mask_file = os.path.join(folder, *(sub.split("/") if sub else []), MASK_FILENAME)
     if mask is None and os.path.isfile(mask_file):
@@ -66,10 +97,7 @@ def write_card(
         check_adapter_type(folder)  # a relabelled peft_type must not be described as what it claims
         adapter_config = _read_json(config_path)
     readme = os.path.join(folder, "README.md")
-    existing = None
-    if os.path.isfile(readme):
-        with open(readme, encoding="utf-8") as f:
-            existing = f.read()
+    existing = _existing_card(readme)
     card = build_card(
         existing,
         mask=mask,

@@ -27,10 +27,12 @@ the merged ``README.md``.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..errors import HubUnreachableError, SafetyError, SafetyFileError, SafetyTypeError, is_network_error
 from ..vocab import MODES, check_choice
 from .serialization import MASK_FILENAME, mask_to_bytes, require_mask
 
@@ -79,10 +81,10 @@ def _check_subfolder(subfolder: str | None) -> str | None:
     if subfolder is None or subfolder in ("", "."):
         return None
     if not isinstance(subfolder, str):
-        raise TypeError(f"subfolder must be a str such as 'mask', got {type(subfolder).__name__}")
+        raise SafetyTypeError(f"subfolder must be a str such as 'mask', got {type(subfolder).__name__}")
     norm = posixpath.normpath(subfolder.replace("\\", "/"))
     if norm.startswith(("/", "../")) or norm == ".." or ":" in norm:
-        raise ValueError(f"subfolder={subfolder!r} must be a relative folder inside the repository, e.g. 'mask'")
+        raise SafetyError(f"subfolder={subfolder!r} must be a relative folder inside the repository, e.g. 'mask'")
     return norm
 
 
@@ -113,6 +115,8 @@ def _infer_mode(mode: str | None, adapter: dict[str, Any], previous: Mapping[str
         return normalize_mode(adapter["mode"])
     if adapter.get("peft_type") == "SAFETY":
         return "SET"
+    if adapter.get("peft_type") == "SAFETY_LORA":  # masked LoRA exists only to keep the mask's entries: SPA
+        return "SPA"
     old = previous.get("mode") if isinstance(previous, Mapping) else None
     return old if old in ("SET", "SPA") else None
 
@@ -147,24 +151,28 @@ def _section(
         lines.append(f"- base model: `{base}`")
     if mask is not None:
         lines.append(f"- mask file: `{mask_path}`")
+    peft_type = adapter.get("peft_type")
+    ours = peft_type if peft_type in ("SAFETY", "SAFETY_LORA") else None
+    if ours:
+        why = (
+            f"`import peft_safety` must come first: it registers peft-safety's adapter types with PEFT. Without it "
+            f"`PeftModel.from_pretrained` fails with `KeyError: '{ours}'`."
+        )
+    else:
+        why = "`import peft_safety` gives the `SafetyMask` class and registers peft-safety's adapter types with PEFT."
     lines += [
         "",
         "### Load it",
         "",
-        "`import peft_safety` must come first: it registers peft-safety's adapter types with PEFT. Without it "
-        "`PeftModel.from_pretrained` fails with `KeyError: 'SAFETY'`.",
+        why,
         "",
         "```python",
         "import peft_safety  # registers peft-safety's adapter types with PEFT",
+        "from transformers import AutoModelForCausalLM",
     ]
     if has_adapter:
-        lines += [
-            "from peft import PeftModel",
-            "from transformers import AutoModelForCausalLM",
-            "",
-            f"base = AutoModelForCausalLM.from_pretrained({base or '<base model>'!r})",
-            f"model = PeftModel.from_pretrained(base, {target!r})",
-        ]
+        lines.append("from peft import PeftModel")
+    lines += ["", f"base = AutoModelForCausalLM.from_pretrained({base or '<base model>'!r})"]
     if mask is not None:
         sub = posixpath.dirname(mask_path or MASK_FILENAME)
         sub_arg = f", subfolder={sub!r}" if sub else ""
@@ -172,6 +180,8 @@ def _section(
             f"mask = peft_safety.SafetyMask.from_pretrained({target!r}{sub_arg})",
             "mask.validate(base)  # names, shapes and weight fingerprints must match the base model",
         ]
+    if has_adapter:  # after the mask check: PeftModel adds its layers to `base` in place
+        lines.append(f"model = PeftModel.from_pretrained(base, {target!r})")
     lines += ["```", ""]
     if mask is not None:
         prov = mask.provenance
@@ -254,7 +264,7 @@ def build_card(
     if mask is not None:
         require_mask(mask, "build_card")
     if existing is not None and not isinstance(existing, str):
-        raise TypeError(f"existing must be the README text (str) or None, got {type(existing).__name__}")
+        raise SafetyTypeError(f"existing must be the README text (str) or None, got {type(existing).__name__}")
     card = ModelCard(existing) if existing and existing.strip() else None
     data = card.data if card is not None else ModelCardData()
     previous = data.get("peft_safety") or {}
@@ -329,13 +339,12 @@ def mask_model_card(
 
 
 def _read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (UnicodeDecodeError, ValueError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); the file is corrupted") from None
+    """An adapter config (bounded read, no unbounded recursion); errors name the file."""
+    from .._files import read_json_file
+
+    value = read_json_file(path, os.path.basename(path))
     if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+        raise SafetyFileError(f"{path}: expected a JSON object, got {type(value).__name__}; the file is corrupted")
     return value
 
 
@@ -355,7 +364,7 @@ def _download_optional(repo_id: str, filename: str, *, revision: str | None, tok
     except (RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
         return None
     except LocalEntryNotFoundError as err:  # offline, or the Hub could not be reached (an EntryNotFoundError too)
-        raise OSError(
+        raise HubUnreachableError(
             f"push_mask_to_hub: cannot read {filename} of {repo_id!r} ({err}); the repository's card is merged, not "
             "overwritten, so nothing was uploaded. Check the connection (and HF_HUB_OFFLINE) and push again"
         ) from err
@@ -408,47 +417,59 @@ def push_mask_to_hub(
     """
     require_mask(mask, "push_mask_to_hub")
     if not isinstance(repo_id, str) or not repo_id.strip():
-        raise ValueError(f"repo_id must be a non-empty string such as 'me/my-safety-mask', got {repo_id!r}")
+        raise SafetyError(f"repo_id must be a non-empty string such as 'me/my-safety-mask', got {repo_id!r}")
     sub = _check_subfolder(subfolder)
     normalize_mode(mode)
     # serialise first: an invalid mask must fail before anything is created on the Hub
     data = mask_to_bytes(mask)
     from huggingface_hub import CommitOperationAdd, HfApi  # lazy: importing peft_safety.mask stays light
 
-    api = HfApi(token=token)
-    repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    # "name" without a namespace resolves to "<user>/name"; the created repo tells us which
-    resolved = getattr(repo_url, "repo_id", None)
-    repo_id = resolved if isinstance(resolved, str) and resolved else repo_id
-    if revision is not None and not create_pr:
-        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-    read_rev = None if create_pr else revision
-    readme_path = _download_optional(repo_id, "README.md", revision=read_rev, token=token)
-    config_path = _download_optional(repo_id, "adapter_config.json", revision=read_rev, token=token)
-    existing = None
-    if readme_path is not None:
-        with open(readme_path, encoding="utf-8") as f:
-            existing = f.read()
-    adapter_config = _read_json(config_path) if config_path is not None else None
-    mask_path = f"{sub}/{MASK_FILENAME}" if sub else MASK_FILENAME
-    card = build_card(
-        existing,
-        mask=mask,
-        mode=mode,
-        adapter_config=adapter_config,
-        repo_id=repo_id,
-        base_model=base_model,
-        mask_path=mask_path,
-    )
-    operations = [
-        CommitOperationAdd(path_in_repo=mask_path, path_or_fileobj=data),
-        CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")),
-    ]
-    return api.create_commit(
-        repo_id,
-        operations=operations,
-        commit_message=commit_message,
-        revision=revision,
-        create_pr=create_pr,
-        repo_type="model",
-    )
+    try:
+        api = HfApi(token=token)
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        # "name" without a namespace resolves to "<user>/name"; the created repo tells us which
+        resolved = getattr(repo_url, "repo_id", None)
+        repo_id = resolved if isinstance(resolved, str) and resolved else repo_id
+        if revision is not None and not create_pr:
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        read_rev = None if create_pr else revision
+        readme_path = _download_optional(repo_id, "README.md", revision=read_rev, token=token)
+        config_path = _download_optional(repo_id, "adapter_config.json", revision=read_rev, token=token)
+        existing = None
+        if readme_path is not None:
+            with open(readme_path, encoding="utf-8") as f:
+                existing = f.read()
+        adapter_config = _read_json(config_path) if config_path is not None else None
+        mask_path = f"{sub}/{MASK_FILENAME}" if sub else MASK_FILENAME
+        card = build_card(
+            existing,
+            mask=mask,
+            mode=mode,
+            adapter_config=adapter_config,
+            repo_id=repo_id,
+            base_model=base_model,
+            mask_path=mask_path,
+        )
+        operations = [
+            CommitOperationAdd(path_in_repo=mask_path, path_or_fileobj=data),
+            CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")),
+        ]
+        return api.create_commit(
+            repo_id,
+            operations=operations,
+            commit_message=commit_message,
+            revision=revision,
+            create_pr=create_pr,
+            repo_type="model",
+        )
+    except Exception as err:
+        if isinstance(err, SafetyError) or not is_network_error(err):
+            raise
+        from huggingface_hub import constants
+
+        raise HubUnreachableError(
+            f"push_mask_to_hub: could not reach the Hugging Face Hub ({constants.ENDPOINT}) to push to {repo_id!r} "
+            f"({type(err).__name__}: {' '.join(str(err).split())}). No file was uploaded (the commit holding the mask "
+            "and the card is made last, in one piece). Check the network connection, HF_ENDPOINT and HF_HUB_OFFLINE, "
+            "or keep the mask local (mask.save_pretrained(folder)) and push later."
+        ) from err

@@ -24,10 +24,12 @@ from typing import Any
 import torch
 
 from .._version import __version__
+from ..errors import SafetyError, SafetyFileError, SafetyFileNotFoundError
 from ..vocab import check_fingerprint_policy, did_you_mean, layer_index, split_layer
 from .granularity import Granularity, Weight, is_granularity
 from .serialization import (
     MASK_FILENAME,
+    MAX_PARAMETER_NUMEL,
     decode_mask,
     mask_to_bytes,
     read_mask_file,
@@ -588,6 +590,12 @@ class SafetyMask:
         """
         self._check_known(name)
         shape, gran = self._shapes[name], self._gran[name]
+        numel = math.prod(shape)
+        if numel > MAX_PARAMETER_NUMEL:  # also keeps torch from overflowing an int64 size
+            raise SafetyError(
+                f"to_dense({name!r}): the parameter's shape {tuple(shape)} has {numel} entries, more than a dense mask "
+                f"can hold ({MAX_PARAMETER_NUMEL}); the shape is wrong (check mask.shapes against the model)"
+            )
         view = torch.zeros(gran.num_units(shape), gran.unit_numel(shape), dtype=torch.bool, device=device)
         idx = self._indices.get(name)
         if idx is not None:
@@ -817,8 +825,9 @@ class SafetyMask:
         names = list(self._indices) + [n for n in other._indices if n not in self._indices]
         for name in names:
             if name in self._shapes and name in other._shapes and self._shapes[name] != other._shapes[name]:
-                raise ValueError(
-                    f"{name!r} has shape {self._shapes[name]} in one mask and {other._shapes[name]} in the other"
+                raise SafetyError(
+                    f"{name!r} has shape {self._shapes[name]} in one mask and {other._shapes[name]} in the other: the "
+                    "masks belong to different models"
                 )
             a, b = self._indices.get(name), other._indices.get(name)
             if a is None or b is None:
@@ -1007,7 +1016,7 @@ class SafetyMask:
         try:
             return cls(**parts)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"{where}: invalid mask file: {err}") from None
+            raise SafetyFileError(f"{where}: invalid mask file: {err}") from None
 
     def to_bytes(self) -> bytes:
         """The bytes of this mask's ``safety_mask.safetensors`` file (format v1)."""
@@ -1045,5 +1054,7 @@ def load_mask(path: str | Any) -> SafetyMask:
     if os.path.isdir(path):
         path = os.path.join(path, MASK_FILENAME)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"No {MASK_FILENAME} in {os.path.dirname(path)!r}; save one with save_pretrained")
+            raise SafetyFileNotFoundError(
+                f"No {MASK_FILENAME} in {os.path.dirname(path)!r}; save one with save_pretrained"
+            )
     return SafetyMask._from_file_parts(read_mask_file(path), path)

@@ -31,8 +31,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save as _st_save
 
+from .._files import is_local_path
 from .._io import atomic_write_bytes
 from .._version import __version__
+from ..errors import SafetyError, SafetyFileError, SafetyFileNotFoundError, SafetyTypeError
 from .granularity import granularity_from_dict
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -153,16 +155,16 @@ def _loads(text: bytes | str, where: str, what: str) -> Any:
     raw = text.encode("utf-8") if isinstance(text, str) else text
     depth = _json_depth(raw)
     if depth > MAX_JSON_DEPTH:
-        raise ValueError(
+        raise SafetyFileError(
             f"{where}: {what} is nested more than {MAX_JSON_DEPTH} levels deep ({depth}); a peft-safety mask never "
             "is. The file is corrupted or hostile"
         )
     try:
         return json.loads(raw.decode("utf-8"))
     except RecursionError:  # pragma: no cover - the depth check above comes first
-        raise ValueError(f"{where}: {what} is nested too deeply; the file is corrupted or hostile") from None
+        raise SafetyFileError(f"{where}: {what} is nested too deeply; the file is corrupted or hostile") from None
     except (UnicodeDecodeError, ValueError) as err:
-        raise ValueError(f"{where}: {what} is not valid JSON ({err}); the file is corrupted") from None
+        raise SafetyFileError(f"{where}: {what} is not valid JSON ({err}); the file is corrupted") from None
 
 
 def check_json_depth(value: Any, what: str) -> None:
@@ -182,29 +184,29 @@ def check_json_depth(value: Any, what: str) -> None:
 def _json_field(meta: dict[str, Any], key: str, where: str) -> Any:
     raw = meta[key]
     if not isinstance(raw, str):
-        raise ValueError(
+        raise SafetyFileError(
             f"{where}: metadata field {key!r} must be a JSON string, got {type(raw).__name__}; the file is corrupted"
         )
     value = _loads(raw, where, f"metadata field {key!r}")
     if not isinstance(value, dict):
-        raise ValueError(f"{where}: metadata field {key!r} must be a JSON object, got {type(value).__name__}")
+        raise SafetyFileError(f"{where}: metadata field {key!r} must be a JSON object, got {type(value).__name__}")
     return value
 
 
 def _check_shape(name: str, shape: Any, where: str) -> tuple[int, ...]:
     if not isinstance(shape, list):
-        raise ValueError(f"{where}: shapes[{name!r}] must be a JSON list of ints, got {shape!r}")
+        raise SafetyFileError(f"{where}: shapes[{name!r}] must be a JSON list of ints, got {shape!r}")
     if len(shape) > MAX_NDIM:
-        raise ValueError(
+        raise SafetyFileError(
             f"{where}: shapes[{name!r}] has {len(shape)} dimensions; a weight has at most {MAX_NDIM}. File corrupted"
         )
     if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-        raise ValueError(f"{where}: shapes[{name!r}] = {shape!r} must contain ints only")
+        raise SafetyFileError(f"{where}: shapes[{name!r}] = {shape!r} must contain ints only")
     if any(d < 0 for d in shape):
-        raise ValueError(f"{where}: shapes[{name!r}] = {shape!r} has a negative dimension")
+        raise SafetyFileError(f"{where}: shapes[{name!r}] = {shape!r} has a negative dimension")
     numel = math.prod(shape)
     if numel > MAX_PARAMETER_NUMEL:
-        raise ValueError(
+        raise SafetyFileError(
             f"{where}: shapes[{name!r}] = {shape!r} declares {numel:.3g} entries, more than any model weight "
             f"(limit {MAX_PARAMETER_NUMEL:.3g}); the file is corrupted or hostile"
         )
@@ -216,28 +218,32 @@ def _parse_header(header_bytes: bytes, data_len: int, where: str) -> tuple[dict[
     without indices, {name: (dtype, count, begin)})``. Nothing sized by the file is allocated here."""
     header = _loads(header_bytes, where, "the safetensors header")
     if not isinstance(header, dict):
-        raise ValueError(f"{where}: corrupted file: the safetensors header is not a JSON object")
+        raise SafetyFileError(f"{where}: corrupted file: the safetensors header is not a JSON object")
     meta = header.get("__metadata__")
     if not isinstance(meta, dict) or meta.get("library") != LIBRARY_NAME:
         found = "no metadata" if not isinstance(meta, dict) else f"library={meta.get('library')!r}"
-        raise ValueError(
+        raise SafetyFileError(
             f"{where}: not a peft-safety mask file ({found}; expected library='peft-safety' in the safetensors "
             "metadata). Is this a model's or an adapter's weights? Masks are saved with SafetyMask.save_pretrained"
         )
     missing = [k for k in _REQUIRED_KEYS if k not in meta]
     if missing:
-        raise ValueError(f"{where}: mask file metadata lacks {missing}; the file is corrupted or hand-edited")
-    try:
-        version = int(meta["format_version"])
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: format_version {meta['format_version']!r} is not an integer") from None
+        raise SafetyFileError(f"{where}: mask file metadata lacks {missing}; the file is corrupted or hand-edited")
+    raw_version = meta["format_version"]
+    if not (isinstance(raw_version, str) and re.fullmatch(r"[0-9]{1,9}", raw_version)):
+        # int() alone would read "1_0" as 10 and " 1" as 1: the field is written as plain ASCII digits
+        raise SafetyFileError(
+            f"{where}: format_version {raw_version!r} is not a version number (plain digits such as '1'); the file "
+            "is corrupted or hand-edited"
+        )
+    version = int(raw_version)
     if version > FORMAT_VERSION:
-        raise ValueError(
+        raise SafetyFileError(
             f"{where}: mask format_version {version} is newer than this peft-safety ({__version__}) reads "
             f"(<= {FORMAT_VERSION}); upgrade peft-safety: pip install -U peft-safety"
         )
     if version < 1:
-        raise ValueError(f"{where}: invalid format_version {version}; valid versions start at 1")
+        raise SafetyFileError(f"{where}: invalid format_version {version}; valid versions start at 1")
 
     shapes_field = _json_field(meta, "shapes", where)
     gran_field = _json_field(meta, "granularity", where)
@@ -248,29 +254,31 @@ def _parse_header(header_bytes: bytes, data_len: int, where: str) -> tuple[dict[
     # granularity: the default is required (a file without it is not a mask this library wrote: reading it as
     # Weight() would silently protect a few entries where the writer meant whole neurons)
     if "default" not in gran_field:
-        raise ValueError(
+        raise SafetyFileError(
             f"{where}: metadata field 'granularity' has no 'default' entry (got keys {sorted(gran_field)}); every "
             'mask file states its default granularity, e.g. {"default": {"type": "neuron", "axis": 0}}. '
             "The file is corrupted or hand-edited"
         )
     per_param = gran_field.get("per_parameter", {})
     if not isinstance(per_param, dict):
-        raise ValueError(f"{where}: granularity 'per_parameter' must be a JSON object, got {type(per_param).__name__}")
+        raise SafetyFileError(
+            f"{where}: granularity 'per_parameter' must be a JSON object, got {type(per_param).__name__}"
+        )
     unknown = sorted(set(per_param) - set(shapes))
     if unknown:
-        raise ValueError(
+        raise SafetyFileError(
             f"{where}: granularity 'per_parameter' names {unknown[:3]}, which are not in 'shapes'; file corrupted"
         )
     extra = sorted(set(gran_field) - {"default", "per_parameter"})
     if extra:
-        raise ValueError(f"{where}: unexpected granularity field(s) {extra}; allowed: 'default', 'per_parameter'")
+        raise SafetyFileError(f"{where}: unexpected granularity field(s) {extra}; allowed: 'default', 'per_parameter'")
     try:
         default = granularity_from_dict(gran_field["default"])
         granularity = {n: granularity_from_dict(per_param[n]) if n in per_param else default for n in shapes}
         for n, g in granularity.items():
             g.check_shape(shapes[n], n)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{where}: invalid granularity 'default'/'per_parameter': {err}") from None
+        raise SafetyFileError(f"{where}: invalid granularity 'default'/'per_parameter': {err}") from None
 
     # index tensors: dtype, 1-D shape, count <= units, offsets consistent with the shape and the data length
     layout: dict[str, tuple[torch.dtype, int, int]] = {}
@@ -279,38 +287,40 @@ def _parse_header(header_bytes: bytes, data_len: int, where: str) -> tuple[dict[
         if name == "__metadata__":
             continue
         if not isinstance(info, dict):
-            raise ValueError(f"{where}: header entry {name!r} must be a JSON object; the file is corrupted")
+            raise SafetyFileError(f"{where}: header entry {name!r} must be a JSON object; the file is corrupted")
         dtype = info.get("dtype")
         if dtype not in _INDEX_DTYPES:
-            raise ValueError(
+            raise SafetyFileError(
                 f"{where}: tensor {name!r} has dtype {dtype}; mask indices must be integers (I32, or I64 for "
                 "parameters with >= 2**31 entries)"
             )
         if name not in shapes:
-            raise ValueError(f"{where}: tensor {name!r} has no shape in the metadata field 'shapes'; file corrupted")
+            raise SafetyFileError(
+                f"{where}: tensor {name!r} has no shape in the metadata field 'shapes'; file corrupted"
+            )
         shape, offsets = info.get("shape"), info.get("data_offsets")
         if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and shape[0] >= 0):
-            raise ValueError(
+            raise SafetyFileError(
                 f"{where}: tensor {name!r} has shape {shape!r}; mask indices must be 1-D (a list of one length)"
             )
         ok = isinstance(offsets, list) and len(offsets) == 2
         ok = ok and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
         if not ok or not 0 <= offsets[0] <= offsets[1]:
-            raise ValueError(f"{where}: tensor {name!r} has invalid data_offsets {offsets!r}; file corrupted")
+            raise SafetyFileError(f"{where}: tensor {name!r} has invalid data_offsets {offsets!r}; file corrupted")
         count, itemsize = shape[0], _INDEX_DTYPES[dtype].itemsize
         if offsets[1] - offsets[0] != count * itemsize:
-            raise ValueError(
+            raise SafetyFileError(
                 f"{where}: tensor {name!r} declares {count} indices ({count * itemsize} bytes) but its data_offsets "
                 f"span {offsets[1] - offsets[0]} bytes; the file is corrupted"
             )
         if offsets[1] > data_len:
-            raise ValueError(
+            raise SafetyFileError(
                 f"{where}: tensor {name!r} ends at byte {offsets[1]} of the data, but the file holds {data_len} "
                 "data bytes; the file is truncated or corrupted: download or save the mask again"
             )
         units = granularity[name].num_units(shapes[name])
         if count > units:
-            raise ValueError(
+            raise SafetyFileError(
                 f"{where}: tensor {name!r} holds {count} indices, more indices than the {units} units of "
                 f"{granularity[name]!r} on shape {shapes[name]} (indices are unique); the file is corrupted"
             )
@@ -319,13 +329,13 @@ def _parse_header(header_bytes: bytes, data_len: int, where: str) -> tuple[dict[
     position = 0
     for begin, stop, name in sorted(spans):
         if begin != position:
-            raise ValueError(
+            raise SafetyFileError(
                 f"{where}: tensor {name!r} starts at data byte {begin}, expected {position} (overlapping or "
                 "missing bytes); the file is corrupted"
             )
         position = stop
     if position != data_len:
-        raise ValueError(
+        raise SafetyFileError(
             f"{where}: the header describes {position} data bytes but the file holds {data_len}; the file is "
             "truncated, has trailing bytes, or is corrupted"
         )
@@ -335,17 +345,17 @@ def _parse_header(header_bytes: bytes, data_len: int, where: str) -> tuple[dict[
 
 def _header_length(first8: bytes, available: int, where: str) -> int:
     if len(first8) < 8:
-        raise ValueError(
+        raise SafetyFileError(
             f"{where}: truncated file ({len(first8)} bytes; a safetensors file starts with 8 length bytes)"
         )
     (header_len,) = struct.unpack("<Q", first8)
     if header_len > MAX_HEADER_BYTES:
-        raise ValueError(
+        raise SafetyFileError(
             f"{where}: the file declares a header of {header_len} bytes, more than the {MAX_HEADER_BYTES} bytes "
             "safetensors allows; the file is corrupted or hostile"
         )
     if header_len > available:
-        raise ValueError(
+        raise SafetyFileError(
             f"{where}: truncated or corrupted file: the header claims {header_len} bytes but only {available} "
             "follow; download or save the mask again"
         )
@@ -409,25 +419,14 @@ def read_mask_file(path: str | os.PathLike) -> dict[str, Any]:
         header_len = _header_length(f.read(8), max(size - 8, 0), path)
         header_bytes = f.read(header_len)
         if len(header_bytes) != header_len:
-            raise ValueError(f"{path}: the file changed while it was read; try again")
+            raise SafetyFileError(f"{path}: the file changed while it was read; try again")
         data_len = size - 8 - header_len
         parts, layout = _parse_header(header_bytes, data_len, path)
         data = bytearray(data_len)
         if f.readinto(data) != data_len:
-            raise ValueError(f"{path}: the file changed while it was read; try again")
+            raise SafetyFileError(f"{path}: the file changed while it was read; try again")
     parts["indices"] = _indices(data, layout)
     return parts
-
-
-def _looks_local(p: str) -> bool:
-    # a Hub repo id is "name" or "org/name": anything else (absolute, relative with ./, several slashes, a file
-    # name) is meant as a local path, and a missing local path must not turn into a Hub request
-    return (
-        p.endswith(".safetensors")
-        or p.startswith((".", "/", "~"))
-        or p.count("/") > 1
-        or (os.sep != "/" and os.sep in p)
-    )
 
 
 def resolve_mask_file(
@@ -445,21 +444,30 @@ def resolve_mask_file(
         FileNotFoundError: if a local folder lacks the mask file, or a local-looking path does not exist.
     """
     if not isinstance(path_or_repo_id, (str, os.PathLike)):
-        raise TypeError(f"expected a folder, a file or a Hub repo id, got {type(path_or_repo_id).__name__}")
+        raise SafetyTypeError(f"expected a folder, a file or a Hub repo id, got {type(path_or_repo_id).__name__}")
     p = os.fspath(path_or_repo_id)
     if not p:
-        raise ValueError("empty path: pass a folder, a safety_mask.safetensors file or a Hub repo id")
+        raise SafetyError("empty path: pass a folder, a safety_mask.safetensors file or a Hub repo id")
     if os.path.isdir(p):
         target = os.path.join(p, subfolder, MASK_FILENAME) if subfolder else os.path.join(p, MASK_FILENAME)
+        if os.path.lexists(target) and not os.path.isfile(target):
+            link = f" (a link to {os.path.realpath(target)!r})" if os.path.islink(target) else ""
+            raise SafetyFileError(
+                f"{target}: the mask file is not a regular file{link}; it is a device, a pipe or a folder. Save the "
+                "mask again with mask.save_pretrained(folder)"
+            )
         if not os.path.isfile(target):
-            raise FileNotFoundError(
+            raise SafetyFileNotFoundError(
                 f"No {MASK_FILENAME} in {os.path.dirname(target)!r}; write one with mask.save_pretrained(folder)"
             )
         return target
     if os.path.isfile(p):
         return p
-    if _looks_local(p):
-        raise FileNotFoundError(f"No such mask file or folder: {p!r}")
+    if os.path.lexists(p):  # a device, a pipe, a broken link: never opened (reading /dev/zero would not end)
+        link = f" (a link to {os.path.realpath(p)!r})" if os.path.islink(p) else ""
+        raise SafetyFileError(f"{p}: not a regular file{link}; pass a mask folder or a safety_mask.safetensors file")
+    if is_local_path(p):  # the package's one "local path or Hub id" rule: a missing local path never asks the Hub
+        raise SafetyFileNotFoundError(f"No such mask file or folder: {p!r}")
     from huggingface_hub import hf_hub_download  # lazy: importing peft_safety.mask never imports huggingface_hub
 
     return hf_hub_download(

@@ -16,11 +16,26 @@ This module imports trl only inside its functions.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["check_sft_args", "load_sft_dataset", "make_sft_parser", "parse_sft_args", "run_sft", "sft_dataclasses"]
+from .._files import is_local_path
+from ..errors import SafetyError, SafetyFileNotFoundError, SafetyImportError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "check_sft_args",
+    "load_sft_dataset",
+    "make_sft_parser",
+    "parse_sft_args",
+    "run_sft",
+    "sft_dataclasses",
+    "with_use_cpu",
+]
 
 _LOCAL_KINDS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -35,7 +50,7 @@ def sft_dataclasses() -> tuple[type, type, type, type]:
     try:
         from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
     except ImportError as err:
-        raise ImportError("SFT training needs trl: pip install 'peft-safety[trl]'") from err
+        raise SafetyImportError("SFT training needs trl: pip install 'peft-safety[trl]'") from err
     from ..training.config import SafetySFTConfig
 
     return ScriptArguments, SafetySFTConfig, ModelConfig, DatasetMixtureConfig
@@ -55,10 +70,67 @@ def make_sft_parser(prog: str | None = None):
     )
 
 
+def _has_accelerator() -> bool:
+    """Whether this machine has a device a distributed run would use instead of the CPU (CUDA, XPU, MPS)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        return True
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def _world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return 1
+
+
+def with_use_cpu(argv: Sequence[str], world_size: int, has_accelerator: bool) -> list[str]:
+    """``argv`` with ``--use_cpu true`` added when several processes were launched (``WORLD_SIZE > 1``, by
+    ``torchrun`` or ``accelerate launch``) on a machine without an accelerator and the command line does not set
+    ``--use_cpu`` itself.
+
+    Without it transformers sets up no CPU process group: every process trains on its own, all of them write the
+    same output folder, and the launcher exits 0. With it, each rank joins one gloo group (DDP on CPU).
+    """
+    argv = list(argv)
+    if world_size <= 1 or has_accelerator or any(a == "--use_cpu" or a.startswith("--use_cpu=") for a in argv):
+        return argv
+    logger.warning(
+        "WORLD_SIZE=%d and no GPU: adding --use_cpu true, so that the %d processes form one gloo (CPU) process group",
+        world_size,
+        world_size,
+    )
+    return [*argv, "--use_cpu", "true"]
+
+
 def parse_sft_args(argv: Sequence[str] | None = None, prog: str | None = None) -> tuple[Any, Any, Any, Any]:
     """Parse a TRL SFT command line (and its ``--config`` YAML file) into ``(script_args, training_args, model_args,
-    dataset_args)``; unknown flags and unknown YAML keys are errors."""
-    return tuple(make_sft_parser(prog).parse_args_and_config(list(argv) if argv is not None else None))
+    dataset_args)``; unknown flags and unknown YAML keys are errors.
+
+    Launched as several processes on a machine without an accelerator, ``--use_cpu true`` is added unless the command
+    line sets ``--use_cpu`` (see `with_use_cpu`); ``--use_cpu false`` there is refused.
+
+    Raises:
+        SafetyError: ``WORLD_SIZE > 1``, no accelerator, and ``--use_cpu false``: the processes would train
+            independently into one output folder.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    world = _world_size()
+    accelerator = _has_accelerator() if world > 1 else False
+    parsed = tuple(make_sft_parser(prog).parse_args_and_config(with_use_cpu(argv, world, accelerator)))
+    if world > 1 and not accelerator and not getattr(parsed[1], "use_cpu", False):
+        raise SafetyError(
+            f"WORLD_SIZE={world} but this machine has no GPU, and --use_cpu is false: the {world} processes would each "
+            "train on their own and write the same output folder. Pass --use_cpu true (DDP over a gloo process group "
+            "on the CPU), or launch one process."
+        )
+    return parsed
 
 
 def check_sft_args(script_args: Any, training_args: Any, model_args: Any, dataset_args: Any = None) -> None:
@@ -71,43 +143,36 @@ def check_sft_args(script_args: Any, training_args: Any, model_args: Any, datase
     """
     datasets = getattr(dataset_args, "datasets", None)
     if not datasets and not script_args.dataset_name:
-        raise ValueError(
+        raise SafetyError(
             "no training data: pass --dataset_name (a Hub id, an offline data set name, or a local "
             ".json/.jsonl/.csv/.parquet file) or a `datasets:` list in the --config YAML file."
         )
     name = script_args.dataset_name
     if name and not datasets and _looks_like_path(name):
         if not os.path.exists(name):
-            raise FileNotFoundError(f"--dataset_name {name!r}: no such file or folder.")
+            raise SafetyFileNotFoundError(f"--dataset_name {name!r}: no such file or folder.")
         if os.path.isfile(name) and os.path.splitext(name)[1].lower() not in _LOCAL_KINDS:
-            raise ValueError(f"--dataset_name {name!r}: unsupported file type; use .json, .jsonl, .csv or .parquet.")
+            raise SafetyError(f"--dataset_name {name!r}: unsupported file type; use .json, .jsonl, .csv or .parquet.")
     if not model_args.model_name_or_path:
-        raise ValueError("--model_name_or_path is required (a Hub id or a local model folder).")
+        raise SafetyError("--model_name_or_path is required (a Hub id or a local model folder).")
     if _looks_like_path(model_args.model_name_or_path) and not os.path.exists(model_args.model_name_or_path):
-        raise FileNotFoundError(f"--model_name_or_path {model_args.model_name_or_path!r}: no such folder.")
+        raise SafetyFileNotFoundError(f"--model_name_or_path {model_args.model_name_or_path!r}: no such folder.")
     mask = getattr(training_args, "safety_mask", None)
     if mask and _looks_like_path(mask) and not os.path.exists(mask):
-        raise FileNotFoundError(
+        raise SafetyFileNotFoundError(
             f"--safety_mask {mask!r}: no such folder or file (give a folder with safety_mask.safetensors, the file, or "
             "a Hub repo id)."
         )
     if mask and training_args.safety_mode == "train_only" and model_args.use_peft:
-        raise ValueError(
+        raise SafetyError(
             "--safety_mode train_only trains only the mask's entries, which LoRA cannot express: drop --use_peft (a SET "
             "adapter is built from the mask), or use --safety_mode freeze for SPA with LoRA."
         )
 
 
 def _looks_like_path(name: str) -> bool:
-    """A local path rather than a Hub id: exists, is absolute or explicitly relative, has a file extension, or has
-    more than one slash (Hub ids are ``name`` or ``owner/name``)."""
-    return (
-        os.path.exists(name)
-        or os.path.isabs(name)
-        or name.startswith(("./", "../", "~"))
-        or os.path.splitext(name)[1].lower() in _LOCAL_KINDS
-        or name.count("/") > 1
-    )
+    """A local path rather than a Hub id: the package's one rule, `peft_safety._files.is_local_path`."""
+    return is_local_path(name)
 
 
 def load_sft_dataset(name: str, config: str | None = None, streaming: bool = False):
@@ -129,7 +194,7 @@ def load_sft_dataset(name: str, config: str | None = None, streaming: bool = Fal
     if os.path.isfile(name):
         kind = _LOCAL_KINDS.get(os.path.splitext(name)[1].lower())
         if kind is None:
-            raise ValueError(f"Unsupported local dataset file {name!r}: use .json, .jsonl, .csv or .parquet.")
+            raise SafetyError(f"Unsupported local dataset file {name!r}: use .json, .jsonl, .csv or .parquet.")
         if streaming:
             return load_dataset(kind, data_files={"train": name}, streaming=True)
         return DatasetDict({"train": Dataset.from_list(load_rows(name, normalize=False))})
@@ -173,14 +238,14 @@ def run_sft(script_args: Any, training_args: Any, model_args: Any, dataset_args:
     else:
         dataset = load_sft_dataset(script_args.dataset_name, script_args.dataset_config, script_args.dataset_streaming)
     if script_args.dataset_train_split not in dataset:
-        raise ValueError(
+        raise SafetyError(
             f"--dataset_train_split {script_args.dataset_train_split!r} is not a split of {script_args.dataset_name!r}; "
             f"it has {sorted(dataset)}."
         )
     eval_dataset = None
     if training_args.eval_strategy != "no":
         if script_args.dataset_test_split not in dataset:
-            raise ValueError(
+            raise SafetyError(
                 f"--eval_strategy {training_args.eval_strategy} needs the split --dataset_test_split "
                 f"{script_args.dataset_test_split!r}, which the data set lacks (splits: {sorted(dataset)})."
             )

@@ -66,6 +66,23 @@ def _reject_injected_adapters(model: Any) -> None:
             )
 
 
+def _check_inputs(calib: Any, kwargs: dict[str, Any]) -> None:
+    """The data and batch size, before any scorer runs (a scorer would fail deep inside with an AttributeError or a
+    ZeroDivisionError)."""
+    from ..errors import SafetyError, SafetyTypeError
+    from .calibration import CalibrationSet
+
+    if calib is not None and not isinstance(calib, CalibrationSet):
+        raise SafetyTypeError(
+            f"score() takes its data as a CalibrationSet (or None for data-free methods), got {type(calib).__name__}. "
+            "Build one from the rows: CalibrationSet(rows, tokenizer) renders the chat template and marks the tokens "
+            "that carry the loss."
+        )
+    batch_size = kwargs.get("batch_size")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise SafetyError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+
+
 def score(
     model: Any,
     calib: CalibrationSet | None,
@@ -115,8 +132,12 @@ def score(
     >>> scores = score(tiny_llama(), calib, "snip", progress=False)
     ```
     """
+    _check_inputs(calib, kwargs)
     fn = SCORERS.get(method)
     _reject_injected_adapters(model)
+    from .distributed import check_sharded_support
+
+    check_sharded_support(model, method, fn)
     targets = resolve_targets(
         model,
         target_modules=target_modules,

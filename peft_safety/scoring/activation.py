@@ -13,10 +13,17 @@ That recomputation costs one extra expert forward and is exact. Scores are per e
 
 Other target kinds (embeddings, non-Linear weights) have no input activations in this sense and are rejected with
 an error that says to exclude them.
+
+Sharded models (FSDP2 ``fully_shard``, DeepSpeed ZeRO-3): the hooks see the full input activations, so the per-channel
+sums are small vectors (``d_in`` per matrix, ``E x d_in`` per fused expert tensor); the ranks split the batches, the
+vectors are all-reduced, and each rank multiplies its own shard of ``|W|``: sharded `Scores`, equal to the
+one-process scores up to the order of fp32 summation. Fused experts under ZeRO-3 are refused (their input
+recomputation reads ``gate_up_proj`` after DeepSpeed may have released it).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -73,11 +80,21 @@ def wanda(
                 f"wanda cannot score {name!r} (role {info.role!r}): it has no Linear input activations. Exclude it "
                 "(exclude_modules=[...]) or use a gradient scorer."
             )
+    from .distributed import Comm, is_sharded_model, local_values, shard_of
+
+    sharded = is_sharded_model(model)
+    if sharded and experts and any(hasattr(p, "ds_tensor") for p in params.values()):
+        raise ValueError(
+            "wanda cannot score fused expert tensors under DeepSpeed ZeRO-3: the input of down_proj is recomputed "
+            "from gate_up_proj, which ZeRO-3 releases after the experts' forward. Exclude the experts "
+            "(exclude_modules=['experts']), or score the experts under FSDP2 or unsharded."
+        )
     sums: dict[str, torch.Tensor] = {}
     for name, param in params.items():
         info = targets[name]
-        width = param.shape[-1]
-        shape = (param.shape[0], width) if info.expert_dim == 0 else (width,)
+        full = tuple(info.shape)
+        width = full[-1]
+        shape = (full[0], width) if info.expert_dim == 0 else (width,)
         sums[name] = torch.zeros(shape, dtype=torch.float32, device=param.device)
     state: dict[str, torch.Tensor | None] = {"mask": None}
 
@@ -135,7 +152,11 @@ def wanda(
     rank, world = _dist_info()
     device = model_input_device(model)
     n_batches = calib.num_batches(batch_size)
-    mine = [i for i in range(n_batches) if i % world == rank]
+    if sharded:  # lockstep: every rank runs the same number of forwards (the sharding gathers weights in each)
+        steps = -(-n_batches // world)
+        mine = [(s * world + rank, s * world + rank < n_batches) for s in range(steps)]
+    else:
+        mine = [(i, True) for i in range(n_batches) if i % world == rank]
     was_training = model.training
     model.eval()
     try:
@@ -144,11 +165,13 @@ def wanda(
             ForwardHooks(linear, lambda n, m: linear_hook(n, m)),
             ForwardHooks(experts, lambda n, m: expert_hook(n, m)),
         ):
-            for i in _progress(mine, len(mine), "wanda", progress and rank == 0):
-                rows = range(i * batch_size, min((i + 1) * batch_size, len(calib)))
+            for i, real in _progress(mine, len(mine), "wanda", progress and rank == 0):
+                start = i * batch_size if real else 0
+                rows = range(start, min(start + batch_size, len(calib)))
                 batch = {k: v.to(device) for k, v in calib.collate(rows).items()}
                 labels = batch.pop("labels")
-                state["mask"] = labels != -100
+                # a padding step (no batch left for this rank) measures no token
+                state["mask"] = (labels != -100) if real else torch.zeros_like(labels, dtype=torch.bool)
                 model(**batch, use_cache=False)
     finally:
         state["mask"] = None
@@ -159,10 +182,17 @@ def wanda(
     if calib.num_loss_tokens == 0:
         raise ValueError("The CalibrationSet has no labelled token; wanda measures labelled positions only.")
     values = {}
+    shards = {}
     for name, acc in sums.items():
         norm = acc.div_(len(calib)).sqrt_()
-        weight = params[name].detach().abs().float()
-        values[name] = weight * (norm[:, None, :] if targets[name].expert_dim == 0 else norm[None, :])
+        shard = shard_of(params[name]) if sharded else None
+        weight = local_values(params[name], shard).abs().float()
+        expert = targets[name].expert_dim == 0
+        if shard is None:
+            values[name] = weight * (norm[:, None, :] if expert else norm[None, :])
+        else:
+            shards[name] = shard
+            values[name] = weight.mul_(_channel_factor(norm, shard, tuple(targets[name].shape), expert))
     provenance = {
         "method": "wanda",
         "aggregation": "mean_over_samples",
@@ -172,4 +202,29 @@ def wanda(
     }
     from .scores import Scores
 
-    return Scores(values, shapes=targets.shapes, provenance=provenance)
+    if not shards:
+        return Scores(values, shapes=targets.shapes, provenance=provenance)
+    from .distributed import sharded_fingerprints
+
+    fingerprints = sharded_fingerprints({n: params[n] for n in shards}, shards, targets.shapes, Comm())
+    return Scores(values, shapes=targets.shapes, provenance=provenance, shards=shards, fingerprints=fingerprints)
+
+
+wanda.supports_sharding = True  # type: ignore[attr-defined]
+
+
+def _channel_factor(norm: torch.Tensor, shard: Any, full: tuple[int, ...], expert: bool) -> torch.Tensor:
+    """``||X_j||`` of each entry of a weight shard (shaped like the shard): the norm of its input column ``j`` (and
+    of its expert, for fused expert tensors ``(E, d_out, d_in)``, whose ``norm`` is ``(E, d_in)``)."""
+    if len(shard.grid) == len(full):  # a box of the full tensor
+        cols = slice(shard.offsets[-1], shard.offsets[-1] + shard.shape[-1])
+        if expert:
+            lead = slice(shard.offsets[0], shard.offsets[0] + shard.shape[0])
+            return norm[lead, cols][:, None, :]
+        return norm[cols].reshape((1,) * (len(full) - 1) + (-1,))
+    # a flat partition: the column (and expert) of each global flat index
+    g = shard.to_global(torch.arange(shard.numel, device=norm.device))
+    col = g % full[-1]
+    if expert:
+        return norm[g // math.prod(full[1:]), col]
+    return norm[col]

@@ -45,6 +45,8 @@ from typing import Any
 
 import torch
 
+from ..errors import SafetyError, SafetyTypeError
+
 __all__ = [
     "LOSS_POLICIES",
     "ROW_FORMATS",
@@ -95,13 +97,13 @@ ROW_FORMATS = (
 
 def _turns(messages: Any, index: int, field: str) -> list[dict[str, str]]:
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError(f"Row {index}: {field!r} must be a non-empty list of {{'role', 'content'}} dicts.")
+        raise SafetyError(f"Row {index}: {field!r} must be a non-empty list of {{'role', 'content'}} dicts.")
     turns = []
     for turn in messages:
         if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
-            raise ValueError(f"Row {index}: every message in {field!r} needs 'role' and 'content', got {turn!r}.")
+            raise SafetyError(f"Row {index}: every message in {field!r} needs 'role' and 'content', got {turn!r}.")
         if not isinstance(turn["content"], str):
-            raise ValueError(
+            raise SafetyError(
                 f"Row {index}: {field!r} has a {turn['role']!r} turn whose content is a {type(turn['content']).__name__}"
                 "; only text content is supported."
             )
@@ -113,14 +115,14 @@ def _completion_text(completion: Any, index: int, conversational: bool) -> str:
     """The response of a prompt-completion row: the completion string, or the one assistant turn's content."""
     if not conversational:
         if not isinstance(completion, str):
-            raise ValueError(
+            raise SafetyError(
                 f"Row {index}: the prompt is a string but 'completion' is a {type(completion).__name__}; TRL's "
                 "standard format pairs two strings, the conversational one two lists of messages."
             )
         return completion
     turns = _turns(completion, index, "completion")
     if len(turns) != 1 or turns[0]["role"] != "assistant":
-        raise ValueError(
+        raise SafetyError(
             f"Row {index}: a conversational 'completion' must be exactly one assistant message, got roles "
             f"{[t['role'] for t in turns]}; put earlier turns in 'prompt'."
         )
@@ -134,9 +136,11 @@ def _normalize_row(row: Any, index: int, system_prompt: str | None) -> dict[str,
     Accepted formats: see `ROW_FORMATS`. The completion of a prompt-completion row is the response.
     """
     if not isinstance(row, dict):
-        raise TypeError(f"Row {index} is a {type(row).__name__}; expected a dict in one of the formats {ROW_FORMATS}.")
+        raise SafetyTypeError(
+            f"Row {index} is a {type(row).__name__}; expected a dict in one of the formats {ROW_FORMATS}."
+        )
     if row.get("response") is not None and row.get("completion") is not None:
-        raise ValueError(f"Row {index} has both 'response' and 'completion'; keep one (they mean the same).")
+        raise SafetyError(f"Row {index} has both 'response' and 'completion'; keep one (they mean the same).")
     if "messages" in row and row["messages"] is not None:
         turns = _turns(row["messages"], index, "messages")
         response = None
@@ -146,10 +150,10 @@ def _normalize_row(row: Any, index: int, system_prompt: str | None) -> dict[str,
         extra = row.get("response") if row.get("response") is not None else row.get("completion")
         if extra is not None:
             if response is not None:
-                raise ValueError(f"Row {index} has both a final assistant turn and a 'response'; keep one.")
+                raise SafetyError(f"Row {index} has both a final assistant turn and a 'response'; keep one.")
             response = _completion_text(extra, index, not isinstance(extra, str))
         if not turns:
-            raise ValueError(f"Row {index}: 'messages' holds only an assistant turn; add the user turn before it.")
+            raise SafetyError(f"Row {index}: 'messages' holds only an assistant turn; add the user turn before it.")
     elif "prompt" in row and row["prompt"] is not None:
         prompt = row["prompt"]
         conversational = isinstance(prompt, (list, tuple))
@@ -158,7 +162,7 @@ def _normalize_row(row: Any, index: int, system_prompt: str | None) -> dict[str,
         elif isinstance(prompt, str):
             turns = [{"role": "user", "content": prompt}]
         else:
-            raise ValueError(
+            raise SafetyError(
                 f"Row {index}: 'prompt' must be a string or a list of {{'role', 'content'}} messages, got a "
                 f"{type(prompt).__name__}."
             )
@@ -171,7 +175,7 @@ def _normalize_row(row: Any, index: int, system_prompt: str | None) -> dict[str,
     elif isinstance(row.get("text"), str):
         return {"messages": [], "response": None, "text": row["text"]}
     else:
-        raise ValueError(
+        raise SafetyError(
             f"Row {index} is in no known format (keys: {sorted(row)}). Use one of: {'; '.join(ROW_FORMATS)}."
         )
     if system_prompt is not None and turns[0]["role"] != "system":

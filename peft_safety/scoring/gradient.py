@@ -27,11 +27,27 @@ reference code's ``.std()``) standard deviation of all entries of the tensor, in
   guard and its "safe" token.
 
 Errors: a NaN/inf loss or gradient raises ``ValueError`` naming the parameter and the batch.
+
+Sharded models (FSDP2 ``fully_shard``, DeepSpeed ZeRO-3; `peft_safety.scoring.distributed`): every rank folds the
+gradient of its own shard only (fp32 accumulators the size of the shard) and the result is sharded `Scores`, which
+`select` turns into a mask without gathering them. What each scorer does there:
+
+* ``esi`` and ``snip`` with ``aggregation="abs_of_sum"``: the signed gradient is linear in the data, so the ranks
+  split the batches (as under DDP) and the sharding's own gradient reduction sums them: the scores equal the
+  one-process scores up to the order of fp32 summation. ESI's ``std(W)`` is computed over the whole tensor (or
+  expert) across the shards, in float64 (`distributed.exact_group_std`), as in one process.
+* ``snip`` with ``aggregation="sum_of_abs"`` (exact per-sample absolute values): the reduction would add different
+  samples' gradients before the absolute value, so every rank runs every sample and only the sample's owner
+  back-propagates a non-zero loss (the others multiply theirs by zero): the reduced gradient is that one sample's,
+  bit for bit. The memory is sharded; the compute is not divided over the ranks.
+
+Collective operations run in lockstep: a rank with fewer batches runs a zero-weighted copy of a batch.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -79,6 +95,27 @@ def _all_reduce(tensors: Iterable[torch.Tensor], world: int) -> None:
     if world > 1:
         for t in tensors:
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+
+
+def _schedule(
+    groups: list[list[int]], rank: int, world: int, sharded: bool, linear_fold: bool
+) -> list[tuple[int, list[int], float]]:
+    """``(batch index, rows, loss weight)`` this rank runs.
+
+    Unsharded: the batches round-robin (DDP). Sharded, linear fold: the same split, every rank running the same
+    number of steps (a rank without a batch reruns batch 0 with weight 0, which adds exact zeros). Sharded, non-linear
+    fold: every batch on every rank, weight 1 on its owner only.
+    """
+    if not sharded:
+        return [(i, g, 1.0) for i, g in enumerate(groups) if i % world == rank]
+    if not linear_fold:
+        return [(i, g, 1.0 if i % world == rank else 0.0) for i, g in enumerate(groups)]
+    steps = -(-len(groups) // world)
+    out = []
+    for step in range(steps):
+        i = step * world + rank
+        out.append((i, groups[i], 1.0) if i < len(groups) else (0, groups[0], 0.0))
+    return out
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
@@ -160,6 +197,8 @@ def gradient_pass(
     per_sample: bool = False,
     progress: bool = True,
     desc: str = "scoring",
+    linear_fold: bool = True,
+    shards: dict[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One forward+backward per batch (or per sample), gradients folded into fp32 accumulators.
 
@@ -175,9 +214,13 @@ def gradient_pass(
         per_sample: micro-batch 1 (needed for sum-of-abs aggregation).
         progress: tqdm progress bar on rank 0.
         desc: progress-bar label.
+        linear_fold: whether ``fold`` is linear in the gradient (a signed sum). On a sharded model a non-linear fold
+            (``|grad|``) makes every rank run every batch (see the module docstring).
+        shards: filled with ``{name: Shard}`` of the sharded targets (their accumulators are this rank's shard).
 
     Returns:
-        ``{name: fp32 accumulator}``, all-reduced (summed) over data-parallel processes when launched with several.
+        ``{name: fp32 accumulator}``, all-reduced (summed) over data-parallel processes when launched with several;
+        for sharded parameters this rank's shard of the sum over every rank's data.
 
     Raises:
         ValueError: empty or missing calibration data, a non-finite loss or gradient (naming parameter and batch).
@@ -186,32 +229,51 @@ def gradient_pass(
         raise ValueError("Gradient scorers need calibration data: pass a non-empty CalibrationSet.")
     if getattr(calib, "loss", "response_only") == "none":
         raise ValueError("The CalibrationSet has loss='none' (no labels); gradient scorers need a loss policy.")
+    from .distributed import Comm, is_sharded_model
+
     rank, world = _dist_info()
     params = targets.parameters(model)
     device = model_input_device(model)
     size = 1 if per_sample else batch_size
     groups = [list(range(s, min(s + size, len(calib)))) for s in range(0, len(calib), size)]
-    mine = [(i, g) for i, g in enumerate(groups) if i % world == rank]
+    sharded = is_sharded_model(model)
+    comm = Comm() if sharded else None
+    mine = _schedule(groups, rank, world, sharded, linear_fold)
     checkpointing = _is_checkpointing(model)
     # objectives that draw per-sample randomness (JudgeObjective's Gumbel noise) take the samples' global indices,
     # so that the result does not depend on how samples are grouped into batches
     wants_indices = _accepts_keyword(objective, "sample_indices")
     with GradientFold(model, params, fold) as gf, input_requires_grad(model, checkpointing):
-        for batch_index, indices in _progress(mine, len(mine), desc, progress and rank == 0):
+        for batch_index, indices, weight in _progress(mine, len(mine), desc, progress and rank == 0):
             batch = {k: v.to(device) for k, v in calib.collate(indices).items()}
             if wants_indices:
                 loss = objective(model, batch, batch_index, sample_indices=list(indices))
             else:
                 loss = objective(model, batch, batch_index)
-            if not bool(torch.isfinite(loss.detach())):
+            finite = bool(torch.isfinite(loss.detach()))
+            if comm is not None:
+                finite = not comm.any(not finite)  # every rank stops together: a lone raise would hang the others
+            if not finite:
                 raise ValueError(
                     f"Non-finite loss ({float(loss.detach()):.4g}) at batch {batch_index} (rows {indices[0]}..{indices[-1]}). "
                     "Check the model weights and the data of those rows."
+                    + (" (Reported by every rank; the rank whose loss is not finite shows it.)" if comm else "")
                 )
-            loss.backward()
-            _check_finite(gf.accumulators, batch_index, desc)
+            (loss * weight if weight != 1.0 else loss).backward()
+            if comm is None:
+                _check_finite(gf.accumulators, batch_index, desc)
+            else:
+                bad = [n for n, acc in gf.accumulators.items() if not bool(torch.isfinite(acc).all())]
+                if comm.any(bool(bad)):
+                    _check_finite(gf.accumulators, batch_index, desc)  # names the parameter on the rank that has it
+                    raise ValueError(
+                        f"Non-finite gradient (NaN or inf) at batch {batch_index} of the {desc} pass on another rank; "
+                        "see that rank's error for the parameter."
+                    )
         accumulators = gf.accumulators
-    _all_reduce(accumulators.values(), world)
+        if shards is not None:
+            shards.update(gf.shards)
+    _all_reduce([a for n, a in accumulators.items() if n not in gf.shards], world)
     return accumulators
 
 
@@ -235,10 +297,29 @@ def _weight_abs(param: torch.Tensor) -> torch.Tensor:
     return param.detach().abs().float()
 
 
-def _make_scores(values: dict[str, torch.Tensor], targets: Targets, provenance: dict[str, Any]) -> Any:
+def _make_scores(
+    values: dict[str, torch.Tensor],
+    targets: Targets,
+    provenance: dict[str, Any],
+    shards: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
+) -> Any:
+    """`Scores` of the targets; sharded scores also carry the full weights' fingerprints, read across the ranks."""
     from .scores import Scores
 
-    return Scores(values, shapes=targets.shapes, provenance=provenance)
+    if not shards:
+        return Scores(values, shapes=targets.shapes, provenance=provenance)
+    from .distributed import sharded_fingerprints
+
+    fingerprints = sharded_fingerprints({n: params[n] for n in shards}, shards, targets.shapes)
+    return Scores(values, shapes=targets.shapes, provenance=provenance, shards=shards, fingerprints=fingerprints)
+
+
+def _weights(params: dict[str, Any], shards: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """This rank's values of each target weight (its shard when sharded)."""
+    from .distributed import local_values
+
+    return {n: local_values(p, shards.get(n)) for n, p in params.items()}
 
 
 # ---------------------------------------------------------------------- SNIP
@@ -271,32 +352,59 @@ def snip(
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"Unknown aggregation {aggregation!r}; choose one of {list(AGGREGATIONS)}.")
+    shards: dict[str, Any] = {}
     if aggregation == "sum_of_abs":
 
         def fold(_name: str, acc: torch.Tensor, grad: torch.Tensor) -> None:
             acc.add_(grad.abs())
 
-        grads = gradient_pass(model, calib, targets, fold=fold, per_sample=True, progress=progress, desc="snip")
+        grads = gradient_pass(
+            model,
+            calib,
+            targets,
+            fold=fold,
+            per_sample=True,
+            progress=progress,
+            desc="snip",
+            linear_fold=False,
+            shards=shards,
+        )
     else:
         grads = gradient_pass(
-            model, calib, targets, fold=_signed_fold, batch_size=batch_size, progress=progress, desc="snip"
+            model,
+            calib,
+            targets,
+            fold=_signed_fold,
+            batch_size=batch_size,
+            progress=progress,
+            desc="snip",
+            shards=shards,
         )
         for g in grads.values():
             g.abs_()
     params = targets.parameters(model)
+    weights = _weights(params, shards)
     base = dict(base_model.named_parameters()) if base_model is not None else None
     values = {}
     for name, grad in grads.items():
-        weight = params[name].detach()
+        weight = weights[name]
         if base is not None:
-            if name not in base or base[name].shape != weight.shape:
-                raise ValueError(f"base_model has no parameter {name!r} of shape {tuple(weight.shape)}.")
-            weight = weight.float() - base[name].detach().to(weight.device).float()
+            full = targets[name].shape
+            if name not in base or tuple(base[name].shape) != tuple(full):
+                raise ValueError(f"base_model has no parameter {name!r} of shape {tuple(full)}.")
+            base_w = base[name].detach()
+            if name in shards:  # the same box of the (unsharded) base weight
+                box = shards[name]
+                base_w = base_w.reshape(-1)[box.to_global(torch.arange(box.numel)).to(base_w.device)].view(box.shape)
+            weight = weight.float() - base_w.to(weight.device).float()
         values[name] = grad.mul_(weight.abs().float())
     provenance = {"method": "snip", "aggregation": aggregation, "sign": "nonnegative", "higher": "more important"}
     if base is not None:
         provenance["weight_term"] = "abs(W - W_base)"
-    return _make_scores(values, targets, provenance)
+    return _make_scores(values, targets, provenance, shards, params)
+
+
+snip.supports_sharding = True  # type: ignore[attr-defined]
 
 
 def _signed_fold(_name: str, acc: torch.Tensor, grad: torch.Tensor) -> None:
@@ -464,20 +572,29 @@ class JudgeObjective:
         return total
 
 
-def _esi_std(param: torch.Tensor, info: Any) -> torch.Tensor:
-    """ESI's ``std(W)`` (unbiased, fp32), broadcastable to the parameter.
+def _esi_std_(values: torch.Tensor, weight: torch.Tensor, info: Any, shard: Any = None) -> torch.Tensor:
+    """Multiply ``values`` in place by ESI's ``std(W)`` (unbiased), entry by entry.
 
-    A fused expert tensor ``(E, d_out, d_in)`` stacks E weight matrices, each of which is its own tensor in a
-    per-expert layout (Mixtral's ``experts.{e}.w1``): its std is taken per expert, ``W[e].std()``, shape
-    ``(E, 1, 1)``, so that a fused and an unfused checkpoint of the same model score alike. Other tensors: one std.
+    The std is computed in float64 in two passes (mean, then squared deviations) and rounded to fp32 once: the same
+    number whether the tensor is whole or sharded over ranks (`distributed.exact_group_std` sums the shards'
+    partial sums). A fused expert tensor ``(E, d_out, d_in)`` stacks E weight matrices, each of which is its own
+    tensor in a per-expert layout (Mixtral's ``experts.{e}.w1``): its std is taken per expert, so that a fused and an
+    unfused checkpoint of the same model score alike. Other tensors: one std.
+
+    Args:
+        values: the ``|sum grad|`` scores (of this rank's shard when sharded).
+        weight: the weight's values, shaped like ``values``.
+        info: the target's `TargetInfo` (``expert_dim``, full ``shape``).
+        shard: the `Shard` of a sharded weight, else `None`.
     """
-    w = param.detach().float()
-    if getattr(info, "expert_dim", None) == 0 and w.dim() >= 2:
-        per_expert = w.reshape(w.shape[0], -1)
-        if per_expert.shape[1] < 2:
-            return w.new_zeros((w.shape[0],) + (1,) * (w.dim() - 1))
-        return per_expert.std(dim=1).reshape((w.shape[0],) + (1,) * (w.dim() - 1))
-    return w.std() if w.numel() > 1 else w.new_zeros(())
+    from .distributed import Comm, Shard, broadcast_groups, exact_group_std
+
+    full = tuple(info.shape)
+    box = shard if shard is not None else Shard.whole(full)
+    numel = math.prod(full)
+    group = numel // full[0] if getattr(info, "expert_dim", None) == 0 and len(full) >= 2 else numel
+    std = exact_group_std(weight, box, group, Comm() if shard is not None else Comm.local())
+    return broadcast_groups(values, box, group, std)
 
 
 @register_scorer("esi", aliases=("grad_x_std",))
@@ -512,13 +629,23 @@ def esi(
         fn, objective_name = objective, type(objective).__name__
     else:
         raise ValueError(f"Unknown ESI objective {objective!r}; use 'refusal_nll' or a JudgeObjective / callable.")
+    shards: dict[str, Any] = {}
     grads = gradient_pass(
-        model, calib, targets, fold=_signed_fold, objective=fn, batch_size=batch_size, progress=progress, desc="esi"
+        model,
+        calib,
+        targets,
+        fold=_signed_fold,
+        objective=fn,
+        batch_size=batch_size,
+        progress=progress,
+        desc="esi",
+        shards=shards,
     )
     params = targets.parameters(model)
+    weights = _weights(params, shards)
     values = {}
     for name, grad in grads.items():
-        values[name] = grad.abs_().mul_(_esi_std(params[name], targets[name]))
+        values[name] = _esi_std_(grad.abs_(), weights[name], targets[name], shards.get(name))
     provenance = {
         "method": "esi",
         "aggregation": "abs_of_sum",
@@ -527,4 +654,7 @@ def esi(
         "sign": "nonnegative",
         "higher": "more important",
     }
-    return _make_scores(values, targets, provenance)
+    return _make_scores(values, targets, provenance, shards, params)
+
+
+esi.supports_sharding = True  # type: ignore[attr-defined]

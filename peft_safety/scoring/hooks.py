@@ -8,7 +8,13 @@
 * `ForwardHooks`: registers forward hooks on a set of modules and removes them on exit.
 
 Memory: one fp32 accumulator per target parameter (4 bytes per entry, on the parameter's device, so ``device_map``
-models keep their placement).
+models keep their placement). For a sharded parameter the accumulator covers this rank's shard only:
+
+* FSDP2 (``fully_shard``): the hook fires on the sharded ``DTensor`` parameter after FSDP's reduce-scatter, and folds
+  the local part of the reduced gradient. While active, the reduction is a plain sum (no division by the world
+  size: ``set_gradient_divide_factor(1.0)`` with sum-only collectives); the settings are restored on exit.
+* DeepSpeed ZeRO-3: the hook receives the full (gathered-parameter) gradient of this rank's data, reduce-scatters
+  it (sum) into the rank's flat partition, folds that, and frees the gradient, so DeepSpeed never sees it.
 """
 
 from __future__ import annotations
@@ -65,8 +71,10 @@ class GradientFold:
             ``acc.add_(grad.abs())``); default: signed sum.
 
     Attributes:
-        accumulators: ``{name: fp32 tensor}`` shaped like each parameter, on its device.
+        accumulators: ``{name: fp32 tensor}`` shaped like each parameter (like its local shard when sharded), on
+            its device.
         calls: ``{name: number of folded gradients}``.
+        shards: ``{name: Shard}`` of the sharded targets (empty for an unsharded model).
 
     Example:
 
@@ -88,8 +96,10 @@ class GradientFold:
         self.fold = fold or (lambda _name, acc, grad: acc.add_(grad))
         self.accumulators: dict[str, torch.Tensor] = {}
         self.calls: dict[str, int] = {}
+        self.shards: dict[str, Any] = {}
         self._handles: list[Any] = []
         self._flags: list[tuple[nn.Parameter, bool]] = []
+        self._fsdp_settings: list[tuple[Any, Any, Any]] = []
         self._training = model.training
 
     def reset(self) -> None:
@@ -99,17 +109,36 @@ class GradientFold:
         self.calls = dict.fromkeys(self.calls, 0)
 
     def _hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        from .distributed import reduce_scatter_flat
+
         acc = self.accumulators[name]
+        shard = self.shards.get(name)
+        zero3 = shard is not None and hasattr(self.params[name], "ds_tensor")
 
         def hook(param: torch.Tensor) -> None:
             grad = param.grad
             if grad is not None:
+                if zero3:
+                    grad = reduce_scatter_flat(grad, shard).view(acc.shape)
+                elif shard is not None:
+                    grad = grad.to_local() if hasattr(grad, "to_local") else grad
                 self.fold(name, acc, grad)
                 self.calls[name] += 1
             # free the gradient at once: the accumulator holds everything we need
             param.grad = None
 
         return hook
+
+    def _sum_reductions(self) -> None:
+        """FSDP2 averages gradients over the ranks by default; scoring sums them (restored in `_cleanup`)."""
+        for module in self.model.modules():
+            if hasattr(module, "set_gradient_divide_factor") and hasattr(module, "_get_fsdp_state"):
+                for group in module._get_fsdp_state()._fsdp_param_groups:
+                    self._fsdp_settings.append(
+                        (group, group.gradient_divide_factor, getattr(group, "force_sum_reduction_for_comms", False))
+                    )
+                    group.gradient_divide_factor = 1.0
+                    group.force_sum_reduction_for_comms = True
 
     def __enter__(self) -> GradientFold:
         self._training = self.model.training
@@ -121,6 +150,8 @@ class GradientFold:
                 seen.add(id(param))
                 self._flags.append((param, param.requires_grad))
         try:
+            from .distributed import shard_of
+
             for param, _ in self._flags:
                 param.requires_grad_(False)
             for name, param in self.params.items():
@@ -131,9 +162,14 @@ class GradientFold:
                     )
                 param.grad = None
                 param.requires_grad_(True)
-                self.accumulators[name] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+                shard = shard_of(param)
+                shape = param.shape if shard is None else shard.shape
+                if shard is not None:
+                    self.shards[name] = shard
+                self.accumulators[name] = torch.zeros(shape, dtype=torch.float32, device=param.device)
                 self.calls[name] = 0
                 self._handles.append(param.register_post_accumulate_grad_hook(self._hook(name)))
+            self._sum_reductions()
         except BaseException:
             self._cleanup()
             raise
@@ -148,6 +184,10 @@ class GradientFold:
         for param, flag in self._flags:
             param.requires_grad_(flag)
         self._flags.clear()
+        for group, factor, force_sum in self._fsdp_settings:
+            group.gradient_divide_factor = factor
+            group.force_sum_reduction_for_comms = force_sum
+        self._fsdp_settings.clear()
         self.model.train(self._training)
 
     def __exit__(self, *exc: Any) -> None:

@@ -35,6 +35,7 @@ import importlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+from ..errors import SafetyError
 from ..vocab import did_you_mean
 
 __all__ = ["BUILTIN_ALIASES", "BUILTIN_SCORERS", "SCORERS", "Registry", "register_scorer"]
@@ -137,7 +138,7 @@ class Registry:
         if key in self._entries:
             return self._entries[key]
         hint = did_you_mean(name, self.names(), aliases=self.aliases())
-        raise ValueError(f"Unknown {self.kind} {name!r}.{hint}")
+        raise SafetyError(f"Unknown {self.kind} {name!r}.{hint}")
 
     __getitem__ = get
 

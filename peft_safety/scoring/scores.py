@@ -12,44 +12,23 @@ them call :meth:`Scores.to_safetensors` explicitly; :meth:`Scores.histogram` giv
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
-from ..mask.granularity import Granularity, Layer, Weight, granularity_from_dict, is_granularity
+from ..mask.granularity import Granularity, Weight, granularity_from_dict
+from .units import GranularitySpec, expected_score_shape
+from .units import granularity_map as _granularity_map
 
 __all__ = ["Scores", "SelectionRule", "expected_score_shape"]
 
 _FORMAT = "peft_safety.scoring.scores"
 _FORMAT_VERSION = "1"
 _CHECK_CHUNK = 1 << 22
-
-GranularitySpec = Granularity | Mapping[str, Granularity] | None
-
-
-def expected_score_shape(shape: Iterable[int], granularity: Granularity, name: str = "parameter") -> tuple[int, ...]:
-    """Shape of the score tensor of one parameter under ``granularity``.
-
-    ``Weight()``: the parameter's shape; ``Neuron``/``Head``: ``(num_units,)`` (rows or columns, numbered per expert
-    for fused 3-D expert tensors; see :mod:`peft_safety.mask.granularity`); ``Layer()``: ``()``.
-
-    Raises:
-        ValueError: when the granularity cannot address a parameter of this shape.
-        TypeError: when ``granularity`` is not a granularity.
-    """
-    shape = tuple(int(s) for s in shape)
-    if not is_granularity(granularity):
-        raise TypeError(
-            f"{name!r}: {granularity!r} is not a granularity; use Weight(), Neuron(axis), Head(head_dim) or Layer()."
-        )
-    granularity.check_shape(shape, name)
-    if isinstance(granularity, Weight):
-        return shape
-    if isinstance(granularity, Layer):
-        return ()
-    return (granularity.num_units(shape),)
 
 
 def _to_fp32(name: str, value: Any) -> torch.Tensor:
@@ -59,6 +38,13 @@ def _to_fp32(name: str, value: Any) -> torch.Tensor:
         raise TypeError(f"scores[{name!r}] must be a torch.Tensor, got {type(value).__name__}.")
     if not value.is_floating_point():
         raise TypeError(f"scores[{name!r}] has dtype {value.dtype}; scores must be floating point (they become fp32).")
+    if value.is_meta:
+        from ..errors import SafetyError
+
+        raise SafetyError(
+            f"scores[{name!r}] is on the meta device and holds no values: score a model whose weights are loaded "
+            "(not one built under init_empty_weights() or with device_map='meta')."
+        )
     t = value.detach()
     if t.dtype != torch.float32:
         t = t.float()
@@ -76,28 +62,6 @@ def _to_fp32(name: str, value: Any) -> torch.Tensor:
     return t
 
 
-def _granularity_map(names: Iterable[str], granularity: GranularitySpec) -> dict[str, Granularity]:
-    names = list(names)
-    if granularity is None:
-        return dict.fromkeys(names, Weight())
-    if is_granularity(granularity):
-        return dict.fromkeys(names, granularity)
-    if isinstance(granularity, Mapping):
-        missing = [n for n in names if n not in granularity]
-        if missing:
-            raise ValueError(f"granularity has no entry for {missing[:3]}; give one granularity or one per name.")
-        out = {}
-        for n in names:
-            g = granularity[n]
-            if not is_granularity(g):
-                raise TypeError(f"granularity[{n!r}] must be a Granularity (e.g. Weight()), got {type(g).__name__}.")
-            out[n] = g
-        return out
-    raise TypeError(
-        f"granularity must be a Granularity or a mapping name -> Granularity, got {type(granularity).__name__}."
-    )
-
-
 def _check_fingerprints(fingerprints: Mapping[str, str] | None, names: Iterable[str]) -> dict[str, str]:
     if fingerprints is None:
         return {}
@@ -111,6 +75,24 @@ def _check_fingerprints(fingerprints: Mapping[str, str] | None, names: Iterable[
         if not isinstance(fp, str):
             raise TypeError(f"fingerprints[{n!r}] must be a str from fingerprint_tensor(), got {fp!r}.")
         out[n] = fp
+    return out
+
+
+def _check_shards(shards: Mapping[str, Any] | None, names: Iterable[str]) -> dict[str, Any]:
+    if not shards:
+        return {}
+    from .distributed import Shard
+
+    if not isinstance(shards, Mapping):
+        raise TypeError(f"shards must be a dict name -> Shard, got {type(shards).__name__}.")
+    known = set(names)
+    out = {}
+    for n, sh in shards.items():
+        if n not in known:
+            raise ValueError(f"shards has {n!r}, which is not scored.")
+        if not isinstance(sh, Shard):
+            raise TypeError(f"shards[{n!r}] must be a peft_safety.scoring.distributed.Shard, got {type(sh).__name__}.")
+        out[n] = sh
     return out
 
 
@@ -133,6 +115,10 @@ class Scores(Mapping[str, torch.Tensor]):
             safety layers): ``select(scores)`` without ``fraction`` or ``k`` applies it. It follows the scores through
             `to`, `restrict` and `filter` (applied to the remaining names) and is dropped by `map`, arithmetic and
             `with_granularity` (other values or units); `to_safetensors` does not save it.
+        shards: for scores of a sharded model (FSDP2, DeepSpeed ZeRO-3), ``{name: Shard}``: the tensor of a name is
+            then only this rank's part of the full score tensor, the box the `Shard` describes (``Weight()`` scores
+            only). `select` on such scores is collective and exact over the ranks (`peft_safety.scoring.distributed`);
+            `shapes` stay the full parameter shapes.
 
     Raises:
         TypeError: non-tensor or non-floating scores, bad granularity types.
@@ -159,9 +145,11 @@ class Scores(Mapping[str, torch.Tensor]):
         provenance: Mapping[str, Any] | None = None,
         fingerprints: Mapping[str, str] | None = None,
         rule: SelectionRule | None = None,
+        shards: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(scores, Mapping):
             raise TypeError(f"scores must be a mapping name -> tensor, got {type(scores).__name__}.")
+        self._shards = _check_shards(shards, scores)
         if provenance is not None and not isinstance(provenance, Mapping):
             raise TypeError(f"provenance must be a dict, got {type(provenance).__name__}.")
         self._tensors: dict[str, torch.Tensor] = {n: _to_fp32(n, v) for n, v in scores.items()}
@@ -169,6 +157,22 @@ class Scores(Mapping[str, torch.Tensor]):
         self._shapes: dict[str, tuple[int, ...]] = {}
         for n, t in self._tensors.items():
             g = self._granularity[n]
+            shard = self._shards.get(n)
+            if shard is not None:
+                if not isinstance(g, Weight):
+                    raise ValueError(f"sharded scores[{n!r}] must have Weight() granularity, got {g}.")
+                if tuple(t.shape) != tuple(shard.shape):
+                    raise ValueError(
+                        f"scores[{n!r}] has shape {tuple(t.shape)} but its shard holds a box of shape {shard.shape}."
+                    )
+                shape = tuple(int(s) for s in shapes[n]) if shapes is not None and n in shapes else None
+                if shape is None or math.prod(shape) != shard.full_numel:
+                    raise ValueError(
+                        f"shapes[{n!r}] must give the full parameter shape of sharded scores ({shard.full_numel} "
+                        f"entries), got {shape}."
+                    )
+                self._shapes[n] = shape
+                continue
             if shapes is not None and n in shapes:
                 shape = tuple(int(s) for s in shapes[n])
             elif isinstance(g, Weight):
@@ -229,16 +233,47 @@ class Scores(Mapping[str, torch.Tensor]):
         return self._granularity[name]
 
     def numel(self) -> int:
-        """Total number of units (score entries) over every tensor."""
+        """Total number of units (score entries) over every tensor (of the full tensors, for sharded scores)."""
+        return sum(self._shards[n].full_numel if n in self._shards else t.numel() for n, t in self._tensors.items())
+
+    # --- sharded scores ------------------------------------------------------------------------------------------
+    @property
+    def is_sharded(self) -> bool:
+        """Whether the tensors are this rank's parts of scores spread over several ranks (see ``shards``)."""
+        return bool(self._shards)
+
+    @property
+    def shards(self) -> dict[str, Any]:
+        """``{name: Shard}`` of sharded scores (a copy; empty for ordinary scores)."""
+        return dict(self._shards)
+
+    def local_numel(self) -> int:
+        """Score entries held in this process."""
         return sum(t.numel() for t in self._tensors.values())
 
+    #: entries read at once by the selection engine
+    selection_chunk = 1 << 20
+
+    def selection_comm(self) -> Any:
+        """The ranks the selection runs over: the process group for sharded scores, this process otherwise."""
+        from .distributed import Comm
+
+        return Comm() if self.is_sharded else Comm.local()
+
+    def selection_pieces(self) -> dict[str, list[Any]]:
+        """``{name: [Piece]}``: this rank's part of each tensor for the selection engine."""
+        from .distributed import Piece
+
+        return {n: [Piece.of_tensor(tid, t, self._shards.get(n))] for tid, (n, t) in enumerate(self._tensors.items())}
+
     def __eq__(self, other: object) -> bool:
-        """Same names in the same order, same shapes, granularities, provenance and bit-identical tensors."""
+        """Same names in the same order, same shapes, granularities, shards, provenance and bit-identical tensors."""
         if not isinstance(other, Scores):
             return NotImplemented
         return (
             self.names == other.names
             and self._shapes == other._shapes
+            and self._shards == other._shards
             and self._granularity == other._granularity
             and self.provenance == other.provenance
             and all(torch.equal(self._tensors[n], other._tensors[n].to(self._tensors[n].device)) for n in self.names)
@@ -271,6 +306,7 @@ class Scores(Mapping[str, torch.Tensor]):
             provenance=self.provenance if provenance is None else provenance,
             fingerprints={n: fp for n, fp in fps.items() if n in tensors},
             rule=self.rule if keep_rule else None,
+            shards={n: sh for n, sh in self._shards.items() if n in tensors},
         )
 
     def to(self, device: torch.device | str) -> Scores:
@@ -303,6 +339,7 @@ class Scores(Mapping[str, torch.Tensor]):
             shapes=shapes or self._shapes,
             provenance=self.provenance,
             fingerprints=self.fingerprints,
+            shards=self._shards,
         )
 
     def map(
@@ -329,6 +366,11 @@ class Scores(Mapping[str, torch.Tensor]):
                 diff = sorted(set(o.names) ^ set(self.names))[:5]
                 raise ValueError(f"cannot combine scores over different names (differing: {diff}); use .restrict().")
             for n in self.names:
+                if o._shards.get(n) != self._shards.get(n):
+                    raise ValueError(
+                        f"cannot combine scores for {n!r}: they hold different shards ({self._shards.get(n)} vs "
+                        f"{o._shards.get(n)}); score both on the same sharded model."
+                    )
                 if o._shapes[n] != self._shapes[n] or o._granularity[n] != self._granularity[n]:
                     raise ValueError(
                         f"cannot combine scores for {n!r}: {self._shapes[n]} {self._granularity[n]} vs "
@@ -392,6 +434,8 @@ class Scores(Mapping[str, torch.Tensor]):
         Returns:
             ``(counts, edges)``: int64 counts of shape ``(bins,)`` and fp64 edges of shape ``(bins + 1,)``.
 
+        For sharded scores the call is collective and the counts cover every rank's entries (replicas once).
+
         Raises:
             ValueError: ``bins < 1``, an empty ``Scores``, or ``low > high``.
         """
@@ -399,9 +443,13 @@ class Scores(Mapping[str, torch.Tensor]):
             raise ValueError(f"bins={bins!r} must be an int >= 1.")
         if self.numel() == 0:
             raise ValueError("cannot build a histogram of empty scores.")
+        comm = self.selection_comm()
+        counted = [
+            t for n, t in self._tensors.items() if t.numel() and (n not in self._shards or self._shards[n].counted)
+        ]
         if range is None:
-            lo = min(float(t.min()) for t in self._tensors.values() if t.numel())
-            hi = max(float(t.max()) for t in self._tensors.values() if t.numel())
+            lo = comm.min_float(min((float(t.min()) for t in counted), default=math.inf))
+            hi = comm.max_float(max((float(t.max()) for t in counted), default=-math.inf))
         else:
             lo, hi = float(range[0]), float(range[1])
             if lo > hi:
@@ -410,14 +458,50 @@ class Scores(Mapping[str, torch.Tensor]):
             lo, hi = lo - 0.5, hi + 0.5
         counts = torch.zeros(bins, dtype=torch.int64)
         chunk = min(chunk, 1 << 24)
-        for t in self._tensors.values():
+        for t in counted:
             flat = t.reshape(-1)
             for s in builtins_range(0, flat.numel(), chunk):
                 counts += torch.histc(flat[s : s + chunk], bins=bins, min=lo, max=hi).round().long().cpu()
+        comm.sum_(counts)
         edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
         return counts, edges
 
     # --- explicit files ------------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, *, max_file_bytes: int = 2**31) -> str:
+        """Write the scores to a folder: fp32 safetensors files of whole tensors (at most ``max_file_bytes`` each,
+        a larger tensor alone in its file) and ``scores_index.json`` (names, shapes, granularity, provenance,
+        fingerprints), each file atomically, the index last.
+
+        `ScoreFiles(save_directory)` selects from the folder without loading it (scores larger than RAM);
+        `Scores.from_pretrained` loads it. For sharded scores the call is collective: every rank calls it, rank 0
+        writes, receiving one tensor's parts at a time.
+
+        Returns:
+            The folder.
+        """
+        from .score_files import save_scores
+
+        return save_scores(self, save_directory, max_file_bytes=max_file_bytes)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> Scores:
+        """Load scores written by :meth:`save_pretrained` (a folder) or :meth:`to_safetensors` (a file) into memory.
+
+        Raises:
+            FileNotFoundError: no such folder or file.
+            ValueError: a malformed index or file (see `ScoreFiles`).
+        """
+        from .score_files import ScoreFiles
+
+        with ScoreFiles(path) as files:
+            return cls(
+                {n: files.read(n) for n in files.names},
+                granularity=files.granularity,
+                shapes=files.shapes,
+                provenance=files.provenance,
+                fingerprints=files.fingerprints,
+            )
+
     def to_safetensors(self, path: str | os.PathLike) -> None:
         """Write the scores **densely** to one safetensors file (as large as the parameters, fp32), atomically.
 
@@ -426,6 +510,12 @@ class Scores(Mapping[str, torch.Tensor]):
         """
         from safetensors.torch import save_file
 
+        if self.is_sharded:
+            raise ValueError(
+                "to_safetensors writes whole tensors from one process, but these scores are sharded over ranks; use "
+                "scores.save_pretrained(directory) (collective: every rank calls it), which writes one file per "
+                "tensor group without gathering the scores."
+            )
         path = os.fspath(path)
         meta = {
             "format": _FORMAT,
@@ -461,9 +551,15 @@ class Scores(Mapping[str, torch.Tensor]):
         """
         from safetensors import safe_open
 
+        from .._files import check_safetensors_file
+
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no scores file at {path!r}.")
+        if not os.path.lexists(path):
+            from ..errors import SafetyFileNotFoundError
+
+            raise SafetyFileNotFoundError(f"no scores file at {path!r}.")
+        # empty, truncated, device or non-safetensors files are named here, not inside safetensors
+        check_safetensors_file(path, "scores file", "write it again with Scores.to_safetensors(path)")
         with safe_open(path, framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
             keys = list(f.keys())
@@ -473,6 +569,10 @@ class Scores(Mapping[str, torch.Tensor]):
         fingerprints: dict[str, str] = {}
         if meta.get("format") == _FORMAT:
             version = meta.get("format_version", "1")
+            if not re.fullmatch(r"[0-9]{1,9}", version):  # int() would read "1_0" as 10
+                from ..errors import SafetyFileError
+
+                raise SafetyFileError(f"{path!r}: scores format_version {version!r} is not a version number.")
             if int(version) > int(_FORMAT_VERSION):
                 raise ValueError(
                     f"{path!r} has scores format_version {version}, newer than this library reads "

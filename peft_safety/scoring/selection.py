@@ -16,23 +16,37 @@ entries of a *stable* descending sort of the concatenated scores (``largest=Fals
 property tests check.
 
 Counting rule for fractions: ``k = floor(fraction * n + 1/2)`` (round half up) where ``n`` is the number of units in
-the group (all tensors, one tensor, one row). Round half up instead of Python's ``round`` (half to even) so that the
-count grows monotonically with ``fraction``; instead of ``floor`` so that a float product like ``0.29 * 100 =
-28.999...`` gives 29 and not 28.
+the group (all tensors, one tensor, one row), computed exactly on the decimal the caller wrote (``0.58 * 25 = 14.5``
+gives 15, although the float product is ``14.499999999999998``). Round half up instead of Python's ``round`` (half
+to even) so that the count grows monotonically with ``fraction``; instead of ``floor`` so that ``0.29 * 100`` (the
+float product is ``28.999...``) gives 29 and not 28.
 """
 
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
+import os
 from collections.abc import Iterable, Mapping, Sequence
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["SCOPES", "TIE_BREAK", "count_for_fraction", "isolate", "select", "topk_indices", "topk_indices_per_row"]
+from ..errors import SafetyError, SafetyTypeError
+from ..vocab import check_fraction, did_you_mean
+
+__all__ = [
+    "SCOPES",
+    "TIE_BREAK",
+    "count_for_fraction",
+    "isolate",
+    "select",
+    "select_and_save",
+    "topk_indices",
+    "topk_indices_per_row",
+]
 
 #: the scopes :func:`select` accepts
 SCOPES: tuple[str, ...] = ("global", "per_tensor", "per_row")
@@ -46,7 +60,8 @@ _CHUNK = 1 << 20
 
 
 def count_for_fraction(fraction: float, n: int) -> int:
-    """Number of units a fraction selects out of ``n``: ``floor(fraction * n + 1/2)`` (round half up).
+    """Number of units a fraction selects out of ``n``: ``floor(fraction * n + 1/2)`` (round half up), computed
+    exactly on the decimal value of ``fraction`` (its shortest ``repr``), not on the rounded float product.
 
     Args:
         fraction: a float in ``(0, 1]``.
@@ -59,7 +74,9 @@ def count_for_fraction(fraction: float, n: int) -> int:
         >>> count_for_fraction(0.01, 250), count_for_fraction(0.29, 100)
         (3, 29)
     """
-    return min(n, math.floor(fraction * n + 0.5))
+    # on the decimal the caller wrote (the float's shortest repr), exactly: 0.58 * 25 is 14.5 and rounds up to 15,
+    # where the float product 14.499999999999998 would floor to 14
+    return min(n, math.floor(Fraction(repr(float(fraction))) * n + Fraction(1, 2)))
 
 
 def _oriented(chunk: torch.Tensor, largest: bool) -> torch.Tensor:
@@ -252,42 +269,95 @@ def topk_indices_per_row(tensor: torch.Tensor, k: int, *, largest: bool = True, 
     return torch.cat(parts).to(dtype)
 
 
-def _did_you_mean(value: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(value, choices, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return f"{hint} Available: {', '.join(repr(c) for c in choices)}."
-
-
 def _check_count_args(fraction: Any, k: Any) -> tuple[float | None, int | None]:
     """Validate ``fraction`` / ``k`` and return them as plain Python ``float`` / ``int`` (numpy scalars accepted)."""
     if (fraction is None) == (k is None):
-        raise ValueError(
+        raise SafetyError(
             "Give exactly one of fraction= (share of units, in (0, 1]) or k= (number of units), "
             f"got fraction={fraction!r} and k={k!r}."
         )
     if fraction is not None:
-        if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
-            raise TypeError(f"fraction must be a float in (0, 1], got {type(fraction).__name__} {fraction!r}.")
-        fraction = float(fraction)
-        if math.isnan(fraction) or not 0.0 < fraction <= 1.0:
-            raise ValueError(f"fraction={fraction!r} is outside (0, 1]; e.g. fraction=0.01 selects 1% of the units.")
+        fraction = check_fraction(fraction, where="fraction")
     if k is not None:
         if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-            raise TypeError(f"k must be an int >= 1, got {type(k).__name__} {k!r}.")
+            raise SafetyTypeError(f"k must be an int >= 1, got {type(k).__name__} {k!r}.")
         k = int(k)
         if k < 1:
-            raise ValueError(f"k={k} must be >= 1.")
+            raise SafetyError(f"k={k} must be >= 1.")
     return fraction, k
 
 
 def _as_scores(scores: Any):
+    from .score_files import ScoreFiles
     from .scores import Scores
 
-    if isinstance(scores, Scores):
+    if isinstance(scores, (Scores, ScoreFiles)):
         return scores
     if isinstance(scores, Mapping):
         return Scores(scores)
-    raise TypeError(f"scores must be a Scores or a mapping of name -> tensor, got {type(scores).__name__}.")
+    raise TypeError(
+        f"scores must be a Scores, a ScoreFiles or a mapping of name -> tensor, got {type(scores).__name__}."
+    )
+
+
+def _is_distributed(scores: Any) -> bool:
+    """Scores whose tensors are not all in this process's memory: sharded over ranks, or in files on disk."""
+    from .score_files import ScoreFiles
+
+    return isinstance(scores, ScoreFiles) or bool(getattr(scores, "is_sharded", False))
+
+
+def _group_counts(
+    scores: Any, *, fraction: float | None, k: int | None, scope: str
+) -> tuple[int | None, dict[str, int]]:
+    """How many units each group selects: ``(global count, {})`` for ``"global"``, ``(None, {name: count})`` per
+    tensor or per row (names selecting nothing are left out). The checks and messages of every kind of scores."""
+    if not isinstance(scope, str):
+        raise SafetyTypeError(f"scope must be a str, got {type(scope).__name__}.")
+    if scope not in SCOPES:
+        raise SafetyError(f"Unknown scope {scope!r}.{did_you_mean(scope, SCOPES)}")
+    names = list(scores.names)
+    if not names:
+        raise SafetyError("scores is empty: there is nothing to select from.")
+    if scope == "global":
+        total = scores.numel()
+        if k is not None and k > total:
+            raise SafetyError(f"k={k} is larger than the number of units ({total}); use k <= {total} or fraction=.")
+        n = k if k is not None else count_for_fraction(fraction, total)
+        if n == 0:
+            raise SafetyError(
+                f"fraction={fraction} of {total} units selects no unit; use a larger fraction or k= instead."
+            )
+        return n, {}
+    from ..mask.granularity import Weight
+    from .units import expected_score_shape
+
+    counts: dict[str, int] = {}
+    for nm in names:
+        gran = scores.granularity_of(nm)
+        shape = expected_score_shape(scores.shapes[nm], gran, nm)
+        if scope == "per_tensor":
+            n_t = math.prod(shape)
+            if k is not None and k > n_t:
+                raise SafetyError(
+                    f"k={k} per tensor is larger than the {n_t} units of {nm!r}; use a smaller k, fraction=, "
+                    "or scores.restrict(...) to drop small tensors."
+                )
+            counts[nm] = k if k is not None else count_for_fraction(fraction, n_t)
+        else:  # per_row
+            if gran != Weight() or len(shape) < 2:
+                raise SafetyError(
+                    f"scope='per_row' needs Weight() scores with at least 2 dimensions, but {nm!r} has "
+                    f"{gran} scores of shape {tuple(shape)}; use scope='per_tensor' or "
+                    "'global', or scores.restrict(...) to the matrices."
+                )
+            width = shape[-1]
+            if k is not None and k > width:
+                raise SafetyError(
+                    f"k={k} per row is larger than the rows of {nm!r} ({width} entries); use a smaller k or fraction=."
+                )
+            counts[nm] = k if k is not None else count_for_fraction(fraction, width)
+    return None, {nm: c for nm, c in counts.items() if c > 0}
 
 
 def _select_indices(
@@ -300,57 +370,14 @@ def _select_indices(
 ) -> dict[str, torch.Tensor]:
     """The selected unit indices per name (names with no selected unit are left out)."""
     fraction, k = _check_count_args(fraction, k)
-    if not isinstance(scope, str):
-        raise TypeError(f"scope must be a str, got {type(scope).__name__}.")
-    if scope not in SCOPES:
-        raise ValueError(f"Unknown scope {scope!r}.{_did_you_mean(scope, SCOPES)}")
+    n, counts = _group_counts(scores, fraction=fraction, k=k, scope=scope)
     names = list(scores.names)
-    if not names:
-        raise ValueError("scores is empty: there is nothing to select from.")
-    result: dict[str, torch.Tensor] = {}
     if scope == "global":
-        total = scores.numel()
-        n = k if k is not None else count_for_fraction(fraction, total)
-        if k is not None and k > total:
-            raise ValueError(f"k={k} is larger than the number of units ({total}); use k <= {total} or fraction=.")
-        if n == 0:
-            raise ValueError(
-                f"fraction={fraction} of {total} units selects no unit; use a larger fraction or k= instead."
-            )
         picked = topk_indices([scores[nm] for nm in names], n, largest=largest)
-        result = {nm: idx for nm, idx in zip(names, picked) if idx.numel()}
-    elif scope == "per_tensor":
-        for nm in names:
-            t = scores[nm]
-            n_t = t.numel()
-            if k is not None and k > n_t:
-                raise ValueError(
-                    f"k={k} per tensor is larger than the {n_t} units of {nm!r}; use a smaller k, fraction=, "
-                    "or scores.restrict(...) to drop small tensors."
-                )
-            kt = k if k is not None else count_for_fraction(fraction, n_t)
-            if kt > 0:
-                result[nm] = topk_indices([t], kt, largest=largest)[0]
-    else:  # per_row
-        from ..mask.granularity import Weight
-
-        for nm in names:
-            t = scores[nm]
-            if scores.granularity_of(nm) != Weight() or t.dim() < 2:
-                raise ValueError(
-                    f"scope='per_row' needs Weight() scores with at least 2 dimensions, but {nm!r} has "
-                    f"{scores.granularity_of(nm)} scores of shape {tuple(t.shape)}; use scope='per_tensor' or "
-                    "'global', or scores.restrict(...) to the matrices."
-                )
-            width = t.shape[-1]
-            if k is not None and k > width:
-                raise ValueError(
-                    f"k={k} per row is larger than the rows of {nm!r} ({width} entries); use a smaller k or fraction=."
-                )
-            kr = k if k is not None else count_for_fraction(fraction, width)
-            if kr > 0:
-                result[nm] = topk_indices_per_row(t, kr, largest=largest)
-    return result
+        return {nm: idx for nm, idx in zip(names, picked) if idx.numel()}
+    if scope == "per_tensor":
+        return {nm: topk_indices([scores[nm]], kt, largest=largest)[0] for nm, kt in counts.items()}
+    return {nm: topk_indices_per_row(scores[nm], kr, largest=largest) for nm, kr in counts.items()}
 
 
 def _apply_exclude(indices: dict[str, torch.Tensor], scores: Any, exclude: Any) -> dict[str, torch.Tensor]:
@@ -453,10 +480,30 @@ def select(
     if not isinstance(largest, bool):
         raise TypeError(f"largest must be a bool, got {type(largest).__name__}.")
     fraction, k = _check_count_args(fraction, k)  # plain Python numbers from here on (JSON provenance)
+    if _is_distributed(scores):
+        return _select_distributed(
+            scores, fraction=fraction, k=k, scope=scope, exclude=exclude, largest=largest, provenance=provenance
+        )
     indices = _select_indices(scores, fraction=fraction, k=k, scope=scope, largest=largest)
     n_selected = sum(int(i.numel()) for i in indices.values())
     if exclude is not None:
         indices = _apply_exclude(indices, scores, exclude)
+    n_kept = sum(int(i.numel()) for i in indices.values())
+    prov = _selection_provenance(scores, scope, fraction, k, largest, n_selected, n_kept, exclude, provenance)
+    return _build_mask(indices, scores, prov)
+
+
+def _selection_provenance(
+    scores: Any,
+    scope: str,
+    fraction: float | None,
+    k: int | None,
+    largest: bool,
+    n_selected: int,
+    n_kept: int,
+    exclude: Any,
+    provenance: Mapping[str, Any] | None,
+) -> dict[str, Any]:
     prov: dict[str, Any] = dict(scores.provenance)
     prov.update(
         {
@@ -471,9 +518,158 @@ def select(
         prov["sparsity"] = fraction
     if exclude is not None:
         prov["selection_exclude"] = dict(getattr(exclude, "provenance", {}) or {})
-        prov["selection_excluded"] = n_selected - sum(int(i.numel()) for i in indices.values())
+        prov["selection_excluded"] = n_selected - n_kept
     if provenance:
         prov.update(provenance)
+    return prov
+
+
+def select_and_save(
+    scores: Any,
+    save_directory: str | os.PathLike,
+    *,
+    fraction: float | None = None,
+    k: int | None = None,
+    scope: str = "global",
+    exclude: Any = None,
+    largest: bool = True,
+    granularity: Any = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> str:
+    """`select` and write the mask to ``save_directory/safety_mask.safetensors``; the arguments are `select`'s.
+
+    For sharded `Scores` (a collective call: every rank calls it with the same arguments) and for `ScoreFiles`, the
+    indices go to the file one tensor at a time as they are selected, so the writing process never holds the whole
+    mask; the file holds the same header entries and data bytes as the one ``select(...).save_pretrained(
+    save_directory)`` writes. For in-memory scores it is exactly that.
+
+    Returns:
+        The path of the written file (on every rank).
+    """
+    scores = _as_scores(scores)
+    if granularity is not None:
+        scores = scores.with_granularity(granularity)
+    if not isinstance(largest, bool):
+        raise TypeError(f"largest must be a bool, got {type(largest).__name__}.")
+    fraction, k = _check_count_args(fraction, k)
+    if _is_distributed(scores):
+        return _select_distributed(
+            scores,
+            fraction=fraction,
+            k=k,
+            scope=scope,
+            exclude=exclude,
+            largest=largest,
+            provenance=provenance,
+            save_directory=save_directory,
+        )
+    mask = select(scores, fraction=fraction, k=k, scope=scope, exclude=exclude, largest=largest, provenance=provenance)
+    return mask.save_pretrained(save_directory)
+
+
+def _select_distributed(
+    scores: Any,
+    *,
+    fraction: float | None,
+    k: int | None,
+    scope: str,
+    exclude: Any,
+    largest: bool,
+    provenance: Mapping[str, Any] | None,
+    save_directory: str | os.PathLike | None = None,
+) -> Any:
+    """`select` for scores that are sharded over ranks or stored in files (see `peft_safety.scoring.distributed`).
+
+    Returns the `SafetyMask` on rank 0 and `None` on the other ranks, or the written path with ``save_directory``.
+    """
+    from . import distributed as dist_sel
+    from .units import expected_score_shape
+
+    comm = scores.selection_comm()
+    n, counts = _group_counts(scores, fraction=fraction, k=k, scope=scope)
+    names = list(scores.names)
+    pieces = scores.selection_pieces()
+    chunk = scores.selection_chunk
+    score_shapes = {nm: expected_score_shape(scores.shapes[nm], scores.granularity_of(nm), nm) for nm in names}
+    unit_numel = {tid: math.prod(score_shapes[nm]) for tid, nm in enumerate(names)}
+
+    def merged(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        if not parts:
+            return torch.empty(0, dtype=torch.int64)
+        out = torch.cat([p.cpu() for p in parts]) if len(parts) > 1 else parts[0].cpu()
+        return out.sort().values if len(parts) > 1 else out
+
+    local: dict[str, torch.Tensor] = {}
+    if scope == "global":
+        flat = [p for nm in names for p in pieces.get(nm, [])]
+        found = dist_sel.select_pieces(
+            flat, n, largest=largest, comm=comm, tensor_numel=unit_numel, n_tensors=len(names), chunk=chunk
+        )
+        local = {names[tid]: merged(parts) for tid, parts in found.items()}
+    elif scope == "per_tensor":
+        for tid, nm in enumerate(names):
+            if nm in counts:
+                found = dist_sel.select_pieces(
+                    pieces.get(nm, []),
+                    counts[nm],
+                    largest=largest,
+                    comm=comm,
+                    tensor_numel={tid: unit_numel[tid]},
+                    n_tensors=len(names),
+                    chunk=chunk,
+                )
+                local[nm] = merged(found.get(tid, []))
+    else:
+        for nm in names:
+            if nm in counts:
+                parts = dist_sel.select_rows(
+                    pieces.get(nm, []),
+                    score_shapes[nm],
+                    counts[nm],
+                    largest=largest,
+                    comm=comm,
+                    tensor=nm,
+                    chunk=chunk,
+                    topk_indices_per_row=topk_indices_per_row,
+                )
+                local[nm] = merged(parts)
+    local = {nm: idx for nm, idx in local.items() if idx.numel()}
+    totals = comm.sum_(torch.tensor([sum(int(i.numel()) for i in local.values()), 0], dtype=torch.int64))
+    if exclude is not None:
+        local = _apply_exclude(local, scores, exclude)
+        totals[1] = sum(int(i.numel()) for i in local.values())
+        comm.sum_(totals[1:])
+    n_selected = int(totals[0])
+    n_kept = int(totals[1]) if exclude is not None else n_selected
+    prov = _selection_provenance(scores, scope, fraction, k, largest, n_selected, n_kept, exclude, provenance)
+    mask_counts, stream = dist_sel.assemble(names, local, scores.shapes, comm)
+    if save_directory is not None:
+        from ..mask.serialization import MASK_FILENAME
+
+        tensors = stream(dist_sel.file_order(mask_counts))
+        if comm.rank == 0:
+            fingerprints = {nm: fp for nm, fp in (scores.fingerprints or {}).items() if nm in scores.shapes}
+            path = dist_sel.write_mask_stream(
+                save_directory,
+                shapes={nm: tuple(scores.shapes[nm]) for nm in names},
+                granularity={nm: scores.granularity_of(nm) for nm in names},
+                fingerprints=fingerprints,
+                provenance=prov,
+                counts=mask_counts,
+                tensors=tensors,
+            )
+        else:
+            for _ in tensors:
+                pass
+            path = os.path.join(os.fspath(save_directory), MASK_FILENAME)
+        comm.barrier()
+        return path
+    indices = {}
+    for nm, idx in stream(names):
+        if idx is not None and idx.numel():
+            indices[nm] = idx
+    if comm.rank != 0:
+        return None
     return _build_mask(indices, scores, prov)
 
 
@@ -535,10 +731,7 @@ def isolate(
                 f"{safety_scores.granularity_of(nm)} vs {tuple(utility_scores[nm].shape)} "
                 f"{utility_scores.granularity_of(nm)}; score both with the same method and granularity."
             )
-    for label, value in (("p", p), ("q", q)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) <= 1.0:
-            raise ValueError(f"{label}={value!r} must be a float in (0, 1], e.g. p=0.1, q=0.1 as in Wei et al.")
-    p, q = float(p), float(q)
+    p, q = check_fraction(p, where="p"), check_fraction(q, where="q")
     utility = select(utility_scores, fraction=p, scope=scope, largest=largest)
     return select(
         safety_scores,

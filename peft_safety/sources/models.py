@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from .._files import ADAPTER_CONFIG, check_adapter_folder
+from ..errors import SafetyImportError
 from ..tuner.provenance import SOURCE_MARKER
 from .offline import (
     SplitFile,
@@ -181,7 +183,7 @@ def _require_gguf() -> None:
     try:
         import gguf  # noqa: F401
     except ImportError as err:
-        raise ImportError(
+        raise SafetyImportError(
             "Converting the offline copy of the default model needs the `gguf` package: "
             "pip install 'peft-safety[gguf]'."
         ) from err
@@ -410,12 +412,18 @@ def load_model(
 
     Returns:
         ``(model, tokenizer)`` in eval mode.
+
+    Raises:
+        peft_safety.errors.SafetyFileError: a local adapter folder whose config or weights file is empty, truncated,
+            not JSON, of an unknown type or a device; checked before the base model loads.
+        peft_safety.errors.SafetyFileNotFoundError: an adapter folder without its config or weights.
     """
     path = resolve_model(name_or_path, source=source)
-    if adapter is None and os.path.isfile(os.path.join(path, "adapter_config.json")):
+    if adapter is not None:
+        check_adapter_folder(adapter)  # a local folder's config and weights, before the base model loads
+    elif os.path.lexists(os.path.join(path, ADAPTER_CONFIG)):
         adapter = path
-        with open(os.path.join(path, "adapter_config.json")) as fh:
-            base = json.load(fh).get("base_model_name_or_path")
+        base = check_adapter_folder(path).get("base_model_name_or_path")
         if not base:
             raise ValueError(
                 f"Adapter folder {path} names no base_model_name_or_path; pass the base model and --adapter {path}."

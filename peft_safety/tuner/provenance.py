@@ -63,6 +63,7 @@ import torch
 from torch import nn
 
 from ..vocab import check_fingerprint_policy
+from ._config_files import ConfigFilesMixin
 
 __all__ = [
     "SOURCE_MARKER",
@@ -452,7 +453,7 @@ def check_base(config: Any, model: nn.Module, what: str) -> list[str]:
 
 
 @dataclass
-class ProvenanceConfigMixin:
+class ProvenanceConfigMixin(ConfigFilesMixin):
     """Provenance fields and config-file behaviour shared by peft-safety's adapter configs (put it before the PEFT
     config class in the bases).
 
