@@ -135,8 +135,12 @@ def recommended_classifier(agreement: str | Path | None = AGREEMENT) -> tuple[st
         load, rec = recommended_judge(agreement)
     except ValueError as err:
         return None, {"followed": False, "why": str(err)}
+    where = Path(agreement).resolve()
+    root = Path(__file__).resolve().parents[1]
+    # a path relative to the repository (run digests must not depend on where the checkout is)
+    report = str(where.relative_to(root)) if where.is_relative_to(root) else where.name
     note = {"judge": rec["judge"], "load": rec["load"], "kappa": rec.get("kappa"), "rule": rec.get("rule"),
-            "report": str(agreement)}  # fmt: skip
+            "report": report}  # fmt: skip
     if not load.startswith("classifier:"):
         return None, {**note, "followed": False, "why": f"the recommended judge {rec['judge']!r} is not a classifier"}
     return load.partition(":")[2], {**note, "followed": True}

@@ -171,6 +171,8 @@ def test_shared_build_judge_follows_a_classifier_recommendation_only(tmp_path):
     judge, info = _shared.build_judge([], [], tmp_path / "work", agreement=path)
     assert judge.name == _shared.CLASSIFIER and torch.equal(judge.weight, saved.weight)
     assert info["recommendation"]["followed"] and info["recommendation"]["judge"] == "classifier_real"
+    assert info["recommendation"]["report"] == "agreement.json"  # outside the repository: the name only
+    assert _shared.recommended_classifier()[1]["report"] == "benchmarks/results/judge/agreement.json"
     assert info["validation"]["kappa"] == 0.8 and info["validation"]["accuracy"] == 0.9
     assert Path(info["path"]) == tmp_path / "work" / "judge" / "classifier_judge.safetensors"
     assert torch.equal(ClassifierJudge.from_pretrained(info["path"]).weight, saved.weight)
