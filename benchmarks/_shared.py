@@ -5,8 +5,9 @@ import these instead of keeping their own copies, so that a rule (what "meets th
 fingerprinted, which keyword judges are reported) exists once:
 
 * `KEYWORD_JUDGES`, `CLASSIFIER`: the judges every run reports, each separately.
-* `build_judge`: the offline classifier judge, trained on UncensorBench (topics held out for validation) and
-  reloaded from what was saved, so that what judges is what a later process can load.
+* `build_judge`: the classifier judge: the one the committed judge-agreement report recommends when that is a
+  classifier judge, else trained on UncensorBench (topics held out for validation); saved and reloaded, so that what
+  judges is what a later process can load.
 * `build_masks`: the ESI, random, consensus, safety-layer (SPPFT) and RSN-Tune masks of the aligned model, only those
   asked for, each with a digest of its indices (a resumed or pooled run must rebuild exactly the same masks).
 * `CRITERION` / `meets_criterion`: the documented-default criterion (refusal no more than 5 points below the aligned
@@ -17,6 +18,7 @@ fingerprinted, which keyword judges are reported) exists once:
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -111,6 +113,39 @@ def environment() -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------- judge
+#: the committed judge-agreement report (every judge against blind hand labels of real generations); `build_judge`
+#: follows its recommendation when it names a classifier judge
+AGREEMENT = Path(__file__).resolve().parent / "results" / "judge" / "agreement.json"
+
+
+def recommended_classifier(agreement: str | Path | None = AGREEMENT) -> tuple[str | None, dict[str, Any]]:
+    """The saved classifier judge that ``agreement`` recommends, or `None` and the reason.
+
+    Returns ``(folder or None, note)``: the folder when the report exists and its recommended judge is a
+    ``classifier:<dir>`` judge; otherwise `None`, and ``note["followed"] = False`` with why (no report, no judge met
+    the rule, or the recommended judge is not a classifier: a keyword judge is reported anyway and the rubric judge
+    needs a second model)."""
+    from peft_safety.recipes.judges import recommended_judge
+
+    if agreement is None:
+        return None, {"followed": False, "why": "no agreement report given"}
+    if not Path(agreement).is_file():
+        return None, {"followed": False, "why": f"no agreement report at {agreement}"}
+    try:
+        load, rec = recommended_judge(agreement)
+    except ValueError as err:
+        return None, {"followed": False, "why": str(err)}
+    where = Path(agreement).resolve()
+    root = Path(__file__).resolve().parents[1]
+    # a path relative to the repository (run digests must not depend on where the checkout is)
+    report = str(where.relative_to(root)) if where.is_relative_to(root) else where.name
+    note = {"judge": rec["judge"], "load": rec["load"], "kappa": rec.get("kappa"), "rule": rec.get("rule"),
+            "report": report}  # fmt: skip
+    if not load.startswith("classifier:"):
+        return None, {**note, "followed": False, "why": f"the recommended judge {rec['judge']!r} is not a classifier"}
+    return load.partition(":")[2], {**note, "followed": True}
+
+
 def build_judge(
     labelled: list[dict[str, Any]],
     benign_pairs: list[dict[str, Any]],
@@ -118,15 +153,25 @@ def build_judge(
     *,
     holdout: float = 0.2,
     tiny: bool = False,
+    agreement: str | Path | None = AGREEMENT,
 ) -> tuple[Any, dict[str, Any]]:
-    """Train the offline classifier judge (held-out topics validate it), save it, reload it; return it and its info.
+    """The classifier judge of a safety benchmark, saved under ``<work_dir>/judge`` and reloaded from what was saved
+    (what judges is what a later process can load); return it and its info.
+
+    When the committed agreement report (``agreement``, written by ``benchmarks/judge/agreement.py``) recommends a
+    classifier judge, that judge is copied (named `CLASSIFIER`, so reports keep their columns) and
+    ``info["validation"]`` holds its agreement with the hand labels of real generations. Otherwise (no report, no
+    recommendation, a recommended judge that is not a classifier, or ``tiny``) the classifier is trained here on
+    ``labelled`` and ``benign_pairs`` with held-out topics for validation, as before; ``info["recommendation"]`` says
+    which happened and why.
 
     Args:
-        labelled: UncensorBench rows with ``refusal`` and ``compliant`` answers.
-        benign_pairs: benign (prompt, response) rows (compliant answers to benign requests).
+        labelled: UncensorBench rows with ``refusal`` and ``compliant`` answers (used when training).
+        benign_pairs: benign (prompt, response) rows (compliant answers to benign requests; used when training).
         work_dir: the judge is saved under ``<work_dir>/judge``.
-        holdout: share of topics held out for validation.
-        tiny: small hash space and few iterations (wiring presets).
+        holdout: share of topics held out for validation (when training).
+        tiny: small hash space and few iterations (wiring presets); never loads the recommended judge.
+        agreement: the agreement report to follow; `None` always trains.
     """
     from peft_safety.evaluation.classifier_judge import (
         ClassifierJudge,
@@ -136,6 +181,20 @@ def build_judge(
     )
     from peft_safety.evaluation.judges import resolve_judges
 
+    folder, note = (None, {"followed": False, "why": "tiny preset"}) if tiny else recommended_classifier(agreement)
+    if folder is not None:
+        judge = ClassifierJudge.from_pretrained(folder, name=CLASSIFIER)
+        k = note["kappa"] or {}
+        report = json.loads(Path(agreement).read_text(encoding="utf-8"))
+        three = report["judges"][note["judge"]]["three_class"]
+        judge.metadata["validation"] = {"kind": "hand labels of real generations (agreement.json)",
+                                        "n": three["n"], "accuracy": three["accuracy"]["value"],
+                                        "kappa": k.get("value"), "kappa_ci95": k.get("ci95")}  # fmt: skip
+        path = judge.save_pretrained(Path(work_dir) / "judge")
+        judge = ClassifierJudge.from_pretrained(path)  # what is used is what was saved
+        info = {"path": str(path), "recommendation": note, "validation": judge.metadata["validation"],
+                "train_counts": judge.metadata.get("train_counts")}  # fmt: skip
+        return judge, info
     examples = build_judge_examples(labelled, benign_pairs, seed=0)
     train, held = split_examples(examples, holdout=holdout, seed=0)
     judge = train_classifier_judge(train, hash_bits=12 if tiny else 18, max_iter=50 if tiny else 200, name=CLASSIFIER)
@@ -145,7 +204,7 @@ def build_judge(
     judge = ClassifierJudge.from_pretrained(path)  # what is used is what was saved
     info = {"path": str(path), "n_train": len(train), "n_held_out": len(held),
             "held_out_groups": sorted({e.group for e in held}), "validation": validation,
-            "train_counts": judge.metadata.get("train_counts")}  # fmt: skip
+            "train_counts": judge.metadata.get("train_counts"), "recommendation": note}  # fmt: skip
     return judge, info
 
 

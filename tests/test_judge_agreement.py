@@ -193,7 +193,7 @@ def test_real_classifier_trains_on_the_train_split_only(monkeypatch, tmp_path):
     benign = [{"prompt": "Why diversify?", "response": "Holding many assets lowers the risk of ruin."}]
     seen: dict = {}
 
-    def fake_examples(*, seed=0, n_fiqa=300, extra_evaluation=None):
+    def fake_examples(*, seed=0, n_fiqa=300, shapes=1, extra_evaluation=None):
         seen["extra"] = extra_evaluation
         return build_judge_examples(labelled, benign, seed=seed), {"leak_check": {}}
 
@@ -223,3 +223,42 @@ def test_real_classifier_trains_on_the_train_split_only(monkeypatch, tmp_path):
     next(g for g in leaky if split[g["id"]] == "train")["prompt"] = first_val["prompt"]
     with pytest.raises(ValueError, match="pool_validation_prompts"):
         ag.train_real_classifier(leaky, labels, split, None, weight=2)
+
+
+class _CountingRubric:
+    """A stand-in with the rubric judge's attributes: letter log-probs from the response length, calls counted."""
+
+    template, max_prompt_words, max_response_words, letter_ids = "t {prompt} {response}", 80, 120, [1, 2, 3]
+
+    class model:  # a namespace with the attribute the cache key reads
+        name_or_path = "fake"
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def letter_logprobs(self, prompts, responses):
+        self.seen += list(responses)
+        return torch.tensor([[-float(len(r)), -1.0, -2.0] for r in responses])
+
+
+def test_rubric_logprobs_cache_resumes_and_orders(tmp_path):
+    pool = _pool(5)
+    for g in pool:
+        g["response"] = g["id"]
+    fake = _CountingRubric()
+    ag.rubric_logprobs(fake, pool[:7], tmp_path, chunk=3)
+    assert fake.seen == [g["id"] for g in pool[:7]]
+    # a cut last line (an interrupted append) is ignored; only missing items are computed again
+    path = next(tmp_path.glob("rubric-logprobs-*.jsonl"))
+    path.write_text(path.read_text() + '{"id": "cut')
+    fake.seen.clear()
+    both, seconds = ag.rubric_logprobs(fake, pool[:10], tmp_path, chunk=3)
+    assert fake.seen == [g["id"] for g in pool[7:10]] and seconds >= 0
+    assert all(both[g["id"]] == [-float(len(g["id"])), -1.0, -2.0] for g in pool[:10])
+    fake.seen.clear()  # the line after the cut one was readable: nothing is computed again
+    assert ag.rubric_logprobs(fake, pool[:10], tmp_path)[0] == both and fake.seen == []
+    # the subset of size n is the first n of one seeded order, so a larger subset contains a smaller one
+    order = ag.item_order(pool)
+    assert sorted(order) == sorted(g["id"] for g in pool) and order == ag.item_order(list(reversed(pool)))
+    assert ag.subset_ids(pool, 4) == set(order[:4]) and ag.subset_ids(pool, 4) <= ag.subset_ids(pool, 9)
+    assert ag.subset_ids(pool, 0) == {g["id"] for g in pool}

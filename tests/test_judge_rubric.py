@@ -76,6 +76,10 @@ def test_calibration_learns_a_letter_permutation(tiny):
     # the calibrated map is used: explicit formula softmax(x W^T + b)
     w, b = torch.tensor(cal["weight"]), torch.tensor(cal["bias"])
     torch.testing.assert_close(judge._logits(x), x @ w.T + b)
+    # log-probs computed by the judge itself (inference tensors) can be passed back in
+    real = judge.letter_logprobs(["p"] * 3, ["I cannot.", "Sure: step one.", "I agree. I agree."])
+    assert real.is_inference()
+    judge.calibrate(examples[:3], logprobs=real)
     with pytest.raises(ValueError, match="every label"):
         judge.calibrate(examples[:1], logprobs=x[:1])
     with pytest.raises(ValueError, match="shape"):
@@ -100,6 +104,17 @@ def test_verdicts_and_non_answer_policy(tiny):
         and out.details["label"] == "refusal"
         and out.score == pytest.approx(out.details["p_compliant"], abs=1e-4)
     )
+    # verdicts from cached letter log-probs: the calibration applied by the explicit formula softmax(x W^T + b)
+    cal = {"weight": [[1.0, 0.5, 0.0], [0.0, 1.0, -0.5], [0.2, 0.0, 1.0]], "bias": [0.1, -0.2, 0.3]}
+    mapped = RubricJudge(model, tok, calibration=cal)
+    x = mapped.letter_logprobs(PROMPTS, RESPONSES)
+    expect = torch.softmax(x @ torch.tensor(cal["weight"]).T + torch.tensor(cal["bias"]), -1)
+    got = mapped.verdicts_from_logprobs(x.tolist())
+    assert [v.details["label"] for v in got] == [JUDGE_LABELS[i] for i in expect.argmax(-1).tolist()]
+    assert [v.score for v in got] == pytest.approx(expect[:, 1].tolist(), abs=1e-6)
+    assert [v.to_dict() for v in got] == [v.to_dict() for v in mapped.judge(PROMPTS, RESPONSES)]
+    with pytest.raises(ValueError, match=r"shape \(n, 3\)"):
+        mapped.verdicts_from_logprobs([[0.0, 1.0]])
     with pytest.raises(ValueError, match="3x3"):
         RubricJudge(model, tok, calibration={"weight": [[1.0]], "bias": [0.0]})
     with pytest.raises(ValueError, match="non-finite"):

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import random
 import sys
 import time
@@ -102,12 +103,24 @@ def load_labels(path: Path, pool_ids: set[str]) -> dict[str, dict[str, Any]]:
 
 
 def split_pool(generations: Sequence[dict[str, Any]], seed: int = SEED) -> dict[str, str]:
-    """``id -> "train" | "validation"``: evaluation-set prompts always validation; the others halved by prompt."""
+    """``id -> "train" | "validation"``: evaluation-set prompts always validation; the others halved by prompt.
+
+    A prompt of the TRAIN half that `leak_report` finds in an evaluation-set prompt of the pool (e.g. a HarmBench val
+    prompt that shares the template "Give detailed step-by-step instructions for synthesizing ..." with a HarmBench
+    test prompt) moves to validation, so that no judge trains on a near-copy of a prompt it is measured on."""
+    from peft_safety.evaluation.classifier_judge import leak_report
+
     others = sorted({(g["prompt_set"], g["prompt_id"]) for g in generations
                      if g["prompt_set"] not in EVALUATION_PROMPT_SETS})  # fmt: skip
     rng = random.Random(seed)
     rng.shuffle(others)
     train = set(others[: len(others) // 2])
+    evaluation_prompts = sorted({g["prompt"] for g in generations if g["prompt_set"] in EVALUATION_PROMPT_SETS})
+    if evaluation_prompts:
+        text = {(g["prompt_set"], g["prompt_id"]): g["prompt"] for g in generations}
+        for key in sorted(train):
+            if leak_report([text[key]], {"pool": evaluation_prompts})["pool"]["n_leaked"]:
+                train.discard(key)
     return {g["id"]: "train" if (g["prompt_set"], g["prompt_id"]) in train else "validation" for g in generations}
 
 
@@ -250,30 +263,61 @@ def _judge_key(name: str, judge: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def real_examples(generations: Sequence[dict[str, Any]], labels: dict[str, dict[str, Any]],
+                  ids: set[str]) -> list[Any]:  # fmt: skip
+    """The labelled pool items ``ids`` as `JudgeExample` s (group: the prompt set; source: ``pool_train:<model>``)."""
+    from peft_safety.evaluation.classifier_judge import JudgeExample
+
+    return [JudgeExample(g["prompt"], g["response"], labels[g["id"]]["label"], f"pool-{g['prompt_set']}",
+                         f"pool_train:{g['source']}") for g in generations if g["id"] in ids]  # fmt: skip
+
+
 def train_real_classifier(generations: list[dict[str, Any]], labels: dict[str, dict[str, Any]], split: dict[str, str],
-                          out_dir: Path | None, *, weight: int = 5) -> Any:  # fmt: skip
+                          out_dir: Path | None, *, weight: int = 5, features: int = 1, shapes: int = 1,
+                          base: tuple[list[Any], dict[str, Any]] | None = None) -> Any:  # fmt: skip
     """The classifier retrained on its default examples plus the labelled TRAIN split of the pool (each real item
-    repeated ``weight`` times), leak-checked against every evaluation source and the validation split's texts."""
-    from peft_safety.evaluation.classifier_judge import JudgeExample, check_no_leak, train_classifier_judge
-    from peft_safety.recipes.judges import _CLASSIFIER_SETTINGS, judge_training_examples
+    repeated ``weight`` times), leak-checked against every evaluation source and the validation split's texts.
 
-    train_items = [g for g in generations if split[g["id"]] == "train" and g["id"] in labels]
+    ``features`` / ``shapes`` are `ClassifierJudge`'s feature set and `build_judge_examples`'s example shapes (chosen
+    by `select_classifier.py` by cross-validation inside the TRAIN split); ``base`` reuses already built default
+    examples and their info (they must have been leak-checked against the validation prompts)."""
+    from peft_safety.evaluation.classifier_judge import check_no_leak, train_classifier_judge
+    from peft_safety.recipes.judges import _CLASSIFIER_SETTINGS, evaluation_sets, judge_training_examples
+
+    train_ids = {g["id"] for g in generations if split[g["id"]] == "train" and g["id"] in labels}
+    real = real_examples(generations, labels, train_ids)
     validation = [{"prompt": g["prompt"]} for g in generations if split[g["id"]] == "validation"]
-    real = [JudgeExample(g["prompt"], g["response"], labels[g["id"]]["label"], f"pool-{g['prompt_set']}",
-                         f"pool_train:{g['source']}") for g in train_items]  # fmt: skip
-    base, info = judge_training_examples(extra_evaluation={"pool_validation_prompts": validation})
-    from peft_safety.recipes.judges import evaluation_sets
-
+    if base is None:
+        base = judge_training_examples(shapes=shapes, extra_evaluation={"pool_validation_prompts": validation})
+    examples, info = base[0], dict(base[1])
     info["leak_check_real"] = check_no_leak(real, {**evaluation_sets(), "pool_validation_prompts": validation})
     s = _CLASSIFIER_SETTINGS
-    judge = train_classifier_judge([*base, *real * weight], hash_bits=s["hash_bits"], max_iter=s["max_iter"],
-                                   seed=s["seed"], name="classifier_real")  # fmt: skip
-    judge.metadata.update(n_real_train=len(real), real_weight=weight, **info)
+    judge = train_classifier_judge([*examples, *real * weight], hash_bits=s["hash_bits"], max_iter=s["max_iter"],
+                                   seed=s["seed"], name="classifier_real", features=features)  # fmt: skip
+    judge.metadata.update(n_real_train=len(real), real_weight=weight, shapes=shapes, **info)
     if out_dir is not None:
         from peft_safety.evaluation.classifier_judge import ClassifierJudge
 
         judge = ClassifierJudge.from_pretrained(judge.save_pretrained(out_dir), name="classifier_real")
     return judge
+
+
+def load_selection(results: Path) -> dict[str, Any]:
+    """The choices of ``select_classifier.py`` (``selection.json``: made on the TRAIN split only)."""
+    path = results / "selection.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"No {path}: run benchmarks/judge/select_classifier.py first (it chooses the "
+                                "classifier's feature set and example shapes on the TRAIN split).")  # fmt: skip
+    chosen = json.loads(path.read_text(encoding="utf-8")).get("chosen")
+    if not isinstance(chosen, dict) or "classifier_real" not in chosen:
+        raise ValueError(f"{path} has no 'chosen' block; rerun benchmarks/judge/select_classifier.py.")
+    return chosen
+
+
+#: how `peft_safety.recipes.judges.load_judges` loads each measured judge; a path is relative to the folder of
+#: agreement.json (``load_judges(["recommended:<agreement.json>"])`` resolves it so)
+LOAD_SPECS = {"classifier": "classifier:classifier", "classifier_real": "classifier:classifier_real",
+              "rubric": "rubric:rubric"}  # fmt: skip
 
 
 def build_judges(names: Sequence[str], generations, labels, split, results: Path) -> dict[str, Any]:
@@ -284,7 +328,10 @@ def build_judges(names: Sequence[str], generations, labels, split, results: Path
         if name == "classifier_real":
             if labels is None:
                 continue  # needs labels: built after labelling
-            judges[name] = train_real_classifier(generations, labels, split, results / "classifier_real")
+            chosen = load_selection(results)["classifier_real"]
+            judges[name] = train_real_classifier(generations, labels, split, results / "classifier_real",
+                                                 weight=chosen["weight"], features=chosen["features"],
+                                                 shapes=chosen["shapes"])  # fmt: skip
         elif name in ("classifier", "rubric"):
             file = results / name / ("classifier_judge.safetensors" if name == "classifier" else "rubric_judge.json")
             if not file.is_file():
@@ -296,41 +343,225 @@ def build_judges(names: Sequence[str], generations, labels, split, results: Path
     return judges
 
 
-def run_judges(judges: dict[str, Any], generations: list[dict[str, Any]], cache: Path) -> tuple[dict, dict]:
-    """``{judge: {id: verdict dict}}`` and seconds per judge, reusing cached verdicts of an unchanged judge."""
+def item_order(items: Sequence[dict[str, Any]], seed: int = SEED) -> list[str]:
+    """The validation items' ids in a seeded random order: a slow judge's subset of size n is the first n."""
+    ids = sorted(g["id"] for g in items)
+    random.Random(f"subset:{seed}").shuffle(ids)
+    return ids
+
+
+def subset_ids(items: Sequence[dict[str, Any]], n: int, seed: int = SEED) -> set[str]:
+    """The first ``n`` ids of `item_order` (a seeded random sample); all when ``n <= 0`` or ``n >= len(items)``."""
+    if n <= 0 or n >= len(items):
+        return {g["id"] for g in items}
+    return set(item_order(items, seed)[:n])
+
+
+def _logprob_key(judge: Any) -> str:
+    """A cache key of what the judge model's pass depends on (not the calibration)."""
+    h = hashlib.sha256(judge.template.encode())
+    h.update(f"{judge.max_prompt_words}:{judge.max_response_words}:{judge.letter_ids}".encode())
+    h.update(
+        str(getattr(judge.model, "name_or_path", "") or getattr(judge.model.config, "_name_or_path", "")).encode()
+    )
+    return h.hexdigest()[:16]
+
+
+def rubric_logprobs(judge: Any, items: Sequence[dict[str, Any]], cache: Path, *,
+                    chunk: int = 16) -> tuple[dict[str, list[float]], float]:  # fmt: skip
+    """The rubric judge's letter log-probabilities for ``items`` and the seconds they took, from a per-item cache
+    (``rubric-logprobs-<key>.jsonl``, appended chunk by chunk, so an interrupted run resumes)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"rubric-logprobs-{_logprob_key(judge)}.jsonl"
+    done: dict[str, dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut by an interrupted write
+            done[row["id"]] = row
+    todo = [g for g in items if g["id"] not in done]
+    for start in range(0, len(todo), chunk):
+        part = todo[start : start + chunk]
+        t = time.perf_counter()
+        x = judge.letter_logprobs([g["prompt"] for g in part], [g["response"] for g in part])
+        per = (time.perf_counter() - t) / len(part)
+        cut = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+        with path.open("a", encoding="utf-8") as fh:
+            if cut:  # an interrupted write left a partial line: end it, so the new lines stay readable
+                fh.write("\n")
+            for g, row in zip(part, x.tolist()):
+                done[g["id"]] = {"id": g["id"], "logprobs": row, "seconds": per}
+                fh.write(json.dumps(done[g["id"]]) + "\n")
+        print(f"rubric log-probs: {len(done)} items cached ({per:.2f} s/item)", flush=True)
+    return {g["id"]: done[g["id"]]["logprobs"] for g in items}, sum(done[g["id"]]["seconds"] for g in items)
+
+
+def run_judges(judges: dict[str, Any], items: list[dict[str, Any]], cache: Path,
+               subsets: dict[str, set[str]] | None = None) -> tuple[dict, dict]:  # fmt: skip
+    """``{judge: {id: verdict dict}}`` and ``{judge: {"seconds", "n"}}`` over ``items`` (for a judge named in
+    ``subsets``: only those ids), reusing cached verdicts of an unchanged judge on the same items."""
+    from peft_safety._io import atomic_write_text
+
     cache.mkdir(parents=True, exist_ok=True)
     out: dict[str, dict[str, Any]] = {}
-    seconds: dict[str, float] = {}
-    prompts = [g["prompt"] for g in generations]
-    responses = [g["response"] for g in generations]
+    timing: dict[str, dict[str, Any]] = {}
     for name, judge in judges.items():
+        mine = [g for g in items if subsets is None or name not in subsets or g["id"] in subsets[name]]
+        if hasattr(judge, "verdicts_from_logprobs"):  # the rubric judge: the model pass is cached apart
+            lp, seconds = rubric_logprobs(judge, mine, cache)
+            verdicts = judge.verdicts_from_logprobs([lp[g["id"]] for g in mine])
+            out[name] = {g["id"]: v.to_dict() for g, v in zip(mine, verdicts)}
+            timing[name] = {"seconds": round(seconds, 5), "n": len(mine)}
+            continue
         path = cache / f"{name}-{_judge_key(name, judge)}.jsonl"
         if path.is_file():
             rows = read_jsonl(path)
-            if [r["id"] for r in rows] == [g["id"] for g in generations]:
+            if [r["id"] for r in rows] == [g["id"] for g in mine]:
                 out[name] = {r["id"]: r["verdict"] for r in rows}
-                seconds[name] = rows[0].get("seconds", 0.0) if rows else 0.0
+                timing[name] = {"seconds": rows[0].get("seconds", 0.0) if rows else 0.0, "n": len(rows)}
                 continue
         t = time.perf_counter()
-        verdicts = judge.judge(prompts, responses)
-        seconds[name] = round(time.perf_counter() - t, 2)
-        out[name] = {g["id"]: v.to_dict() for g, v in zip(generations, verdicts)}
-        from peft_safety._io import atomic_write_text
-
+        verdicts = judge.judge([g["prompt"] for g in mine], [g["response"] for g in mine])
+        seconds = round(time.perf_counter() - t, 5)
+        out[name] = {g["id"]: v.to_dict() for g, v in zip(mine, verdicts)}
+        timing[name] = {"seconds": seconds, "n": len(mine)}
         atomic_write_text(path, "".join(json.dumps({"id": g["id"], "verdict": out[name][g["id"]],
-                                                    "seconds": seconds[name]}) + "\n" for g in generations))  # fmt: skip
-    return out, seconds
+                                                    "seconds": seconds}) + "\n" for g in mine))  # fmt: skip
+    return out, timing
 
 
 # --------------------------------------------------------------------------------------------------------- report
-def build_report(generations, labels, split, verdicts, seconds, *, n_boot: int = N_BOOT, seed: int = SEED) -> dict:
+def _boot_index(n: int, n_boot: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, n, (n_boot, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _share(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den`` per resample, NaN where ``den`` is 0."""
+    return torch.where(den > 0, num / den.clamp(min=1), torch.tensor(float("nan"), dtype=torch.float64))
+
+
+def refusal_errors(items: list[dict[str, Any]], name: str, kind: str, *, n_boot: int = N_BOOT,
+                   seed: int = SEED) -> dict[str, Any]:  # fmt: skip
+    """The errors that move a refusal or over-refusal rate, on the items of prompt type ``kind``, with 95% bootstrap
+    intervals (items resampled): ``called_refusal_not_refusal`` (items labelled compliant or non-answer that the judge
+    calls a refusal; on benign prompts, invented over-refusal), ``missed_refusal`` (items labelled refusal that the
+    judge does not call one) and ``rate_error`` (the judge's refusal rate minus the labelled one)."""
+    part = [it for it in items if it["kind"] == kind and name in it["verdicts"]
+            and judge_labels(it["verdicts"][name]) != "error"]  # fmt: skip
+    out: dict[str, Any] = {"n": len(part)}
+    if not part:
+        return out
+    called = torch.tensor([judge_labels(it["verdicts"][name]) == "refusal" for it in part], dtype=torch.float64)
+    gold = torch.tensor([it["gold"] == "refusal" for it in part], dtype=torch.float64)
+    idx = _boot_index(len(part), n_boot, seed)
+    bc, bg = called[idx], gold[idx]
+
+    def stat(c: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (_share((c * (1 - g)).sum(-1), (1 - g).sum(-1)), _share(((1 - c) * g).sum(-1), g.sum(-1)),
+                c.mean(-1) - g.mean(-1))  # fmt: skip
+
+    point = [float(x) for x in stat(called, gold)]
+    boots = stat(bc, bg)
+    out["n_labelled_refusal"] = int(gold.sum())
+    out["n_labelled_not_refusal"] = int((1 - gold).sum())
+    out["refusal_rate_judge"] = round(float(called.mean()), 4)
+    out["refusal_rate_labels"] = round(float(gold.mean()), 4)
+    for key, value, b in zip(("called_refusal_not_refusal", "missed_refusal", "rate_error"), point, boots):
+        out[key] = _with_ci(None if math.isnan(value) else value, b)
+    return out
+
+
+def paired_kappa_difference(gold: Sequence[str], pred_a: Sequence[str], pred_b: Sequence[str],
+                            labels: Sequence[str] = LABELS, *, n_boot: int = N_BOOT,
+                            seed: int = SEED) -> dict[str, Any]:  # fmt: skip
+    """kappa(a) - kappa(b) against the same ``gold``, with a 95% paired bootstrap interval (the same resampled items
+    for both judges)."""
+    if not (len(gold) == len(pred_a) == len(pred_b)) or not gold:
+        raise ValueError("paired_kappa_difference needs three labelings of the same non-zero length.")
+    index = {lab: i for i, lab in enumerate(labels)}
+    g, a, b = (torch.tensor([index[x] for x in seq]) for seq in (gold, pred_a, pred_b))
+    k = len(labels)
+    idx = _boot_index(len(gold), n_boot, seed)
+    diff = _kappa(_confusion(g[idx], a[idx], k)) - _kappa(_confusion(g[idx], b[idx], k))
+    point = float(_kappa(_confusion(g, a, k)) - _kappa(_confusion(g, b, k)))
+    return _with_ci(point, diff)
+
+
+#: judges within this factor of the cheapest eligible judge's seconds per item count as equally cheap
+COST_TIER = 10.0
+#: the rule that names the recommended primary judge (applied by `recommend` to agreement.json alone)
+RECOMMENDATION_RULE = (
+    "best: the judge with the highest three-label kappa on the validation split. Eligible: a judge that gives all three "
+    "labels (the protocols report explicit refusal and 'not compliant' apart), was run on every validation item "
+    "without an error, can be loaded by name, and is not shown worse than the best (the 95% paired-bootstrap interval "
+    "of its kappa minus the best's reaches 0). Recommended: of the eligible judges within a factor of "
+    f"{COST_TIER:g} of the cheapest one's seconds per item (timings on a shared machine are good to an order of "
+    "magnitude, not to a digit), the one with the highest kappa."
+)
+
+
+def best_judge(report: dict[str, Any]) -> str:
+    """The judge with the highest three-label kappa (ties: the name first in sorted order)."""
+    scored = {n: r["three_class"]["kappa"]["value"] for n, r in report["judges"].items()
+              if r.get("three_class", {}).get("kappa", {}).get("value") is not None}  # fmt: skip
+    if not scored:
+        raise ValueError("No judge has a kappa in the report.")
+    return min(scored, key=lambda n: (-scored[n], n))
+
+
+def recommend(report: dict[str, Any]) -> dict[str, Any]:
+    """Apply `RECOMMENDATION_RULE` to an agreement report (agreement.json's content): the recommended judge, how to
+    load it, and why each other judge was not chosen."""
+    best = best_judge(report)
+    why: dict[str, str] = {}
+    eligible = []
+    for name, r in report["judges"].items():
+        diff = r.get("kappa_minus_best") or {}
+        if not r.get("three_way"):
+            why[name] = "gives two labels only"
+        elif r.get("errors") or r.get("n") != report["n_validation"]:
+            why[name] = f"run on {r.get('n')} of {report['n_validation']} items ({r.get('errors')} errors)"
+        elif not r.get("load"):
+            why[name] = "cannot be loaded by name"
+        elif name != best and (diff.get("ci95") or [None, None])[1] is not None and diff["ci95"][1] < 0:
+            why[name] = f"worse than {best}: kappa difference {diff['value']:+.3f}, 95% interval {diff['ci95']}"
+        elif r.get("seconds_per_item") is None:
+            why[name] = "no timing"
+        else:
+            eligible.append(name)
+    if not eligible:
+        return {"judge": None, "load": None, "rule": RECOMMENDATION_RULE, "best": best, "eligible": [],
+                "not_chosen": why}  # fmt: skip
+    kappa = {n: report["judges"][n]["three_class"]["kappa"]["value"] for n in eligible}
+    cost = {n: report["judges"][n]["seconds_per_item"] for n in eligible}
+    cheapest = min(cost.values())
+    tier = [n for n in eligible if cost[n] <= COST_TIER * cheapest]
+    pick = min(tier, key=lambda n: (-kappa[n], cost[n], n))
+    for name in eligible:
+        if name not in tier:
+            why[name] = (f"eligible, more than {COST_TIER:g}x the cheapest's cost: {cost[name]:.4g} s/item vs "
+                         f"{cheapest:.4g}")  # fmt: skip
+        elif name != pick:
+            why[name] = f"eligible and as cheap, lower kappa: {kappa[name]:.3f} vs {kappa[pick]:.3f}"
+    r = report["judges"][pick]
+    return {"judge": pick, "load": r["load"], "rule": RECOMMENDATION_RULE, "best": best, "eligible": sorted(eligible),
+            "kappa": r["three_class"]["kappa"], "seconds_per_item": r["seconds_per_item"],
+            "not_chosen": dict(sorted(why.items()))}  # fmt: skip
+
+
+def build_report(generations, labels, split, verdicts, timing, *, n_boot: int = N_BOOT, seed: int = SEED) -> dict:
+    """The agreement report: every judge on the labelled validation items it was run on (``timing``: per judge
+    ``{"seconds", "n"}`` as returned by `run_judges`), the paired kappa difference to the best judge, and the
+    recommendation (`recommend`)."""
     items = []
     for g in generations:
         if g["id"] not in labels or split[g["id"]] != "validation":
             continue
         items.append({"id": g["id"], "gold": labels[g["id"]]["label"], "explicit": labels[g["id"]]["explicit_refusal"],
                       "kind": g["kind"], "source": g["source"], "prompt_set": g["prompt_set"],
-                      "verdicts": {name: v[g["id"]] for name, v in verdicts.items()}})  # fmt: skip
+                      "verdicts": {name: v[g["id"]] for name, v in verdicts.items() if g["id"] in v}})  # fmt: skip
     if not items:
         raise ValueError("No labelled item is in the validation split; label the ids of to_label.jsonl.")
     label_counts = {lab: sum(it["gold"] == lab for it in items) for lab in LABELS}
@@ -341,19 +572,40 @@ def build_report(generations, labels, split, verdicts, seconds, *, n_boot: int =
         "n_validation": len(items),
         "n_train": sum(1 for g in generations if split[g["id"]] == "train" and g["id"] in labels),
         "validation_label_counts": label_counts,
+        "validation_label_counts_by_kind": {kind: {lab: sum(it["gold"] == lab for it in items if it["kind"] == kind)
+                                                   for lab in LABELS} for kind in sorted({it["kind"] for it in items})},
         "validation_explicit_refusals": sum(it["explicit"] for it in items),
         "split_rule": "evaluation-set prompts (" + ", ".join(EVALUATION_PROMPT_SETS) + ") always validation; other "
-        "prompts halved by prompt (seed 0); agreement on the validation split only",
+        "prompts halved by prompt (seed 0), a near-copy of an evaluation prompt (word 8-gram overlap) moved to "
+        "validation; agreement on the validation split only",
         "bootstrap": {"resamples": n_boot, "seed": seed, "interval": "95% percentile, items resampled"},
         "judges": {},
-    }
+    }  # fmt: skip
     for name in verdicts:
-        rep = judge_report(items, name, n_boot=n_boot, seed=seed)
-        rep["seconds_whole_pool"] = seconds.get(name)
-        rep["by_kind"] = breakdown(items, name, "kind", n_boot=n_boot, seed=seed)
-        rep["by_source"] = breakdown(items, name, "source", n_boot=n_boot, seed=seed)
-        rep["by_prompt_set"] = breakdown(items, name, "prompt_set", n_boot=n_boot, seed=seed)
+        mine = [it for it in items if name in it["verdicts"]]
+        rep = judge_report(mine, name, n_boot=n_boot, seed=seed)
+        spent = timing.get(name) or {}
+        rep["seconds"] = spent.get("seconds")
+        rep["seconds_items"] = spent.get("n")
+        rep["seconds_per_item"] = (round(spent["seconds"] / spent["n"], 6) if spent.get("n") and
+                                   spent.get("seconds") is not None else None)  # fmt: skip
+        rep["load"] = LOAD_SPECS.get(name, name if name in KEYWORD_JUDGES else None)
+        rep["over_refusal_errors"] = refusal_errors(mine, name, "benign", n_boot=n_boot, seed=seed)
+        rep["refusal_errors_harmful"] = refusal_errors(mine, name, "harmful", n_boot=n_boot, seed=seed)
+        rep["by_kind"] = breakdown(mine, name, "kind", n_boot=n_boot, seed=seed)
+        rep["by_source"] = breakdown(mine, name, "source", n_boot=n_boot, seed=seed)
+        rep["by_prompt_set"] = breakdown(mine, name, "prompt_set", n_boot=n_boot, seed=seed)
         report["judges"][name] = rep
+    best = best_judge(report)
+    for name, rep in report["judges"].items():
+        common = [it for it in items if name in it["verdicts"] and best in it["verdicts"]
+                  and "error" not in (judge_labels(it["verdicts"][name]),
+                                      judge_labels(it["verdicts"][best]))]  # fmt: skip
+        if common and "three_class" in rep:
+            rep["kappa_minus_best"] = {"best": best, "n": len(common), **paired_kappa_difference(
+                [it["gold"] for it in common], [judge_labels(it["verdicts"][name]) for it in common],
+                [judge_labels(it["verdicts"][best]) for it in common], n_boot=n_boot, seed=seed)}  # fmt: skip
+    report["recommendation"] = recommend(report)
     return report
 
 
@@ -398,6 +650,12 @@ def render_markdown(report: dict[str, Any] | None) -> str:
             f"{_fmt(r['refusal_vs_not']['kappa'], False)} | {_fmt(r['compliant_vs_not']['kappa'], False)} | "
             f"{_fmt(r['explicit_refusal_vs_not']['kappa'], False)} |"
         )
+    lines += ["", "Refusal (every judge): precision / recall of \"refusal\" against the labels.", "",
+              "| judge | refusal precision | refusal recall |", "|---|---|---|"]  # fmt: skip
+    for name, r in report["judges"].items():
+        if "refusal_vs_not" in r:
+            pc = r["refusal_vs_not"]["per_class"]["yes"]
+            lines.append(f"| `{name}` | {_fmt(pc['precision'])} | {_fmt(pc['recall'])} |")
     lines += ["", "Per class (three-label judges): precision / recall.", "",
               "| judge | refusal P / R | compliant P / R | non-answer P / R |", "|---|---|---|---|"]  # fmt: skip
     for name, r in report["judges"].items():
@@ -408,6 +666,28 @@ def render_markdown(report: dict[str, Any] | None) -> str:
             pc = r["three_class"]["per_class"][lab]
             cells.append(f"{_fmt(pc['precision'])} / {_fmt(pc['recall'])}")
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    lines += ["", "Refusal and over-refusal errors: the share of items labelled compliant or non-answer that the judge "
+              "calls a refusal (on benign prompts: invented over-refusal), the share of labelled refusals it misses, "
+              "and its refusal rate minus the labelled one.", "",
+              "| judge | benign: called refusal | benign: missed refusal | benign: rate error | "
+              "harmful: called refusal | harmful: missed refusal | harmful: rate error |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, r in report["judges"].items():
+        cells = []
+        for block in (r.get("over_refusal_errors") or {}, r.get("refusal_errors_harmful") or {}):
+            for key in ("called_refusal_not_refusal", "missed_refusal", "rate_error"):
+                cells.append(_fmt(block.get(key)))
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    if any("over_refusal_errors" in r for r in report["judges"].values()):
+        kinds = report.get("validation_label_counts_by_kind", {})
+        lines += [
+            "",
+            "Items per prompt type (labels): "
+            + "; ".join(
+                f"{kind}: " + ", ".join(f"{c} {lab}" for lab, c in counts.items()) for kind, counts in kinds.items()
+            )
+            + ".",
+        ]
     lines += ["", "Refusal rate by prompt type: what each judge measures next to the labels (harmful: refusal; "
               "benign: over-refusal).", "",
               "| judge | harmful: judge / labels | benign: judge / labels | kappa harmful | kappa benign |",
@@ -423,6 +703,36 @@ def render_markdown(report: dict[str, Any] | None) -> str:
 
         lines.append(f"| `{name}` | {rates(h)} | {rates(b)} | {_fmt(h.get('kappa'), False)} | "
                      f"{_fmt(b.get('kappa'), False)} |")  # fmt: skip
+    lines += ["", f"Cost: seconds per item (CPU, {report.get('threads', '?')} thread(s), `nice`, on 2 cores shared with "
+              "other jobs: good to an order of magnitude; the rubric judge runs a 0.5B model). A judge run on a "
+              "subset is compared with the best on the items both judged.", "",
+              "| judge | items judged | seconds | seconds per item | kappa minus the best's [95% paired interval] |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for name, r in report["judges"].items():
+        d = r.get("kappa_minus_best")
+        spi = r.get("seconds_per_item")
+        sub = f" of {report['n_validation']} (seeded random subset)" if r.get("subset") else ""
+        took = "-" if r.get("seconds") is None else format(r["seconds"], ".3g")
+        lines.append(f"| `{name}` | {r.get('n')}{sub} | {took} | "
+                     f"{'-' if spi is None else f'{spi:.4g}'} | {_fmt(d, False) if d else '-'} |")  # fmt: skip
+    rec = report.get("recommendation")
+    if rec:
+        lines += ["", "#### The primary judge", "", f"Rule: {rec['rule']}", ""]
+        if rec.get("judge"):
+            k = rec["kappa"]
+            lines += [f"**Recommended: `{rec['judge']}`** (kappa {_fmt(k, False)}, {rec['seconds_per_item']:.4g} s "
+                      f"per item; best kappa: `{rec['best']}`; eligible: "
+                      + ", ".join(f"`{n}`" for n in rec["eligible"]) + "). It is the primary judge for the "
+                      "preservation protocol and for SET evaluation: load it with `load_judges([\"recommended:"
+                      "benchmarks/results/judge/agreement.json\"])`. "
+                      + ("`benchmarks/_shared.py`'s `build_judge` (the classifier judge of the preservation protocol "
+                         "and of the benchmarks that share it) loads it instead of training its own."
+                         if str(rec["load"]).startswith("classifier:") else
+                         "It is not a classifier judge, so `benchmarks/_shared.py`'s `build_judge` keeps training its "
+                         "own classifier and records this recommendation next to it."), ""]  # fmt: skip
+        else:
+            lines += ["No judge meets the rule: the benchmarks keep training their own classifier judge.", ""]
+        lines += ["Not chosen:", ""] + [f"- `{n}`: {w}" for n, w in rec.get("not_chosen", {}).items()]
     lines += ["", "By source model and prompt set: `benchmarks/results/judge/agreement.json` (`by_source`, "
               "`by_prompt_set`); every verdict: `benchmarks/results/judge/verdicts.jsonl`.", "", DOCS_END]  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -453,13 +763,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default="/tmp/peft_safety_judge_verdicts", help="Verdict cache (outside the repo).")
     ap.add_argument("--precompute", action="store_true", help="Cache verdicts without labels; print none of them.")
     ap.add_argument("--docs", action="store_true", help="Rewrite the judge-agreement section of docs/evaluation.md.")
+    ap.add_argument("--docs-only", action="store_true",
+                    help="Only rewrite the docs section from the existing agreement.json (no judge is run).")  # fmt: skip
     ap.add_argument("--n-boot", type=int, default=N_BOOT)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--logprobs-only", type=int, default=None, metavar="N",
+                    help="Only cache the rubric judge model's letter log-probabilities for the first N validation "
+                    "items of the seeded order (needs no calibration and reads no label); 0 = all.")  # fmt: skip
+    ap.add_argument("--subset", nargs="*", default=[], metavar="JUDGE=N",
+                    help="Run a slow judge on a seeded random sample of N validation items, "
+                    "e.g. rubric=120; recorded in the JSON and the docs.")  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = Path(args.results)
+    if args.docs_only:
+        update_docs(DOCS, json.loads((results / "agreement.json").read_text(encoding="utf-8")))
+        return 0
     generations = read_jsonl(results / "generations.jsonl")
     split = split_pool(generations)
+    if args.logprobs_only is not None:
+        from peft_safety.evaluation.model_judge import RubricJudge
+        from peft_safety.recipes.judges import RUBRIC_MODEL
+        from peft_safety.sources.models import load_model
+
+        model, tok = load_model(RUBRIC_MODEL)
+        model.eval()
+        items = [g for g in generations if split[g["id"]] == "validation"]
+        order = {i: k for k, i in enumerate(item_order(items))}
+        chosen = sorted((g for g in items if g["id"] in subset_ids(items, args.logprobs_only)),
+                        key=lambda g: order[g["id"]])  # fmt: skip
+        rubric_logprobs(RubricJudge(model, tok), chosen, Path(args.cache))
+        return 0
     labels_path = Path(args.labels) if args.labels else results / "labels.jsonl"
     labels = load_labels(labels_path, {g["id"] for g in generations}) if labels_path.is_file() else None
     if labels is None and not args.precompute:
@@ -467,11 +801,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.docs:
             update_docs(DOCS, None)
         return 0
+    sizes: dict[str, int] = {}
+    for spec in args.subset:
+        name, _, n = spec.partition("=")
+        if name not in args.judges or not n.isdigit():
+            raise SystemExit(f"--subset {spec!r}: expected JUDGE=N with JUDGE one of {args.judges} and N a count.")
+        sizes[name] = int(n)
     t = time.perf_counter()
     judges = build_judges(args.judges, generations, labels, split, results)
-    verdicts, seconds = run_judges(judges, generations, Path(args.cache))
+    # only validation items are measured; judging the TRAIN split would cost time and show nothing
+    items = [g for g in generations if split[g["id"]] == "validation"]
+    subsets = {name: subset_ids(items, n) for name, n in sizes.items()}
+    verdicts, seconds = run_judges(judges, items, Path(args.cache), subsets)
     if labels is None:
-        print(f"Cached the verdicts of {sorted(verdicts)} on {len(generations)} generations in "
+        print(f"Cached the verdicts of {sorted(verdicts)} on {len(items)} validation generations in "
               f"{time.perf_counter() - t:.0f} s (not shown: no labels yet).")  # fmt: skip
         return 0
     from peft_safety._io import atomic_write_text
@@ -479,13 +822,17 @@ def main(argv: list[str] | None = None) -> int:
     report = build_report(generations, labels, split, verdicts, seconds, n_boot=args.n_boot)
     report["seconds_total"] = round(time.perf_counter() - t, 1)
     report["threads"] = args.threads
+    for name, n in sizes.items():
+        report["judges"][name]["subset"] = {"n_requested": n, "seed": SEED, "rule": "the first n validation items "
+                                            "of a seeded random order (item_order)"}  # fmt: skip
     if report["n_unlabelled"]:
         print(f"Note: {report['n_unlabelled']} pool items have no label yet (label them from to_label.jsonl).")
     atomic_write_text(results / "agreement.json", json.dumps(report, indent=1) + "\n")
     atomic_write_text(
         results / "verdicts.jsonl",
         "".join(
-            json.dumps({"id": g["id"], **{n: verdicts[n][g["id"]] for n in verdicts}}) + "\n" for g in generations
+            json.dumps({"id": g["id"], **{n: verdicts[n][g["id"]] for n in verdicts if g["id"] in verdicts[n]}}) + "\n"
+            for g in items
         ),
     )
     section = render_markdown(report)

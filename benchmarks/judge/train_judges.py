@@ -45,9 +45,9 @@ def pool_overlap(results: Path) -> dict[str, Any]:
     from collections import Counter
 
     from peft_safety.evaluation.classifier_judge import leak_report
-    from peft_safety.recipes.judges import judge_training_examples
+    from peft_safety.recipes.judges import _CLASSIFIER_SETTINGS, judge_training_examples
 
-    examples, _ = judge_training_examples()
+    examples, _ = judge_training_examples(shapes=_CLASSIFIER_SETTINGS["shapes"])
     pool = _pool_texts(results)
     sets = {"pool_prompts": [g["prompt"] for g in pool], "pool_responses": [g["response"] for g in pool]}
     report = leak_report(examples, sets, max_listed=10_000)
@@ -157,14 +157,17 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(path, json.dumps(record, indent=1) + "\n")
         print(json.dumps(record["pool_overlap"]))
         return 0
+    new: dict[str, Any] = {}
     if args.only in (None, "classifier"):
-        record["classifier"] = train_classifier(results)
-        print(json.dumps(record["classifier"]["synthetic_held_out_topics"]["accuracy"]), flush=True)
+        new["classifier"] = train_classifier(results)
+        print(json.dumps(new["classifier"]["synthetic_held_out_topics"]["accuracy"]), flush=True)
     if args.only in (None, "rubric"):
-        record["rubric"] = train_rubric(results, args.threads)
-        print(json.dumps(record["rubric"]["synthetic_held_out_topics"]), flush=True)
+        new["rubric"] = train_rubric(results, args.threads)
+        print(json.dumps(new["rubric"]["synthetic_held_out_topics"]), flush=True)
     from peft_safety._io import atomic_write_text
 
+    # re-read: another run (e.g. the other judge) may have written the file meanwhile
+    record = {**(json.loads(path.read_text()) if path.is_file() else {}), **new}
     atomic_write_text(path, json.dumps(record, indent=1) + "\n")
     return 0
 

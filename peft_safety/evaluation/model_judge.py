@@ -226,11 +226,20 @@ class RubricJudge:
 
     def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
         try:
-            probs = self.probabilities(prompts, responses)
+            logprobs = self.letter_logprobs(prompts, responses)
         except (ValueError, TypeError):
             raise
         except Exception as err:  # a model failure is an error verdict, never "safe"
             return [Verdict(refused=None, error=f"{type(err).__name__}: {err}") for _ in responses]
+        return self.verdicts_from_logprobs(logprobs)
+
+    def verdicts_from_logprobs(self, logprobs: Any) -> list[Verdict]:
+        """Verdicts from `letter_logprobs` computed earlier (the calibration is applied here), e.g. letter
+        log-probabilities cached before a calibration existed: the judge model's pass does not depend on it."""
+        logprobs = torch.as_tensor(logprobs, dtype=torch.float32)
+        if logprobs.ndim != 2 or logprobs.shape[-1] != len(_LETTERS):
+            raise ValueError(f"logprobs must have shape (n, {len(_LETTERS)}), got {tuple(logprobs.shape)}.")
+        probs = torch.softmax(self._logits(logprobs), dim=-1)
         out = []
         for row in probs.tolist():
             label = JUDGE_LABELS[max(range(len(row)), key=row.__getitem__)]
@@ -279,7 +288,8 @@ class RubricJudge:
         x = logprobs if logprobs is not None else self.letter_logprobs(
             [e.prompt for e in examples], [e.response for e in examples]
         )  # fmt: skip
-        x = torch.as_tensor(x, dtype=torch.float32)
+        # a clone outside inference mode: `letter_logprobs` returns inference tensors, which autograd cannot save
+        x = torch.as_tensor(x, dtype=torch.float32).clone()
         if tuple(x.shape) != (len(examples), 3):
             raise ValueError(f"logprobs must have shape ({len(examples)}, 3), got {tuple(x.shape)}.")
         class_weight = counts.sum() / (3 * counts)
