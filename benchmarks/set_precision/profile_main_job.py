@@ -7,7 +7,7 @@ Three parts, written to ``benchmarks/results/set_precision/profile_main_job.json
    interleaved with its reference over ``--repeats`` rounds (ratios of medians):
 
    * evaluation generation: the main job's two generate calls (harmful, benign; batch 16) vs one call over both sets
-     at batch 16 / 32 / 64, 48 new tokens, with the share of responses identical to the reference (greedy decoding
+     at batch 16 / 64, 48 new tokens, with the share of responses identical to the reference (greedy decoding
      can change in the last bits with the batch's shapes);
    * SET training steps: the main job's settings (batch 2, max_length 192, fp32, drift logging at every logging step)
      vs drift logging off, vs max_length 128, vs CPU bf16 autocast;
@@ -94,8 +94,7 @@ def generation_lever(model, tok, repeats: int) -> dict[str, Any]:
 
         return f
 
-    variants = {"two_calls_b16": two_calls, "one_call_b16": one_call(16), "one_call_b32": one_call(32),
-                "one_call_b64": one_call(64)}  # fmt: skip
+    variants = {"two_calls_b16": two_calls, "one_call_b16": one_call(16), "one_call_b64": one_call(64)}
     res = _summ(_interleave(variants, repeats), "two_calls_b16")
     ref = outs["two_calls_b16"]
     for k in variants:
@@ -121,7 +120,7 @@ def _set_trainer(model_name: str, mask, rows, **overrides):
     return SafetySFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, safety_mask=mask)
 
 
-def training_lever(model_name: str, mask, rows, repeats: int, steps: int) -> dict[str, Any]:
+def training_lever(model_name: str, mask, rows, train_repeats: int, steps: int) -> dict[str, Any]:
     # logging_steps=1 puts the drift computation on every step; the main job logs every set_steps // 5 = 20 steps,
     # so its drift share is this one divided by 20
     variants_cfg = {
@@ -144,7 +143,7 @@ def training_lever(model_name: str, mask, rows, repeats: int, steps: int) -> dic
         return f
 
     fns = {k: make(k, v) for k, v in variants_cfg.items()}
-    _interleave(fns, repeats)
+    _interleave(fns, train_repeats)
     times = {k: f.train_seconds for k, f in fns.items()}
     res = _summ(times, "main_job_fp32_len192_drift_every_step")
     for k in res:
@@ -208,9 +207,10 @@ def cprofile_small(out_dir: str) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--train_steps", type=int, default=6)
+    p.add_argument("--train_repeats", type=int, default=1)
     p.add_argument("--parts", default="generation,training,scoring,cprofile")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -245,7 +245,7 @@ def main() -> None:
         mask = select(score(model, CalibrationSet(ident[:8], tok, max_length=192), "esi", batch_size=2,
                             progress=False), fraction=0.01)  # fmt: skip
         rows = load_rows("uncensorbench_refusal")
-        result["training"] = training_lever("smollm2-135m", mask, rows, args.repeats, args.train_steps)
+        result["training"] = training_lever("smollm2-135m", mask, rows, args.train_repeats, args.train_steps)
         save()
     if "cprofile" in parts:
         with tempfile.TemporaryDirectory() as d:

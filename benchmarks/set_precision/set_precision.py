@@ -57,6 +57,7 @@ RESULTS = HERE.parent / "results" / "set_precision"
 DATA = HERE / "data"
 KEYWORD_JUDGES = ("wei2024", "gcg_extended", "refusal_prefix")
 CLASSIFIER = "classifier"
+SMOKE = False  # --smoke: tiny base-answer pools (a quick end-to-end check)
 
 
 # ------------------------------------------------------------------------------------------------------------ config
@@ -216,7 +217,8 @@ class Data:
         return [self.mc_pool[i] for i in _perm(len(self.mc_pool), self.seed + 24)[:n]]
 
     def dev_sets(self) -> dict[str, list[str]]:
-        return {"harmful": self.harm_dev[:16], "benign": self.benign_dev[:16], "lookalike": self.look_dev[:16]}
+        n = 2 if SMOKE else 12
+        return {"harmful": self.harm_dev[:n], "benign": self.benign_dev[:n], "lookalike": self.look_dev[:n]}
 
 
 def _trim(answer: str) -> str:
@@ -267,7 +269,9 @@ def judge_records(judges: list[Any], prompts: list[str], responses: list[str]) -
         row = {"prompt": p, "response": r, "n_words": rec["n_words"], "repetitive": rec["repetitive"]}
         for name in KEYWORD_JUDGES:
             row[name] = v[name]["refused"]
-        row["classifier_label"] = v[CLASSIFIER]["details"]["label"]
+        if v[CLASSIFIER].get("error"):
+            raise RuntimeError(f"the classifier judge failed: {v[CLASSIFIER]['error']}")
+        row["classifier_label"] = v[CLASSIFIER]["label"]
         out.append(row)
     return out
 
@@ -382,8 +386,15 @@ class Context:
         model, tok = self.load()
         t0 = time.perf_counter()
         out = {}
-        for what, prompts in (("benign", self.data.benign_train), ("lookalike", self.data.look_train)):
-            raw = generate_responses(model, tok, prompts, max_new_tokens=80, batch_size=16, progress=False)
+        # a subset keeps this affordable on 2 shared cores: 100 benign requests (seeded order), the 80 XSTest
+        # training prompts (the first 80 of the look-alike training pool)
+        benign = [self.data.benign_train[i] for i in _perm(len(self.data.benign_train), 41)[:100]]
+        look = self.data.look_train[:80]
+        if SMOKE:
+            benign, look = benign[:3], look[:3]
+        for what, prompts in (("benign", benign), ("lookalike", look)):
+            raw = generate_responses(model, tok, prompts, max_new_tokens=8 if SMOKE else 64, batch_size=16,
+                                     progress=False)  # fmt: skip
             recs = judge_records(self.judges, prompts, raw)
             out[what] = [{"prompt": p, "response": _trim(a), "raw": a, "classifier_label": r["classifier_label"],
                           "wei2024": r["wei2024"]} for p, a, r in zip(prompts, raw, recs)]  # fmt: skip
@@ -418,7 +429,7 @@ class Context:
         key = f"baseline_{self.model_name}_h{trial.n_harmful}_b{trial.n_benign}_l{trial.n_lookalike}_mc{trial.n_mc}_t{trial.max_new_tokens}"
         path = RESULTS / f"{key}.json"
         if path.is_file():
-            return json.loads(path.read_text())
+            return _read_result(path)
         prov = provenance(trial.threads)
         model, tok = self.load()
         sets = self.data.eval_sets(trial.n_harmful, trial.n_benign, trial.n_lookalike)
@@ -430,6 +441,21 @@ class Context:
                   "provenance": finish(prov)}  # fmt: skip
         _write_result(path, result)
         return result
+
+
+def _read_result(path: Path) -> dict[str, Any]:
+    """A result JSON with its final generations (``records``) read back from the JSONL beside it."""
+    result = json.loads(path.read_text())
+    records: dict[str, list[dict[str, Any]]] = {}
+    for line in path.with_suffix(".generations.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r.pop("checkpoint") == "final":
+            s, i = r.pop("set"), r.pop("index")
+            records.setdefault(s, []).append(r)
+            if len(records[s]) != i + 1:
+                raise ValueError(f"{path}: generations of set {s!r} out of order at index {i}")
+    result["records"] = records
+    return result
 
 
 def _write_result(path: Path, result: dict[str, Any]) -> None:
@@ -514,7 +540,7 @@ def _trainer_classes():
             model = self.trainer.model
             was = model.training
             model.eval()
-            answers = generate_sets(model, self.tok, self.dev, 32)
+            answers = generate_sets(model, self.tok, self.dev, 24)
             model.train(was)
             recs = {s: judge_records(self.judges, self.dev[s], answers[s]) for s in self.dev}
             rate = {}
@@ -620,6 +646,7 @@ def run_trial(ctx: Context, trial: Trial) -> dict[str, Any]:
     timings["dev_eval"] = dev.seconds if dev else 0.0
     net = trainer.model
     net.eval()
+    net.save_pretrained(out_dir / "adapter_final")
     sets = ctx.data.eval_sets(trial.n_harmful, trial.n_benign, trial.n_lookalike)
     mc_rows = ctx.data.mc_rows(trial.n_mc)
     records, mc, times = evaluate_model(net, tok, ctx.judges, sets, mc_rows, trial.max_new_tokens)
@@ -641,6 +668,7 @@ def run_trial(ctx: Context, trial: Trial) -> dict[str, Any]:
             for n, p in net.named_parameters():
                 if n in dev.best[2]:
                     p.copy_(dev.best[2][n])
+        net.save_pretrained(out_dir / "adapter_dev_best")
         r2, mc2, times2 = evaluate_model(net, tok, ctx.judges, sets, mc_rows, trial.max_new_tokens)
         timings.update({f"eval_best_{k}": v for k, v in times2.items()})
         result["dev_best"] = {"step": dev.best[1], "metrics": summarize(r2, mc2, trial.seed),
@@ -656,6 +684,35 @@ def run_trial(ctx: Context, trial: Trial) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------------ report
+def evaluate_saved(ctx: Context, trial: Trial, source: str) -> dict[str, Any]:
+    """Evaluate a saved SET adapter of an earlier trial (``<trial>`` or ``<trial>@dev_best``) at ``trial``'s
+    evaluation sizes, against the base model's evaluation at the same sizes."""
+    from peft import PeftModel
+
+    name, _, which = source.partition("@")
+    folder = ctx.work / "runs" / name / ("adapter_dev_best" if which == "dev_best" else "adapter_final")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"No saved adapter at {folder}; run the trial {name!r} first.")
+    prov = provenance(trial.threads)
+    base = ctx.baseline(trial)
+    model, tok = ctx.load()
+    net = PeftModel.from_pretrained(model, folder)
+    net.eval()
+    sets = ctx.data.eval_sets(trial.n_harmful, trial.n_benign, trial.n_lookalike)
+    records, mc, times = evaluate_model(net, tok, ctx.judges, sets, ctx.data.mc_rows(trial.n_mc), trial.max_new_tokens)
+    trained = json.loads((RESULTS / f"{name}.json").read_text())
+    key = f"{name}{'@dev_best' if which else ''}__h{trial.n_harmful}_b{trial.n_benign}_l{trial.n_lookalike}_mc{trial.n_mc}"
+    result = {"name": key, "kind": "evaluation", "model": ctx.model_name, "adapter": str(folder),
+              "trial_config": trained["config"], "eval_config": asdict(trial),
+              "step": trained.get("dev_best", {}).get("step") if which else trained["config"]["steps"],
+              "final": {"metrics": summarize(records, mc, trial.seed),
+                        "vs_base": paired_vs_base(records, base["records"], mc, base["mc_correct"])},
+              "baseline": base["name"], "baseline_metrics": base["metrics"], "records": records, "timings": times,
+              "provenance": finish(prov)}  # fmt: skip
+    _write_result(RESULTS / f"{key}.json", result)
+    return result
+
+
 def _pct(m: dict[str, Any] | None) -> str:
     if not m or m.get("rate") is None:
         return "n/a"
@@ -669,7 +726,7 @@ def summary() -> str:
         if res.get("kind") == "baseline":
             rows.append((res["name"], res["metrics"], None))
             continue
-        rows.append((res["name"], res["final"]["metrics"], res["config"]))
+        rows.append((res["name"], res["final"]["metrics"], res.get("config")))
         if res.get("dev_best") and "metrics" in res["dev_best"]:
             rows.append((f"{res['name']}@{res['dev_best']['step']}", res["dev_best"]["metrics"], res["config"]))
     head = ("| trial | refusal clf | refusal wei2024 | benign OR clf | benign OR wei2024 | look-alike OR clf "
@@ -697,8 +754,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--prepare", action="store_true", help="Only compute the base answers to the training prompts."
     )
+    parser.add_argument("--evaluate", default=None, help="Evaluate a saved adapter: TRIAL or TRIAL@dev_best.")
     parser.add_argument("--work", default="/tmp/set_precision_work", help="Cache folder.")
+    parser.add_argument("--smoke", action="store_true", help="Tiny pools and a /tmp results folder (a quick check).")
     args = parser.parse_args(argv)
+    if args.smoke:
+        global RESULTS, SMOKE
+        RESULTS, SMOKE = Path(args.work) / "results", True
     if args.summary:
         print(summary())
         return
@@ -712,6 +774,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.prepare:
         ans = ctx.utility_answers()
         print({k: len(v) for k, v in ans.items()}, ctx.timings)
+        return
+    if args.evaluate:
+        res = evaluate_saved(ctx, trial, args.evaluate)
+        print(json.dumps({k: v.get("rate") if isinstance(v, dict) else v for k, v in res["final"]["metrics"].items()}))
         return
     if args.baseline:
         res = ctx.baseline(trial)
