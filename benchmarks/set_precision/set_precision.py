@@ -430,6 +430,10 @@ class Context:
         path = RESULTS / f"{key}.json"
         if path.is_file():
             return _read_result(path)
+        if trial.n_mc == 0:  # no multiple choice: any baseline with the same generation sets will do
+            same = sorted(RESULTS.glob(f"{key.rsplit('_mc', 1)[0]}_mc*_t{trial.max_new_tokens}.json"))
+            if same:
+                return _read_result(same[0])
         prov = provenance(trial.threads)
         model, tok = self.load()
         sets = self.data.eval_sets(trial.n_harmful, trial.n_benign, trial.n_lookalike)
