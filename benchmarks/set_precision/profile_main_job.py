@@ -4,7 +4,8 @@ Three parts, written to ``benchmarks/results/set_precision/profile_main_job.json
 
 1. ``stages``: the per-stage timings of the committed main-job run (``docs/results/main_job.json``) as shares.
 2. ``levers``: side-by-side measurements in this process on the embedded SmolLM2-135M-Instruct, each variant
-   interleaved with its reference over ``--repeats`` rounds (ratios of medians):
+   interleaved with its reference over ``--repeats`` rounds (ratios of CPU-time medians, one torch thread; wall
+   times beside them):
 
    * evaluation generation: the main job's two generate calls (harmful, benign; batch 16) vs one call over both sets
      at batch 16 / 64, 48 new tokens, with the share of responses identical to the reference (greedy decoding
@@ -59,20 +60,29 @@ def stage_shares() -> dict[str, Any]:
             "groups": {k: {"seconds": v, "share": v / total} for k, v in groups.items()}}  # fmt: skip
 
 
+#: CPU seconds of this process per variant run (time.process_time): on a machine shared with other jobs, wall time
+#: measures the machine's load more than the code; with one torch thread the process's CPU time is the work done
+CPU_TIMES: dict[str, list[float]] = {}
+
+
 def _interleave(variants: dict[str, Any], repeats: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {k: [] for k in variants}
     names = list(variants)
     for r in range(repeats):
         for k in names[r % len(names) :] + names[: r % len(names)]:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             variants[k]()
             times[k].append(time.perf_counter() - t0)
+            CPU_TIMES.setdefault(k, []).append(time.process_time() - c0)
     return times
 
 
 def _summ(times: dict[str, list[float]], ref: str) -> dict[str, Any]:
+    """Wall and CPU seconds per variant; ``x_reference`` is the ratio of CPU-time medians (wall ratios beside)."""
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {k: {"seconds": v, "median": med[k], "x_reference": med[k] / med[ref]} for k, v in times.items()}
+    cpu = {k: statistics.median(CPU_TIMES[k][-len(v) :]) for k, v in times.items()}
+    return {k: {"seconds": v, "median": med[k], "x_reference_wall": med[k] / med[ref], "cpu_seconds": CPU_TIMES[k][-len(v) :],
+                "cpu_median": cpu[k], "x_reference": cpu[k] / cpu[ref]} for k, v in times.items()}  # fmt: skip
 
 
 def generation_lever(model, tok, repeats: int) -> dict[str, Any]:
@@ -134,20 +144,24 @@ def training_lever(model_name: str, mask, rows, train_repeats: int, steps: int) 
     def make(name, cfg):
         def f():
             tr = _set_trainer(model_name, mask, rows, max_steps=steps, **cfg)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             tr.train()
             losses[name] = [h["loss"] for h in tr.state.log_history if "loss" in h]
             f.train_seconds.append(time.perf_counter() - t0)
+            f.train_cpu.append(time.process_time() - c0)
 
         f.train_seconds = []
+        f.train_cpu = []
         return f
 
     fns = {k: make(k, v) for k, v in variants_cfg.items()}
     _interleave(fns, train_repeats)
     times = {k: f.train_seconds for k, f in fns.items()}
+    for k, f in fns.items():  # training time only (the trainer's construction is not part of a step)
+        CPU_TIMES[k] = f.train_cpu
     res = _summ(times, "main_job_fp32_len192_drift_every_step")
     for k in res:
-        res[k]["per_step_median"] = res[k]["median"] / steps
+        res[k]["per_step_cpu_median"] = res[k]["cpu_median"] / steps
         res[k]["losses"] = losses[k]
     return {"steps": steps, "batch_size": 2, "variants": res}
 

@@ -538,6 +538,7 @@ def _trainer_classes():
             self.curve: list[dict[str, Any]] = []
             self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
             self.seconds = 0.0
+            self.partial: Path | None = None
 
         def evaluate(self, step: int) -> None:
             t0 = time.perf_counter()
@@ -562,6 +563,8 @@ def _trainer_classes():
                 self.best = (point["score"], step, params)
             self.seconds += time.perf_counter() - t0
             logger.info("dev @%d: %s", step, point)
+            if self.partial is not None:  # the curve so far, so that a run cut short keeps it
+                atomic_write_text(self.partial, json.dumps({"dev_curve": self.curve}, indent=1) + "\n")
 
         def on_step_end(self, args, state, control, **kwargs):
             due = state.global_step % self.every == 0 or state.global_step == state.max_steps
@@ -643,6 +646,7 @@ def run_trial(ctx: Context, trial: Trial) -> dict[str, Any]:
     dev = None
     if trial.dev_every:
         dev = DevCB(trainer, tok, ctx.data.dev_sets(), ctx.judges, trial.dev_every)
+        dev.partial = ctx.work / "runs" / trial.name / "dev_curve.partial.json"
         trainer.add_callback(dev)
     t1 = time.perf_counter()
     trainer.train()
