@@ -237,6 +237,10 @@ def main() -> None:
     if OUT.is_file():
         old = json.loads(OUT.read_text())
         result.update({k: v for k, v in old.items() if k not in ("stages", "provenance")})
+        if "provenance" in old:  # the earlier run's provenance stays with the parts it measured
+            result.setdefault("provenance_of_parts", {}).update(
+                {part: old["provenance"] for part in ("generation", "scoring", "training", "cprofile") if part in old}
+            )
     model, tok = load_model("smollm2-135m")
     ident = load_rows("uncensorbench_refusal")[:64]
 
