@@ -25,10 +25,14 @@ _LAZY: dict[str, str] = {
     "SafetyReplay": "peft_safety.training.replay",
     "Lisa": "peft_safety.training.lisa",
     "Booster": "peft_safety.training.booster",
+    "SafetyUtility": "peft_safety.training.utility",
+    "DevSelectCallback": "peft_safety.training.dev_select",
+    "repair": "peft_safety.training.repair",
 }
 
 __all__ = [
     "Booster",
+    "DevSelectCallback",
     "FreezeReport",
     "FreezeViolationError",
     "Freezer",
@@ -42,10 +46,12 @@ __all__ = [
     "SafetyReplay",
     "SafetySFTConfig",
     "SafetySFTTrainer",
+    "SafetyUtility",
     "SetAdapter",
     "dense_frozen_masks",
     "detect_backend",
     "mask_protection",
+    "repair",
 ]
 
 
@@ -65,4 +71,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .config import SafetySFTConfig
     from .lisa import Lisa
     from .replay import SafetyReplay
+    from .dev_select import DevSelectCallback
+    from .repair import repair
     from .trainer import SafetySFTTrainer
+    from .utility import SafetyUtility
