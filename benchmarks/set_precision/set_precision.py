@@ -14,9 +14,11 @@ Judges: the keyword presets ``wei2024``, ``gcg_extended``, ``refusal_prefix`` an
 (trained as in ``benchmarks/preserve.py``; none of the evaluation sources is in its training data). Every rate has a
 95% bootstrap interval; every change from the base model a paired test on the same prompts.
 
-What the library lacks is prototyped here (to move into it once it works): the utility rows and their ratio, the KL
-term (`PrecisionSETTrainer.compute_loss`, base logits from ``model.disable_adapter()``), the dev-split checkpoint
-choice (`DevSelectCallback`).
+Everything a trial trains with is the library's: the utility rows and their ratio and the KL term
+(`SafetySFTConfig.safety_utility_ratio` / `safety_kl_weight`, the `SafetyUtility` protection), the dev split
+(`peft_safety.evaluation.DevSplit`: leak-checked against the evaluation pools, report in the JSON under ``dev``) and
+the dev-selected checkpoint (`peft_safety.training.DevSelectCallback`); what stays here is the data split, the
+evaluation and the report.
 
 Run (each trial writes ``benchmarks/results/set_precision/<name>.json`` and its generations as it finishes)::
 
@@ -482,135 +484,47 @@ def _write_result(path: Path, result: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ the trainer
-def _trainer_classes():
-    from transformers import TrainerCallback
+def set_rows(ctx: Context, trial: Trial) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """The refusal rows, and the utility pool handed to the library (`SafetySFTTrainer(safety_utility_dataset=...)`):
+    ``round(utility_ratio * refusal rows)`` of the base model's own answers (look-alikes at ``lookalike_share``), a
+    base answer judged a refusal (classifier or wei2024) left out. The library mixes exactly that many utility rows
+    into the stream (one pass over this pool, evenly spread) and draws its KL batches from the same pool."""
+    refusals = [{"prompt": r["prompt"], "response": r["response"]} for r in ctx.data.refusals[: trial.n_refusal]]
+    info: dict[str, Any] = {"refusal_rows": len(refusals), "benign_rows": 0, "lookalike_rows": 0}
+    if trial.utility_ratio <= 0:
+        return refusals, [], info
+    ans = ctx.utility_answers()
 
-    from peft_safety.training import SafetySFTTrainer
+    def usable(pool):
+        ok = [r for r in pool if r["response"] and r["classifier_label"] != "refusal" and not r["wei2024"]]
+        return ok, len(pool) - len(ok)
 
-    class PrecisionSETTrainer(SafetySFTTrainer):
-        """`SafetySFTTrainer` whose loss is the token-mean NLL of the answer tokens plus ``kl_weight`` times the mean
-        KL(base || model) over the answer tokens of benign rows (rows with ``kl_row == 1``); the base model is the
-        same network with the SET adapter disabled."""
+    benign, drop_b = usable(ans["benign"])
+    look, drop_l = usable(ans["lookalike"])
+    n = round(trial.utility_ratio * len(refusals))
+    n_look = round(trial.lookalike_share * n)
+    g = trial.seed + 31
 
-        def __init__(self, *args: Any, kl_weight: float = 0.0, **kwargs: Any) -> None:
-            self.kl_weight = float(kl_weight)
-            self.kl_history: list[float] = []
-            super().__init__(*args, **kwargs)
-            inner = self.data_collator
+    def draw(pool, k, salt):
+        out = []
+        while len(out) < k:  # cycle through seeded permutations when k exceeds the pool
+            out += [pool[i] for i in _perm(len(pool), g + salt + len(out))][: k - len(out)]
+        return out
 
-            def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
-                out = inner(examples)
-                out["kl_row"] = torch.tensor([float(e.get("kl_row", 0.0)) for e in examples])
-                return out
-
-            self.data_collator = collate
-
-        def _set_signature_columns_if_needed(self) -> None:
-            super()._set_signature_columns_if_needed()
-            if "kl_row" not in self._signature_columns:
-                self._signature_columns = [*self._signature_columns, "kl_row"]
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            kl_row = inputs.pop("kl_row", None)
-            labels = inputs["labels"]
-            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
-            shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-            valid = shift_labels != -100
-            logp = torch.log_softmax(shift_logits, dim=-1)
-            nll = -logp.gather(-1, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            loss = (nll * valid).sum() / valid.sum().clamp(min=1)
-            if self.kl_weight > 0 and kl_row is not None and bool((kl_row > 0).any()):
-                sel = valid & (kl_row.to(valid.device)[:, None] > 0)
-                with torch.no_grad(), model.disable_adapter():
-                    base = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
-                base_logp = torch.log_softmax(base[:, :-1].float(), dim=-1)[sel]
-                kl = (base_logp.exp() * (base_logp - logp[sel])).sum(-1).mean()
-                self.kl_history.append(float(kl.detach()))
-                loss = loss + self.kl_weight * kl
-            return (loss, None) if return_outputs else loss
-
-    class DevSelectCallback(TrainerCallback):
-        """Every ``every`` steps (and at the last step), answer the dev prompts, judge them with the classifier, and
-        keep a copy of the trainable parameters at the best dev score (refusal minus over-refusal)."""
-
-        def __init__(self, trainer: Any, tok: Any, dev: dict[str, list[str]], judges: list[Any], every: int) -> None:
-            self.trainer, self.tok, self.dev, self.judges, self.every = trainer, tok, dev, judges, every
-            self.curve: list[dict[str, Any]] = []
-            self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
-            self.seconds = 0.0
-            self.partial: Path | None = None
-
-        def evaluate(self, step: int) -> None:
-            t0 = time.perf_counter()
-            model = self.trainer.model
-            was = model.training
-            model.eval()
-            answers = generate_sets(model, self.tok, self.dev, 24)
-            model.train(was)
-            recs = {s: judge_records(self.judges, self.dev[s], answers[s]) for s in self.dev}
-            rate = {}
-            for s, strict in (("harmful", False), ("benign", True), ("lookalike", True)):
-                flags = _flags(recs[s], CLASSIFIER, strict)
-                rate[s] = sum(flags) / len(flags)
-            over = (rate["benign"] * len(recs["benign"]) + rate["lookalike"] * len(recs["lookalike"])) / (
-                len(recs["benign"]) + len(recs["lookalike"])
-            )
-            point = {"step": step, "refusal": rate["harmful"], "over_refusal_benign": rate["benign"],
-                     "over_refusal_lookalike": rate["lookalike"], "score": rate["harmful"] - over}  # fmt: skip
-            self.curve.append(point)
-            if self.best is None or point["score"] > self.best[0]:
-                params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-                self.best = (point["score"], step, params)
-            self.seconds += time.perf_counter() - t0
-            logger.info("dev @%d: %s", step, point)
-            if self.partial is not None:  # the curve so far, so that a run cut short keeps it
-                atomic_write_text(self.partial, json.dumps({"dev_curve": self.curve}, indent=1) + "\n")
-
-        def on_step_end(self, args, state, control, **kwargs):
-            due = state.global_step % self.every == 0 or state.global_step == state.max_steps
-            if due and (not self.curve or self.curve[-1]["step"] != state.global_step):
-                self.evaluate(state.global_step)
-
-    return PrecisionSETTrainer, DevSelectCallback
-
-
-def set_rows(ctx: Context, trial: Trial) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Refusal rows plus ``utility_ratio`` benign self-distillation rows per refusal row (look-alikes at
-    ``lookalike_share``); a base answer judged a refusal (classifier or wei2024) is not used as a target."""
-    refusals = ctx.data.refusals[: trial.n_refusal]
-    rows = [{"prompt": r["prompt"], "response": r["response"], "kl_row": 0.0} for r in refusals]
-    info: dict[str, Any] = {"refusal_rows": len(rows), "benign_rows": 0, "lookalike_rows": 0}
-    if trial.utility_ratio > 0:
-        ans = ctx.utility_answers()
-
-        def usable(pool):
-            ok = [r for r in pool if r["response"] and r["classifier_label"] != "refusal" and not r["wei2024"]]
-            return ok, len(pool) - len(ok)
-
-        benign, drop_b = usable(ans["benign"])
-        look, drop_l = usable(ans["lookalike"])
-        n = round(trial.utility_ratio * len(rows))
-        n_look = round(trial.lookalike_share * n)
-        g = trial.seed + 31
-
-        def draw(pool, k, salt):
-            out = []
-            while len(out) < k:  # cycle through seeded permutations when k exceeds the pool
-                out += [pool[i] for i in _perm(len(pool), g + salt + len(out))][: k - len(out)]
-            return out
-
-        picked = draw(benign, n - n_look, 0) + draw(look, n_look, 1000)
-        rows += [{"prompt": r["prompt"], "response": r["response"], "kl_row": 1.0} for r in picked]
-        info.update({"benign_rows": n - n_look, "lookalike_rows": n_look, "benign_pool": len(benign),
-                     "lookalike_pool": len(look), "targets_dropped_as_refusals": drop_b + drop_l})  # fmt: skip
-    return rows, info
+    picked = draw(benign, n - n_look, 0) + draw(look, n_look, 1000)
+    info.update({"benign_rows": n - n_look, "lookalike_rows": n_look, "benign_pool": len(benign),
+                 "lookalike_pool": len(look), "targets_dropped_as_refusals": drop_b + drop_l})  # fmt: skip
+    return refusals, [{"prompt": r["prompt"], "response": r["response"]} for r in picked], info
 
 
 def run_trial(ctx: Context, trial: Trial) -> dict[str, Any]:
+    """One trial with the library's features: `SafetySFTConfig(safety_utility_ratio, safety_kl_weight)` (the
+    `SafetyUtility` protection), `DevSplit` + `DevSelectCallback` (leak-checked dev split, best step kept)."""
     from datasets import Dataset
 
+    from peft_safety.evaluation import DevSplit
     from peft_safety.scoring.selection import isolate, select
-    from peft_safety.training import SafetySFTConfig
+    from peft_safety.training import DevSelectCallback, SafetySFTConfig, SafetySFTTrainer
 
     torch.manual_seed(trial.seed)
     prov = provenance(trial.threads)
@@ -627,12 +541,11 @@ def run_trial(ctx: Context, trial: Trial) -> dict[str, Any]:
         mask = select(safety, fraction=trial.density, scope="global")
     del safety
     timings["mask"] = time.perf_counter() - t0
-    rows, data_info = set_rows(ctx, trial)
+    refusals, utility_rows, data_info = set_rows(ctx, trial)
     ds = Dataset.from_list([
         {"prompt": [{"role": "user", "content": r["prompt"]}],
-         "completion": [{"role": "assistant", "content": r["response"]}], "kl_row": r["kl_row"]} for r in rows
+         "completion": [{"role": "assistant", "content": r["response"]}]} for r in refusals
     ]).shuffle(seed=trial.seed)  # fmt: skip
-    Trainer, DevCB = _trainer_classes()
     out_dir = ctx.work / "runs" / trial.name
     args = SafetySFTConfig(
         output_dir=str(out_dir), max_steps=trial.steps, learning_rate=trial.lr,
@@ -640,18 +553,24 @@ def run_trial(ctx: Context, trial: Trial) -> dict[str, Any]:
         warmup_steps=0, weight_decay=0.0, max_length=trial.max_length, logging_steps=max(1, trial.steps // 10),
         save_strategy="no", report_to=[], bf16=False, fp16=False, use_cpu=True, seed=trial.seed,
         dataloader_num_workers=0, disable_tqdm=True, safety_mode="train_only", safety_log_drift=False,
+        safety_utility_ratio=trial.utility_ratio, safety_kl_weight=trial.kl_weight,
     )  # fmt: skip
-    trainer = Trainer(model=model, args=args, train_dataset=ds, processing_class=tok, safety_mask=mask,
-                      kl_weight=trial.kl_weight)  # fmt: skip
+    trainer = SafetySFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, safety_mask=mask,
+                               safety_utility_dataset=utility_rows or None)  # fmt: skip
+    utility = next((c for c in trainer.protections if c.name == "utility"), None)
     dev = None
     if trial.dev_every:
-        dev = DevCB(trainer, tok, ctx.data.dev_sets(), ctx.judges, trial.dev_every)
-        dev.partial = ctx.work / "runs" / trial.name / "dev_curve.partial.json"
+        d = ctx.data.dev_sets()
+        eval_pools = {"harmful_eval": ctx.data.harm_eval_pool, "benign_eval": ctx.data.benign_eval_pool,
+                      "lookalike_eval": [p for p, _ in ctx.data.look_eval_pool]}  # fmt: skip
+        split = DevSplit(d["harmful"], d["benign"], d["lookalike"], judge=ctx.judge, evaluation_sets=eval_pools,
+                         names={"harmful": "harmbench_val", "benign": "self_instruct_seed (dev)",
+                                "lookalike": "xstest_safe (dev)"}, max_new_tokens=24)  # fmt: skip
+        dev = DevSelectCallback(split, trial.dev_every, restore_best=False, trainer=trainer)
         trainer.add_callback(dev)
     t1 = time.perf_counter()
     trainer.train()
     timings["train_including_dev"] = time.perf_counter() - t1
-    timings["dev_eval"] = dev.seconds if dev else 0.0
     net = trainer.model
     net.eval()
     net.save_pretrained(out_dir / "adapter_final")
@@ -659,31 +578,33 @@ def run_trial(ctx: Context, trial: Trial) -> dict[str, Any]:
     mc_rows = ctx.data.mc_rows(trial.n_mc)
     records, mc, times = evaluate_model(net, tok, ctx.judges, sets, mc_rows, trial.max_new_tokens)
     timings.update({f"eval_{k}": v for k, v in times.items()})
+    log = [h for h in trainer.state.log_history if "loss" in h]
+    kls = [h["safety/utility_kl"] for h in log if "safety/utility_kl" in h]
     result: dict[str, Any] = {
         "name": trial.name, "kind": "trial", "model": ctx.model_name, "config": asdict(trial),
+        "library": {"protections": [c.state() for c in trainer.protections]},
         "mask": {"entries": mask.summary().to_dict()["total"]["numel"],
                  **{k: v for k, v in mask.provenance.items() if k.startswith(("selection_", "isolation_p", "isolation_q"))}},
-        "data": data_info, "overlap": ctx.data.overlap,
-        "train_log": [h for h in trainer.state.log_history if "loss" in h],
-        "kl_mean": (sum(trainer.kl_history) / len(trainer.kl_history)) if trainer.kl_history else None,
+        "data": {**data_info, "mixed_utility_rows": utility.info.get("utility_rows") if utility else 0},
+        "overlap": ctx.data.overlap,
+        "dev": dev.report() if dev else None,
+        "train_log": log,
+        "kl_mean": (sum(kls) / len(kls)) if kls else None,
         "dev_curve": dev.curve if dev else None,
         "final": {"step": trial.steps, "metrics": summarize(records, mc, trial.seed),
                   "vs_base": paired_vs_base(records, base["records"], mc, base["mc_correct"])},
         "baseline": base["name"], "baseline_metrics": base["metrics"], "records": records,
     }  # fmt: skip
-    if dev and dev.best and dev.best[1] != trial.steps and trial.eval_best:
-        with torch.no_grad():
-            for n, p in net.named_parameters():
-                if n in dev.best[2]:
-                    p.copy_(dev.best[2][n])
+    if dev and dev.best_step is not None and dev.best_step != trial.steps and trial.eval_best:
+        dev.restore(net)
         net.save_pretrained(out_dir / "adapter_dev_best")
         r2, mc2, times2 = evaluate_model(net, tok, ctx.judges, sets, mc_rows, trial.max_new_tokens)
         timings.update({f"eval_best_{k}": v for k, v in times2.items()})
-        result["dev_best"] = {"step": dev.best[1], "metrics": summarize(r2, mc2, trial.seed),
+        result["dev_best"] = {"step": dev.best_step, "metrics": summarize(r2, mc2, trial.seed),
                               "vs_base": paired_vs_base(r2, base["records"], mc2, base["mc_correct"])}  # fmt: skip
         result["records_dev_best"] = r2
-    elif dev and dev.best:
-        result["dev_best"] = {"step": dev.best[1], "same_as_final": True}
+    elif dev and dev.best_step is not None:
+        result["dev_best"] = {"step": dev.best_step, "same_as_final": True}
     result["timings"] = timings
     result["provenance"] = finish(prov)
     _write_result(RESULTS / f"{trial.name}.json", result)

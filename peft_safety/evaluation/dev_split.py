@@ -157,5 +157,7 @@ class DevSplit:
         ]  # fmt: skip
         missing = [k for k, v in metrics.items() if v is None]
         if missing:
-            raise ValueError(f"The dev judge {self.judge.name!r} decided no verdict for {missing}: its errors: check it.")
+            raise ValueError(
+                f"The dev judge {self.judge.name!r} decided no verdict for {missing}: its errors: check it."
+            )
         return metrics

@@ -53,7 +53,9 @@ def check_evidence(records: Any) -> list[dict[str, Any]]:
             raise ValueError(f"Evidence record {i} must be a dict, got {type(rec).__name__}.")
         for key, typ in _REQUIRED.items():
             if not isinstance(rec.get(key), typ) or not rec[key]:
-                raise ValueError(f"Evidence record {i} needs a non-empty {key!r} ({typ.__name__}), got {rec.get(key)!r}.")
+                raise ValueError(
+                    f"Evidence record {i} needs a non-empty {key!r} ({typ.__name__}), got {rec.get(key)!r}."
+                )
         vals = {}
         for key in ("rate", "low", "high"):
             v = rec.get(key)
@@ -89,7 +91,9 @@ def read_evidence(path: str | os.PathLike) -> list[dict[str, Any]]:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); delete it or write it again with write_evidence.") from err
+        raise ValueError(
+            f"{path} is not valid JSON ({err}); delete it or write it again with write_evidence."
+        ) from err
     if not isinstance(data, Mapping) or "results" not in data:
         raise ValueError(f"{path} must hold {{'results': [...]}}.")
     return check_evidence(data["results"])

@@ -69,9 +69,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from .booster import Booster
     from .callbacks import ProtectionCallback, RefusalEvalCallback, SafetyDriftCallback
     from .config import SafetySFTConfig
-    from .lisa import Lisa
-    from .replay import SafetyReplay
     from .dev_select import DevSelectCallback
+    from .lisa import Lisa
     from .repair import repair
+    from .replay import SafetyReplay
     from .trainer import SafetySFTTrainer
     from .utility import SafetyUtility

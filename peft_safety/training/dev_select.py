@@ -129,6 +129,16 @@ class DevSelectCallback(RefusalEvalCallback):
             return
         if self.curve and self.best_step == self.curve[-1]["step"]:
             return  # the last step is the best: nothing to write back
+        self.restore(model)
+
+    def restore(self, model: Any) -> None:
+        """Write the best parameters into ``model`` (done at the end of training with ``restore_best``).
+
+        Raises:
+            RuntimeError: no evaluation ran yet, or the model lacks a kept parameter.
+        """
+        if self._best_params is None:
+            raise RuntimeError("DevSelectCallback.restore: no dev evaluation has run yet.")
         params = dict(model.named_parameters())
         missing = [n for n in self._best_params if n not in params]
         if missing:

@@ -64,7 +64,9 @@ def repair_mask(mask: Any, model: nn.Module, *, aligned_model: nn.Module | None 
 
     if not isinstance(mask, SafetyMask):
         if not isinstance(mask, (str, os.PathLike)):
-            raise TypeError(f"mask must be a SafetyMask or a folder / file / Hub id of one, got {type(mask).__name__}.")
+            raise TypeError(
+                f"mask must be a SafetyMask or a folder / file / Hub id of one, got {type(mask).__name__}."
+            )
         mask = SafetyMask.from_pretrained(mask)
     mask.validate(model, fingerprint_check="ignore")  # names and shapes
     names = list(mask.shapes)

@@ -542,7 +542,9 @@ class SafetySFTTrainer(SFTTrainer):
 
         evidence = self.safety_evidence()
         if evidence:
-            write_evidence(folder, evidence)  # travels with the weights: a later push or write_card puts it on the card
+            write_evidence(
+                folder, evidence
+            )  # travels with the weights: a later push or write_card puts it on the card
         write_card(folder, mask=self.safety_mask, mode=self.safety_mode, evidence=evidence or None)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:

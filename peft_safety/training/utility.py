@@ -87,7 +87,9 @@ def _check_ratio(ratio: Any) -> None:
 def parse_utility_source(value: Any) -> tuple[str, Any]:
     """``("self", [prompt set, ...])`` for ``"self"`` / ``"self:a,b"``, else ``("rows", value)``."""
     if isinstance(value, str) and (value == "self" or value.startswith("self:")):
-        names = [n.strip() for n in value[len("self:") :].split(",")] if ":" in value else list(DEFAULT_UTILITY_PROMPTS)
+        names = (
+            [n.strip() for n in value[len("self:") :].split(",")] if ":" in value else list(DEFAULT_UTILITY_PROMPTS)
+        )
         if not names or any(not n for n in names):
             raise ValueError(
                 f"safety_utility_dataset={value!r}: write 'self' (the default prompt sets "
