@@ -321,7 +321,7 @@ class SafetyUtility(RowsProtection):
             raise ValueError(f"safety_kl_weight must be a number >= 0, got {kl_weight!r}.")
         if source is None:
             source = "self"
-        super().__init__(source, seed=seed, what="utility", field="safety_utility_dataset")
+        super().__init__(source, seed=seed, what="benign", field="safety_utility_dataset")
         self.kind, self.prompt_sets = parse_utility_source(source) if isinstance(source, str) else ("rows", None)
         self.ratio = float(ratio)
         self.kl_weight = float(kl_weight)
