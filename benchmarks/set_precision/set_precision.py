@@ -565,7 +565,7 @@ def run_trial(ctx: Context, trial: Trial) -> dict[str, Any]:
                       "lookalike_eval": [p for p, _ in ctx.data.look_eval_pool]}  # fmt: skip
         split = DevSplit(d["harmful"], d["benign"], d["lookalike"], judge=ctx.judge, evaluation_sets=eval_pools,
                          names={"harmful": "harmbench_val", "benign": "self_instruct_seed (dev)",
-                                "lookalike": "xstest_safe (dev)"}, max_new_tokens=24)  # fmt: skip
+                                "lookalike": "xstest_safe (dev)"}, max_new_tokens=24, on_leak="drop")  # fmt: skip
         dev = DevSelectCallback(split, trial.dev_every, restore_best=False, trainer=trainer)
         trainer.add_callback(dev)
     t1 = time.perf_counter()

@@ -22,7 +22,9 @@ HELP = "SET as a repair after fine-tuning: a SAFETY adapter for the fine-tuned m
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="the fine-tuned model, LoRA merged (folder or Hub id)")
+    parser.add_argument(
+        "--model", required=True, help="the fine-tuned model, LoRA merged (folder, Hub id or embedded model name)"
+    )
     parser.add_argument("--mask", required=True, help="mask scored on the aligned model (folder, file or Hub id)")
     parser.add_argument(
         "--aligned", default=None, help="the aligned model the mask was scored on (checked against the mask)"
@@ -48,12 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
+    from ..sources.models import MODEL_SOURCES
     from ._common import check_data_source, check_local_or_hub
 
-    check_local_or_hub("--model", args.model, "config.json")
+    for flag, value in (("--model", args.model), ("--aligned", args.aligned)):
+        if value and value.strip().lower() not in (*MODEL_SOURCES, "default"):  # embedded names need no check
+            check_local_or_hub(flag, value, "config.json")
     check_local_or_hub("--mask", args.mask, "safety_mask.safetensors")
-    if args.aligned:
-        check_local_or_hub("--aligned", args.aligned, "config.json")
     check_data_source("--refusal_data", args.refusal_data)
     if not (args.utility_dataset == "self" or args.utility_dataset.startswith("self:")):
         check_data_source("--utility_dataset", args.utility_dataset)
@@ -73,19 +76,23 @@ def check(args: argparse.Namespace) -> None:
 
 
 def _load(path: str, device: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from ..sources.models import load_model
     from ._common import resolve_device
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
-    return model.to(resolve_device(device)), AutoTokenizer.from_pretrained(path)
+    return load_model(path, device=resolve_device(device))
 
 
 def run(args: argparse.Namespace) -> int:
     from ..training.repair import repair
 
     model, tok = _load(args.model, args.device)
-    aligned = _load(args.aligned, "cpu")[0] if args.aligned else None
+    aligned = None
+    if args.aligned:  # only its weights are read (the fingerprints the mask must match)
+        from transformers import AutoModelForCausalLM
+
+        from ..sources.models import resolve_model
+
+        aligned = AutoModelForCausalLM.from_pretrained(resolve_model(args.aligned), dtype="float32")
     trainer = repair(
         model,
         tok,
@@ -105,5 +112,7 @@ def run(args: argparse.Namespace) -> int:
         use_cpu=str(model.device) == "cpu",
     )
     utility = next((c.state() for c in trainer.protections if c.name == "utility"), None)
-    print(f"peft-safety repair: SAFETY adapter saved to {args.output_dir} ({args.max_steps} steps; utility: {utility})")
+    print(
+        f"peft-safety repair: SAFETY adapter saved to {args.output_dir} ({args.max_steps} steps; utility: {utility})"
+    )
     return 0

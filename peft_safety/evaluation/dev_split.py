@@ -52,19 +52,21 @@ class DevSplit:
         lookalike: benign prompts that look harmful (optional); refusing them is over-refusal too.
         judge: a judge name (``"wei2024"``, ...) or a `Judge` (e.g. a `ClassifierJudge`).
         evaluation_sets: ``{name: rows or prompts}`` of every set the model will be evaluated on; dev prompts that
-            overlap one of them (`leak_report`) are refused (``on_leak="error"``) or reported (``"warn"``). `None`:
-            not checked (recorded as such in `overlap`).
+            overlap one of them (`leak_report`) are refused (``on_leak="error"``), reported (``"warn"``) or dropped
+            from the dev split (``"drop"``, listed in ``overlap["dropped"]``). `None`: not checked (recorded as such in
+            `overlap`).
         names: the prompt sets' names for reports and model cards (``{"harmful": "harmbench_val", ...}``).
         max_new_tokens: generation budget per answer.
         batch_size: prompts per ``generate`` call.
         ngram: word n-gram length of the overlap check.
         min_share: share of a dev prompt's n-grams found in an evaluation set that makes it a leak.
-        on_leak: ``"error"`` or ``"warn"``.
+        on_leak: ``"error"``, ``"warn"`` or ``"drop"``.
         template: how prompts are rendered (``"chat"`` or ``"raw"``, as `generate_responses`).
         seed: seed of the bootstrap intervals.
 
     Attributes:
-        overlap: ``{"checked": bool, "ngram": n, "min_share": s, "sets": {eval name: {"n_leaked", "examples"}}}``.
+        overlap: ``{"checked": bool, "ngram": n, "min_share": s, "sets": {eval name: {"n_leaked", "examples"}}}``
+            (after dropping, with ``"drop"``; plus ``"dropped": {set: [prompts]}``).
         last_evidence: the records of the last call (see the module docstring).
 
     Raises:
@@ -95,12 +97,23 @@ class DevSplit:
         }
         if not self.prompts["harmful"] or not self.prompts["benign"]:
             raise ValueError("A dev split needs harmful and benign prompts (refusal and over-refusal).")
-        if on_leak not in ("error", "warn"):
-            raise ValueError(f"on_leak must be 'error' or 'warn', got {on_leak!r}.")
+        if on_leak not in ("error", "warn", "drop"):
+            raise ValueError(f"on_leak must be 'error', 'warn' or 'drop', got {on_leak!r}.")
         (self.judge,) = resolve_judges([judge])
         self.names = {s: (names or {}).get(s, f"dev_{s}") for s in _SETS}
         self.max_new_tokens, self.batch_size, self.template, self.seed = max_new_tokens, batch_size, template, seed
         self.overlap: dict[str, Any] = {"checked": evaluation_sets is not None, "ngram": ngram, "min_share": min_share}
+        if evaluation_sets is not None and on_leak == "drop":
+            dropped: dict[str, list[str]] = {}
+            for s in _SETS:
+                keep = []
+                for p in self.prompts[s]:
+                    hit = leak_report([p], dict(evaluation_sets), n=ngram, min_share=min_share)
+                    (dropped.setdefault(s, []) if any(r["n_leaked"] for r in hit.values()) else keep).append(p)
+                self.prompts[s] = keep
+            self.overlap["dropped"] = dropped
+            if not self.prompts["harmful"] or not self.prompts["benign"]:
+                raise ValueError(f"Every harmful or every benign dev prompt overlaps an evaluation set: {dropped}.")
         if evaluation_sets is not None:
             every = [p for s in _SETS for p in self.prompts[s]]
             report = leak_report(every, dict(evaluation_sets), n=ngram, min_share=min_share)

@@ -8,7 +8,8 @@ stored next to the weights in ``safety_evaluation.json`` (`write_evidence` / `re
 
 * Hub ``model-index`` results in the front matter (``huggingface_hub.EvalResult``: task ``text-generation``, the
   prompt set as the dataset, the rate as the metric value, the interval, the number of prompts, the judge and the
-  step as metric ``args``; ``source.name: peft-safety``), which the Hub shows as evaluation results;
+  step as metric ``args``; metric ``config: peft-safety`` marks them as ours), which the Hub shows as evaluation
+  results;
 * a Markdown table between ``<!-- peft-safety evaluation -->`` markers, replaced (never duplicated) on every write.
 
 Results on the card from other sources are kept; earlier peft-safety results are replaced.
@@ -147,7 +148,7 @@ def add_evidence(card_text: str, records: Sequence[Mapping[str, Any]], *, model_
     records = check_evidence(records)
     card = ModelCard(card_text)
     data = card.data
-    kept = [r for r in (data.eval_results or []) if getattr(r, "source_name", None) != SOURCE]
+    kept = [r for r in (data.eval_results or []) if getattr(r, "metric_config", None) != SOURCE]
     ours = []
     for r in records:
         split = r.get("split")
@@ -166,8 +167,8 @@ def add_evidence(card_text: str, records: Sequence[Mapping[str, Any]], *, model_
                 metric_name=f"{r['name']} ({r['judge']})",
                 metric_value=round(float(r["rate"]), 4),
                 metric_args=args,
+                metric_config=SOURCE,
                 verified=False,
-                source_name=SOURCE,
             )
         )
     data.eval_results = kept + ours
