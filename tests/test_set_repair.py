@@ -86,7 +86,7 @@ def test_repair_adapter_loads_on_the_finetuned_base_only(tmp_path):
     assert deltas and any(float(d.abs().sum()) > 0 for d in deltas)
     # on the aligned model (the wrong base) it is refused by the base-fingerprint check
     wrong = AutoModelForCausalLM.from_pretrained(tmp_path / "aligned")
-    with pytest.raises(ValueError, match="(?i)fingerprint"):
+    with pytest.raises(ValueError, match=r"(?i)fingerprint"):
         PeftModel.from_pretrained(wrong, folder)
 
 

@@ -191,7 +191,7 @@ def test_default_off_for_text_rows_with_warning(tmp_path, caplog):
             safety_mask=mask,
         )
     assert not trainer.protections[1].enabled and "is off for this run" in caplog.text
-    with pytest.raises(ValueError, match="safety_utility_ratio=1.0"):
+    with pytest.raises(ValueError, match=r"safety_utility_ratio=1\.0"):
         SafetySFTTrainer(
             tiny_llama(seed=0),
             args=_args(tmp_path, safety_utility_ratio=1.0),
@@ -249,7 +249,7 @@ def test_trainer_loss_includes_weighted_kl(tmp_path):
     )
     net = trainer.model
     with torch.no_grad():  # move the SET deltas away from zero so that the KL is not trivially 0
-        for n, p in net.named_parameters():
+        for p in net.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.5)
     utility = trainer.protections[1]
