@@ -97,7 +97,9 @@ def section() -> str:
               m["over_refusal_lookalike/classifier"]["rate"] <= b_look + LOOKALIKE_MAX_DELTA + 1e-9)  # fmt: skip
         if all(ok):
             reached_all.append(name)
-        lines.append(f"| {name} | " + " | ".join("yes" if x else "no" for x in ok) + f" | {'yes' if all(ok) else 'no'} |")
+        lines.append(
+            f"| {name} | " + " | ".join("yes" if x else "no" for x in ok) + f" | {'yes' if all(ok) else 'no'} |"
+        )
     lines += [
         "",
         (
