@@ -303,3 +303,34 @@ def test_set_with_utility_trains_and_verifies(tmp_path):
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert all("safety/utility_kl" in h for h in logs) and logs[-1]["safety/utility_kl"] > 0
     assert isinstance(trainer.protections[1], SafetyUtility)
+
+
+def test_train_cli_has_the_utility_flags():
+    from peft_safety.recipes.sft import make_sft_parser, parse_sft_args
+
+    text = make_sft_parser("peft-safety train").format_help()
+    for flag in ("--safety_utility_ratio", "--safety_utility_dataset", "--safety_kl_weight",
+                 "--safety_utility_max_new_tokens"):  # fmt: skip
+        assert flag in text
+    _, training_args, _, _ = parse_sft_args(
+        [
+            "--model_name_or_path",
+            "m",
+            "--dataset_name",
+            "d.jsonl",
+            "--output_dir",
+            "o",
+            "--safety_mode",
+            "train_only",
+            "--safety_utility_ratio",
+            "2",
+            "--safety_kl_weight",
+            "0.5",
+            "--safety_utility_dataset",
+            "self:forgelm_chat",
+            "--use_cpu",
+            "true",
+        ]
+    )
+    assert training_args.safety_utility_ratio == 2.0 and training_args.safety_kl_weight == 0.5
+    assert training_args.safety_utility_dataset == "self:forgelm_chat"
