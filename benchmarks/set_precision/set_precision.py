@@ -652,6 +652,8 @@ def summary() -> str:
     rows = []
     for path in sorted(RESULTS.glob("*.json")):
         res = json.loads(path.read_text())
+        if res.get("kind") not in ("baseline", "trial", "evaluation"):
+            continue  # e.g. profile_main_job.json
         if res.get("kind") == "baseline":
             rows.append((res["name"], res["metrics"], None))
             continue
