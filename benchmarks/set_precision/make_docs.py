@@ -110,19 +110,21 @@ def section() -> str:
         "",
     ]
     by_name = {t["name"]: t["final"]["metrics"] for t in trials}
-    pairs = []
-    for name, m in by_name.items():
-        twin = by_name.get(name.replace("_iso", "", 1)) if "_iso" in name else None
-        if twin is not None:
-            pairs.append(
-                f"{name.replace('_iso', '', 1)} -> {name}: refusal {_pct(twin['refusal/classifier'])} -> "
-                f"{_pct(m['refusal/classifier'])}, benign over-refusal {_pct(twin['over_refusal_benign/classifier'])}"
-                f" -> {_pct(m['over_refusal_benign/classifier'])}, look-alike over-refusal "
-                f"{_pct(twin['over_refusal_lookalike/classifier'])} -> {_pct(m['over_refusal_lookalike/classifier'])}"
-            )
-    if pairs:
-        lines += ["Utility isolation of the mask (same recipe without -> with isolation, classifier judge):", ""]
-        lines += [f"* {p}" for p in pairs] + [""]
+    for suffix, what in (("_iso", "utility isolation of the mask"), ("_kl1", "the KL term (weight 1)")):
+        pairs = []
+        for name, m in sorted(by_name.items()):
+            twin = by_name.get(name.replace(suffix, "", 1)) if suffix in name else None
+            if twin is not None:
+                pairs.append(
+                    f"{name.replace(suffix, '', 1)} -> {name}: refusal {_pct(twin['refusal/classifier'])} -> "
+                    f"{_pct(m['refusal/classifier'])}, benign over-refusal "
+                    f"{_pct(twin['over_refusal_benign/classifier'])} -> {_pct(m['over_refusal_benign/classifier'])}, "
+                    f"look-alike over-refusal {_pct(twin['over_refusal_lookalike/classifier'])} -> "
+                    f"{_pct(m['over_refusal_lookalike/classifier'])}"
+                )
+        if pairs:
+            lines += [f"Effect of {what} (the same recipe without -> with it, classifier judge, last step):", ""]
+            lines += [f"* {p}" for p in pairs] + [""]
     dev = next((t.get("dev") for t in trials if t.get("dev")), None)
     if dev and dev.get("evaluator"):
         ev = dev["evaluator"]
