@@ -42,7 +42,9 @@ ALLOWED: dict[str, set[str]] = {
     # the one loader of rows (sources.datasets: named offline sets, files, Hub ids) serves calibration and replay
     "scoring": {"mask", "analysis.probes", "sources.datasets"},
     "tuner": {"mask"},
-    "training": {"mask", "tuner", "analysis", "sources.datasets"},
+    # utility-aware SET answers benign prompts with the model (greedy generation, as evaluation does) and drops the
+    # answers a keyword judge calls refusals
+    "training": {"mask", "tuner", "analysis", "sources.datasets", "scoring.generation", "evaluation.judges"},
     # post-hoc defenses: edits of a trained model (Antidote scores with Wanda)
     "posthoc": {"mask", "analysis", "scoring", "sources.datasets"},
     "evaluation": {"mask", *(m.removeprefix("peft_safety.") for m in CALIBRATION_DATA)},

@@ -41,6 +41,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-modules", nargs="+", default=None, help="module names or suffixes to score")
     parser.add_argument("--include-lm-head", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--isolate-p",
+        type=float,
+        default=0.0,
+        help="utility isolation (Wei et al.): remove the top-p utility units from the mask, same scorer and scope "
+        "(recommended for SET masks; 0: off)",
+    )
+    parser.add_argument(
+        "--utility-data",
+        default="self",
+        help="utility rows for --isolate-p: 'self' (the model's own answers to forgelm_chat and fiqa prompts), or a "
+        ".jsonl/.json/.csv file with prompt + response",
+    )
+    parser.add_argument("--utility-rows", type=int, default=64, help="utility rows scored for --isolate-p")
 
 
 def read_rows(path: str) -> list[dict]:
@@ -96,6 +110,23 @@ def check(args: argparse.Namespace) -> None:
         raise SafetyError(f"--data {args.data!r} holds no rows.")
 
 
+def _utility_calibration(args: argparse.Namespace, model, tokenizer):
+    """The utility calibration set of ``--isolate-p``: a file's rows, or the model's own answers (``self``)."""
+    from peft_safety.scoring.calibration import CalibrationSet
+
+    kwargs = {"template": args.template, "loss": args.loss, "max_length": args.max_length}
+    if args.utility_data != "self":
+        return CalibrationSet(read_rows(args.utility_data)[: args.utility_rows], tokenizer, **kwargs)
+    import random
+
+    from peft_safety.scoring.rows import build_utility_set
+    from peft_safety.sources.datasets import load_rows
+
+    prompts = [r["prompt"] for name in ("forgelm_chat", "fiqa") for r in load_rows(name, normalize=False)]
+    random.Random(args.seed).shuffle(prompts)
+    return build_utility_set(model, tokenizer, prompts[: args.utility_rows], **kwargs)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -131,7 +162,25 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         **kwargs,
     )
-    if scores.rule is not None:  # scorers that select internally carry their rule: select(scores) applies it
+    if args.isolate_p:
+        if scores.rule is not None:
+            raise SafetyError(
+                f"--isolate-p: the {args.method!r} scorer selects its units itself; utility isolation needs a scorer "
+                "with raw scores (snip, esi, wanda, ...)."
+            )
+        from peft_safety.scoring.selection import isolate
+
+        utility = score(
+            model,
+            _utility_calibration(args, model, tokenizer),
+            args.method,
+            target_modules=args.target_modules,
+            include_lm_head=args.include_lm_head,
+            progress=not args.no_progress,
+            **kwargs,
+        )
+        mask = isolate(scores, utility, p=args.isolate_p, q=args.fraction, scope=args.scope)
+    elif scores.rule is not None:  # scorers that select internally carry their rule: select(scores) applies it
         mask = select(scores)
     else:
         mask = select(scores, fraction=args.fraction, scope=args.scope, provenance={"seed": args.seed})

@@ -23,6 +23,7 @@ from .classifier_judge import (
     split_examples,
     train_classifier_judge,
 )
+from .dev_split import DevSplit
 from .judges import (
     KEYWORD_PRESETS,
     PREFIX_PRESETS,
@@ -60,6 +61,7 @@ __all__ = [
     "RUBRIC_JUDGE_TEMPLATE",
     "RUBRIC_TEMPLATE",
     "ClassifierJudge",
+    "DevSplit",
     "EvalReport",
     "GenerationStats",
     "Interval",

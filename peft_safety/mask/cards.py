@@ -59,6 +59,7 @@ def write_card(
     repo_id: str | None = None,
     base_model: str | None = None,
     mask_subfolder: str | None = None,
+    evidence: Any = None,
 ) -> str:
     """Create or update ``folder/README.md`` so that it describes the peft-safety content of the folder.
 
@@ -74,6 +75,8 @@ def write_card(
         repo_id: the repository id for the loading snippets.
         base_model: the base model's Hub id, if the files do not record it.
         mask_subfolder: where the mask lies inside `folder`.
+        evidence: measured refusal / over-refusal records for the card's ``model-index`` and table
+            (`peft_safety.mask.evidence`); default: ``folder/safety_evaluation.json`` if present.
 
     Returns:
         The path of the README.md.
@@ -107,4 +110,11 @@ def write_card(
         base_model=base_model,
         mask_path=f"{sub}/{MASK_FILENAME}" if sub else None,
     )
-    return atomic_write_bytes(readme, str(card).encode("utf-8"))
+    text = str(card)
+    from .evidence import EVIDENCE_FILENAME, add_evidence, read_evidence
+
+    if evidence is None and os.path.isfile(os.path.join(folder, EVIDENCE_FILENAME)):
+        evidence = read_evidence(os.path.join(folder, EVIDENCE_FILENAME))
+    if evidence:
+        text = add_evidence(text, evidence, model_name=repo_id or os.path.basename(os.path.abspath(folder)))
+    return atomic_write_bytes(readme, text.encode("utf-8"))

@@ -956,7 +956,7 @@ class SafetyMask:
                 mismatched.append(name)
         if problems:
             more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-            raise ValueError(
+            raise SafetyError(
                 f"SafetyMask does not fit this model ({len(problems)} problem(s)):\n  "
                 + "\n  ".join(problems[:10])
                 + more
@@ -969,7 +969,7 @@ class SafetyMask:
                 "if this is intended"
             )
             if fingerprint == "error":
-                raise ValueError(msg)
+                raise SafetyError(msg)
             warnings.warn(msg, UserWarning, stacklevel=2)
 
     # ---- files ------------------------------------------------------------------------------------------------------

@@ -31,10 +31,14 @@ _LAZY: dict[str, str] = {
     "reference_snapshot": "peft_safety.training.realign",
     "Lisa": "peft_safety.training.lisa",
     "Booster": "peft_safety.training.booster",
+    "SafetyUtility": "peft_safety.training.utility",
+    "DevSelectCallback": "peft_safety.training.dev_select",
+    "repair": "peft_safety.training.repair",
 }
 
 __all__ = [
     "Booster",
+    "DevSelectCallback",
     "FreezeReport",
     "FreezeViolationError",
     "Freezer",
@@ -50,6 +54,7 @@ __all__ = [
     "SafetyReplay",
     "SafetySFTConfig",
     "SafetySFTTrainer",
+    "SafetyUtility",
     "SetAdapter",
     "apply_mask_",
     "dense_frozen_masks",
@@ -58,6 +63,7 @@ __all__ = [
     "mix_replay",
     "realign_",
     "reference_snapshot",
+    "repair",
 ]
 
 
@@ -75,7 +81,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .booster import Booster
     from .callbacks import ProtectionCallback, RefusalEvalCallback, SafetyDriftCallback
     from .config import SafetySFTConfig
+    from .dev_select import DevSelectCallback
     from .lisa import Lisa
     from .realign import RealignCallback, RealignReport, realign_, reference_snapshot
+    from .repair import repair
     from .replay import SafetyReplay, mix_replay
     from .trainer import SafetySFTTrainer
+    from .utility import SafetyUtility

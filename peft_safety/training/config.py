@@ -13,7 +13,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from ..vocab import FINGERPRINT_POLICIES, MODES, check_fingerprint_policy, check_mode
 
-__all__ = ["SafetySFTConfig", "check_defense_fields", "resolve_bf16"]
+__all__ = ["SafetySFTConfig", "check_defense_fields", "check_utility_fields", "resolve_bf16"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,24 @@ class SafetySFTConfig(SFTConfig):
         spread evenly among the ``N`` task rows.
     safety_replay_seed (`int` or `None`, defaults to `None`):
         Seed of the replay-row order (defaults to ``seed``; with Lisa, the order of its alignment batches).
+
+    > Utility-aware SET (``safety_mode="train_only"``; see `peft_safety.training.utility`)
+
+    safety_utility_dataset (`str` or `None`, defaults to `None`):
+        Benign rows whose answers SET must keep: ``"self"`` (the default when utility rows are on: the model's own
+        greedy answers to the benign prompts of ``forgelm_chat`` and ``fiqa``, generated when the trainer is built,
+        refusals dropped by the ``wei2024`` judge), ``"self:NAME[,NAME...]"`` (the model's answers to other named sets
+        or files), or rows with responses: an offline data set name, a ``.json``/``.jsonl``/``.csv`` file or a Hub
+        id, read by `peft_safety.sources.datasets.load_rows` (rows can be given directly:
+        ``SafetySFTTrainer(safety_utility_dataset=rows)``).
+    safety_utility_ratio (`float` or `None`, defaults to `None`):
+        Utility rows per training (refusal) row, mixed evenly into the stream. `None` means 1 with
+        ``safety_mode="train_only"`` and 0 otherwise; 0 turns utility rows off (plain SET).
+    safety_kl_weight (`float`, defaults to `0.0`):
+        Weight of ``KL(base || model)`` on the answer tokens of a batch of utility rows, added to every micro-batch's
+        loss; the base model is the SET adapter disabled (no copy of the weights). Needs utility rows and an adapter.
+    safety_utility_max_new_tokens (`int`, defaults to `64`):
+        Generation budget of a self-distilled answer (``"self"``).
 
     > Lisa (Huang et al. 2024; see `peft_safety.training.lisa` and ``docs/defenses.md``)
 
@@ -159,6 +177,33 @@ class SafetySFTConfig(SFTConfig):
         metadata={"help": "Seed of the replay-row order (default: seed)."},
     )
 
+    safety_utility_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Benign rows whose answers SET keeps: 'self' (the model's own answers to forgelm_chat and fiqa "
+            "prompts), 'self:NAME[,NAME]' (its answers to other sets), or rows with responses (a named offline set, "
+            "a .json/.jsonl/.csv file or a Hub id)."
+        },
+    )
+    safety_utility_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "Utility rows per refusal row for SET (default: 1 with safety_mode='train_only', else 0; 0: plain "
+            "SET)."
+        },
+    )
+    safety_kl_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of KL(base || model) on the answer tokens of utility rows (the base: the SET adapter "
+            "disabled; 0: off)."
+        },
+    )
+    safety_utility_max_new_tokens: int = field(
+        default=64,
+        metadata={"help": "Generation budget of a self-distilled utility answer ('self')."},
+    )
+
     safety_lisa_alignment_steps: int = field(
         default=0,
         metadata={
@@ -219,6 +264,7 @@ class SafetySFTConfig(SFTConfig):
                 "safety_replay_ratio (e.g. 0.1) to mix the rows in, safety_lisa_alignment_steps to train on them in "
                 "Lisa's alignment states, or drop the replay data set."
             )
+        check_utility_fields(self)
         if self.bf16 is None and not self.fp16:
             self.bf16 = resolve_bf16(self.use_cpu)
         super().__post_init__()
@@ -281,6 +327,38 @@ def check_defense_fields(args: object) -> None:
             f"safety_booster_harmful_dataset={args.safety_booster_harmful_dataset!r} is set but safety_booster_lambda "
             "is 0: set safety_booster_lambda (the reference uses 5) or drop the harmful data set."
         )
+
+
+def check_utility_fields(args: object) -> None:
+    """Check the utility-aware SET fields of a `SafetySFTConfig`.
+
+    Raises:
+        ValueError: a negative or non-finite ratio or KL weight, a non-positive generation budget, utility rows or a KL
+            weight with the ratio set to 0, or utility rows asked for outside ``safety_mode="train_only"``.
+    """
+    ratio = getattr(args, "safety_utility_ratio", None)
+    if ratio is not None:
+        _nonnegative_float(args, "safety_utility_ratio")
+    kl = _nonnegative_float(args, "safety_kl_weight")
+    budget = getattr(args, "safety_utility_max_new_tokens", 64)
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
+        raise ValueError(f"safety_utility_max_new_tokens must be a positive int, got {budget!r}.")
+    mode = getattr(args, "safety_mode", None)
+    source = getattr(args, "safety_utility_dataset", None)
+    if ratio is not None and ratio > 0 and mode != "train_only":
+        raise ValueError(
+            f"safety_utility_ratio={ratio} mixes utility rows into SET training, but safety_mode={mode!r}: use "
+            "safety_mode='train_only' (with a mask) or drop the ratio."
+        )
+    if ratio == 0 and (source is not None or kl):
+        what = f"safety_utility_dataset={source!r}" if source is not None else f"safety_kl_weight={kl}"
+        raise ValueError(
+            f"{what} is set but safety_utility_ratio is 0 (utility rows off): set safety_utility_ratio (e.g. 1) or "
+            "drop it."
+        )
+    if mode != "train_only" and (source is not None or kl):
+        what = f"safety_utility_dataset={source!r}" if source is not None else f"safety_kl_weight={kl}"
+        raise ValueError(f"{what} belongs to utility-aware SET: it needs safety_mode='train_only'.")
 
 
 _BF16_INFO_SHOWN = False

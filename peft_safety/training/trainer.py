@@ -12,7 +12,8 @@ points of TRL's loop; it never branches on which protections it holds. A mask gi
 | ``"freeze"`` | ``LoraConfig`` (also on a bnb 4-/8-bit base: QLoRA) | LoRA, zero update on the mask (SPA) | `MaskedLora` |
 | ``"freeze"`` | ``None`` | every weight except the mask's entries (SPA) | `Freezer`, installed after ``accelerator.prepare`` |
 
-Safety replay (``safety_replay_ratio``) adds `SafetyReplay`, Lisa (``safety_lisa_*``) adds `Lisa`, Booster
+With ``"train_only"``, utility rows (``safety_utility_ratio``, on by default; ``safety_kl_weight``) add
+`SafetyUtility`. Safety replay (``safety_replay_ratio``) adds `SafetyReplay`, Lisa (``safety_lisa_*``) adds `Lisa`, Booster
 (``safety_booster_*``) adds `Booster`; ``SafetySFTTrainer(protections=[...])`` adds others.
 """
 
@@ -233,6 +234,8 @@ class SafetySFTTrainer(SFTTrainer):
             (``args.safety_lisa_alignment_steps``), the rows of its alignment states.
         safety_booster_harmful_dataset: harmful rows for Booster (``args.safety_booster_lambda``), overriding
             ``args.safety_booster_harmful_dataset``.
+        safety_utility_dataset: utility rows for SET (a list of dicts or a ``datasets.Dataset``), overriding
+            ``args.safety_utility_dataset`` (see `peft_safety.training.utility`).
         protections: further `Protection` objects (``peft_safety.training.protection``), appended to `protections`
             after the replay, the mask's protection and the defenses the config's fields turn on (Lisa, Booster);
             each one's hooks run at their point of the loop.
@@ -270,6 +273,7 @@ class SafetySFTTrainer(SFTTrainer):
         safety_replay_dataset: Any = None,
         safety_booster_harmful_dataset: Any = None,
         protections: Sequence[Protection] | None = None,
+        safety_utility_dataset: Any = None,
         **kwargs: Any,
     ) -> None:
         bound = inspect.signature(SFTTrainer.__init__).bind(self, *args, **kwargs)
@@ -326,6 +330,20 @@ class SafetySFTTrainer(SFTTrainer):
         if self.safety_mask is not None:
             self.safety_mask = _checked_mask(self.safety_mask, params.get("model"), training_args)
             components.append(mask_protection(self.safety_mask, mode, params.get("peft_config"), training_args))
+            from .utility import SafetyUtility  # utility-aware SET (on by default with train_only)
+
+            utility = SafetyUtility.from_args(
+                training_args,
+                model=params.get("model"),
+                tokenizer=params.get("processing_class"),
+                rows=safety_utility_dataset,
+            )
+            if utility is not None:
+                components.append(utility)
+        elif safety_utility_dataset is not None:
+            raise ValueError(
+                "SafetySFTTrainer(safety_utility_dataset=...) needs a safety mask and safety_mode='train_only' (SET)."
+            )
         components.extend(defenses)
         components.extend(extra)
         for component in components:
@@ -367,6 +385,9 @@ class SafetySFTTrainer(SFTTrainer):
         finally:
             if restore_init_kwargs is not None:
                 training_args.model_init_kwargs = restore_init_kwargs
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, RefusalEvalCallback) and callback.trainer is None:
+                callback.trainer = self  # its metrics join the trainer's log (DevSelectCallback passed as a callback)
         for component in components:
             component.on_wrapped(self.model)
         for component in components:
@@ -502,17 +523,33 @@ class SafetySFTTrainer(SFTTrainer):
             folder = output_dir if output_dir is not None else self.args.output_dir
             for component in self.protections:
                 component.save_pretrained(folder)
-            if self.safety_mask is not None:
+            if self.safety_mask is not None or self.safety_evidence():
                 self._write_safety_card(folder)
+
+    def safety_evidence(self) -> list[dict[str, Any]]:
+        """The evaluation records of the callbacks that give them (`DevSelectCallback.evidence`: refusal and
+        over-refusal with intervals, judge and prompt sets), for the card of the saved adapter."""
+        records: list[dict[str, Any]] = []
+        for callback in self.callback_handler.callbacks if hasattr(self, "callback_handler") else ():
+            evidence = getattr(callback, "evidence", None)
+            if callable(evidence):
+                records.extend(evidence())
+        return records
 
     def _write_safety_card(self, folder: str) -> None:
         from ..mask.cards import write_card
+        from ..mask.evidence import write_evidence
 
-        write_card(folder, mask=self.safety_mask, mode=self.safety_mode)
+        evidence = self.safety_evidence()
+        if evidence:
+            write_evidence(
+                folder, evidence
+            )  # travels with the weights: a later push or write_card puts it on the card
+        write_card(folder, mask=self.safety_mask, mode=self.safety_mode, evidence=evidence or None)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         super().create_model_card(*args, **kwargs)
-        if self.safety_mask is None or not self.is_world_process_zero():
+        if (self.safety_mask is None and not self.safety_evidence()) or not self.is_world_process_zero():
             return
         if os.path.isdir(self.args.output_dir):
             # TRL rewrote README.md from its template: put the peft-safety section (and front matter) back

@@ -126,7 +126,8 @@ def test_set_adapter_built_from_mask(tmp_path):
         processing_class=tiny_tokenizer(),
         safety_mask=mask,
     )
-    assert [c.name for c in trainer.protections] == ["set"]
+    # utility rows (the model's own answers to benign prompts) are on by default with train_only
+    assert [c.name for c in trainer.protections] == ["set", "utility"]
     trainer.train()
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all("safety_values" in n for n in trainable)
