@@ -474,7 +474,16 @@ class _Evaluator:
             max_new_tokens=self.cfg.max_new_tokens,
             progress=self.cfg.progress,
         )
-        row = eval_row(stage, report, perplexity(model, self.tok, self.task))
+        row = eval_row(
+            stage,
+            {"harmful": report.harmful, "benign": report.benign},
+            judge="classifier",  # not among JUDGES: the keyword columns only, as before
+            repetition=report.repetition.get("harmful"),
+            mean_words=report.mean_words.get("harmful"),
+            benign_ppl=report.perplexity,
+            task_ppl=perplexity(model, self.tok, self.task),
+            mc_accuracy=report.mc_accuracy,
+        )
         row["eval_seconds"] = round(time.perf_counter() - t, 1)
         return row
 
