@@ -117,6 +117,33 @@ def _convert(prompt: str, response: str, fmt: str, template: dict[str, Any]) -> 
     return {"prompt": prompt, "completion": sep + response}
 
 
+def interleave_rows(
+    train: Any, rows: list[dict], extra: Sequence[Any], n: int, *, seed: int, return_sources: bool
+) -> Any:
+    """``rows`` with ``n`` rows drawn from ``extra`` interleaved at `replay_positions`, converted to the format of
+    ``rows[0]``; ``extra`` is drawn in whole seeded permutations (every row is used before any repeats). The result
+    has the type of ``train`` (a ``datasets.Dataset`` keeps the task's columns only; extra rows get ``None`` for the
+    others). Shared by safety replay and utility-aware SET."""
+    fmt = _fmt(rows[0])
+    pairs = [_as_pair(r, i) for i, r in enumerate(extra)]
+    rng = random.Random(seed)
+    order: list[int] = []
+    while len(order) < n:
+        perm = list(range(len(pairs)))
+        rng.shuffle(perm)
+        order.extend(perm)
+    converted = [_convert(*pairs[j], fmt, rows[0]) for j in order[:n]]
+    flags = replay_positions(len(rows) + n, n)
+    task_iter, extra_iter = iter(rows), iter(converted)
+    mixed = [next(extra_iter) if flag else next(task_iter) for flag in flags]
+    if hasattr(train, "to_list") and hasattr(train, "column_names"):
+        from datasets import Dataset
+
+        columns = list(train.column_names)
+        mixed = Dataset.from_list([{c: r.get(c) for c in columns} for r in mixed])
+    return (mixed, flags) if return_sources else mixed
+
+
 def mix_replay(train: Any, replay: Any, ratio: float, *, seed: int = 0, return_sources: bool = False) -> Any:
     """Mix replay rows into training rows at ``ratio`` (see the module docstring for the exact rule).
 
@@ -154,25 +181,7 @@ def mix_replay(train: Any, replay: Any, ratio: float, *, seed: int = 0, return_s
     for i, r in enumerate(rows):
         if not isinstance(r, dict):
             raise TypeError(f"Training row {i} must be a dict, got {type(r).__name__}.")
-    fmt = _fmt(rows[0])
-    pairs = [_as_pair(r, i) for i, r in enumerate(replay_rows)]
-    rng = random.Random(seed)
-    order: list[int] = []
-    while len(order) < n_replay:  # whole permutations: every replay row is used before any repeats
-        perm = list(range(len(pairs)))
-        rng.shuffle(perm)
-        order.extend(perm)
-    converted = [_convert(*pairs[j], fmt, rows[0]) for j in order[:n_replay]]
-    flags = replay_positions(len(rows) + n_replay, n_replay)
-    task_iter, replay_iter = iter(rows), iter(converted)
-    mixed = [next(replay_iter) if flag else next(task_iter) for flag in flags]
-    if is_dataset:
-        from datasets import Dataset
-
-        # replay rows carry only the format's columns; other task columns are None for them
-        columns = list(train.column_names)
-        mixed = Dataset.from_list([{c: r.get(c) for c in columns} for r in mixed])
-    return (mixed, flags) if return_sources else mixed
+    return interleave_rows(train, rows, replay_rows, n_replay, seed=seed, return_sources=return_sources)
 
 
 class SafetyReplay(Protection):

@@ -44,7 +44,7 @@ from torch import nn
 
 from ..errors import SafetyError
 from ._rows import RowsProtection, _first_row
-from .replay import _as_pair, _convert, _fmt, replay_positions
+from .replay import _as_pair, _convert, _fmt, interleave_rows
 
 logger = logging.getLogger(__name__)
 
@@ -218,24 +218,7 @@ def mix_utility(train: Any, utility: Any, ratio: float, *, seed: int = 0, return
     pool = utility.to_list() if hasattr(utility, "to_list") else list(utility or [])
     if not pool:
         raise SafetyError(f"safety_utility_ratio={ratio} needs utility rows, but the utility data set is empty.")
-    fmt = _fmt(rows[0])
-    pairs = [_as_pair(r, i) for i, r in enumerate(pool)]
-    rng = random.Random(seed)
-    order: list[int] = []
-    while len(order) < n:
-        perm = list(range(len(pairs)))
-        rng.shuffle(perm)
-        order.extend(perm)
-    converted = [_convert(*pairs[j], fmt, rows[0]) for j in order[:n]]
-    flags = replay_positions(len(rows) + n, n)
-    task_iter, util_iter = iter(rows), iter(converted)
-    mixed = [next(util_iter) if flag else next(task_iter) for flag in flags]
-    if is_dataset:
-        from datasets import Dataset
-
-        columns = list(train.column_names)
-        mixed = Dataset.from_list([{c: r.get(c) for c in columns} for r in mixed])
-    return (mixed, flags) if return_sources else mixed
+    return interleave_rows(train, rows, pool, n, seed=seed, return_sources=return_sources)
 
 
 def kl_to_base(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
